@@ -1,0 +1,63 @@
+// swift-tools-version: 6.0
+// QuantLab: INT8 quantization of object detectors, reproduced from scratch.
+// Layout and conventions: see README.md and DESIGN notes in the repository.
+import Foundation
+import PackageDescription
+
+// The C kernels are the only place for hot loops. SwiftPM compiles C at -O0 in debug
+// builds, which makes kernels ~60x slower and `swift test` unbearably slow, so -O3 is
+// forced for both configurations. No -march=native: SIMD variants are selected at run
+// time through per-function target attributes.
+let kernelFlags: [CSetting] = [
+    .unsafeFlags(["-O3", "-std=c11", "-fno-strict-aliasing", "-Wall", "-Wextra", "-Wno-unused-parameter"]),
+]
+
+// Every folder experiments/expNN_name/ with a main.swift becomes an executable target
+// `expNN_name`, so a new experiment needs no edit here.
+let packageRoot = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
+let experimentNames: [String] = {
+    let dir = packageRoot.appendingPathComponent("experiments")
+    let names = (try? FileManager.default.contentsOfDirectory(atPath: dir.path)) ?? []
+    return names.filter { name in
+        name.hasPrefix("exp")
+            && FileManager.default.fileExists(atPath: dir.appendingPathComponent(name).appendingPathComponent("main.swift").path)
+    }.sorted()
+}()
+
+let experimentTargets: [Target] = experimentNames.map { name in
+    .executableTarget(
+        name: name,
+        dependencies: ["QuantLab", .product(name: "ArgumentParser", package: "swift-argument-parser")],
+        path: "experiments/\(name)"
+    )
+}
+
+let package = Package(
+    name: "QuantLab",
+    products: [
+        .library(name: "QuantLab", targets: ["QuantLab"]),
+        .executable(name: "qlab", targets: ["qlab"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+    ],
+    targets: [
+        .target(
+            name: "CKernels",
+            cSettings: kernelFlags,
+            linkerSettings: [.linkedLibrary("pthread"), .linkedLibrary("m")]
+        ),
+        .target(
+            name: "QuantLab",
+            dependencies: ["CKernels"]
+        ),
+        .executableTarget(
+            name: "qlab",
+            dependencies: ["QuantLab", .product(name: "ArgumentParser", package: "swift-argument-parser")]
+        ),
+        .testTarget(
+            name: "QuantLabTests",
+            dependencies: ["QuantLab", "CKernels"]
+        ),
+    ] + experimentTargets
+)

@@ -1,0 +1,299 @@
+/* im2col / col2im and the convolution drivers (contracts in ckernels.h). */
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+#include "internal.h"
+
+int ql_conv_out_size(const ql_conv_geom *g, int *OH, int *OW) {
+    if (!g || g->N < 0 || g->C <= 0 || g->H <= 0 || g->W <= 0 || g->K <= 0 || g->KH <= 0 ||
+        g->KW <= 0 || g->SH <= 0 || g->SW <= 0 || g->PH < 0 || g->PW < 0 || g->DH <= 0 ||
+        g->DW <= 0 || g->groups <= 0 || g->C % g->groups || g->K % g->groups)
+        return QL_EINVAL;
+    int eh = g->H + 2 * g->PH - g->DH * (g->KH - 1) - 1;
+    int ew = g->W + 2 * g->PW - g->DW * (g->KW - 1) - 1;
+    if (eh < 0 || ew < 0) return QL_EINVAL;
+    *OH = eh / g->SH + 1;
+    *OW = ew / g->SW + 1;
+    return QL_OK;
+}
+
+static inline int out_dim(int H, int K, int S, int P, int D) { return (H + 2 * P - D * (K - 1) - 1) / S + 1; }
+
+void ql_im2col(float *restrict col, const float *restrict x, int C, int H, int W, int KH, int KW,
+               int SH, int SW, int PH, int PW, int DH, int DW) {
+    int OH = out_dim(H, KH, SH, PH, DH), OW = out_dim(W, KW, SW, PW, DW);
+    for (int c = 0; c < C; c++)
+        for (int kh = 0; kh < KH; kh++)
+            for (int kw = 0; kw < KW; kw++) {
+                float *dst = col + ((size_t)(c * KH + kh) * KW + kw) * OH * OW;
+                const float *src = x + (size_t)c * H * W;
+                /* valid output columns for this tap: 0 <= ow*SW - PW + kw*DW < W */
+                int off = kw * DW - PW;
+                int ow_lo = off >= 0 ? 0 : (-off + SW - 1) / SW;
+                int ow_hi = W - off <= 0 ? 0 : (W - off - 1) / SW + 1; /* exclusive */
+                if (ow_hi > OW) ow_hi = OW;
+                if (ow_lo > ow_hi) ow_lo = ow_hi;
+                for (int oh = 0; oh < OH; oh++) {
+                    int ih = oh * SH - PH + kh * DH;
+                    float *d = dst + (size_t)oh * OW;
+                    if (ih < 0 || ih >= H) {
+                        memset(d, 0, sizeof(float) * (size_t)OW);
+                        continue;
+                    }
+                    const float *s = src + (size_t)ih * W + off;
+                    for (int ow = 0; ow < ow_lo; ow++) d[ow] = 0.0f;
+                    if (SW == 1) memcpy(d + ow_lo, s + ow_lo, sizeof(float) * (size_t)(ow_hi - ow_lo));
+                    else for (int ow = ow_lo; ow < ow_hi; ow++) d[ow] = s[ow * SW];
+                    for (int ow = ow_hi; ow < OW; ow++) d[ow] = 0.0f;
+                }
+            }
+}
+
+void ql_col2im(float *restrict x, const float *restrict col, int C, int H, int W, int KH, int KW,
+               int SH, int SW, int PH, int PW, int DH, int DW) {
+    int OH = out_dim(H, KH, SH, PH, DH), OW = out_dim(W, KW, SW, PW, DW);
+    for (int c = 0; c < C; c++)
+        for (int kh = 0; kh < KH; kh++)
+            for (int kw = 0; kw < KW; kw++) {
+                const float *src = col + ((size_t)(c * KH + kh) * KW + kw) * OH * OW;
+                float *dst = x + (size_t)c * H * W;
+                int off = kw * DW - PW;
+                int ow_lo = off >= 0 ? 0 : (-off + SW - 1) / SW;
+                int ow_hi = W - off <= 0 ? 0 : (W - off - 1) / SW + 1;
+                if (ow_hi > OW) ow_hi = OW;
+                if (ow_lo > ow_hi) ow_lo = ow_hi;
+                for (int oh = 0; oh < OH; oh++) {
+                    int ih = oh * SH - PH + kh * DH;
+                    if (ih < 0 || ih >= H) continue;
+                    const float *s = src + (size_t)oh * OW;
+                    float *d = dst + (size_t)ih * W + off;
+                    for (int ow = ow_lo; ow < ow_hi; ow++) d[ow * SW] += s[ow];
+                }
+            }
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* References: direct loops over the definition.                                             */
+/* ---------------------------------------------------------------------------------------- */
+int ql_conv2d_fwd_ref(float *y, const float *x, const float *w, const float *b, const ql_conv_geom *g) {
+    int OH, OW;
+    if (ql_conv_out_size(g, &OH, &OW)) return QL_EINVAL;
+    int Cg = g->C / g->groups, Kg = g->K / g->groups;
+    for (int n = 0; n < g->N; n++)
+        for (int k = 0; k < g->K; k++) {
+            int grp = k / Kg;
+            for (int oh = 0; oh < OH; oh++)
+                for (int ow = 0; ow < OW; ow++) {
+                    float acc = b ? b[k] : 0.0f;
+                    for (int c = 0; c < Cg; c++)
+                        for (int kh = 0; kh < g->KH; kh++)
+                            for (int kw = 0; kw < g->KW; kw++) {
+                                int ih = oh * g->SH - g->PH + kh * g->DH, iw = ow * g->SW - g->PW + kw * g->DW;
+                                if (ih < 0 || ih >= g->H || iw < 0 || iw >= g->W) continue;
+                                acc += w[(((size_t)k * Cg + c) * g->KH + kh) * g->KW + kw] *
+                                       x[(((size_t)n * g->C + grp * Cg + c) * g->H + ih) * g->W + iw];
+                            }
+                    y[(((size_t)n * g->K + k) * OH + oh) * OW + ow] = acc;
+                }
+        }
+    return QL_OK;
+}
+
+int ql_conv2d_bwd_data_ref(float *dx, const float *dy, const float *w, const ql_conv_geom *g) {
+    int OH, OW;
+    if (ql_conv_out_size(g, &OH, &OW)) return QL_EINVAL;
+    int Cg = g->C / g->groups, Kg = g->K / g->groups;
+    for (int n = 0; n < g->N; n++)
+        for (int k = 0; k < g->K; k++) {
+            int grp = k / Kg;
+            for (int oh = 0; oh < OH; oh++)
+                for (int ow = 0; ow < OW; ow++) {
+                    float d = dy[(((size_t)n * g->K + k) * OH + oh) * OW + ow];
+                    for (int c = 0; c < Cg; c++)
+                        for (int kh = 0; kh < g->KH; kh++)
+                            for (int kw = 0; kw < g->KW; kw++) {
+                                int ih = oh * g->SH - g->PH + kh * g->DH, iw = ow * g->SW - g->PW + kw * g->DW;
+                                if (ih < 0 || ih >= g->H || iw < 0 || iw >= g->W) continue;
+                                dx[(((size_t)n * g->C + grp * Cg + c) * g->H + ih) * g->W + iw] +=
+                                    d * w[(((size_t)k * Cg + c) * g->KH + kh) * g->KW + kw];
+                            }
+                }
+        }
+    return QL_OK;
+}
+
+int ql_conv2d_bwd_weight_ref(float *dw, float *db, const float *dy, const float *x,
+                             const ql_conv_geom *g) {
+    int OH, OW;
+    if (ql_conv_out_size(g, &OH, &OW)) return QL_EINVAL;
+    int Cg = g->C / g->groups, Kg = g->K / g->groups;
+    for (int n = 0; n < g->N; n++)
+        for (int k = 0; k < g->K; k++) {
+            int grp = k / Kg;
+            for (int oh = 0; oh < OH; oh++)
+                for (int ow = 0; ow < OW; ow++) {
+                    float d = dy[(((size_t)n * g->K + k) * OH + oh) * OW + ow];
+                    if (db) db[k] += d;
+                    for (int c = 0; c < Cg; c++)
+                        for (int kh = 0; kh < g->KH; kh++)
+                            for (int kw = 0; kw < g->KW; kw++) {
+                                int ih = oh * g->SH - g->PH + kh * g->DH, iw = ow * g->SW - g->PW + kw * g->DW;
+                                if (ih < 0 || ih >= g->H || iw < 0 || iw >= g->W) continue;
+                                dw[(((size_t)k * Cg + c) * g->KH + kh) * g->KW + kw] +=
+                                    d * x[(((size_t)n * g->C + grp * Cg + c) * g->H + ih) * g->W + iw];
+                            }
+                }
+        }
+    return QL_OK;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Fast drivers: im2col + SGEMM.                                                             */
+/* ---------------------------------------------------------------------------------------- */
+typedef struct {
+    const ql_conv_geom *g;
+    int OH, OW, Cg, Kg, isa, pointwise, per_image_parallel, tasks;
+    const float *x, *w, *b, *dy;
+    float *y, *dx, *dw_partials;
+    size_t wsize;
+    _Atomic int status;
+} conv_job;
+
+static _Thread_local float *tl_col = NULL;
+static _Thread_local size_t tl_col_n = 0;
+
+static float *col_scratch(size_t n) {
+    if (tl_col_n < n) {
+        ql_aligned_free(tl_col);
+        tl_col = (float *)ql_aligned_alloc(n * sizeof(float));
+        tl_col_n = tl_col ? n : 0;
+    }
+    return tl_col;
+}
+
+/* 1x1 kernel, stride 1, no padding: the image itself is the col matrix. */
+static int is_pointwise(const ql_conv_geom *g) {
+    return g->KH == 1 && g->KW == 1 && g->SH == 1 && g->SW == 1 && g->PH == 0 && g->PW == 0;
+}
+
+/* Serial or parallel GEMM: inside a per-image task the pool is busy, so stay serial. */
+static void gemm(const conv_job *j, int tA, int tB, int M, int N, int K, const float *A, int lda,
+                 const float *B, int ldb, float beta, float *C, int ldc) {
+    if (j->per_image_parallel) ql_sgemm_serial(j->isa, tA, tB, M, N, K, 1.0f, A, lda, B, ldb, beta, C, ldc);
+    else ql_sgemm_isa((ql_isa)j->isa, tA, tB, M, N, K, 1.0f, A, lda, B, ldb, beta, C, ldc);
+}
+
+static void fwd_image(int n, void *p) {
+    conv_job *j = (conv_job *)p;
+    const ql_conv_geom *g = j->g;
+    int P = j->OH * j->OW, KK = j->Cg * g->KH * g->KW;
+    float *col = j->pointwise ? NULL : col_scratch((size_t)KK * P);
+    if (!j->pointwise && !col) { atomic_store(&j->status, QL_ENOMEM); return; }
+    for (int grp = 0; grp < g->groups; grp++) {
+        const float *xg = j->x + ((size_t)n * g->C + (size_t)grp * j->Cg) * g->H * g->W;
+        float *yg = j->y + ((size_t)n * g->K + (size_t)grp * j->Kg) * P;
+        if (!j->pointwise) ql_im2col(col, xg, j->Cg, g->H, g->W, g->KH, g->KW, g->SH, g->SW, g->PH, g->PW, g->DH, g->DW);
+        const float *B = j->pointwise ? xg : col;
+        if (j->b) {
+            for (int k = 0; k < j->Kg; k++) {
+                float bv = j->b[grp * j->Kg + k];
+                float *row = yg + (size_t)k * P;
+                for (int i = 0; i < P; i++) row[i] = bv;
+            }
+        }
+        gemm(j, 0, 0, j->Kg, P, KK, j->w + (size_t)grp * j->Kg * KK, KK, B, P, j->b ? 1.0f : 0.0f, yg, P);
+    }
+}
+
+static void bwd_data_image(int n, void *p) {
+    conv_job *j = (conv_job *)p;
+    const ql_conv_geom *g = j->g;
+    int P = j->OH * j->OW, KK = j->Cg * g->KH * g->KW;
+    float *col = j->pointwise ? NULL : col_scratch((size_t)KK * P);
+    if (!j->pointwise && !col) { atomic_store(&j->status, QL_ENOMEM); return; }
+    for (int grp = 0; grp < g->groups; grp++) {
+        float *dxg = j->dx + ((size_t)n * g->C + (size_t)grp * j->Cg) * g->H * g->W;
+        const float *dyg = j->dy + ((size_t)n * g->K + (size_t)grp * j->Kg) * P;
+        const float *wg = j->w + (size_t)grp * j->Kg * KK;
+        if (j->pointwise) { /* dx[Cg, P] += W^T[Cg, Kg] dy[Kg, P] */
+            gemm(j, 1, 0, KK, P, j->Kg, wg, KK, dyg, P, 1.0f, dxg, P);
+        } else {
+            gemm(j, 1, 0, KK, P, j->Kg, wg, KK, dyg, P, 0.0f, col, P);
+            ql_col2im(dxg, col, j->Cg, g->H, g->W, g->KH, g->KW, g->SH, g->SW, g->PH, g->PW, g->DH, g->DW);
+        }
+    }
+}
+
+/* Task t handles images [t*N/T, (t+1)*N/T) and accumulates into its own partial dW. */
+static void bwd_weight_task(int t, void *p) {
+    conv_job *j = (conv_job *)p;
+    const ql_conv_geom *g = j->g;
+    int P = j->OH * j->OW, KK = j->Cg * g->KH * g->KW;
+    int n0 = (int)((long)t * g->N / j->tasks), n1 = (int)((long)(t + 1) * g->N / j->tasks);
+    float *dw = j->dw_partials + (size_t)t * j->wsize;
+    float *col = j->pointwise ? NULL : col_scratch((size_t)KK * P);
+    if (!j->pointwise && !col) { atomic_store(&j->status, QL_ENOMEM); return; }
+    for (int n = n0; n < n1; n++)
+        for (int grp = 0; grp < g->groups; grp++) {
+            const float *xg = j->x + ((size_t)n * g->C + (size_t)grp * j->Cg) * g->H * g->W;
+            const float *dyg = j->dy + ((size_t)n * g->K + (size_t)grp * j->Kg) * P;
+            if (!j->pointwise) ql_im2col(col, xg, j->Cg, g->H, g->W, g->KH, g->KW, g->SH, g->SW, g->PH, g->PW, g->DH, g->DW);
+            /* dW_g[Kg, KK] += dy_g[Kg, P] * col^T[P, KK] */
+            gemm(j, 0, 1, j->Kg, KK, P, dyg, P, j->pointwise ? xg : col, P, n == n0 ? 0.0f : 1.0f,
+                 dw + (size_t)grp * j->Kg * KK, KK);
+        }
+}
+
+static int setup(conv_job *j, const ql_conv_geom *g) {
+    memset(j, 0, sizeof *j);
+    if (ql_conv_out_size(g, &j->OH, &j->OW)) return QL_EINVAL;
+    j->g = g;
+    j->Cg = g->C / g->groups;
+    j->Kg = g->K / g->groups;
+    j->isa = ql_isa_best();
+    j->pointwise = is_pointwise(g);
+    /* Images in parallel when there are enough of them; otherwise parallel GEMMs. */
+    j->per_image_parallel = g->N >= ql_get_num_threads() && ql_get_num_threads() > 1;
+    j->wsize = (size_t)g->K * j->Cg * g->KH * g->KW;
+    return QL_OK;
+}
+
+int ql_conv2d_fwd(float *y, const float *x, const float *w, const float *b, const ql_conv_geom *g) {
+    conv_job j;
+    if (setup(&j, g)) return QL_EINVAL;
+    j.x = x; j.w = w; j.b = b; j.y = y;
+    if (j.per_image_parallel) ql_parallel_for(g->N, fwd_image, &j);
+    else for (int n = 0; n < g->N; n++) fwd_image(n, &j);
+    return atomic_load(&j.status);
+}
+
+int ql_conv2d_bwd_data(float *dx, const float *dy, const float *w, const ql_conv_geom *g) {
+    conv_job j;
+    if (setup(&j, g)) return QL_EINVAL;
+    j.dx = dx; j.dy = dy; j.w = w;
+    if (j.per_image_parallel) ql_parallel_for(g->N, bwd_data_image, &j);
+    else for (int n = 0; n < g->N; n++) bwd_data_image(n, &j);
+    return atomic_load(&j.status);
+}
+
+int ql_conv2d_bwd_weight(float *dw, float *db, const float *dy, const float *x, const ql_conv_geom *g) {
+    conv_job j;
+    if (setup(&j, g)) return QL_EINVAL;
+    if (g->N == 0) return QL_OK;
+    j.dy = dy; j.x = x;
+    j.tasks = j.per_image_parallel ? ql_get_num_threads() : 1;
+    if (j.tasks > g->N) j.tasks = g->N;
+    j.dw_partials = (float *)ql_aligned_alloc(j.wsize * j.tasks * sizeof(float));
+    if (!j.dw_partials) return QL_ENOMEM;
+    if (j.tasks > 1) ql_parallel_for(j.tasks, bwd_weight_task, &j);
+    else bwd_weight_task(0, &j);
+    /* Fixed-order reduction: deterministic for a given thread count. */
+    for (int t = 0; t < j.tasks; t++) ql_axpy(dw, 1.0f, j.dw_partials + (size_t)t * j.wsize, (int64_t)j.wsize);
+    ql_aligned_free(j.dw_partials);
+    if (db) {
+        int P = j.OH * j.OW;
+        for (int n = 0; n < g->N; n++)
+            for (int k = 0; k < g->K; k++) db[k] += (float)ql_sum(dy + ((size_t)n * g->K + k) * P, P);
+    }
+    return atomic_load(&j.status);
+}

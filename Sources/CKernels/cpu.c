@@ -1,0 +1,74 @@
+/* CPU feature detection and ISA selection. */
+#define _POSIX_C_SOURCE 200809L
+#include <cpuid.h>
+#include <stdlib.h>
+#include <string.h>
+#include "internal.h"
+
+static unsigned long long xgetbv0(void) {
+    unsigned int eax, edx;
+    __asm__ volatile("xgetbv" : "=a"(eax), "=d"(edx) : "c"(0));
+    return ((unsigned long long)edx << 32) | eax;
+}
+
+static int detect(ql_isa isa) {
+    unsigned int a, b, c, d;
+    if (isa == QL_ISA_REF) return 1;
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return 0;
+    int osxsave = (c >> 27) & 1, fma = (c >> 12) & 1, avx = (c >> 28) & 1;
+    if (!osxsave || !avx) return 0;
+    unsigned long long xcr0 = xgetbv0();
+    if ((xcr0 & 0x6) != 0x6) return 0; /* OS saves XMM and YMM state */
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
+    int avx2 = (b >> 5) & 1;
+    if (isa == QL_ISA_AVX2) return avx2 && fma;
+    if (isa == QL_ISA_AVX512) {
+        int f = (b >> 16) & 1, bw = (b >> 30) & 1, vl = (b >> 31) & 1, vnni = (c >> 11) & 1;
+        int zmm_os = (xcr0 & 0xe0) == 0xe0; /* opmask + ZMM state */
+        return avx2 && fma && f && bw && vl && vnni && zmm_os;
+    }
+    return 0;
+}
+
+int ql_isa_supported(ql_isa isa) {
+    static int cache[3] = {-1, -1, -1};
+    if (isa < QL_ISA_REF || isa > QL_ISA_AVX512) return 0;
+    if (cache[isa] < 0) cache[isa] = detect(isa);
+    return cache[isa];
+}
+
+ql_isa ql_isa_best(void) {
+    ql_isa cap = QL_ISA_AVX512;
+    const char *env = getenv("QL_ISA");
+    if (env) {
+        if (strcmp(env, "ref") == 0) cap = QL_ISA_REF;
+        else if (strcmp(env, "avx2") == 0) cap = QL_ISA_AVX2;
+    }
+    for (int i = cap; i > QL_ISA_REF; i--)
+        if (ql_isa_supported((ql_isa)i)) return (ql_isa)i;
+    return QL_ISA_REF;
+}
+
+const char *ql_isa_name(ql_isa isa) {
+    switch (isa) {
+    case QL_ISA_REF: return "ref";
+    case QL_ISA_AVX2: return "avx2";
+    case QL_ISA_AVX512: return "avx512";
+    case QL_ISA_BEST: return ql_isa_name(ql_isa_best());
+    }
+    return "unknown";
+}
+
+int ql_resolve_isa(ql_isa isa) {
+    if (isa == QL_ISA_BEST) return (int)ql_isa_best();
+    return ql_isa_supported(isa) ? (int)isa : -1;
+}
+
+void *ql_aligned_alloc(size_t bytes) {
+    void *p = NULL;
+    if (bytes == 0) bytes = 64;
+    if (posix_memalign(&p, 64, (bytes + 63) & ~(size_t)63) != 0) return NULL;
+    return p;
+}
+
+void ql_aligned_free(void *p) { free(p); }

@@ -1,0 +1,517 @@
+/* Elementwise, strided, normalisation, pooling, loss and optimizer kernels (contracts in
+ * ckernels.h). Memory-bound loops: one plain version each, vectorised by the compiler. */
+#include <float.h>
+#include <math.h>
+#include <string.h>
+#include "internal.h"
+
+/* ---------------------------------------------------------------------------------------- */
+/* Unary                                                                                     */
+/* ---------------------------------------------------------------------------------------- */
+static inline float sigmoidf_stable(float x) {
+    if (x >= 0.0f) return 1.0f / (1.0f + expf(-x));
+    float e = expf(x);
+    return e / (1.0f + e);
+}
+
+void ql_unary_fwd(ql_unary_op op, float *y, const float *x, int64_t n) {
+    switch (op) {
+    case QL_UNARY_RELU: for (int64_t i = 0; i < n; i++) y[i] = x[i] > 0.0f ? x[i] : 0.0f; break;
+    case QL_UNARY_SIGMOID: for (int64_t i = 0; i < n; i++) y[i] = sigmoidf_stable(x[i]); break;
+    case QL_UNARY_SILU: for (int64_t i = 0; i < n; i++) y[i] = x[i] * sigmoidf_stable(x[i]); break;
+    case QL_UNARY_EXP: for (int64_t i = 0; i < n; i++) y[i] = expf(x[i]); break;
+    case QL_UNARY_LOG: for (int64_t i = 0; i < n; i++) y[i] = logf(x[i]); break;
+    case QL_UNARY_NEG: for (int64_t i = 0; i < n; i++) y[i] = -x[i]; break;
+    case QL_UNARY_ABS: for (int64_t i = 0; i < n; i++) y[i] = fabsf(x[i]); break;
+    case QL_UNARY_SQRT: for (int64_t i = 0; i < n; i++) y[i] = sqrtf(x[i]); break;
+    case QL_UNARY_TANH: for (int64_t i = 0; i < n; i++) y[i] = tanhf(x[i]); break;
+    }
+}
+
+void ql_unary_bwd(ql_unary_op op, float *restrict dx, const float *restrict dy,
+                  const float *restrict x, const float *restrict y, int64_t n) {
+    switch (op) {
+    case QL_UNARY_RELU: for (int64_t i = 0; i < n; i++) dx[i] += x[i] > 0.0f ? dy[i] : 0.0f; break;
+    case QL_UNARY_SIGMOID: for (int64_t i = 0; i < n; i++) dx[i] += dy[i] * y[i] * (1.0f - y[i]); break;
+    case QL_UNARY_SILU:
+        for (int64_t i = 0; i < n; i++) {
+            float s = sigmoidf_stable(x[i]);
+            dx[i] += dy[i] * s * (1.0f + x[i] * (1.0f - s));
+        }
+        break;
+    case QL_UNARY_EXP: for (int64_t i = 0; i < n; i++) dx[i] += dy[i] * y[i]; break;
+    case QL_UNARY_LOG: for (int64_t i = 0; i < n; i++) dx[i] += dy[i] / x[i]; break;
+    case QL_UNARY_NEG: for (int64_t i = 0; i < n; i++) dx[i] -= dy[i]; break;
+    case QL_UNARY_ABS: for (int64_t i = 0; i < n; i++) dx[i] += x[i] > 0.0f ? dy[i] : (x[i] < 0.0f ? -dy[i] : 0.0f); break;
+    case QL_UNARY_SQRT: for (int64_t i = 0; i < n; i++) dx[i] += dy[i] * 0.5f / y[i]; break;
+    case QL_UNARY_TANH: for (int64_t i = 0; i < n; i++) dx[i] += dy[i] * (1.0f - y[i] * y[i]); break;
+    }
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Strided iteration: the last dim is the inner loop, the others advance an odometer.       */
+/* ---------------------------------------------------------------------------------------- */
+typedef struct {
+    int ndim;
+    int64_t shape[QL_MAX_DIMS], idx[QL_MAX_DIMS];
+} odometer;
+
+static int odo_init(odometer *o, const int64_t *shape, int ndim, int64_t *total) {
+    if (ndim < 0 || ndim > QL_MAX_DIMS) return QL_EINVAL;
+    o->ndim = ndim;
+    *total = 1;
+    for (int d = 0; d < ndim; d++) {
+        if (shape[d] < 0) return QL_EINVAL;
+        o->shape[d] = shape[d];
+        o->idx[d] = 0;
+        *total *= shape[d];
+    }
+    return QL_OK;
+}
+
+/* offset of the current outer index for one operand */
+static inline int64_t odo_offset(const odometer *o, const int64_t *strides) {
+    int64_t off = 0;
+    for (int d = 0; d < o->ndim - 1; d++) off += o->idx[d] * strides[d];
+    return off;
+}
+
+static inline void odo_next_row(odometer *o) {
+    for (int d = o->ndim - 2; d >= 0; d--) {
+        if (++o->idx[d] < o->shape[d]) return;
+        o->idx[d] = 0;
+    }
+}
+
+static inline float binop(ql_binary_op op, float a, float b) {
+    switch (op) {
+    case QL_BINARY_ADD: return a + b;
+    case QL_BINARY_SUB: return a - b;
+    case QL_BINARY_MUL: return a * b;
+    case QL_BINARY_DIV: return a / b;
+    case QL_BINARY_MAX: return a >= b ? a : b;
+    case QL_BINARY_MIN: return a <= b ? a : b;
+    }
+    return 0.0f;
+}
+
+int ql_binary_strided(ql_binary_op op, float *out, const float *a, const int64_t *a_strides,
+                      const float *b, const int64_t *b_strides, const int64_t *shape, int ndim) {
+    odometer o;
+    int64_t total;
+    if (odo_init(&o, shape, ndim, &total)) return QL_EINVAL;
+    if (total == 0) return QL_OK;
+    if (ndim == 0) { out[0] = binop(op, a[0], b[0]); return QL_OK; }
+    int64_t inner = shape[ndim - 1], sa = a_strides[ndim - 1], sb = b_strides[ndim - 1];
+    for (int64_t r = 0; r < total / inner; r++) {
+        const float *ar = a + odo_offset(&o, a_strides), *br = b + odo_offset(&o, b_strides);
+        float *orow = out + r * inner;
+        if (sa == 1 && sb == 1) {
+            switch (op) { /* the common dense cases, as separate loops so they vectorise */
+            case QL_BINARY_ADD: for (int64_t i = 0; i < inner; i++) orow[i] = ar[i] + br[i]; break;
+            case QL_BINARY_MUL: for (int64_t i = 0; i < inner; i++) orow[i] = ar[i] * br[i]; break;
+            default: for (int64_t i = 0; i < inner; i++) orow[i] = binop(op, ar[i], br[i]);
+            }
+        } else {
+            for (int64_t i = 0; i < inner; i++) orow[i] = binop(op, ar[i * sa], br[i * sb]);
+        }
+        odo_next_row(&o);
+    }
+    return QL_OK;
+}
+
+int ql_binary_strided_bwd(ql_binary_op op, float *da, const int64_t *a_strides, float *db,
+                          const int64_t *b_strides, const float *dout, const float *a,
+                          const float *b, const int64_t *shape, int ndim) {
+    odometer o;
+    int64_t total;
+    if (odo_init(&o, shape, ndim, &total)) return QL_EINVAL;
+    if (total == 0) return QL_OK;
+    int64_t inner = ndim ? shape[ndim - 1] : 1;
+    int64_t sa = ndim ? a_strides[ndim - 1] : 0, sb = ndim ? b_strides[ndim - 1] : 0;
+    for (int64_t r = 0; r < total / inner; r++) {
+        int64_t oa = ndim ? odo_offset(&o, a_strides) : 0, ob = ndim ? odo_offset(&o, b_strides) : 0;
+        const float *g = dout + r * inner;
+        for (int64_t i = 0; i < inner; i++) {
+            int64_t ia = oa + i * sa, ib = ob + i * sb;
+            float av = a[ia], bv = b[ib], gi = g[i];
+            switch (op) {
+            case QL_BINARY_ADD: if (da) da[ia] += gi; if (db) db[ib] += gi; break;
+            case QL_BINARY_SUB: if (da) da[ia] += gi; if (db) db[ib] -= gi; break;
+            case QL_BINARY_MUL: if (da) da[ia] += gi * bv; if (db) db[ib] += gi * av; break;
+            case QL_BINARY_DIV: if (da) da[ia] += gi / bv; if (db) db[ib] -= gi * av / (bv * bv); break;
+            case QL_BINARY_MAX:
+                if (av >= bv) { if (da) da[ia] += gi; } else if (db) db[ib] += gi;
+                break;
+            case QL_BINARY_MIN:
+                if (av <= bv) { if (da) da[ia] += gi; } else if (db) db[ib] += gi;
+                break;
+            }
+        }
+        if (ndim) odo_next_row(&o);
+    }
+    return QL_OK;
+}
+
+int ql_copy_strided(float *restrict out, const float *restrict in, const int64_t *in_strides,
+                    const int64_t *shape, int ndim) {
+    odometer o;
+    int64_t total;
+    if (odo_init(&o, shape, ndim, &total)) return QL_EINVAL;
+    if (total == 0) return QL_OK;
+    if (ndim == 0) { out[0] = in[0]; return QL_OK; }
+    int64_t inner = shape[ndim - 1], s = in_strides[ndim - 1];
+    for (int64_t r = 0; r < total / inner; r++) {
+        const float *src = in + odo_offset(&o, in_strides);
+        float *dst = out + r * inner;
+        if (s == 1) memcpy(dst, src, sizeof(float) * (size_t)inner);
+        else for (int64_t i = 0; i < inner; i++) dst[i] = src[i * s];
+        odo_next_row(&o);
+    }
+    return QL_OK;
+}
+
+int ql_accumulate_strided(float *out, const int64_t *out_strides, const float *restrict in,
+                          const int64_t *shape, int ndim) {
+    odometer o;
+    int64_t total;
+    if (odo_init(&o, shape, ndim, &total)) return QL_EINVAL;
+    if (total == 0) return QL_OK;
+    if (ndim == 0) { out[0] += in[0]; return QL_OK; }
+    int64_t inner = shape[ndim - 1], s = out_strides[ndim - 1];
+    for (int64_t r = 0; r < total / inner; r++) {
+        float *dst = out + odo_offset(&o, out_strides);
+        const float *src = in + r * inner;
+        if (s == 1) for (int64_t i = 0; i < inner; i++) dst[i] += src[i];
+        else if (s == 0) { double acc = 0; for (int64_t i = 0; i < inner; i++) acc += src[i]; dst[0] += (float)acc; }
+        else for (int64_t i = 0; i < inner; i++) dst[i * s] += src[i];
+        odo_next_row(&o);
+    }
+    return QL_OK;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* BLAS-1 style                                                                              */
+/* ---------------------------------------------------------------------------------------- */
+void ql_axpy(float *restrict y, float a, const float *restrict x, int64_t n) {
+    for (int64_t i = 0; i < n; i++) y[i] += a * x[i];
+}
+
+void ql_scale_shift(float *y, const float *x, float a, float b, int64_t n) {
+    for (int64_t i = 0; i < n; i++) y[i] = a * x[i] + b;
+}
+
+double ql_sum(const float *x, int64_t n) {
+    double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) { s0 += x[i]; s1 += x[i + 1]; s2 += x[i + 2]; s3 += x[i + 3]; }
+    for (; i < n; i++) s0 += x[i];
+    return (s0 + s1) + (s2 + s3);
+}
+
+float ql_absmax(const float *x, int64_t n) {
+    float m = 0.0f;
+    for (int64_t i = 0; i < n; i++) { float a = fabsf(x[i]); m = a > m ? a : m; }
+    return m;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Softmax family                                                                            */
+/* ---------------------------------------------------------------------------------------- */
+void ql_softmax_rows(float *y, const float *x, int64_t rows, int cols) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * cols;
+        float *yr = y + r * cols;
+        float m = -INFINITY;
+        for (int c = 0; c < cols; c++) m = xr[c] > m ? xr[c] : m;
+        double s = 0;
+        for (int c = 0; c < cols; c++) { yr[c] = expf(xr[c] - m); s += yr[c]; }
+        float inv = (float)(1.0 / s);
+        for (int c = 0; c < cols; c++) yr[c] *= inv;
+    }
+}
+
+void ql_log_softmax_rows(float *y, const float *x, int64_t rows, int cols) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * cols;
+        float *yr = y + r * cols;
+        float m = -INFINITY;
+        for (int c = 0; c < cols; c++) m = xr[c] > m ? xr[c] : m;
+        double s = 0;
+        for (int c = 0; c < cols; c++) s += expf(xr[c] - m);
+        float lse = m + (float)log(s);
+        for (int c = 0; c < cols; c++) yr[c] = xr[c] - lse;
+    }
+}
+
+void ql_softmax_rows_bwd(float *dx, const float *dy, const float *y, int64_t rows, int cols) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *g = dy + r * cols, *yr = y + r * cols;
+        double dot = 0;
+        for (int c = 0; c < cols; c++) dot += (double)g[c] * yr[c];
+        for (int c = 0; c < cols; c++) dx[r * cols + c] += yr[c] * (g[c] - (float)dot);
+    }
+}
+
+void ql_log_softmax_rows_bwd(float *dx, const float *dy, const float *y, int64_t rows, int cols) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *g = dy + r * cols, *yr = y + r * cols;
+        double s = 0;
+        for (int c = 0; c < cols; c++) s += g[c];
+        for (int c = 0; c < cols; c++) dx[r * cols + c] += g[c] - expf(yr[c]) * (float)s;
+    }
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Layer norm and batch norm                                                                 */
+/* ---------------------------------------------------------------------------------------- */
+void ql_layer_norm_fwd(float *y, float *mean, float *rstd, const float *x, const float *gamma,
+                       const float *beta, int64_t rows, int cols, float eps) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * cols;
+        double s = 0, s2 = 0;
+        for (int c = 0; c < cols; c++) s += xr[c];
+        double mu = s / cols;
+        for (int c = 0; c < cols; c++) { double d = xr[c] - mu; s2 += d * d; }
+        float m = (float)mu, rs = (float)(1.0 / sqrt(s2 / cols + eps));
+        mean[r] = m;
+        rstd[r] = rs;
+        for (int c = 0; c < cols; c++) {
+            float v = (xr[c] - m) * rs;
+            y[r * cols + c] = v * (gamma ? gamma[c] : 1.0f) + (beta ? beta[c] : 0.0f);
+        }
+    }
+}
+
+void ql_layer_norm_bwd(float *dx, float *dgamma, float *dbeta, const float *dy, const float *x,
+                       const float *mean, const float *rstd, const float *gamma, int64_t rows,
+                       int cols) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * cols, *g = dy + r * cols;
+        float m = mean[r], rs = rstd[r];
+        double sum_d = 0, sum_dx = 0;
+        for (int c = 0; c < cols; c++) {
+            float xhat = (xr[c] - m) * rs, d = g[c] * (gamma ? gamma[c] : 1.0f);
+            sum_d += d;
+            sum_dx += d * xhat;
+            if (dgamma) dgamma[c] += g[c] * xhat;
+            if (dbeta) dbeta[c] += g[c];
+        }
+        float a = (float)(sum_d / cols), b = (float)(sum_dx / cols);
+        for (int c = 0; c < cols; c++) {
+            float xhat = (xr[c] - m) * rs, d = g[c] * (gamma ? gamma[c] : 1.0f);
+            dx[r * cols + c] += rs * (d - a - xhat * b);
+        }
+    }
+}
+
+void ql_channel_stats(float *mean, float *var, const float *x, int N, int C, int64_t HW) {
+    double M = (double)N * HW;
+    for (int c = 0; c < C; c++) {
+        double s = 0;
+        for (int n = 0; n < N; n++) s += ql_sum(x + ((int64_t)n * C + c) * HW, HW);
+        double mu = M > 0 ? s / M : 0, s2 = 0;
+        for (int n = 0; n < N; n++) {
+            const float *p = x + ((int64_t)n * C + c) * HW;
+            for (int64_t i = 0; i < HW; i++) { double d = p[i] - mu; s2 += d * d; }
+        }
+        mean[c] = (float)mu;
+        var[c] = M > 0 ? (float)(s2 / M) : 0.0f;
+    }
+}
+
+void ql_batch_norm_apply(float *y, const float *x, const float *mean, const float *rstd,
+                         const float *gamma, const float *beta, int N, int C, int64_t HW) {
+    for (int n = 0; n < N; n++)
+        for (int c = 0; c < C; c++) {
+            float a = rstd[c] * (gamma ? gamma[c] : 1.0f);
+            float b = (beta ? beta[c] : 0.0f) - mean[c] * a;
+            int64_t off = ((int64_t)n * C + c) * HW;
+            for (int64_t i = 0; i < HW; i++) y[off + i] = x[off + i] * a + b;
+        }
+}
+
+void ql_batch_norm_bwd(float *dx, float *dgamma, float *dbeta, const float *dy, const float *x,
+                       const float *mean, const float *rstd, const float *gamma, int N, int C,
+                       int64_t HW) {
+    double M = (double)N * HW;
+    for (int c = 0; c < C; c++) {
+        float m = mean[c], rs = rstd[c], gm = gamma ? gamma[c] : 1.0f;
+        double sum_dy = 0, sum_dy_xhat = 0;
+        for (int n = 0; n < N; n++) {
+            int64_t off = ((int64_t)n * C + c) * HW;
+            for (int64_t i = 0; i < HW; i++) {
+                float xhat = (x[off + i] - m) * rs;
+                sum_dy += dy[off + i];
+                sum_dy_xhat += dy[off + i] * xhat;
+            }
+        }
+        if (dgamma) dgamma[c] += (float)sum_dy_xhat;
+        if (dbeta) dbeta[c] += (float)sum_dy;
+        if (!dx) continue;
+        float a = (float)(sum_dy / M), b = (float)(sum_dy_xhat / M), k = gm * rs;
+        for (int n = 0; n < N; n++) {
+            int64_t off = ((int64_t)n * C + c) * HW;
+            for (int64_t i = 0; i < HW; i++) {
+                float xhat = (x[off + i] - m) * rs;
+                dx[off + i] += k * (dy[off + i] - a - xhat * b);
+            }
+        }
+    }
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Pooling and upsampling                                                                    */
+/* ---------------------------------------------------------------------------------------- */
+static inline int pool_out(int H, int K, int S, int P) { return (H + 2 * P - K) / S + 1; }
+
+void ql_max_pool2d_fwd(float *y, int32_t *argmax, const float *x, int64_t planes, int H, int W,
+                       int KH, int KW, int SH, int SW, int PH, int PW) {
+    int OH = pool_out(H, KH, SH, PH), OW = pool_out(W, KW, SW, PW);
+    for (int64_t p = 0; p < planes; p++) {
+        const float *xp = x + p * H * W;
+        for (int oh = 0; oh < OH; oh++)
+            for (int ow = 0; ow < OW; ow++) {
+                float best = -INFINITY;
+                int32_t bi = -1;
+                for (int kh = 0; kh < KH; kh++) {
+                    int ih = oh * SH - PH + kh;
+                    if (ih < 0 || ih >= H) continue;
+                    for (int kw = 0; kw < KW; kw++) {
+                        int iw = ow * SW - PW + kw;
+                        if (iw < 0 || iw >= W) continue;
+                        float v = xp[ih * W + iw];
+                        if (v > best || bi < 0) { best = v; bi = ih * W + iw; }
+                    }
+                }
+                int64_t o = (p * OH + oh) * OW + ow;
+                y[o] = best;
+                if (argmax) argmax[o] = bi;
+            }
+    }
+}
+
+void ql_max_pool2d_bwd(float *dx, const float *dy, const int32_t *argmax, int64_t planes, int H,
+                       int W, int OH, int OW) {
+    for (int64_t p = 0; p < planes; p++)
+        for (int64_t i = 0; i < (int64_t)OH * OW; i++) {
+            int32_t a = argmax[p * OH * OW + i];
+            if (a >= 0) dx[p * H * W + a] += dy[p * OH * OW + i];
+        }
+}
+
+static inline int avg_count(int oh, int ow, int H, int W, int KH, int KW, int SH, int SW, int PH,
+                            int PW, int include_pad) {
+    if (include_pad) return KH * KW;
+    int h0 = oh * SH - PH, w0 = ow * SW - PW;
+    int h1 = ql_min_i(h0 + KH, H), w1 = ql_min_i(w0 + KW, W);
+    h0 = ql_max_i(h0, 0);
+    w0 = ql_max_i(w0, 0);
+    return ql_max_i((h1 - h0) * (w1 - w0), 1);
+}
+
+void ql_avg_pool2d_fwd(float *y, const float *x, int64_t planes, int H, int W, int KH, int KW,
+                       int SH, int SW, int PH, int PW, int count_include_pad) {
+    int OH = pool_out(H, KH, SH, PH), OW = pool_out(W, KW, SW, PW);
+    for (int64_t p = 0; p < planes; p++) {
+        const float *xp = x + p * H * W;
+        for (int oh = 0; oh < OH; oh++)
+            for (int ow = 0; ow < OW; ow++) {
+                float s = 0.0f;
+                for (int kh = 0; kh < KH; kh++) {
+                    int ih = oh * SH - PH + kh;
+                    if (ih < 0 || ih >= H) continue;
+                    for (int kw = 0; kw < KW; kw++) {
+                        int iw = ow * SW - PW + kw;
+                        if (iw >= 0 && iw < W) s += xp[ih * W + iw];
+                    }
+                }
+                y[(p * OH + oh) * OW + ow] = s / (float)avg_count(oh, ow, H, W, KH, KW, SH, SW, PH, PW, count_include_pad);
+            }
+    }
+}
+
+void ql_avg_pool2d_bwd(float *dx, const float *dy, int64_t planes, int H, int W, int KH, int KW,
+                       int SH, int SW, int PH, int PW, int count_include_pad) {
+    int OH = pool_out(H, KH, SH, PH), OW = pool_out(W, KW, SW, PW);
+    for (int64_t p = 0; p < planes; p++) {
+        float *dxp = dx + p * H * W;
+        for (int oh = 0; oh < OH; oh++)
+            for (int ow = 0; ow < OW; ow++) {
+                float g = dy[(p * OH + oh) * OW + ow] /
+                          (float)avg_count(oh, ow, H, W, KH, KW, SH, SW, PH, PW, count_include_pad);
+                for (int kh = 0; kh < KH; kh++) {
+                    int ih = oh * SH - PH + kh;
+                    if (ih < 0 || ih >= H) continue;
+                    for (int kw = 0; kw < KW; kw++) {
+                        int iw = ow * SW - PW + kw;
+                        if (iw >= 0 && iw < W) dxp[ih * W + iw] += g;
+                    }
+                }
+            }
+    }
+}
+
+void ql_upsample_nearest_fwd(float *restrict y, const float *restrict x, int64_t planes, int H,
+                             int W, int FH, int FW) {
+    int OH = H * FH, OW = W * FW;
+    for (int64_t p = 0; p < planes; p++)
+        for (int oh = 0; oh < OH; oh++) {
+            const float *xr = x + (p * H + oh / FH) * W;
+            float *yr = y + (p * OH + oh) * OW;
+            for (int ow = 0; ow < OW; ow++) yr[ow] = xr[ow / FW];
+        }
+}
+
+void ql_upsample_nearest_bwd(float *restrict dx, const float *restrict dy, int64_t planes, int H,
+                             int W, int FH, int FW) {
+    int OH = H * FH, OW = W * FW;
+    for (int64_t p = 0; p < planes; p++)
+        for (int oh = 0; oh < OH; oh++) {
+            float *xr = dx + (p * H + oh / FH) * W;
+            const float *yr = dy + (p * OH + oh) * OW;
+            for (int ow = 0; ow < OW; ow++) xr[ow / FW] += yr[ow];
+        }
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Losses and optimizers                                                                     */
+/* ---------------------------------------------------------------------------------------- */
+void ql_bce_logits_fwd(float *restrict loss, const float *restrict z, const float *restrict t,
+                       int64_t n) {
+    for (int64_t i = 0; i < n; i++)
+        loss[i] = (z[i] > 0.0f ? z[i] : 0.0f) - z[i] * t[i] + log1pf(expf(-fabsf(z[i])));
+}
+
+void ql_bce_logits_bwd(float *restrict dz, const float *restrict dloss, const float *restrict z,
+                       const float *restrict t, int64_t n) {
+    for (int64_t i = 0; i < n; i++) dz[i] += dloss[i] * (sigmoidf_stable(z[i]) - t[i]);
+}
+
+void ql_sgd_update(float *restrict p, float *restrict buf, const float *restrict grad, int64_t n,
+                   float lr, float momentum, float weight_decay, int nesterov, int first_step) {
+    for (int64_t i = 0; i < n; i++) {
+        float g = grad[i] + weight_decay * p[i];
+        float d = g;
+        if (momentum != 0.0f) {
+            float b = first_step ? g : momentum * buf[i] + g;
+            buf[i] = b;
+            d = nesterov ? g + momentum * b : b;
+        }
+        p[i] -= lr * d;
+    }
+}
+
+void ql_adamw_update(float *restrict p, float *restrict m, float *restrict v,
+                     const float *restrict grad, int64_t n, float lr, float beta1, float beta2,
+                     float eps, float weight_decay, int64_t step) {
+    float bc1 = 1.0f - powf(beta1, (float)step), bc2 = 1.0f - powf(beta2, (float)step);
+    float decay = 1.0f - lr * weight_decay;
+    for (int64_t i = 0; i < n; i++) {
+        float g = grad[i];
+        p[i] *= decay;
+        m[i] = beta1 * m[i] + (1.0f - beta1) * g;
+        v[i] = beta2 * v[i] + (1.0f - beta2) * g * g;
+        p[i] -= lr * (m[i] / bc1) / (sqrtf(v[i] / bc2) + eps);
+    }
+}

@@ -1,0 +1,414 @@
+/* INT8 GEMM u8 x s8 -> s32 and the requantization epilogue (contract in ckernels.h).
+ *
+ * Packed weight layout (shared by every CPU version, so weights are packed once):
+ *   K is padded to Kp = multiple of 4, N to multiple of 32, with zeros.
+ *   Panel p covers columns [32p, 32p+32); inside it, k-group q (k = 4q..4q+3) is 128 bytes:
+ *   byte (c*4 + r) = B[4q + r, 32p + c]. Offset of (p, q) = (p * Kp/4 + q) * 128.
+ * This is the operand order of AVX-512 VNNI `vpdpbusd`, which adds to each int32 lane the
+ * four products of 4 unsigned bytes of A with 4 signed bytes of B. Its products are exact and
+ * its sums are exact int32 (no intermediate saturation), unlike AVX2 `vpmaddubsw`, whose
+ * s16 pair sums saturate for u8*s8 inputs (2*255*127 > 32767). The AVX2 path therefore
+ * sign-extends to s16 and uses `vpmaddwd` (s16 x s16 -> s32 pair sums), which is exact, at
+ * half the bytes per instruction.
+ *
+ * A is packed per call into MR-row panels of int32 words (4 k-bytes each), zero-padded. */
+#include <immintrin.h>
+#include <math.h>
+#include <stdatomic.h>
+#include <string.h>
+#include "internal.h"
+
+#define NRI 32
+#define MRI 12
+#define KCI 1024 /* k-bytes per slab: the A panel (12 KiB) and B panel (32 KiB) stay in L1/L2 */
+#define MCI 240
+
+static int kpad(int K) { return (K + 3) & ~3; }
+
+size_t ql_igemm_packed_size(int K, int N) {
+    if (K < 0 || N < 0) return 0;
+    return (size_t)kpad(K) * (size_t)((N + NRI - 1) / NRI * NRI);
+}
+
+int ql_igemm_pack_b(void *restrict packed, int32_t *restrict col_sum, const int8_t *restrict B,
+                    int ldb, int K, int N) {
+    if (K < 0 || N < 0 || ldb < ql_max_i(N, 1)) return QL_EINVAL;
+    int8_t *dst = (int8_t *)packed;
+    int Kq = kpad(K) / 4, panels = (N + NRI - 1) / NRI;
+    memset(dst, 0, ql_igemm_packed_size(K, N));
+    for (int p = 0; p < panels; p++)
+        for (int q = 0; q < Kq; q++) {
+            int8_t *blk = dst + ((size_t)p * Kq + q) * 128;
+            for (int c = 0; c < NRI; c++) {
+                int n = p * NRI + c;
+                if (n >= N) break;
+                for (int r = 0; r < 4; r++) {
+                    int k = 4 * q + r;
+                    if (k < K) blk[c * 4 + r] = B[(size_t)k * ldb + n];
+                }
+            }
+        }
+    if (col_sum)
+        for (int n = 0; n < N; n++) {
+            int32_t s = 0;
+            for (int k = 0; k < K; k++) s += B[(size_t)k * ldb + n];
+            col_sum[n] = s;
+        }
+    return QL_OK;
+}
+
+int ql_igemm_u8s8s32_ref(int M, int N, int K, const uint8_t *A, int lda, const int8_t *B, int ldb,
+                         int32_t *C, int ldc) {
+    if (M < 0 || N < 0 || K < 0 || lda < ql_max_i(K, 1) || ldb < ql_max_i(N, 1) ||
+        ldc < ql_max_i(N, 1))
+        return QL_EINVAL;
+    for (int i = 0; i < M; i++)
+        for (int j = 0; j < N; j++) {
+            int32_t acc = 0;
+            for (int k = 0; k < K; k++) acc += (int32_t)A[(size_t)i * lda + k] * (int32_t)B[(size_t)k * ldb + j];
+            C[(size_t)i * ldc + j] = acc;
+        }
+    return QL_OK;
+}
+
+/* Ap[panel][q][r] = 4 bytes A[i0 + panel*MRI + r, k0 + 4q .. +3] as one int32 word. */
+static void pack_a_u8(int32_t *restrict Ap, const uint8_t *A, int lda, int i0, int mc, int k0,
+                      int kc, int K) {
+    int kq = (kc + 3) / 4;
+    for (int p = 0; p < mc; p += MRI) {
+        int rows = ql_min_i(MRI, mc - p);
+        int32_t *dst = Ap + (size_t)p * kq;
+        for (int r = 0; r < MRI; r++) {
+            const uint8_t *src = r < rows ? A + (size_t)(i0 + p + r) * lda + k0 : NULL;
+            for (int q = 0; q < kq; q++) {
+                uint8_t b[4] = {0, 0, 0, 0};
+                if (src)
+                    for (int t = 0; t < 4; t++)
+                        if (k0 + 4 * q + t < K && 4 * q + t < kc) b[t] = src[4 * q + t];
+                int32_t w;
+                memcpy(&w, b, 4);
+                dst[(size_t)q * MRI + r] = w;
+            }
+        }
+    }
+}
+
+/* Tile (mr x nr) of C: C = acc (first slab) or C += acc. */
+static inline void store_tile_i32(int32_t *C, int ldc, const int32_t *tile, int mr, int nr,
+                                  int accumulate) {
+    for (int i = 0; i < mr; i++)
+        for (int j = 0; j < nr; j++) {
+            int32_t *c = &C[(size_t)i * ldc + j];
+            *c = accumulate ? *c + tile[i * NRI + j] : tile[i * NRI + j];
+        }
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) static void
+ukr_vnni(int kq, const int32_t *restrict a, const int8_t *restrict b, int32_t *C, int ldc,
+         int accumulate, int mr, int nr) {
+    __m512i c[MRI][2];
+    for (int i = 0; i < MRI; i++) c[i][0] = c[i][1] = _mm512_setzero_si512();
+    for (int q = 0; q < kq; q++) {
+        __m512i b0 = _mm512_loadu_si512((const void *)b), b1 = _mm512_loadu_si512((const void *)(b + 64));
+        _mm_prefetch((const char *)(b + 8 * 128), _MM_HINT_T0);
+#pragma clang loop unroll(full)
+        for (int i = 0; i < MRI; i++) {
+            __m512i ai = _mm512_set1_epi32(a[i]);
+            c[i][0] = _mm512_dpbusd_epi32(c[i][0], ai, b0);
+            c[i][1] = _mm512_dpbusd_epi32(c[i][1], ai, b1);
+        }
+        a += MRI;
+        b += 128;
+    }
+    if (mr == MRI && nr == NRI) {
+        for (int i = 0; i < MRI; i++) {
+            int32_t *ci = C + (size_t)i * ldc;
+            __m512i v0 = c[i][0], v1 = c[i][1];
+            if (accumulate) {
+                v0 = _mm512_add_epi32(v0, _mm512_loadu_si512((const void *)ci));
+                v1 = _mm512_add_epi32(v1, _mm512_loadu_si512((const void *)(ci + 16)));
+            }
+            _mm512_storeu_si512((void *)ci, v0);
+            _mm512_storeu_si512((void *)(ci + 16), v1);
+        }
+        return;
+    }
+    int32_t tile[MRI * NRI] __attribute__((aligned(64)));
+    for (int i = 0; i < MRI; i++) {
+        _mm512_store_si512((void *)(tile + i * NRI), c[i][0]);
+        _mm512_store_si512((void *)(tile + i * NRI + 16), c[i][1]);
+    }
+    store_tile_i32(C, ldc, tile, mr, nr, accumulate);
+}
+
+/* AVX2: 4 rows x 32 columns per call, processed as four 8-column strips. For one k-group, the
+ * 32 bytes of 8 columns (4 k each) are sign-extended to two vectors of 16 s16
+ * [c0k0 c0k1 c0k2 c0k3 c1k0 ...]; A's 4 bytes are zero-extended and repeated; vpmaddwd gives
+ * int32 pair sums [c0(k0,k1) c0(k2,k3) c1(k0,k1) ...], added up over q; the two halves of
+ * each column are added at the end. */
+#define MRA 4
+__attribute__((target("avx2,fma"))) static void ukr_avx2_i8(int kq, const int32_t *restrict a,
+                                                            const int8_t *restrict b, int32_t *C,
+                                                            int ldc, int accumulate, int mr,
+                                                            int nr) {
+    int32_t tile[MRI * NRI] __attribute__((aligned(32)));
+    for (int r0 = 0; r0 < mr; r0 += MRA) {
+        for (int s = 0; s < 4; s++) { /* 8-column strip */
+            __m256i acc[MRA][2];
+            for (int i = 0; i < MRA; i++) acc[i][0] = acc[i][1] = _mm256_setzero_si256();
+            const int8_t *bq = b + s * 32;
+            const int32_t *aq = a + r0;
+            for (int q = 0; q < kq; q++) {
+                __m128i raw = _mm_loadu_si128((const __m128i *)bq);       /* cols 0-3 */
+                __m128i raw2 = _mm_loadu_si128((const __m128i *)(bq + 16)); /* cols 4-7 */
+                __m256i w0 = _mm256_cvtepi8_epi16(raw), w1 = _mm256_cvtepi8_epi16(raw2);
+#pragma clang loop unroll(full)
+                for (int i = 0; i < MRA; i++) {
+                    __m128i a4 = _mm_cvtsi32_si128(aq[i]);
+                    __m256i av = _mm256_broadcastq_epi64(_mm_cvtepu8_epi16(a4));
+                    acc[i][0] = _mm256_add_epi32(acc[i][0], _mm256_madd_epi16(av, w0));
+                    acc[i][1] = _mm256_add_epi32(acc[i][1], _mm256_madd_epi16(av, w1));
+                }
+                aq += MRI;
+                bq += 128;
+            }
+            for (int i = 0; i < MRA && r0 + i < MRI; i++) {
+                /* hadd pairs: lanes (2c, 2c+1) -> column c; hadd interleaves 128-bit halves */
+                __m256i h = _mm256_hadd_epi32(acc[i][0], acc[i][1]);
+                h = _mm256_permute4x64_epi64(h, 0xD8);
+                _mm256_store_si256((__m256i *)(tile + (r0 + i) * NRI + s * 8), h);
+            }
+        }
+    }
+    store_tile_i32(C, ldc, tile, mr, nr, accumulate);
+}
+
+typedef void (*ukr_i8_fn)(int, const int32_t *, const int8_t *, int32_t *, int, int, int, int);
+
+static _Thread_local int32_t *tl_apack = NULL;
+static _Thread_local size_t tl_apack_n = 0;
+
+static int igemm_serial(int isa, int M, int N, int K, const uint8_t *A, int lda,
+                        const int8_t *packed, int n0, int32_t *C, int ldc) {
+    /* computes columns [n0, n0+N) of the full product; n0 is a multiple of NRI */
+    ukr_i8_fn ukr = isa == QL_ISA_AVX512 ? ukr_vnni : ukr_avx2_i8;
+    int Kq = kpad(K) / 4;
+    size_t need = (size_t)((ql_min_i(MCI, M) + MRI - 1) / MRI * MRI) * (KCI / 4);
+    if (tl_apack_n < need) {
+        ql_aligned_free(tl_apack);
+        tl_apack = (int32_t *)ql_aligned_alloc(need * sizeof(int32_t));
+        tl_apack_n = tl_apack ? need : 0;
+        if (!tl_apack) return QL_ENOMEM;
+    }
+    if (K == 0) {
+        for (int i = 0; i < M; i++) memset(C + (size_t)i * ldc, 0, sizeof(int32_t) * (size_t)N);
+        return QL_OK;
+    }
+    for (int pc = 0; pc < K; pc += KCI) {
+        int kc = ql_min_i(KCI, K - pc), kq = (kc + 3) / 4;
+        for (int ic = 0; ic < M; ic += MCI) {
+            int mc = ql_min_i(MCI, M - ic);
+            pack_a_u8(tl_apack, A, lda, ic, mc, pc, kc, K);
+            for (int jr = 0; jr < N; jr += NRI) {
+                int nr = ql_min_i(NRI, N - jr);
+                const int8_t *bp = packed + ((size_t)((n0 + jr) / NRI) * Kq + pc / 4) * 128;
+                for (int ir = 0; ir < mc; ir += MRI)
+                    ukr(kq, tl_apack + (size_t)ir * kq, bp, C + (size_t)(ic + ir) * ldc + jr, ldc,
+                        pc > 0, ql_min_i(MRI, mc - ir), nr);
+            }
+        }
+    }
+    return QL_OK;
+}
+
+typedef struct {
+    int isa, M, N, K, lda, ldc, split_n, chunk;
+    const uint8_t *A;
+    const int8_t *packed;
+    int32_t *C;
+    _Atomic int status;
+} igemm_job;
+
+static void igemm_task(int t, void *p) {
+    igemm_job *j = (igemm_job *)p;
+    int lo = t * j->chunk, st;
+    if (j->split_n) {
+        int n = ql_min_i(j->chunk, j->N - lo);
+        if (n <= 0) return;
+        st = igemm_serial(j->isa, j->M, n, j->K, j->A, j->lda, j->packed, lo, j->C + lo, j->ldc);
+    } else {
+        int m = ql_min_i(j->chunk, j->M - lo);
+        if (m <= 0) return;
+        st = igemm_serial(j->isa, m, j->N, j->K, j->A + (size_t)lo * j->lda, j->lda, j->packed, 0,
+                          j->C + (size_t)lo * j->ldc, j->ldc);
+    }
+    if (st) atomic_store(&j->status, st);
+}
+
+int ql_igemm_u8s8s32_isa(ql_isa isa, int M, int N, int K, const uint8_t *A, int lda,
+                         const void *packed, int32_t *C, int ldc) {
+    if (M < 0 || N < 0 || K < 0 || lda < ql_max_i(K, 1) || ldc < ql_max_i(N, 1)) return QL_EINVAL;
+    int level = ql_resolve_isa(isa);
+    if (level < 0) return QL_EUNSUPPORTED;
+    if (M == 0 || N == 0) return QL_OK;
+    if (level == QL_ISA_REF) {
+        /* the reference on the packed operand: read B back through the documented layout */
+        const int8_t *bp = (const int8_t *)packed;
+        int Kq = kpad(K) / 4;
+        for (int i = 0; i < M; i++)
+            for (int n = 0; n < N; n++) {
+                int32_t acc = 0;
+                for (int k = 0; k < K; k++)
+                    acc += (int32_t)A[(size_t)i * lda + k] *
+                           (int32_t)bp[((size_t)(n / NRI) * Kq + k / 4) * 128 + (n % NRI) * 4 + k % 4];
+                C[(size_t)i * ldc + n] = acc;
+            }
+        return QL_OK;
+    }
+    igemm_job j = {level, M, N, K, lda, ldc, 0, 0, A, (const int8_t *)packed, C, QL_OK};
+    int threads = ql_get_num_threads();
+    double ops = 2.0 * M * N * (double)K;
+    j.split_n = N > M;
+    int align = j.split_n ? NRI : MRI, extent = j.split_n ? N : M;
+    int tasks = (threads <= 1 || ops < 4e6) ? 1 : ql_min_i(threads, (extent + align - 1) / align);
+    j.chunk = ((extent + tasks - 1) / tasks + align - 1) / align * align;
+    tasks = (extent + j.chunk - 1) / j.chunk;
+    ql_parallel_for(tasks, igemm_task, &j);
+    return atomic_load(&j.status);
+}
+
+int ql_igemm_u8s8s32(int M, int N, int K, const uint8_t *A, int lda, const void *packed,
+                     int32_t *C, int ldc) {
+    return ql_igemm_u8s8s32_isa(QL_ISA_BEST, M, N, K, A, lda, packed, C, ldc);
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Epilogue                                                                                  */
+/* ---------------------------------------------------------------------------------------- */
+static int check_epilogue(int M, int N, int ldo, int ldacc, const float *scale) {
+    if (M < 0 || N < 0 || ldo < ql_max_i(N, 1) || ldacc < ql_max_i(N, 1) || !scale) return QL_EINVAL;
+    return QL_OK;
+}
+
+static inline float epilogue_value(int32_t acc, int32_t off, float scale, float bias, int relu) {
+    float v = fmaf((float)(acc + off), scale, bias);
+    return relu && v < 0.0f ? 0.0f : v;
+}
+
+int ql_requantize_s8_ref(int M, int N, int8_t *restrict out, int ldo, const int32_t *restrict acc,
+                         int ldacc, const int32_t *col_offset, const float *scale,
+                         const float *bias, int relu) {
+    int st = check_epilogue(M, N, ldo, ldacc, scale);
+    if (st) return st;
+    for (int i = 0; i < M; i++)
+        for (int n = 0; n < N; n++) {
+            float v = epilogue_value(acc[(size_t)i * ldacc + n], col_offset ? col_offset[n] : 0,
+                                     scale[n], bias ? bias[n] : 0.0f, relu);
+            float r = nearbyintf(v); /* default rounding mode: half to even */
+            r = r > 127.0f ? 127.0f : (r < -127.0f ? -127.0f : r);
+            out[(size_t)i * ldo + n] = (int8_t)r;
+        }
+    return QL_OK;
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl"))) static void
+requant_avx512(int M, int N, int8_t *out, int ldo, const int32_t *acc, int ldacc,
+               const int32_t *col_offset, const float *scale, const float *bias, int relu) {
+    const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+    for (int i = 0; i < M; i++) {
+        const int32_t *a = acc + (size_t)i * ldacc;
+        int8_t *o = out + (size_t)i * ldo;
+        for (int n = 0; n < N; n += 16) {
+            __mmask16 m = n + 16 <= N ? (__mmask16)0xFFFF : (__mmask16)((1u << (N - n)) - 1);
+            __m512i v = _mm512_maskz_loadu_epi32(m, a + n);
+            if (col_offset) v = _mm512_add_epi32(v, _mm512_maskz_loadu_epi32(m, col_offset + n));
+            __m512 f = _mm512_cvtepi32_ps(v);
+            __m512 s = _mm512_maskz_loadu_ps(m, scale + n);
+            __m512 b = bias ? _mm512_maskz_loadu_ps(m, bias + n) : _mm512_setzero_ps();
+            f = _mm512_fmadd_ps(f, s, b);
+            if (relu) f = _mm512_max_ps(f, _mm512_setzero_ps());
+            __m512i q = _mm512_cvtps_epi32(f); /* MXCSR default: round half to even */
+            q = _mm512_min_epi32(_mm512_max_epi32(q, lo), hi);
+            _mm512_mask_cvtepi32_storeu_epi8(o + n, m, q);
+        }
+    }
+}
+
+__attribute__((target("avx2,fma"))) static void
+requant_avx2(int M, int N, int8_t *out, int ldo, const int32_t *acc, int ldacc,
+             const int32_t *col_offset, const float *scale, const float *bias, int relu) {
+    const __m256i lo = _mm256_set1_epi32(-127), hi = _mm256_set1_epi32(127);
+    int N8 = N & ~7;
+    for (int i = 0; i < M; i++) {
+        const int32_t *a = acc + (size_t)i * ldacc;
+        int8_t *o = out + (size_t)i * ldo;
+        for (int n = 0; n < N8; n += 8) {
+            __m256i v = _mm256_loadu_si256((const __m256i *)(a + n));
+            if (col_offset) v = _mm256_add_epi32(v, _mm256_loadu_si256((const __m256i *)(col_offset + n)));
+            __m256 f = _mm256_cvtepi32_ps(v);
+            __m256 b = bias ? _mm256_loadu_ps(bias + n) : _mm256_setzero_ps();
+            f = _mm256_fmadd_ps(f, _mm256_loadu_ps(scale + n), b);
+            if (relu) f = _mm256_max_ps(f, _mm256_setzero_ps());
+            __m256i q = _mm256_cvtps_epi32(f);
+            q = _mm256_min_epi32(_mm256_max_epi32(q, lo), hi);
+            int32_t tmp[8];
+            _mm256_storeu_si256((__m256i *)tmp, q);
+            for (int t = 0; t < 8; t++) o[n + t] = (int8_t)tmp[t];
+        }
+        if (N8 < N)
+            ql_requantize_s8_ref(1, N - N8, o + N8, ldo, a + N8, ldacc, col_offset ? col_offset + N8 : NULL,
+                                 scale + N8, bias ? bias + N8 : NULL, relu);
+    }
+}
+
+int ql_requantize_s8_isa(ql_isa isa, int M, int N, int8_t *restrict out, int ldo,
+                         const int32_t *restrict acc, int ldacc, const int32_t *col_offset,
+                         const float *scale, const float *bias, int relu) {
+    int st = check_epilogue(M, N, ldo, ldacc, scale);
+    if (st) return st;
+    int level = ql_resolve_isa(isa);
+    if (level < 0) return QL_EUNSUPPORTED;
+    if (level == QL_ISA_AVX512) requant_avx512(M, N, out, ldo, acc, ldacc, col_offset, scale, bias, relu);
+    else if (level == QL_ISA_AVX2) requant_avx2(M, N, out, ldo, acc, ldacc, col_offset, scale, bias, relu);
+    else return ql_requantize_s8_ref(M, N, out, ldo, acc, ldacc, col_offset, scale, bias, relu);
+    return QL_OK;
+}
+
+int ql_requantize_s8(int M, int N, int8_t *restrict out, int ldo, const int32_t *restrict acc,
+                     int ldacc, const int32_t *col_offset, const float *scale, const float *bias,
+                     int relu) {
+    return ql_requantize_s8_isa(QL_ISA_BEST, M, N, out, ldo, acc, ldacc, col_offset, scale, bias, relu);
+}
+
+int ql_dequantize_f32_ref(int M, int N, float *restrict out, int ldo, const int32_t *restrict acc,
+                          int ldacc, const int32_t *col_offset, const float *scale,
+                          const float *bias, int relu) {
+    int st = check_epilogue(M, N, ldo, ldacc, scale);
+    if (st) return st;
+    for (int i = 0; i < M; i++)
+        for (int n = 0; n < N; n++)
+            out[(size_t)i * ldo + n] = epilogue_value(acc[(size_t)i * ldacc + n],
+                                                      col_offset ? col_offset[n] : 0, scale[n],
+                                                      bias ? bias[n] : 0.0f, relu);
+    return QL_OK;
+}
+
+int ql_dequantize_f32(int M, int N, float *restrict out, int ldo, const int32_t *restrict acc,
+                      int ldacc, const int32_t *col_offset, const float *scale, const float *bias,
+                      int relu) {
+    /* One fmaf per element, memory-bound; the compiler vectorises it. Same code = bit-exact. */
+    return ql_dequantize_f32_ref(M, N, out, ldo, acc, ldacc, col_offset, scale, bias, relu);
+}
+
+void ql_fake_quant_f32(float *restrict y, const float *restrict x, int64_t n, float amax, int qmax) {
+    if (!(amax > 0.0f)) {
+        memset(y, 0, sizeof(float) * (size_t)n);
+        return;
+    }
+    float s = amax / (float)qmax, lim = (float)qmax;
+    for (int64_t i = 0; i < n; i++) {
+        float q = nearbyintf(x[i] / s);
+        q = q > lim ? lim : (q < -lim ? -lim : q);
+        y[i] = q * s;
+    }
+}

@@ -1,0 +1,327 @@
+/*
+ * ckernels.h — the QuantLab kernel ABI.
+ *
+ * Every hot loop of QuantLab lives behind this header. The CUDA plugin (cuda/) implements
+ * the same contracts, so a caller can swap devices without changing its arithmetic.
+ *
+ * Conventions (apply to every kernel unless its contract says otherwise):
+ *   - Outputs come first in the argument list, then inputs, then sizes.
+ *   - Matrices are row-major; `ld*` is the distance in elements between consecutive rows.
+ *   - Images are NCHW float32, contiguous.
+ *   - Sizes are `int64_t` where a product can exceed 2^31, `int` for dimensions.
+ *   - Pointers marked `restrict` must not alias; pointers without it may.
+ *   - Every kernel with a SIMD version has a scalar `*_ref` twin: the `_ref` version IS the
+ *     specification, the fast one must match it within the tolerance its contract states.
+ *   - Kernels that can fail return `int`: QL_OK (0) or a negative QL_E* code.
+ *   - Gradient kernels (`*_bwd`) ACCUMULATE (`+=`) into their gradient outputs, so that a
+ *     tensor used twice in a graph receives the sum of both contributions.
+ */
+#ifndef QUANTLAB_CKERNELS_H
+#define QUANTLAB_CKERNELS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ------------------------------------------------------------------------------------------
+ * Status codes, CPU features, threads
+ * ---------------------------------------------------------------------------------------- */
+
+enum {
+    QL_OK = 0,
+    QL_EINVAL = -1,       /* a size or stride is negative or inconsistent */
+    QL_EUNSUPPORTED = -2, /* the requested ISA is not available on this CPU */
+    QL_ENOMEM = -3,       /* scratch allocation failed */
+};
+
+/* Instruction-set levels. A kernel called with an ISA the CPU lacks returns QL_EUNSUPPORTED. */
+typedef enum {
+    QL_ISA_REF = 0,    /* scalar C: the specification */
+    QL_ISA_AVX2 = 1,   /* AVX2 + FMA (int8: AVX2 sign-extend + vpmaddwd, exact) */
+    QL_ISA_AVX512 = 2, /* AVX-512F/BW/VL (int8: AVX-512 VNNI vpdpbusd) */
+    QL_ISA_BEST = 99,  /* the fastest level this CPU supports */
+} ql_isa;
+
+/* 1 if this CPU (and OS, via XGETBV) supports the level, else 0. QL_ISA_AVX512 requires
+ * AVX512F+BW+VL+VNNI, so that float and int8 kernels share one level. */
+int ql_isa_supported(ql_isa isa);
+/* The fastest supported level, honouring the environment variable QL_ISA=ref|avx2|avx512
+ * (a cap, useful to test dispatch on a big CPU). */
+ql_isa ql_isa_best(void);
+const char *ql_isa_name(ql_isa isa);
+
+/* Worker threads used by the parallel kernels (the calling thread counts as one).
+ * Default: the QL_NUM_THREADS environment variable, else the number of online CPUs.
+ * The pool is persistent (pthreads) because short parallel regions on small VMs are
+ * otherwise often serialised on the calling thread. */
+void ql_set_num_threads(int n);
+int ql_get_num_threads(void);
+
+/* ------------------------------------------------------------------------------------------
+ * SGEMM
+ *
+ *   C[M,N] = alpha * op(A)[M,K] * op(B)[K,N] + beta * C[M,N]
+ *   op(A) = A (A is M x K, lda >= K) or A^T (A is K x M, lda >= M) when transA != 0
+ *   op(B) = B (B is K x N, ldb >= N) or B^T (B is N x K, ldb >= K) when transB != 0
+ *   beta == 0: C is overwritten and never read (NaNs in C do not propagate).
+ *   K == 0: C = beta * C.
+ * Accumulation in float32. Aliasing: C must not overlap A or B.
+ * Tolerance of fast versions against ql_sgemm_ref: |c - ref| <= 1e-5*K*max|a|*max|b| + 1e-6*|ref|
+ * (the order of the K-sum differs; each version is deterministic for a given thread count).
+ * Parallel over the thread pool.
+ * ---------------------------------------------------------------------------------------- */
+int ql_sgemm(int transA, int transB, int M, int N, int K, float alpha,
+             const float *A, int lda, const float *B, int ldb, float beta, float *C, int ldc);
+int ql_sgemm_isa(ql_isa isa, int transA, int transB, int M, int N, int K, float alpha,
+                 const float *A, int lda, const float *B, int ldb, float beta, float *C, int ldc);
+int ql_sgemm_ref(int transA, int transB, int M, int N, int K, float alpha,
+                 const float *A, int lda, const float *B, int ldb, float beta, float *C, int ldc);
+
+/* ------------------------------------------------------------------------------------------
+ * INT8 GEMM, u8 x s8 -> s32, with a per-output-channel epilogue
+ *
+ * The INT8 engine computes a conv/linear layer as C[M = pixels, N = out channels] =
+ * A[M,K] (activations) x B[K,N] (weights). TensorRT-style activations are symmetric int8;
+ * the VNNI instruction multiplies unsigned by signed bytes, so callers pass A as
+ * u8 = s8 + 128 and add the compensation col_offset[n] = -128 * sum_k B[k,n] in the epilogue
+ * (ql_igemm_pack_b computes it).
+ *
+ * Step 1, pack the weights once:  size = ql_igemm_packed_size(K, N) bytes.
+ *   ql_igemm_pack_b(packed, col_sum, B, ldb, K, N): B is K x N int8 row-major; col_sum[n] =
+ *   sum_k B[k,n] (may be NULL). The packed layout is private to the CPU kernels.
+ * Step 2, multiply:  C[m,n] = sum_k A[m,k] * B[k,n], exact int32 (no saturation anywhere;
+ *   K <= 2^16 keeps |C| < 2^31 for any u8/s8 inputs).
+ * Step 3, epilogue (per output channel n, per row m):
+ *   v = fmaf((float)(acc[m,n] + col_offset[n]), scale[n], bias[n])      (fmaf: one rounding)
+ *   if relu: v = max(v, 0)
+ *   ql_requantize_s8: out = (int8) clamp(round_half_to_even(v), -127, 127)
+ *   ql_dequantize_f32: out = v
+ *   col_offset and bias may be NULL (read as 0). Fast versions are BIT-EXACT against _ref.
+ * ---------------------------------------------------------------------------------------- */
+size_t ql_igemm_packed_size(int K, int N);
+int ql_igemm_pack_b(void *restrict packed, int32_t *restrict col_sum, const int8_t *restrict B,
+                    int ldb, int K, int N);
+int ql_igemm_u8s8s32(int M, int N, int K, const uint8_t *A, int lda, const void *packed,
+                     int32_t *C, int ldc);
+int ql_igemm_u8s8s32_isa(ql_isa isa, int M, int N, int K, const uint8_t *A, int lda,
+                         const void *packed, int32_t *C, int ldc);
+/* Reference on the UNPACKED weights B (K x N, row-major). */
+int ql_igemm_u8s8s32_ref(int M, int N, int K, const uint8_t *A, int lda, const int8_t *B, int ldb,
+                         int32_t *C, int ldc);
+
+int ql_requantize_s8(int M, int N, int8_t *restrict out, int ldo, const int32_t *restrict acc,
+                     int ldacc, const int32_t *col_offset, const float *scale, const float *bias,
+                     int relu);
+int ql_requantize_s8_isa(ql_isa isa, int M, int N, int8_t *restrict out, int ldo,
+                         const int32_t *restrict acc, int ldacc, const int32_t *col_offset,
+                         const float *scale, const float *bias, int relu);
+int ql_requantize_s8_ref(int M, int N, int8_t *restrict out, int ldo, const int32_t *restrict acc,
+                         int ldacc, const int32_t *col_offset, const float *scale,
+                         const float *bias, int relu);
+int ql_dequantize_f32(int M, int N, float *restrict out, int ldo, const int32_t *restrict acc,
+                      int ldacc, const int32_t *col_offset, const float *scale, const float *bias,
+                      int relu);
+int ql_dequantize_f32_ref(int M, int N, float *restrict out, int ldo, const int32_t *restrict acc,
+                          int ldacc, const int32_t *col_offset, const float *scale,
+                          const float *bias, int relu);
+
+/* Symmetric fake quantization, the TensorRT convention: with s = amax/qmax,
+ *   y = clamp(round_half_to_even(x / s), -qmax, qmax) * s
+ * amax <= 0 gives y = 0. Division (not multiplication by 1/s) so that the result matches
+ * pytorch-quantization. */
+void ql_fake_quant_f32(float *restrict y, const float *restrict x, int64_t n, float amax, int qmax);
+
+/* ------------------------------------------------------------------------------------------
+ * im2col / col2im and convolution drivers
+ *
+ * Geometry of a 2-D convolution on ONE image and ONE group of channels:
+ *   input x[C, H, W]; kernel KH x KW; stride SH, SW; zero padding PH, PW; dilation DH, DW;
+ *   OH = (H + 2*PH - DH*(KH-1) - 1) / SH + 1   (likewise OW)
+ *   col[(c*KH + kh)*KW + kw, oh*OW + ow] = x[c, oh*SH - PH + kh*DH, ow*SW - PW + kw*DW]
+ *   (0 outside the image). col is (C*KH*KW) x (OH*OW), row-major.
+ * col2im is the adjoint: it ACCUMULATES every col entry back into x (x += col2im(col)).
+ * Groups: callers pass the group's channel slice (x + g*C_g*H*W) with C = C_g.
+ * ---------------------------------------------------------------------------------------- */
+typedef struct {
+    int N, C, H, W;       /* input batch, channels, height, width */
+    int K;                /* output channels */
+    int KH, KW;           /* kernel size */
+    int SH, SW;           /* stride */
+    int PH, PW;           /* zero padding */
+    int DH, DW;           /* dilation */
+    int groups;           /* C % groups == 0 and K % groups == 0 */
+} ql_conv_geom;
+
+/* Output size; returns QL_EINVAL (and leaves OH/OW untouched) for an impossible geometry. */
+int ql_conv_out_size(const ql_conv_geom *g, int *OH, int *OW);
+
+void ql_im2col(float *restrict col, const float *restrict x, int C, int H, int W, int KH, int KW,
+               int SH, int SW, int PH, int PW, int DH, int DW);
+void ql_col2im(float *restrict x, const float *restrict col, int C, int H, int W, int KH, int KW,
+               int SH, int SW, int PH, int PW, int DH, int DW);
+
+/* Convolution, weights w[K, C/groups, KH, KW], bias b[K] (may be NULL), NCHW in and out.
+ *   fwd:         y[n,k,oh,ow] = b[k] + sum_{c in group(k), kh, kw} w[k,c,kh,kw] * x[n,c,ih,iw]
+ *   bwd_data:    dx += dL/dx given dy            (the transposed convolution of dy)
+ *   bwd_weight:  dw += dL/dw, db += dL/db (db may be NULL)
+ * Implementation: im2col + SGEMM per image and group, images spread over the thread pool
+ * (so im2col runs in parallel too); bwd_weight reduces per-thread partial sums in a fixed
+ * order, so results are deterministic for a given thread count.
+ * The _ref versions are direct loops over the definition above. Tolerance as SGEMM with
+ * K = C/groups*KH*KW (fwd, bwd_weight over N*OH*OW terms, bwd_data over K/groups*KH*KW terms). */
+int ql_conv2d_fwd(float *y, const float *x, const float *w, const float *b, const ql_conv_geom *g);
+int ql_conv2d_bwd_data(float *dx, const float *dy, const float *w, const ql_conv_geom *g);
+int ql_conv2d_bwd_weight(float *dw, float *db, const float *dy, const float *x, const ql_conv_geom *g);
+int ql_conv2d_fwd_ref(float *y, const float *x, const float *w, const float *b, const ql_conv_geom *g);
+int ql_conv2d_bwd_data_ref(float *dx, const float *dy, const float *w, const ql_conv_geom *g);
+int ql_conv2d_bwd_weight_ref(float *dw, float *db, const float *dy, const float *x,
+                             const ql_conv_geom *g);
+
+/* ------------------------------------------------------------------------------------------
+ * Elementwise, broadcasting and reductions
+ *
+ * These are memory-bound; each is one plain C loop (the specification) that the compiler
+ * vectorises at -O3. Shapes are passed as up to QL_MAX_DIMS dims with element strides; a
+ * stride of 0 broadcasts that operand along the dim.
+ * ---------------------------------------------------------------------------------------- */
+#define QL_MAX_DIMS 8
+
+typedef enum {
+    QL_UNARY_RELU = 0,     /* max(x, 0) */
+    QL_UNARY_SIGMOID = 1,  /* 1 / (1 + exp(-x)), computed without overflow */
+    QL_UNARY_SILU = 2,     /* x * sigmoid(x) */
+    QL_UNARY_EXP = 3,
+    QL_UNARY_LOG = 4,
+    QL_UNARY_NEG = 5,
+    QL_UNARY_ABS = 6,
+    QL_UNARY_SQRT = 7,
+    QL_UNARY_TANH = 8,
+} ql_unary_op;
+
+/* y[i] = f(x[i]); y may alias x. */
+void ql_unary_fwd(ql_unary_op op, float *y, const float *x, int64_t n);
+/* dx[i] += dy[i] * f'(x[i]); y = f(x) is passed for ops whose derivative uses it
+ * (sigmoid, exp, sqrt, tanh) and may be NULL for the others. */
+void ql_unary_bwd(ql_unary_op op, float *restrict dx, const float *restrict dy,
+                  const float *restrict x, const float *restrict y, int64_t n);
+
+typedef enum {
+    QL_BINARY_ADD = 0,
+    QL_BINARY_SUB = 1,
+    QL_BINARY_MUL = 2,
+    QL_BINARY_DIV = 3,
+    QL_BINARY_MAX = 4,
+    QL_BINARY_MIN = 5,
+} ql_binary_op;
+
+/* out[i] = a[i] op b[i] over an ndim index space `shape`, each operand addressed by its own
+ * element strides (0 = broadcast). out must be dense in the order given by `shape`. */
+int ql_binary_strided(ql_binary_op op, float *out, const float *a, const int64_t *a_strides,
+                      const float *b, const int64_t *b_strides, const int64_t *shape, int ndim);
+/* Gradients of ql_binary_strided: da[a-index] += dout * d(a op b)/da (likewise db).
+ * da or db may be NULL to skip. dout is dense in `shape`. Ties of max/min send the gradient
+ * to `a`. */
+int ql_binary_strided_bwd(ql_binary_op op, float *da, const int64_t *a_strides, float *db,
+                          const int64_t *b_strides, const float *dout, const float *a,
+                          const float *b, const int64_t *shape, int ndim);
+
+/* out[dense index over shape] = in[strided index] : permute, slice, expand, broadcast copy. */
+int ql_copy_strided(float *restrict out, const float *restrict in, const int64_t *in_strides,
+                    const int64_t *shape, int ndim);
+/* out[strided index] += in[dense index over shape] : the adjoint of ql_copy_strided; when
+ * out_strides contains zeros this sums over those dims (reduction to a broadcast shape). */
+int ql_accumulate_strided(float *out, const int64_t *out_strides, const float *restrict in,
+                          const int64_t *shape, int ndim);
+
+/* y = a*x + y (n elements). */
+void ql_axpy(float *restrict y, float a, const float *restrict x, int64_t n);
+/* y = a*x + b (n elements); y may alias x. */
+void ql_scale_shift(float *y, const float *x, float a, float b, int64_t n);
+/* Sum of n elements, accumulated in double (pairwise order is not needed at this precision). */
+double ql_sum(const float *x, int64_t n);
+/* max |x_i| over n elements (0 for n == 0). */
+float ql_absmax(const float *x, int64_t n);
+
+/* Row-wise softmax / log-softmax over the last dim: x is rows x cols. Max-subtracted. */
+void ql_softmax_rows(float *y, const float *x, int64_t rows, int cols);
+void ql_log_softmax_rows(float *y, const float *x, int64_t rows, int cols);
+/* softmax:     dx += y * (dy - sum_j dy_j y_j)
+ * log-softmax: dx += dy - exp(y) * sum_j dy_j          (y is the forward output) */
+void ql_softmax_rows_bwd(float *dx, const float *dy, const float *y, int64_t rows, int cols);
+void ql_log_softmax_rows_bwd(float *dx, const float *dy, const float *y, int64_t rows, int cols);
+
+/* Layer norm over the last dim (cols): xhat = (x - mean) / sqrt(var + eps), biased var;
+ * y = xhat * gamma + beta (gamma/beta may be NULL = 1/0). mean and rstd (rows each) are
+ * saved for the backward. */
+void ql_layer_norm_fwd(float *y, float *mean, float *rstd, const float *x, const float *gamma,
+                       const float *beta, int64_t rows, int cols, float eps);
+/* dx += ..., dgamma += sum_rows dy*xhat, dbeta += sum_rows dy (dgamma/dbeta may be NULL). */
+void ql_layer_norm_bwd(float *dx, float *dgamma, float *dbeta, const float *dy, const float *x,
+                       const float *mean, const float *rstd, const float *gamma, int64_t rows,
+                       int cols);
+
+/* Batch norm over N, H, W per channel (x is N x C x HW).
+ * stats: mean[c], var[c] (biased) of the batch, accumulated in double.
+ * apply: y = (x - mean[c]) * rstd[c] * gamma[c] + beta[c]   (gamma/beta may be NULL) */
+void ql_channel_stats(float *mean, float *var, const float *x, int N, int C, int64_t HW);
+void ql_batch_norm_apply(float *y, const float *x, const float *mean, const float *rstd,
+                         const float *gamma, const float *beta, int N, int C, int64_t HW);
+/* Training-mode backward (batch statistics are functions of x):
+ *   dxhat = dy * gamma;  dx += rstd/M * (M*dxhat - sum dxhat - xhat * sum dxhat*xhat), M = N*HW
+ * dgamma += sum dy*xhat; dbeta += sum dy (either may be NULL). */
+void ql_batch_norm_bwd(float *dx, float *dgamma, float *dbeta, const float *dy, const float *x,
+                       const float *mean, const float *rstd, const float *gamma, int N, int C,
+                       int64_t HW);
+
+/* Pooling on NCHW (planes = N*C). Windows follow the conv geometry; padding for max pooling
+ * is -inf (never selected), for average pooling the divisor counts only in-image elements
+ * when count_include_pad == 0. argmax (may be NULL in eval) receives the flat input index
+ * within the plane of each max, first maximum on ties. */
+void ql_max_pool2d_fwd(float *y, int32_t *argmax, const float *x, int64_t planes, int H, int W,
+                       int KH, int KW, int SH, int SW, int PH, int PW);
+void ql_max_pool2d_bwd(float *dx, const float *dy, const int32_t *argmax, int64_t planes, int H,
+                       int W, int OH, int OW);
+void ql_avg_pool2d_fwd(float *y, const float *x, int64_t planes, int H, int W, int KH, int KW,
+                       int SH, int SW, int PH, int PW, int count_include_pad);
+void ql_avg_pool2d_bwd(float *dx, const float *dy, int64_t planes, int H, int W, int KH, int KW,
+                       int SH, int SW, int PH, int PW, int count_include_pad);
+
+/* Nearest-neighbour upsampling by integer factors: y[p, oh, ow] = x[p, oh/FH, ow/FW]. */
+void ql_upsample_nearest_fwd(float *restrict y, const float *restrict x, int64_t planes, int H,
+                             int W, int FH, int FW);
+void ql_upsample_nearest_bwd(float *restrict dx, const float *restrict dy, int64_t planes, int H,
+                             int W, int FH, int FW);
+
+/* ------------------------------------------------------------------------------------------
+ * Losses (elementwise parts; reductions are done by the caller)
+ * ---------------------------------------------------------------------------------------- */
+/* BCE with logits, numerically stable:
+ *   l_i = max(z,0) - z*t + log(1 + exp(-|z|));  dl/dz = sigmoid(z) - t */
+void ql_bce_logits_fwd(float *restrict loss, const float *restrict z, const float *restrict t,
+                       int64_t n);
+void ql_bce_logits_bwd(float *restrict dz, const float *restrict dloss, const float *restrict z,
+                       const float *restrict t, int64_t n);
+
+/* ------------------------------------------------------------------------------------------
+ * Optimizer updates (one parameter tensor each, in place)
+ * ---------------------------------------------------------------------------------------- */
+/* SGD, PyTorch semantics:
+ *   g = grad + wd * p;  buf = momentum * buf + g  (buf = g on the first step, first_step != 0)
+ *   d = nesterov ? g + momentum * buf : buf;  p -= lr * d
+ * buf may be NULL when momentum == 0. */
+void ql_sgd_update(float *restrict p, float *restrict buf, const float *restrict grad, int64_t n,
+                   float lr, float momentum, float weight_decay, int nesterov, int first_step);
+/* AdamW (decoupled weight decay), PyTorch semantics, step t >= 1:
+ *   p *= 1 - lr*wd;  m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2
+ *   p -= lr * (m / (1-b1^t)) / (sqrt(v / (1-b2^t)) + eps) */
+void ql_adamw_update(float *restrict p, float *restrict m, float *restrict v,
+                     const float *restrict grad, int64_t n, float lr, float beta1, float beta2,
+                     float eps, float weight_decay, int64_t step);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* QUANTLAB_CKERNELS_H */

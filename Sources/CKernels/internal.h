@@ -1,0 +1,25 @@
+/* Private helpers shared by the kernel files; not part of the ABI. */
+#ifndef QUANTLAB_CKERNELS_INTERNAL_H
+#define QUANTLAB_CKERNELS_INTERNAL_H
+#include "ckernels.h"
+
+/* Run fn(task, ctx) for task in [0, ntasks) on the persistent pool; the caller thread takes
+ * part. Blocks until every task is done. Nested calls (from inside a task) run serially. */
+typedef void (*ql_task_fn)(int task, void *ctx);
+void ql_parallel_for(int ntasks, ql_task_fn fn, void *ctx);
+
+/* Resolve QL_ISA_BEST and check support: returns the concrete level or -1. */
+int ql_resolve_isa(ql_isa isa);
+
+/* 64-byte aligned scratch; NULL on failure. */
+void *ql_aligned_alloc(size_t bytes);
+void ql_aligned_free(void *p);
+
+/* Serial SGEMM on one thread (used inside parallel regions). Same contract as ql_sgemm. */
+void ql_sgemm_serial(int isa, int transA, int transB, int M, int N, int K, float alpha,
+                     const float *A, int lda, const float *B, int ldb, float beta, float *C,
+                     int ldc);
+
+static inline int ql_min_i(int a, int b) { return a < b ? a : b; }
+static inline int ql_max_i(int a, int b) { return a > b ? a : b; }
+#endif

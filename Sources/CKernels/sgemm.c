@@ -1,0 +1,326 @@
+/* SGEMM: C = alpha * op(A) * op(B) + beta * C (contract in ckernels.h).
+ *
+ * Structure (Goto/BLIS): the K dimension is cut into KC-deep slabs and N into NC-wide
+ * blocks; each B slab is packed into NR-wide column panels and each A block into MR-tall row
+ * panels, both zero-padded, with alpha folded into A. A register-blocked micro-kernel then
+ * computes one MR x NR tile of C over the KC slab with FMAs, keeping the whole tile in
+ * registers:
+ *   AVX-512: MR = 12, NR = 32 -> 24 zmm accumulators + 2 for B + 1 broadcast (of 32)
+ *   AVX2:    MR = 6,  NR = 16 -> 12 ymm accumulators + 2 for B + 1 broadcast (of 16)
+ * Threads split the output into independent column (or row) slices, each packed separately,
+ * so no synchronisation happens inside a GEMM. */
+#include <immintrin.h>
+#include <string.h>
+#include "internal.h"
+
+/* Blocking, tuned on a 2-core Zen 4/5 VM (see README, "Benchmarks"): the KC x NR panel of B
+ * (64 KiB) streams from L1/L2 while MR x KC of A (24 KiB) stays in L1. Override with -D. */
+#ifndef KC
+#define KC 512
+#endif
+#ifndef MC
+#define MC 72
+#endif
+#ifndef NC
+#define NC 3072
+#endif
+
+/* ---------------------------------------------------------------------------------------- */
+/* Reference: the specification. Float accumulation in increasing k.                         */
+/* ---------------------------------------------------------------------------------------- */
+static int check_args(int transA, int transB, int M, int N, int K, int lda, int ldb, int ldc) {
+    if (M < 0 || N < 0 || K < 0) return QL_EINVAL;
+    if (ldc < ql_max_i(N, 1)) return QL_EINVAL;
+    if (lda < ql_max_i(transA ? M : K, 1)) return QL_EINVAL;
+    if (ldb < ql_max_i(transB ? K : N, 1)) return QL_EINVAL;
+    return QL_OK;
+}
+
+int ql_sgemm_ref(int transA, int transB, int M, int N, int K, float alpha, const float *A, int lda,
+                 const float *B, int ldb, float beta, float *C, int ldc) {
+    int st = check_args(transA, transB, M, N, K, lda, ldb, ldc);
+    if (st) return st;
+    for (int i = 0; i < M; i++) {
+        for (int j = 0; j < N; j++) {
+            float acc = 0.0f;
+            for (int k = 0; k < K; k++) {
+                float a = transA ? A[(size_t)k * lda + i] : A[(size_t)i * lda + k];
+                float b = transB ? B[(size_t)j * ldb + k] : B[(size_t)k * ldb + j];
+                acc += a * b;
+            }
+            float *c = &C[(size_t)i * ldc + j];
+            *c = (beta == 0.0f) ? alpha * acc : alpha * acc + beta * *c;
+        }
+    }
+    return QL_OK;
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Packing                                                                                   */
+/* ---------------------------------------------------------------------------------------- */
+/* Ap[panel][k][r] = alpha * op(A)[i0 + panel*MR + r, k0 + k], zero beyond mc. */
+static void pack_a(float *restrict Ap, int MR, int transA, const float *A, int lda, int i0, int mc,
+                   int k0, int kc, float alpha) {
+    for (int p = 0; p < mc; p += MR) {
+        int rows = ql_min_i(MR, mc - p);
+        float *dst = Ap + (size_t)p * kc;
+        if (!transA) {
+            for (int r = 0; r < rows; r++) {
+                const float *src = A + (size_t)(i0 + p + r) * lda + k0;
+                for (int k = 0; k < kc; k++) dst[(size_t)k * MR + r] = alpha * src[k];
+            }
+        } else {
+            for (int k = 0; k < kc; k++) {
+                const float *src = A + (size_t)(k0 + k) * lda + i0 + p;
+                for (int r = 0; r < rows; r++) dst[(size_t)k * MR + r] = alpha * src[r];
+            }
+        }
+        for (int r = rows; r < MR; r++)
+            for (int k = 0; k < kc; k++) dst[(size_t)k * MR + r] = 0.0f;
+    }
+}
+
+/* Bp[panel][k][c] = op(B)[k0 + k, j0 + panel*NR + c], zero beyond nc. */
+static void pack_b(float *restrict Bp, int NR, int transB, const float *B, int ldb, int j0, int nc,
+                   int k0, int kc) {
+    for (int p = 0; p < nc; p += NR) {
+        int cols = ql_min_i(NR, nc - p);
+        float *dst = Bp + (size_t)p * kc;
+        if (!transB) {
+            for (int k = 0; k < kc; k++) {
+                const float *src = B + (size_t)(k0 + k) * ldb + j0 + p;
+                float *d = dst + (size_t)k * NR;
+                memcpy(d, src, sizeof(float) * (size_t)cols);
+                for (int c = cols; c < NR; c++) d[c] = 0.0f;
+            }
+        } else {
+            for (int c = 0; c < cols; c++) {
+                const float *src = B + (size_t)(j0 + p + c) * ldb + k0;
+                for (int k = 0; k < kc; k++) dst[(size_t)k * NR + c] = src[k];
+            }
+            for (int c = cols; c < NR; c++)
+                for (int k = 0; k < kc; k++) dst[(size_t)k * NR + c] = 0.0f;
+        }
+    }
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Micro-kernels: tile = sum_k a[k][0..MR) x b[k][0..NR), then C = tile + beta*C.             */
+/* Partial tiles (edges) go through a stack buffer.                                          */
+/* ---------------------------------------------------------------------------------------- */
+static inline void store_tile(float *C, int ldc, const float *tile, int ld_tile, int mr, int nr,
+                              float beta) {
+    for (int i = 0; i < mr; i++)
+        for (int j = 0; j < nr; j++) {
+            float *c = &C[(size_t)i * ldc + j];
+            *c = (beta == 0.0f) ? tile[i * ld_tile + j] : tile[i * ld_tile + j] + beta * *c;
+        }
+}
+
+#define MR512 12
+#define NR512 32
+__attribute__((target("avx512f,avx512bw,avx512vl,fma"))) static void
+ukr_avx512(int kc, const float *restrict a, const float *restrict b, float *C, int ldc, float beta,
+           int mr, int nr) {
+    __m512 c[MR512][2];
+    for (int i = 0; i < MR512; i++) c[i][0] = c[i][1] = _mm512_setzero_ps();
+    for (int k = 0; k < kc; k++) {
+        __m512 b0 = _mm512_load_ps(b), b1 = _mm512_load_ps(b + 16);
+        _mm_prefetch((const char *)(b + 8 * NR512), _MM_HINT_T0);
+#pragma clang loop unroll(full)
+        for (int i = 0; i < MR512; i++) {
+            __m512 ai = _mm512_set1_ps(a[i]);
+            c[i][0] = _mm512_fmadd_ps(ai, b0, c[i][0]);
+            c[i][1] = _mm512_fmadd_ps(ai, b1, c[i][1]);
+        }
+        a += MR512;
+        b += NR512;
+    }
+    if (mr == MR512 && nr == NR512) {
+        __m512 vb = _mm512_set1_ps(beta);
+        for (int i = 0; i < MR512; i++) {
+            float *ci = C + (size_t)i * ldc;
+            if (beta == 0.0f) {
+                _mm512_storeu_ps(ci, c[i][0]);
+                _mm512_storeu_ps(ci + 16, c[i][1]);
+            } else {
+                _mm512_storeu_ps(ci, _mm512_fmadd_ps(vb, _mm512_loadu_ps(ci), c[i][0]));
+                _mm512_storeu_ps(ci + 16, _mm512_fmadd_ps(vb, _mm512_loadu_ps(ci + 16), c[i][1]));
+            }
+        }
+    } else {
+        float tile[MR512 * NR512] __attribute__((aligned(64)));
+        for (int i = 0; i < MR512; i++) {
+            _mm512_store_ps(tile + i * NR512, c[i][0]);
+            _mm512_store_ps(tile + i * NR512 + 16, c[i][1]);
+        }
+        store_tile(C, ldc, tile, NR512, mr, nr, beta);
+    }
+}
+
+#define MR256 6
+#define NR256 16
+__attribute__((target("avx2,fma"))) static void ukr_avx2(int kc, const float *restrict a,
+                                                         const float *restrict b, float *C,
+                                                         int ldc, float beta, int mr, int nr) {
+    __m256 c[MR256][2];
+    for (int i = 0; i < MR256; i++) c[i][0] = c[i][1] = _mm256_setzero_ps();
+    for (int k = 0; k < kc; k++) {
+        __m256 b0 = _mm256_load_ps(b), b1 = _mm256_load_ps(b + 8);
+#pragma clang loop unroll(full)
+        for (int i = 0; i < MR256; i++) {
+            __m256 ai = _mm256_broadcast_ss(a + i);
+            c[i][0] = _mm256_fmadd_ps(ai, b0, c[i][0]);
+            c[i][1] = _mm256_fmadd_ps(ai, b1, c[i][1]);
+        }
+        a += MR256;
+        b += NR256;
+    }
+    float tile[MR256 * NR256] __attribute__((aligned(32)));
+    if (mr == MR256 && nr == NR256) {
+        __m256 vb = _mm256_set1_ps(beta);
+        for (int i = 0; i < MR256; i++) {
+            float *ci = C + (size_t)i * ldc;
+            if (beta == 0.0f) {
+                _mm256_storeu_ps(ci, c[i][0]);
+                _mm256_storeu_ps(ci + 8, c[i][1]);
+            } else {
+                _mm256_storeu_ps(ci, _mm256_fmadd_ps(vb, _mm256_loadu_ps(ci), c[i][0]));
+                _mm256_storeu_ps(ci + 8, _mm256_fmadd_ps(vb, _mm256_loadu_ps(ci + 8), c[i][1]));
+            }
+        }
+        return;
+    }
+    for (int i = 0; i < MR256; i++) {
+        _mm256_store_ps(tile + i * NR256, c[i][0]);
+        _mm256_store_ps(tile + i * NR256 + 8, c[i][1]);
+    }
+    store_tile(C, ldc, tile, NR256, mr, nr, beta);
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Serial blocked driver                                                                     */
+/* ---------------------------------------------------------------------------------------- */
+typedef void (*ukr_fn)(int, const float *, const float *, float *, int, float, int, int);
+
+/* Per-thread packing buffers, grown on demand and kept for the thread's lifetime. */
+static _Thread_local float *tl_apack = NULL, *tl_bpack = NULL;
+static _Thread_local size_t tl_apack_n = 0, tl_bpack_n = 0;
+
+static float *scratch(float **buf, size_t *have, size_t need) {
+    if (*have < need) {
+        ql_aligned_free(*buf);
+        *buf = (float *)ql_aligned_alloc(need * sizeof(float));
+        *have = *buf ? need : 0;
+    }
+    return *buf;
+}
+
+static void scale_c(float *C, int ldc, int M, int N, float beta) {
+    for (int i = 0; i < M; i++) {
+        float *c = C + (size_t)i * ldc;
+        if (beta == 0.0f) memset(c, 0, sizeof(float) * (size_t)N);
+        else for (int j = 0; j < N; j++) c[j] *= beta;
+    }
+}
+
+void ql_sgemm_serial(int isa, int transA, int transB, int M, int N, int K, float alpha,
+                     const float *A, int lda, const float *B, int ldb, float beta, float *C,
+                     int ldc) {
+    if (M == 0 || N == 0) return;
+    if (K == 0 || alpha == 0.0f) {
+        scale_c(C, ldc, M, N, beta);
+        return;
+    }
+    if (isa == QL_ISA_REF) {
+        ql_sgemm_ref(transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+        return;
+    }
+    int MR = isa == QL_ISA_AVX512 ? MR512 : MR256;
+    int NR = isa == QL_ISA_AVX512 ? NR512 : NR256;
+    ukr_fn ukr = isa == QL_ISA_AVX512 ? ukr_avx512 : ukr_avx2;
+    int ncmax = ql_min_i(NC, N), kcmax = ql_min_i(KC, K), mcmax = ql_min_i(MC, M);
+    size_t bneed = (size_t)((ncmax + NR - 1) / NR * NR) * kcmax;
+    size_t aneed = (size_t)((mcmax + MR - 1) / MR * MR) * kcmax;
+    float *Bp = scratch(&tl_bpack, &tl_bpack_n, bneed);
+    float *Ap = scratch(&tl_apack, &tl_apack_n, aneed);
+    if (!Ap || !Bp) { /* out of memory: fall back to the reference, never a wrong answer */
+        ql_sgemm_ref(transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+        return;
+    }
+    for (int jc = 0; jc < N; jc += NC) {
+        int nc = ql_min_i(NC, N - jc);
+        for (int pc = 0; pc < K; pc += KC) {
+            int kc = ql_min_i(KC, K - pc);
+            float beta_eff = pc == 0 ? beta : 1.0f;
+            pack_b(Bp, NR, transB, B, ldb, jc, nc, pc, kc);
+            for (int ic = 0; ic < M; ic += MC) {
+                int mc = ql_min_i(MC, M - ic);
+                pack_a(Ap, MR, transA, A, lda, ic, mc, pc, kc, alpha);
+                for (int jr = 0; jr < nc; jr += NR) {
+                    int nr = ql_min_i(NR, nc - jr);
+                    for (int ir = 0; ir < mc; ir += MR) {
+                        int mr = ql_min_i(MR, mc - ir);
+                        ukr(kc, Ap + (size_t)ir * kc, Bp + (size_t)jr * kc,
+                            C + (size_t)(ic + ir) * ldc + jc + jr, ldc, beta_eff, mr, nr);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Parallel entry points                                                                     */
+/* ---------------------------------------------------------------------------------------- */
+typedef struct {
+    int isa, transA, transB, M, N, K, lda, ldb, ldc, split_n, chunk;
+    float alpha, beta;
+    const float *A, *B;
+    float *C;
+} sgemm_job;
+
+static void sgemm_task(int t, void *p) {
+    const sgemm_job *j = (const sgemm_job *)p;
+    int lo = t * j->chunk;
+    if (j->split_n) {
+        int n = ql_min_i(j->chunk, j->N - lo);
+        if (n <= 0) return;
+        const float *B = j->transB ? j->B + (size_t)lo * j->ldb : j->B + lo;
+        ql_sgemm_serial(j->isa, j->transA, j->transB, j->M, n, j->K, j->alpha, j->A, j->lda, B,
+                        j->ldb, j->beta, j->C + lo, j->ldc);
+    } else {
+        int m = ql_min_i(j->chunk, j->M - lo);
+        if (m <= 0) return;
+        const float *A = j->transA ? j->A + lo : j->A + (size_t)lo * j->lda;
+        ql_sgemm_serial(j->isa, j->transA, j->transB, m, j->N, j->K, j->alpha, A, j->lda, j->B,
+                        j->ldb, j->beta, j->C + (size_t)lo * j->ldc, j->ldc);
+    }
+}
+
+int ql_sgemm_isa(ql_isa isa, int transA, int transB, int M, int N, int K, float alpha,
+                 const float *A, int lda, const float *B, int ldb, float beta, float *C, int ldc) {
+    int st = check_args(transA, transB, M, N, K, lda, ldb, ldc);
+    if (st) return st;
+    int level = ql_resolve_isa(isa);
+    if (level < 0) return QL_EUNSUPPORTED;
+    int threads = ql_get_num_threads();
+    double flops = 2.0 * M * N * (double)K;
+    if (threads <= 1 || flops < 2e6 || level == QL_ISA_REF) {
+        ql_sgemm_serial(level, transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+        return QL_OK;
+    }
+    /* Split the larger output dimension into one slice per thread, aligned to the tile. */
+    sgemm_job j = {level, transA, transB, M, N, K, lda, ldb, ldc, N >= M, 0, alpha, beta, A, B, C};
+    int align = j.split_n ? 32 : 12, extent = j.split_n ? N : M;
+    int tasks = ql_min_i(threads, (extent + align - 1) / align);
+    j.chunk = ((extent + tasks - 1) / tasks + align - 1) / align * align;
+    tasks = (extent + j.chunk - 1) / j.chunk;
+    ql_parallel_for(tasks, sgemm_task, &j);
+    return QL_OK;
+}
+
+int ql_sgemm(int transA, int transB, int M, int N, int K, float alpha, const float *A, int lda,
+             const float *B, int ldb, float beta, float *C, int ldc) {
+    return ql_sgemm_isa(QL_ISA_BEST, transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}

@@ -1,0 +1,255 @@
+import CKernels
+
+// Elementwise, broadcasting, shape and reduction ops. Each op computes its forward with a C
+// kernel and records a backward that accumulates into its inputs' gradients.
+
+// MARK: - Unary
+
+extension Tensor {
+    private func unary(_ op: ql_unary_op, _ name: String, needsOutput: Bool) -> Tensor {
+        let out = Tensor(zeros: shape)
+        ql_unary_fwd(op, out.data, data, Int64(count))
+        return record(out, name, [self]) { [unowned out] g in
+            ql_unary_bwd(op, self.gradBuffer().data, g.data, self.data, needsOutput ? out.data : nil, Int64(self.count))
+        }
+    }
+
+    public func relu() -> Tensor { unary(QL_UNARY_RELU, "relu", needsOutput: false) }
+    public func sigmoid() -> Tensor { unary(QL_UNARY_SIGMOID, "sigmoid", needsOutput: true) }
+    /// x * sigmoid(x), the activation of YOLOv6's larger models.
+    public func silu() -> Tensor { unary(QL_UNARY_SILU, "silu", needsOutput: false) }
+    public func exp() -> Tensor { unary(QL_UNARY_EXP, "exp", needsOutput: true) }
+    public func log() -> Tensor { unary(QL_UNARY_LOG, "log", needsOutput: false) }
+    public func abs() -> Tensor { unary(QL_UNARY_ABS, "abs", needsOutput: false) }
+    public func sqrt() -> Tensor { unary(QL_UNARY_SQRT, "sqrt", needsOutput: true) }
+    public func tanh() -> Tensor { unary(QL_UNARY_TANH, "tanh", needsOutput: true) }
+    public static prefix func - (x: Tensor) -> Tensor { x.unary(QL_UNARY_NEG, "neg", needsOutput: false) }
+
+    /// a * x + b with scalar a and b.
+    public func scaled(by a: Float, plus b: Float = 0) -> Tensor {
+        let out = Tensor(zeros: shape)
+        ql_scale_shift(out.data, data, a, b, Int64(count))
+        return record(out, "scale_shift", [self]) { g in
+            ql_axpy(self.gradBuffer().data, a, g.data, Int64(self.count))
+        }
+    }
+}
+
+// MARK: - Binary with numpy broadcasting
+
+/// Output shape of broadcasting `a` with `b` (numpy rules: align right, 1 stretches).
+public func broadcastShape(_ a: [Int], _ b: [Int]) -> [Int]? {
+    let n = max(a.count, b.count)
+    var out = [Int](repeating: 1, count: n)
+    for i in 0..<n {
+        let da = i < n - a.count ? 1 : a[i - (n - a.count)]
+        let db = i < n - b.count ? 1 : b[i - (n - b.count)]
+        if da != db && da != 1 && db != 1 { return nil }
+        out[i] = da == 1 ? db : da
+    }
+    return out
+}
+
+/// Element strides of `shape` read as broadcast to `target` (0 along stretched dims).
+func broadcastStrides(_ shape: [Int], to target: [Int]) -> [Int64] {
+    let own = Tensor.contiguousStrides(shape)
+    let offset = target.count - shape.count
+    return (0..<target.count).map { i in
+        if i < offset { return 0 }
+        return shape[i - offset] == 1 && target[i] != 1 ? 0 : Int64(own[i - offset])
+    }
+}
+
+private func binary(_ op: ql_binary_op, _ name: String, _ a: Tensor, _ b: Tensor) -> Tensor {
+    guard let shape = broadcastShape(a.shape, b.shape) else {
+        preconditionFailure("\(name): shapes \(a.shape) and \(b.shape) do not broadcast")
+    }
+    precondition(shape.count <= Int(QL_MAX_DIMS), "\(name): rank \(shape.count) > \(QL_MAX_DIMS)")
+    let out = Tensor(zeros: shape)
+    let sa = broadcastStrides(a.shape, to: shape), sb = broadcastStrides(b.shape, to: shape)
+    let dims = shape.map { Int64($0) }
+    let st = ql_binary_strided(op, out.data, a.data, sa, b.data, sb, dims, Int32(shape.count))
+    precondition(st == 0, "\(name): kernel status \(st)")
+    return record(out, name, [a, b]) { g in
+        _ = ql_binary_strided_bwd(op, a.requiresGrad ? a.gradBuffer().data : nil, sa,
+                                  b.requiresGrad ? b.gradBuffer().data : nil, sb,
+                                  g.data, a.data, b.data, dims, Int32(shape.count))
+    }
+}
+
+public func + (a: Tensor, b: Tensor) -> Tensor { binary(QL_BINARY_ADD, "add", a, b) }
+public func - (a: Tensor, b: Tensor) -> Tensor { binary(QL_BINARY_SUB, "sub", a, b) }
+public func * (a: Tensor, b: Tensor) -> Tensor { binary(QL_BINARY_MUL, "mul", a, b) }
+public func / (a: Tensor, b: Tensor) -> Tensor { binary(QL_BINARY_DIV, "div", a, b) }
+public func maximum(_ a: Tensor, _ b: Tensor) -> Tensor { binary(QL_BINARY_MAX, "maximum", a, b) }
+public func minimum(_ a: Tensor, _ b: Tensor) -> Tensor { binary(QL_BINARY_MIN, "minimum", a, b) }
+public func * (a: Tensor, s: Float) -> Tensor { a.scaled(by: s) }
+public func * (s: Float, a: Tensor) -> Tensor { a.scaled(by: s) }
+public func + (a: Tensor, s: Float) -> Tensor { a.scaled(by: 1, plus: s) }
+public func - (a: Tensor, s: Float) -> Tensor { a.scaled(by: 1, plus: -s) }
+
+// MARK: - Shape ops
+
+extension Tensor {
+    /// Same values, new shape (one dim may be -1). Shares storage; the gradient is reshaped back.
+    public func reshaped(_ newShape: [Int]) -> Tensor {
+        var dims = newShape
+        if let i = dims.firstIndex(of: -1) {
+            let known = dims.enumerated().filter { $0.offset != i }.map(\.element).reduce(1, *)
+            precondition(known > 0 && count % known == 0, "reshape \(shape) to \(newShape)")
+            dims[i] = count / known
+        }
+        precondition(dims.reduce(1, *) == count, "reshape \(shape) (\(count) values) to \(newShape)")
+        let out = Tensor(shape: dims, storage: storage)
+        return record(out, "reshape", [self]) { g in ql_axpy_into(self.gradBuffer(), g) }
+    }
+
+    public func flattened(fromDim start: Int = 1) -> Tensor {
+        reshaped(Array(shape[..<start]) + [shape[start...].reduce(1, *)])
+    }
+
+    /// Permutes dims: out.shape[i] = shape[order[i]].
+    public func permuted(_ order: [Int]) -> Tensor {
+        precondition(order.sorted() == Array(0..<rank), "permute \(shape) by \(order)")
+        let outShape = order.map { shape[$0] }
+        let inStrides = Tensor.contiguousStrides(shape)
+        let readStrides = order.map { Int64(inStrides[$0]) }
+        let out = Tensor(zeros: outShape)
+        let dims = outShape.map { Int64($0) }
+        _ = ql_copy_strided(out.data, data, readStrides, dims, Int32(rank))
+        return record(out, "permute", [self]) { g in
+            _ = ql_accumulate_strided(self.gradBuffer().data, readStrides, g.data, dims, Int32(self.rank))
+        }
+    }
+
+    public func transposed(_ d0: Int, _ d1: Int) -> Tensor {
+        var order = Array(0..<rank)
+        order.swapAt(d0, d1)
+        return permuted(order)
+    }
+
+    /// Elements [start, end) along `dim`.
+    public func slice(dim: Int, start: Int, end: Int) -> Tensor {
+        precondition(dim >= 0 && dim < rank && 0 <= start && start <= end && end <= shape[dim],
+                     "slice [\(start), \(end)) of dim \(dim) of \(shape)")
+        var outShape = shape
+        outShape[dim] = end - start
+        let strides = Tensor.contiguousStrides(shape).map { Int64($0) }
+        let offset = start * Int(strides[dim])
+        let out = Tensor(zeros: outShape)
+        let dims = outShape.map { Int64($0) }
+        _ = ql_copy_strided(out.data, data + offset, strides, dims, Int32(rank))
+        return record(out, "slice", [self]) { g in
+            _ = ql_accumulate_strided(self.gradBuffer().data + offset, strides, g.data, dims, Int32(self.rank))
+        }
+    }
+
+    /// Broadcasts to `target` (numpy rules) by copying.
+    public func expanded(to target: [Int]) -> Tensor {
+        precondition(broadcastShape(shape, target) == target, "expand \(shape) to \(target)")
+        let strides = broadcastStrides(shape, to: target)
+        let out = Tensor(zeros: target)
+        let dims = target.map { Int64($0) }
+        _ = ql_copy_strided(out.data, data, strides, dims, Int32(target.count))
+        return record(out, "expand", [self]) { g in
+            _ = ql_accumulate_strided(self.gradBuffer().data, strides, g.data, dims, Int32(target.count))
+        }
+    }
+}
+
+/// Concatenation along `dim`; all other dims must agree.
+public func concat(_ tensors: [Tensor], dim: Int) -> Tensor {
+    precondition(!tensors.isEmpty, "concat of no tensors")
+    let first = tensors[0].shape
+    for t in tensors {
+        precondition(t.rank == first.count && (0..<first.count).allSatisfy { $0 == dim || t.shape[$0] == first[$0] },
+                     "concat along \(dim): shapes \(tensors.map(\.shape))")
+    }
+    var outShape = first
+    outShape[dim] = tensors.map { $0.shape[dim] }.reduce(0, +)
+    let out = Tensor(zeros: outShape)
+    let outer = first[..<dim].reduce(1, *), inner = first[(dim + 1)...].reduce(1, *)
+    let outRow = outShape[dim] * inner
+    var offset = 0
+    var offsets: [Int] = []
+    for t in tensors {
+        offsets.append(offset)
+        let rowLen = t.shape[dim] * inner
+        for o in 0..<outer {
+            (out.data + o * outRow + offset).update(from: t.data + o * rowLen, count: rowLen)
+        }
+        offset += rowLen
+    }
+    return record(out, "concat", tensors) { g in
+        for (t, off) in zip(tensors, offsets) where t.requiresGrad {
+            let rowLen = t.shape[dim] * inner
+            let gt = t.gradBuffer()
+            for o in 0..<outer {
+                ql_axpy(gt.data + o * rowLen, 1, g.data + o * outRow + off, Int64(rowLen))
+            }
+        }
+    }
+}
+
+// MARK: - Reductions
+
+extension Tensor {
+    /// Sum of all elements (a scalar tensor of shape []).
+    public func sum() -> Tensor {
+        let out = Tensor.scalar(Float(ql_sum(data, Int64(count))))
+        return record(out, "sum", [self]) { g in
+            let gb = self.gradBuffer()
+            ql_scale_shift(gb.data, gb.data, 1, g.data[0], Int64(self.count))
+        }
+    }
+
+    public func mean() -> Tensor { sum().scaled(by: 1 / Float(max(count, 1))) }
+
+    /// Sum over `dims`; the result keeps them as size 1 when `keepDims`, else drops them.
+    public func sum(dims: [Int], keepDims: Bool = false) -> Tensor {
+        let reduced = Set(dims.map { $0 < 0 ? $0 + rank : $0 })
+        precondition(reduced.allSatisfy { $0 >= 0 && $0 < rank }, "sum over \(dims) of \(shape)")
+        let keptShape = shape.enumerated().map { reduced.contains($0.offset) ? 1 : $0.element }
+        let out = Tensor(zeros: keptShape)
+        let strides = broadcastStrides(keptShape, to: shape)
+        let dims64 = shape.map { Int64($0) }
+        _ = ql_accumulate_strided(out.data, strides, data, dims64, Int32(rank))
+        let result = record(out, "sum_dims", [self]) { g in
+            let gb = self.gradBuffer()
+            let dense = broadcastStrides(self.shape, to: self.shape)
+            _ = ql_binary_strided(QL_BINARY_ADD, gb.data, gb.data, dense, g.data, strides, dims64, Int32(self.rank))
+        }
+        if keepDims { return result }
+        return result.reshaped(shape.enumerated().filter { !reduced.contains($0.offset) }.map(\.element))
+    }
+
+    public func mean(dims: [Int], keepDims: Bool = false) -> Tensor {
+        let n = dims.map { shape[$0 < 0 ? $0 + rank : $0] }.reduce(1, *)
+        return sum(dims: dims, keepDims: keepDims).scaled(by: 1 / Float(max(n, 1)))
+    }
+
+    /// max |x| over all elements, outside the graph.
+    public func absMax() -> Float { ql_absmax(data, Int64(count)) }
+}
+
+// MARK: - Softmax family (over the last dim)
+
+extension Tensor {
+    public func softmax() -> Tensor {
+        let cols = shape.last ?? 1, rows = count / max(cols, 1)
+        let out = Tensor(zeros: shape)
+        ql_softmax_rows(out.data, data, Int64(rows), Int32(cols))
+        return record(out, "softmax", [self]) { [unowned out] g in
+            ql_softmax_rows_bwd(self.gradBuffer().data, g.data, out.data, Int64(rows), Int32(cols))
+        }
+    }
+
+    public func logSoftmax() -> Tensor {
+        let cols = shape.last ?? 1, rows = count / max(cols, 1)
+        let out = Tensor(zeros: shape)
+        ql_log_softmax_rows(out.data, data, Int64(rows), Int32(cols))
+        return record(out, "log_softmax", [self]) { [unowned out] g in
+            ql_log_softmax_rows_bwd(self.gradBuffer().data, g.data, out.data, Int64(rows), Int32(cols))
+        }
+    }
+}

@@ -1,0 +1,339 @@
+import CKernels
+
+// Neural-network ops: convolution, normalisation, pooling, resampling, matrix products and
+// losses. Shapes follow PyTorch: images NCHW, conv weights [K, C/groups, KH, KW],
+// transposed-conv weights [C_in, C_out/groups, KH, KW], linear weights [out, in].
+
+/// Stride, padding and dilation of a 2-D convolution or pooling window.
+public struct Conv2dOptions: Equatable, Sendable {
+    public var stride: (Int, Int)
+    public var padding: (Int, Int)
+    public var dilation: (Int, Int)
+    public var groups: Int
+
+    public init(stride: Int = 1, padding: Int = 0, dilation: Int = 1, groups: Int = 1) {
+        self.init(stride: (stride, stride), padding: (padding, padding), dilation: (dilation, dilation), groups: groups)
+    }
+
+    public init(stride: (Int, Int), padding: (Int, Int), dilation: (Int, Int) = (1, 1), groups: Int = 1) {
+        self.stride = stride
+        self.padding = padding
+        self.dilation = dilation
+        self.groups = groups
+    }
+
+    public static func == (a: Conv2dOptions, b: Conv2dOptions) -> Bool {
+        a.stride == b.stride && a.padding == b.padding && a.dilation == b.dilation && a.groups == b.groups
+    }
+}
+
+private func geometry(input: [Int], weight: [Int], _ o: Conv2dOptions) -> ql_conv_geom {
+    precondition(input.count == 4 && weight.count == 4, "conv2d: input \(input) and weight \(weight) must be 4-D")
+    return ql_conv_geom(N: Int32(input[0]), C: Int32(input[1]), H: Int32(input[2]), W: Int32(input[3]),
+                        K: Int32(weight[0]), KH: Int32(weight[2]), KW: Int32(weight[3]),
+                        SH: Int32(o.stride.0), SW: Int32(o.stride.1), PH: Int32(o.padding.0), PW: Int32(o.padding.1),
+                        DH: Int32(o.dilation.0), DW: Int32(o.dilation.1), groups: Int32(o.groups))
+}
+
+@inline(__always) private func check(_ status: Int32, _ name: String) {
+    precondition(status == 0, "\(name): kernel returned status \(status)")
+}
+
+/// 2-D convolution. x [N, C, H, W], weight [K, C/groups, KH, KW], bias [K] or nil.
+public func conv2d(_ x: Tensor, weight: Tensor, bias: Tensor? = nil, options o: Conv2dOptions = .init()) -> Tensor {
+    var g = geometry(input: x.shape, weight: weight.shape, o)
+    var oh: Int32 = 0, ow: Int32 = 0
+    precondition(ql_conv_out_size(&g, &oh, &ow) == 0 && weight.shape[1] * o.groups == x.shape[1],
+                 "conv2d: input \(x.shape), weight \(weight.shape), stride \(o.stride), padding \(o.padding), groups \(o.groups) do not fit")
+    if let b = bias { precondition(b.shape == [weight.shape[0]], "conv2d: bias \(b.shape) for \(weight.shape[0]) channels") }
+    let out = Tensor(zeros: [x.shape[0], weight.shape[0], Int(oh), Int(ow)])
+    check(ql_conv2d_fwd(out.data, x.data, weight.data, bias?.data, &g), "conv2d")
+    let parents = bias.map { [x, weight, $0] } ?? [x, weight]
+    return record(out, "conv2d", parents) { grad in
+        var g = g
+        if x.requiresGrad { check(ql_conv2d_bwd_data(x.gradBuffer().data, grad.data, weight.data, &g), "conv2d_bwd_data") }
+        if weight.requiresGrad || (bias?.requiresGrad ?? false) {
+            let db = (bias?.requiresGrad ?? false) ? bias!.gradBuffer().data : nil
+            if weight.requiresGrad {
+                check(ql_conv2d_bwd_weight(weight.gradBuffer().data, db, grad.data, x.data, &g), "conv2d_bwd_weight")
+            } else if let db {
+                addChannelSums(db, grad)
+            }
+        }
+    }
+}
+
+/// db[k] += sum over n, h, w of g[n, k, h, w].
+private func addChannelSums(_ db: UnsafeMutablePointer<Float>, _ g: Tensor) {
+    let n = g.shape[0], k = g.shape[1], hw = g.count / max(n * k, 1)
+    for i in 0..<n { for c in 0..<k { db[c] += Float(ql_sum(g.data + (i * k + c) * hw, Int64(hw))) } }
+}
+
+/// Transposed 2-D convolution (the adjoint of conv2d), as in YOLOv6's Rep-PAN upsampling.
+/// x [N, C_in, H, W], weight [C_in, C_out/groups, KH, KW]; output size
+/// (H - 1)*stride - 2*padding + dilation*(KH - 1) + outputPadding + 1.
+public func convTranspose2d(_ x: Tensor, weight: Tensor, bias: Tensor? = nil, options o: Conv2dOptions = .init(),
+                            outputPadding: (Int, Int) = (0, 0)) -> Tensor {
+    precondition(x.rank == 4 && weight.rank == 4 && weight.shape[0] == x.shape[1],
+                 "conv_transpose2d: input \(x.shape), weight \(weight.shape)")
+    let cOut = weight.shape[1] * o.groups
+    let hOut = (x.shape[2] - 1) * o.stride.0 - 2 * o.padding.0 + o.dilation.0 * (weight.shape[2] - 1) + outputPadding.0 + 1
+    let wOut = (x.shape[3] - 1) * o.stride.1 - 2 * o.padding.1 + o.dilation.1 * (weight.shape[3] - 1) + outputPadding.1 + 1
+    precondition(hOut > 0 && wOut > 0 && outputPadding.0 < max(o.stride.0, o.dilation.0) && outputPadding.1 < max(o.stride.1, o.dilation.1),
+                 "conv_transpose2d: input \(x.shape), weight \(weight.shape) give no valid output")
+    // The adjoint convolution maps [N, cOut, hOut, wOut] -> [N, C_in, H, W] with the same weight.
+    var g = geometry(input: [x.shape[0], cOut, hOut, wOut], weight: weight.shape, o)
+    let out = Tensor(zeros: [x.shape[0], cOut, hOut, wOut])
+    check(ql_conv2d_bwd_data(out.data, x.data, weight.data, &g), "conv_transpose2d")
+    if let b = bias {
+        precondition(b.shape == [cOut], "conv_transpose2d: bias \(b.shape) for \(cOut) channels")
+        let hw = hOut * wOut
+        for n in 0..<x.shape[0] { for c in 0..<cOut { let p = out.data + (n * cOut + c) * hw; ql_scale_shift(p, p, 1, b.data[c], Int64(hw)) } }
+    }
+    let parents = bias.map { [x, weight, $0] } ?? [x, weight]
+    return record(out, "conv_transpose2d", parents) { grad in
+        var g = g
+        if x.requiresGrad {
+            let tmp = Tensor(zeros: x.shape)
+            check(ql_conv2d_fwd(tmp.data, grad.data, weight.data, nil, &g), "conv_transpose2d_bwd_data")
+            ql_axpy_into(x.gradBuffer(), tmp)
+        }
+        if weight.requiresGrad {
+            check(ql_conv2d_bwd_weight(weight.gradBuffer().data, nil, x.data, grad.data, &g), "conv_transpose2d_bwd_weight")
+        }
+        if let b = bias, b.requiresGrad { addChannelSums(b.gradBuffer().data, grad) }
+    }
+}
+
+/// Batch normalisation over N, H, W per channel.
+/// Training: normalises with the batch's biased variance and updates the running stats with
+/// PyTorch's rule  running = (1 - momentum) * running + momentum * batch  (unbiased variance).
+/// Evaluation: uses the running stats (a per-channel affine map, which BN folding relies on).
+public func batchNorm2d(_ x: Tensor, weight: Tensor?, bias: Tensor?, runningMean: Tensor, runningVar: Tensor,
+                        training: Bool, momentum: Float = 0.1, eps: Float = 1e-5) -> Tensor {
+    precondition(x.rank >= 2, "batch_norm: input \(x.shape) needs at least 2 dims")
+    let n = x.shape[0], c = x.shape[1], hw = x.count / max(n * c, 1)
+    precondition(runningMean.count == c && runningVar.count == c, "batch_norm: \(c) channels, running stats \(runningMean.shape)")
+    let mean = Tensor(zeros: [c]), rstd = Tensor(zeros: [c])
+    if training {
+        let variance = Tensor(zeros: [c])
+        ql_channel_stats(mean.data, variance.data, x.data, Int32(n), Int32(c), Int64(hw))
+        let m = Float(n * hw), unbias = m > 1 ? m / (m - 1) : 1
+        for i in 0..<c {
+            rstd.data[i] = 1 / (variance.data[i] + eps).squareRoot()
+            runningMean.data[i] = (1 - momentum) * runningMean.data[i] + momentum * mean.data[i]
+            runningVar.data[i] = (1 - momentum) * runningVar.data[i] + momentum * variance.data[i] * unbias
+        }
+    } else {
+        for i in 0..<c {
+            mean.data[i] = runningMean.data[i]
+            rstd.data[i] = 1 / (runningVar.data[i] + eps).squareRoot()
+        }
+    }
+    let out = Tensor(zeros: x.shape)
+    ql_batch_norm_apply(out.data, x.data, mean.data, rstd.data, weight?.data, bias?.data, Int32(n), Int32(c), Int64(hw))
+    let parents = [x] + [weight, bias].compactMap { $0 }
+    return record(out, "batch_norm", parents) { g in
+        let dgamma = (weight?.requiresGrad ?? false) ? weight!.gradBuffer().data : nil
+        let dbeta = (bias?.requiresGrad ?? false) ? bias!.gradBuffer().data : nil
+        if training {
+            ql_batch_norm_bwd(x.requiresGrad ? x.gradBuffer().data : nil, dgamma, dbeta, g.data, x.data,
+                              mean.data, rstd.data, weight?.data, Int32(n), Int32(c), Int64(hw))
+        } else {
+            // Eval mode: y = x * a + b per channel with constants a = gamma * rstd.
+            if x.requiresGrad {
+                let gx = x.gradBuffer()
+                for i in 0..<n { for ch in 0..<c {
+                    let a = rstd.data[ch] * (weight?.data[ch] ?? 1)
+                    ql_axpy(gx.data + (i * c + ch) * hw, a, g.data + (i * c + ch) * hw, Int64(hw))
+                } }
+            }
+            if dgamma != nil || dbeta != nil {
+                ql_batch_norm_bwd(nil, dgamma, dbeta, g.data, x.data, mean.data, rstd.data, weight?.data, Int32(n), Int32(c), Int64(hw))
+            }
+        }
+    }
+}
+
+/// Layer normalisation over the last dim.
+public func layerNorm(_ x: Tensor, weight: Tensor?, bias: Tensor?, eps: Float = 1e-5) -> Tensor {
+    let cols = x.shape.last ?? 1, rows = x.count / max(cols, 1)
+    if let w = weight { precondition(w.count == cols, "layer_norm: weight \(w.shape) for last dim \(cols)") }
+    let out = Tensor(zeros: x.shape), mean = Tensor(zeros: [rows]), rstd = Tensor(zeros: [rows])
+    ql_layer_norm_fwd(out.data, mean.data, rstd.data, x.data, weight?.data, bias?.data, Int64(rows), Int32(cols), eps)
+    let parents = [x] + [weight, bias].compactMap { $0 }
+    return record(out, "layer_norm", parents) { g in
+        // the kernel always writes dx; a scratch buffer takes it when x needs no gradient
+        let dx = x.requiresGrad ? x.gradBuffer() : Tensor(zeros: x.shape)
+        withExtendedLifetime(dx) {
+            ql_layer_norm_bwd(dx.data, (weight?.requiresGrad ?? false) ? weight!.gradBuffer().data : nil,
+                              (bias?.requiresGrad ?? false) ? bias!.gradBuffer().data : nil,
+                              g.data, x.data, mean.data, rstd.data, weight?.data, Int64(rows), Int32(cols))
+        }
+    }
+}
+
+// MARK: - Pooling and resampling
+
+private func poolOut(_ h: Int, _ k: Int, _ s: Int, _ p: Int) -> Int { (h + 2 * p - k) / s + 1 }
+
+public func maxPool2d(_ x: Tensor, kernel: Int, stride: Int? = nil, padding: Int = 0) -> Tensor {
+    let s = stride ?? kernel
+    precondition(x.rank == 4 && 2 * padding <= kernel, "max_pool2d: input \(x.shape), kernel \(kernel), padding \(padding)")
+    let (h, w) = (x.shape[2], x.shape[3])
+    let (oh, ow) = (poolOut(h, kernel, s, padding), poolOut(w, kernel, s, padding))
+    precondition(oh > 0 && ow > 0, "max_pool2d: input \(x.shape) smaller than kernel \(kernel)")
+    let planes = x.shape[0] * x.shape[1]
+    let out = Tensor(zeros: [x.shape[0], x.shape[1], oh, ow])
+    var argmax = [Int32](repeating: 0, count: out.count)
+    ql_max_pool2d_fwd(out.data, &argmax, x.data, Int64(planes), Int32(h), Int32(w), Int32(kernel), Int32(kernel),
+                      Int32(s), Int32(s), Int32(padding), Int32(padding))
+    return record(out, "max_pool2d", [x]) { g in
+        ql_max_pool2d_bwd(x.gradBuffer().data, g.data, argmax, Int64(planes), Int32(h), Int32(w), Int32(oh), Int32(ow))
+    }
+}
+
+public func avgPool2d(_ x: Tensor, kernel: Int, stride: Int? = nil, padding: Int = 0, countIncludePad: Bool = true) -> Tensor {
+    let s = stride ?? kernel
+    precondition(x.rank == 4 && 2 * padding <= kernel, "avg_pool2d: input \(x.shape), kernel \(kernel), padding \(padding)")
+    let (h, w) = (x.shape[2], x.shape[3])
+    let (oh, ow) = (poolOut(h, kernel, s, padding), poolOut(w, kernel, s, padding))
+    precondition(oh > 0 && ow > 0, "avg_pool2d: input \(x.shape) smaller than kernel \(kernel)")
+    let planes = Int64(x.shape[0] * x.shape[1])
+    let out = Tensor(zeros: [x.shape[0], x.shape[1], oh, ow])
+    let k = Int32(kernel), st = Int32(s), p = Int32(padding), inc: Int32 = countIncludePad ? 1 : 0
+    ql_avg_pool2d_fwd(out.data, x.data, planes, Int32(h), Int32(w), k, k, st, st, p, p, inc)
+    return record(out, "avg_pool2d", [x]) { g in
+        ql_avg_pool2d_bwd(x.gradBuffer().data, g.data, planes, Int32(h), Int32(w), k, k, st, st, p, p, inc)
+    }
+}
+
+/// Mean over H and W: [N, C, H, W] -> [N, C].
+public func globalAvgPool2d(_ x: Tensor) -> Tensor {
+    precondition(x.rank == 4, "global_avg_pool2d: input \(x.shape)")
+    return x.mean(dims: [2, 3])
+}
+
+/// Nearest-neighbour upsampling by an integer factor.
+public func upsampleNearest(_ x: Tensor, scale: Int) -> Tensor {
+    precondition(x.rank == 4 && scale >= 1, "upsample_nearest: input \(x.shape), scale \(scale)")
+    let (h, w) = (x.shape[2], x.shape[3]), planes = Int64(x.shape[0] * x.shape[1])
+    let out = Tensor(zeros: [x.shape[0], x.shape[1], h * scale, w * scale])
+    ql_upsample_nearest_fwd(out.data, x.data, planes, Int32(h), Int32(w), Int32(scale), Int32(scale))
+    return record(out, "upsample_nearest", [x]) { g in
+        ql_upsample_nearest_bwd(x.gradBuffer().data, g.data, planes, Int32(h), Int32(w), Int32(scale), Int32(scale))
+    }
+}
+
+// MARK: - Matrix products
+
+/// y = x W^T + b over the last dim: x [..., in], weight [out, in], bias [out].
+public func linear(_ x: Tensor, weight: Tensor, bias: Tensor? = nil) -> Tensor {
+    precondition(weight.rank == 2 && x.shape.last == weight.shape[1], "linear: input \(x.shape), weight \(weight.shape)")
+    let (outF, inF) = (weight.shape[0], weight.shape[1]), rows = x.count / max(inF, 1)
+    let out = Tensor(zeros: Array(x.shape.dropLast()) + [outF])
+    if let b = bias {
+        precondition(b.shape == [outF], "linear: bias \(b.shape) for \(outF) outputs")
+        for r in 0..<rows { (out.data + r * outF).update(from: b.data, count: outF) }
+    }
+    check(ql_sgemm(0, 1, Int32(rows), Int32(outF), Int32(inF), 1, x.data, Int32(inF), weight.data, Int32(inF),
+                   bias == nil ? 0 : 1, out.data, Int32(outF)), "linear")
+    let parents = bias.map { [x, weight, $0] } ?? [x, weight]
+    return record(out, "linear", parents) { g in
+        if x.requiresGrad {
+            check(ql_sgemm(0, 0, Int32(rows), Int32(inF), Int32(outF), 1, g.data, Int32(outF), weight.data, Int32(inF),
+                           1, x.gradBuffer().data, Int32(inF)), "linear_bwd_x")
+        }
+        if weight.requiresGrad {
+            check(ql_sgemm(1, 0, Int32(outF), Int32(inF), Int32(rows), 1, g.data, Int32(outF), x.data, Int32(inF),
+                           1, weight.gradBuffer().data, Int32(inF)), "linear_bwd_w")
+        }
+        if let b = bias, b.requiresGrad {
+            let gb = b.gradBuffer()
+            for r in 0..<rows { ql_axpy(gb.data, 1, g.data + r * outF, Int64(outF)) }
+        }
+    }
+}
+
+/// Batched matrix product over the last two dims: a [..., M, K] x b [..., K, N]. The batch
+/// dims must be equal, or b may be 2-D (shared by every batch entry).
+public func matmul(_ a: Tensor, _ b: Tensor) -> Tensor {
+    precondition(a.rank >= 2 && b.rank >= 2 && a.shape[a.rank - 1] == b.shape[b.rank - 2],
+                 "matmul: \(a.shape) x \(b.shape)")
+    let (m, k, n) = (a.shape[a.rank - 2], a.shape[a.rank - 1], b.shape[b.rank - 1])
+    let batchA = Array(a.shape.dropLast(2)), batchB = Array(b.shape.dropLast(2))
+    precondition(batchB.isEmpty || batchA == batchB, "matmul: batch dims \(batchA) vs \(batchB)")
+    let batch = batchA.reduce(1, *), sharedB = batchB.isEmpty
+    let out = Tensor(zeros: batchA + [m, n])
+    let (I, J, K) = (Int32(m), Int32(n), Int32(k))
+    for i in 0..<batch {
+        check(ql_sgemm(0, 0, I, J, K, 1, a.data + i * m * k, K, b.data + (sharedB ? 0 : i * k * n), J, 0,
+                       out.data + i * m * n, J), "matmul")
+    }
+    return record(out, "matmul", [a, b]) { g in
+        for i in 0..<batch {
+            let gi = g.data + i * m * n, bi = b.data + (sharedB ? 0 : i * k * n)
+            if a.requiresGrad { // dA = G B^T
+                check(ql_sgemm(0, 1, I, K, J, 1, gi, J, bi, J, 1, a.gradBuffer().data + i * m * k, K), "matmul_bwd_a")
+            }
+            if b.requiresGrad { // dB = A^T G
+                check(ql_sgemm(1, 0, K, J, I, 1, a.data + i * m * k, K, gi, J, 1,
+                               b.gradBuffer().data + (sharedB ? 0 : i * k * n), J), "matmul_bwd_b")
+            }
+        }
+    }
+}
+
+// MARK: - Losses
+
+public enum Reduction: Sendable { case none, sum, mean }
+
+private func reduce(_ t: Tensor, _ r: Reduction) -> Tensor {
+    switch r {
+    case .none: return t
+    case .sum: return t.sum()
+    case .mean: return t.mean()
+    }
+}
+
+/// Cross-entropy of logits [N, C] against class indices, averaged over N (PyTorch default).
+public func crossEntropy(logits: Tensor, targets: [Int], reduction: Reduction = .mean) -> Tensor {
+    precondition(logits.rank == 2 && logits.shape[0] == targets.count, "cross_entropy: logits \(logits.shape), \(targets.count) targets")
+    let classes = logits.shape[1]
+    precondition(targets.allSatisfy { $0 >= 0 && $0 < classes }, "cross_entropy: a target is outside [0, \(classes))")
+    let logp = logits.logSoftmax()
+    // nll: out[i] = -logp[i, t_i]
+    let out = Tensor(zeros: [targets.count])
+    for (i, t) in targets.enumerated() { out.data[i] = -logp.data[i * classes + t] }
+    let nll = record(out, "nll", [logp]) { g in
+        let gl = logp.gradBuffer()
+        for (i, t) in targets.enumerated() { gl.data[i * classes + t] -= g.data[i] }
+    }
+    return reduce(nll, reduction)
+}
+
+/// Binary cross-entropy on logits, numerically stable; targets may be soft (in [0, 1]).
+public func binaryCrossEntropyWithLogits(_ logits: Tensor, targets: Tensor, reduction: Reduction = .mean) -> Tensor {
+    precondition(logits.shape == targets.shape, "bce_with_logits: logits \(logits.shape), targets \(targets.shape)")
+    let out = Tensor(zeros: logits.shape)
+    ql_bce_logits_fwd(out.data, logits.data, targets.data, Int64(logits.count))
+    let loss = record(out, "bce_with_logits", [logits]) { g in
+        ql_bce_logits_bwd(logits.gradBuffer().data, g.data, logits.data, targets.data, Int64(logits.count))
+    }
+    return reduce(loss, reduction)
+}
+
+/// KL(target || exp(logInput)) = sum target * (log target - logInput), PyTorch's `kl_div`
+/// with `log_target=False`. Terms with target == 0 contribute 0. `.mean` averages over all
+/// elements, as PyTorch's 'mean'; use `.sum` and divide yourself for 'batchmean'.
+public func klDivergence(logInput: Tensor, target: Tensor, reduction: Reduction = .sum) -> Tensor {
+    precondition(logInput.shape == target.shape, "kl_div: input \(logInput.shape), target \(target.shape)")
+    let logTarget = maximum(target, Tensor.scalar(Float.leastNormalMagnitude)).log()
+    return reduce(target * (logTarget - logInput), reduction)
+}
+
+/// Mean (or sum) absolute difference.
+public func l1Loss(_ a: Tensor, _ b: Tensor, reduction: Reduction = .mean) -> Tensor {
+    precondition(a.shape == b.shape, "l1_loss: \(a.shape) vs \(b.shape)")
+    return reduce((a - b).abs(), reduction)
+}

@@ -1,0 +1,2 @@
+import QuantLab
+print("qlab placeholder")

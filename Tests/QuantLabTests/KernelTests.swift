@@ -1,0 +1,221 @@
+import CKernels
+import Foundation
+import Testing
+@testable import QuantLab
+
+/// Every fast kernel against its `_ref` twin, on awkward sizes.
+@Suite("C kernels against their references")
+struct KernelTests {
+    static let awkward = [1, 7, 17, 63, 129]
+
+    @Test("SGEMM: every ISA, transpose, alpha/beta and padded leading dims", arguments: [0, 1, 2, 3])
+    func sgemmMatchesReference(transposes: Int) throws {
+        let (tA, tB) = (Int32(transposes & 1), Int32(transposes >> 1))
+        var rng = SeededGenerator(seed: 11 + UInt64(transposes))
+        for isa in supportedISAs {
+            for (mi, m) in Self.awkward.enumerated() {
+                let n = Self.awkward[(mi + 2) % 5], k = Self.awkward[(mi + 3) % 5] + (isa == QL_ISA_REF ? 0 : 513)
+                let lda = (tA != 0 ? m : k) + 3, ldb = (tB != 0 ? k : n) + 5, ldc = n + 2
+                let a = randomFloats((tA != 0 ? k : m) * lda, &rng), b = randomFloats((tB != 0 ? n : k) * ldb, &rng)
+                let c0 = randomFloats(m * ldc, &rng)
+                var got = c0, want = c0
+                #expect(ql_sgemm_isa(isa, tA, tB, Int32(m), Int32(n), Int32(k), 0.75, a, Int32(lda), b, Int32(ldb), -0.5, &got, Int32(ldc)) == 0)
+                #expect(ql_sgemm_ref(tA, tB, Int32(m), Int32(n), Int32(k), 0.75, a, Int32(lda), b, Int32(ldb), -0.5, &want, Int32(ldc)) == 0)
+                // contract: |c - ref| <= 1e-5 * K * max|a| * max|b| + 1e-6 * |ref|
+                let mismatch = firstMismatch(got, want, atol: 1e-5 * Double(k), rtol: 1e-6)
+                #expect(mismatch == nil, "isa \(ql_isa_name(isa).map { String(cString: $0) } ?? "") \(m)x\(n)x\(k) tA \(tA) tB \(tB): \(mismatch ?? "")")
+            }
+        }
+    }
+
+    @Test("SGEMM with beta = 0 ignores NaNs already in C; K = 0 scales C")
+    func sgemmBetaZero() {
+        let a: [Float] = [1, 2, 3, 4], b: [Float] = [1, 0, 0, 1]
+        for isa in supportedISAs {
+            var c = [Float](repeating: .nan, count: 4)
+            #expect(ql_sgemm_isa(isa, 0, 0, 2, 2, 2, 1, a, 2, b, 2, 0, &c, 2) == 0)
+            #expect(c == [1, 2, 3, 4])
+            var d: [Float] = [1, 2, 3, 4]
+            #expect(ql_sgemm_isa(isa, 0, 0, 2, 2, 0, 1, a, 2, b, 2, 3, &d, 2) == 0)
+            #expect(d == [3, 6, 9, 12])
+        }
+    }
+
+    @Test("SGEMM rejects inconsistent sizes")
+    func sgemmInvalid() {
+        var c = [Float](repeating: 0, count: 4)
+        #expect(ql_sgemm(0, 0, 2, 2, 2, 1, [1, 2, 3, 4], 1, [1, 2, 3, 4], 2, 0, &c, 2) == Int32(QL_EINVAL))
+        #expect(ql_sgemm(0, 0, -1, 2, 2, 1, [1, 2, 3, 4], 2, [1, 2, 3, 4], 2, 0, &c, 2) == Int32(QL_EINVAL))
+    }
+
+    @Test("INT8 GEMM u8 x s8 -> s32 is bit-exact against the reference", arguments: [
+        (1, 1, 1), (7, 17, 63), (13, 33, 5), (129, 63, 17), (250, 40, 1100), (12, 32, 64),
+    ])
+    func igemmExact(shape: (Int, Int, Int)) {
+        let (m, n, k) = shape
+        var rng = SeededGenerator(seed: UInt64(m * 1000 + n * 10 + k))
+        let a = (0..<(m * k)).map { _ in UInt8(truncatingIfNeeded: rng.next()) }
+        let b = (0..<(k * n)).map { _ in Int8(truncatingIfNeeded: rng.next()) } // full range, -128 included
+        var want = [Int32](repeating: 0, count: m * n)
+        #expect(ql_igemm_u8s8s32_ref(Int32(m), Int32(n), Int32(k), a, Int32(k), b, Int32(n), &want, Int32(n)) == 0)
+        var packed = [Int8](repeating: 0, count: ql_igemm_packed_size(Int32(k), Int32(n)))
+        var colSum = [Int32](repeating: 0, count: n)
+        #expect(ql_igemm_pack_b(&packed, &colSum, b, Int32(n), Int32(k), Int32(n)) == 0)
+        for j in 0..<n { #expect(colSum[j] == (0..<k).reduce(Int32(0)) { $0 + Int32(b[$1 * n + j]) }) }
+        for isa in supportedISAs {
+            var got = [Int32](repeating: -1, count: m * n)
+            #expect(ql_igemm_u8s8s32_isa(isa, Int32(m), Int32(n), Int32(k), a, Int32(k), packed, &got, Int32(n)) == 0)
+            #expect(got == want, "isa \(isa.rawValue) \(m)x\(n)x\(k)")
+        }
+    }
+
+    @Test("Signed activations through u8 + 128 and the column-sum compensation give the s8 x s8 product")
+    func igemmSignedCompensation() {
+        var rng = SeededGenerator(seed: 5)
+        let (m, n, k) = (9, 20, 37)
+        let xs8 = (0..<(m * k)).map { _ in Int8(Int(rng.next() % 255) - 127) }
+        let w = (0..<(k * n)).map { _ in Int8(Int(rng.next() % 255) - 127) }
+        let xu8 = xs8.map { UInt8(Int($0) + 128) }
+        var packed = [Int8](repeating: 0, count: ql_igemm_packed_size(Int32(k), Int32(n)))
+        var colSum = [Int32](repeating: 0, count: n)
+        _ = ql_igemm_pack_b(&packed, &colSum, w, Int32(n), Int32(k), Int32(n))
+        var acc = [Int32](repeating: 0, count: m * n)
+        _ = ql_igemm_u8s8s32(Int32(m), Int32(n), Int32(k), xu8, Int32(k), packed, &acc, Int32(n))
+        let offsets = colSum.map { -128 * $0 }
+        var out = [Float](repeating: 0, count: m * n)
+        let ones = [Float](repeating: 1, count: n)
+        _ = ql_dequantize_f32(Int32(m), Int32(n), &out, Int32(n), acc, Int32(n), offsets, ones, nil, 0)
+        for i in 0..<m {
+            for j in 0..<n {
+                let exact = (0..<k).reduce(0) { $0 + Int(xs8[i * k + $1]) * Int(w[$1 * n + j]) }
+                #expect(out[i * n + j] == Float(exact))
+            }
+        }
+    }
+
+    @Test("Requantization: round half to even, clamp to [-127, 127], hand-computed")
+    func requantizeHandCases() {
+        // v = acc * 0.5: ties at every odd acc
+        let acc: [Int32] = [5, 7, -5, -7, 1, -1, 1000, -1000, 254, 255, -255, 0]
+        let expected: [Int8] = [2, 4, -2, -4, 0, 0, 127, -127, 127, 127, -127, 0]
+        let n = acc.count
+        let scale = [Float](repeating: 0.5, count: n)
+        for isa in supportedISAs {
+            var out = [Int8](repeating: 99, count: n)
+            #expect(ql_requantize_s8_isa(isa, 1, Int32(n), &out, Int32(n), acc, Int32(n), nil, scale, nil, 0) == 0)
+            #expect(out == expected, "isa \(isa.rawValue)")
+        }
+    }
+
+    @Test("Requantization SIMD versions are bit-exact against the reference", arguments: [1, 7, 16, 17, 33, 100])
+    func requantizeExact(n: Int) {
+        var rng = SeededGenerator(seed: UInt64(n))
+        let m = 5
+        let acc = (0..<(m * n)).map { _ in Int32(truncatingIfNeeded: rng.next() % 200_001) - 100_000 }
+        let offsets = (0..<n).map { _ in Int32(truncatingIfNeeded: rng.next() % 2001) - 1000 }
+        let scale = (0..<n).map { _ in 1e-4 + 2e-3 * rng.nextFloat() }
+        let bias = randomFloats(n, &rng, low: -3, high: 3)
+        for relu: Int32 in [0, 1] {
+            var want = [Int8](repeating: 0, count: m * n)
+            _ = ql_requantize_s8_ref(Int32(m), Int32(n), &want, Int32(n), acc, Int32(n), offsets, scale, bias, relu)
+            for isa in supportedISAs {
+                var got = [Int8](repeating: 0, count: m * n)
+                _ = ql_requantize_s8_isa(isa, Int32(m), Int32(n), &got, Int32(n), acc, Int32(n), offsets, scale, bias, relu)
+                #expect(got == want, "isa \(isa.rawValue) n \(n) relu \(relu)")
+            }
+        }
+    }
+
+    @Test("Fake quantization: scale = amax/127, half to even, clamp")
+    func fakeQuantHandCases() {
+        let x: [Float] = [2.5, 3.5, -2.5, 200, -200, 0.4, 126.6]
+        var y = [Float](repeating: 0, count: x.count)
+        ql_fake_quant_f32(&y, x, Int64(x.count), 127, 127)
+        #expect(y == [2, 4, -2, 127, -127, 0, 127])
+        ql_fake_quant_f32(&y, x, Int64(x.count), 0, 127)
+        #expect(y.allSatisfy { $0 == 0 })
+    }
+
+    static let convCases: [ql_conv_geom] = [
+        ql_conv_geom(N: 2, C: 3, H: 7, W: 9, K: 4, KH: 3, KW: 3, SH: 1, SW: 1, PH: 1, PW: 1, DH: 1, DW: 1, groups: 1),
+        ql_conv_geom(N: 3, C: 4, H: 11, W: 8, K: 6, KH: 3, KW: 2, SH: 2, SW: 1, PH: 0, PW: 1, DH: 2, DW: 1, groups: 2),
+        ql_conv_geom(N: 2, C: 5, H: 6, W: 6, K: 7, KH: 1, KW: 1, SH: 1, SW: 1, PH: 0, PW: 0, DH: 1, DW: 1, groups: 1),
+        ql_conv_geom(N: 1, C: 6, H: 13, W: 10, K: 6, KH: 5, KW: 5, SH: 2, SW: 3, PH: 2, PW: 2, DH: 1, DW: 1, groups: 6),
+        ql_conv_geom(N: 4, C: 2, H: 5, W: 5, K: 3, KH: 3, KW: 3, SH: 1, SW: 1, PH: 0, PW: 0, DH: 1, DW: 1, groups: 1),
+    ]
+
+    @Test("Convolution drivers (im2col + SGEMM) match direct loops", arguments: Array(0..<5))
+    func convMatchesReference(index: Int) {
+        var g = Self.convCases[index]
+        var oh: Int32 = 0, ow: Int32 = 0
+        #expect(ql_conv_out_size(&g, &oh, &ow) == 0)
+        var rng = SeededGenerator(seed: UInt64(100 + index))
+        let (n, c, k) = (Int(g.N), Int(g.C), Int(g.K))
+        let xCount = n * c * Int(g.H) * Int(g.W), wCount = k * c / Int(g.groups) * Int(g.KH) * Int(g.KW)
+        let yCount = n * k * Int(oh) * Int(ow)
+        let x = randomFloats(xCount, &rng), w = randomFloats(wCount, &rng), b = randomFloats(k, &rng)
+        let dy = randomFloats(yCount, &rng)
+        var y = [Float](repeating: 0, count: yCount), yRef = y
+        #expect(ql_conv2d_fwd(&y, x, w, b, &g) == 0)
+        #expect(ql_conv2d_fwd_ref(&yRef, x, w, b, &g) == 0)
+        #expect(firstMismatch(y, yRef, atol: 1e-4, rtol: 1e-5) == nil, "fwd case \(index)")
+        // backward kernels accumulate: start from the same non-zero contents
+        let dx0 = randomFloats(xCount, &rng), dw0 = randomFloats(wCount, &rng), db0 = randomFloats(k, &rng)
+        var dx = dx0, dxRef = dx0, dw = dw0, dwRef = dw0, db = db0, dbRef = db0
+        #expect(ql_conv2d_bwd_data(&dx, dy, w, &g) == 0)
+        #expect(ql_conv2d_bwd_data_ref(&dxRef, dy, w, &g) == 0)
+        #expect(firstMismatch(dx, dxRef, atol: 1e-4, rtol: 1e-5) == nil, "bwd data case \(index)")
+        #expect(ql_conv2d_bwd_weight(&dw, &db, dy, x, &g) == 0)
+        #expect(ql_conv2d_bwd_weight_ref(&dwRef, &dbRef, dy, x, &g) == 0)
+        #expect(firstMismatch(dw, dwRef, atol: 1e-4, rtol: 1e-5) == nil, "bwd weight case \(index)")
+        #expect(firstMismatch(db, dbRef, atol: 1e-4, rtol: 1e-5) == nil, "bwd bias case \(index)")
+    }
+
+    @Test("col2im is the adjoint of im2col: <col2im(c), x> = <c, im2col(x)>")
+    func im2colAdjoint() {
+        var rng = SeededGenerator(seed: 3)
+        let (c, h, w, kh, kw, sh, sw, ph, pw, dh, dw) = (3, 9, 7, 3, 2, 2, 1, 1, 2, 2, 1)
+        let oh = (h + 2 * ph - dh * (kh - 1) - 1) / sh + 1, ow = (w + 2 * pw - dw * (kw - 1) - 1) / sw + 1
+        let x = randomFloats(c * h * w, &rng), col = randomFloats(c * kh * kw * oh * ow, &rng)
+        var colX = [Float](repeating: 0, count: col.count), back = [Float](repeating: 0, count: x.count)
+        ql_im2col(&colX, x, Int32(c), Int32(h), Int32(w), Int32(kh), Int32(kw), Int32(sh), Int32(sw), Int32(ph), Int32(pw), Int32(dh), Int32(dw))
+        ql_col2im(&back, col, Int32(c), Int32(h), Int32(w), Int32(kh), Int32(kw), Int32(sh), Int32(sw), Int32(ph), Int32(pw), Int32(dh), Int32(dw))
+        let lhs = zip(back, x).reduce(0.0) { $0 + Double($1.0) * Double($1.1) }
+        let rhs = zip(col, colX).reduce(0.0) { $0 + Double($1.0) * Double($1.1) }
+        #expect(abs(lhs - rhs) <= 1e-4 * max(1, abs(rhs)))
+    }
+
+    @Test("Impossible convolution geometry is rejected")
+    func convInvalid() {
+        var g = ql_conv_geom(N: 1, C: 3, H: 2, W: 2, K: 4, KH: 5, KW: 5, SH: 1, SW: 1, PH: 0, PW: 0, DH: 1, DW: 1, groups: 1)
+        var oh: Int32 = 0, ow: Int32 = 0
+        #expect(ql_conv_out_size(&g, &oh, &ow) == Int32(QL_EINVAL))
+        g = ql_conv_geom(N: 1, C: 3, H: 8, W: 8, K: 4, KH: 3, KW: 3, SH: 1, SW: 1, PH: 0, PW: 0, DH: 1, DW: 1, groups: 2)
+        #expect(ql_conv_out_size(&g, &oh, &ow) == Int32(QL_EINVAL))
+    }
+
+    @Test("Pooling forward on a hand-computed case")
+    func poolingHandCase() throws {
+        let x = try Tensor(shape: [1, 1, 3, 3], values: [1, 2, 3, 4, 5, 6, 7, 8, 9])
+        #expect(maxPool2d(x, kernel: 2, stride: 1).values == [5, 6, 8, 9])
+        // padding 1, stride 2: corners see 1, 2 (or 2 with count_include_pad = false) elements
+        #expect(avgPool2d(x, kernel: 2, stride: 2, padding: 1, countIncludePad: false).values == [1, 2.5, 5.5, 7])
+        #expect(avgPool2d(x, kernel: 2, stride: 2, padding: 1, countIncludePad: true).values == [0.25, 1.25, 2.75, 7])
+        #expect(upsampleNearest(try Tensor(shape: [1, 1, 1, 2], values: [1, 2]), scale: 2).values == [1, 1, 2, 2, 1, 1, 2, 2])
+    }
+
+    @Test("Thread count does not change SGEMM beyond rounding, and is restored")
+    func threadsAgree() {
+        var rng = SeededGenerator(seed: 8)
+        let (m, n, k) = (200, 300, 150)
+        let a = randomFloats(m * k, &rng), b = randomFloats(k * n, &rng)
+        let saved = ql_get_num_threads()
+        defer { ql_set_num_threads(saved) }
+        var c1 = [Float](repeating: 0, count: m * n), c2 = c1
+        ql_set_num_threads(1)
+        _ = ql_sgemm(0, 0, Int32(m), Int32(n), Int32(k), 1, a, Int32(k), b, Int32(n), 0, &c1, Int32(n))
+        ql_set_num_threads(2)
+        _ = ql_sgemm(0, 0, Int32(m), Int32(n), Int32(k), 1, a, Int32(k), b, Int32(n), 0, &c2, Int32(n))
+        #expect(firstMismatch(c2, c1, atol: 1e-4, rtol: 1e-5) == nil)
+    }
+}
