@@ -238,9 +238,10 @@ static void bwd_weight_task(int t, void *p) {
             const float *xg = j->x + ((size_t)n * g->C + (size_t)grp * j->Cg) * g->H * g->W;
             const float *dyg = j->dy + ((size_t)n * g->K + (size_t)grp * j->Kg) * P;
             if (!j->pointwise) ql_im2col(col, xg, j->Cg, g->H, g->W, g->KH, g->KW, g->SH, g->SW, g->PH, g->PW, g->DH, g->DW);
-            /* dW_g[Kg, KK] += dy_g[Kg, P] * col^T[P, KK] */
-            gemm(j, 0, 1, j->Kg, KK, P, dyg, P, j->pointwise ? xg : col, P, n == n0 ? 0.0f : 1.0f,
-                 dw + (size_t)grp * j->Kg * KK, KK);
+            /* dW_g^T[KK, Kg] += col[KK, P] * dy_g^T[P, Kg]: the large operand (col) is packed
+             * row-wise and only the small dy is transposed; transposed back in the reduction */
+            gemm(j, 0, 1, KK, j->Kg, P, j->pointwise ? xg : col, P, dyg, P, n == n0 ? 0.0f : 1.0f,
+                 dw + (size_t)grp * j->Kg * KK, j->Kg);
         }
 }
 
@@ -287,8 +288,15 @@ int ql_conv2d_bwd_weight(float *dw, float *db, const float *dy, const float *x, 
     if (!j.dw_partials) return QL_ENOMEM;
     if (j.tasks > 1) ql_parallel_for(j.tasks, bwd_weight_task, &j);
     else bwd_weight_task(0, &j);
-    /* Fixed-order reduction: deterministic for a given thread count. */
-    for (int t = 0; t < j.tasks; t++) ql_axpy(dw, 1.0f, j.dw_partials + (size_t)t * j.wsize, (int64_t)j.wsize);
+    /* Fixed-order reduction of the per-task dW^T blocks: deterministic for a thread count. */
+    int KK = j.Cg * g->KH * g->KW;
+    for (int t = 0; t < j.tasks; t++)
+        for (int grp = 0; grp < g->groups; grp++) {
+            const float *src = j.dw_partials + (size_t)t * j.wsize + (size_t)grp * j.Kg * KK; /* [KK, Kg] */
+            float *dst = dw + (size_t)grp * j.Kg * KK;                                         /* [Kg, KK] */
+            for (int k = 0; k < j.Kg; k++)
+                for (int i = 0; i < KK; i++) dst[(size_t)k * KK + i] += src[(size_t)i * j.Kg + k];
+        }
     ql_aligned_free(j.dw_partials);
     if (db) {
         int P = j.OH * j.OW;

@@ -185,49 +185,81 @@ __attribute__((target("avx2,fma"))) static void ukr_avx2_i8(int kq, const int32_
 
 typedef void (*ukr_i8_fn)(int, const int32_t *, const int8_t *, int32_t *, int, int, int, int);
 
-static _Thread_local int32_t *tl_apack = NULL;
-static _Thread_local size_t tl_apack_n = 0;
+static _Thread_local int32_t *tl_apack = NULL, *tl_cblock = NULL;
+static _Thread_local size_t tl_apack_n = 0, tl_cblock_n = 0;
 
-static int igemm_serial(int isa, int M, int N, int K, const uint8_t *A, int lda,
-                        const int8_t *packed, int n0, int32_t *C, int ldc) {
-    /* computes columns [n0, n0+N) of the full product; n0 is a multiple of NRI */
-    ukr_i8_fn ukr = isa == QL_ISA_AVX512 ? ukr_vnni : ukr_avx2_i8;
-    int Kq = kpad(K) / 4;
-    size_t need = (size_t)((ql_min_i(MCI, M) + MRI - 1) / MRI * MRI) * (KCI / 4);
-    if (tl_apack_n < need) {
-        ql_aligned_free(tl_apack);
-        tl_apack = (int32_t *)ql_aligned_alloc(need * sizeof(int32_t));
-        tl_apack_n = tl_apack ? need : 0;
-        if (!tl_apack) return QL_ENOMEM;
+static int grow(int32_t **buf, size_t *have, size_t need) {
+    if (*have >= need) return QL_OK;
+    ql_aligned_free(*buf);
+    *buf = (int32_t *)ql_aligned_alloc(need * sizeof(int32_t));
+    *have = *buf ? need : 0;
+    return *buf ? QL_OK : QL_ENOMEM;
+}
+
+/* What to do with each finished block of int32 accumulators. */
+typedef enum { OUT_S32 = 0, OUT_S8 = 1, OUT_F32 = 2 } out_kind;
+
+typedef struct {
+    int isa, M, N, K, lda, split_n, chunk;
+    const uint8_t *A;
+    const int8_t *packed;
+    out_kind kind;
+    void *out; /* int32_t*, int8_t* or float* */
+    int ldo;
+    const ql_requant_params *ep;
+    _Atomic int status;
+} igemm_job;
+
+static void epilogue_rows(const igemm_job *j, int rows, int n0, int ncols, const int32_t *acc, int ldacc, int m0) {
+    const ql_requant_params *ep = j->ep;
+    const int32_t *off = ep->col_offset ? ep->col_offset + n0 : NULL;
+    const float *bias = ep->bias ? ep->bias + n0 : NULL;
+    if (j->kind == OUT_S8)
+        ql_requantize_s8_isa((ql_isa)j->isa, rows, ncols, (int8_t *)j->out + (size_t)m0 * j->ldo + n0, j->ldo, acc, ldacc,
+                             off, ep->scale + n0, bias, ep->relu);
+    else
+        ql_dequantize_f32(rows, ncols, (float *)j->out + (size_t)m0 * j->ldo + n0, j->ldo, acc, ldacc, off,
+                          ep->scale + n0, bias, ep->relu);
+}
+
+/* Rows [m0, m0+M) x columns [n0, n0+N) of the product (n0 a multiple of NRI). Loop order:
+ * MC row blocks outermost, so that a block's int32 accumulators are finished over the whole
+ * K (in KC slabs) and then requantized while they are still in cache. */
+static int igemm_block(const igemm_job *j, int m0, int M, int n0, int N) {
+    ukr_i8_fn ukr = j->isa == QL_ISA_AVX512 ? ukr_vnni : ukr_avx2_i8;
+    int K = j->K, Kq = kpad(K) / 4;
+    size_t apack = (size_t)((ql_min_i(MCI, M) + MRI - 1) / MRI * MRI) * (KCI / 4);
+    if (grow(&tl_apack, &tl_apack_n, apack)) return QL_ENOMEM;
+    int32_t *C;
+    int ldc;
+    if (j->kind == OUT_S32) {
+        C = (int32_t *)j->out + (size_t)m0 * j->ldo + n0;
+        ldc = j->ldo;
+    } else {
+        if (grow(&tl_cblock, &tl_cblock_n, (size_t)ql_min_i(MCI, M) * N)) return QL_ENOMEM;
+        C = tl_cblock;
+        ldc = N;
     }
-    if (K == 0) {
-        for (int i = 0; i < M; i++) memset(C + (size_t)i * ldc, 0, sizeof(int32_t) * (size_t)N);
-        return QL_OK;
-    }
-    for (int pc = 0; pc < K; pc += KCI) {
-        int kc = ql_min_i(KCI, K - pc), kq = (kc + 3) / 4;
-        for (int ic = 0; ic < M; ic += MCI) {
-            int mc = ql_min_i(MCI, M - ic);
-            pack_a_u8(tl_apack, A, lda, ic, mc, pc, kc, K);
+    for (int ic = 0; ic < M; ic += MCI) {
+        int mc = ql_min_i(MCI, M - ic);
+        int32_t *Cb = j->kind == OUT_S32 ? C + (size_t)ic * ldc : C;
+        if (K == 0)
+            for (int i = 0; i < mc; i++) memset(Cb + (size_t)i * ldc, 0, sizeof(int32_t) * (size_t)N);
+        for (int pc = 0; pc < K; pc += KCI) {
+            int kc = ql_min_i(KCI, K - pc), kq = (kc + 3) / 4;
+            pack_a_u8(tl_apack, j->A + (size_t)m0 * j->lda, j->lda, ic, mc, pc, kc, K);
             for (int jr = 0; jr < N; jr += NRI) {
                 int nr = ql_min_i(NRI, N - jr);
-                const int8_t *bp = packed + ((size_t)((n0 + jr) / NRI) * Kq + pc / 4) * 128;
+                const int8_t *bp = j->packed + ((size_t)((n0 + jr) / NRI) * Kq + pc / 4) * 128;
                 for (int ir = 0; ir < mc; ir += MRI)
-                    ukr(kq, tl_apack + (size_t)ir * kq, bp, C + (size_t)(ic + ir) * ldc + jr, ldc,
-                        pc > 0, ql_min_i(MRI, mc - ir), nr);
+                    ukr(kq, tl_apack + (size_t)ir * kq, bp, Cb + (size_t)ir * ldc + jr, ldc, pc > 0,
+                        ql_min_i(MRI, mc - ir), nr);
             }
         }
+        if (j->kind != OUT_S32) epilogue_rows(j, mc, n0, N, Cb, ldc, m0 + ic);
     }
     return QL_OK;
 }
-
-typedef struct {
-    int isa, M, N, K, lda, ldc, split_n, chunk;
-    const uint8_t *A;
-    const int8_t *packed;
-    int32_t *C;
-    _Atomic int status;
-} igemm_job;
 
 static void igemm_task(int t, void *p) {
     igemm_job *j = (igemm_job *)p;
@@ -235,24 +267,27 @@ static void igemm_task(int t, void *p) {
     if (j->split_n) {
         int n = ql_min_i(j->chunk, j->N - lo);
         if (n <= 0) return;
-        st = igemm_serial(j->isa, j->M, n, j->K, j->A, j->lda, j->packed, lo, j->C + lo, j->ldc);
+        st = igemm_block(j, 0, j->M, lo, n);
     } else {
         int m = ql_min_i(j->chunk, j->M - lo);
         if (m <= 0) return;
-        st = igemm_serial(j->isa, m, j->N, j->K, j->A + (size_t)lo * j->lda, j->lda, j->packed, 0,
-                          j->C + (size_t)lo * j->ldc, j->ldc);
+        st = igemm_block(j, lo, m, 0, j->N);
     }
     if (st) atomic_store(&j->status, st);
 }
 
-int ql_igemm_u8s8s32_isa(ql_isa isa, int M, int N, int K, const uint8_t *A, int lda,
-                         const void *packed, int32_t *C, int ldc) {
-    if (M < 0 || N < 0 || K < 0 || lda < ql_max_i(K, 1) || ldc < ql_max_i(N, 1)) return QL_EINVAL;
+static int igemm_run(ql_isa isa, int M, int N, int K, const uint8_t *A, int lda, const void *packed,
+                     out_kind kind, void *out, int ldo, const ql_requant_params *ep) {
+    if (M < 0 || N < 0 || K < 0 || lda < ql_max_i(K, 1) || ldo < ql_max_i(N, 1) || !packed || !out) return QL_EINVAL;
+    if (kind != OUT_S32 && (!ep || !ep->scale)) return QL_EINVAL;
     int level = ql_resolve_isa(isa);
     if (level < 0) return QL_EUNSUPPORTED;
     if (M == 0 || N == 0) return QL_OK;
     if (level == QL_ISA_REF) {
         /* the reference on the packed operand: read B back through the documented layout */
+        int32_t *C = kind == OUT_S32 ? (int32_t *)out : (int32_t *)ql_aligned_alloc((size_t)M * N * sizeof(int32_t));
+        int ldc = kind == OUT_S32 ? ldo : N;
+        if (!C) return QL_ENOMEM;
         const int8_t *bp = (const int8_t *)packed;
         int Kq = kpad(K) / 4;
         for (int i = 0; i < M; i++)
@@ -263,9 +298,13 @@ int ql_igemm_u8s8s32_isa(ql_isa isa, int M, int N, int K, const uint8_t *A, int 
                            (int32_t)bp[((size_t)(n / NRI) * Kq + k / 4) * 128 + (n % NRI) * 4 + k % 4];
                 C[(size_t)i * ldc + n] = acc;
             }
-        return QL_OK;
+        int st = QL_OK;
+        if (kind == OUT_S8) st = ql_requantize_s8_ref(M, N, (int8_t *)out, ldo, C, ldc, ep->col_offset, ep->scale, ep->bias, ep->relu);
+        if (kind == OUT_F32) st = ql_dequantize_f32_ref(M, N, (float *)out, ldo, C, ldc, ep->col_offset, ep->scale, ep->bias, ep->relu);
+        if (kind != OUT_S32) ql_aligned_free(C);
+        return st;
     }
-    igemm_job j = {level, M, N, K, lda, ldc, 0, 0, A, (const int8_t *)packed, C, QL_OK};
+    igemm_job j = {level, M, N, K, lda, 0, 0, A, (const int8_t *)packed, kind, out, ldo, ep, QL_OK};
     int threads = ql_get_num_threads();
     double ops = 2.0 * M * N * (double)K;
     j.split_n = N > M;
@@ -275,6 +314,31 @@ int ql_igemm_u8s8s32_isa(ql_isa isa, int M, int N, int K, const uint8_t *A, int 
     tasks = (extent + j.chunk - 1) / j.chunk;
     ql_parallel_for(tasks, igemm_task, &j);
     return atomic_load(&j.status);
+}
+
+int ql_igemm_u8s8s32_isa(ql_isa isa, int M, int N, int K, const uint8_t *A, int lda,
+                         const void *packed, int32_t *C, int ldc) {
+    return igemm_run(isa, M, N, K, A, lda, packed, OUT_S32, C, ldc, NULL);
+}
+
+int ql_igemm_u8s8_s8_isa(ql_isa isa, int M, int N, int K, const uint8_t *A, int lda, const void *packed,
+                         const ql_requant_params *ep, int8_t *out, int ldo) {
+    return igemm_run(isa, M, N, K, A, lda, packed, OUT_S8, out, ldo, ep);
+}
+
+int ql_igemm_u8s8_s8(int M, int N, int K, const uint8_t *A, int lda, const void *packed,
+                     const ql_requant_params *ep, int8_t *out, int ldo) {
+    return igemm_run(QL_ISA_BEST, M, N, K, A, lda, packed, OUT_S8, out, ldo, ep);
+}
+
+int ql_igemm_u8s8_f32_isa(ql_isa isa, int M, int N, int K, const uint8_t *A, int lda, const void *packed,
+                          const ql_requant_params *ep, float *out, int ldo) {
+    return igemm_run(isa, M, N, K, A, lda, packed, OUT_F32, out, ldo, ep);
+}
+
+int ql_igemm_u8s8_f32(int M, int N, int K, const uint8_t *A, int lda, const void *packed,
+                      const ql_requant_params *ep, float *out, int ldo) {
+    return igemm_run(QL_ISA_BEST, M, N, K, A, lda, packed, OUT_F32, out, ldo, ep);
 }
 
 int ql_igemm_u8s8s32(int M, int N, int K, const uint8_t *A, int lda, const void *packed,

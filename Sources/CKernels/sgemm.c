@@ -65,10 +65,11 @@ static void pack_a(float *restrict Ap, int MR, int transA, const float *A, int l
         int rows = ql_min_i(MR, mc - p);
         float *dst = Ap + (size_t)p * kc;
         if (!transA) {
-            for (int r = 0; r < rows; r++) {
-                const float *src = A + (size_t)(i0 + p + r) * lda + k0;
-                for (int k = 0; k < kc; k++) dst[(size_t)k * MR + r] = alpha * src[k];
-            }
+            /* k outer: contiguous writes, MR read streams (prefetch-friendly) */
+            const float *src[16];
+            for (int r = 0; r < rows; r++) src[r] = A + (size_t)(i0 + p + r) * lda + k0;
+            for (int k = 0; k < kc; k++)
+                for (int r = 0; r < rows; r++) dst[(size_t)k * MR + r] = alpha * src[r][k];
         } else {
             for (int k = 0; k < kc; k++) {
                 const float *src = A + (size_t)(k0 + k) * lda + i0 + p;
@@ -94,12 +95,18 @@ static void pack_b(float *restrict Bp, int NR, int transB, const float *B, int l
                 for (int c = cols; c < NR; c++) d[c] = 0.0f;
             }
         } else {
-            for (int c = 0; c < cols; c++) {
-                const float *src = B + (size_t)(j0 + p + c) * ldb + k0;
-                for (int k = 0; k < kc; k++) dst[(size_t)k * NR + c] = src[k];
+            /* transpose 8 k at a time: read 8 floats of each column, write 8 rows of the panel */
+            int k = 0;
+            for (; k + 8 <= kc; k += 8) {
+                for (int c = 0; c < cols; c++) {
+                    const float *src = B + (size_t)(j0 + p + c) * ldb + k0 + k;
+                    for (int t = 0; t < 8; t++) dst[(size_t)(k + t) * NR + c] = src[t];
+                }
             }
+            for (; k < kc; k++)
+                for (int c = 0; c < cols; c++) dst[(size_t)k * NR + c] = B[(size_t)(j0 + p + c) * ldb + k0 + k];
             for (int c = cols; c < NR; c++)
-                for (int k = 0; k < kc; k++) dst[(size_t)k * NR + c] = 0.0f;
+                for (int kk = 0; kk < kc; kk++) dst[(size_t)kk * NR + c] = 0.0f;
         }
     }
 }

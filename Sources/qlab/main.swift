@@ -1,2 +1,72 @@
+import ArgumentParser
+import CKernels
+import Foundation
 import QuantLab
-print("qlab placeholder")
+
+@main
+struct QLab: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "qlab",
+        abstract: "QuantLab: INT8 quantization of object detectors, reproduced from scratch.",
+        subcommands: [Info.self, Demo.self, Bench.self]
+    )
+}
+
+struct Info: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Show the CPU kernel level and thread count in use.")
+
+    func run() {
+        let levels = [QL_ISA_REF, QL_ISA_AVX2, QL_ISA_AVX512].map { isa in
+            "\(String(cString: ql_isa_name(isa)))=\(ql_isa_supported(isa) != 0 ? "yes" : "no")"
+        }
+        print("kernels: \(String(cString: ql_isa_name(QL_ISA_BEST))) (supported: \(levels.joined(separator: ", ")))")
+        print("threads: \(ql_get_num_threads()) (QL_NUM_THREADS to change)")
+    }
+}
+
+struct Demo: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Train a small conv net on the built-in toy shapes task and report held-out accuracy.")
+
+    @Option(help: "Training steps (batch 32).") var steps = 300
+    @Option(help: "Random seed; the run is fully determined by it.") var seed: UInt64 = 0
+
+    func validate() throws {
+        guard steps >= 10 else { throw ValidationError("--steps must be at least 10, got \(steps)") }
+    }
+
+    func run() {
+        var rng = SeededGenerator(seed: seed)
+        let model = ToyShapes.model(rng: &rng)
+        print("toy shapes: 4 classes (\(ToyShapes.classNames.joined(separator: ", "))), 12x12 images, \(model.parameterCount) parameters, seed \(seed)")
+        let start = Date()
+        let total = steps
+        let report = ToyShapes.train(model, steps: total, rng: &rng) { step, loss in
+            if step % max(total / 10, 1) == 0 || step == total - 1 {
+                let elapsed = Date().timeIntervalSince(start)
+                let rate = Double((step + 1) * 32) / max(elapsed, 1e-9)
+                print(String(format: "step %4d/%d  loss %.4f  %.0f img/s", step + 1, total, loss, rate))
+            }
+        }
+        print(String(format: "loss %.3f -> %.3f, held-out accuracy %.1f%% (chance 25%%), %.1f s",
+                     report.firstLoss, report.lastLoss, 100 * report.accuracy, Date().timeIntervalSince(start)))
+    }
+}
+
+struct Bench: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Kernel benchmarks, reported as ratios measured in one run.",
+        discussion: "SGEMM against numpy's OpenBLAS (same threads), INT8 GEMM against our SGEMM, conv2d against our SGEMM rate.")
+
+    @Flag(help: "Fewer sizes and rounds (a smoke run).") var quick = false
+    @Option(help: "Python with numpy for the OpenBLAS comparison.") var python = "python3"
+
+    func run() {
+        var bench = KernelBenchmarks()
+        bench.quick = quick
+        bench.pythonPath = python
+        let summary = bench.run()
+        print("\nsummary")
+        for line in summary { print(line) }
+    }
+}

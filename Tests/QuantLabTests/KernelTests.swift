@@ -69,6 +69,42 @@ struct KernelTests {
         }
     }
 
+    @Test("Fused INT8 GEMM + epilogue equals the reference GEMM followed by the reference epilogue", arguments: [
+        (1, 1, 3), (37, 45, 70), (250, 33, 1030), (300, 64, 96), (5, 200, 17),
+    ])
+    func fusedIgemmExact(shape: (Int, Int, Int)) {
+        let (m, n, k) = shape
+        var rng = SeededGenerator(seed: UInt64(7 * m + n + k))
+        let a = (0..<(m * k)).map { _ in UInt8(truncatingIfNeeded: rng.next()) }
+        let b = (0..<(k * n)).map { _ in Int8(Int(rng.next() % 255) - 127) }
+        var packed = [Int8](repeating: 0, count: ql_igemm_packed_size(Int32(k), Int32(n)))
+        var colSum = [Int32](repeating: 0, count: n)
+        _ = ql_igemm_pack_b(&packed, &colSum, b, Int32(n), Int32(k), Int32(n))
+        let offsets = colSum.map { -128 * $0 }
+        let scale = (0..<n).map { _ in 1e-5 + 1e-3 * rng.nextFloat() }, bias = randomFloats(n, &rng, low: -2, high: 2)
+        var acc = [Int32](repeating: 0, count: m * n)
+        _ = ql_igemm_u8s8s32_ref(Int32(m), Int32(n), Int32(k), a, Int32(k), b, Int32(n), &acc, Int32(n))
+        for relu: Int32 in [0, 1] {
+            var wantS8 = [Int8](repeating: 0, count: m * n), wantF32 = [Float](repeating: 0, count: m * n)
+            _ = ql_requantize_s8_ref(Int32(m), Int32(n), &wantS8, Int32(n), acc, Int32(n), offsets, scale, bias, relu)
+            _ = ql_dequantize_f32_ref(Int32(m), Int32(n), &wantF32, Int32(n), acc, Int32(n), offsets, scale, bias, relu)
+            offsets.withUnsafeBufferPointer { off in
+                scale.withUnsafeBufferPointer { sc in
+                    bias.withUnsafeBufferPointer { bi in
+                        var ep = ql_requant_params(col_offset: off.baseAddress, scale: sc.baseAddress, bias: bi.baseAddress, relu: relu)
+                        for isa in supportedISAs {
+                            var gotS8 = [Int8](repeating: 0, count: m * n), gotF32 = [Float](repeating: 0, count: m * n)
+                            #expect(ql_igemm_u8s8_s8_isa(isa, Int32(m), Int32(n), Int32(k), a, Int32(k), packed, &ep, &gotS8, Int32(n)) == 0)
+                            #expect(ql_igemm_u8s8_f32_isa(isa, Int32(m), Int32(n), Int32(k), a, Int32(k), packed, &ep, &gotF32, Int32(n)) == 0)
+                            #expect(gotS8 == wantS8, "s8 isa \(isa.rawValue) \(m)x\(n)x\(k) relu \(relu)")
+                            #expect(gotF32 == wantF32, "f32 isa \(isa.rawValue) \(m)x\(n)x\(k) relu \(relu)")
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     @Test("Signed activations through u8 + 128 and the column-sum compensation give the s8 x s8 product")
     func igemmSignedCompensation() {
         var rng = SeededGenerator(seed: 5)

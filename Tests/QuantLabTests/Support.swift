@@ -31,7 +31,7 @@ func spacedTensor(_ shape: [Int], _ rng: inout SeededGenerator, gap: Float = 0.0
 
 /// Checks the analytical gradient of every input of `f` against central finite differences
 /// of L = sum(f(inputs) * W) for a fixed random W. Returns the failures (empty = pass).
-func gradientCheck(_ name: String, _ inputs: [Tensor], eps: Float = 1e-2, atol: Double = 2e-2, rtol: Double = 2e-2,
+func gradientCheck(_ name: String, _ inputs: [Tensor], eps: Float = 1e-2, atol: Double = 1e-3, rtol: Double = 1e-2,
                    samplesPerInput: Int = 20, seed: UInt64 = 99, _ f: ([Tensor]) -> Tensor) -> [String] {
     var rng = SeededGenerator(seed: seed)
     for x in inputs { x.requiresGrad = true; x.grad = nil }

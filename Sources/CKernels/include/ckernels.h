@@ -112,6 +112,24 @@ int ql_igemm_u8s8s32_isa(ql_isa isa, int M, int N, int K, const uint8_t *A, int 
 int ql_igemm_u8s8s32_ref(int M, int N, int K, const uint8_t *A, int lda, const int8_t *B, int ldb,
                          int32_t *C, int ldc);
 
+/* Fused GEMM + epilogue: C never leaves the thread's cache-sized block buffer; results are
+ * bit-exact against ql_igemm_u8s8s32_ref followed by ql_requantize_s8_ref (or
+ * ql_dequantize_f32_ref). This is the call the INT8 engine makes per conv/linear layer. */
+typedef struct {
+    const int32_t *col_offset; /* N entries or NULL */
+    const float *scale;        /* N entries, required */
+    const float *bias;         /* N entries or NULL */
+    int relu;
+} ql_requant_params;
+int ql_igemm_u8s8_s8(int M, int N, int K, const uint8_t *A, int lda, const void *packed,
+                     const ql_requant_params *ep, int8_t *out, int ldo);
+int ql_igemm_u8s8_s8_isa(ql_isa isa, int M, int N, int K, const uint8_t *A, int lda,
+                         const void *packed, const ql_requant_params *ep, int8_t *out, int ldo);
+int ql_igemm_u8s8_f32(int M, int N, int K, const uint8_t *A, int lda, const void *packed,
+                      const ql_requant_params *ep, float *out, int ldo);
+int ql_igemm_u8s8_f32_isa(ql_isa isa, int M, int N, int K, const uint8_t *A, int lda,
+                          const void *packed, const ql_requant_params *ep, float *out, int ldo);
+
 int ql_requantize_s8(int M, int N, int8_t *restrict out, int ldo, const int32_t *restrict acc,
                      int ldacc, const int32_t *col_offset, const float *scale, const float *bias,
                      int relu);

@@ -1,0 +1,56 @@
+# QuantLab — `make help` lists the targets.
+SHELL := /bin/bash
+SWIFT ?= swift
+PYTHON ?= python3
+VENV := .venv
+VENV_PY := $(VENV)/bin/python
+QUICK ?=
+RELEASE_BIN := .build/release
+EXPERIMENTS := $(sort $(notdir $(wildcard experiments/exp*)))
+
+.DEFAULT_GOAL := help
+.PHONY: help build release test bench demo smoke crosscheck venv clean info
+
+help: ## list the targets
+	@echo "QuantLab — INT8 quantization of object detectors, reproduced from scratch"
+	@echo
+	@grep -hE '^[a-zA-Z0-9_%-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-12s %s\n", $$1, $$2}'
+	@echo
+	@echo "  QUICK=1 makes experiments and the demo small enough for a smoke run (results/quick/)."
+	@echo "  QL_NUM_THREADS=n sets kernel threads; QL_ISA=ref|avx2|avx512 caps the SIMD level."
+
+build: ## debug build of the library, the qlab tool and the experiments
+	$(SWIFT) build
+
+release: ## optimised build (used by bench, demo and experiments)
+	$(SWIFT) build -c release
+
+test: ## run the test suites (kernels vs references, gradients vs finite differences, ...)
+	$(SWIFT) test
+
+demo: release ## train a small conv net on the built-in toy task (QUICK=1: fewer steps)
+	$(RELEASE_BIN)/qlab demo $(if $(QUICK),--steps 60,)
+
+info: release ## CPU features, kernel ISA and threads this machine will use
+	$(RELEASE_BIN)/qlab info
+
+bench: release ## kernel benchmarks as ratios measured in one run (SGEMM vs numpy/OpenBLAS, INT8 vs FP32, conv vs GEMM)
+	$(RELEASE_BIN)/qlab bench $(if $(QUICK),--quick,) --python "$$( [ -x $(VENV_PY) ] && echo $(VENV_PY) || echo $(PYTHON) )"
+
+smoke: release ## every experiment with QUICK=1 (results go to results/quick/)
+	@if [ -z "$(EXPERIMENTS)" ]; then \
+	  echo "no experiments yet: smoke runs the demo"; $(RELEASE_BIN)/qlab demo --steps 60; \
+	else for e in $(EXPERIMENTS); do echo "== $$e (quick)"; $(RELEASE_BIN)/$$e --quick || exit 1; done; fi
+
+$(VENV_PY):
+	$(PYTHON) -m venv $(VENV)
+	$(VENV_PY) -m pip install --quiet --upgrade pip
+
+venv: $(VENV_PY) ## project-local Python (git-ignored) with the reference packages used by crosscheck and bench
+	$(VENV_PY) -m pip install --quiet numpy safetensors
+
+crosscheck: venv ## compare with the reference implementations (Python safetensors; pycocotools once the evaluator lands)
+	$(SWIFT) test --filter SafeTensorsTests
+
+clean: ## remove build outputs (keeps data/ and results/)
+	rm -rf .build
