@@ -135,3 +135,15 @@ struct NNTests {
         #expect(report.accuracy > 0.9, "held-out accuracy \(report.accuracy)")
     }
 }
+
+@Suite("Integer tensors")
+struct IntTensorTests {
+    @Test("int8 and int32 tensors hold values, check shapes and are 64-byte aligned")
+    func basics() throws {
+        let t = try Int8Tensor(shape: [2, 3], values: [-128, -1, 0, 1, 2, 127])
+        #expect(t.values == [-128, -1, 0, 1, 2, 127] && t.count == 6)
+        #expect(Int(bitPattern: t.data) % 64 == 0)
+        #expect(throws: TensorError.self) { try Int32Tensor(shape: [2, 2], values: [1, 2, 3]) }
+        #expect(Int32Tensor(zeros: [4]).values == [0, 0, 0, 0])
+    }
+}
