@@ -73,9 +73,14 @@ void ql_col2im(float *restrict x, const float *restrict col, int C, int H, int W
 }
 
 /* ---------------------------------------------------------------------------------------- */
-/* References: direct loops over the definition.                                             */
+/* References: direct loops over the definition. One loop nest visits every (output, tap)    */
+/* pair whose input pixel lies inside the image; the three passes differ only in what they  */
+/* do with the pair.                                                                         */
 /* ---------------------------------------------------------------------------------------- */
-int ql_conv2d_fwd_ref(float *y, const float *x, const float *w, const float *b, const ql_conv_geom *g) {
+typedef enum { REF_FWD, REF_BWD_DATA, REF_BWD_WEIGHT } ref_pass;
+
+static int conv_ref(ref_pass pass, const ql_conv_geom *g, float *y_or_dx_or_dw, float *db,
+                    const float *x_or_dy, const float *w_or_x, const float *b_or_dy) {
     int OH, OW;
     if (ql_conv_out_size(g, &OH, &OW)) return QL_EINVAL;
     int Cg = g->C / g->groups, Kg = g->K / g->groups;
@@ -84,67 +89,38 @@ int ql_conv2d_fwd_ref(float *y, const float *x, const float *w, const float *b, 
             int grp = k / Kg;
             for (int oh = 0; oh < OH; oh++)
                 for (int ow = 0; ow < OW; ow++) {
-                    float acc = b ? b[k] : 0.0f;
+                    size_t yi = (((size_t)n * g->K + k) * OH + oh) * OW + ow;
+                    float acc = 0.0f;
                     for (int c = 0; c < Cg; c++)
                         for (int kh = 0; kh < g->KH; kh++)
                             for (int kw = 0; kw < g->KW; kw++) {
                                 int ih = oh * g->SH - g->PH + kh * g->DH, iw = ow * g->SW - g->PW + kw * g->DW;
                                 if (ih < 0 || ih >= g->H || iw < 0 || iw >= g->W) continue;
-                                acc += w[(((size_t)k * Cg + c) * g->KH + kh) * g->KW + kw] *
-                                       x[(((size_t)n * g->C + grp * Cg + c) * g->H + ih) * g->W + iw];
+                                size_t wi = (((size_t)k * Cg + c) * g->KH + kh) * g->KW + kw;
+                                size_t xi = (((size_t)n * g->C + grp * Cg + c) * g->H + ih) * g->W + iw;
+                                switch (pass) {
+                                case REF_FWD: acc += w_or_x[wi] * x_or_dy[xi]; break;               /* y += w x   */
+                                case REF_BWD_DATA: y_or_dx_or_dw[xi] += x_or_dy[yi] * w_or_x[wi]; break; /* dx += dy w */
+                                case REF_BWD_WEIGHT: y_or_dx_or_dw[wi] += b_or_dy[yi] * w_or_x[xi]; break; /* dw += dy x */
+                                }
                             }
-                    y[(((size_t)n * g->K + k) * OH + oh) * OW + ow] = acc;
+                    if (pass == REF_FWD) y_or_dx_or_dw[yi] = (b_or_dy ? b_or_dy[k] : 0.0f) + acc;
+                    if (pass == REF_BWD_WEIGHT && db) db[k] += b_or_dy[yi];
                 }
         }
     return QL_OK;
+}
+
+int ql_conv2d_fwd_ref(float *y, const float *x, const float *w, const float *b, const ql_conv_geom *g) {
+    return conv_ref(REF_FWD, g, y, NULL, x, w, b);
 }
 
 int ql_conv2d_bwd_data_ref(float *dx, const float *dy, const float *w, const ql_conv_geom *g) {
-    int OH, OW;
-    if (ql_conv_out_size(g, &OH, &OW)) return QL_EINVAL;
-    int Cg = g->C / g->groups, Kg = g->K / g->groups;
-    for (int n = 0; n < g->N; n++)
-        for (int k = 0; k < g->K; k++) {
-            int grp = k / Kg;
-            for (int oh = 0; oh < OH; oh++)
-                for (int ow = 0; ow < OW; ow++) {
-                    float d = dy[(((size_t)n * g->K + k) * OH + oh) * OW + ow];
-                    for (int c = 0; c < Cg; c++)
-                        for (int kh = 0; kh < g->KH; kh++)
-                            for (int kw = 0; kw < g->KW; kw++) {
-                                int ih = oh * g->SH - g->PH + kh * g->DH, iw = ow * g->SW - g->PW + kw * g->DW;
-                                if (ih < 0 || ih >= g->H || iw < 0 || iw >= g->W) continue;
-                                dx[(((size_t)n * g->C + grp * Cg + c) * g->H + ih) * g->W + iw] +=
-                                    d * w[(((size_t)k * Cg + c) * g->KH + kh) * g->KW + kw];
-                            }
-                }
-        }
-    return QL_OK;
+    return conv_ref(REF_BWD_DATA, g, dx, NULL, dy, w, NULL);
 }
 
-int ql_conv2d_bwd_weight_ref(float *dw, float *db, const float *dy, const float *x,
-                             const ql_conv_geom *g) {
-    int OH, OW;
-    if (ql_conv_out_size(g, &OH, &OW)) return QL_EINVAL;
-    int Cg = g->C / g->groups, Kg = g->K / g->groups;
-    for (int n = 0; n < g->N; n++)
-        for (int k = 0; k < g->K; k++) {
-            int grp = k / Kg;
-            for (int oh = 0; oh < OH; oh++)
-                for (int ow = 0; ow < OW; ow++) {
-                    float d = dy[(((size_t)n * g->K + k) * OH + oh) * OW + ow];
-                    if (db) db[k] += d;
-                    for (int c = 0; c < Cg; c++)
-                        for (int kh = 0; kh < g->KH; kh++)
-                            for (int kw = 0; kw < g->KW; kw++) {
-                                int ih = oh * g->SH - g->PH + kh * g->DH, iw = ow * g->SW - g->PW + kw * g->DW;
-                                if (ih < 0 || ih >= g->H || iw < 0 || iw >= g->W) continue;
-                                dw[(((size_t)k * Cg + c) * g->KH + kh) * g->KW + kw] +=
-                                    d * x[(((size_t)n * g->C + grp * Cg + c) * g->H + ih) * g->W + iw];
-                            }
-                }
-        }
-    return QL_OK;
+int ql_conv2d_bwd_weight_ref(float *dw, float *db, const float *dy, const float *x, const ql_conv_geom *g) {
+    return conv_ref(REF_BWD_WEIGHT, g, dw, db, NULL, x, dy);
 }
 
 /* ---------------------------------------------------------------------------------------- */
