@@ -47,9 +47,10 @@ $(VENV_PY):
 	$(VENV_PY) -m pip install --quiet --upgrade pip
 
 venv: $(VENV_PY) ## project-local Python (git-ignored) with the reference packages used by crosscheck and bench
-	$(VENV_PY) -m pip install --quiet numpy safetensors
+	$(VENV_PY) -m pip install --quiet numpy safetensors pycocotools
 
-crosscheck: venv ## compare with the reference implementations (Python safetensors; pycocotools once the evaluator lands)
+crosscheck: venv release ## compare with the reference implementations: pycocotools (all 12 numbers) and Python safetensors
+	$(VENV_PY) scripts/crosscheck_coco.py $(RELEASE_BIN)/qlab
 	$(SWIFT) test --filter SafeTensorsTests
 
 clean: ## remove build outputs (keeps data/ and results/)

@@ -47,9 +47,15 @@ let package = Package(
             cSettings: kernelFlags,
             linkerSettings: [.linkedLibrary("pthread"), .linkedLibrary("m")]
         ),
+        // libjpeg-turbo wrappers (setjmp error handling lives in C: Swift cannot longjmp).
+        .target(
+            name: "CImageIO",
+            cSettings: [.unsafeFlags(["-O2", "-std=c11", "-Wall"])],
+            linkerSettings: [.linkedLibrary("jpeg")]
+        ),
         .target(
             name: "QuantLab",
-            dependencies: ["CKernels"]
+            dependencies: ["CKernels", "CImageIO"]
         ),
         .executableTarget(
             name: "qlab",

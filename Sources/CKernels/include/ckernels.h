@@ -314,6 +314,22 @@ void ql_upsample_nearest_bwd(float *restrict dx, const float *restrict dy, int64
                              int W, int FH, int FW);
 
 /* ------------------------------------------------------------------------------------------
+ * Image preprocessing (8-bit RGB, HWC, rows packed). The CPU reference of the detection
+ * input pipeline: decode -> resize -> normalise + HWC->CHW (DALI's crop_mirror_normalize).
+ * ---------------------------------------------------------------------------------------- */
+/* Bilinear resize with half-pixel centres (OpenCV INTER_LINEAR, PyTorch align_corners=False):
+ *   src = (dst + 0.5) * (in / out) - 0.5, clamped to the image; result rounded to nearest. */
+void ql_resize_bilinear_u8(uint8_t *restrict out, int out_h, int out_w, const uint8_t *restrict in,
+                           int in_h, int in_w, int channels);
+/* out[c, y, x] = in[y, x, c] * scale[c] + shift[c]  (e.g. scale 1/255, shift 0; or ImageNet
+ * mean/std folded in). With flip != 0 the image is mirrored horizontally on the way. */
+void ql_u8hwc_to_f32chw(float *restrict out, const uint8_t *restrict in, int h, int w,
+                        const float *scale, const float *shift, int flip);
+/* Colour jitter in HSV: h' = (h * gain_h) mod 360, s' = clamp(s * gain_s), v' = clamp(v * gain_v)
+ * (the YOLO augment_hsv gains, applied in floating-point HSV). In place on RGB pixels. */
+void ql_hsv_jitter_u8(uint8_t *rgb, int64_t pixels, float gain_h, float gain_s, float gain_v);
+
+/* ------------------------------------------------------------------------------------------
  * Losses (elementwise parts; reductions are done by the caller)
  * ---------------------------------------------------------------------------------------- */
 /* BCE with logits, numerically stable:

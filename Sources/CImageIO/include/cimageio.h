@@ -1,0 +1,39 @@
+/*
+ * cimageio.h — JPEG decode/encode through libjpeg(-turbo), made safe for Swift.
+ *
+ * libjpeg reports errors by calling error_exit, whose default ends the process; the usual
+ * fix is a longjmp back to the caller, which Swift frames cannot survive. These wrappers do
+ * the setjmp/longjmp entirely in C and return a status plus a message instead.
+ *
+ * Images are 8-bit RGB, HWC, rows packed (stride = 3 * width).
+ */
+#ifndef QUANTLAB_CIMAGEIO_H
+#define QUANTLAB_CIMAGEIO_H
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Decodes a JPEG held in memory. On success returns 0 and sets *rgb (malloc'ed, free with
+ * qlio_free), *width, *height. On failure returns -1, leaves *rgb NULL and writes a
+ * NUL-terminated reason into err (errlen bytes). Grayscale and CMYK inputs are converted
+ * to RGB by libjpeg. Images larger than 2^28 pixels are refused. */
+int qlio_jpeg_decode(const uint8_t *data, size_t size, uint8_t **rgb, int *width, int *height,
+                     char *err, size_t errlen);
+
+/* Reads only the header: image size without decoding. Same error convention. */
+int qlio_jpeg_size(const uint8_t *data, size_t size, int *width, int *height, char *err, size_t errlen);
+
+/* Encodes RGB to JPEG at quality 1..100 (4:2:0 chroma, as most cameras and COCO). On success
+ * returns 0 and sets *out (malloc'ed, free with qlio_free) and *outsize. */
+int qlio_jpeg_encode(const uint8_t *rgb, int width, int height, int quality, uint8_t **out,
+                     size_t *outsize, char *err, size_t errlen);
+
+void qlio_free(void *p);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
