@@ -9,7 +9,7 @@ RELEASE_BIN := .build/release
 EXPERIMENTS := $(sort $(notdir $(wildcard experiments/exp*)))
 
 .DEFAULT_GOAL := help
-.PHONY: help build release test bench demo smoke crosscheck venv clean info
+.PHONY: help build release test bench demo smoke crosscheck venv clean info data
 
 help: ## list the targets
 	@echo "QuantLab — INT8 quantization of object detectors, reproduced from scratch"
@@ -41,6 +41,10 @@ smoke: release ## every experiment with QUICK=1 (results go to results/quick/)
 	@if [ -z "$(EXPERIMENTS)" ]; then \
 	  echo "no experiments yet: smoke runs the demo"; $(RELEASE_BIN)/qlab demo --steps 60; \
 	else for e in $(EXPERIMENTS); do echo "== $$e (quick)"; $(RELEASE_BIN)/$$e --quick || exit 1; done; fi
+
+data: release ## generate the default synthetic datasets in data/ (detection 'shapes', classification 'shapes-cls')
+	$(RELEASE_BIN)/qlab make-data --preset $(if $(QUICK),shapes-tiny,shapes) --root data
+	$(if $(QUICK),,$(RELEASE_BIN)/qlab make-data --preset shapes-cls --root data)
 
 $(VENV_PY):
 	$(PYTHON) -m venv $(VENV)
