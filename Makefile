@@ -9,7 +9,7 @@ RELEASE_BIN := .build/release
 EXPERIMENTS := $(sort $(notdir $(wildcard experiments/exp*)))
 
 .DEFAULT_GOAL := help
-.PHONY: help build release test bench demo smoke crosscheck venv clean info data
+.PHONY: help build release test bench demo smoke crosscheck venv clean info data cuda
 
 help: ## list the targets
 	@echo "QuantLab — INT8 quantization of object detectors, reproduced from scratch"
@@ -56,6 +56,9 @@ venv: $(VENV_PY) ## project-local Python (git-ignored) with the reference packag
 crosscheck: venv release ## compare with the reference implementations: pycocotools (all 12 numbers) and Python safetensors
 	$(VENV_PY) scripts/crosscheck_coco.py $(RELEASE_BIN)/qlab
 	$(SWIFT) test --filter SafeTensorsTests
+
+cuda: ## build the CUDA plugin .build/cuda/libqlcuda.so (installs nvcc into .venv-cuda if needed); no GPU needed to build
+	scripts/build_cuda.sh
 
 clean: ## remove build outputs (keeps data/ and results/)
 	rm -rf .build

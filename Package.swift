@@ -53,9 +53,19 @@ let package = Package(
             cSettings: [.unsafeFlags(["-O2", "-std=c11", "-Wall"])],
             linkerSettings: [.linkedLibrary("jpeg")]
         ),
+        // The CUDA plugin's C ABI (header only): the plugin is opened at run time with dlopen,
+        // so the Swift build never needs CUDA. `make cuda` builds the plugin itself.
+        .target(
+            name: "CQLCuda",
+            path: "cuda",
+            exclude: ["gemm.cu", "conv_quant.cu", "elementwise.cu", "preprocess.cu", "runtime.cu", "common.cuh", "probe.c"],
+            sources: ["swift_module.c"],
+            publicHeadersPath: "include"
+        ),
         .target(
             name: "QuantLab",
-            dependencies: ["CKernels", "CImageIO"]
+            dependencies: ["CKernels", "CImageIO", "CQLCuda"],
+            linkerSettings: [.linkedLibrary("dl")]
         ),
         .executableTarget(
             name: "qlab",

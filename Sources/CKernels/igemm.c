@@ -463,16 +463,3 @@ int ql_dequantize_f32(int M, int N, float *restrict out, int ldo, const int32_t 
     /* One fmaf per element, memory-bound; the compiler vectorises it. Same code = bit-exact. */
     return ql_dequantize_f32_ref(M, N, out, ldo, acc, ldacc, col_offset, scale, bias, relu);
 }
-
-void ql_fake_quant_f32(float *restrict y, const float *restrict x, int64_t n, float amax, int qmax) {
-    if (!(amax > 0.0f)) {
-        memset(y, 0, sizeof(float) * (size_t)n);
-        return;
-    }
-    float s = amax / (float)qmax, lim = (float)qmax;
-    for (int64_t i = 0; i < n; i++) {
-        float q = nearbyintf(x[i] / s);
-        q = q > lim ? lim : (q < -lim ? -lim : q);
-        y[i] = q * s;
-    }
-}

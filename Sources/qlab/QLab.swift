@@ -21,6 +21,7 @@ struct Info: ParsableCommand {
         }
         print("kernels: \(String(cString: ql_isa_name(QL_ISA_BEST))) (supported: \(levels.joined(separator: ", ")))")
         print("threads: \(ql_get_num_threads()) (QL_NUM_THREADS to change)")
+        print(CUDA.shared.notice)
     }
 }
 

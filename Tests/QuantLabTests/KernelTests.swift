@@ -172,6 +172,25 @@ struct KernelTests {
         #expect(y.allSatisfy { $0 == 0 })
     }
 
+    @Test("per-channel fake quantization, STE backward, channel amax and histogram, hand-computed")
+    func quantKernelsHandCases() {
+        // x is [outer 1, channels 2, inner 3]; channel 0 amax 127 (scale 1), channel 1 amax 12.7 (scale 0.1)
+        let x: [Float] = [2.5, -130, 0.4, 0.25, 13, -0.05]
+        var y = [Float](repeating: 0, count: 6)
+        ql_fake_quant_per_channel_f32(&y, x, 1, 2, 3, [127, 12.7], 127)
+        #expect(y[0] == 2 && y[1] == -127 && y[2] == 0)
+        #expect(abs(y[3] - 0.2) < 1e-6 && abs(y[4] - 12.7) < 1e-5 && y[5] == 0) // 2.5 -> 2, 130 -> 127, -0.5 -> -0
+        var dx: [Float] = [1, 1, 1, 1, 1, 1]
+        ql_fake_quant_per_channel_bwd_f32(&dx, [1, 1, 1, 1, 1, 1], x, 1, 2, 3, [127, 12.7])
+        #expect(dx == [2, 1, 2, 2, 1, 2]) // accumulates where |x| <= amax
+        var amax: [Float] = [9, 9]
+        ql_channel_absmax_f32(&amax, x, 1, 2, 3)
+        #expect(amax == [130, 13])
+        var counts = [Int64](repeating: 1, count: 4)
+        ql_histogram_abs_f32(&counts, 4, [0, 0.99, 1, -1.5, 3.99, 4, 100], 7, 4)
+        #expect(counts == [3, 3, 1, 4]) // bins of width 1 over [0, 4); >= 4 lands in the last bin
+    }
+
     static let convCases: [ql_conv_geom] = [
         ql_conv_geom(N: 2, C: 3, H: 7, W: 9, K: 4, KH: 3, KW: 3, SH: 1, SW: 1, PH: 1, PW: 1, DH: 1, DW: 1, groups: 1),
         ql_conv_geom(N: 3, C: 4, H: 11, W: 8, K: 6, KH: 3, KW: 2, SH: 2, SW: 1, PH: 0, PW: 1, DH: 2, DW: 1, groups: 2),

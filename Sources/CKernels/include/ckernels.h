@@ -146,11 +146,32 @@ int ql_dequantize_f32_ref(int M, int N, float *restrict out, int ldo, const int3
                           int ldacc, const int32_t *col_offset, const float *scale,
                           const float *bias, int relu);
 
-/* Symmetric fake quantization, the TensorRT convention: with s = amax/qmax,
+/* ------------------------------------------------------------------------------------------
+ * Fake quantization and calibration reductions
+ *
+ * Symmetric fake quantization, the TensorRT convention: with s = amax/qmax,
  *   y = clamp(round_half_to_even(x / s), -qmax, qmax) * s
  * amax <= 0 gives y = 0. Division (not multiplication by 1/s) so that the result matches
- * pytorch-quantization. */
+ * pytorch-quantization. Per channel: x is [outer, channels, inner] and channel c uses amax[c]
+ * (weights: outer = 1, channels = K, inner = C*KH*KW).
+ * Backward (straight-through estimator, zero outside the clipping range):
+ *   dx += dy where |x| <= amax, else 0.
+ * ---------------------------------------------------------------------------------------- */
 void ql_fake_quant_f32(float *restrict y, const float *restrict x, int64_t n, float amax, int qmax);
+void ql_fake_quant_per_channel_f32(float *restrict y, const float *restrict x, int64_t outer,
+                                   int channels, int64_t inner, const float *amax, int qmax);
+void ql_fake_quant_bwd_f32(float *restrict dx, const float *restrict dy, const float *restrict x,
+                           int64_t n, float amax);
+void ql_fake_quant_per_channel_bwd_f32(float *restrict dx, const float *restrict dy,
+                                       const float *restrict x, int64_t outer, int channels,
+                                       int64_t inner, const float *amax);
+/* amax[c] = max |x| over outer and inner for each channel (x is [outer, channels, inner]). */
+void ql_channel_absmax_f32(float *restrict amax, const float *restrict x, int64_t outer,
+                           int channels, int64_t inner);
+/* Histogram of |x| over [0, range): bin = floor(|x| / range * bins), values >= range go to the
+ * last bin; counts ACCUMULATE (+=), so a calibrator can feed batch after batch. */
+void ql_histogram_abs_f32(int64_t *restrict counts, int bins, const float *restrict x, int64_t n,
+                          float range);
 
 /* ------------------------------------------------------------------------------------------
  * im2col / col2im and convolution drivers

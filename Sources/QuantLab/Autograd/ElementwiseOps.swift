@@ -7,6 +7,7 @@ import CKernels
 
 extension Tensor {
     private func unary(_ op: ql_unary_op, _ name: String, needsOutput: Bool) -> Tensor {
+        if device == .cuda { return CUDAOps.unary(op, name, self) }
         let out = Tensor(zeros: shape)
         ql_unary_fwd(op, out.data, data, Int64(count))
         return record(out, name, [self]) { [unowned out] g in
@@ -27,6 +28,7 @@ extension Tensor {
 
     /// a * x + b with scalar a and b.
     public func scaled(by a: Float, plus b: Float = 0) -> Tensor {
+        if device == .cuda { return CUDAOps.scaleShift(self, a, b) }
         let out = Tensor(zeros: shape)
         ql_scale_shift(out.data, data, a, b, Int64(count))
         return record(out, "scale_shift", [self]) { g in
@@ -65,8 +67,9 @@ private func binary(_ op: ql_binary_op, _ name: String, _ a: Tensor, _ b: Tensor
         preconditionFailure("\(name): shapes \(a.shape) and \(b.shape) do not broadcast")
     }
     precondition(shape.count <= Int(QL_MAX_DIMS), "\(name): rank \(shape.count) > \(QL_MAX_DIMS)")
-    let out = Tensor(zeros: shape)
     let sa = broadcastStrides(a.shape, to: shape), sb = broadcastStrides(b.shape, to: shape)
+    if a.device == .cuda || b.device == .cuda { return CUDAOps.binary(op, name, a, b, shape: shape, sa: sa, sb: sb) }
+    let out = Tensor(zeros: shape)
     let dims = shape.map { Int64($0) }
     let st = ql_binary_strided(op, out.data, a.data, sa, b.data, sb, dims, Int32(shape.count))
     precondition(st == 0, "\(name): kernel status \(st)")
@@ -236,6 +239,7 @@ extension Tensor {
 
 extension Tensor {
     public func softmax() -> Tensor {
+        if device == .cuda { return CUDAOps.softmax(self) }
         let cols = shape.last ?? 1, rows = count / max(cols, 1)
         let out = Tensor(zeros: shape)
         ql_softmax_rows(out.data, data, Int64(rows), Int32(cols))

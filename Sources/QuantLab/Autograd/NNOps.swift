@@ -46,6 +46,7 @@ public func conv2d(_ x: Tensor, weight: Tensor, bias: Tensor? = nil, options o: 
     precondition(ql_conv_out_size(&g, &oh, &ow) == 0 && weight.shape[1] * o.groups == x.shape[1],
                  "conv2d: input \(x.shape), weight \(weight.shape), stride \(o.stride), padding \(o.padding), groups \(o.groups) do not fit")
     if let b = bias { precondition(b.shape == [weight.shape[0]], "conv2d: bias \(b.shape) for \(weight.shape[0]) channels") }
+    if x.device == .cuda { return CUDAOps.conv2d(x, weight, bias, g, oh: Int(oh), ow: Int(ow)) }
     let out = Tensor(zeros: [x.shape[0], weight.shape[0], Int(oh), Int(ow)])
     check(ql_conv2d_fwd(out.data, x.data, weight.data, bias?.data, &g), "conv2d")
     let parents = bias.map { [x, weight, $0] } ?? [x, weight]
@@ -230,6 +231,8 @@ public func upsampleNearest(_ x: Tensor, scale: Int) -> Tensor {
 /// y = x W^T + b over the last dim: x [..., in], weight [out, in], bias [out].
 public func linear(_ x: Tensor, weight: Tensor, bias: Tensor? = nil) -> Tensor {
     precondition(weight.rank == 2 && x.shape.last == weight.shape[1], "linear: input \(x.shape), weight \(weight.shape)")
+    if let b = bias { precondition(b.shape == [weight.shape[0]], "linear: bias \(b.shape) for \(weight.shape[0]) outputs") }
+    if x.device == .cuda { return CUDAOps.linear(x, weight, bias) }
     let (outF, inF) = (weight.shape[0], weight.shape[1]), rows = x.count / max(inF, 1)
     let out = Tensor(zeros: Array(x.shape.dropLast()) + [outF])
     if let b = bias {
@@ -264,6 +267,7 @@ public func matmul(_ a: Tensor, _ b: Tensor) -> Tensor {
     let batchA = Array(a.shape.dropLast(2)), batchB = Array(b.shape.dropLast(2))
     precondition(batchB.isEmpty || batchA == batchB, "matmul: batch dims \(batchA) vs \(batchB)")
     let batch = batchA.reduce(1, *), sharedB = batchB.isEmpty
+    if a.device == .cuda { return CUDAOps.matmul(a, b, batch: batch, m: m, k: k, n: n, sharedB: sharedB, outShape: batchA + [m, n]) }
     let out = Tensor(zeros: batchA + [m, n])
     let (I, J, K) = (Int32(m), Int32(n), Int32(k))
     for i in 0..<batch {

@@ -51,7 +51,7 @@ public enum JPEG {
             qlio_jpeg_decode(raw.bindMemory(to: UInt8.self).baseAddress, raw.count, &rgb, &w, &h, &err, err.count)
         }
         guard status == 0, let rgb else {
-            throw ImageError("\(source): not a decodable JPEG (\(String(cString: err)))")
+            throw ImageError("\(source): not a decodable JPEG (\(cMessage(err)))")
         }
         defer { qlio_free(rgb) }
         return RGBImage(width: Int(w), height: Int(h), pixels: Array(UnsafeBufferPointer(start: rgb, count: Int(w) * Int(h) * 3)))
@@ -76,7 +76,7 @@ public enum JPEG {
         let status = data.withUnsafeBytes { raw in
             qlio_jpeg_size(raw.bindMemory(to: UInt8.self).baseAddress, raw.count, &w, &h, &err, err.count)
         }
-        guard status == 0 else { throw ImageError("\(url.path): not a JPEG (\(String(cString: err)))") }
+        guard status == 0 else { throw ImageError("\(url.path): not a JPEG (\(cMessage(err)))") }
         return (Int(w), Int(h))
     }
 
@@ -85,7 +85,7 @@ public enum JPEG {
         var size = 0
         var err = [CChar](repeating: 0, count: 256)
         let status = qlio_jpeg_encode(image.pixels, Int32(image.width), Int32(image.height), Int32(quality), &out, &size, &err, err.count)
-        guard status == 0, let out else { throw ImageError("JPEG encode failed (\(String(cString: err)))") }
+        guard status == 0, let out else { throw ImageError("JPEG encode failed (\(cMessage(err)))") }
         defer { qlio_free(out) }
         return Data(bytes: out, count: size)
     }
@@ -94,4 +94,10 @@ public enum JPEG {
     public static func write(_ image: RGBImage, to url: URL, quality: Int = 90) throws {
         try AtomicFile.write(encode(image, quality: quality), to: url)
     }
+}
+
+/// A NUL-terminated C message buffer as a String.
+func cMessage(_ buffer: [CChar]) -> String {
+    let bytes = buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }
+    return String(decoding: bytes, as: UTF8.self)
 }

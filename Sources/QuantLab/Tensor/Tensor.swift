@@ -16,20 +16,42 @@ public enum TensorError: Error, CustomStringConvertible, Equatable {
     }
 }
 
-/// A 64-byte aligned float32 buffer. Reference type: a reshaped tensor shares it.
+/// A float32 buffer: 64-byte aligned host memory, or device memory of the CUDA plugin.
+/// Reference type: a reshaped tensor shares it.
 public final class Storage {
-    public let pointer: UnsafeMutablePointer<Float>
     public let count: Int
+    public let device: Device
+    /// Host memory (cpu) or a device address (cuda): only kernels of that device may use it.
+    let address: UnsafeMutablePointer<Float>
+    private let deviceBuffer: CUDABuffer<Float>?
 
     public init(count: Int) {
         precondition(count >= 0, "negative storage size \(count)")
         self.count = count
+        device = .cpu
+        deviceBuffer = nil
         let raw = UnsafeMutableRawPointer.allocate(byteCount: max(count, 1) * 4, alignment: 64)
-        pointer = raw.bindMemory(to: Float.self, capacity: max(count, 1))
-        pointer.initialize(repeating: 0, count: max(count, 1))
+        address = raw.bindMemory(to: Float.self, capacity: max(count, 1))
+        address.initialize(repeating: 0, count: max(count, 1))
     }
 
-    deinit { pointer.deallocate() }
+    /// Zero-filled device memory; throws when there is no CUDA device.
+    public init(cudaCount count: Int) throws {
+        let buffer = try CUDABuffer<Float>(count: count)
+        try CUDA.shared.check(CUDA.shared.requireDevice().memset(buffer.pointer, 0, max(count, 1) * 4, nil), "memset")
+        self.count = count
+        device = .cuda
+        deviceBuffer = buffer
+        address = buffer.typed
+    }
+
+    /// Host pointer; a device storage has none (copy it with `Tensor.to(.cpu)`).
+    public var pointer: UnsafeMutablePointer<Float> {
+        precondition(device == .cpu, "this tensor lives on \(device): copy it with .to(.cpu) before reading it on the host")
+        return address
+    }
+
+    deinit { if device == .cpu { address.deallocate() } }
 }
 
 /// A contiguous row-major float32 tensor (NCHW for images) that can take part in autograd.
@@ -49,7 +71,14 @@ public final class Tensor {
 
     public var count: Int { storage.count }
     public var rank: Int { shape.count }
+    public var device: Device { storage.device }
+    /// Host data of a CPU tensor (stops with a clear message for a CUDA tensor).
     public var data: UnsafeMutablePointer<Float> { storage.pointer }
+    /// Device address of a CUDA tensor, for the plugin's kernels.
+    var deviceData: UnsafeMutablePointer<Float> {
+        precondition(device == .cuda, "deviceData of a \(device) tensor")
+        return storage.address
+    }
     public var isLeaf: Bool { node == nil }
 
     public init(shape: [Int], storage: Storage, requiresGrad: Bool = false) {
@@ -104,8 +133,27 @@ public final class Tensor {
         return t
     }
 
-    /// The values, copied out in row-major order.
-    public var values: [Float] { Array(UnsafeBufferPointer(start: data, count: count)) }
+    /// The values, copied out in row-major order (from the device for a CUDA tensor).
+    public var values: [Float] {
+        if device == .cuda { return (try? to(.cpu).values) ?? [] }
+        return Array(UnsafeBufferPointer(start: data, count: count))
+    }
+
+    /// A copy on `target` (self when already there). Throws when the device is unavailable.
+    public func to(_ target: Device) throws -> Tensor {
+        if target == device { return self }
+        let api = try CUDA.shared.requireDevice()
+        if target == .cuda {
+            let out = Tensor(shape: shape, storage: try Storage(cudaCount: count))
+            try CUDA.shared.check(api.memcpy_h2d(out.storage.address, data, count * 4, nil), "copy to device")
+            try CUDA.shared.check(api.stream_synchronize(nil), "synchronize")
+            return out
+        }
+        let out = Tensor(zeros: shape)
+        try CUDA.shared.check(api.memcpy_d2h(out.data, storage.address, count * 4, nil), "copy to host")
+        try CUDA.shared.check(api.stream_synchronize(nil), "synchronize")
+        return out
+    }
 
     /// The single value of a one-element tensor.
     public func item() -> Float {
@@ -154,6 +202,7 @@ public final class Tensor {
 
 extension Tensor: CustomStringConvertible {
     public var description: String {
+        if device == .cuda { return "Tensor(shape: \(shape), on cuda)" }
         let shown = values.prefix(8).map { String(format: "%.4g", $0) }.joined(separator: ", ")
         return "Tensor(shape: \(shape), [\(shown)\(count > 8 ? ", ..." : "")])"
     }

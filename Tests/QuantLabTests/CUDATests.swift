@@ -1,0 +1,244 @@
+import CKernels
+import CQLCuda
+import Foundation
+import Testing
+@testable import QuantLab
+
+@Suite("CUDA plugin: loading and status (runs everywhere)")
+struct CUDAPluginTests {
+    @Test("the status is coherent; without a device, device memory is a clear error, not a crash")
+    func statusIsCoherent() throws {
+        let cuda = CUDA.shared
+        switch cuda.status {
+        case .pluginNotBuilt(let searched):
+            #expect(cuda.api == nil && !searched.isEmpty && cuda.notice.contains("make cuda"))
+        case .pluginUnusable(let why):
+            Issue.record("the plugin at \(cuda.pluginPath ?? "?") exists but cannot be used: \(why)")
+        case .noDevice(let why):
+            #expect(cuda.api != nil && !why.isEmpty)
+        case .ready:
+            #expect(cuda.api != nil)
+        }
+        if !cuda.isReady {
+            #expect(throws: DeviceError.self) { try Tensor(zeros: [2]).to(.cuda) }
+            #expect(throws: DeviceError.self) { try CUDABuffer<Float>(count: 4) }
+        }
+    }
+
+    @Test("a built plugin loads through dlopen and answers the device probe",
+          .enabled(if: CUDA.shared.pluginPath != nil, "the plugin is not built: run `make cuda`"))
+    func pluginLoads() {
+        let cuda = CUDA.shared
+        #expect(cuda.api != nil, "\(cuda.status)")
+        if case .noDevice(let why) = cuda.status { #expect(why.contains("driver") || why.contains("device")) }
+    }
+}
+
+/// Every CUDA kernel against its CPU reference on the same inputs:
+/// |gpu - ref| <= atol + rtol*|ref| for float kernels, bit-exact for integer ones.
+@Suite("GPU conformance: CUDA kernels vs CPU references",
+       .enabled(if: CUDA.shared.isReady, "no CUDA device (\(CUDA.shared.notice))"))
+struct CUDAConformanceTests {
+    let api: qlc_api
+
+    init() throws { api = try CUDA.shared.requireDevice() }
+
+    func sync() throws { try CUDA.shared.check(api.stream_synchronize(nil), "synchronize") }
+
+    @Test("sgemm: transposes, alpha/beta, awkward sizes", arguments: [0, 1, 2, 3])
+    func sgemm(transposes: Int) throws {
+        let (tA, tB) = (Int32(transposes & 1), Int32(transposes >> 1))
+        var rng = SeededGenerator(seed: UInt64(transposes))
+        for (m, n, k) in [(1, 1, 1), (7, 17, 63), (129, 65, 33), (200, 300, 150)] {
+            let lda = tA != 0 ? m : k, ldb = tB != 0 ? k : n
+            let a = randomFloats(m * k, &rng), b = randomFloats(k * n, &rng), c0 = randomFloats(m * n, &rng)
+            var want = c0
+            _ = ql_sgemm_ref(tA, tB, Int32(m), Int32(n), Int32(k), 0.5, a, Int32(lda), b, Int32(ldb), 0.25, &want, Int32(n))
+            let da = try CUDABuffer(a), db = try CUDABuffer(b), dc = try CUDABuffer(c0)
+            try CUDA.shared.check(api.sgemm(nil, tA, tB, Int32(m), Int32(n), Int32(k), 0.5, da.typed, Int32(lda), db.typed, Int32(ldb),
+                                            0.25, dc.typed, Int32(n)), "sgemm")
+            #expect(firstMismatch(try dc.download(), want, atol: 1e-5 * Double(k), rtol: 1e-5) == nil, "\(m)x\(n)x\(k)")
+        }
+    }
+
+    @Test("int8 GEMM: int32, requantized and dequantized outputs are bit-exact", arguments: [(1, 1, 3), (37, 45, 70), (130, 70, 1030)])
+    func igemm(shape: (Int, Int, Int)) throws {
+        let (m, n, k) = shape
+        var rng = SeededGenerator(seed: UInt64(m + n + k))
+        let a = (0..<(m * k)).map { _ in UInt8(truncatingIfNeeded: rng.next()) }
+        let b = (0..<(k * n)).map { _ in Int8(Int(rng.next() % 255) - 127) }
+        var acc = [Int32](repeating: 0, count: m * n)
+        _ = ql_igemm_u8s8s32_ref(Int32(m), Int32(n), Int32(k), a, Int32(k), b, Int32(n), &acc, Int32(n))
+        let colSum = (0..<n).map { j in (0..<k).reduce(Int32(0)) { $0 + Int32(b[$1 * n + j]) } }
+        let offsets = colSum.map { -128 * $0 }, scale = (0..<n).map { _ in 1e-4 + 1e-3 * rng.nextFloat() }
+        let bias = randomFloats(n, &rng, low: -2, high: 2)
+        var wantS8 = [Int8](repeating: 0, count: m * n), wantF32 = [Float](repeating: 0, count: m * n)
+        _ = ql_requantize_s8_ref(Int32(m), Int32(n), &wantS8, Int32(n), acc, Int32(n), offsets, scale, bias, 1)
+        _ = ql_dequantize_f32_ref(Int32(m), Int32(n), &wantF32, Int32(n), acc, Int32(n), offsets, scale, bias, 1)
+
+        let dA = try CUDABuffer(a), dB = try CUDABuffer(b)
+        let packed = try CUDABuffer<Int8>(count: api.igemm_packed_size(Int32(k), Int32(n)))
+        let dSum = try CUDABuffer<Int32>(count: n)
+        try CUDA.shared.check(api.igemm_pack_b(nil, packed.pointer, dSum.typed, dB.typed, Int32(n), Int32(k), Int32(n)), "pack")
+        #expect(try dSum.download() == colSum)
+        let dC = try CUDABuffer<Int32>(count: m * n)
+        try CUDA.shared.check(api.igemm_u8s8s32(nil, Int32(m), Int32(n), Int32(k), dA.typed, Int32(k), packed.pointer, dC.typed, Int32(n)), "igemm")
+        #expect(try dC.download() == acc)
+        let dOff = try CUDABuffer(offsets), dScale = try CUDABuffer(scale), dBias = try CUDABuffer(bias)
+        var p = qlc_requant_params(col_offset: dOff.typed, scale: dScale.typed, bias: dBias.typed, relu: 1)
+        let dS8 = try CUDABuffer<Int8>(count: m * n), dF = try CUDABuffer<Float>(count: m * n)
+        try CUDA.shared.check(api.igemm_u8s8_s8(nil, Int32(m), Int32(n), Int32(k), dA.typed, Int32(k), packed.pointer, &p, dS8.typed, Int32(n)), "igemm s8")
+        try CUDA.shared.check(api.igemm_u8s8_f32(nil, Int32(m), Int32(n), Int32(k), dA.typed, Int32(k), packed.pointer, &p, dF.typed, Int32(n)), "igemm f32")
+        #expect(try dS8.download() == wantS8)
+        #expect(try dF.download() == wantF32)
+        try CUDA.shared.check(api.requantize_s8(nil, Int32(m), Int32(n), dS8.typed, Int32(n), dC.typed, Int32(n), &p), "requantize")
+        #expect(try dS8.download() == wantS8)
+    }
+
+    @Test("im2col is exact")
+    func im2col() throws {
+        var rng = SeededGenerator(seed: 3)
+        let (c, h, w, kh, kw, sh, sw, ph, pw, dh, dw) = (3, 9, 7, 3, 2, 2, 1, 1, 2, 2, 1)
+        let oh = (h + 2 * ph - dh * (kh - 1) - 1) / sh + 1, ow = (w + 2 * pw - dw * (kw - 1) - 1) / sw + 1
+        let x = randomFloats(c * h * w, &rng)
+        var want = [Float](repeating: 0, count: c * kh * kw * oh * ow)
+        ql_im2col(&want, x, Int32(c), Int32(h), Int32(w), Int32(kh), Int32(kw), Int32(sh), Int32(sw), Int32(ph), Int32(pw), Int32(dh), Int32(dw))
+        let dx = try CUDABuffer(x), dcol = try CUDABuffer<Float>(count: want.count)
+        try CUDA.shared.check(api.im2col(nil, dcol.typed, dx.typed, Int32(c), Int32(h), Int32(w), Int32(kh), Int32(kw), Int32(sh), Int32(sw),
+                                         Int32(ph), Int32(pw), Int32(dh), Int32(dw)), "im2col")
+        #expect(try dcol.download() == want)
+    }
+
+    @Test("fake quantization fwd/bwd, per tensor and per channel, amax and histogram are exact")
+    func quantization() throws {
+        var rng = SeededGenerator(seed: 4)
+        let (outer, ch, inner) = (3, 5, 7), n = outer * ch * inner
+        let x = randomFloats(n, &rng, low: -3, high: 3), dy = randomFloats(n, &rng)
+        let amax = (0..<ch).map { _ in 0.5 + 2 * rng.nextFloat() }
+        var y = [Float](repeating: 0, count: n), ypc = y, dx = [Float](repeating: 0, count: n), dxpc = dx
+        ql_fake_quant_f32(&y, x, Int64(n), 1.7, 127)
+        ql_fake_quant_per_channel_f32(&ypc, x, Int64(outer), Int32(ch), Int64(inner), amax, 127)
+        ql_fake_quant_bwd_f32(&dx, dy, x, Int64(n), 1.7)
+        ql_fake_quant_per_channel_bwd_f32(&dxpc, dy, x, Int64(outer), Int32(ch), Int64(inner), amax)
+        var cmax = [Float](repeating: 0, count: ch), hist = [Int64](repeating: 0, count: 64)
+        ql_channel_absmax_f32(&cmax, x, Int64(outer), Int32(ch), Int64(inner))
+        ql_histogram_abs_f32(&hist, 64, x, Int64(n), 2.5)
+
+        let dX = try CUDABuffer(x), dDy = try CUDABuffer(dy), dAmax = try CUDABuffer(amax), out = try CUDABuffer<Float>(count: n)
+        try CUDA.shared.check(api.fake_quant(nil, out.typed, dX.typed, Int64(n), 1.7, 127), "fake_quant")
+        #expect(try out.download() == y)
+        try CUDA.shared.check(api.fake_quant_per_channel(nil, out.typed, dX.typed, Int64(outer), Int32(ch), Int64(inner), dAmax.typed, 127), "fq pc")
+        #expect(try out.download() == ypc)
+        try out.upload([Float](repeating: 0, count: n))
+        try CUDA.shared.check(api.fake_quant_bwd(nil, out.typed, dDy.typed, dX.typed, Int64(n), 1.7), "fq bwd")
+        #expect(try out.download() == dx)
+        try out.upload([Float](repeating: 0, count: n))
+        try CUDA.shared.check(api.fake_quant_per_channel_bwd(nil, out.typed, dDy.typed, dX.typed, Int64(outer), Int32(ch), Int64(inner), dAmax.typed), "fq pc bwd")
+        #expect(try out.download() == dxpc)
+        let dMax = try CUDABuffer<Float>(count: ch)
+        try CUDA.shared.check(api.channel_absmax(nil, dMax.typed, dX.typed, Int64(outer), Int32(ch), Int64(inner)), "amax")
+        #expect(try dMax.download() == cmax)
+        let dHist = try CUDABuffer([Int64](repeating: 0, count: 64))
+        try CUDA.shared.check(api.histogram_abs(nil, dHist.typed, 64, dX.typed, Int64(n), 2.5), "histogram")
+        #expect(try dHist.download() == hist)
+    }
+
+    @Test("elementwise: unary fwd/bwd, broadcasting binary, axpy, softmax, optimizer updates")
+    func elementwise() throws {
+        var rng = SeededGenerator(seed: 5)
+        let n = 1000
+        let x = randomFloats(n, &rng, low: 0.1, high: 3), dy = randomFloats(n, &rng)
+        let dX = try CUDABuffer(x), dDy = try CUDABuffer(dy), out = try CUDABuffer<Float>(count: n), grad = try CUDABuffer<Float>(count: n)
+        for op in [QL_UNARY_RELU, QL_UNARY_SIGMOID, QL_UNARY_SILU, QL_UNARY_EXP, QL_UNARY_LOG, QL_UNARY_NEG, QL_UNARY_ABS, QL_UNARY_SQRT, QL_UNARY_TANH] {
+            var y = [Float](repeating: 0, count: n), dx = [Float](repeating: 0, count: n)
+            ql_unary_fwd(op, &y, x, Int64(n))
+            ql_unary_bwd(op, &dx, dy, x, y, Int64(n))
+            try CUDA.shared.check(api.unary_fwd(nil, Int32(op.rawValue), out.typed, dX.typed, Int64(n)), "unary")
+            try grad.upload([Float](repeating: 0, count: n))
+            try CUDA.shared.check(api.unary_bwd(nil, Int32(op.rawValue), grad.typed, dDy.typed, dX.typed, out.typed, Int64(n)), "unary bwd")
+            #expect(firstMismatch(try out.download(), y, atol: 1e-6, rtol: 1e-6) == nil, "fwd op \(op.rawValue)")
+            #expect(firstMismatch(try grad.download(), dx, atol: 1e-6, rtol: 1e-5) == nil, "bwd op \(op.rawValue)")
+        }
+        // [4, 250] + [250] broadcast
+        let b = randomFloats(250, &rng), dB = try CUDABuffer(b)
+        var want = [Float](repeating: 0, count: n)
+        let shape: [Int64] = [4, 250], sa: [Int64] = [250, 1], sb: [Int64] = [0, 1]
+        _ = ql_binary_strided(QL_BINARY_MUL, &want, x, sa, b, sb, shape, 2)
+        try CUDA.shared.check(api.binary_strided(nil, Int32(QL_BINARY_MUL.rawValue), out.typed, dX.typed, sa, dB.typed, sb, shape, 2), "binary")
+        #expect(try out.download() == want)
+        var sm = [Float](repeating: 0, count: n)
+        ql_softmax_rows(&sm, x, 4, 250)
+        try CUDA.shared.check(api.softmax_rows(nil, out.typed, dX.typed, 4, 250), "softmax")
+        #expect(firstMismatch(try out.download(), sm, atol: 1e-7, rtol: 1e-5) == nil)
+        var p = x, buf = [Float](repeating: 0, count: n)
+        ql_sgd_update(&p, &buf, dy, Int64(n), 0.1, 0.9, 1e-4, 1, 1)
+        let dP = try CUDABuffer(x), dBuf = try CUDABuffer<Float>(count: n)
+        try CUDA.shared.check(api.sgd_update(nil, dP.typed, dBuf.typed, dDy.typed, Int64(n), 0.1, 0.9, 1e-4, 1, 1), "sgd")
+        #expect(firstMismatch(try dP.download(), p, atol: 1e-6, rtol: 1e-6) == nil)
+        var q = x, m = [Float](repeating: 0, count: n), v = m
+        ql_adamw_update(&q, &m, &v, dy, Int64(n), 1e-3, 0.9, 0.999, 1e-8, 0.01, 1)
+        let dQ = try CUDABuffer(x), dM = try CUDABuffer<Float>(count: n), dV = try CUDABuffer<Float>(count: n)
+        try dM.upload([Float](repeating: 0, count: n))
+        try dV.upload([Float](repeating: 0, count: n))
+        try CUDA.shared.check(api.adamw_update(nil, dQ.typed, dM.typed, dV.typed, dDy.typed, Int64(n), 1e-3, 0.9, 0.999, 1e-8, 0.01, 1), "adamw")
+        #expect(firstMismatch(try dQ.download(), q, atol: 1e-6, rtol: 1e-5) == nil)
+    }
+
+    @Test("preprocessing: resize within one grey level, normalise + HWC->CHW, nvJPEG against libjpeg")
+    func preprocessing() throws {
+        var rng = SeededGenerator(seed: 6)
+        let (h, w) = (37, 53)
+        let img = (0..<(h * w * 3)).map { _ in UInt8(truncatingIfNeeded: rng.next()) }
+        var want = [UInt8](repeating: 0, count: 64 * 64 * 3)
+        ql_resize_bilinear_u8(&want, 64, 64, img, Int32(h), Int32(w), 3)
+        let dIn = try CUDABuffer(img), dOut = try CUDABuffer<UInt8>(count: want.count)
+        try CUDA.shared.check(api.resize_bilinear_u8(nil, dOut.typed, 64, 64, dIn.typed, Int32(h), Int32(w), 3), "resize")
+        #expect(zip(try dOut.download(), want).allSatisfy { abs(Int($0) - Int($1)) <= 1 })
+        var chw = [Float](repeating: 0, count: h * w * 3)
+        let scale: [Float] = [1 / 255, 1 / 255, 1 / 255], shift: [Float] = [-0.5, 0, 0.5]
+        ql_u8hwc_to_f32chw(&chw, img, Int32(h), Int32(w), scale, shift, 1)
+        let dChw = try CUDABuffer<Float>(count: chw.count)
+        try CUDA.shared.check(api.u8hwc_to_f32chw(nil, dChw.typed, dIn.typed, Int32(h), Int32(w), scale, shift, 1), "to chw")
+        #expect(firstMismatch(try dChw.download(), chw, atol: 1e-6, rtol: 1e-6) == nil)
+
+        var decoder: qlc_jpeg_decoder?
+        let st = api.jpeg_decoder_create(&decoder)
+        guard st == QLC_OK else {
+            #expect(st == QLC_EUNAVAILABLE) // nvJPEG missing is reported, not a crash
+            return
+        }
+        defer { _ = api.jpeg_decoder_destroy(decoder) }
+        var picture = RGBImage(width: 48, height: 32)
+        for i in 0..<picture.pixels.count { picture.pixels[i] = UInt8((i * 7) % 256) }
+        let jpeg = try JPEG.encode(picture, quality: 95)
+        let cpu = try JPEG.decode(jpeg)
+        let dRGB = try CUDABuffer<UInt8>(count: 48 * 32 * 3)
+        var gw: Int32 = 0, gh: Int32 = 0
+        let bytes = [UInt8](jpeg)
+        try CUDA.shared.check(api.jpeg_decode(decoder, nil, bytes, bytes.count, dRGB.typed, dRGB.count, &gw, &gh), "nvjpeg decode")
+        try sync()
+        #expect(gw == 48 && gh == 32)
+        let gpu = try dRGB.download()
+        let meanError = zip(gpu, cpu.pixels).map { abs(Int($0) - Int($1)) }.reduce(0, +) / gpu.count
+        #expect(meanError <= 2) // different IDCT and upsampling implementations
+        #expect(api.jpeg_decode(decoder, nil, [1, 2, 3, 4], 4, dRGB.typed, dRGB.count, &gw, &gh) != QLC_OK)
+    }
+
+    @Test("tensor ops dispatch on the device of their inputs and agree with the CPU")
+    func tensorDispatch() throws {
+        var rng = SeededGenerator(seed: 7)
+        let x = tensor([2, 3, 9, 8], &rng), w = tensor([4, 3, 3, 3], &rng), b = tensor([4], &rng)
+        let lw = tensor([5, 8], &rng), lb = tensor([5], &rng)
+        let (gx, gw, gb, glw, glb) = (try x.to(.cuda), try w.to(.cuda), try b.to(.cuda), try lw.to(.cuda), try lb.to(.cuda))
+        let opts = Conv2dOptions(stride: 2, padding: 1)
+        let (cpu, gpu) = withNoGrad {
+            (linear(conv2d(x, weight: w, bias: b, options: opts).relu(), weight: lw, bias: lb).softmax(),
+             linear(conv2d(gx, weight: gw, bias: gb, options: opts).relu(), weight: glw, bias: glb).softmax())
+        }
+        #expect(gpu.device == .cuda)
+        #expect(firstMismatch(try gpu.to(.cpu).values, cpu.values, atol: 1e-5, rtol: 1e-4) == nil)
+        withNoGrad {
+            #expect(firstMismatch((gx + gx * 2).values, (x + x * 2).values, atol: 1e-6, rtol: 1e-6) == nil)
+        }
+    }
+}

@@ -1,0 +1,158 @@
+/*
+ * qlcuda.h — the CUDA plugin's C ABI: GPU twins of the kernels in ckernels.h.
+ *
+ * The plugin (libqlcuda.so, built by `make cuda`) is opened at run time with dlopen, so the
+ * Swift build never needs CUDA. It exports ONE symbol, qlc_get_api(QLC_ABI_VERSION), which
+ * returns a table of function pointers (or NULL for a version mismatch); this header is
+ * the only thing both sides share.
+ *
+ * Conventions, as in ckernels.h, plus:
+ *   - Every pointer argument of a kernel is DEVICE memory, except where marked (host).
+ *   - Every call returns a status: QLC_OK (0) or a negative QLC_E* code; qlc_last_error()
+ *     describes the last failure of the calling thread.
+ *   - Kernels are enqueued on `stream` (NULL = the default stream) and return without
+ *     waiting; synchronise (stream_synchronize) before reading results on the host.
+ *   - Each kernel's result matches its CPU `_ref` twin: |gpu - ref| <= atol + rtol*|ref|
+ *     with the tolerance stated in ckernels.h for float kernels, and bit-exactly for integer
+ *     kernels and the requantization epilogue (which uses fmaf and round-half-to-even
+ *     __float2int_rn, like the CPU).
+ */
+#ifndef QUANTLAB_QLCUDA_H
+#define QUANTLAB_QLCUDA_H
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define QLC_ABI_VERSION 1
+
+enum {
+    QLC_OK = 0,
+    QLC_EINVAL = -1,       /* bad size or argument */
+    QLC_ENODEVICE = -10,   /* no CUDA device, or no driver (cudaErrorInsufficientDriver) */
+    QLC_ECUDA = -11,       /* a CUDA runtime error; see qlc_last_error */
+    QLC_EUNAVAILABLE = -12 /* optional library missing (nvJPEG) */
+};
+
+typedef void *qlc_stream;
+typedef void *qlc_event;
+typedef void *qlc_jpeg_decoder;
+
+typedef struct {
+    char name[256];
+    int sm_count;
+    int cc_major, cc_minor;
+    size_t total_memory;
+    int driver_version, runtime_version;
+} qlc_device_info;
+
+/* Requantization epilogue parameters (device pointers), as ql_requant_params. */
+typedef struct {
+    const int32_t *col_offset; /* N or NULL */
+    const float *scale;        /* N */
+    const float *bias;         /* N or NULL */
+    int relu;
+} qlc_requant_params;
+
+#define QLC_MAX_DIMS 8
+
+typedef struct {
+    /* ---- runtime ------------------------------------------------------------------------ */
+    /* Probes the driver and device 0. QLC_ENODEVICE when there is none (the normal case on a
+     * CPU-only machine); info is filled when QLC_OK. */
+    int (*device_info)(qlc_device_info *info);
+    const char *(*last_error)(void);
+    int (*malloc)(void **ptr, size_t bytes);
+    int (*free)(void *ptr);
+    int (*memcpy_h2d)(void *dst, const void *host_src, size_t bytes, qlc_stream stream);
+    int (*memcpy_d2h)(void *host_dst, const void *src, size_t bytes, qlc_stream stream);
+    int (*memcpy_d2d)(void *dst, const void *src, size_t bytes, qlc_stream stream);
+    int (*memset)(void *ptr, int value, size_t bytes, qlc_stream stream);
+    int (*stream_create)(qlc_stream *stream);
+    int (*stream_destroy)(qlc_stream stream);
+    int (*stream_synchronize)(qlc_stream stream);
+    int (*device_synchronize)(void);
+    int (*event_create)(qlc_event *event);
+    int (*event_destroy)(qlc_event event);
+    int (*event_record)(qlc_event event, qlc_stream stream);
+    /* Milliseconds between two recorded events (waits for `end`). */
+    int (*event_elapsed_ms)(float *ms, qlc_event start, qlc_event end);
+
+    /* ---- GEMM ----------------------------------------------------------------------------- */
+    /* ql_sgemm's contract (row-major, transposes, alpha/beta, beta == 0 never reads C). */
+    int (*sgemm)(qlc_stream s, int transA, int transB, int M, int N, int K, float alpha,
+                 const float *A, int lda, const float *B, int ldb, float beta, float *C, int ldc);
+    /* INT8: B (K x N int8, row-major) is packed once into the GPU layout (N x Kp, Kp = K
+     * rounded up to 4, zero-padded; dp4a reads 4 k at a time); size in bytes from
+     * igemm_packed_size. col_sum (N, may be NULL) = sum_k B[k, n]. */
+    size_t (*igemm_packed_size)(int K, int N);
+    int (*igemm_pack_b)(qlc_stream s, void *packed, int32_t *col_sum, const int8_t *B, int ldb, int K, int N);
+    /* C = A (u8, M x K) x B (s8) in exact int32; as ql_igemm_u8s8s32. */
+    int (*igemm_u8s8s32)(qlc_stream s, int M, int N, int K, const uint8_t *A, int lda, const void *packed,
+                         int32_t *C, int ldc);
+    /* Fused with the requantization epilogue; as ql_igemm_u8s8_s8 / ql_igemm_u8s8_f32. */
+    int (*igemm_u8s8_s8)(qlc_stream s, int M, int N, int K, const uint8_t *A, int lda, const void *packed,
+                         const qlc_requant_params *host_params, int8_t *out, int ldo);
+    int (*igemm_u8s8_f32)(qlc_stream s, int M, int N, int K, const uint8_t *A, int lda, const void *packed,
+                          const qlc_requant_params *host_params, float *out, int ldo);
+    int (*requantize_s8)(qlc_stream s, int M, int N, int8_t *out, int ldo, const int32_t *acc, int ldacc,
+                         const qlc_requant_params *host_params);
+    int (*dequantize_f32)(qlc_stream s, int M, int N, float *out, int ldo, const int32_t *acc, int ldacc,
+                          const qlc_requant_params *host_params);
+
+    /* ---- convolution ---------------------------------------------------------------------- */
+    /* ql_im2col for one image and channel group. */
+    int (*im2col)(qlc_stream s, float *col, const float *x, int C, int H, int W, int KH, int KW, int SH,
+                  int SW, int PH, int PW, int DH, int DW);
+
+    /* ---- quantization ---------------------------------------------------------------------- */
+    int (*fake_quant)(qlc_stream s, float *y, const float *x, int64_t n, float amax, int qmax);
+    /* amax: device array of `channels` floats. */
+    int (*fake_quant_per_channel)(qlc_stream s, float *y, const float *x, int64_t outer, int channels,
+                                  int64_t inner, const float *amax, int qmax);
+    int (*fake_quant_bwd)(qlc_stream s, float *dx, const float *dy, const float *x, int64_t n, float amax);
+    int (*fake_quant_per_channel_bwd)(qlc_stream s, float *dx, const float *dy, const float *x, int64_t outer,
+                                      int channels, int64_t inner, const float *amax);
+    /* amax: device, `channels` floats (overwritten). */
+    int (*channel_absmax)(qlc_stream s, float *amax, const float *x, int64_t outer, int channels, int64_t inner);
+    /* counts: device, `bins` int64 (accumulated, as ql_histogram_abs_f32). */
+    int (*histogram_abs)(qlc_stream s, int64_t *counts, int bins, const float *x, int64_t n, float range);
+
+    /* ---- elementwise (ql_unary_op / ql_binary_op codes) ------------------------------------- */
+    int (*unary_fwd)(qlc_stream s, int op, float *y, const float *x, int64_t n);
+    int (*unary_bwd)(qlc_stream s, int op, float *dx, const float *dy, const float *x, const float *y, int64_t n);
+    /* a_strides, b_strides, shape: HOST arrays of ndim <= QLC_MAX_DIMS entries. */
+    int (*binary_strided)(qlc_stream s, int op, float *out, const float *a, const int64_t *a_strides,
+                          const float *b, const int64_t *b_strides, const int64_t *shape, int ndim);
+    int (*axpy)(qlc_stream s, float *y, float a, const float *x, int64_t n);
+    int (*scale_shift)(qlc_stream s, float *y, const float *x, float a, float b, int64_t n);
+    int (*softmax_rows)(qlc_stream s, float *y, const float *x, int64_t rows, int cols);
+    int (*sgd_update)(qlc_stream s, float *p, float *buf, const float *grad, int64_t n, float lr, float momentum,
+                      float weight_decay, int nesterov, int first_step);
+    int (*adamw_update)(qlc_stream s, float *p, float *m, float *v, const float *grad, int64_t n, float lr,
+                        float beta1, float beta2, float eps, float weight_decay, int64_t step);
+
+    /* ---- preprocessing (the DALI-style pipeline) ------------------------------------------- */
+    int (*resize_bilinear_u8)(qlc_stream s, uint8_t *out, int out_h, int out_w, const uint8_t *in, int in_h,
+                              int in_w, int channels);
+    /* scale, shift: HOST arrays of 3 floats. */
+    int (*u8hwc_to_f32chw)(qlc_stream s, float *out, const uint8_t *in, int h, int w, const float *scale,
+                           const float *shift, int flip);
+    /* nvJPEG (opened at run time; QLC_EUNAVAILABLE without libnvjpeg). decode writes RGB HWC
+     * into a device buffer of capacity bytes; width/height are host outputs. */
+    int (*jpeg_decoder_create)(qlc_jpeg_decoder *decoder);
+    int (*jpeg_decoder_destroy)(qlc_jpeg_decoder decoder);
+    int (*jpeg_decode)(qlc_jpeg_decoder decoder, qlc_stream s, const uint8_t *host_data, size_t size,
+                       uint8_t *rgb, size_t capacity, int *width, int *height);
+} qlc_api;
+
+/* The plugin's only exported symbol. */
+const qlc_api *qlc_get_api(int abi_version);
+typedef const qlc_api *(*qlc_get_api_fn)(int abi_version);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
