@@ -53,6 +53,11 @@ open class Module {
         return module
     }
 
+    /// Removes a child (used when a block switches to its deploy form).
+    public func unregisterModule(_ name: String) {
+        childSlots.removeAll { $0.0 == name }
+    }
+
     public var children: [(String, Module)] { childSlots }
 
     /// Every module below and including this one, with its dotted path ("" for self).
