@@ -14,7 +14,7 @@ static inline float sigmoidf_stable(float x) {
     return e / (1.0f + e);
 }
 
-void ql_unary_fwd(ql_unary_op op, float *y, const float *x, int64_t n) {
+static void unary_fwd_serial(ql_unary_op op, float *y, const float *x, int64_t n) {
     switch (op) {
     case QL_UNARY_RELU: for (int64_t i = 0; i < n; i++) y[i] = x[i] > 0.0f ? x[i] : 0.0f; break;
     case QL_UNARY_SIGMOID: for (int64_t i = 0; i < n; i++) y[i] = sigmoidf_stable(x[i]); break;
@@ -28,8 +28,8 @@ void ql_unary_fwd(ql_unary_op op, float *y, const float *x, int64_t n) {
     }
 }
 
-void ql_unary_bwd(ql_unary_op op, float *restrict dx, const float *restrict dy,
-                  const float *restrict x, const float *restrict y, int64_t n) {
+static void unary_bwd_serial(ql_unary_op op, float *restrict dx, const float *restrict dy,
+                             const float *restrict x, const float *restrict y, int64_t n) {
     switch (op) {
     case QL_UNARY_RELU: for (int64_t i = 0; i < n; i++) dx[i] += x[i] > 0.0f ? dy[i] : 0.0f; break;
     case QL_UNARY_SIGMOID: for (int64_t i = 0; i < n; i++) dx[i] += dy[i] * y[i] * (1.0f - y[i]); break;
@@ -129,6 +129,21 @@ int ql_binary_strided_bwd(ql_binary_op op, float *da, const int64_t *a_strides, 
     if (total == 0) return QL_OK;
     int64_t inner = ndim ? shape[ndim - 1] : 1;
     int64_t sa = ndim ? a_strides[ndim - 1] : 0, sb = ndim ? b_strides[ndim - 1] : 0;
+    /* dense operands of the output's shape: the common case of adding branches */
+    int dense = 1;
+    int64_t st = 1;
+    for (int d = ndim - 1; d >= 0 && dense; d--) {
+        if (a_strides[d] != st || b_strides[d] != st) dense = 0;
+        st *= shape[d];
+    }
+    if (dense && (op == QL_BINARY_ADD || op == QL_BINARY_SUB || op == QL_BINARY_MUL)) {
+        for (int64_t i = 0; i < total; i++) {
+            float gi = dout[i], av = a[i], bv = b[i];
+            if (da) da[i] += op == QL_BINARY_MUL ? gi * bv : gi;
+            if (db) db[i] += op == QL_BINARY_MUL ? gi * av : (op == QL_BINARY_SUB ? -gi : gi);
+        }
+        return QL_OK;
+    }
     for (int64_t r = 0; r < total / inner; r++) {
         int64_t oa = ndim ? odo_offset(&o, a_strides) : 0, ob = ndim ? odo_offset(&o, b_strides) : 0;
         const float *g = dout + r * inner;
@@ -305,9 +320,9 @@ void ql_layer_norm_bwd(float *dx, float *dgamma, float *dbeta, const float *dy, 
     }
 }
 
-void ql_channel_stats(float *mean, float *var, const float *x, int N, int C, int64_t HW) {
+static void channel_stats_range(float *mean, float *var, const float *x, int N, int C, int64_t HW, int c0, int c1) {
     double M = (double)N * HW;
-    for (int c = 0; c < C; c++) {
+    for (int c = c0; c < c1; c++) {
         double s = 0;
         for (int n = 0; n < N; n++) s += ql_sum(x + ((int64_t)n * C + c) * HW, HW);
         double mu = M > 0 ? s / M : 0, s2 = 0;
@@ -320,10 +335,10 @@ void ql_channel_stats(float *mean, float *var, const float *x, int N, int C, int
     }
 }
 
-void ql_batch_norm_apply(float *y, const float *x, const float *mean, const float *rstd,
-                         const float *gamma, const float *beta, int N, int C, int64_t HW) {
+static void batch_norm_apply_range(float *y, const float *x, const float *mean, const float *rstd,
+                                   const float *gamma, const float *beta, int N, int C, int64_t HW, int c0, int c1) {
     for (int n = 0; n < N; n++)
-        for (int c = 0; c < C; c++) {
+        for (int c = c0; c < c1; c++) {
             float a = rstd[c] * (gamma ? gamma[c] : 1.0f);
             float b = (beta ? beta[c] : 0.0f) - mean[c] * a;
             int64_t off = ((int64_t)n * C + c) * HW;
@@ -331,11 +346,11 @@ void ql_batch_norm_apply(float *y, const float *x, const float *mean, const floa
         }
 }
 
-void ql_batch_norm_bwd(float *dx, float *dgamma, float *dbeta, const float *dy, const float *x,
-                       const float *mean, const float *rstd, const float *gamma, int N, int C,
-                       int64_t HW) {
+static void batch_norm_bwd_range(float *dx, float *dgamma, float *dbeta, const float *dy, const float *x,
+                                 const float *mean, const float *rstd, const float *gamma, int N, int C,
+                                 int64_t HW, int c0, int c1) {
     double M = (double)N * HW;
-    for (int c = 0; c < C; c++) {
+    for (int c = c0; c < c1; c++) {
         float m = mean[c], rs = rstd[c], gm = gamma ? gamma[c] : 1.0f;
         double sum_dy = 0, sum_dy_xhat = 0;
         for (int n = 0; n < N; n++) {
@@ -514,4 +529,100 @@ void ql_adamw_update(float *restrict p, float *restrict m, float *restrict v,
         v[i] = beta2 * v[i] + (1.0f - beta2) * g * g;
         p[i] -= lr * (m[i] / bc1) / (sqrtf(v[i] / bc2) + eps);
     }
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* Parallel entry points: the serial loops above, split over channels or contiguous chunks.  */
+/* Each output element is computed by exactly one task in the same order as serially, so     */
+/* results do not depend on the thread count.                                                */
+/* ---------------------------------------------------------------------------------------- */
+#define CHUNK (1 << 15)
+
+typedef struct {
+    int op;
+    float *a;
+    const float *b, *c, *d;
+    int64_t n;
+} chunk_job;
+
+static int chunks_for(int64_t n) { return (int)((n + CHUNK - 1) / CHUNK); }
+
+static void unary_fwd_task(int t, void *p) {
+    chunk_job *j = (chunk_job *)p;
+    int64_t lo = (int64_t)t * CHUNK, len = j->n - lo < CHUNK ? j->n - lo : CHUNK;
+    unary_fwd_serial((ql_unary_op)j->op, j->a + lo, j->b + lo, len);
+}
+
+static void unary_bwd_task(int t, void *p) {
+    chunk_job *j = (chunk_job *)p;
+    int64_t lo = (int64_t)t * CHUNK, len = j->n - lo < CHUNK ? j->n - lo : CHUNK;
+    unary_bwd_serial((ql_unary_op)j->op, j->a + lo, j->b + lo, j->c + lo, j->d ? j->d + lo : NULL, len);
+}
+
+void ql_unary_fwd(ql_unary_op op, float *y, const float *x, int64_t n) {
+    chunk_job j = {op, y, x, NULL, NULL, n};
+    ql_parallel_for(chunks_for(n), unary_fwd_task, &j);
+}
+
+void ql_unary_bwd(ql_unary_op op, float *restrict dx, const float *restrict dy,
+                  const float *restrict x, const float *restrict y, int64_t n) {
+    chunk_job j = {op, dx, dy, x, y, n};
+    ql_parallel_for(chunks_for(n), unary_bwd_task, &j);
+}
+
+typedef struct {
+    float *o1, *o2, *o3;
+    const float *x, *dy, *mean, *rstd, *gamma, *beta;
+    int N, C, tasks;
+    int64_t HW;
+} channel_job;
+
+static void channel_range(const channel_job *j, int t, int *c0, int *c1) {
+    *c0 = (int)((int64_t)t * j->C / j->tasks);
+    *c1 = (int)((int64_t)(t + 1) * j->C / j->tasks);
+}
+
+static int channel_tasks(int C, int N, int64_t HW) {
+    int64_t work = (int64_t)N * C * HW;
+    int t = work < CHUNK ? 1 : ql_get_num_threads() * 2;
+    return t > C ? C : t;
+}
+
+static void stats_task(int t, void *p) {
+    channel_job *j = (channel_job *)p;
+    int c0, c1;
+    channel_range(j, t, &c0, &c1);
+    channel_stats_range(j->o1, j->o2, j->x, j->N, j->C, j->HW, c0, c1);
+}
+
+static void apply_task(int t, void *p) {
+    channel_job *j = (channel_job *)p;
+    int c0, c1;
+    channel_range(j, t, &c0, &c1);
+    batch_norm_apply_range(j->o1, j->x, j->mean, j->rstd, j->gamma, j->beta, j->N, j->C, j->HW, c0, c1);
+}
+
+static void bn_bwd_task(int t, void *p) {
+    channel_job *j = (channel_job *)p;
+    int c0, c1;
+    channel_range(j, t, &c0, &c1);
+    batch_norm_bwd_range(j->o1, j->o2, j->o3, j->dy, j->x, j->mean, j->rstd, j->gamma, j->N, j->C, j->HW, c0, c1);
+}
+
+void ql_channel_stats(float *mean, float *var, const float *x, int N, int C, int64_t HW) {
+    channel_job j = {mean, var, NULL, x, NULL, NULL, NULL, NULL, NULL, N, C, channel_tasks(C, N, HW), HW};
+    ql_parallel_for(j.tasks, stats_task, &j);
+}
+
+void ql_batch_norm_apply(float *y, const float *x, const float *mean, const float *rstd,
+                         const float *gamma, const float *beta, int N, int C, int64_t HW) {
+    channel_job j = {y, NULL, NULL, x, NULL, mean, rstd, gamma, beta, N, C, channel_tasks(C, N, HW), HW};
+    ql_parallel_for(j.tasks, apply_task, &j);
+}
+
+void ql_batch_norm_bwd(float *dx, float *dgamma, float *dbeta, const float *dy, const float *x,
+                       const float *mean, const float *rstd, const float *gamma, int N, int C,
+                       int64_t HW) {
+    channel_job j = {dx, dgamma, dbeta, x, dy, mean, rstd, gamma, NULL, N, C, channel_tasks(C, N, HW), HW};
+    ql_parallel_for(j.tasks, bn_bwd_task, &j);
 }

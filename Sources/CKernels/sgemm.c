@@ -127,13 +127,13 @@ static inline void store_tile(float *C, int ldc, const float *tile, int ld_tile,
 #define MR512 12
 #define NR512 32
 __attribute__((target("avx512f,avx512bw,avx512vl,fma"))) static void
-ukr_avx512(int kc, const float *restrict a, const float *restrict b, float *C, int ldc, float beta,
+ukr_avx512(int kc, const float *restrict a, const float *restrict b, int bstep, float *C, int ldc, float beta,
            int mr, int nr) {
     __m512 c[MR512][2];
     for (int i = 0; i < MR512; i++) c[i][0] = c[i][1] = _mm512_setzero_ps();
     for (int k = 0; k < kc; k++) {
-        __m512 b0 = _mm512_load_ps(b), b1 = _mm512_load_ps(b + 16);
-        _mm_prefetch((const char *)(b + 8 * NR512), _MM_HINT_T0);
+        __m512 b0 = _mm512_loadu_ps(b), b1 = _mm512_loadu_ps(b + 16);
+        _mm_prefetch((const char *)(b + 8 * bstep), _MM_HINT_T0);
 #pragma clang loop unroll(full)
         for (int i = 0; i < MR512; i++) {
             __m512 ai = _mm512_set1_ps(a[i]);
@@ -141,7 +141,7 @@ ukr_avx512(int kc, const float *restrict a, const float *restrict b, float *C, i
             c[i][1] = _mm512_fmadd_ps(ai, b1, c[i][1]);
         }
         a += MR512;
-        b += NR512;
+        b += bstep;
     }
     if (mr == MR512 && nr == NR512) {
         __m512 vb = _mm512_set1_ps(beta);
@@ -168,12 +168,12 @@ ukr_avx512(int kc, const float *restrict a, const float *restrict b, float *C, i
 #define MR256 6
 #define NR256 16
 __attribute__((target("avx2,fma"))) static void ukr_avx2(int kc, const float *restrict a,
-                                                         const float *restrict b, float *C,
+                                                         const float *restrict b, int bstep, float *C,
                                                          int ldc, float beta, int mr, int nr) {
     __m256 c[MR256][2];
     for (int i = 0; i < MR256; i++) c[i][0] = c[i][1] = _mm256_setzero_ps();
     for (int k = 0; k < kc; k++) {
-        __m256 b0 = _mm256_load_ps(b), b1 = _mm256_load_ps(b + 8);
+        __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
 #pragma clang loop unroll(full)
         for (int i = 0; i < MR256; i++) {
             __m256 ai = _mm256_broadcast_ss(a + i);
@@ -181,7 +181,7 @@ __attribute__((target("avx2,fma"))) static void ukr_avx2(int kc, const float *re
             c[i][1] = _mm256_fmadd_ps(ai, b1, c[i][1]);
         }
         a += MR256;
-        b += NR256;
+        b += bstep;
     }
     float tile[MR256 * NR256] __attribute__((aligned(32)));
     if (mr == MR256 && nr == NR256) {
@@ -208,7 +208,7 @@ __attribute__((target("avx2,fma"))) static void ukr_avx2(int kc, const float *re
 /* ---------------------------------------------------------------------------------------- */
 /* Serial blocked driver                                                                     */
 /* ---------------------------------------------------------------------------------------- */
-typedef void (*ukr_fn)(int, const float *, const float *, float *, int, float, int, int);
+typedef void (*ukr_fn)(int, const float *, const float *, int, float *, int, float, int, int);
 
 /* Per-thread packing buffers, grown on demand and kept for the thread's lifetime. */
 static _Thread_local float *tl_apack = NULL, *tl_bpack = NULL;
@@ -260,16 +260,25 @@ void ql_sgemm_serial(int isa, int transA, int transB, int M, int N, int K, float
         for (int pc = 0; pc < K; pc += KC) {
             int kc = ql_min_i(KC, K - pc);
             float beta_eff = pc == 0 ? beta : 1.0f;
-            pack_b(Bp, NR, transB, B, ldb, jc, nc, pc, kc);
+            /* With few rows, a packed B panel would be read only once or twice: read full
+             * panels of a row-major B in place (row stride ldb) and pack only the ragged one. */
+            int direct = !transB && M <= 4 * MR;
+            int full = direct ? nc / NR * NR : 0;
+            if (direct) {
+                if (full < nc) pack_b(Bp + (size_t)full * kc, NR, transB, B, ldb, jc + full, nc - full, pc, kc);
+            } else {
+                pack_b(Bp, NR, transB, B, ldb, jc, nc, pc, kc);
+            }
             for (int ic = 0; ic < M; ic += MC) {
                 int mc = ql_min_i(MC, M - ic);
                 pack_a(Ap, MR, transA, A, lda, ic, mc, pc, kc, alpha);
                 for (int jr = 0; jr < nc; jr += NR) {
                     int nr = ql_min_i(NR, nc - jr);
+                    const float *bp = jr < full ? B + (size_t)pc * ldb + jc + jr : Bp + (size_t)jr * kc;
+                    int bstep = jr < full ? ldb : NR;
                     for (int ir = 0; ir < mc; ir += MR) {
                         int mr = ql_min_i(MR, mc - ir);
-                        ukr(kc, Ap + (size_t)ir * kc, Bp + (size_t)jr * kc,
-                            C + (size_t)(ic + ir) * ldc + jc + jr, ldc, beta_eff, mr, nr);
+                        ukr(kc, Ap + (size_t)ir * kc, bp, bstep, C + (size_t)(ic + ir) * ldc + jc + jr, ldc, beta_eff, mr, nr);
                     }
                 }
             }

@@ -194,6 +194,21 @@ public func concat(_ tensors: [Tensor], dim: Int) -> Tensor {
     }
 }
 
+extension Tensor {
+    /// Rows of a [N, D] tensor (or of its flattening to [N, D] over the leading dims) in the
+    /// given order, repeats allowed: out[i] = self[indices[i]]. The backward scatter-adds.
+    public func gatherRows(_ indices: [Int]) -> Tensor {
+        let d = shape.last ?? 1, n = count / max(d, 1)
+        precondition(indices.allSatisfy { $0 >= 0 && $0 < n }, "gatherRows: an index is outside [0, \(n))")
+        let out = Tensor(zeros: [indices.count, d])
+        for (i, r) in indices.enumerated() { (out.data + i * d).update(from: data + r * d, count: d) }
+        return record(out, "gather_rows", [self]) { g in
+            let gb = self.gradBuffer()
+            for (i, r) in indices.enumerated() { ql_axpy(gb.data + r * d, 1, g.data + i * d, Int64(d)) }
+        }
+    }
+}
+
 // MARK: - Reductions
 
 extension Tensor {

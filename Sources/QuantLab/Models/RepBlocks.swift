@@ -348,7 +348,7 @@ public final class RepOptSGD: Optimizer {
         set { inner.learningRate = newValue }
     }
     public var groups: [ParameterGroup] { inner.groups }
-    private let inner: SGD
+    let inner: SGD
     private let masks: [ObjectIdentifier: Tensor]
 
     public init(_ groups: [ParameterGroup], masks: [(Tensor, Tensor)], learningRate: Float, momentum: Float = 0, nesterov: Bool = false) {

@@ -166,6 +166,16 @@ public final class ModelEMA {
         }
     }
 
+    /// Restores the shadow weights and update count from a checkpoint.
+    public func restore(_ tensors: [String: Tensor], updates: Int) throws {
+        for (name, t) in shadow {
+            guard let src = tensors[name] else { throw ModuleError.missingKeys([name]) }
+            guard src.shape == t.shape else { throw ModuleError.shapeMismatch(name: name, expected: t.shape, got: src.shape) }
+        }
+        for (name, t) in shadow { try t.copyValues(from: tensors[name]!) }
+        self.updates = updates
+    }
+
     /// Copies the averaged weights into `model`.
     public func copy(into model: Module) throws {
         try model.loadStateDict(Dictionary(uniqueKeysWithValues: shadow.map { ($0.0, $0.1) }))

@@ -1,0 +1,75 @@
+import ArgumentParser
+import Foundation
+import QuantLab
+
+struct Train: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Train a YOLOv6-style detector (FP32) on a COCO-layout dataset.",
+        discussion: """
+        --block repopt runs RepOpt's two stages: a hyper-search model of LinearAddBlocks first \
+        (--search-epochs, saved under OUT/search), then the plain RealVGG model initialised from \
+        the learned scales and trained with RepOptSGD. Training resumes from OUT if a checkpoint is there.
+        """)
+
+    @Option(help: "Dataset folder in COCO layout.") var data = "data/shapes"
+    @Option(help: "Block: repvgg, qarepvgg, repopt.") var block = "repvgg"
+    @Option(help: "Model size: nano (YOLOv6-N proportions) or tiny.") var size = "nano"
+    @Option(help: "Input size (multiple of 32).") var inputSize: Int?
+    @Option(help: "Epochs.") var epochs = 30
+    @Option(help: "Epochs of RepOpt's hyper-search stage.") var searchEpochs = 10
+    @Option(help: "Batch size.") var batch = 32
+    @Option(help: "Base learning rate (SGD).") var lr: Float = 0.02
+    @Option(help: "Evaluate every N epochs.") var evalEvery = 5
+    @Option(help: "Seed for initialisation, data order and augmentation.") var seed: UInt64 = 0
+    @Option(help: "Output folder (checkpoints, final weights, history).") var out: String
+
+    func validate() throws {
+        guard let kind = BlockKind(rawValue: block), kind != .repoptSearch else { throw ValidationError("--block must be repvgg, qarepvgg or repopt, got '\(block)'") }
+        guard ["nano", "tiny"].contains(size) else { throw ValidationError("--size must be nano or tiny, got '\(size)'") }
+        if let s = inputSize, s <= 0 || s % 32 != 0 { throw ValidationError("--input-size must be a positive multiple of 32, got \(s)") }
+        guard epochs >= 1, searchEpochs >= 1, batch >= 1, lr > 0 else { throw ValidationError("--epochs, --search-epochs, --batch and --lr must be positive") }
+    }
+
+    func run() throws {
+        let root = URL(fileURLWithPath: data)
+        let trainSet = try DetectionDataset(root: root, split: "train2017")
+        let valSet = try DetectionDataset(root: root, split: "val2017")
+        let kind = BlockKind(rawValue: block)!
+        let outDir = URL(fileURLWithPath: out)
+        var cfg = DetectorTrainingConfig()
+        cfg.epochs = epochs
+        cfg.batchSize = batch
+        cfg.learningRate = lr
+        cfg.seed = seed
+        cfg.evaluateEvery = evalEvery
+        func modelConfig(_ k: BlockKind) -> YOLOv6Config {
+            let s = inputSize ?? (size == "nano" ? 160 : 96)
+            return size == "nano" ? .nano(block: k, numClasses: trainSet.classCount, inputSize: s) : .tiny(block: k, numClasses: trainSet.classCount, inputSize: s)
+        }
+        var rng = SeededGenerator(seed: seed)
+        var masks: [(Tensor, Tensor)] = []
+        let model = YOLOv6(modelConfig(kind), rng: &rng)
+        if kind == .repopt {
+            var searchRng = SeededGenerator(seed: seed &+ 1)
+            let search = YOLOv6(modelConfig(.repoptSearch), rng: &searchRng)
+            var searchCfg = cfg
+            searchCfg.epochs = searchEpochs
+            searchCfg.evaluateEvery = searchEpochs
+            print("RepOpt stage 1: hyper-search (\(searchEpochs) epochs)")
+            let stage1 = DetectorTrainer(model: search, train: trainSet, val: valSet, config: searchCfg, checkpointDir: outDir.appendingPathComponent("search"))
+            try stage1.run()
+            let scales = try stage1.emaModel().repOptScales()
+            let encoder = JSONEncoder()
+            encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+            try AtomicFile.write(encoder.encode(scales), to: outDir.appendingPathComponent("repopt_scales.json"))
+            masks = try model.initializeRepOpt(from: scales, rng: &rng)
+            print("RepOpt stage 2: RealVGG model with RepOptSGD (\(masks.count) masked kernels)")
+        }
+        print("\(model.config.block.rawValue) detector: \(model.parameterCount) parameters, input \(model.config.inputSize), \(trainSet.count) training images")
+        let trainer = DetectorTrainer(model: model, train: trainSet, val: valSet, config: cfg, checkpointDir: outDir.appendingPathComponent("checkpoint"), masks: masks)
+        let result = try trainer.run()
+        let final = try trainer.emaModel()
+        try final.save(to: outDir.appendingPathComponent("model.safetensors"), metadata: ["block": block, "epochs": String(epochs)])
+        if let result { print(result.summary) }
+    }
+}
