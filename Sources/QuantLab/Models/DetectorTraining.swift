@@ -118,9 +118,11 @@ public final class DetectorTrainer {
         return m
     }
 
-    /// Runs (or resumes) training to the end; returns the final validation result of the EMA model.
+    /// Runs (or resumes) training to the end; returns the final validation result of the EMA
+    /// model. `stopAfter` ends the run after that many steps in total, as an interruption would
+    /// (the last checkpoint is then the one written at the last save point).
     @discardableResult
-    public func run() throws -> COCOEvaluator.Result? {
+    public func run(stopAfter: Int? = nil) throws -> COCOEvaluator.Result? {
         if let dir = checkpointDir, FileManager.default.fileExists(atPath: dir.appendingPathComponent("state.json").path) {
             try resume(from: dir)
             log("resumed at step \(step)/\(totalSteps)")
@@ -146,6 +148,7 @@ public final class DetectorTrainer {
                 let rate = Double(step - startStep) * Double(config.batchSize) / max(Date().timeIntervalSince(start), 1e-9)
                 progress.update(step, String(format: "loss %.3f (cls %.3f box %.3f) pos %d  %.1f img/s", parts.total, parts.classification, parts.box, parts.positives, rate))
                 if let dir = checkpointDir, step % config.checkpointEverySteps == 0 { try save(to: dir) }
+                if let stop = stopAfter, step >= stop { return nil }
             }
             let finished = epoch + 1
             if let val, finished % config.evaluateEvery == 0 || finished == config.epochs {
