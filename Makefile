@@ -9,7 +9,7 @@ RELEASE_BIN := .build/release
 EXPERIMENTS := $(sort $(notdir $(wildcard experiments/exp*)))
 
 .DEFAULT_GOAL := help
-.PHONY: help build release test bench demo smoke crosscheck venv clean info data cuda
+.PHONY: help build release test bench demo smoke crosscheck venv clean info data cuda models
 
 help: ## list the targets
 	@echo "QuantLab — INT8 quantization of object detectors, reproduced from scratch"
@@ -45,6 +45,14 @@ smoke: release ## every experiment with QUICK=1 (results go to results/quick/)
 data: release ## generate the default synthetic datasets in data/ (detection 'shapes', classification 'shapes-cls')
 	$(RELEASE_BIN)/qlab make-data --preset $(if $(QUICK),shapes-tiny,shapes) --root data
 	$(if $(QUICK),,$(RELEASE_BIN)/qlab make-data --preset shapes-cls --root data)
+
+models: release ## train and cache the FP32 baselines in data/models/ (detectors x {repvgg, qarepvgg, repopt}, classifiers x {repvgg, repopt})
+	$(RELEASE_BIN)/qlab models $(if $(QUICK),--quick,)
+
+exp%: release ## run experiment expNN (e.g. make exp00; QUICK=1 for a smoke run into results/quick/)
+	@e=$$(ls -d experiments/$@_* 2>/dev/null | head -1); \
+	if [ -z "$$e" ]; then echo "no experiment $@ in experiments/"; exit 2; fi; \
+	$(RELEASE_BIN)/$$(basename $$e) $(if $(QUICK),--quick,)
 
 $(VENV_PY):
 	$(PYTHON) -m venv $(VENV)

@@ -157,3 +157,31 @@ struct DetectorTests {
         #expect(zip(ea, eb).allSatisfy { $0.1.values == $1.1.values }, "EMA differs after resume")
     }
 }
+
+@Suite("RepVGG-style classifier")
+struct ClassifierTests {
+    @Test("the classifier learns the toy task with every block kind", arguments: [BlockKind.repvgg, .qarepvgg, .repopt])
+    func learnsToyTask(kind: BlockKind) {
+        var rng = SeededGenerator(seed: 21)
+        let model = RepClassifier(.tiny(block: kind, numClasses: 4, inputSize: 32), rng: &rng)
+        let opt = SGD(model.parameterGroups(weightDecay: 1e-4), learningRate: 0.05, momentum: 0.9, nesterov: true)
+        func rgb(_ x: Tensor) -> Tensor { concat([x, x, x], dim: 1) }
+        model.train()
+        for _ in 0..<150 {
+            let (x, y) = ToyShapes.batch(32, size: 32, rng: &rng)
+            let loss = crossEntropy(logits: model(rgb(x)), targets: y)
+            opt.zeroGrad()
+            loss.backward()
+            opt.step()
+        }
+        model.eval()
+        let (x, y) = ToyShapes.batch(256, size: 32, rng: &rng)
+        let logits = withNoGrad { model(rgb(x)) }
+        var correct = 0
+        for i in 0..<256 {
+            let row = Array(logits.values[(i * 4)..<(i * 4 + 4)])
+            if row.indices.max(by: { row[$0] < row[$1] }) == y[i] { correct += 1 }
+        }
+        #expect(correct > 200, "\(kind): \(correct)/256 correct")
+    }
+}

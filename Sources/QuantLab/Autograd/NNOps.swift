@@ -1,3 +1,4 @@
+import Foundation
 import CKernels
 
 // Neural-network ops: convolution, normalisation, pooling, resampling, matrix products and
@@ -35,6 +36,25 @@ private func geometry(input: [Int], weight: [Int], _ o: Conv2dOptions) -> ql_con
                         DH: Int32(o.dilation.0), DW: Int32(o.dilation.1), groups: Int32(o.groups))
 }
 
+/// Counts multiply-accumulates of conv, transposed conv, linear and matmul forwards run
+/// inside `count { }` (2 FLOPs per MAC), for the FLOPs column of result tables.
+public final class FLOPCounter: @unchecked Sendable {
+    @TaskLocal static var active: FLOPCounter?
+    private let lock = NSLock()
+    public private(set) var macs: Int = 0
+
+    public init() {}
+
+    func add(_ n: Int) { lock.lock(); macs += n; lock.unlock() }
+
+    /// FLOPs (2 x MACs) of the forward passes in `body`.
+    public static func count(_ body: () throws -> Void) rethrows -> Double {
+        let c = FLOPCounter()
+        try $active.withValue(c, operation: body)
+        return 2 * Double(c.macs)
+    }
+}
+
 @inline(__always) private func check(_ status: Int32, _ name: String) {
     precondition(status == 0, "\(name): kernel returned status \(status)")
 }
@@ -46,6 +66,7 @@ public func conv2d(_ x: Tensor, weight: Tensor, bias: Tensor? = nil, options o: 
     precondition(ql_conv_out_size(&g, &oh, &ow) == 0 && weight.shape[1] * o.groups == x.shape[1],
                  "conv2d: input \(x.shape), weight \(weight.shape), stride \(o.stride), padding \(o.padding), groups \(o.groups) do not fit")
     if let b = bias { precondition(b.shape == [weight.shape[0]], "conv2d: bias \(b.shape) for \(weight.shape[0]) channels") }
+    FLOPCounter.active?.add(x.shape[0] * weight.count * Int(oh) * Int(ow))
     if x.device == .cuda { return CUDAOps.conv2d(x, weight, bias, g, oh: Int(oh), ow: Int(ow)) }
     let out = Tensor(zeros: [x.shape[0], weight.shape[0], Int(oh), Int(ow)])
     check(ql_conv2d_fwd(out.data, x.data, weight.data, bias?.data, &g), "conv2d")
@@ -84,6 +105,7 @@ public func convTranspose2d(_ x: Tensor, weight: Tensor, bias: Tensor? = nil, op
                  "conv_transpose2d: input \(x.shape), weight \(weight.shape) give no valid output")
     // The adjoint convolution maps [N, cOut, hOut, wOut] -> [N, C_in, H, W] with the same weight.
     var g = geometry(input: [x.shape[0], cOut, hOut, wOut], weight: weight.shape, o)
+    FLOPCounter.active?.add(x.count * weight.count / max(weight.shape[0], 1))
     let out = Tensor(zeros: [x.shape[0], cOut, hOut, wOut])
     check(ql_conv2d_bwd_data(out.data, x.data, weight.data, &g), "conv_transpose2d")
     if let b = bias {
@@ -232,6 +254,7 @@ public func upsampleNearest(_ x: Tensor, scale: Int) -> Tensor {
 public func linear(_ x: Tensor, weight: Tensor, bias: Tensor? = nil) -> Tensor {
     precondition(weight.rank == 2 && x.shape.last == weight.shape[1], "linear: input \(x.shape), weight \(weight.shape)")
     if let b = bias { precondition(b.shape == [weight.shape[0]], "linear: bias \(b.shape) for \(weight.shape[0]) outputs") }
+    FLOPCounter.active?.add(x.count / max(weight.shape[1], 1) * weight.count)
     if x.device == .cuda { return CUDAOps.linear(x, weight, bias) }
     let (outF, inF) = (weight.shape[0], weight.shape[1]), rows = x.count / max(inF, 1)
     let out = Tensor(zeros: Array(x.shape.dropLast()) + [outF])
@@ -267,6 +290,7 @@ public func matmul(_ a: Tensor, _ b: Tensor) -> Tensor {
     let batchA = Array(a.shape.dropLast(2)), batchB = Array(b.shape.dropLast(2))
     precondition(batchB.isEmpty || batchA == batchB, "matmul: batch dims \(batchA) vs \(batchB)")
     let batch = batchA.reduce(1, *), sharedB = batchB.isEmpty
+    FLOPCounter.active?.add(batch * m * k * n)
     if a.device == .cuda { return CUDAOps.matmul(a, b, batch: batch, m: m, k: k, n: n, sharedB: sharedB, outShape: batchA + [m, n]) }
     let out = Tensor(zeros: batchA + [m, n])
     let (I, J, K) = (Int32(m), Int32(n), Int32(k))

@@ -1,0 +1,166 @@
+import Foundation
+
+/// The FP32 baselines every later experiment quantizes, trained once and cached:
+///   <models>/det-<block>[-quick]/model.safetensors + train.json
+///   <models>/cls-<block>[-quick]/model.safetensors + train.json
+/// A cached model is reused only if its recorded configuration equals the requested one.
+public enum Baselines {
+    /// How a baseline was trained: what the results tables report next to its accuracy.
+    public struct TrainingRecord: Codable, Equatable, Sendable {
+        public var block: String
+        public var epochs: Int
+        public var searchEpochs: Int?
+        public var seed: UInt64
+        public var trainImages: Int
+        public var wallSeconds: Double
+        public var imagesPerSecond: Double
+        public var modelConfig: String // JSON of the architecture config
+    }
+
+    public struct Plan: Sendable {
+        public var quick: Bool
+        public var dataRoot: URL
+        public var modelsRoot: URL
+        public var seed: UInt64 = 0
+        /// Detector and classifier epochs (RepOpt's hyper-search stage gets `searchEpochs`).
+        public var detectorEpochs: Int
+        public var detectorSearchEpochs: Int
+        public var classifierEpochs: Int
+        public var classifierSearchEpochs: Int
+
+        public init(quick: Bool, dataRoot: URL = URL(fileURLWithPath: "data"), modelsRoot: URL = URL(fileURLWithPath: "data/models")) {
+            self.quick = quick
+            self.dataRoot = dataRoot
+            self.modelsRoot = modelsRoot
+            detectorEpochs = quick ? 2 : 10
+            detectorSearchEpochs = quick ? 1 : 4
+            classifierEpochs = quick ? 1 : 15
+            classifierSearchEpochs = quick ? 1 : 5
+        }
+
+        public var detectionPreset: SyntheticShapes.Config { quick ? .shapesTiny : .shapes }
+        public var classificationPreset: SyntheticShapes.Config {
+            var c = SyntheticShapes.Config.shapesClassification
+            if quick { c.name = "shapes-cls-tiny"; c.trainImages = 256; c.valImages = 128 }
+            return c
+        }
+
+        public func detectorConfig(_ block: BlockKind, classes: Int) -> YOLOv6Config {
+            quick ? .tiny(block: block, numClasses: classes) : .nano(block: block, numClasses: classes)
+        }
+
+        public func classifierConfig(_ block: BlockKind, classes: Int) -> RepClassifier.Config {
+            quick ? .tiny(block: block, numClasses: classes) : RepClassifier.Config(block: block, numClasses: classes)
+        }
+
+        func folder(_ kind: String, _ block: BlockKind) -> URL {
+            modelsRoot.appendingPathComponent("\(kind)-\(block.rawValue)\(quick ? "-quick" : "")")
+        }
+    }
+
+    static func json<T: Encodable>(_ value: T) -> String {
+        let e = JSONEncoder()
+        e.outputFormatting = [.sortedKeys]
+        return String(decoding: (try? e.encode(value)) ?? Data(), as: UTF8.self)
+    }
+
+    static func cached(_ dir: URL, expecting record: TrainingRecord) -> TrainingRecord? {
+        guard let data = try? Data(contentsOf: dir.appendingPathComponent("train.json")),
+              let saved = try? JSONDecoder().decode(TrainingRecord.self, from: data),
+              saved.block == record.block, saved.epochs == record.epochs, saved.searchEpochs == record.searchEpochs,
+              saved.seed == record.seed, saved.modelConfig == record.modelConfig, saved.trainImages == record.trainImages,
+              FileManager.default.fileExists(atPath: dir.appendingPathComponent("model.safetensors").path) else { return nil }
+        return saved
+    }
+
+    static func writeRecord(_ r: TrainingRecord, _ dir: URL) throws {
+        let e = JSONEncoder()
+        e.outputFormatting = [.prettyPrinted, .sortedKeys]
+        try AtomicFile.write(e.encode(r), to: dir.appendingPathComponent("train.json"))
+    }
+
+    /// The detector baseline for `block` (trained now if no matching cache exists).
+    public static func detector(_ block: BlockKind, plan: Plan, log: @escaping (String) -> Void = { print($0) }) throws -> (YOLOv6, TrainingRecord, DetectionDataset) {
+        let root = try SyntheticShapes(plan.detectionPreset).write(root: plan.dataRoot)
+        let train = try DetectionDataset(root: root, split: "train2017"), val = try DetectionDataset(root: root, split: "val2017")
+        let config = plan.detectorConfig(block, classes: train.classCount)
+        let dir = plan.folder("det", block)
+        var record = TrainingRecord(block: block.rawValue, epochs: plan.detectorEpochs, searchEpochs: block == .repopt ? plan.detectorSearchEpochs : nil,
+                                    seed: plan.seed, trainImages: train.count, wallSeconds: 0, imagesPerSecond: 0, modelConfig: json(config))
+        var rng = SeededGenerator(seed: plan.seed)
+        let model = YOLOv6(config, rng: &rng)
+        if let saved = cached(dir, expecting: record) {
+            try model.load(from: dir.appendingPathComponent("model.safetensors"))
+            log("det-\(block.rawValue): loaded cached baseline from \(dir.path)")
+            return (model, saved, val)
+        }
+        var cfg = DetectorTrainingConfig()
+        cfg.epochs = plan.detectorEpochs
+        cfg.seed = plan.seed
+        cfg.batchSize = plan.quick ? 16 : 32
+        cfg.evaluateEvery = max(plan.detectorEpochs, 1)
+        let start = Date()
+        var images = 0
+        var masks: [(Tensor, Tensor)] = []
+        if block == .repopt {
+            var searchRng = SeededGenerator(seed: plan.seed &+ 1)
+            let search = YOLOv6(plan.detectorConfig(.repoptSearch, classes: train.classCount), rng: &searchRng)
+            var searchCfg = cfg
+            searchCfg.epochs = plan.detectorSearchEpochs
+            searchCfg.evaluateEvery = 1000
+            log("det-repopt: stage 1, hyper-search (\(plan.detectorSearchEpochs) epochs)")
+            let stage1 = DetectorTrainer(model: search, train: train, val: nil, config: searchCfg, checkpointDir: dir.appendingPathComponent("search"), log: log)
+            try stage1.run()
+            images += stage1.totalSteps * cfg.batchSize
+            masks = try model.initializeRepOpt(from: stage1.emaModel().repOptScales(), rng: &rng)
+        }
+        let trainer = DetectorTrainer(model: model, train: train, val: nil, config: cfg, checkpointDir: dir.appendingPathComponent("checkpoint"), masks: masks, log: log)
+        try trainer.run()
+        images += trainer.totalSteps * cfg.batchSize
+        let final = try trainer.emaModel()
+        try final.save(to: dir.appendingPathComponent("model.safetensors"), metadata: ["block": block.rawValue])
+        record.wallSeconds = Date().timeIntervalSince(start)
+        record.imagesPerSecond = Double(images) / record.wallSeconds
+        try writeRecord(record, dir)
+        return (final, record, val)
+    }
+
+    /// The classifier baseline for `block`.
+    public static func classifier(_ block: BlockKind, plan: Plan, log: @escaping (String) -> Void = { print($0) }) throws -> (RepClassifier, TrainingRecord, ClassificationDataset) {
+        let root = try SyntheticShapes(plan.classificationPreset).write(root: plan.dataRoot)
+        let train = try ClassificationDataset(root: root, split: "train2017"), val = try ClassificationDataset(root: root, split: "val2017")
+        let config = plan.classifierConfig(block, classes: train.classCount)
+        let dir = plan.folder("cls", block)
+        var record = TrainingRecord(block: block.rawValue, epochs: plan.classifierEpochs, searchEpochs: block == .repopt ? plan.classifierSearchEpochs : nil,
+                                    seed: plan.seed, trainImages: train.count, wallSeconds: 0, imagesPerSecond: 0, modelConfig: json(config))
+        var rng = SeededGenerator(seed: plan.seed)
+        let model = RepClassifier(config, rng: &rng)
+        if let saved = cached(dir, expecting: record) {
+            try model.load(from: dir.appendingPathComponent("model.safetensors"))
+            log("cls-\(block.rawValue): loaded cached baseline from \(dir.path)")
+            return (model, saved, val)
+        }
+        let batch = plan.quick ? 32 : 64
+        let start = Date()
+        var images = 0
+        var masks: [(Tensor, Tensor)] = []
+        if block == .repopt {
+            var searchRng = SeededGenerator(seed: plan.seed &+ 1)
+            let search = RepClassifier(plan.classifierConfig(.repoptSearch, classes: train.classCount), rng: &searchRng)
+            log("cls-repopt: stage 1, hyper-search (\(plan.classifierSearchEpochs) epochs)")
+            let (_, averaged) = try trainClassifier(search, train: train, val: val, epochs: plan.classifierSearchEpochs, batchSize: batch, seed: plan.seed &+ 1, log: log)
+            images += plan.classifierSearchEpochs * (train.count / batch) * batch
+            masks = try model.initializeRepOpt(from: averaged.repOptScales(), rng: &rng)
+        }
+        let (_, averaged) = try trainClassifier(model, train: train, val: val, epochs: plan.classifierEpochs, batchSize: batch, seed: plan.seed, masks: masks, log: log)
+        images += plan.classifierEpochs * (train.count / batch) * batch
+        try averaged.save(to: dir.appendingPathComponent("model.safetensors"), metadata: ["block": block.rawValue])
+        record.wallSeconds = Date().timeIntervalSince(start)
+        record.imagesPerSecond = Double(images) / record.wallSeconds
+        try writeRecord(record, dir)
+        return (averaged, record, val)
+    }
+
+    public static let detectorBlocks: [BlockKind] = [.repvgg, .qarepvgg, .repopt]
+    public static let classifierBlocks: [BlockKind] = [.repvgg, .repopt]
+}
