@@ -1,6 +1,7 @@
 /* CPU feature detection and ISA selection. */
 #define _POSIX_C_SOURCE 200809L
 #include <cpuid.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include "internal.h"
@@ -72,3 +73,5 @@ void *ql_aligned_alloc(size_t bytes) {
 }
 
 void ql_aligned_free(void *p) { free(p); }
+
+void ql_line_buffer_stdout(void) { setvbuf(stdout, NULL, _IOLBF, 0); }

@@ -231,14 +231,19 @@ float ql_absmax(const float *x, int64_t n) {
 }
 
 /* ---------------------------------------------------------------------------------------- */
-/* Softmax family                                                                            */
+/* Softmax family (max-subtracted, sums in double)                                           */
 /* ---------------------------------------------------------------------------------------- */
+static float row_max(const float *x, int cols) {
+    float m = -INFINITY;
+    for (int c = 0; c < cols; c++) m = x[c] > m ? x[c] : m;
+    return m;
+}
+
 void ql_softmax_rows(float *y, const float *x, int64_t rows, int cols) {
     for (int64_t r = 0; r < rows; r++) {
         const float *xr = x + r * cols;
         float *yr = y + r * cols;
-        float m = -INFINITY;
-        for (int c = 0; c < cols; c++) m = xr[c] > m ? xr[c] : m;
+        float m = row_max(xr, cols);
         double s = 0;
         for (int c = 0; c < cols; c++) { yr[c] = expf(xr[c] - m); s += yr[c]; }
         float inv = (float)(1.0 / s);
@@ -250,8 +255,7 @@ void ql_log_softmax_rows(float *y, const float *x, int64_t rows, int cols) {
     for (int64_t r = 0; r < rows; r++) {
         const float *xr = x + r * cols;
         float *yr = y + r * cols;
-        float m = -INFINITY;
-        for (int c = 0; c < cols; c++) m = xr[c] > m ? xr[c] : m;
+        float m = row_max(xr, cols);
         double s = 0;
         for (int c = 0; c < cols; c++) s += expf(xr[c] - m);
         float lse = m + (float)log(s);

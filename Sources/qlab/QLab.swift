@@ -5,6 +5,12 @@ import QuantLab
 
 @main
 struct QLab: ParsableCommand {
+    /// Line-buffered stdout, so progress and results reach a log file as they happen.
+    static func main() {
+        lineBufferStandardOutput()
+        main(nil)
+    }
+
     static let configuration = CommandConfiguration(
         commandName: "qlab",
         abstract: "QuantLab: INT8 quantization of object detectors, reproduced from scratch.",

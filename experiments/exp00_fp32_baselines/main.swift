@@ -19,6 +19,11 @@ import QuantLab
 
 @main
 struct Exp00: ParsableCommand {
+    static func main() {
+        lineBufferStandardOutput() // progress reaches log files as it happens
+        main(nil)
+    }
+
     static let configuration = CommandConfiguration(commandName: "exp00_fp32_baselines", abstract: "FP32 baselines: detectors and classifiers, RepVGG vs QARepVGG vs RepOpt.")
 
     @Flag(help: "Tiny models and data, results to results/quick/.") var quick = false

@@ -60,6 +60,10 @@ const char *ql_isa_name(ql_isa isa);
 void ql_set_num_threads(int n);
 int ql_get_num_threads(void);
 
+/* Makes stdout line-buffered, so that progress and results reach a log file as they are
+ * printed (Swift 6 cannot touch C's `stdout` global itself). */
+void ql_line_buffer_stdout(void);
+
 /* ------------------------------------------------------------------------------------------
  * SGEMM
  *

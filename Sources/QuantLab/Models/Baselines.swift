@@ -79,50 +79,60 @@ public enum Baselines {
         try AtomicFile.write(e.encode(r), to: dir.appendingPathComponent("train.json"))
     }
 
+    /// Loads `model` from `dir` when the cache holds exactly `record`'s configuration;
+    /// otherwise runs `train` (the trained weights and the number of images it processed),
+    /// saves them with the record (wall time and throughput filled in) and returns them.
+    static func trainOrLoad<M: Module>(_ name: String, dir: URL, record: TrainingRecord, model: M, log: (String) -> Void,
+                                       train: () throws -> (M, Int)) throws -> (M, TrainingRecord) {
+        if let saved = cached(dir, expecting: record) {
+            try model.load(from: dir.appendingPathComponent("model.safetensors"))
+            log("\(name): loaded cached baseline from \(dir.path)")
+            return (model, saved)
+        }
+        let start = Date()
+        let (trained, images) = try train()
+        try trained.save(to: dir.appendingPathComponent("model.safetensors"), metadata: ["block": record.block])
+        var r = record
+        r.wallSeconds = Date().timeIntervalSince(start)
+        r.imagesPerSecond = Double(images) / max(r.wallSeconds, 1e-9)
+        try writeRecord(r, dir)
+        return (trained, r)
+    }
+
     /// The detector baseline for `block` (trained now if no matching cache exists).
     public static func detector(_ block: BlockKind, plan: Plan, log: @escaping (String) -> Void = { print($0) }) throws -> (YOLOv6, TrainingRecord, DetectionDataset) {
         let root = try SyntheticShapes(plan.detectionPreset).write(root: plan.dataRoot)
         let train = try DetectionDataset(root: root, split: "train2017"), val = try DetectionDataset(root: root, split: "val2017")
         let config = plan.detectorConfig(block, classes: train.classCount)
         let dir = plan.folder("det", block)
-        var record = TrainingRecord(block: block.rawValue, epochs: plan.detectorEpochs, searchEpochs: block == .repopt ? plan.detectorSearchEpochs : nil,
+        let record = TrainingRecord(block: block.rawValue, epochs: plan.detectorEpochs, searchEpochs: block == .repopt ? plan.detectorSearchEpochs : nil,
                                     seed: plan.seed, trainImages: train.count, wallSeconds: 0, imagesPerSecond: 0, modelConfig: json(config))
         var rng = SeededGenerator(seed: plan.seed)
         let model = YOLOv6(config, rng: &rng)
-        if let saved = cached(dir, expecting: record) {
-            try model.load(from: dir.appendingPathComponent("model.safetensors"))
-            log("det-\(block.rawValue): loaded cached baseline from \(dir.path)")
-            return (model, saved, val)
+        let (trained, saved) = try trainOrLoad("det-\(block.rawValue)", dir: dir, record: record, model: model, log: log) {
+            var cfg = DetectorTrainingConfig()
+            cfg.epochs = plan.detectorEpochs
+            cfg.seed = plan.seed
+            cfg.batchSize = plan.quick ? 16 : 32
+            cfg.evaluateEvery = max(plan.detectorEpochs, 1)
+            var images = 0
+            var masks: [(Tensor, Tensor)] = []
+            if block == .repopt {
+                var searchRng = SeededGenerator(seed: plan.seed &+ 1)
+                let search = YOLOv6(plan.detectorConfig(.repoptSearch, classes: train.classCount), rng: &searchRng)
+                var searchCfg = cfg
+                searchCfg.epochs = plan.detectorSearchEpochs
+                log("det-repopt: stage 1, hyper-search (\(plan.detectorSearchEpochs) epochs)")
+                let stage1 = DetectorTrainer(model: search, train: train, val: nil, config: searchCfg, checkpointDir: dir.appendingPathComponent("search"), log: log)
+                try stage1.run()
+                images += stage1.totalSteps * cfg.batchSize
+                masks = try model.initializeRepOpt(from: stage1.emaModel().repOptScales(), rng: &rng)
+            }
+            let trainer = DetectorTrainer(model: model, train: train, val: nil, config: cfg, checkpointDir: dir.appendingPathComponent("checkpoint"), masks: masks, log: log)
+            try trainer.run()
+            return (try trainer.emaModel(), images + trainer.totalSteps * cfg.batchSize)
         }
-        var cfg = DetectorTrainingConfig()
-        cfg.epochs = plan.detectorEpochs
-        cfg.seed = plan.seed
-        cfg.batchSize = plan.quick ? 16 : 32
-        cfg.evaluateEvery = max(plan.detectorEpochs, 1)
-        let start = Date()
-        var images = 0
-        var masks: [(Tensor, Tensor)] = []
-        if block == .repopt {
-            var searchRng = SeededGenerator(seed: plan.seed &+ 1)
-            let search = YOLOv6(plan.detectorConfig(.repoptSearch, classes: train.classCount), rng: &searchRng)
-            var searchCfg = cfg
-            searchCfg.epochs = plan.detectorSearchEpochs
-            searchCfg.evaluateEvery = 1000
-            log("det-repopt: stage 1, hyper-search (\(plan.detectorSearchEpochs) epochs)")
-            let stage1 = DetectorTrainer(model: search, train: train, val: nil, config: searchCfg, checkpointDir: dir.appendingPathComponent("search"), log: log)
-            try stage1.run()
-            images += stage1.totalSteps * cfg.batchSize
-            masks = try model.initializeRepOpt(from: stage1.emaModel().repOptScales(), rng: &rng)
-        }
-        let trainer = DetectorTrainer(model: model, train: train, val: nil, config: cfg, checkpointDir: dir.appendingPathComponent("checkpoint"), masks: masks, log: log)
-        try trainer.run()
-        images += trainer.totalSteps * cfg.batchSize
-        let final = try trainer.emaModel()
-        try final.save(to: dir.appendingPathComponent("model.safetensors"), metadata: ["block": block.rawValue])
-        record.wallSeconds = Date().timeIntervalSince(start)
-        record.imagesPerSecond = Double(images) / record.wallSeconds
-        try writeRecord(record, dir)
-        return (final, record, val)
+        return (trained, saved, val)
     }
 
     /// The classifier baseline for `block`.
@@ -131,34 +141,25 @@ public enum Baselines {
         let train = try ClassificationDataset(root: root, split: "train2017"), val = try ClassificationDataset(root: root, split: "val2017")
         let config = plan.classifierConfig(block, classes: train.classCount)
         let dir = plan.folder("cls", block)
-        var record = TrainingRecord(block: block.rawValue, epochs: plan.classifierEpochs, searchEpochs: block == .repopt ? plan.classifierSearchEpochs : nil,
+        let record = TrainingRecord(block: block.rawValue, epochs: plan.classifierEpochs, searchEpochs: block == .repopt ? plan.classifierSearchEpochs : nil,
                                     seed: plan.seed, trainImages: train.count, wallSeconds: 0, imagesPerSecond: 0, modelConfig: json(config))
         var rng = SeededGenerator(seed: plan.seed)
         let model = RepClassifier(config, rng: &rng)
-        if let saved = cached(dir, expecting: record) {
-            try model.load(from: dir.appendingPathComponent("model.safetensors"))
-            log("cls-\(block.rawValue): loaded cached baseline from \(dir.path)")
-            return (model, saved, val)
+        let (trained, saved) = try trainOrLoad("cls-\(block.rawValue)", dir: dir, record: record, model: model, log: log) {
+            let batch = plan.quick ? 32 : 64, perEpoch = train.count / batch * batch
+            var masks: [(Tensor, Tensor)] = []
+            if block == .repopt {
+                var searchRng = SeededGenerator(seed: plan.seed &+ 1)
+                let search = RepClassifier(plan.classifierConfig(.repoptSearch, classes: train.classCount), rng: &searchRng)
+                log("cls-repopt: stage 1, hyper-search (\(plan.classifierSearchEpochs) epochs)")
+                let (_, averaged) = try trainClassifier(search, train: train, val: val, epochs: plan.classifierSearchEpochs, batchSize: batch, seed: plan.seed &+ 1, log: log)
+                masks = try model.initializeRepOpt(from: averaged.repOptScales(), rng: &rng)
+            }
+            let (_, averaged) = try trainClassifier(model, train: train, val: val, epochs: plan.classifierEpochs, batchSize: batch, seed: plan.seed, masks: masks, log: log)
+            let searchImages = block == .repopt ? plan.classifierSearchEpochs * perEpoch : 0
+            return (averaged, searchImages + plan.classifierEpochs * perEpoch)
         }
-        let batch = plan.quick ? 32 : 64
-        let start = Date()
-        var images = 0
-        var masks: [(Tensor, Tensor)] = []
-        if block == .repopt {
-            var searchRng = SeededGenerator(seed: plan.seed &+ 1)
-            let search = RepClassifier(plan.classifierConfig(.repoptSearch, classes: train.classCount), rng: &searchRng)
-            log("cls-repopt: stage 1, hyper-search (\(plan.classifierSearchEpochs) epochs)")
-            let (_, averaged) = try trainClassifier(search, train: train, val: val, epochs: plan.classifierSearchEpochs, batchSize: batch, seed: plan.seed &+ 1, log: log)
-            images += plan.classifierSearchEpochs * (train.count / batch) * batch
-            masks = try model.initializeRepOpt(from: averaged.repOptScales(), rng: &rng)
-        }
-        let (_, averaged) = try trainClassifier(model, train: train, val: val, epochs: plan.classifierEpochs, batchSize: batch, seed: plan.seed, masks: masks, log: log)
-        images += plan.classifierEpochs * (train.count / batch) * batch
-        try averaged.save(to: dir.appendingPathComponent("model.safetensors"), metadata: ["block": block.rawValue])
-        record.wallSeconds = Date().timeIntervalSince(start)
-        record.imagesPerSecond = Double(images) / record.wallSeconds
-        try writeRecord(record, dir)
-        return (averaged, record, val)
+        return (trained, saved, val)
     }
 
     public static let detectorBlocks: [BlockKind] = [.repvgg, .qarepvgg, .repopt]

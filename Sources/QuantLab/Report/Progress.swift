@@ -1,3 +1,4 @@
+import CKernels
 import Foundation
 
 /// Progress of a long pass: a bar with rate and ETA redrawn in place on a terminal, a line
@@ -61,3 +62,6 @@ public final class Progress: @unchecked Sendable {
         return t >= 3600 ? String(format: "%d:%02d:%02d", t / 3600, t / 60 % 60, t % 60) : String(format: "%d:%02d", t / 60, t % 60)
     }
 }
+
+/// Line-buffered stdout, so progress and results reach a log file as they happen.
+public func lineBufferStandardOutput() { ql_line_buffer_stdout() }
