@@ -139,6 +139,37 @@ public struct KernelBenchmarks {
         return Dictionary(uniqueKeysWithValues: rates.compactMap { k, v in Int(k).map { ($0, v) } })
     }
 
+    /// Training throughput of the YOLOv6-N-like detector (RepVGG blocks, 160 px, batch 32):
+    /// images/s of full steps (forward, assignment + loss, backward, SGD update) and the
+    /// effective GFLOP/s (3 x forward FLOPs per image), on random images with random boxes.
+    public func detectorTrainingRate(steps: Int = 5, batch: Int = 32) -> (imagesPerSecond: Double, effectiveGFLOPs: Double) {
+        var rng = SeededGenerator(seed: 3)
+        let model = YOLOv6(.nano(block: .repvgg, numClasses: 10), rng: &rng)
+        let x = Tensor.uniform([batch, 3, 160, 160], low: 0, high: 1, rng: &rng)
+        let labels: [[ObjectLabel]] = (0..<batch).map { _ in
+            (0..<4).map { _ in
+                let cx = 20 + Double(rng.nextFloat()) * 120, cy = 20 + Double(rng.nextFloat()) * 120, w = 8 + Double(rng.nextFloat()) * 40
+                return ObjectLabel(box: Box(cx: cx, cy: cy, w: w, h: w), classIndex: Int(rng.next() % 10))
+            }
+        }
+        let optimizer = SGD(model.parameterGroups(weightDecay: 5e-4), learningRate: 0.01, momentum: 0.937, nesterov: true)
+        let loss = DetectionLoss()
+        func step() {
+            let (c, d) = model(x)
+            let (total, _) = loss(model, classLogits: c, distances: d, labels: labels)
+            optimizer.zeroGrad()
+            total.backward()
+            optimizer.step()
+        }
+        step() // warm-up
+        let start = DispatchTime.now().uptimeNanoseconds
+        for _ in 0..<steps { step() }
+        let seconds = Double(DispatchTime.now().uptimeNanoseconds - start) * 1e-9
+        let forwardFLOPs = FLOPCounter.count { _ = withNoGrad { model(Tensor(zeros: [1, 3, 160, 160])) } }
+        let rate = Double(steps * batch) / seconds
+        return (rate, 3 * forwardFLOPs * rate / 1e9)
+    }
+
     /// Runs everything and returns the summary lines (`name: ratio` per target).
     public func run() -> [String] {
         let threads = Int(ql_get_num_threads())
@@ -172,6 +203,9 @@ public struct KernelBenchmarks {
         log(String(format: "  conv2d 3x3 64->64 40x40 batch 16: forward %6.1f, backward %6.1f GFLOP/s", fwd, bwd))
         summary.append(String(format: "conv2d forward: %.2fx our sgemm 1024 rate", fwd / ref))
         summary.append(String(format: "conv2d backward: %.2fx our sgemm 1024 rate", bwd / ref))
+        let (ips, gflops) = detectorTrainingRate(steps: quick ? 2 : 5)
+        log(String(format: "  detector training (YOLOv6-N-like, RepVGG, 160 px, batch 32): %.1f img/s, %.0f GFLOP/s effective", ips, gflops))
+        summary.append(String(format: "detector training: %.1f img/s (%.0f GFLOP/s effective, %.2fx our sgemm 1024 rate); not an in-run ratio against PyTorch, which is not installed here", ips, gflops, gflops / ref))
         return summary
     }
 }
