@@ -21,6 +21,9 @@ static inline unsigned blocks_for(int64_t n, int threads) {
     return (unsigned)(b > 65535LL * 1024 ? 65535LL * 1024 : (b < 1 ? 1 : b));
 }
 
+// Grid for grid-stride loops: enough blocks of 256 to cover n, at most 4096.
+static inline unsigned grid(int64_t n) { unsigned b = blocks_for(n, 256); return b > 4096 ? 4096 : b; }
+
 // Each .cu file fills its part of the API table.
 void qlc_fill_runtime(qlc_api *api);
 void qlc_fill_gemm(qlc_api *api);

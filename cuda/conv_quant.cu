@@ -61,7 +61,6 @@ __global__ void fake_quant_pc_bwd_kernel(float *dx, const float *dy, const float
         dx[i] += fabsf(x[i]) <= amax[(i / inner) % channels] ? dy[i] : 0.0f;
 }
 
-static unsigned grid(int64_t n) { unsigned b = blocks_for(n, 256); return b > 4096 ? 4096 : b; }
 
 static int fake_quant(qlc_stream s, float *y, const float *x, int64_t n, float amax, int qmax) {
     if (n < 0 || qmax <= 0) return qlc_fail(QLC_EINVAL, "fake_quant: n %lld, qmax %d", (long long)n, qmax);

@@ -52,7 +52,6 @@ __global__ void unary_bwd_kernel(int op, float *dx, const float *dy, const float
     }
 }
 
-static unsigned grid(int64_t n) { unsigned b = blocks_for(n, 256); return b > 4096 ? 4096 : b; }
 
 static int unary_fwd(qlc_stream s, int op, float *y, const float *x, int64_t n) {
     if (op < RELU || op > TANH || n < 0) return qlc_fail(QLC_EINVAL, "unary_fwd: op %d, n %lld", op, (long long)n);

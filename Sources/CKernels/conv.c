@@ -135,17 +135,9 @@ typedef struct {
     _Atomic int status;
 } conv_job;
 
-static _Thread_local float *tl_col = NULL;
-static _Thread_local size_t tl_col_n = 0;
+static _Thread_local ql_scratch tl_col;
 
-static float *col_scratch(size_t n) {
-    if (tl_col_n < n) {
-        ql_aligned_free(tl_col);
-        tl_col = (float *)ql_aligned_alloc(n * sizeof(float));
-        tl_col_n = tl_col ? n : 0;
-    }
-    return tl_col;
-}
+static float *col_scratch(size_t n) { return (float *)ql_scratch_reserve(&tl_col, n * sizeof(float)); }
 
 /* 1x1 kernel, stride 1, no padding: the image itself is the col matrix. */
 static int is_pointwise(const ql_conv_geom *g) {

@@ -74,4 +74,13 @@ void *ql_aligned_alloc(size_t bytes) {
 
 void ql_aligned_free(void *p) { free(p); }
 
+void *ql_scratch_reserve(ql_scratch *s, size_t bytes) {
+    if (s->bytes < bytes) {
+        ql_aligned_free(s->ptr);
+        s->ptr = ql_aligned_alloc(bytes);
+        s->bytes = s->ptr ? bytes : 0;
+    }
+    return s->ptr;
+}
+
 void ql_line_buffer_stdout(void) { setvbuf(stdout, NULL, _IOLBF, 0); }

@@ -185,16 +185,7 @@ __attribute__((target("avx2,fma"))) static void ukr_avx2_i8(int kq, const int32_
 
 typedef void (*ukr_i8_fn)(int, const int32_t *, const int8_t *, int32_t *, int, int, int, int);
 
-static _Thread_local int32_t *tl_apack = NULL, *tl_cblock = NULL;
-static _Thread_local size_t tl_apack_n = 0, tl_cblock_n = 0;
-
-static int grow(int32_t **buf, size_t *have, size_t need) {
-    if (*have >= need) return QL_OK;
-    ql_aligned_free(*buf);
-    *buf = (int32_t *)ql_aligned_alloc(need * sizeof(int32_t));
-    *have = *buf ? need : 0;
-    return *buf ? QL_OK : QL_ENOMEM;
-}
+static _Thread_local ql_scratch tl_apack, tl_cblock;
 
 /* What to do with each finished block of int32 accumulators. */
 typedef enum { OUT_S32 = 0, OUT_S8 = 1, OUT_F32 = 2 } out_kind;
@@ -229,15 +220,16 @@ static int igemm_block(const igemm_job *j, int m0, int M, int n0, int N) {
     ukr_i8_fn ukr = j->isa == QL_ISA_AVX512 ? ukr_vnni : ukr_avx2_i8;
     int K = j->K, Kq = kpad(K) / 4;
     size_t apack = (size_t)((ql_min_i(MCI, M) + MRI - 1) / MRI * MRI) * (KCI / 4);
-    if (grow(&tl_apack, &tl_apack_n, apack)) return QL_ENOMEM;
+    int32_t *apack_buf = (int32_t *)ql_scratch_reserve(&tl_apack, apack * sizeof(int32_t));
+    if (!apack_buf) return QL_ENOMEM;
     int32_t *C;
     int ldc;
     if (j->kind == OUT_S32) {
         C = (int32_t *)j->out + (size_t)m0 * j->ldo + n0;
         ldc = j->ldo;
     } else {
-        if (grow(&tl_cblock, &tl_cblock_n, (size_t)ql_min_i(MCI, M) * N)) return QL_ENOMEM;
-        C = tl_cblock;
+        C = (int32_t *)ql_scratch_reserve(&tl_cblock, (size_t)ql_min_i(MCI, M) * N * sizeof(int32_t));
+        if (!C) return QL_ENOMEM;
         ldc = N;
     }
     for (int ic = 0; ic < M; ic += MCI) {
@@ -247,12 +239,12 @@ static int igemm_block(const igemm_job *j, int m0, int M, int n0, int N) {
             for (int i = 0; i < mc; i++) memset(Cb + (size_t)i * ldc, 0, sizeof(int32_t) * (size_t)N);
         for (int pc = 0; pc < K; pc += KCI) {
             int kc = ql_min_i(KCI, K - pc), kq = (kc + 3) / 4;
-            pack_a_u8(tl_apack, j->A + (size_t)m0 * j->lda, j->lda, ic, mc, pc, kc, K);
+            pack_a_u8(apack_buf, j->A + (size_t)m0 * j->lda, j->lda, ic, mc, pc, kc, K);
             for (int jr = 0; jr < N; jr += NRI) {
                 int nr = ql_min_i(NRI, N - jr);
                 const int8_t *bp = j->packed + ((size_t)((n0 + jr) / NRI) * Kq + pc / 4) * 128;
                 for (int ir = 0; ir < mc; ir += MRI)
-                    ukr(kq, tl_apack + (size_t)ir * kq, bp, Cb + (size_t)ir * ldc + jr, ldc, pc > 0,
+                    ukr(kq, apack_buf + (size_t)ir * kq, bp, Cb + (size_t)ir * ldc + jr, ldc, pc > 0,
                         ql_min_i(MRI, mc - ir), nr);
             }
         }

@@ -4,25 +4,28 @@
 
 static inline uint8_t clamp_u8(float v) { return v <= 0.0f ? 0 : (v >= 255.0f ? 255 : (uint8_t)(v + 0.5f)); }
 
+/* Source coordinate of output index d (half-pixel centres, clamped): the two neighbours
+ * i0, i1 and the weight w of i1. */
+static inline void source_coord(int d, float scale, int n, int *i0, int *i1, float *w) {
+    float f = ((float)d + 0.5f) * scale - 0.5f;
+    if (f < 0) f = 0;
+    int a = (int)f;
+    if (a > n - 1) a = n - 1;
+    *i0 = a;
+    *i1 = a + 1 < n ? a + 1 : n - 1;
+    *w = f - (float)a;
+    if (*w > 1) *w = 1;
+}
+
 void ql_resize_bilinear_u8(uint8_t *restrict out, int out_h, int out_w, const uint8_t *restrict in,
                            int in_h, int in_w, int channels) {
     float sy = (float)in_h / (float)out_h, sx = (float)in_w / (float)out_w;
     for (int y = 0; y < out_h; y++) {
-        float fy = ((float)y + 0.5f) * sy - 0.5f;
-        if (fy < 0) fy = 0;
-        int y0 = (int)fy;
-        if (y0 > in_h - 1) y0 = in_h - 1;
-        int y1 = y0 + 1 < in_h ? y0 + 1 : in_h - 1;
-        float wy = fy - (float)y0;
-        if (wy > 1) wy = 1;
+        int y0, y1, x0, x1;
+        float wy, wx;
+        source_coord(y, sy, in_h, &y0, &y1, &wy);
         for (int x = 0; x < out_w; x++) {
-            float fx = ((float)x + 0.5f) * sx - 0.5f;
-            if (fx < 0) fx = 0;
-            int x0 = (int)fx;
-            if (x0 > in_w - 1) x0 = in_w - 1;
-            int x1 = x0 + 1 < in_w ? x0 + 1 : in_w - 1;
-            float wx = fx - (float)x0;
-            if (wx > 1) wx = 1;
+            source_coord(x, sx, in_w, &x0, &x1, &wx);
             const uint8_t *p00 = in + ((size_t)y0 * in_w + x0) * channels, *p01 = in + ((size_t)y0 * in_w + x1) * channels;
             const uint8_t *p10 = in + ((size_t)y1 * in_w + x0) * channels, *p11 = in + ((size_t)y1 * in_w + x1) * channels;
             uint8_t *o = out + ((size_t)y * out_w + x) * channels;

@@ -15,6 +15,15 @@ int ql_resolve_isa(ql_isa isa);
 void *ql_aligned_alloc(size_t bytes);
 void ql_aligned_free(void *p);
 
+/* A scratch buffer that grows on demand and is kept for reuse (declare it _Thread_local so
+ * each worker has its own). Returns the buffer with at least `bytes`, or NULL when the
+ * allocation fails (the old contents are not preserved). */
+typedef struct {
+    void *ptr;
+    size_t bytes;
+} ql_scratch;
+void *ql_scratch_reserve(ql_scratch *s, size_t bytes);
+
 /* Serial SGEMM on one thread (used inside parallel regions). Same contract as ql_sgemm. */
 void ql_sgemm_serial(int isa, int transA, int transB, int M, int N, int K, float alpha,
                      const float *A, int lda, const float *B, int ldb, float beta, float *C,

@@ -211,17 +211,7 @@ __attribute__((target("avx2,fma"))) static void ukr_avx2(int kc, const float *re
 typedef void (*ukr_fn)(int, const float *, const float *, int, float *, int, float, int, int);
 
 /* Per-thread packing buffers, grown on demand and kept for the thread's lifetime. */
-static _Thread_local float *tl_apack = NULL, *tl_bpack = NULL;
-static _Thread_local size_t tl_apack_n = 0, tl_bpack_n = 0;
-
-static float *scratch(float **buf, size_t *have, size_t need) {
-    if (*have < need) {
-        ql_aligned_free(*buf);
-        *buf = (float *)ql_aligned_alloc(need * sizeof(float));
-        *have = *buf ? need : 0;
-    }
-    return *buf;
-}
+static _Thread_local ql_scratch tl_apack, tl_bpack;
 
 static void scale_c(float *C, int ldc, int M, int N, float beta) {
     for (int i = 0; i < M; i++) {
@@ -249,8 +239,8 @@ void ql_sgemm_serial(int isa, int transA, int transB, int M, int N, int K, float
     int ncmax = ql_min_i(NC, N), kcmax = ql_min_i(KC, K), mcmax = ql_min_i(MC, M);
     size_t bneed = (size_t)((ncmax + NR - 1) / NR * NR) * kcmax;
     size_t aneed = (size_t)((mcmax + MR - 1) / MR * MR) * kcmax;
-    float *Bp = scratch(&tl_bpack, &tl_bpack_n, bneed);
-    float *Ap = scratch(&tl_apack, &tl_apack_n, aneed);
+    float *Bp = (float *)ql_scratch_reserve(&tl_bpack, bneed * sizeof(float));
+    float *Ap = (float *)ql_scratch_reserve(&tl_apack, aneed * sizeof(float));
     if (!Ap || !Bp) { /* out of memory: fall back to the reference, never a wrong answer */
         ql_sgemm_ref(transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
         return;

@@ -48,7 +48,7 @@ public final class RepClassifier: Module, Layer {
         self.stages = stages
         linear = Linear(config.widths[4], config.numClasses, rng: &rng)
         super.init()
-        registerModule("stage0", stages[0].layers[0] as! Module)
+        registerModule("stage0", stages[0].layers[0])
         for i in 1..<5 { registerModule("stage\(i)", stages[i]) }
         registerModule("linear", linear)
     }
