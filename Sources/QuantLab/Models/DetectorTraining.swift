@@ -194,7 +194,13 @@ public final class DetectorTrainer {
     }
 
     public func resume(from dir: URL) throws {
-        let state = try JSONDecoder().decode(State.self, from: Data(contentsOf: dir.appendingPathComponent("state.json")))
+        let stateURL = dir.appendingPathComponent("state.json")
+        let state: State
+        do { state = try JSONDecoder().decode(State.self, from: Data(contentsOf: stateURL)) } catch let e as DecodingError {
+            throw COCOFormatError("\(stateURL.path): not a valid checkpoint state (\(describe(e)))")
+        } catch {
+            throw COCOFormatError("\(stateURL.path): cannot read checkpoint state (\(error.localizedDescription))")
+        }
         guard state.model == model.config else { throw DeviceError("\(dir.path): checkpoint is for another model configuration") }
         guard state.training == config else { throw DeviceError("\(dir.path): checkpoint was made with other training settings") }
         try model.load(from: dir.appendingPathComponent("model.safetensors"))
