@@ -64,3 +64,23 @@ void ql_histogram_abs_f32(int64_t *restrict counts, int bins, const float *restr
         counts[b]++;
     }
 }
+
+void ql_fake_quant_affine_f32(float *restrict y, const float *restrict x, int64_t n, float scale, int zero_point,
+                              int qmin, int qmax) {
+    if (!(scale > 0.0f)) {
+        memset(y, 0, sizeof(float) * (size_t)n);
+        return;
+    }
+    float zp = (float)zero_point, lo = (float)qmin, hi = (float)qmax;
+    for (int64_t i = 0; i < n; i++) {
+        float q = nearbyintf(x[i] / scale) + zp;
+        q = q > hi ? hi : (q < lo ? lo : q);
+        y[i] = (q - zp) * scale;
+    }
+}
+
+void ql_fake_quant_affine_bwd_f32(float *restrict dx, const float *restrict dy, const float *restrict x, int64_t n,
+                                  float scale, int zero_point, int qmin, int qmax) {
+    float lo = ((float)qmin - (float)zero_point) * scale, hi = ((float)qmax - (float)zero_point) * scale;
+    for (int64_t i = 0; i < n; i++) dx[i] += (x[i] >= lo && x[i] <= hi) ? dy[i] : 0.0f;
+}

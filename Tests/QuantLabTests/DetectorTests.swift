@@ -96,6 +96,13 @@ struct DetectorTests {
         let after = withNoGrad { model(x) }
         #expect(firstMismatch(after.classLogits.values, before.classLogits.values, atol: 1e-4, rtol: 1e-3) == nil)
         #expect(firstMismatch(after.distances.values, before.distances.values, atol: 1e-4, rtol: 1e-3) == nil)
+        // the full deploy form also folds every conv + BN; the names of the convs stay
+        model.convertToDeployForm()
+        #expect(!model.namedModules().contains { $0.1 is BatchNorm2d }, "a BatchNorm2d survived the deploy conversion")
+        #expect(model.namedModules().contains { $0.0 == "neck.reduce_layer1.conv" && $0.1 is Conv2d })
+        let deployed = withNoGrad { model(x) }
+        #expect(firstMismatch(deployed.classLogits.values, before.classLogits.values, atol: 1e-4, rtol: 1e-3) == nil)
+        #expect(firstMismatch(deployed.distances.values, before.distances.values, atol: 1e-4, rtol: 1e-3) == nil)
     }
 
     private static func tinyData(_ tag: String) throws -> (URL, DetectionDataset) {

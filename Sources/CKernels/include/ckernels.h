@@ -169,6 +169,14 @@ void ql_fake_quant_bwd_f32(float *restrict dx, const float *restrict dy, const f
 void ql_fake_quant_per_channel_bwd_f32(float *restrict dx, const float *restrict dy,
                                        const float *restrict x, int64_t outer, int channels,
                                        int64_t inner, const float *amax);
+/* Asymmetric (affine) fake quantization for backends with uint8 activations:
+ *   q = clamp(round_half_to_even(x / scale) + zero_point, qmin, qmax), y = (q - zero_point) * scale
+ * (uint8: qmin 0, qmax 255). scale <= 0 gives y = 0. Backward: dx += dy where
+ * (qmin - zero_point) * scale <= x <= (qmax - zero_point) * scale, else 0. */
+void ql_fake_quant_affine_f32(float *restrict y, const float *restrict x, int64_t n, float scale, int zero_point,
+                              int qmin, int qmax);
+void ql_fake_quant_affine_bwd_f32(float *restrict dx, const float *restrict dy, const float *restrict x, int64_t n,
+                                  float scale, int zero_point, int qmin, int qmax);
 /* amax[c] = max |x| over outer and inner for each channel (x is [outer, channels, inner]). */
 void ql_channel_absmax_f32(float *restrict amax, const float *restrict x, int64_t outer,
                            int channels, int64_t inner);

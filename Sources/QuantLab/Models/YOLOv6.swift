@@ -22,7 +22,9 @@ public final class ModuleList: Module {
 
 /// Conv + BN + activation (YOLOv6's SimConv with ReLU, Conv with SiLU).
 public final class ConvBNAct: Module, Layer {
-    public let conv: Conv2d, bn: BatchNorm2d
+    public private(set) var conv: Conv2d
+    /// nil once folded into `conv` (the deploy form).
+    public private(set) var bn: BatchNorm2d?
     public let silu: Bool
 
     public init(_ cin: Int, _ cout: Int, kernel: Int, stride: Int = 1, silu: Bool = false, rng: inout SeededGenerator) {
@@ -31,12 +33,31 @@ public final class ConvBNAct: Module, Layer {
         self.silu = silu
         super.init()
         registerModule("conv", conv)
-        registerModule("bn", bn)
+        registerModule("bn", bn!)
     }
 
     public func callAsFunction(_ x: Tensor) -> Tensor {
-        let y = bn(conv(x))
+        let y = bn.map { $0(conv(x)) } ?? conv(x)
         return silu ? y.silu() : y.relu()
+    }
+
+    /// Deploy form: BN folded into a conv with bias, `bn` removed; `conv` keeps its name, so
+    /// `neck.reduce_layer1.conv` is the same layer before and after (YOLOv6's fuse_conv_and_bn).
+    public func foldBatchNorm() {
+        guard let bn else { return }
+        let folded = QuantLab.foldBatchNorm(weight: conv.weight, bias: conv.bias, bn)
+        let o = conv.options
+        var rng = SeededGenerator(seed: 0) // overwritten below
+        let fused = Conv2d(conv.weight.shape[1] * o.groups, conv.weight.shape[0], kernel: conv.weight.shape[2], stride: o.stride.0,
+                           padding: o.padding.0, dilation: o.dilation.0, groups: o.groups, bias: true, rng: &rng)
+        try! fused.weight.copyValues(from: folded.weight)
+        try! fused.bias!.copyValues(from: folded.bias)
+        fused.train(isTraining)
+        unregisterModule("conv")
+        unregisterModule("bn")
+        registerModule("conv", fused)
+        conv = fused
+        self.bn = nil
     }
 }
 
@@ -161,6 +182,9 @@ public final class RepPANNeck: Module {
     public let reduceLayer0: ConvBNAct, upsample0: Upsample, repP4: RepStage
     public let reduceLayer1: ConvBNAct, upsample1: Upsample, repP3: RepStage
     public let downsample2: ConvBNAct, repN3: RepStage, downsample1: ConvBNAct, repN4: RepStage
+    /// The four concat outputs, as tap points: quantizing one there gives the concat's inputs
+    /// one shared scale, as an INT8 engine needs (the "quantize concat inputs" option).
+    public let concatP4 = TapPoint(), concatP3 = TapPoint(), concatN3 = TapPoint(), concatN4 = TapPoint()
     public let outChannels: [Int]
 
     public init(_ cfg: YOLOv6Config, rng: inout SeededGenerator) {
@@ -187,17 +211,21 @@ public final class RepPANNeck: Module {
         registerModule("Rep_n3", repN3)
         registerModule("downsample1", downsample1)
         registerModule("Rep_n4", repN4)
+        registerModule("concat_p4", concatP4)
+        registerModule("concat_p3", concatP3)
+        registerModule("concat_n3", concatN3)
+        registerModule("concat_n4", concatN4)
     }
 
     /// [c3, c4, c5] -> [p3, p4, p5] at strides 8, 16, 32 (YOLOv6's forward, step for step).
     public func callAsFunction(_ features: [Tensor]) -> [Tensor] {
         let (x2, x1, x0) = (features[0], features[1], features[2])
         let fpnOut0 = reduceLayer0(x0)
-        let fOut0 = repP4(concat([upsample0(fpnOut0), x1], dim: 1))
+        let fOut0 = repP4(concatP4(concat([upsample0(fpnOut0), x1], dim: 1)))
         let fpnOut1 = reduceLayer1(fOut0)
-        let panOut2 = repP3(concat([upsample1(fpnOut1), x2], dim: 1))
-        let panOut1 = repN3(concat([downsample2(panOut2), fpnOut1], dim: 1))
-        let panOut0 = repN4(concat([downsample1(panOut1), fpnOut0], dim: 1))
+        let panOut2 = repP3(concatP3(concat([upsample1(fpnOut1), x2], dim: 1)))
+        let panOut1 = repN3(concatN3(concat([downsample2(panOut2), fpnOut1], dim: 1)))
+        let panOut0 = repN4(concatN4(concat([downsample1(panOut1), fpnOut0], dim: 1)))
         return [panOut2, panOut1, panOut0]
     }
 }
@@ -316,5 +344,15 @@ public final class YOLOv6: Module {
             out.append(nonMaximumSuppression(candidates, iouThreshold: iouThreshold, scoreThreshold: scoreThreshold, maxDetections: maxDetections))
         }
         return out
+    }
+}
+
+extension Module {
+    /// The deploy form that PTQ calibrates and an INT8 engine runs: every Rep block fused to
+    /// one 3x3 conv with bias, every conv + BN folded into one conv. Call in eval mode; the
+    /// function computed is unchanged (up to float rounding).
+    public func convertToDeployForm() {
+        fuseRepBlocks()
+        for (_, m) in namedModules() { (m as? ConvBNAct)?.foldBatchNorm() }
     }
 }

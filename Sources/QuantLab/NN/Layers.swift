@@ -7,10 +7,32 @@ private func defaultInit(_ shape: [Int], fanIn: Int, rng: inout SeededGenerator)
     return Tensor.uniform(shape, low: -bound, high: bound, rng: &rng)
 }
 
-public final class Conv2d: Module, Layer {
+/// Where a forward pass lets another part of the library see or replace a tensor: a layer's
+/// input and its weight. Quantization installs its fake quantizers here (the role
+/// pytorch-quantization gives to swapping `Conv2d` for `QuantConv2d`), so a layer keeps its
+/// class and its dotted name.
+public typealias TensorHook = (Tensor) -> Tensor
+
+/// A layer with a weight that multiplies its input: conv, transposed conv, linear. These are
+/// the layers INT8 engines run on integer kernels, so these are the ones quantized.
+public protocol WeightedLayer: Layer {
+    var weight: Tensor { get }
+    var bias: Tensor? { get }
+    /// Applied to the input before the layer computes.
+    var inputHook: TensorHook? { get set }
+    /// Applied to the weight before the layer computes.
+    var weightHook: TensorHook? { get set }
+    /// The weight's output-channel axis (0 for conv and linear, 1 for a transposed conv).
+    var outputChannelAxis: Int { get }
+}
+
+public final class Conv2d: Module, WeightedLayer {
     public let weight: Tensor
     public let bias: Tensor?
     public let options: Conv2dOptions
+    public var inputHook: TensorHook?
+    public var weightHook: TensorHook?
+    public var outputChannelAxis: Int { 0 }
 
     public init(_ inChannels: Int, _ outChannels: Int, kernel: Int, stride: Int = 1, padding: Int? = nil,
                 dilation: Int = 1, groups: Int = 1, bias: Bool = true, rng: inout SeededGenerator) {
@@ -24,14 +46,20 @@ public final class Conv2d: Module, Layer {
         if let b = self.bias { registerParameter("bias", b) }
     }
 
-    public func callAsFunction(_ x: Tensor) -> Tensor { conv2d(x, weight: weight, bias: bias, options: options) }
+    public func callAsFunction(_ x: Tensor) -> Tensor {
+        conv2d(inputHook?(x) ?? x, weight: weightHook?(weight) ?? weight, bias: bias, options: options)
+    }
 }
 
-public final class ConvTranspose2d: Module, Layer {
+public final class ConvTranspose2d: Module, WeightedLayer {
     public let weight: Tensor
     public let bias: Tensor?
     public let options: Conv2dOptions
     public let outputPadding: Int
+    public var inputHook: TensorHook?
+    public var weightHook: TensorHook?
+    /// The weight is [in, out / groups, kh, kw].
+    public var outputChannelAxis: Int { 1 }
 
     public init(_ inChannels: Int, _ outChannels: Int, kernel: Int, stride: Int = 1, padding: Int = 0,
                 outputPadding: Int = 0, groups: Int = 1, bias: Bool = true, rng: inout SeededGenerator) {
@@ -47,7 +75,8 @@ public final class ConvTranspose2d: Module, Layer {
     }
 
     public func callAsFunction(_ x: Tensor) -> Tensor {
-        convTranspose2d(x, weight: weight, bias: bias, options: options, outputPadding: (outputPadding, outputPadding))
+        convTranspose2d(inputHook?(x) ?? x, weight: weightHook?(weight) ?? weight, bias: bias, options: options,
+                        outputPadding: (outputPadding, outputPadding))
     }
 }
 
@@ -79,9 +108,12 @@ public final class BatchNorm2d: Module, Layer {
     }
 }
 
-public final class Linear: Module, Layer {
+public final class Linear: Module, WeightedLayer {
     public let weight: Tensor
     public let bias: Tensor?
+    public var inputHook: TensorHook?
+    public var weightHook: TensorHook?
+    public var outputChannelAxis: Int { 0 }
 
     public init(_ inFeatures: Int, _ outFeatures: Int, bias: Bool = true, rng: inout SeededGenerator) {
         weight = defaultInit([outFeatures, inFeatures], fanIn: inFeatures, rng: &rng)
@@ -91,7 +123,7 @@ public final class Linear: Module, Layer {
         if let b = self.bias { registerParameter("bias", b) }
     }
 
-    public func callAsFunction(_ x: Tensor) -> Tensor { linear(x, weight: weight, bias: bias) }
+    public func callAsFunction(_ x: Tensor) -> Tensor { linear(inputHook?(x) ?? x, weight: weightHook?(weight) ?? weight, bias: bias) }
 }
 
 public final class LayerNorm: Module, Layer {
@@ -108,6 +140,15 @@ public final class LayerNorm: Module, Layer {
     }
 
     public func callAsFunction(_ x: Tensor) -> Tensor { layerNorm(x, weight: weight, bias: bias, eps: eps) }
+}
+
+/// A named point in a forward pass with no computation of its own: identity unless a hook is
+/// installed. Models put one where a tensor that is not a layer input may be quantized (the
+/// output of a concat, whose inputs an INT8 engine must give one shared scale).
+public final class TapPoint: Module, Layer {
+    public var hook: TensorHook?
+    public override init() { super.init() }
+    public func callAsFunction(_ x: Tensor) -> Tensor { hook?(x) ?? x }
 }
 
 /// A parameter-free function as a layer (activations, pooling, flatten).

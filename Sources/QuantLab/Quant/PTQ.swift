@@ -1,0 +1,63 @@
+import Foundation
+
+// Post-training quantization, the article's pipeline (TensorRT PTQ via pytorch-quantization):
+//   1. deploy form: Rep blocks fused to one 3x3 conv, BN folded into convs;
+//   2. quantizers at every conv / transposed conv / linear (input per tensor, weight per channel);
+//   3. calibration: N training batches (4 x 32 as the article) through the FP32 model,
+//      collecting max |x|, |x| histograms and the moving average per activation quantizer;
+//   4. amax per quantizer by a calibration method; weights by per-channel max;
+//   5. evaluation with fake quantization (the values an INT8 engine computes with).
+
+/// How calibration images are drawn.
+public struct CalibrationPlan: Codable, Equatable, Sendable {
+    public var batches: Int
+    public var batchSize: Int
+    /// Which training images are drawn: calibration sampling noise is part of a PTQ result.
+    public var seed: UInt64
+
+    public init(batches: Int = 4, batchSize: Int = 32, seed: UInt64 = 0) {
+        precondition(batches > 0 && batchSize > 0, "calibration needs at least one batch of one image")
+        self.batches = batches
+        self.batchSize = batchSize
+        self.seed = seed
+    }
+
+    public var images: Int { batches * batchSize }
+}
+
+/// Calibration batches [B, 3, S, S] of training images for a detector: a seeded random
+/// sample without replacement, letterboxed, no augmentation (what the deployed model sees).
+public func detectionCalibrationBatches(_ dataset: DetectionDataset, inputSize: Int, plan: CalibrationPlan) throws -> [Tensor] {
+    guard dataset.count >= plan.images else {
+        throw QuantizationError("calibration wants \(plan.images) images, dataset \(dataset.root.path) [\(dataset.split)] has \(dataset.count)")
+    }
+    let loader = DetectionLoader(dataset: dataset, batchSize: plan.batchSize, transform: DetectionTransform(size: inputSize, resize: .letterbox),
+                                 shuffle: true, seed: plan.seed &+ 0xCA11)
+    let order = loader.order(epoch: 0)
+    return try (0..<plan.batches).map { try loader.batch($0, epoch: 0, order: order).images }
+}
+
+/// Calibration batches for a classifier (seeded sample, no augmentation).
+public func classificationCalibrationBatches(_ dataset: ClassificationDataset, inputSize: Int, plan: CalibrationPlan) throws -> [Tensor] {
+    guard dataset.count >= plan.images else {
+        throw QuantizationError("calibration wants \(plan.images) images, the classification set has \(dataset.count)")
+    }
+    var rng = SeededGenerator(seed: plan.seed &+ 0xCA11)
+    var order = Array(0..<dataset.count)
+    order.shuffle(using: &rng)
+    return try (0..<plan.batches).map { b in
+        try dataset.batch(Array(order[(b * plan.batchSize)..<((b + 1) * plan.batchSize)]), size: inputSize, augment: false, seed: 0).0
+    }
+}
+
+extension QuantizationSimulator {
+    /// Pushes `batches` through the model (eval mode, FP32) collecting statistics; earlier
+    /// statistics are discarded first.
+    public func calibrate(on batches: [Tensor], forward: (Tensor) -> Void) {
+        resetStatistics()
+        let wasTraining = model.isTraining
+        model.eval()
+        defer { model.train(wasTraining) }
+        calibrate { for b in batches { forward(b) } }
+    }
+}

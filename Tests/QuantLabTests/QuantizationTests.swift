@@ -1,0 +1,235 @@
+import Foundation
+import Testing
+@testable import QuantLab
+
+@Suite("Quantization: fake quantizers, calibrators, Q/DQ placement")
+struct QuantizationTests {
+    // MARK: fake quantization
+
+    @Test("symmetric INT8: round half to even, clamp to [-127, 127] (scale 1)")
+    func roundingAndClamping() throws {
+        let x = try Tensor(shape: [10], values: [0.5, 1.5, 2.5, -2.5, -0.5, 3.49, 126.6, 200, -300, 127.5])
+        let y = fakeQuantize(x, amax: [127], spec: .int8PerTensor)
+        #expect(y.values == [0, 2, 2, -2, 0, 3, 127, 127, -127, 127])
+        // amax 0 quantizes everything to 0 instead of dividing by zero
+        #expect(fakeQuantize(x, amax: [0], spec: .int8PerTensor).values.allSatisfy { $0 == 0 })
+        // 4 bits: qmax 7, scale amax / 7
+        let y4 = fakeQuantize(try Tensor(shape: [3], values: [1.0, 10, -0.49]), amax: [7], spec: QuantSpec(bits: 4))
+        #expect(y4.values == [1, 7, 0])
+    }
+
+    @Test("per-channel scales: axis 0 (conv weight) and axis 1 (transposed-conv weight)")
+    func perChannel() throws {
+        // [2 channels, 2 values]: channel 0 scale 1, channel 1 scale 2
+        let w = try Tensor(shape: [2, 1, 1, 2], values: [0.5, 2.0, 5.0, 300])
+        let y = fakeQuantize(w, amax: [127, 254], spec: .int8PerChannel(axis: 0))
+        #expect(y.values == [0, 2, 4, 254])
+        // axis 1 of [2, 2, 1, 1]: element (i, c) uses amax[c]
+        let wt = try Tensor(shape: [2, 2, 1, 1], values: [0.5, 5.0, 2.0, 300])
+        let yt = fakeQuantize(wt, amax: [127, 254], spec: .int8PerChannel(axis: 1))
+        #expect(yt.values == [0, 4, 2, 254])
+        #expect(channelAbsMax(wt, axis: 1) == [2.0, 300])
+        #expect(channelAbsMax(w, axis: 0) == [2.0, 300])
+    }
+
+    @Test("straight-through gradient: 1 inside |x| <= amax (boundary included), 0 outside")
+    func steGradient() throws {
+        let x = try Tensor(shape: [6], values: [-3, -2, -0.3, 0.7, 2, 2.5])
+        x.requiresGrad = true
+        fakeQuantize(x, amax: [2], spec: .int8PerTensor).sum().backward()
+        #expect(x.grad!.values == [0, 1, 1, 1, 1, 0])
+        let w = try Tensor(shape: [2, 2], values: [1.5, -0.5, 1.5, -0.5])
+        w.requiresGrad = true
+        (fakeQuantize(w, amax: [1, 2], spec: .int8PerChannel(axis: 0)) * Tensor.full([2, 2], 3)).sum().backward()
+        #expect(w.grad!.values == [0, 3, 3, 3])
+    }
+
+    @Test("asymmetric UINT8: zero point, clamp to [0, 255], gradient inside the range")
+    func affine() throws {
+        let p = affineParameters(min: -1, max: 24.5, levels: 255)
+        #expect(abs(p.scale - 0.1) < 1e-7 && p.zeroPoint == 10)
+        // a range that does not contain 0 is widened to contain it
+        #expect(affineParameters(min: 2, max: 4, levels: 255).zeroPoint == 0)
+        let x = try Tensor(shape: [5], values: [-1.0, -1.5, 0, 24.5, 30])
+        x.requiresGrad = true
+        let y = fakeQuantizeAffine(x, scale: 0.5, zeroPoint: 2, levels: 255)
+        // codes: -2+2=0, -3+2 -> 0, 2, 49+2=51, 60+2=62
+        #expect(y.values == [-1.0, -1.0, 0, 24.5, 30])
+        y.sum().backward()
+        #expect(x.grad!.values == [1, 0, 1, 1, 1])
+    }
+
+    @Test("SQNR: infinite when exact, 10 log10(signal / noise) otherwise")
+    func sqnrValues() throws {
+        let x = try Tensor(shape: [2], values: [3, 4])
+        #expect(sqnr(x, x) == .infinity)
+        let q = try Tensor(shape: [2], values: [3, 3.5]) // noise 0.25, signal 25
+        #expect(abs(sqnr(x, q) - 20) < 1e-9)
+    }
+
+    // MARK: calibrators
+
+    @Test("max collector and PaddleSlim's moving average (rate 0.9) on hand cases")
+    func maxAndMovingAverage() throws {
+        var m = MaxCollector()
+        m.collect(try Tensor(shape: [3], values: [-4, 1, 2]))
+        m.collect(try Tensor(shape: [2], values: [3, 0.5]))
+        #expect(m.amax == 4 && m.min == -4 && m.max == 3)
+        var ma = MovingAverageAbsMax(rate: 0.9)
+        #expect(ma.amax == nil)
+        for v: Float in [1, 2, 3] { ma.update(batchAbsMax: v) }
+        // state 1, 1.9, 2.71; accum 1, 2.9, 5.61
+        #expect(abs(Double(ma.amax!) - 5.61 / 2.71) < 1e-6)
+    }
+
+    @Test("histogram: fixed bin width, grows by appending bins, merges pairs past maxBins")
+    func histogramGrowth() throws {
+        var h = AbsHistogram(bins: 4, maxBins: 8)
+        h.collect(try Tensor(shape: [1], values: [2.0]))            // width 0.5, 2.0 lands in the last bin
+        #expect(h.binWidth == 0.5 && h.counts == [0, 0, 0, 1])
+        h.collect(try Tensor(shape: [2], values: [-3.0, 0.1]))      // 6 bins of 0.5
+        #expect(h.counts == [1, 0, 0, 1, 0, 1])
+        // 10 needs 20 bins > 8: merge to width 1 ([1, 1, 1]), then 2 ([2, 1]); 5 bins, 10 in the last
+        h.collect(try Tensor(shape: [1], values: [10.0]))
+        #expect(h.binWidth == 2 && h.counts == [2, 1, 0, 0, 1])
+        #expect(h.total == 4)
+    }
+
+    @Test("percentile: left edge of the bin where the cumulative share reaches p")
+    func percentile() {
+        let h = AbsHistogram(counts: [64, 32, 16, 8, 8], binWidth: 1) // shares 1/2, 1/4, 1/8, 1/16, 1/16
+        #expect(h.percentileAmax(50) == 0)
+        #expect(h.percentileAmax(87.5) == 2)
+        #expect(h.percentileAmax(90) == 3)
+        #expect(h.percentileAmax(100) == 4)
+    }
+
+    @Test("MSE: all mass in one bin gives that bin's centre (the only grid that hits it exactly)")
+    func mse() {
+        var counts = [Int64](repeating: 0, count: 2048)
+        counts[200] = 1000
+        let h = AbsHistogram(counts: counts, binWidth: 0.01)
+        #expect(h.mseAmax()! == h.centre(200))
+        // a bulk near 0 plus a far outlier: MSE clips the outlier
+        var c2 = [Int64](repeating: 0, count: 2048)
+        for j in 0..<300 { c2[j] = Int64(100_000 * Foundation.exp(-Double(j * j) / 20000)) + 1 }
+        c2[2047] = 1
+        let a = AbsHistogram(counts: c2, binWidth: 1).mseAmax()!
+        #expect(a > 128 && a < 1000, "mse amax \(a)")
+    }
+
+    @Test("entropy (TensorRT KL): exact at 128 bins, clips a lone outlier, picks the last minimum")
+    func entropy() {
+        // everything within the first 128 bins with uneven counts: quantizing 128 bins to 128
+        // levels is lossless (KL 0); 129 bins merge only bins 0 and 1, which the reference
+        // makes equal, so KL is 0 there too and the last minimum wins; from 130 on pairs of
+        // unequal bins merge and KL > 0.
+        var counts = [Int64](repeating: 0, count: 2048)
+        for j in 0..<128 { counts[j] = Int64(1 + j % 3) }
+        let h = AbsHistogram(counts: counts, binWidth: 0.5)
+        #expect(h.entropyAmax() == h.edge(129))
+        // a bell with a single far outlier: the outlier is clipped
+        var c2 = [Int64](repeating: 0, count: 2048)
+        for j in 0..<400 { c2[j] = Int64(1000 * Foundation.exp(-Double(j * j) / 20000)) + 1 }
+        c2[2047] = 1
+        let a = AbsHistogram(counts: c2, binWidth: 1).entropyAmax()!
+        #expect(a >= 128 && a < 1000, "entropy amax \(a)")
+    }
+
+    @Test("calibration method names parse back; a bad one is an error naming it")
+    func methodNames() throws {
+        for m: CalibrationMethod in [.max, .entropy, .mse, .percentile(99.99), .percentile(99.9), .movingAverage(rate: 0.9), .movingAverage(rate: 0.95)] {
+            #expect(try CalibrationMethod(parsing: m.description) == m)
+        }
+        #expect(throws: QuantizationError.self) { try CalibrationMethod(parsing: "kl") }
+        do { _ = try CalibrationMethod(parsing: "percentile-101") } catch { #expect("\(error)".contains("percentile-101")) }
+    }
+
+    // MARK: Q/DQ placement on a detector
+
+    private func deployedDetector(_ kind: BlockKind = .repvgg) -> (YOLOv6, [Tensor]) {
+        var rng = SeededGenerator(seed: 11)
+        let model = YOLOv6(.tiny(block: kind, numClasses: 2, inputSize: 64), rng: &rng)
+        model.train()
+        for _ in 0..<2 { _ = withNoGrad { model(Tensor.randn([2, 3, 64, 64], rng: &rng)) } }
+        model.eval()
+        model.convertToDeployForm()
+        // YOLOv6 starts its predictors at zero weights (constant outputs); give them some
+        for (name, p) in model.namedParameters() where name.hasPrefix("detect.cls_preds") || name.hasPrefix("detect.reg_preds") {
+            try! p.copyValues(from: Tensor.uniform(p.shape, low: -0.3, high: 0.3, rng: &rng))
+        }
+        return (model, (0..<2).map { _ in Tensor.uniform([2, 3, 64, 64], low: -1, high: 1, rng: &rng) })
+    }
+
+    @Test("quantizers sit at every conv / transposed conv / linear by dotted name; concat optional")
+    func placement() throws {
+        let (model, _) = deployedDetector()
+        let sim = QuantizationSimulator(model)
+        let names = Set(sim.layerNames)
+        for n in ["backbone.stem.rbr_reparam", "neck.reduce_layer1.conv", "neck.upsample1.upsample_transpose",
+                  "neck.Rep_p4.conv1.rbr_reparam", "detect.cls_preds.0", "detect.reg_convs.2.conv"] {
+            #expect(names.contains(n), "missing \(n)")
+        }
+        let convCount = model.namedModules().filter { $0.1 is Conv2d || $0.1 is ConvTranspose2d }.count
+        #expect(sim.layers.count == convCount)
+        #expect(try sim.layer("neck.upsample1.upsample_transpose").weight!.spec.axis == 1)
+        #expect(try sim.layer("neck.reduce_layer1.conv").weight!.spec.axis == 0)
+        do { _ = try sim.layer("neck.reduce_layer9.conv") } catch { #expect("\(error)".contains("neck.reduce_layer9.conv")) }
+        sim.remove()
+        var opts = QuantizationOptions()
+        opts.quantizeConcat = true
+        opts.quantizeUpsample = false
+        let sim2 = QuantizationSimulator(model, options: opts)
+        #expect(sim2.layers.filter { $0.kind == .concat }.map(\.name) == ["neck.concat_p4", "neck.concat_p3", "neck.concat_n3", "neck.concat_n4"])
+        #expect(!sim2.layers.contains { $0.kind == .convTranspose })
+        sim2.remove()
+    }
+
+    @Test("PTQ round trip: calibrate, quantize (close to FP32, not equal), disable or remove (equal to FP32)")
+    func ptqRoundTrip() throws {
+        let (model, batches) = deployedDetector()
+        let x = batches[0]
+        let fp32 = withNoGrad { model(x) }.classLogits.values
+        let sim = QuantizationSimulator(model)
+        // an enabled but uncalibrated quantizer is refused: calibrate first
+        #expect(throws: QuantizationError.self) { try sim.applyCalibration(.max) }
+        sim.calibrate(on: batches) { _ = model($0) }
+        // the calibration pass itself computed in FP32: outputs it saw equal FP32
+        var seen: [Float] = []
+        sim.calibrate { seen = model(x).classLogits.values }
+        let calibrationPassIsFP32 = seen == fp32
+        #expect(calibrationPassIsFP32)
+        for method in CalibrationMethod.standard + [.movingAverage(rate: 0.9)] {
+            try sim.applyCalibration(method)
+            let q = withNoGrad { model(x) }.classLogits.values
+            let changed = q != fp32
+            #expect(changed, "\(method): fake quantization changed nothing")
+            let cos = cosineSimilarity(q, fp32)
+            #expect(cos > 0.98, "\(method): cosine to FP32 \(cos)")
+        }
+        // weights: per-channel max |w|
+        let l = try sim.layer("neck.reduce_layer1.conv")
+        let weightAmaxIsChannelMax = l.weight!.amax! == channelAbsMax(l.weightTensor!, axis: 0)
+        #expect(weightAmaxIsChannelMax)
+        // activations: max calibrator = max |input| seen
+        try sim.applyCalibration(.max)
+        #expect(l.input.amax![0] == l.input.statistics.max.amax && l.input.amax![0] > 0)
+        // all off: FP32 exactly; one layer alone: different
+        try sim.setEnabled(false)
+        let offIsFP32 = withNoGrad { model(x) }.classLogits.values == fp32
+        #expect(offIsFP32)
+        try sim.setEnabled(true, layers: ["detect.cls_preds.0"])
+        #expect(sim.enabledLayerNames == ["detect.cls_preds.0"])
+        let oneLayerChanges = withNoGrad { model(x) }.classLogits.values != fp32
+        #expect(oneLayerChanges)
+        sim.remove()
+        let removedIsFP32 = withNoGrad { model(x) }.classLogits.values == fp32
+        #expect(removedIsFP32)
+    }
+
+    private func cosineSimilarity(_ a: [Float], _ b: [Float]) -> Double {
+        var ab = 0.0, aa = 0.0, bb = 0.0
+        for (x, y) in zip(a, b) { ab += Double(x) * Double(y); aa += Double(x) * Double(x); bb += Double(y) * Double(y) }
+        return ab / (aa.squareRoot() * bb.squareRoot())
+    }
+}
