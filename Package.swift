@@ -16,6 +16,8 @@ let kernelFlags: [CSetting] = [
 // would miss new experiments. `.ci/run` checks that this list matches experiments/.
 let experimentNames = [
     "exp00_fp32_baselines",
+    "exp01_weight_activation_distributions",
+    "exp02_repvgg_vs_repopt_ptq",
 ]
 
 let experimentTargets: [Target] = experimentNames.map { name in

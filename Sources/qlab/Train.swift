@@ -69,7 +69,7 @@ struct Train: ParsableCommand {
         let trainer = DetectorTrainer(model: model, train: trainSet, val: valSet, config: cfg, checkpointDir: outDir.appendingPathComponent("checkpoint"), masks: masks)
         let result = try trainer.run()
         let final = try trainer.emaModel()
-        try final.save(to: outDir.appendingPathComponent("model.safetensors"), metadata: ["block": block, "epochs": String(epochs)])
+        try final.save(to: outDir.appendingPathComponent("model.safetensors"), metadata: SavedModel.metadata(for: final).merging(["epochs": String(epochs)]) { $1 })
         if let result { print(result.summary) }
     }
 }

@@ -45,7 +45,7 @@ struct TrainClassifier: ParsableCommand {
         print("\(block) classifier: \(model.parameterCount) parameters, \(train.count) training images")
         let (accuracy, averaged) = try trainClassifier(model, train: train, val: val, epochs: epochs, batchSize: batch, learningRate: lr, seed: seed, masks: masks)
         let outDir = URL(fileURLWithPath: out)
-        try averaged.save(to: outDir.appendingPathComponent("model.safetensors"), metadata: ["block": block, "top1": String(accuracy)])
+        try averaged.save(to: outDir.appendingPathComponent("model.safetensors"), metadata: SavedModel.metadata(for: averaged).merging(["top1": String(accuracy)]) { $1 })
         print(String(format: "val top-1 %.2f%% (EMA weights)", 100 * accuracy))
     }
 }

@@ -13,11 +13,15 @@ public struct DetectionDataset: Sendable {
 
     /// - Parameter split: "train2017" or "val2017" (the image folder name).
     public init(root: URL, split: String) throws {
-        self.root = root
-        self.split = split
         let name = split.hasSuffix("2017") ? String(split.dropLast(4)) : split
         let annotations = root.appendingPathComponent("annotations/instances_\(name)2017.json")
-        coco = try COCODataset.load(annotations)
+        self.init(root: root, split: split, coco: try COCODataset.load(annotations))
+    }
+
+    init(root: URL, split: String, coco: COCODataset) {
+        self.root = root
+        self.split = split
+        self.coco = coco
         categoryIds = coco.categoryIds
         images = coco.images.sorted { $0.id < $1.id }
         let index = Dictionary(uniqueKeysWithValues: categoryIds.enumerated().map { ($0.element, $0.offset) })
@@ -26,6 +30,15 @@ public struct DetectionDataset: Sendable {
             labels[a.image_id, default: []].append(ObjectLabel(box: Box(xywh: a.bbox), classIndex: index[a.category_id]!, crowd: a.iscrowd == 1))
         }
         labelsByImage = labels
+    }
+
+    /// The images at `indices` (positions in `images`) with their annotations, all categories
+    /// kept: a held-out slice for ranking layers, say, that evaluates like a dataset of its own.
+    public func subset(_ indices: [Int]) -> DetectionDataset {
+        let keep = Set(indices.map { images[$0].id })
+        let sub = COCODataset(images: coco.images.filter { keep.contains($0.id) }, annotations: coco.annotations.filter { keep.contains($0.image_id) },
+                              categories: coco.categories)
+        return DetectionDataset(root: root, split: split, coco: sub)
     }
 
     public var count: Int { images.count }

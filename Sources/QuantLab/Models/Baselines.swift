@@ -82,7 +82,7 @@ public enum Baselines {
     /// Loads `model` from `dir` when the cache holds exactly `record`'s configuration;
     /// otherwise runs `train` (the trained weights and the number of images it processed),
     /// saves them with the record (wall time and throughput filled in) and returns them.
-    static func trainOrLoad<M: Module>(_ name: String, dir: URL, record: TrainingRecord, model: M, log: (String) -> Void,
+    static func trainOrLoad<M: Module>(_ name: String, dir: URL, record: TrainingRecord, model: M, metadata: [String: String], log: (String) -> Void,
                                        train: () throws -> (M, Int)) throws -> (M, TrainingRecord) {
         if let saved = cached(dir, expecting: record) {
             try model.load(from: dir.appendingPathComponent("model.safetensors"))
@@ -91,7 +91,7 @@ public enum Baselines {
         }
         let start = Date()
         let (trained, images) = try train()
-        try trained.save(to: dir.appendingPathComponent("model.safetensors"), metadata: ["block": record.block])
+        try trained.save(to: dir.appendingPathComponent("model.safetensors"), metadata: metadata)
         var r = record
         r.wallSeconds = Date().timeIntervalSince(start)
         r.imagesPerSecond = Double(images) / max(r.wallSeconds, 1e-9)
@@ -99,17 +99,28 @@ public enum Baselines {
         return (trained, r)
     }
 
+    /// The plan's detection data (generated on first use): train and val splits.
+    public static func detectionData(plan: Plan) throws -> (train: DetectionDataset, val: DetectionDataset) {
+        let root = try SyntheticShapes(plan.detectionPreset).write(root: plan.dataRoot)
+        return (try DetectionDataset(root: root, split: "train2017"), try DetectionDataset(root: root, split: "val2017"))
+    }
+
+    /// The plan's classification data (generated on first use): train and val splits.
+    public static func classificationData(plan: Plan) throws -> (train: ClassificationDataset, val: ClassificationDataset) {
+        let root = try SyntheticShapes(plan.classificationPreset).write(root: plan.dataRoot)
+        return (try ClassificationDataset(root: root, split: "train2017"), try ClassificationDataset(root: root, split: "val2017"))
+    }
+
     /// The detector baseline for `block` (trained now if no matching cache exists).
     public static func detector(_ block: BlockKind, plan: Plan, log: @escaping (String) -> Void = { print($0) }) throws -> (YOLOv6, TrainingRecord, DetectionDataset) {
-        let root = try SyntheticShapes(plan.detectionPreset).write(root: plan.dataRoot)
-        let train = try DetectionDataset(root: root, split: "train2017"), val = try DetectionDataset(root: root, split: "val2017")
+        let (train, val) = try detectionData(plan: plan)
         let config = plan.detectorConfig(block, classes: train.classCount)
         let dir = plan.folder("det", block)
         let record = TrainingRecord(block: block.rawValue, epochs: plan.detectorEpochs, searchEpochs: block == .repopt ? plan.detectorSearchEpochs : nil,
                                     seed: plan.seed, trainImages: train.count, wallSeconds: 0, imagesPerSecond: 0, modelConfig: json(config))
         var rng = SeededGenerator(seed: plan.seed)
         let model = YOLOv6(config, rng: &rng)
-        let (trained, saved) = try trainOrLoad("det-\(block.rawValue)", dir: dir, record: record, model: model, log: log) {
+        let (trained, saved) = try trainOrLoad("det-\(block.rawValue)", dir: dir, record: record, model: model, metadata: SavedModel.metadata(for: model), log: log) {
             var cfg = DetectorTrainingConfig()
             cfg.epochs = plan.detectorEpochs
             cfg.seed = plan.seed
@@ -137,15 +148,14 @@ public enum Baselines {
 
     /// The classifier baseline for `block`.
     public static func classifier(_ block: BlockKind, plan: Plan, log: @escaping (String) -> Void = { print($0) }) throws -> (RepClassifier, TrainingRecord, ClassificationDataset) {
-        let root = try SyntheticShapes(plan.classificationPreset).write(root: plan.dataRoot)
-        let train = try ClassificationDataset(root: root, split: "train2017"), val = try ClassificationDataset(root: root, split: "val2017")
+        let (train, val) = try classificationData(plan: plan)
         let config = plan.classifierConfig(block, classes: train.classCount)
         let dir = plan.folder("cls", block)
         let record = TrainingRecord(block: block.rawValue, epochs: plan.classifierEpochs, searchEpochs: block == .repopt ? plan.classifierSearchEpochs : nil,
                                     seed: plan.seed, trainImages: train.count, wallSeconds: 0, imagesPerSecond: 0, modelConfig: json(config))
         var rng = SeededGenerator(seed: plan.seed)
         let model = RepClassifier(config, rng: &rng)
-        let (trained, saved) = try trainOrLoad("cls-\(block.rawValue)", dir: dir, record: record, model: model, log: log) {
+        let (trained, saved) = try trainOrLoad("cls-\(block.rawValue)", dir: dir, record: record, model: model, metadata: SavedModel.metadata(for: model), log: log) {
             let batch = plan.quick ? 32 : 64, perEpoch = train.count / batch * batch
             var masks: [(Tensor, Tensor)] = []
             if block == .repopt {
