@@ -61,3 +61,29 @@ extension QuantizationSimulator {
         calibrate { for b in batches { forward(b) } }
     }
 }
+
+/// PTQ of a detector in one call: deploy form, quantizers everywhere, calibration on
+/// `calibration` training batches, amax by `method`. Returns the simulator (all layers on).
+public func prepareDetectorPTQ(_ model: YOLOv6, train: DetectionDataset, method: CalibrationMethod, calibration: CalibrationPlan,
+                               options: QuantizationOptions = QuantizationOptions()) throws -> QuantizationSimulator {
+    model.eval()
+    model.convertToDeployForm()
+    let sim = QuantizationSimulator(model, options: options)
+    let batches = try detectionCalibrationBatches(train, inputSize: model.config.inputSize, plan: calibration)
+    sim.calibrate(on: batches) { _ = model($0) }
+    try sim.applyCalibration(method)
+    return sim
+}
+
+/// A seeded random subset of `images` training images: the split layers are ranked on by
+/// the mAP method, so that the final mAP (on val) is not measured on the data that chose
+/// the layers.
+public func rankingSplit(_ train: DetectionDataset, images: Int, seed: UInt64) throws -> DetectionDataset {
+    guard images >= 1 && images <= train.count else {
+        throw QuantizationError("ranking split of \(images) images asked from \(train.count) training images")
+    }
+    var rng = SeededGenerator(seed: seed &+ 0x5A11)
+    var order = Array(0..<train.count)
+    order.shuffle(using: &rng)
+    return train.subset(Array(order.prefix(images)))
+}
