@@ -49,7 +49,7 @@ data: release ## generate the default synthetic datasets in data/ (detection 'sh
 models: release ## train and cache the FP32 baselines in data/models/ (detectors x {repvgg, qarepvgg, repopt}, classifiers x {repvgg, repopt})
 	$(RELEASE_BIN)/qlab models $(if $(QUICK),--quick,)
 
-exp%: release ## run experiment expNN (e.g. make exp00; QUICK=1 for a smoke run into results/quick/)
+exp%: release ## run experiment expNN (e.g. make exp02, the main job; QUICK=1 for a smoke run into results/quick/)
 	@e=$$(ls -d experiments/$@_* 2>/dev/null | head -1); \
 	if [ -z "$$e" ]; then echo "no experiment $@ in experiments/"; exit 2; fi; \
 	$(RELEASE_BIN)/$$(basename $$e) $(if $(QUICK),--quick,)
@@ -61,8 +61,9 @@ $(VENV_PY):
 venv: $(VENV_PY) ## project-local Python (git-ignored) with the reference packages used by crosscheck and bench
 	$(VENV_PY) -m pip install --quiet numpy safetensors pycocotools
 
-crosscheck: venv release ## compare with the reference implementations: pycocotools (all 12 numbers) and Python safetensors
+crosscheck: venv release ## compare with the reference implementations: pycocotools (all 12 numbers), calibrators (numpy), Python safetensors
 	$(VENV_PY) scripts/crosscheck_coco.py $(RELEASE_BIN)/qlab
+	$(VENV_PY) scripts/crosscheck_calibrators.py $(RELEASE_BIN)/qlab
 	$(SWIFT) test --filter SafeTensorsTests
 
 cuda: ## build the CUDA plugin .build/cuda/libqlcuda.so (installs nvcc into .venv-cuda if needed); no GPU needed to build

@@ -18,6 +18,7 @@ let experimentNames = [
     "exp00_fp32_baselines",
     "exp01_weight_activation_distributions",
     "exp02_repvgg_vs_repopt_ptq",
+    "exp03_sensitivity_partial_ptq",
 ]
 
 let experimentTargets: [Target] = experimentNames.map { name in

@@ -46,6 +46,7 @@ struct TrainClassifier: ParsableCommand {
         let (accuracy, averaged) = try trainClassifier(model, train: train, val: val, epochs: epochs, batchSize: batch, learningRate: lr, seed: seed, masks: masks)
         let outDir = URL(fileURLWithPath: out)
         try averaged.save(to: outDir.appendingPathComponent("model.safetensors"), metadata: SavedModel.metadata(for: averaged).merging(["top1": String(accuracy)]) { $1 })
-        print(String(format: "val top-1 %.2f%% (EMA weights)", 100 * accuracy))
+        // train top-1 without augmentation: tells under-fitting (both low) from over-fitting (train high)
+        print(String(format: "val top-1 %.2f%%, train top-1 %.2f%% (EMA weights, no augmentation)", 100 * accuracy, 100 * (try top1(averaged, on: train))))
     }
 }

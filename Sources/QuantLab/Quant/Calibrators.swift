@@ -116,7 +116,7 @@ public struct AbsHistogram: Sendable {
     public private(set) var counts: [Int64] = []
     public private(set) var binWidth: Float = 0
 
-    public init(bins: Int = 2048, maxBins: Int = 2048 * 32) {
+    public init(bins: Int = 2048, maxBins: Int = 2048 * 8) {
         precondition(bins >= 2 && maxBins >= bins, "AbsHistogram: need 2 <= bins <= maxBins")
         initialBins = bins
         self.maxBins = maxBins
@@ -236,10 +236,12 @@ public struct AbsHistogram: Sendable {
                 group[j] = g
                 if bins[j] != 0 { groupSum[g] += bins[j]; groupNonEmpty[g] += 1 }
             }
-            // KL(P || Q) with P = bins[0..<i] (+ outliers in the last bin), both normalised
-            // by the same total (Q redistributes P's mass, so both sum to `total`)
-            var divergence = 0.0
-            for j in 0..<i {
+            // KL(P || Q), each normalised to sum 1 (scipy.stats.entropy): P = bins[0..<i] with
+            // the clipped mass added to its last bin sums to `total`; Q sums to the unclipped
+            // mass sum(bins[0..<i]) = total - suffix[i]. So KL = sum (p/P) log(p/q) + log(Q/P).
+            let unclipped = total - suffix[i]
+            var divergence = unclipped > 0 ? Foundation.log(unclipped / total) : .infinity
+            for j in 0..<i where divergence.isFinite {
                 let p = j == i - 1 ? bins[j] + suffix[i] : bins[j]
                 guard p > 0 else { continue }
                 let q = bins[j] != 0 ? groupSum[group[j]] / Double(groupNonEmpty[group[j]]) : 0
