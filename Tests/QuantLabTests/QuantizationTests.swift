@@ -233,3 +233,71 @@ struct QuantizationTests {
         return ab / (aa.squareRoot() * bb.squareRoot())
     }
 }
+
+@Suite("Quantization analysis")
+struct AnalysisTests {
+    @Test("moments: mean, std, excess kurtosis on a hand case, stable under a large offset")
+    func moments() throws {
+        var m = MomentAccumulator()
+        let v: [Float] = [1, 2, 3, 4, 5]
+        v.withUnsafeBufferPointer { m.add($0.baseAddress!, 5) }
+        // population variance 2; fourth central moment (16 + 1 + 0 + 1 + 16) / 5 = 6.8; 6.8 / 4 - 3
+        #expect(abs(m.mean - 3) < 1e-12 && abs(m.std - 2.0.squareRoot()) < 1e-12 && abs(m.kurtosis + 1.3) < 1e-9)
+        var shifted = MomentAccumulator()
+        let w = v.map { $0 + 10_000 }
+        w.withUnsafeBufferPointer { shifted.add($0.baseAddress!, 2) }
+        w.withUnsafeBufferPointer { shifted.add($0.baseAddress! + 2, 3) } // two chunks, one shift
+        #expect(abs(shifted.std - 2.0.squareRoot()) < 1e-9 && abs(shifted.kurtosis + 1.3) < 1e-6)
+        #expect(shifted.lo == 10_001 && shifted.hi == 10_005)
+    }
+
+    @Test("per-layer analysis of a small model: every weighted layer, input range, SQNR, amax per calibrator")
+    func analyzeModel() throws {
+        var rng = SeededGenerator(seed: 5)
+        let conv = Conv2d(3, 4, kernel: 3, rng: &rng), linear = Linear(4, 2, rng: &rng)
+        let model = Sequential([conv, Lambda.relu(), Lambda.globalAvgPool(), linear])
+        let x = Tensor.uniform([2, 3, 8, 8], low: -1, high: 2, rng: &rng)
+        let layers = try analyzeQuantization(model, batches: [x]) { _ = model($0) }
+        #expect(layers.map(\.name) == ["0", "3"])
+        let first = layers[0]
+        let xs = x.values
+        #expect(first.activation.min == Double(xs.min()!) && first.activation.max == Double(xs.max()!))
+        #expect(first.activation.count == x.count)
+        #expect(Float(first.activationAmax["max"]!) == xs.map(abs).max()!)
+        // uniform weights: INT8 gives about 6.02 * 8 + 4.77 - 20 log10(amax / rms) = 48 dB
+        #expect(first.weightSQNRPerChannel > 40 && first.weightSQNRPerTensor > 40, "\(first.weightSQNRPerChannel) \(first.weightSQNRPerTensor)")
+        #expect(first.weightHistogram.counts.reduce(0, +) == conv.weight.count)
+        #expect(first.activationHistogram.counts.reduce(0, +) == x.count)
+        // hooks are removed afterwards
+        #expect(conv.inputHook == nil && linear.inputHook == nil)
+        // the figure is an SVG naming the layer
+        #expect(first.figure.hasPrefix("<svg") && first.figure.contains(">0<"))
+    }
+}
+
+@Suite("Saved models")
+struct SavedModelTests {
+    @Test("a model file describes itself: detector and classifier load back with equal outputs; no architecture is an error naming the file")
+    func roundTrip() throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("ql-saved-\(UUID().uuidString)")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        var rng = SeededGenerator(seed: 8)
+        let det = YOLOv6(.tiny(block: .qarepvgg, numClasses: 3, inputSize: 64), rng: &rng)
+        det.eval()
+        let url = dir.appendingPathComponent("det/model.safetensors")
+        try det.save(to: url, metadata: SavedModel.metadata(for: det))
+        guard case .detector(let back) = try SavedModel.load(url) else { Issue.record("not a detector"); return }
+        let x = Tensor.uniform([1, 3, 64, 64], low: 0, high: 1, rng: &rng)
+        let same = withNoGrad { back.flatOutputs(x).values == det.flatOutputs(x).values }
+        #expect(same && back.config == det.config)
+        let cls = RepClassifier(.tiny(block: .repvgg, numClasses: 4), rng: &rng)
+        let curl = dir.appendingPathComponent("cls/model.safetensors")
+        try cls.save(to: curl, metadata: SavedModel.metadata(for: cls))
+        guard case .classifier = try SavedModel.load(curl) else { Issue.record("not a classifier"); return }
+        let bare = dir.appendingPathComponent("bare/model.safetensors")
+        try cls.save(to: bare)
+        do { _ = try SavedModel.load(bare); Issue.record("loaded a file without architecture") } catch {
+            #expect("\(error)".contains(bare.path) && "\(error)".contains("train.json"))
+        }
+    }
+}
