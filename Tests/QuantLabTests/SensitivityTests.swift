@@ -109,3 +109,28 @@ struct SensitivityTests {
         #expect(r.ranking(by: .map) == ["c", "a", "b"])
     }
 }
+
+@Suite("Detector outputs for sensitivity")
+struct InferenceOutputTests {
+    @Test("inferenceOutputs: per anchor the decoded box (cx, cy, w, h) and sigmoid scores")
+    func decodedOutputs() throws {
+        var rng = SeededGenerator(seed: 31)
+        let model = YOLOv6(.tiny(block: .repvgg, numClasses: 3, inputSize: 64), rng: &rng)
+        model.eval()
+        for (name, p) in model.namedParameters() where name.hasPrefix("detect.cls_preds") || name.hasPrefix("detect.reg_preds") {
+            try p.copyValues(from: Tensor.uniform(p.shape, low: -0.3, high: 0.3, rng: &rng))
+        }
+        let x = Tensor.uniform([2, 3, 64, 64], low: 0, high: 1, rng: &rng)
+        let out = withNoGrad { model.inferenceOutputs(x) }
+        let (logits, distances) = withNoGrad { model(x) }
+        let a = model.anchors.count
+        #expect(out.shape == [2, a * 7])
+        for (i, j) in [(0, 0), (1, a - 1), (1, a / 2)] {
+            let box = model.decode(distances, image: i, anchor: j)
+            let row = Array(out.values[((i * a + j) * 7)..<((i * a + j) * 7 + 7)])
+            let expected = [Float((box.x1 + box.x2) / 2), Float((box.y1 + box.y2) / 2), Float(box.x2 - box.x1), Float(box.y2 - box.y1)]
+                + (0..<3).map { 1 / (1 + Foundation.exp(-logits.data[(i * a + j) * 3 + $0])) }
+            #expect(firstMismatch(row, expected, atol: 1e-5, rtol: 1e-5) == nil)
+        }
+    }
+}

@@ -69,6 +69,26 @@ struct Exp02: ParsableCommand {
         func relativeDrop(_ m: CalibrationMethod) -> Double { fp32 > 0 ? drop(m) / fp32 : 0 }
     }
 
+    /// PTQ of a deploy-form model for every (seed, method): quantizers installed, calibrated
+    /// once per seed, amax set per method, the metric evaluated; quantizers removed at the end.
+    func ptqSweep(_ model: Module, label: String, fp32: Double, methods: [CalibrationMethod], seeds: [UInt64],
+                  batches: (CalibrationPlan) throws -> [Tensor], forward: @escaping (Tensor) -> Void,
+                  evaluate: (String) throws -> Double) throws -> [CalibrationMethod: [Double]] {
+        let sim = QuantizationSimulator(model)
+        defer { sim.remove() }
+        var results: [CalibrationMethod: [Double]] = [:]
+        for seed in seeds {
+            sim.calibrate(on: try batches(CalibrationPlan(batches: calibrationBatches, batchSize: calibrationBatchSize, seed: seed)), forward: forward)
+            for method in methods {
+                try sim.applyCalibration(method)
+                let metric = try evaluate("PTQ \(label) \(method) seed \(seed)")
+                results[method, default: []].append(metric)
+                print(String(format: "%@ %@ seed %llu: FP32 %.4f -> INT8 %.4f", label, method.description, seed, fp32, metric))
+            }
+        }
+        return results
+    }
+
     func run() throws {
         let start = Date()
         let methods = try parsedMethods()
@@ -93,25 +113,14 @@ struct Exp02: ParsableCommand {
             model.convertToDeployForm()
             let deployFP32 = try evaluateDetector(model, on: val, progressLabel: "FP32 deploy det-\(block.rawValue)").0.mAP
             var arm = Arm(block: block, fp32: fp32, deployFP32: deployFP32)
-            let sim = QuantizationSimulator(model)
-            for seed in seedList {
-                // Calibration: batches [32, 3, S, S] of training images drawn with `seed`;
-                // statistics per activation quantizer: max|x|, |x| histogram, moving average.
-                let batches = try detectionCalibrationBatches(detTrain, inputSize: model.config.inputSize,
-                                                              plan: CalibrationPlan(batches: calibrationBatches, batchSize: calibrationBatchSize, seed: seed))
-                sim.calibrate(on: batches) { _ = model($0) }
-                for method in methods {
-                    // amax per activation quantizer by `method`; s = amax / 127
-                    try sim.applyCalibration(method)
-
-                    // MARK: - 5 Evaluate
-                    // COCO mAP@[.5:.95] on the validation split with every conv fake-quantized.
-                    let map = try evaluateDetector(model, on: val, progressLabel: "PTQ det-\(block.rawValue) \(method) seed \(seed)").0.mAP
-                    arm.ptq[method, default: []].append(map)
-                    print(String(format: "det-%@ %@ seed %llu: FP32 %.4f -> INT8 %.4f", block.rawValue, method.description, seed, fp32, map))
-                }
-            }
-            sim.remove()
+            // Calibration per seed: batches [32, 3, S, S] of training images drawn with `seed`;
+            // statistics per activation quantizer: max|x|, |x| histogram, moving average. Then
+            // per method: amax per activation quantizer (s = amax / 127), and
+            // MARK: - 5 Evaluate
+            // COCO mAP@[.5:.95] on the validation split with every conv fake-quantized.
+            arm.ptq = try ptqSweep(model, label: "det-\(block.rawValue)", fp32: fp32, methods: methods, seeds: seedList,
+                                   batches: { try detectionCalibrationBatches(detTrain, inputSize: model.config.inputSize, plan: $0) },
+                                   forward: { _ = model($0) }, evaluate: { try evaluateDetector(model, on: val, progressLabel: $0).0.mAP })
             detectorArms.append(arm)
         }
 
@@ -125,19 +134,9 @@ struct Exp02: ParsableCommand {
                 model.convertToDeployForm()
                 var arm = Arm(block: block, fp32: fp32, deployFP32: try top1(model, on: val))
                 // Q/DQ also at the final linear layer (its input and per-row weight)
-                let sim = QuantizationSimulator(model)
-                for seed in seedList {
-                    let batches = try classificationCalibrationBatches(clsTrain, inputSize: model.config.inputSize,
-                                                                       plan: CalibrationPlan(batches: calibrationBatches, batchSize: calibrationBatchSize, seed: seed))
-                    sim.calibrate(on: batches) { _ = model($0) }
-                    for method in methods {
-                        try sim.applyCalibration(method)
-                        let acc = try top1(model, on: val)
-                        arm.ptq[method, default: []].append(acc)
-                        print(String(format: "cls-%@ %@ seed %llu: FP32 %.4f -> INT8 %.4f", block.rawValue, method.description, seed, fp32, acc))
-                    }
-                }
-                sim.remove()
+                arm.ptq = try ptqSweep(model, label: "cls-\(block.rawValue)", fp32: fp32, methods: methods, seeds: seedList,
+                                       batches: { try classificationCalibrationBatches(clsTrain, inputSize: model.config.inputSize, plan: $0) },
+                                       forward: { _ = model($0) }, evaluate: { _ in try top1(model, on: val) })
                 classifierArms.append(arm)
             }
         }

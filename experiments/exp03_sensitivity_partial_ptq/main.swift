@@ -40,6 +40,7 @@ struct Exp03: ParsableCommand {
     @Option(help: "Layers left in FP32 for the headline partial PTQ (the article: 6).") var topK = 6
     @Option(help: "Images in the ranking split of the mAP method (training images).") var rankingImages: Int?
     @Option(help: "Seed for calibration, sensitivity batch and ranking split.") var seed: UInt64 = 0
+    @Option(help: "Outputs the MSE/SNR/cosine compare: inference (decoded boxes + sigmoid scores, what the deployed model returns) or raw (class logits + distances).") var outputs = "inference"
     @Option(help: "Where datasets live.") var dataRoot = "data"
     @Option(help: "Where trained baselines are cached.") var modelsRoot = "data/models"
 
@@ -48,6 +49,7 @@ struct Exp03: ParsableCommand {
         do { _ = try CalibrationMethod(parsing: method) } catch { throw ValidationError("--method: \(error)") }
         guard topK >= 1 else { throw ValidationError("--top-k must be at least 1") }
         if let r = rankingImages, r < 1 { throw ValidationError("--ranking-images must be at least 1") }
+        guard ["inference", "raw"].contains(outputs) else { throw ValidationError("--outputs must be inference or raw, got '\(outputs)'") }
     }
 
     func run() throws {
@@ -74,13 +76,14 @@ struct Exp03: ParsableCommand {
         print(String(format: "FP32 %.4f, full PTQ (%@) %.4f on val", fp32, calibrationMethod.description, fullPTQ))
 
         // MARK: - 5 Evaluate: sensitivity of every layer, then partial PTQ
-        // Quantize layer l alone; outputs o_q = model(batch) as [32, A*(C+4)] vs FP32 o_f:
+        // Quantize layer l alone; outputs o_q = the deployed model's outputs on the batch (per
+        // anchor: decoded box cx, cy, w, h in pixels and sigmoid class scores), [32, A*(4+C)], vs FP32 o_f:
         //   MSE = mean (o_q - o_f)^2, SNR = mean_b |o_q - o_f|^2 / |o_f|^2, cosine = mean_b <o_q, o_f> / |o_q||o_f|;
         // mAP method: mAP of the same model on the ranking split.
         let batch = try detectionCalibrationBatches(train, inputSize: model.config.inputSize,
                                                     plan: CalibrationPlan(batches: 1, batchSize: 32, seed: seed &+ 1))[0]
         let report = try measureSensitivity(sim, model: "det-\(block)\(quick ? "-quick" : "")", calibration: "\(calibrationMethod), 4 x 32, seed \(seed)",
-                                            batch: batch, outputs: { model.flatOutputs($0) },
+                                            batch: batch, outputs: { outputs == "raw" ? model.flatOutputs($0) : model.inferenceOutputs($0) },
                                             mAP: { try evaluateDetector(model, on: ranking).0.mAP })
         let outputSeconds = report.layers.reduce(0) { $0 + $1.outputSeconds }
         let mapSeconds = report.layers.reduce(0) { $0 + ($1.mapSeconds ?? 0) }
@@ -164,7 +167,7 @@ struct Exp03: ParsableCommand {
 
         **Claim (SOURCES.md A4):** ranking layers by quantization sensitivity and leaving the top 6 in FP32 recovers most of the PTQ loss (YOLOv6s RepOpt: 40.9 → 42.0, FP32 42.4); the mAP method ranks best but is slow and can overfit the validation set, so MSE is recommended.
         **Scale:** our \(block) detector (\(quick ? "tiny variant, smoke run" : "YOLOv6-N proportions, 160 px")) trained on synthetic shapes — not YOLOv6s on COCO. Read the recovered share and the agreement between metrics, not absolute mAP.
-        **Protocol:** deploy form; \(calibrationMethod) calibration on 4 × 32 training images; one layer quantized at a time; output metrics on one other batch of 32 training images; mAP method on \(ranking.count) training images (the ranking split), never on val; all reported mAP on the \(val.count)-image val split.
+        **Protocol:** deploy form; \(calibrationMethod) calibration on 4 × 32 training images; one layer quantized at a time; output metrics (on \(outputs == "raw" ? "the raw head outputs: class logits and box distances" : "the deployed model's outputs: decoded boxes in pixels and sigmoid class scores")) on one other batch of 32 training images; mAP method on \(ranking.count) training images (the ranking split), never on val; all reported mAP on the \(val.count)-image val split.
 
         ## Partial PTQ, paper vs ours (top \(topK) layers left in FP32)
 
@@ -194,7 +197,7 @@ struct Exp03: ParsableCommand {
         """
         var provenance = Provenance.current()
         provenance.seeds = ["calibration, sensitivity batch, ranking split": seed]
-        provenance.config = ["quick": String(quick), "block": block, "calibrator": calibrationMethod.description, "top-k": String(topK),
+        provenance.config = ["quick": String(quick), "block": block, "outputs": outputs, "calibrator": calibrationMethod.description, "top-k": String(topK),
                              "ranking images": String(ranking.count), "dataset": plan.detectionPreset.name]
         provenance.wallSeconds = Date().timeIntervalSince(start)
         md += "\n" + provenance.markdown + "\n"

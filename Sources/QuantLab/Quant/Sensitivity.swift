@@ -225,4 +225,26 @@ extension YOLOv6 {
         let b = images.shape[0]
         return concat([c.reshaped([b, c.count / b]), d.reshaped([b, d.count / b])], dim: 1)
     }
+
+    /// What YOLOv6's model returns at inference, flattened per image: for every anchor the
+    /// decoded box (cx, cy, w, h in input pixels) and the sigmoid class scores, [B, A*(4+C)].
+    /// The output metrics of the sensitivity analysis compare these, as the article's tool
+    /// compares the deployed model's outputs (raw logits would let the thousands of confident
+    /// background anchors dominate the distances).
+    public func inferenceOutputs(_ images: Tensor) -> Tensor {
+        let (logits, distances) = self(images)
+        let (b, a, c) = (logits.shape[0], logits.shape[1], logits.shape[2])
+        let out = Tensor(zeros: [b, a * (4 + c)])
+        for i in 0..<b {
+            for j in 0..<a {
+                let box = decode(distances, image: i, anchor: j)
+                let row = out.data + (i * a + j) * (4 + c)
+                row[0] = Float((box.x1 + box.x2) / 2); row[1] = Float((box.y1 + box.y2) / 2)
+                row[2] = Float(box.x2 - box.x1); row[3] = Float(box.y2 - box.y1)
+                let l = logits.data + (i * a + j) * c
+                for k in 0..<c { row[4 + k] = 1 / (1 + Foundation.exp(-l[k])) }
+            }
+        }
+        return out
+    }
 }
