@@ -46,7 +46,7 @@ data: release ## generate the default synthetic datasets in data/ (detection 'sh
 	$(RELEASE_BIN)/qlab make-data --preset $(if $(QUICK),shapes-tiny,shapes) --root data
 	$(if $(QUICK),,$(RELEASE_BIN)/qlab make-data --preset shapes-cls --root data)
 
-models: release ## train and cache the FP32 baselines in data/models/ (detectors x {repvgg, qarepvgg, repopt}, classifiers x {repvgg, repopt})
+models: release ## train and cache the FP32 baselines in data/models/ (detectors x {repvgg, qarepvgg, repopt}, classifiers x {repvgg, qarepvgg, repopt})
 	$(RELEASE_BIN)/qlab models $(if $(QUICK),--quick,)
 
 exp%: release ## run experiment expNN (e.g. make exp02, the main job; QUICK=1 for a smoke run into results/quick/)

@@ -5,7 +5,7 @@ import QuantLab
 struct TrainBaselines: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "models",
-        abstract: "Train (or reuse) the FP32 baselines in data/models/: detectors x {repvgg, qarepvgg, repopt}, classifiers x {repvgg, repopt}.")
+        abstract: "Train (or reuse) the FP32 baselines in data/models/: detectors x {repvgg, qarepvgg, repopt}, classifiers x {repvgg, qarepvgg, repopt}.")
 
     @Flag(help: "Tiny models on tiny data (smoke runs).") var quick = false
     @Option(help: "Where datasets live.") var dataRoot = "data"

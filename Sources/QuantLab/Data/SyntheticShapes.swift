@@ -42,8 +42,10 @@ public struct SyntheticShapes: Sendable {
                                               maxObjects: 5, minObjectSize: 8, maxObjectSize: 44, singleObject: false,
                                               noiseStd: 2...10, jpegQuality: 60...95)
         /// Classification: one object, 64 px, 10 classes, 5000 / 1000 images.
+        /// Objects of 24-48 px dominate the image, as in ImageNet (with 10-40 px objects small
+        /// classifiers stayed near chance for 15 epochs: 20% top-1; at 24-48 px they reach 40% in 5).
         public static let shapesClassification = Config(name: "shapes-cls", imageSize: 64, trainImages: 5000, valImages: 1000, seed: 0,
-                                                        maxObjects: 1, minObjectSize: 10, maxObjectSize: 40, singleObject: true,
+                                                        maxObjects: 1, minObjectSize: 24, maxObjectSize: 48, singleObject: true,
                                                         noiseStd: 4...16, jpegQuality: 50...90)
         public static let presets = ["shapes": shapes, "shapes-tiny": shapesTiny, "shapes-cls": shapesClassification]
     }

@@ -15,6 +15,8 @@ public enum Baselines {
         public var wallSeconds: Double
         public var imagesPerSecond: Double
         public var modelConfig: String // JSON of the architecture config
+        /// JSON of the synthetic dataset's configuration: a cache trained on other data is stale.
+        public var dataset: String?
     }
 
     public struct Plan: Sendable {
@@ -69,6 +71,7 @@ public enum Baselines {
               let saved = try? JSONDecoder().decode(TrainingRecord.self, from: data),
               saved.block == record.block, saved.epochs == record.epochs, saved.searchEpochs == record.searchEpochs,
               saved.seed == record.seed, saved.modelConfig == record.modelConfig, saved.trainImages == record.trainImages,
+              saved.dataset == record.dataset,
               FileManager.default.fileExists(atPath: dir.appendingPathComponent("model.safetensors").path) else { return nil }
         return saved
     }
@@ -117,7 +120,8 @@ public enum Baselines {
         let config = plan.detectorConfig(block, classes: train.classCount)
         let dir = plan.folder("det", block)
         let record = TrainingRecord(block: block.rawValue, epochs: plan.detectorEpochs, searchEpochs: block == .repopt ? plan.detectorSearchEpochs : nil,
-                                    seed: plan.seed, trainImages: train.count, wallSeconds: 0, imagesPerSecond: 0, modelConfig: json(config))
+                                    seed: plan.seed, trainImages: train.count, wallSeconds: 0, imagesPerSecond: 0, modelConfig: json(config),
+                                    dataset: json(plan.detectionPreset))
         var rng = SeededGenerator(seed: plan.seed)
         let model = YOLOv6(config, rng: &rng)
         let (trained, saved) = try trainOrLoad("det-\(block.rawValue)", dir: dir, record: record, model: model, metadata: SavedModel.metadata(for: model), log: log) {
@@ -152,7 +156,8 @@ public enum Baselines {
         let config = plan.classifierConfig(block, classes: train.classCount)
         let dir = plan.folder("cls", block)
         let record = TrainingRecord(block: block.rawValue, epochs: plan.classifierEpochs, searchEpochs: block == .repopt ? plan.classifierSearchEpochs : nil,
-                                    seed: plan.seed, trainImages: train.count, wallSeconds: 0, imagesPerSecond: 0, modelConfig: json(config))
+                                    seed: plan.seed, trainImages: train.count, wallSeconds: 0, imagesPerSecond: 0, modelConfig: json(config),
+                                    dataset: json(plan.classificationPreset))
         var rng = SeededGenerator(seed: plan.seed)
         let model = RepClassifier(config, rng: &rng)
         let (trained, saved) = try trainOrLoad("cls-\(block.rawValue)", dir: dir, record: record, model: model, metadata: SavedModel.metadata(for: model), log: log) {
@@ -173,5 +178,5 @@ public enum Baselines {
     }
 
     public static let detectorBlocks: [BlockKind] = [.repvgg, .qarepvgg, .repopt]
-    public static let classifierBlocks: [BlockKind] = [.repvgg, .repopt]
+    public static let classifierBlocks: [BlockKind] = [.repvgg, .qarepvgg, .repopt]
 }
