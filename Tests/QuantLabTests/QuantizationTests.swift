@@ -301,3 +301,32 @@ struct SavedModelTests {
         }
     }
 }
+
+@Suite("Baseline cache")
+struct BaselineCacheTests {
+    @Test("a cache of another configuration is retrained and its checkpoints removed; a matching one is loaded")
+    func staleCheckpoints() throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("ql-cache-\(UUID().uuidString)")
+        defer { try? FileManager.default.removeItem(at: dir) }
+        var rng = SeededGenerator(seed: 3)
+        let model = Linear(2, 2, rng: &rng)
+        func record(_ epochs: Int) -> Baselines.TrainingRecord {
+            Baselines.TrainingRecord(block: "repvgg", epochs: epochs, searchEpochs: nil, seed: 0, trainImages: 10, wallSeconds: 0,
+                                     imagesPerSecond: 0, modelConfig: "{}", dataset: "{}")
+        }
+        var trained = 0
+        _ = try Baselines.trainOrLoad("m", dir: dir, record: record(1), model: model, metadata: [:], log: { _ in }) { trained += 1; return (model, 10) }
+        // an interrupted later run of another configuration left a checkpoint
+        try FileManager.default.createDirectory(at: dir.appendingPathComponent("checkpoint"), withIntermediateDirectories: true)
+        var logs: [String] = []
+        _ = try Baselines.trainOrLoad("m", dir: dir, record: record(2), model: model, metadata: [:], log: { logs.append($0) }) {
+            #expect(!FileManager.default.fileExists(atPath: dir.appendingPathComponent("checkpoint").path), "stale checkpoint still there")
+            trained += 1
+            return (model, 10)
+        }
+        #expect(trained == 2 && logs.contains { $0.contains("removed checkpoint/") })
+        // same configuration again: loaded, not trained
+        let (_, saved) = try Baselines.trainOrLoad("m", dir: dir, record: record(2), model: model, metadata: [:], log: { _ in }) { trained += 1; return (model, 10) }
+        #expect(trained == 2 && saved.epochs == 2)
+    }
+}

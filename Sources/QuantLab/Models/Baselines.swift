@@ -34,10 +34,11 @@ public enum Baselines {
             self.quick = quick
             self.dataRoot = dataRoot
             self.modelsRoot = modelsRoot
-            detectorEpochs = quick ? 2 : 10
-            detectorSearchEpochs = quick ? 1 : 4
-            classifierEpochs = quick ? 1 : 15
-            classifierSearchEpochs = quick ? 1 : 5
+            // QUICK: tiny models on 160 / 256 images, long enough to learn something (~30 s each)
+            detectorEpochs = quick ? 30 : 10
+            detectorSearchEpochs = quick ? 10 : 4
+            classifierEpochs = quick ? 10 : 15
+            classifierSearchEpochs = quick ? 3 : 5
         }
 
         public var detectionPreset: SyntheticShapes.Config { quick ? .shapesTiny : .shapes }
@@ -92,6 +93,20 @@ public enum Baselines {
             log("\(name): loaded cached baseline from \(dir.path)")
             return (model, saved)
         }
+        // Checkpoints in `dir` resume an interrupted run of THIS configuration; those of another
+        // configuration (the plan changed) are stale and are removed before training starts.
+        let pending = dir.appendingPathComponent("pending.json")
+        let wanted = Data(json(record).utf8)
+        // (no pending.json but a train.json: a finished run of a configuration that is not this one)
+        let previous = try? Data(contentsOf: pending)
+        let stale = previous.map { $0 != wanted } ?? FileManager.default.fileExists(atPath: dir.appendingPathComponent("train.json").path)
+        if stale {
+            for sub in ["checkpoint", "search"] where FileManager.default.fileExists(atPath: dir.appendingPathComponent(sub).path) {
+                try FileManager.default.removeItem(at: dir.appendingPathComponent(sub))
+                log("\(name): removed \(sub)/ of an earlier configuration in \(dir.path)")
+            }
+        }
+        try AtomicFile.write(wanted, to: pending)
         let start = Date()
         let (trained, images) = try train()
         try trained.save(to: dir.appendingPathComponent("model.safetensors"), metadata: metadata)
