@@ -18,7 +18,7 @@ struct Analyze: ParsableCommand {
     @Option(help: "Calibration batch size.") var batchSize = 32
     @Option(help: "Seed for drawing calibration images.") var seed: UInt64 = 0
     @Flag(help: "Analyse the train-time form instead of the deploy form.") var trainForm = false
-    @Option(help: "Output folder (default: results/analysis/<model folder name>).") var out: String?
+    @Option(help: "Output folder (default: runs/analysis/<model folder name>).") var out: String?
 
     func validate() throws {
         guard batches >= 1, batchSize >= 1 else { throw ValidationError("--batches and --batch-size must be at least 1") }
@@ -47,7 +47,7 @@ struct Analyze: ParsableCommand {
             case .classifier(let m): _ = m(x)
             }
         }
-        let outDir = URL(fileURLWithPath: out ?? "results/analysis/\(url.deletingLastPathComponent().lastPathComponent)")
+        let outDir = URL(fileURLWithPath: out ?? "runs/analysis/\(url.deletingLastPathComponent().lastPathComponent)")
         for l in layers { try SVG.write(l.figure, to: outDir.appendingPathComponent("histograms").appendingPathComponent(l.figureFileName)) }
         let md = """
         # Quantization analysis: \(saved.kindName)

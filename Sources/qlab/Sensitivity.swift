@@ -31,7 +31,7 @@ struct SensitivityRun: ParsableCommand {
     @Option(help: "Seed for calibration, sensitivity batch and ranking split.") var seed: UInt64 = 0
     @Option(help: "Measure only shard i of n (0-based), e.g. 0/4.") var shard: String?
     @Option(help: "Outputs compared: inference (decoded boxes + sigmoid scores) or raw (class logits + distances).") var outputs = "inference"
-    @Option(help: "Output folder.") var out = "results/sensitivity"
+    @Option(help: "Output folder.") var out = "runs/sensitivity"
 
     func validate() throws {
         guard calibrationBatches >= 1, batchSize >= 1, rankingImages >= 1 else {
@@ -70,7 +70,7 @@ struct SensitivityMerge: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "merge", abstract: "Join shard files into one sensitivity table.")
 
     @Argument(help: "Shard files (sensitivity-shard-*.json).") var shards: [String]
-    @Option(help: "Output folder.") var out = "results/sensitivity"
+    @Option(help: "Output folder.") var out = "runs/sensitivity"
 
     func validate() throws {
         guard !shards.isEmpty else { throw ValidationError("give at least one shard file") }

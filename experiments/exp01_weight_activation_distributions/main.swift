@@ -163,7 +163,7 @@ struct Exp01: ParsableCommand {
         B1 is a claim about RT-DETR, which this repository does not have yet; the same statistics on our detectors:
 
         \(markdownTable(["block", "layers", "layers with <1% activations beyond 3σ", "median act >3σ", "median weight kurtosis (normal: 0)", "median weight std"], b1Rows))
-        Per-layer tables for each model: `qlab analyze --model data/models/det-<block>/model.safetensors` (writes results/analysis/).
+        Per-layer tables for each model: `qlab analyze --model data/models/det-<block>/model.safetensors` (writes runs/analysis/).
         """
         var provenance = Provenance.current()
         provenance.seeds = ["calibration images": seed]
