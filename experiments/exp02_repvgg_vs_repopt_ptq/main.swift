@@ -21,7 +21,7 @@
 // on the full validation split. Each calibration is repeated with 3 different seeds (which
 // training images are drawn): mean and spread are reported.
 //
-// Run: `make exp02` (~10 minutes once the baselines exist; trains them first otherwise, ~1 h),
+// Run: `make exp02` (~5 minutes once the baselines exist; trains them first otherwise, ~1 h),
 // `make exp02 QUICK=1` (tiny models, under 2 minutes; results/quick/).
 import ArgumentParser
 import Foundation

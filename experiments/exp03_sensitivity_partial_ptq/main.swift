@@ -17,7 +17,7 @@
 // the validation split the final mAP is reported on). Partial PTQ: the top-k layers of each
 // ranking left in FP32, mAP on the validation split, k = 6 and a sweep.
 //
-// Run: `make exp03` (~12 minutes once the baselines exist), `make exp03 QUICK=1` (tiny model,
+// Run: `make exp03` (~6 minutes once the baselines exist), `make exp03 QUICK=1` (tiny model,
 // under 2 minutes). The layer sweep can be sharded across machines: `qlab sensitivity --shard i/n`
 // then `qlab sensitivity merge` (see README).
 import ArgumentParser

@@ -32,7 +32,12 @@ public struct Provenance: Codable, Sendable {
         let cpuInfo = (try? String(contentsOfFile: "/proc/cpuinfo", encoding: .utf8)) ?? ""
         let model = cpuInfo.split(separator: "\n").first { $0.hasPrefix("model name") }.map { String($0.split(separator: ":").last ?? "").trimmingCharacters(in: .whitespaces) } ?? "unknown"
         let formatter = ISO8601DateFormatter()
-        return Provenance(gitDescribe: run(["git", "describe", "--always", "--dirty", "--tags"]), date: formatter.string(from: Date()),
+        // "-dirty" when tracked files other than results/ differ from the commit: the results
+        // an earlier experiment of the same session just wrote do not make the code dirty.
+        var describe = run(["git", "describe", "--always", "--tags"])
+        let changed = run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results"])
+        if describe != "unknown" && changed != "unknown" { describe += "-dirty" }
+        return Provenance(gitDescribe: describe, date: formatter.string(from: Date()),
                           swiftVersion: run(["swift", "--version"]).split(separator: "\n").first.map(String.init) ?? "unknown",
                           cpu: "\(model), \(ProcessInfo.processInfo.activeProcessorCount) cores",
                           kernels: String(cString: ql_isa_name(QL_ISA_BEST)), threads: Int(ql_get_num_threads()),
