@@ -30,7 +30,7 @@ struct SensitivityRun: ParsableCommand {
     @Flag(help: "Skip the mAP method (output metrics only: much faster).") var noMap = false
     @Option(help: "Seed for calibration, sensitivity batch and ranking split.") var seed: UInt64 = 0
     @Option(help: "Measure only shard i of n (0-based), e.g. 0/4.") var shard: String?
-    @Option(help: "Outputs compared: inference (decoded boxes + sigmoid scores) or raw (class logits + distances).") var outputs = "inference"
+    @Option(help: "Outputs compared: inference (decoded boxes + sigmoid scores) raw (class logits + distances) or scores (sigmoid class scores only).") var outputs = "inference"
     @Option(help: "Output folder.") var out = "runs/sensitivity"
 
     func validate() throws {
@@ -39,7 +39,7 @@ struct SensitivityRun: ParsableCommand {
         }
         do { _ = try CalibrationMethod(parsing: method) } catch { throw ValidationError("--method: \(error)") }
         if let shard { do { _ = try Shard(parsing: shard) } catch { throw ValidationError("--shard: \(error)") } }
-        guard ["inference", "raw"].contains(outputs) else { throw ValidationError("--outputs must be inference or raw, got '\(outputs)'") }
+        guard ["inference", "raw", "scores"].contains(outputs) else { throw ValidationError("--outputs must be inference, raw or scores, got '\(outputs)'") }
     }
 
     func run() throws {
@@ -55,7 +55,7 @@ struct SensitivityRun: ParsableCommand {
                                                     plan: CalibrationPlan(batches: 1, batchSize: batchSize, seed: seed &+ 1))[0]
         let ranking = noMap ? nil : try rankingSplit(train, images: rankingImages, seed: seed)
         let report = try measureSensitivity(sim, model: url.path, calibration: "\(calibrationMethod), \(calibration.batches) x \(calibration.batchSize), seed \(seed), \(outputs) outputs",
-                                            shard: part, batch: batch, outputs: { outputs == "raw" ? detector.flatOutputs($0) : detector.inferenceOutputs($0) },
+                                            shard: part, batch: batch, outputs: { outputs == "raw" ? detector.flatOutputs($0) : outputs == "scores" ? detector.scoreOutputs($0) : detector.inferenceOutputs($0) },
                                             mAP: ranking.map { r in { try evaluateDetector(detector, on: r).0.mAP } })
         let outDir = URL(fileURLWithPath: out)
         let name = part.count == 1 ? "sensitivity" : "sensitivity-shard-\(part.index)-of-\(part.count)"

@@ -132,5 +132,10 @@ struct InferenceOutputTests {
                 + (0..<3).map { 1 / (1 + Foundation.exp(-logits.data[(i * a + j) * 3 + $0])) }
             #expect(firstMismatch(row, expected, atol: 1e-5, rtol: 1e-5) == nil)
         }
+        // scoreOutputs: the sigmoid scores alone, in the same anchor order
+        let scores = withNoGrad { model.scoreOutputs(x) }
+        #expect(scores.shape == [2, a * 3])
+        let sameScores = (0..<(2 * a)).allSatisfy { k in (0..<3).allSatisfy { c in abs(scores.data[k * 3 + c] - out.data[k * 7 + 4 + c]) < 1e-6 } }
+        #expect(sameScores)
     }
 }

@@ -231,6 +231,14 @@ extension YOLOv6 {
     /// The output metrics of the sensitivity analysis compare these, as the article's tool
     /// compares the deployed model's outputs (raw logits would let the thousands of confident
     /// background anchors dominate the distances).
+    /// The sigmoid class scores alone, [B, A*C] (no boxes): where a detector's mAP is decided
+    /// when boxes are easy.
+    public func scoreOutputs(_ images: Tensor) -> Tensor {
+        let logits = self(images).classLogits
+        let b = images.shape[0]
+        return logits.sigmoid().reshaped([b, logits.count / b])
+    }
+
     public func inferenceOutputs(_ images: Tensor) -> Tensor {
         let (logits, distances) = self(images)
         let (b, a, c) = (logits.shape[0], logits.shape[1], logits.shape[2])
