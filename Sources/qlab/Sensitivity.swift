@@ -39,7 +39,7 @@ struct SensitivityRun: ParsableCommand {
         }
         do { _ = try CalibrationMethod(parsing: method) } catch { throw ValidationError("--method: \(error)") }
         if let shard { do { _ = try Shard(parsing: shard) } catch { throw ValidationError("--shard: \(error)") } }
-        guard ["inference", "raw", "scores"].contains(outputs) else { throw ValidationError("--outputs must be inference, raw or scores, got '\(outputs)'") }
+        do { _ = try DetectorOutputs(parsing: outputs) } catch { throw ValidationError("--outputs: \(error)") }
     }
 
     func run() throws {
@@ -48,6 +48,7 @@ struct SensitivityRun: ParsableCommand {
         guard case .detector(let detector) = try SavedModel.load(url) else { throw ValidationError("--model: \(url.path) is not a detector") }
         let train = try DetectionDataset(root: URL(fileURLWithPath: data), split: "train2017")
         let calibrationMethod = try CalibrationMethod(parsing: method)
+        let outputKind = try DetectorOutputs(parsing: outputs)
         let part = try shard.map { try Shard(parsing: $0) } ?? .all
         let calibration = CalibrationPlan(batches: calibrationBatches, batchSize: batchSize, seed: seed)
         let sim = try prepareDetectorPTQ(detector, train: train, method: calibrationMethod, calibration: calibration)
@@ -55,7 +56,7 @@ struct SensitivityRun: ParsableCommand {
                                                     plan: CalibrationPlan(batches: 1, batchSize: batchSize, seed: seed &+ 1))[0]
         let ranking = noMap ? nil : try rankingSplit(train, images: rankingImages, seed: seed)
         let report = try measureSensitivity(sim, model: url.path, calibration: "\(calibrationMethod), \(calibration.batches) x \(calibration.batchSize), seed \(seed), \(outputs) outputs",
-                                            shard: part, batch: batch, outputs: { outputs == "raw" ? detector.flatOutputs($0) : outputs == "scores" ? detector.scoreOutputs($0) : detector.inferenceOutputs($0) },
+                                            shard: part, batch: batch, outputs: { detector.outputs(outputKind, $0) },
                                             mAP: ranking.map { r in { try evaluateDetector(detector, on: r).0.mAP } })
         let outDir = URL(fileURLWithPath: out)
         let name = part.count == 1 ? "sensitivity" : "sensitivity-shard-\(part.index)-of-\(part.count)"

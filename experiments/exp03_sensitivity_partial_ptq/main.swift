@@ -49,7 +49,7 @@ struct Exp03: ParsableCommand {
         do { _ = try CalibrationMethod(parsing: method) } catch { throw ValidationError("--method: \(error)") }
         guard topK >= 1 else { throw ValidationError("--top-k must be at least 1") }
         if let r = rankingImages, r < 1 { throw ValidationError("--ranking-images must be at least 1") }
-        guard ["inference", "raw", "scores"].contains(outputs) else { throw ValidationError("--outputs must be inference, raw or scores, got '\(outputs)'") }
+        do { _ = try DetectorOutputs(parsing: outputs) } catch { throw ValidationError("--outputs: \(error)") }
     }
 
     func run() throws {
@@ -57,6 +57,7 @@ struct Exp03: ParsableCommand {
         let plan = Baselines.Plan(quick: quick, dataRoot: URL(fileURLWithPath: dataRoot), modelsRoot: URL(fileURLWithPath: modelsRoot))
         let blockKind = BlockKind(rawValue: block)!
         let calibrationMethod = try CalibrationMethod(parsing: method)
+        let outputKind = try DetectorOutputs(parsing: outputs)
 
         // MARK: - 1 Data
         // train: calibration (4 x 32), the sensitivity batch (1 x 32), the ranking split;
@@ -83,7 +84,7 @@ struct Exp03: ParsableCommand {
         let batch = try detectionCalibrationBatches(train, inputSize: model.config.inputSize,
                                                     plan: CalibrationPlan(batches: 1, batchSize: 32, seed: seed &+ 1))[0]
         let report = try measureSensitivity(sim, model: "det-\(block)\(quick ? "-quick" : "")", calibration: "\(calibrationMethod), 4 x 32, seed \(seed)",
-                                            batch: batch, outputs: { outputs == "raw" ? model.flatOutputs($0) : outputs == "scores" ? model.scoreOutputs($0) : model.inferenceOutputs($0) },
+                                            batch: batch, outputs: { model.outputs(outputKind, $0) },
                                             mAP: { try evaluateDetector(model, on: ranking).0.mAP })
         let outputSeconds = report.layers.reduce(0) { $0 + $1.outputSeconds }
         let mapSeconds = report.layers.reduce(0) { $0 + ($1.mapSeconds ?? 0) }
@@ -116,24 +117,24 @@ struct Exp03: ParsableCommand {
         // Which outputs MSE compares matters: the same sweep (output metrics only) with each of
         // the three output definitions, each MSE ranking set against the mAP method's, and
         // partial PTQ with its top k.
-        let outputKinds = ["inference", "raw", "scores"]
+        let outputKinds = DetectorOutputs.allCases
         var outputRows: [[String]] = []
         var outputJSON: [String: Any] = [:]
         for kind in outputKinds {
-            let r = kind == outputs ? report
+            let r = kind == outputKind ? report
                 : try measureSensitivity(sim, model: report.model, calibration: report.calibration, batch: batch,
-                                         outputs: { kind == "raw" ? model.flatOutputs($0) : kind == "scores" ? model.scoreOutputs($0) : model.inferenceOutputs($0) })
+                                         outputs: { model.outputs(kind, $0) })
             let byName = Dictionary(uniqueKeysWithValues: r.layers.map { ($0.name, $0.mse) })
             let mseValues = report.layers.map { byName[$0.name] ?? .nan }
             let top = Array(r.ranking(by: .mse).prefix(topK))
             try sim.setEnabled(true)
             try sim.setEnabled(false, layers: top)
-            let m = kind == outputs ? (partial[.mse]?[topK] ?? .nan) : try evaluateDetector(model, on: val, progressLabel: "partial PTQ MSE(\(kind)) k=\(topK)").0.mAP
+            let m = kind == outputKind ? (partial[.mse]?[topK] ?? .nan) : try evaluateDetector(model, on: val, progressLabel: "partial PTQ MSE(\(kind.rawValue)) k=\(topK)").0.mAP
             try sim.setEnabled(true)
             let rho = Statistics.spearman(mseValues, mapValues), overlap = topMAP.intersection(top).count
-            outputRows.append([kind == "inference" ? "deployed outputs: boxes (px) + sigmoid scores" : kind == "raw" ? "raw head: class logits + distances" : "sigmoid class scores only",
+            outputRows.append([kind.label,
                                String(format: "%.2f", rho), "\(overlap) / \(topK)", String(format: "%.4f", m), fp32 - fullPTQ > 0 ? String(format: "%.0f%%", 100 * (m - fullPTQ) / (fp32 - fullPTQ)) : "—"])
-            outputJSON[kind] = ["spearman_vs_map": rho, "top_k_overlap": Double(overlap), "partial_ptq_map": m, "top_k": top]
+            outputJSON[kind.rawValue] = ["spearman_vs_map": rho, "top_k_overlap": Double(overlap), "partial_ptq_map": m, "top_k": top]
         }
 
         // MARK: - 6 Report
@@ -190,7 +191,7 @@ struct Exp03: ParsableCommand {
 
         **Claim (SOURCES.md A4):** ranking layers by quantization sensitivity and leaving the top 6 in FP32 recovers most of the PTQ loss (YOLOv6s RepOpt: 40.9 → 42.0, FP32 42.4); the mAP method ranks best but is slow and can overfit the validation set, so MSE is recommended.
         **Scale:** our \(block) detector (\(quick ? "tiny variant, smoke run" : "YOLOv6-N proportions, 160 px")) trained on synthetic shapes — not YOLOv6s on COCO. Read the recovered share and the agreement between metrics, not absolute mAP.
-        **Protocol:** deploy form; \(calibrationMethod) calibration on 4 × 32 training images; one layer quantized at a time; output metrics (on \(outputs == "raw" ? "the raw head outputs: class logits and box distances" : outputs == "scores" ? "the sigmoid class scores only" : "the deployed model's outputs: decoded boxes in pixels and sigmoid class scores")) on one other batch of 32 training images; mAP method on \(ranking.count) training images (the ranking split), never on val; all reported mAP on the \(val.count)-image val split.
+        **Protocol:** deploy form; \(calibrationMethod) calibration on 4 × 32 training images; one layer quantized at a time; output metrics (on \(outputKind.label)) on one other batch of 32 training images; mAP method on \(ranking.count) training images (the ranking split), never on val; all reported mAP on the \(val.count)-image val split.
 
         ## Partial PTQ, paper vs ours (top \(topK) layers left in FP32)
 

@@ -218,7 +218,41 @@ public func measureSensitivity(_ sim: QuantizationSimulator, model: String, cali
                              fp32mAP: fp32mAP, fullPTQmAP: fullmAP, layers: results)
 }
 
+/// Which detector outputs the output metrics compare.
+public enum DetectorOutputs: String, CaseIterable, Sendable {
+    /// What the deployed model returns: decoded boxes (pixels) and sigmoid class scores.
+    case inference
+    /// The head's raw class logits and box distances.
+    case raw
+    /// The sigmoid class scores alone.
+    case scores
+
+    public var label: String {
+        switch self {
+        case .inference: return "deployed outputs: boxes (px) + sigmoid scores"
+        case .raw: return "raw head: class logits + distances"
+        case .scores: return "sigmoid class scores only"
+        }
+    }
+
+    public init(parsing text: String) throws {
+        guard let v = DetectorOutputs(rawValue: text) else {
+            throw QuantizationError("outputs '\(text)': expected \(DetectorOutputs.allCases.map(\.rawValue).joined(separator: ", "))")
+        }
+        self = v
+    }
+}
+
 extension YOLOv6 {
+    /// The outputs of `kind` for a batch, flattened per image.
+    public func outputs(_ kind: DetectorOutputs, _ images: Tensor) -> Tensor {
+        switch kind {
+        case .inference: return inferenceOutputs(images)
+        case .raw: return flatOutputs(images)
+        case .scores: return scoreOutputs(images)
+        }
+    }
+
     /// Raw head outputs flattened per image: [B, A*C + A*4] (class logits, then distances).
     public func flatOutputs(_ images: Tensor) -> Tensor {
         let (c, d) = self(images)
