@@ -246,6 +246,7 @@ struct Exp02: ParsableCommand {
             return String(format: "Inconclusive: the FP32 baselines have not learned enough (%@ %.3f and %.3f, below %.2f)%@.",
                           metric, repvgg.fp32, repopt.fp32, learnedFloor, quick ? "; expected for the QUICK smoke run" : "")
         }
+        let smoke = quick ? "QUICK smoke run (tiny models; not a result): " : ""
         let (dv, dopt) = (repvgg.relativeDrop(primary), repopt.relativeDrop(primary))
         let (nv, nopt) = (repvgg.spread(primary) / repvgg.fp32, repopt.spread(primary) / repopt.fp32)
         let noise = (nv * nv + nopt * nopt).squareRoot()
@@ -255,11 +256,11 @@ struct Exp02: ParsableCommand {
         let threshold = max(2 * noise, 0.01)
         if gap > threshold {
             let size = dv >= paper.repvgg / 2 ? "in direction and size" : String(format: "in direction only (RepVGG's drop is %.1f%%, the paper's %.1f%%)", 100 * dv, 100 * paper.repvgg)
-            return "Reproduced \(size): RepVGG degrades clearly more than RepOpt. " + detail + "."
+            return smoke + "Reproduced \(size): RepVGG degrades clearly more than RepOpt. " + detail + "."
         }
         if gap < -threshold {
-            return "Not reproduced: RepOpt degrades more than RepVGG here. " + detail + "."
+            return smoke + "Not reproduced: RepOpt degrades more than RepVGG here. " + detail + "."
         }
-        return String(format: "Not reproduced (no clear difference): the gap of %.1f%% is within twice the noise or 1%%. ", 100 * gap) + detail + "."
+        return smoke + String(format: "Not reproduced (no clear difference): the gap of %.1f%% is within twice the noise or 1%%. ", 100 * gap) + detail + "."
     }
 }

@@ -34,17 +34,17 @@ public enum Baselines {
             self.quick = quick
             self.dataRoot = dataRoot
             self.modelsRoot = modelsRoot
-            // QUICK: tiny models on 160 / 256 images, long enough to learn something (~30 s each)
+            // QUICK: tiny models on 160 / 1024 images, long enough to learn something (10-25 s each)
             detectorEpochs = quick ? 30 : 10
             detectorSearchEpochs = quick ? 10 : 4
-            classifierEpochs = quick ? 10 : 15
-            classifierSearchEpochs = quick ? 3 : 5
+            classifierEpochs = quick ? 20 : 15
+            classifierSearchEpochs = quick ? 5 : 5
         }
 
         public var detectionPreset: SyntheticShapes.Config { quick ? .shapesTiny : .shapes }
         public var classificationPreset: SyntheticShapes.Config {
             var c = SyntheticShapes.Config.shapesClassification
-            if quick { c.name = "shapes-cls-tiny"; c.trainImages = 256; c.valImages = 128 }
+            if quick { c.name = "shapes-cls-tiny"; c.trainImages = 1024; c.valImages = 256 }
             return c
         }
 
