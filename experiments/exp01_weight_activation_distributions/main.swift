@@ -56,10 +56,39 @@ struct Exp01: ParsableCommand {
         // Deploy form: every Rep block is one 3x3 conv W = sum of its branches' BN-scaled
         // kernels (RepVGG: W3*g3/s3 + pad(W1*g1/s1) + I*gid/sid), every conv+BN folded.
         var analyses: [BlockKind: [LayerAnalysis]] = [:]
+        // Where a fused RepVGG kernel comes from, per block with an identity branch (train form):
+        // the 3x3 branch's BN-folded kernel, the 1x1 branch's folded kernel (added at the centre
+        // tap) and the identity BN's scale gamma / sqrt(var + eps) (added at the centre tap of the
+        // diagonal). The centre taps of the fused kernel carry all three.
+        var branchRows: [[String]] = []
+        var centreRatio: [BlockKind: Double] = [:]
+        func std(_ v: [Float]) -> Double {
+            let m = v.reduce(0.0) { $0 + Double($1) } / Double(max(v.count, 1))
+            return (v.reduce(0.0) { $0 + (Double($1) - m) * (Double($1) - m) } / Double(max(v.count, 1))).squareRoot()
+        }
         for block in Baselines.detectorBlocks {
             let (model, _, _) = try Baselines.detector(block, plan: plan)
             model.eval()
+            if block == .repvgg {
+                for (name, b) in model.repBlocks() {
+                    guard let r = b as? RepVGGBlock, let id = r.rbrIdentity else { continue }
+                    let dense = r.rbrDense.folded().weight.values, one = r.rbr1x1.folded().weight.values
+                    let fused = r.equivalentKernel().weight.values
+                    let idScale = (0..<r.outChannels).map { Double(abs(id.weight.data[$0]) / (id.runningVar.data[$0] + id.eps).squareRoot()) }
+                    let centre = stride(from: 4, to: fused.count, by: 9).map { abs(fused[$0]) }
+                    let offCentre = fused.indices.filter { $0 % 9 != 4 }.map { abs(fused[$0]) }
+                    branchRows.append([name, String(format: "%.4f", std(dense)), String(format: "%.4f", std(one)), String(format: "%.3f", median(idScale)),
+                                       String(format: "%.4f", std(fused)), String(format: "%.3f", Double(centre.max() ?? 0)), String(format: "%.3f", Double(offCentre.max() ?? 0))])
+                }
+            }
             model.convertToDeployForm()
+            // every deployed block with an identity path: largest centre tap over largest other tap
+            centreRatio[block] = median(model.repBlocks().compactMap { _, b -> Double? in
+                guard b.inChannels == b.outChannels, b.stride == 1, let w = (b as? RepBlockBase)?.reparam?.weight.values else { return nil }
+                let centre = stride(from: 4, to: w.count, by: 9).map { abs(w[$0]) }.max() ?? 0
+                let other = w.indices.filter { $0 % 9 != 4 }.map { abs(w[$0]) }.max() ?? 0
+                return other > 0 ? Double(centre / other) : nil
+            })
             let images = try detectionCalibrationBatches(train, inputSize: model.config.inputSize,
                                                          plan: CalibrationPlan(batches: batches, batchSize: batchSize, seed: seed))
             // MARK: - 5 Evaluate (statistics)
@@ -152,6 +181,11 @@ struct Exp01: ParsableCommand {
         ![activations](exp01/focus_activation.svg)
         ![weights](exp01/focus_weight.svg)
 
+        ## Where RepVGG's fused kernels come from (train form, blocks with an identity branch)
+
+        \(branchRows.isEmpty ? "No RepVGG block with an identity branch in this model.\n" : markdownTable(["block", "std of 3x3 branch (BN folded)", "std of 1x1 branch (BN folded)", "median identity scale abs(γ)/σ", "std of fused kernel", "max abs centre tap", "max abs other taps"], branchRows))
+        The 1x1 and identity branches land on the centre tap: where its largest value far exceeds the other taps', one per-channel weight scale must cover both. Median over all deployed blocks with an identity path of (max abs centre tap) / (max abs other tap): \(blocks.map { b in "\(b.rawValue) ×\(String(format: "%.1f", centreRatio[b] ?? .nan))" }.joined(separator: ", ")).
+
         ## All fused Rep layers (medians per block)
 
         \(markdownTable(["block", "Rep layers", "weight std", "weight kurtosis", "weight SQNR/ch dB", "weight SQNR/tensor dB", "act max", "act std", "act kurtosis", "act >3σ"], summaryRows))
@@ -172,7 +206,8 @@ struct Exp01: ParsableCommand {
         md += "\n\n" + provenance.markdown + "\n"
         let encoder = JSONEncoder()
         encoder.nonConformingFloatEncodingStrategy = .convertToString(positiveInfinity: "inf", negativeInfinity: "-inf", nan: "nan")
-        var json: [String: Any] = ["verdict_a2": a2, "focus_layer": focus, "weight_std_ratio": stdRatio, "activation_max_ratio": actRatio,
+        var json: [String: Any] = ["verdict_a2": a2, "focus_layer": focus,
+                                   "centre_tap_ratio": Dictionary(uniqueKeysWithValues: centreRatio.map { ($0.key.rawValue, $0.value) }), "weight_std_ratio": stdRatio, "activation_max_ratio": actRatio,
                                    "focus_activation_max_ratio": focusRatio,
                                    "provenance": ["git": provenance.gitDescribe, "date": provenance.date, "wall_seconds": provenance.wallSeconds]]
         for b in blocks {
