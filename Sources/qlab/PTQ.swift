@@ -53,18 +53,14 @@ struct PTQCommand: ParsableCommand {
         let metric = { () -> String in if case .detector = saved { return "mAP" } else { return "top-1" } }()
         let fp32 = try evaluate()
         saved.module.convertToDeployForm()
-        let sim = QuantizationSimulator(saved.module)
         print(String(format: "%@: FP32 %@ %.4f", saved.kindName, metric, fp32))
-        var results: [String: [Double]] = [:]
-        for seed in 0..<UInt64(seeds) {
-            sim.calibrate(on: try calibration(CalibrationPlan(batches: batches, batchSize: batchSize, seed: seed)), forward: forward)
-            for method in methodList {
-                try sim.applyCalibration(method)
-                let v = try evaluate()
-                results[method.description, default: []].append(v)
-                print(String(format: "seed %llu %@: INT8 %@ %.4f (%+.1f%%)", seed, method.description, metric, v, 100 * (v - fp32) / max(fp32, 1e-12)))
-            }
+        let sweep = try ptqSweep(saved.module, methods: methodList, seeds: (0..<UInt64(seeds)).map { $0 }, batches: batches, batchSize: batchSize,
+                                 calibrationImages: calibration, forward: forward) { seed, method in
+            let v = try evaluate()
+            print(String(format: "seed %llu %@: INT8 %@ %.4f (%+.1f%%)", seed, method.description, metric, v, 100 * (v - fp32) / max(fp32, 1e-12)))
+            return v
         }
+        let results = Dictionary(uniqueKeysWithValues: sweep.map { ($0.key.description, $0.value) })
         if json {
             let data = try JSONSerialization.data(withJSONObject: ["fp32": fp32, "int8": results, "metric": metric], options: [.sortedKeys])
             print(String(decoding: data, as: UTF8.self))

@@ -69,24 +69,16 @@ struct Exp02: ParsableCommand {
         func relativeDrop(_ m: CalibrationMethod) -> Double { fp32 > 0 ? drop(m) / fp32 : 0 }
     }
 
-    /// PTQ of a deploy-form model for every (seed, method): quantizers installed, calibrated
-    /// once per seed, amax set per method, the metric evaluated; quantizers removed at the end.
+    /// The library's PTQ sweep with this run's calibration size, printing a line per result.
     func ptqSweep(_ model: Module, label: String, fp32: Double, methods: [CalibrationMethod], seeds: [UInt64],
-                  batches: (CalibrationPlan) throws -> [Tensor], forward: @escaping (Tensor) -> Void,
+                  batches: (CalibrationPlan) throws -> [Tensor], forward: (Tensor) -> Void,
                   evaluate: (String) throws -> Double) throws -> [CalibrationMethod: [Double]] {
-        let sim = QuantizationSimulator(model)
-        defer { sim.remove() }
-        var results: [CalibrationMethod: [Double]] = [:]
-        for seed in seeds {
-            sim.calibrate(on: try batches(CalibrationPlan(batches: calibrationBatches, batchSize: calibrationBatchSize, seed: seed)), forward: forward)
-            for method in methods {
-                try sim.applyCalibration(method)
-                let metric = try evaluate("PTQ \(label) \(method) seed \(seed)")
-                results[method, default: []].append(metric)
-                print(String(format: "%@ %@ seed %llu: FP32 %.4f -> INT8 %.4f", label, method.description, seed, fp32, metric))
-            }
+        try QuantLab.ptqSweep(model, methods: methods, seeds: seeds, batches: calibrationBatches, batchSize: calibrationBatchSize,
+                              calibrationImages: batches, forward: forward) { seed, method in
+            let metric = try evaluate("PTQ \(label) \(method) seed \(seed)")
+            print(String(format: "%@ %@ seed %llu: FP32 %.4f -> INT8 %.4f", label, method.description, seed, fp32, metric))
+            return metric
         }
-        return results
     }
 
     func run() throws {

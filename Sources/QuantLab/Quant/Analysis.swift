@@ -154,8 +154,7 @@ public func analyzeQuantization(_ model: Module, batches: [Tensor], forward: (Te
         let perTensor = withNoGrad { fakeQuantize(w, amax: [Float(wAbs)], spec: .int8PerTensor) }
         var amax: [String: Double] = [:]
         for method in methods { amax[method.description] = Double(try s.stats.amax(method)) }
-        let kind = l is ConvTranspose2d ? "conv_transpose" : (l is Linear ? "linear" : "conv")
-        out.append(LayerAnalysis(name: name, kind: kind, weightShape: w.shape,
+        out.append(LayerAnalysis(name: name, kind: QuantizedLayer.Kind(l).rawValue, weightShape: w.shape,
                                  weight: wm.summary(beyond3Sigma: Double(wBeyond) / Double(Swift.max(w.count, 1))),
                                  weightSQNRPerChannel: sqnr(w, perChannel), weightSQNRPerTensor: sqnr(w, perTensor),
                                  activation: s.moments.summary(beyond3Sigma: Double(s.beyond) / Double(Swift.max(s.moments.n, 1))),

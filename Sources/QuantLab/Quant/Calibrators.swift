@@ -77,14 +77,18 @@ public struct MaxCollector: Sendable {
 
     public init() {}
 
-    public mutating func collect(_ x: Tensor) {
+    /// Adds a batch; returns the batch's own max |x| (what the moving average needs).
+    @discardableResult
+    public mutating func collect(_ x: Tensor) -> Float {
         var lo = Float.infinity, hi = -Float.infinity
         let p = x.data
         for i in 0..<x.count { lo = Swift.min(lo, p[i]); hi = Swift.max(hi, p[i]) }
         min = Swift.min(min, lo)
         max = Swift.max(max, hi)
-        amax = Swift.max(amax, Swift.max(abs(lo), abs(hi)))
+        let batchAbsMax = x.count == 0 ? 0 : Swift.max(abs(lo), abs(hi))
+        amax = Swift.max(amax, batchAbsMax)
         batches += 1
+        return batchAbsMax
     }
 }
 
@@ -269,8 +273,7 @@ public struct ActivationStatistics: Sendable {
     public var isEmpty: Bool { max.batches == 0 }
 
     public mutating func collect(_ x: Tensor) {
-        let batchAbsMax = ql_absmax(x.data, Int64(x.count))
-        max.collect(x)
+        let batchAbsMax = max.collect(x)
         histogram?.collect(x.data, count: x.count, absMax: batchAbsMax)
         movingAverage.update(batchAbsMax: batchAbsMax)
     }

@@ -37,14 +37,20 @@ public func detectionCalibrationBatches(_ dataset: DetectionDataset, inputSize: 
     return try (0..<plan.batches).map { try loader.batch($0, epoch: 0, order: order).images }
 }
 
+/// 0..<count in a random order fixed by `seed`.
+func seededPermutation(_ count: Int, seed: UInt64) -> [Int] {
+    var rng = SeededGenerator(seed: seed)
+    var order = Array(0..<count)
+    order.shuffle(using: &rng)
+    return order
+}
+
 /// Calibration batches for a classifier (seeded sample, no augmentation).
 public func classificationCalibrationBatches(_ dataset: ClassificationDataset, inputSize: Int, plan: CalibrationPlan) throws -> [Tensor] {
     guard dataset.count >= plan.images else {
         throw QuantizationError("calibration wants \(plan.images) images, the classification set has \(dataset.count)")
     }
-    var rng = SeededGenerator(seed: plan.seed &+ 0xCA11)
-    var order = Array(0..<dataset.count)
-    order.shuffle(using: &rng)
+    let order = seededPermutation(dataset.count, seed: plan.seed &+ 0xCA11)
     return try (0..<plan.batches).map { b in
         try dataset.batch(Array(order[(b * plan.batchSize)..<((b + 1) * plan.batchSize)]), size: inputSize, augment: false, seed: 0).0
     }
@@ -60,6 +66,27 @@ extension QuantizationSimulator {
         defer { model.train(wasTraining) }
         calibrate { for b in batches { forward(b) } }
     }
+}
+
+/// PTQ of a deploy-form model for every (calibration seed, method): quantizers installed,
+/// calibrated once per seed on `batches(plan)`, amax set per method, then `evaluate(seed,
+/// method)` (which may also report progress); quantizers removed at the end. Returns each
+/// method's metric per seed, in seed order.
+public func ptqSweep(_ model: Module, methods: [CalibrationMethod], seeds: [UInt64], batches: Int = 4, batchSize: Int = 32,
+                     calibrationImages: (CalibrationPlan) throws -> [Tensor], forward: (Tensor) -> Void,
+                     evaluate: (_ seed: UInt64, _ method: CalibrationMethod) throws -> Double,
+                     options: QuantizationOptions = QuantizationOptions()) throws -> [CalibrationMethod: [Double]] {
+    let sim = QuantizationSimulator(model, options: options)
+    defer { sim.remove() }
+    var results: [CalibrationMethod: [Double]] = [:]
+    for seed in seeds {
+        sim.calibrate(on: try calibrationImages(CalibrationPlan(batches: batches, batchSize: batchSize, seed: seed)), forward: forward)
+        for method in methods {
+            try sim.applyCalibration(method)
+            results[method, default: []].append(try evaluate(seed, method))
+        }
+    }
+    return results
 }
 
 /// PTQ of a detector in one call: deploy form, quantizers everywhere, calibration on
@@ -82,8 +109,5 @@ public func rankingSplit(_ train: DetectionDataset, images: Int, seed: UInt64) t
     guard images >= 1 && images <= train.count else {
         throw QuantizationError("ranking split of \(images) images asked from \(train.count) training images")
     }
-    var rng = SeededGenerator(seed: seed &+ 0x5A11)
-    var order = Array(0..<train.count)
-    order.shuffle(using: &rng)
-    return train.subset(Array(order.prefix(images)))
+    return train.subset(Array(seededPermutation(train.count, seed: seed &+ 0x5A11).prefix(images)))
 }

@@ -24,8 +24,6 @@ public final class TensorQuantizer {
         statistics = ActivationStatistics(histogram: histogram && spec.axis == nil, bins: bins)
     }
 
-    public var isCalibrated: Bool { spec.mode == .symmetric ? amax != nil : affine != nil }
-
     public func callAsFunction(_ x: Tensor) -> Tensor {
         if isCalibrating {
             statistics.collect(x)
@@ -91,7 +89,14 @@ public struct QuantizationOptions: Codable, Equatable, Sendable {
 
 /// A layer with quantizers, addressed by its dotted module name.
 public final class QuantizedLayer {
-    public enum Kind: String, Codable, Sendable { case conv, convTranspose = "conv_transpose", linear, concat }
+    public enum Kind: String, Codable, Sendable {
+        case conv, convTranspose = "conv_transpose", linear, concat
+
+        /// The kind of a weighted layer.
+        public init(_ layer: any WeightedLayer) {
+            self = layer is ConvTranspose2d ? .convTranspose : (layer is Linear ? .linear : .conv)
+        }
+    }
     public let name: String
     public let kind: Kind
     public let input: TensorQuantizer
@@ -121,10 +126,10 @@ public final class QuantizedLayer {
 ///
 /// Usage (PTQ):
 ///   let sim = QuantizationSimulator(model)            // quantizers installed, not calibrated
-///   try sim.calibrate { for b in batches { _ = model(b) } }   // FP32 pass, statistics collected
+///   sim.calibrate(on: batches) { _ = model($0) }      // FP32 pass, statistics collected
 ///   try sim.applyCalibration(.entropy)                // amax per quantizer; weights per-channel max
 ///   ... evaluate: every layer runs on fake-quantized input and weight ...
-///   sim.setEnabled(false, layers: ["neck.Rep_p4.block.0.rbr_reparam"])   // partial PTQ
+///   try sim.setEnabled(false, layers: ["neck.Rep_p4.block.0.rbr_reparam"])   // partial PTQ
 ///   sim.remove()                                      // hooks gone, the FP32 model again
 public final class QuantizationSimulator {
     public let model: Module
@@ -141,7 +146,7 @@ public final class QuantizationSimulator {
         }
         for (name, m) in model.namedModules() {
             if let layer = m as? any WeightedLayer {
-                let kind: QuantizedLayer.Kind = m is ConvTranspose2d ? .convTranspose : (m is Linear ? .linear : .conv)
+                let kind = QuantizedLayer.Kind(layer)
                 if kind == .convTranspose && !options.quantizeUpsample { continue }
                 let input = activationQuantizer()
                 let weight = TensorQuantizer(spec: QuantSpec(bits: options.weightBits, axis: options.perChannelWeights ? layer.outputChannelAxis : nil),
