@@ -6,10 +6,13 @@ VENV := .venv
 VENV_PY := $(VENV)/bin/python
 QUICK ?=
 RELEASE_BIN := .build/release
+# An import of a package target that the importing target does not list is a build error, so
+# the library's layers (ARCHITECTURE.md) are enforced by the compiler, not by review.
+SWIFT_FLAGS := --explicit-target-dependency-import-check error
 EXPERIMENTS := $(sort $(notdir $(wildcard experiments/exp*)))
 
 .DEFAULT_GOAL := help
-.PHONY: help build release test bench demo smoke crosscheck venv clean info data cuda models
+.PHONY: help build release test check-layers bench demo smoke crosscheck venv clean info data cuda models
 
 help: ## list the targets
 	@echo "QuantLab — INT8 quantization of object detectors, reproduced from scratch"
@@ -20,13 +23,16 @@ help: ## list the targets
 	@echo "  QL_NUM_THREADS=n sets kernel threads; QL_ISA=ref|avx2|avx512 caps the SIMD level."
 
 build: ## debug build of the library, the qlab tool and the experiments
-	$(SWIFT) build
+	$(SWIFT) build $(SWIFT_FLAGS)
 
 release: ## optimised build (used by bench, demo and experiments)
-	$(SWIFT) build -c release
+	$(SWIFT) build -c release $(SWIFT_FLAGS)
 
 test: ## run the test suites (kernels vs references, gradients vs finite differences, ...)
-	$(SWIFT) test
+	$(SWIFT) test $(SWIFT_FLAGS)
+
+check-layers: ## every import is a declared dependency (C modules included) and the library targets form a stack
+	$(PYTHON) scripts/check_layers.py --self-test
 
 demo: release ## train a small conv net on the built-in toy task (QUICK=1: fewer steps)
 	$(RELEASE_BIN)/qlab demo $(if $(QUICK),--steps 60,)

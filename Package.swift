@@ -29,6 +29,21 @@ let experimentTargets: [Target] = experimentNames.map { name in
     )
 }
 
+// The library is a stack of targets, each depending only on the ones below it, so that a
+// reach sideways or upwards is a compile error (`make build` passes
+// --explicit-target-dependency-import-check error, which also rejects an import of a module
+// the target does not list, e.g. CKernels from model code). ARCHITECTURE.md draws the stack.
+//
+//   QuantLabCore    tensors, autograd, layers, optimizers, safetensors, devices, Kernels
+//   QuantLabData    COCO datasets, synthetic shapes, JPEG, transforms, boxes, NMS, COCO eval
+//   QuantLabModels  Rep blocks, YOLOv6-style detector, classifier, training, saved models
+//   QuantLabQuant   fake quantization, calibrators, the Q/DQ simulator, PTQ, sensitivity
+//   QuantLabReport  the papers' numbers, Markdown / SVG / JSON rendering, provenance
+//   QuantLabBench   benchmarks (ratios against peers measured in one run)
+//   QuantLab        the umbrella users import: re-exports all of the above
+//
+// Only the targets that own a kernel family call C: Core (tensor ops, optimizers, devices),
+// Data (image kernels), Quant (fake quantization, histograms) and Bench (it times kernels).
 let package = Package(
     name: "QuantLab",
     products: [
@@ -59,18 +74,20 @@ let package = Package(
             sources: ["swift_module.c"],
             publicHeadersPath: "include"
         ),
-        .target(
-            name: "QuantLab",
-            dependencies: ["CKernels", "CImageIO", "CQLCuda"],
-            linkerSettings: [.linkedLibrary("dl")]
-        ),
+        .target(name: "QuantLabCore", dependencies: ["CKernels", "CQLCuda"], linkerSettings: [.linkedLibrary("dl")]),
+        .target(name: "QuantLabData", dependencies: ["QuantLabCore", "CKernels", "CImageIO"]),
+        .target(name: "QuantLabModels", dependencies: ["QuantLabCore", "QuantLabData"]),
+        .target(name: "QuantLabQuant", dependencies: ["QuantLabCore", "QuantLabData", "QuantLabModels", "CKernels"]),
+        .target(name: "QuantLabReport", dependencies: ["QuantLabCore", "QuantLabData", "QuantLabModels", "QuantLabQuant"]),
+        .target(name: "QuantLabBench", dependencies: ["QuantLabCore", "QuantLabData", "QuantLabModels", "CKernels"]),
+        .target(name: "QuantLab", dependencies: ["QuantLabCore", "QuantLabData", "QuantLabModels", "QuantLabQuant", "QuantLabReport", "QuantLabBench"]),
         .executableTarget(
             name: "qlab",
             dependencies: ["QuantLab", .product(name: "ArgumentParser", package: "swift-argument-parser")]
         ),
         .testTarget(
             name: "QuantLabTests",
-            dependencies: ["QuantLab", "CKernels"]
+            dependencies: ["QuantLabCore", "QuantLabData", "QuantLabModels", "QuantLabQuant", "QuantLabReport", "CKernels", "CQLCuda"]
         ),
     ] + experimentTargets
 )

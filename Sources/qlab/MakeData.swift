@@ -1,5 +1,4 @@
 import ArgumentParser
-import CKernels
 import Foundation
 import QuantLab
 
@@ -41,7 +40,7 @@ struct MakeData: ParsableCommand {
         if let maxObjectSize { config.maxObjectSize = maxObjectSize }
         if let name { config.name = name }
         let progress = Progress(total: config.trainImages + config.valImages, label: "make-data \(config.name)", unit: "img")
-        let dir = try SyntheticShapes(config).write(root: URL(fileURLWithPath: root), threads: Int(ql_get_num_threads())) { done, _ in
+        let dir = try SyntheticShapes(config).write(root: URL(fileURLWithPath: root), threads: Kernels.threads) { done, _ in
             progress.update(done)
         }
         progress.finish()

@@ -1,5 +1,4 @@
 import ArgumentParser
-import CKernels
 import Foundation
 import QuantLab
 
@@ -22,11 +21,9 @@ struct Info: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Show the CPU kernel level and thread count in use.")
 
     func run() {
-        let levels = [QL_ISA_REF, QL_ISA_AVX2, QL_ISA_AVX512].map { isa in
-            "\(String(cString: ql_isa_name(isa)))=\(ql_isa_supported(isa) != 0 ? "yes" : "no")"
-        }
-        print("kernels: \(String(cString: ql_isa_name(QL_ISA_BEST))) (supported: \(levels.joined(separator: ", ")))")
-        print("threads: \(ql_get_num_threads()) (QL_NUM_THREADS to change)")
+        let levels = Kernels.ISA.allCases.map { "\($0)=\($0.isSupported ? "yes" : "no")" }
+        print("kernels: \(Kernels.isa) (supported: \(levels.joined(separator: ", ")); QL_ISA to cap)")
+        print("threads: \(Kernels.threads) (QL_NUM_THREADS to change)")
         print(CUDA.shared.notice)
     }
 }

@@ -2,7 +2,11 @@ import CKernels
 import CQLCuda
 import Foundation
 import Testing
-@testable import QuantLab
+@testable import QuantLabCore
+@testable import QuantLabData
+@testable import QuantLabModels
+@testable import QuantLabQuant
+@testable import QuantLabReport
 
 @Suite("CUDA plugin: loading and status (runs everywhere)")
 struct CUDAPluginTests {

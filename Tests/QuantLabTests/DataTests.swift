@@ -1,7 +1,11 @@
 import CKernels
 import Foundation
 import Testing
-@testable import QuantLab
+@testable import QuantLabCore
+@testable import QuantLabData
+@testable import QuantLabModels
+@testable import QuantLabQuant
+@testable import QuantLabReport
 
 private func tempDir(_ tag: String) -> URL {
     let url = FileManager.default.temporaryDirectory.appendingPathComponent("ql-\(tag)-\(UUID().uuidString)")

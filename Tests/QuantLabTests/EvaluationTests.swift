@@ -1,6 +1,10 @@
 import Foundation
 import Testing
-@testable import QuantLab
+@testable import QuantLabCore
+@testable import QuantLabData
+@testable import QuantLabModels
+@testable import QuantLabQuant
+@testable import QuantLabReport
 
 @Suite("Boxes, NMS and the COCO evaluator on hand-computed cases")
 struct EvaluationTests {

@@ -1,6 +1,10 @@
 import Foundation
 import Testing
-@testable import QuantLab
+@testable import QuantLabCore
+@testable import QuantLabData
+@testable import QuantLabModels
+@testable import QuantLabQuant
+@testable import QuantLabReport
 
 /// Every op's backward against central finite differences of sum(f(x) * W).
 @Suite("Backward of every op against finite differences")

@@ -1,7 +1,11 @@
 import CKernels
 import Foundation
 import Testing
-@testable import QuantLab
+@testable import QuantLabCore
+@testable import QuantLabData
+@testable import QuantLabModels
+@testable import QuantLabQuant
+@testable import QuantLabReport
 
 /// Every fast kernel against its `_ref` twin, on awkward sizes.
 @Suite("C kernels against their references")

@@ -1,6 +1,10 @@
 import CKernels
 import Foundation
-@testable import QuantLab
+@testable import QuantLabCore
+@testable import QuantLabData
+@testable import QuantLabModels
+@testable import QuantLabQuant
+@testable import QuantLabReport
 
 /// First index where |actual - expected| > atol + rtol * |expected|, with a message, or nil.
 func firstMismatch(_ actual: [Float], _ expected: [Float], atol: Double, rtol: Double) -> String? {

@@ -74,7 +74,7 @@ struct Exp01: ParsableCommand {
                     guard let r = b as? RepVGGBlock, let id = r.rbrIdentity else { continue }
                     let dense = r.rbrDense.folded().weight.values, one = r.rbr1x1.folded().weight.values
                     let fused = r.equivalentKernel().weight.values
-                    let idScale = (0..<r.outChannels).map { Double(abs(id.weight.data[$0]) / (id.runningVar.data[$0] + id.eps).squareRoot()) }
+                    let idScale = (0..<r.outChannels).map { Double(abs(id.affine(channel: $0).scale)) }
                     let centre = stride(from: 4, to: fused.count, by: 9).map { abs(fused[$0]) }
                     let offCentre = fused.indices.filter { $0 % 9 != 4 }.map { abs(fused[$0]) }
                     branchRows.append([name, String(format: "%.4f", std(dense)), String(format: "%.4f", std(one)), String(format: "%.3f", median(idScale)),

@@ -1,0 +1,214 @@
+import CKernels
+import Foundation
+import QuantLabCore
+import QuantLabData
+import QuantLabModels
+
+/// Wall-clock timing: the best of several rounds, each long enough to swamp timer noise.
+/// Best-of (not mean) because on a shared VM slowdowns come from outside the code.
+public func bestSeconds(minRoundSeconds: Double = 0.15, rounds: Int = 5, _ body: () -> Void) -> Double {
+    body() // warm-up: page faults, thread start, packing buffers
+    var best = Double.infinity
+    for _ in 0..<rounds {
+        var reps = 0
+        let start = DispatchTime.now().uptimeNanoseconds
+        var elapsed = 0.0
+        repeat {
+            body()
+            reps += 1
+            elapsed = Double(DispatchTime.now().uptimeNanoseconds - start) * 1e-9
+        } while elapsed < minRoundSeconds
+        best = min(best, elapsed / Double(reps))
+    }
+    return best
+}
+
+/// The kernel benchmarks of `make bench`: every figure is a ratio of two rates measured in
+/// the same run on the same machine, so it means something on another machine too.
+public struct KernelBenchmarks {
+    public var sizes = [256, 512, 1024, 2048]
+    public var quick = false
+    public var pythonPath: String?
+    public var log: (String) -> Void = { print($0) }
+
+    public init() {}
+
+    /// SGEMM GFLOP/s for n x n x n.
+    public func sgemmRate(_ n: Int) -> Double {
+        var rng = SeededGenerator(seed: UInt64(n))
+        let a = (0..<(n * n)).map { _ in rng.nextFloat() - 0.5 }, b = (0..<(n * n)).map { _ in rng.nextFloat() - 0.5 }
+        var c = [Float](repeating: 0, count: n * n)
+        let t = bestSeconds(rounds: quick ? 2 : 5) {
+            _ = ql_sgemm(0, 0, Int32(n), Int32(n), Int32(n), 1, a, Int32(n), b, Int32(n), 0, &c, Int32(n))
+        }
+        return 2 * pow(Double(n), 3) / t / 1e9
+    }
+
+    /// INT8 GEMM (u8 x s8 -> s32, weights pre-packed) GOPS for n x n x n, and the same with
+    /// the fused requantization epilogue (s8 out), as the INT8 engine calls it.
+    public func igemmRate(_ n: Int) -> (gops: Double, withEpilogue: Double) {
+        var rng = SeededGenerator(seed: UInt64(n) + 1)
+        let a = (0..<(n * n)).map { _ in UInt8(truncatingIfNeeded: rng.next()) }
+        let b = (0..<(n * n)).map { _ in Int8(truncatingIfNeeded: rng.next()) }
+        var packed = [Int8](repeating: 0, count: ql_igemm_packed_size(Int32(n), Int32(n)))
+        var colSum = [Int32](repeating: 0, count: n)
+        _ = ql_igemm_pack_b(&packed, &colSum, b, Int32(n), Int32(n), Int32(n))
+        var acc = [Int32](repeating: 0, count: n * n)
+        var out = [Int8](repeating: 0, count: n * n)
+        let scale = [Float](repeating: 1e-4, count: n)
+        let t = bestSeconds(rounds: quick ? 2 : 5) {
+            _ = ql_igemm_u8s8s32(Int32(n), Int32(n), Int32(n), a, Int32(n), packed, &acc, Int32(n))
+        }
+        let offsets = colSum.map { -128 * $0 }
+        let t2 = offsets.withUnsafeBufferPointer { off in
+            scale.withUnsafeBufferPointer { sc in
+                var ep = ql_requant_params(col_offset: off.baseAddress, scale: sc.baseAddress, bias: nil, relu: 0)
+                return bestSeconds(rounds: quick ? 2 : 5) {
+                    _ = ql_igemm_u8s8_s8(Int32(n), Int32(n), Int32(n), a, Int32(n), packed, &ep, &out, Int32(n))
+                }
+            }
+        }
+        let ops = 2 * pow(Double(n), 3)
+        return (ops / t / 1e9, ops / t2 / 1e9)
+    }
+
+    /// conv2d forward, and backward (data + weight), GFLOP/s for a 3x3 conv.
+    public func convRates(batch: Int = 16, channels: Int = 64, size: Int = 40) -> (forward: Double, backward: Double) {
+        var rng = SeededGenerator(seed: 7)
+        let x = Tensor.randn([batch, channels, size, size], rng: &rng)
+        let w = Tensor.randn([channels, channels, 3, 3], std: 0.05, rng: &rng)
+        let y = Tensor(zeros: [batch, channels, size, size])
+        let dx = Tensor(zeros: x.shape), dw = Tensor(zeros: w.shape)
+        var g = ql_conv_geom(N: Int32(batch), C: Int32(channels), H: Int32(size), W: Int32(size), K: Int32(channels),
+                             KH: 3, KW: 3, SH: 1, SW: 1, PH: 1, PW: 1, DH: 1, DW: 1, groups: 1)
+        let flops = 2.0 * Double(batch * channels * channels * 9 * size * size)
+        let tf = bestSeconds(rounds: quick ? 2 : 5) { _ = ql_conv2d_fwd(y.data, x.data, w.data, nil, &g) }
+        let tb = bestSeconds(rounds: quick ? 2 : 5) {
+            _ = ql_conv2d_bwd_data(dx.data, y.data, w.data, &g)
+            _ = ql_conv2d_bwd_weight(dw.data, nil, y.data, x.data, &g)
+        }
+        return (flops / tf / 1e9, 2 * flops / tb / 1e9)
+    }
+
+    /// numpy's `a @ b` (OpenBLAS SGEMM) GFLOP/s for each size, measured in a child process
+    /// with the same thread count. The machine-wide OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE
+    /// overrides (set for old OpenBLAS builds) slow a current one, so they are unset for
+    /// this comparison only.
+    public func numpyRates(_ sizes: [Int], threads: Int) -> [Int: Double]? {
+        guard let python = pythonPath else { return nil }
+        let script = """
+        import sys, time, json
+        import numpy as np
+        out = {}
+        for n in map(int, sys.argv[1:]):
+            rng = np.random.default_rng(n)
+            a = rng.random((n, n), dtype=np.float32) - 0.5; b = rng.random((n, n), dtype=np.float32) - 0.5
+            a @ b
+            best = float("inf")
+            for _ in range(\(quick ? 2 : 5)):
+                reps, t0 = 0, time.perf_counter()
+                while True:
+                    a @ b; reps += 1
+                    el = time.perf_counter() - t0
+                    if el >= 0.15: break
+                best = min(best, el / reps)
+            out[n] = 2 * n**3 / best / 1e9
+        print(json.dumps({"rates": out, "numpy": np.__version__}))
+        """
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: python)
+        p.arguments = ["-c", script] + sizes.map(String.init)
+        var env = ProcessInfo.processInfo.environment
+        env["OPENBLAS_CORETYPE"] = nil
+        env["OPENBLAS_L2_SIZE"] = nil
+        env["OPENBLAS_NUM_THREADS"] = String(threads)
+        env["OMP_NUM_THREADS"] = String(threads)
+        p.environment = env
+        let pipe = Pipe()
+        p.standardOutput = pipe
+        do { try p.run() } catch {
+            log("numpy comparison skipped: cannot run \(python) (\(error.localizedDescription))")
+            return nil
+        }
+        let data = pipe.fileHandleForReading.readDataToEndOfFile()
+        p.waitUntilExit()
+        guard p.terminationStatus == 0,
+              let obj = try? JSONSerialization.jsonObject(with: data) as? [String: Any],
+              let rates = obj["rates"] as? [String: Double] else {
+            log("numpy comparison skipped: \(python) with numpy did not answer (install it with `make venv`)")
+            return nil
+        }
+        log("numpy \(obj["numpy"] ?? "?") (OpenBLAS), \(threads) threads, OPENBLAS_CORETYPE unset")
+        return Dictionary(uniqueKeysWithValues: rates.compactMap { k, v in Int(k).map { ($0, v) } })
+    }
+
+    /// Training throughput of the YOLOv6-N-like detector (RepVGG blocks, 160 px, batch 32):
+    /// images/s of full steps (forward, assignment + loss, backward, SGD update) and the
+    /// effective GFLOP/s (3 x forward FLOPs per image), on random images with random boxes.
+    public func detectorTrainingRate(steps: Int = 5, batch: Int = 32) -> (imagesPerSecond: Double, effectiveGFLOPs: Double) {
+        var rng = SeededGenerator(seed: 3)
+        let model = YOLOv6(.nano(block: .repvgg, numClasses: 10), rng: &rng)
+        let x = Tensor.uniform([batch, 3, 160, 160], low: 0, high: 1, rng: &rng)
+        let labels: [[ObjectLabel]] = (0..<batch).map { _ in
+            (0..<4).map { _ in
+                let cx = 20 + Double(rng.nextFloat()) * 120, cy = 20 + Double(rng.nextFloat()) * 120, w = 8 + Double(rng.nextFloat()) * 40
+                return ObjectLabel(box: Box(cx: cx, cy: cy, w: w, h: w), classIndex: Int(rng.next() % 10))
+            }
+        }
+        let optimizer = SGD(model.parameterGroups(weightDecay: 5e-4), learningRate: 0.01, momentum: 0.937, nesterov: true)
+        let loss = DetectionLoss()
+        func step() {
+            let (c, d) = model(x)
+            let (total, _) = loss(model, classLogits: c, distances: d, labels: labels)
+            optimizer.zeroGrad()
+            total.backward()
+            optimizer.step()
+        }
+        step() // warm-up
+        let start = DispatchTime.now().uptimeNanoseconds
+        for _ in 0..<steps { step() }
+        let seconds = Double(DispatchTime.now().uptimeNanoseconds - start) * 1e-9
+        let forwardFLOPs = FLOPCounter.count { _ = withNoGrad { model(Tensor(zeros: [1, 3, 160, 160])) } }
+        let rate = Double(steps * batch) / seconds
+        return (rate, 3 * forwardFLOPs * rate / 1e9)
+    }
+
+    /// Runs everything and returns the summary lines (`name: ratio` per target).
+    public func run() -> [String] {
+        let threads = Int(ql_get_num_threads())
+        log("cpu: \(String(cString: ql_isa_name(QL_ISA_BEST))) kernels, \(threads) threads")
+        let sizes = quick ? [256, 1024] : self.sizes
+        var ours: [Int: Double] = [:]
+        for n in sizes {
+            ours[n] = sgemmRate(n)
+            log(String(format: "  sgemm %4d: %6.1f GFLOP/s", n, ours[n]!))
+        }
+        let theirs = numpyRates(sizes, threads: threads) ?? [:]
+        // measure ours again after numpy and keep the better, so drift on the VM during the
+        // comparison does not favour either side
+        for n in sizes { ours[n] = max(ours[n]!, sgemmRate(n)) }
+        var summary: [String] = []
+        for n in sizes {
+            if let t = theirs[n] {
+                log(String(format: "  sgemm %4d: ours %6.1f, numpy/OpenBLAS %6.1f GFLOP/s", n, ours[n]!, t))
+                summary.append(String(format: "sgemm %d: %.2fx openblas", n, ours[n]! / t))
+            }
+        }
+        let n8 = quick ? 1024 : 2048
+        for n in Set([1024, n8]).sorted() {
+            let (gops, withEpi) = igemmRate(n)
+            let fp32 = ours[n] ?? sgemmRate(n)
+            log(String(format: "  int8 gemm %4d: %6.1f GOPS (%6.1f fused with requantization), fp32 %6.1f GFLOP/s", n, gops, withEpi, fp32))
+            summary.append(String(format: "int8 gemm %d: %.2fx our sgemm (%.2fx fused with requantization)", n, gops / fp32, withEpi / fp32))
+        }
+        let (fwd, bwd) = convRates()
+        let ref = ours[1024] ?? sgemmRate(1024)
+        log(String(format: "  conv2d 3x3 64->64 40x40 batch 16: forward %6.1f, backward %6.1f GFLOP/s", fwd, bwd))
+        summary.append(String(format: "conv2d forward: %.2fx our sgemm 1024 rate", fwd / ref))
+        summary.append(String(format: "conv2d backward: %.2fx our sgemm 1024 rate", bwd / ref))
+        let (ips, gflops) = detectorTrainingRate(steps: quick ? 2 : 5)
+        log(String(format: "  detector training (YOLOv6-N-like, RepVGG, 160 px, batch 32): %.1f img/s, %.0f GFLOP/s effective", ips, gflops))
+        summary.append(String(format: "detector training: %.1f img/s (%.0f GFLOP/s effective, %.2fx our sgemm 1024 rate); not an in-run ratio against PyTorch, which is not installed here", ips, gflops, gflops / ref))
+        return summary
+    }
+}

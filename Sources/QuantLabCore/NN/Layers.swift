@@ -1,0 +1,192 @@
+import Foundation
+
+/// PyTorch's default initialisation for conv and linear layers (kaiming_uniform with
+/// a = sqrt(5)): weights and biases uniform in +-1/sqrt(fan_in).
+private func defaultInit(_ shape: [Int], fanIn: Int, rng: inout SeededGenerator) -> Tensor {
+    let bound = 1 / Float(max(fanIn, 1)).squareRoot()
+    return Tensor.uniform(shape, low: -bound, high: bound, rng: &rng)
+}
+
+/// Where a forward pass lets another part of the library see or replace a tensor: a layer's
+/// input and its weight. Quantization installs its fake quantizers here (the role
+/// pytorch-quantization gives to swapping `Conv2d` for `QuantConv2d`), so a layer keeps its
+/// class and its dotted name.
+public typealias TensorHook = (Tensor) -> Tensor
+
+/// A layer with a weight that multiplies its input: conv, transposed conv, linear. These are
+/// the layers INT8 engines run on integer kernels, so these are the ones quantized.
+public protocol WeightedLayer: Layer {
+    var weight: Tensor { get }
+    var bias: Tensor? { get }
+    /// Applied to the input before the layer computes.
+    var inputHook: TensorHook? { get set }
+    /// Applied to the weight before the layer computes.
+    var weightHook: TensorHook? { get set }
+    /// The weight's output-channel axis (0 for conv and linear, 1 for a transposed conv).
+    var outputChannelAxis: Int { get }
+}
+
+public final class Conv2d: Module, WeightedLayer {
+    public let weight: Tensor
+    public let bias: Tensor?
+    public let options: Conv2dOptions
+    public var inputHook: TensorHook?
+    public var weightHook: TensorHook?
+    public var outputChannelAxis: Int { 0 }
+
+    public init(_ inChannels: Int, _ outChannels: Int, kernel: Int, stride: Int = 1, padding: Int? = nil,
+                dilation: Int = 1, groups: Int = 1, bias: Bool = true, rng: inout SeededGenerator) {
+        precondition(inChannels % groups == 0 && outChannels % groups == 0, "Conv2d: channels \(inChannels)->\(outChannels) not divisible by groups \(groups)")
+        let fanIn = inChannels / groups * kernel * kernel
+        options = Conv2dOptions(stride: stride, padding: padding ?? (dilation * (kernel - 1)) / 2, dilation: dilation, groups: groups)
+        weight = defaultInit([outChannels, inChannels / groups, kernel, kernel], fanIn: fanIn, rng: &rng)
+        self.bias = bias ? defaultInit([outChannels], fanIn: fanIn, rng: &rng) : nil
+        super.init()
+        registerParameter("weight", weight)
+        if let b = self.bias { registerParameter("bias", b) }
+    }
+
+    /// A conv with the given weight [K, C/groups, kh, kw], bias [K] and geometry: how a deploy
+    /// form replaces layers by their folded equivalent (the values are copied).
+    public convenience init(weight: Tensor, bias: Tensor, options: Conv2dOptions) {
+        precondition(weight.shape.count == 4 && weight.shape[2] == weight.shape[3] && bias.shape == [weight.shape[0]],
+                     "Conv2d(weight:bias:options:): weight \(weight.shape) with bias \(bias.shape)")
+        precondition(options.stride.0 == options.stride.1 && options.padding.0 == options.padding.1 && options.dilation.0 == options.dilation.1,
+                     "Conv2d layers are square in stride, padding and dilation")
+        var rng = SeededGenerator(seed: 0) // every value is overwritten below
+        self.init(weight.shape[1] * options.groups, weight.shape[0], kernel: weight.shape[2], stride: options.stride.0,
+                  padding: options.padding.0, dilation: options.dilation.0, groups: options.groups, bias: true, rng: &rng)
+        self.weight.data.update(from: weight.data, count: weight.count)
+        self.bias!.data.update(from: bias.data, count: bias.count)
+    }
+
+    public func callAsFunction(_ x: Tensor) -> Tensor {
+        conv2d(inputHook?(x) ?? x, weight: weightHook?(weight) ?? weight, bias: bias, options: options)
+    }
+}
+
+public final class ConvTranspose2d: Module, WeightedLayer {
+    public let weight: Tensor
+    public let bias: Tensor?
+    public let options: Conv2dOptions
+    public let outputPadding: Int
+    public var inputHook: TensorHook?
+    public var weightHook: TensorHook?
+    /// The weight is [in, out / groups, kh, kw].
+    public var outputChannelAxis: Int { 1 }
+
+    public init(_ inChannels: Int, _ outChannels: Int, kernel: Int, stride: Int = 1, padding: Int = 0,
+                outputPadding: Int = 0, groups: Int = 1, bias: Bool = true, rng: inout SeededGenerator) {
+        // PyTorch computes fan_in from weight.shape[1] * k * k for transposed convs.
+        let fanIn = outChannels / groups * kernel * kernel
+        options = Conv2dOptions(stride: stride, padding: padding, groups: groups)
+        self.outputPadding = outputPadding
+        weight = defaultInit([inChannels, outChannels / groups, kernel, kernel], fanIn: fanIn, rng: &rng)
+        self.bias = bias ? defaultInit([outChannels], fanIn: fanIn, rng: &rng) : nil
+        super.init()
+        registerParameter("weight", weight)
+        if let b = self.bias { registerParameter("bias", b) }
+    }
+
+    public func callAsFunction(_ x: Tensor) -> Tensor {
+        convTranspose2d(inputHook?(x) ?? x, weight: weightHook?(weight) ?? weight, bias: bias, options: options,
+                        outputPadding: (outputPadding, outputPadding))
+    }
+}
+
+public final class BatchNorm2d: Module, Layer {
+    public let weight: Tensor, bias: Tensor
+    public let runningMean: Tensor, runningVar: Tensor, numBatchesTracked: Tensor
+    public let eps: Float, momentum: Float
+
+    public init(_ channels: Int, eps: Float = 1e-5, momentum: Float = 0.1) {
+        self.eps = eps
+        self.momentum = momentum
+        weight = Tensor.full([channels], 1)
+        bias = Tensor(zeros: [channels])
+        runningMean = Tensor(zeros: [channels])
+        runningVar = Tensor.full([channels], 1)
+        numBatchesTracked = Tensor(zeros: [])
+        super.init()
+        registerParameter("weight", weight)
+        registerParameter("bias", bias)
+        registerBuffer("running_mean", runningMean)
+        registerBuffer("running_var", runningVar)
+        registerBuffer("num_batches_tracked", numBatchesTracked)
+    }
+
+    public func callAsFunction(_ x: Tensor) -> Tensor {
+        if isTraining { numBatchesTracked.data[0] += 1 }
+        return batchNorm2d(x, weight: weight, bias: bias, runningMean: runningMean, runningVar: runningVar,
+                           training: isTraining, momentum: momentum, eps: eps)
+    }
+
+    /// The eval-mode affine map of channel c, y = a * x + b: a = gamma / sqrt(var + eps),
+    /// b = beta - mean * a. What folding a BN into the conv before it multiplies and adds.
+    public func affine(channel c: Int) -> (scale: Float, shift: Float) {
+        let a = weight.data[c] / (runningVar.data[c] + eps).squareRoot()
+        return (a, bias.data[c] - runningMean.data[c] * a)
+    }
+}
+
+public final class Linear: Module, WeightedLayer {
+    public let weight: Tensor
+    public let bias: Tensor?
+    public var inputHook: TensorHook?
+    public var weightHook: TensorHook?
+    public var outputChannelAxis: Int { 0 }
+
+    public init(_ inFeatures: Int, _ outFeatures: Int, bias: Bool = true, rng: inout SeededGenerator) {
+        weight = defaultInit([outFeatures, inFeatures], fanIn: inFeatures, rng: &rng)
+        self.bias = bias ? defaultInit([outFeatures], fanIn: inFeatures, rng: &rng) : nil
+        super.init()
+        registerParameter("weight", weight)
+        if let b = self.bias { registerParameter("bias", b) }
+    }
+
+    public func callAsFunction(_ x: Tensor) -> Tensor { linear(inputHook?(x) ?? x, weight: weightHook?(weight) ?? weight, bias: bias) }
+}
+
+public final class LayerNorm: Module, Layer {
+    public let weight: Tensor, bias: Tensor
+    public let eps: Float
+
+    public init(_ features: Int, eps: Float = 1e-5) {
+        self.eps = eps
+        weight = Tensor.full([features], 1)
+        bias = Tensor(zeros: [features])
+        super.init()
+        registerParameter("weight", weight)
+        registerParameter("bias", bias)
+    }
+
+    public func callAsFunction(_ x: Tensor) -> Tensor { layerNorm(x, weight: weight, bias: bias, eps: eps) }
+}
+
+/// A named point in a forward pass with no computation of its own: identity unless a hook is
+/// installed. Models put one where a tensor that is not a layer input may be quantized (the
+/// output of a concat, whose inputs an INT8 engine must give one shared scale).
+public final class TapPoint: Module, Layer {
+    public var hook: TensorHook?
+    public override init() { super.init() }
+    public func callAsFunction(_ x: Tensor) -> Tensor { hook?(x) ?? x }
+}
+
+/// A parameter-free function as a layer (activations, pooling, flatten).
+public final class Lambda: Module, Layer {
+    public let name: String
+    private let fn: (Tensor) -> Tensor
+
+    public init(_ name: String, _ fn: @escaping (Tensor) -> Tensor) {
+        self.name = name
+        self.fn = fn
+    }
+
+    public func callAsFunction(_ x: Tensor) -> Tensor { fn(x) }
+
+    public static func relu() -> Lambda { Lambda("relu") { $0.relu() } }
+    public static func silu() -> Lambda { Lambda("silu") { $0.silu() } }
+    public static func flatten() -> Lambda { Lambda("flatten") { $0.flattened() } }
+    public static func globalAvgPool() -> Lambda { Lambda("global_avg_pool") { globalAvgPool2d($0) } }
+    public static func maxPool(_ k: Int, stride: Int? = nil) -> Lambda { Lambda("max_pool") { maxPool2d($0, kernel: k, stride: stride) } }
+}

@@ -1,0 +1,209 @@
+import Foundation
+import CKernels
+
+/// Errors thrown by tensor construction and shape checks. Messages name the offending shape.
+public enum TensorError: Error, CustomStringConvertible, Equatable {
+    case shapeMismatch(String)
+    case invalidArgument(String)
+    case kernelFailed(String, Int32)
+
+    public var description: String {
+        switch self {
+        case .shapeMismatch(let s): return "shape mismatch: \(s)"
+        case .invalidArgument(let s): return "invalid argument: \(s)"
+        case .kernelFailed(let name, let code): return "kernel \(name) failed with status \(code)"
+        }
+    }
+}
+
+/// A float32 buffer: 64-byte aligned host memory, or device memory of the CUDA plugin.
+/// Reference type: a reshaped tensor shares it.
+public final class Storage {
+    public let count: Int
+    public let device: Device
+    /// Host memory (cpu) or a device address (cuda): only kernels of that device may use it.
+    let address: UnsafeMutablePointer<Float>
+    private let deviceBuffer: CUDABuffer<Float>?
+
+    public init(count: Int) {
+        precondition(count >= 0, "negative storage size \(count)")
+        self.count = count
+        device = .cpu
+        deviceBuffer = nil
+        let raw = UnsafeMutableRawPointer.allocate(byteCount: max(count, 1) * 4, alignment: 64)
+        address = raw.bindMemory(to: Float.self, capacity: max(count, 1))
+        address.initialize(repeating: 0, count: max(count, 1))
+    }
+
+    /// Zero-filled device memory; throws when there is no CUDA device.
+    public init(cudaCount count: Int) throws {
+        let buffer = try CUDABuffer<Float>(count: count)
+        try CUDA.shared.check(CUDA.shared.requireDevice().memset(buffer.pointer, 0, max(count, 1) * 4, nil), "memset")
+        self.count = count
+        device = .cuda
+        deviceBuffer = buffer
+        address = buffer.typed
+    }
+
+    /// Host pointer; a device storage has none (copy it with `Tensor.to(.cpu)`).
+    public var pointer: UnsafeMutablePointer<Float> {
+        precondition(device == .cpu, "this tensor lives on \(device): copy it with .to(.cpu) before reading it on the host")
+        return address
+    }
+
+    deinit { if device == .cpu { address.deallocate() } }
+}
+
+/// A contiguous row-major float32 tensor (NCHW for images) that can take part in autograd.
+///
+/// Every op returns a new contiguous tensor; `reshaped` shares storage. If any input has
+/// `requiresGrad`, the result records a `GradNode` (its parents, in order, and a backward
+/// closure) so that `backward()` can walk the graph in reverse topological order and
+/// accumulate (`+=`) gradients into every tensor that requires them.
+public final class Tensor {
+    public let shape: [Int]
+    public let storage: Storage
+    public var requiresGrad: Bool
+    /// Accumulated gradient, same shape; allocated on first accumulation.
+    public var grad: Tensor?
+    /// The op that produced this tensor, or nil for leaves and tensors outside a graph.
+    public internal(set) var node: GradNode?
+
+    public var count: Int { storage.count }
+    public var rank: Int { shape.count }
+    public var device: Device { storage.device }
+    /// Host data of a CPU tensor (stops with a clear message for a CUDA tensor).
+    public var data: UnsafeMutablePointer<Float> { storage.pointer }
+    /// Device address of a CUDA tensor, for the plugin's kernels.
+    var deviceData: UnsafeMutablePointer<Float> {
+        precondition(device == .cuda, "deviceData of a \(device) tensor")
+        return storage.address
+    }
+    public var isLeaf: Bool { node == nil }
+
+    public init(shape: [Int], storage: Storage, requiresGrad: Bool = false) {
+        precondition(shape.allSatisfy { $0 >= 0 }, "negative dimension in shape \(shape)")
+        precondition(shape.reduce(1, *) == storage.count, "shape \(shape) does not match storage of \(storage.count)")
+        self.shape = shape
+        self.storage = storage
+        self.requiresGrad = requiresGrad
+    }
+
+    /// Zero-filled tensor.
+    public convenience init(zeros shape: [Int], requiresGrad: Bool = false) {
+        self.init(shape: shape, storage: Storage(count: shape.reduce(1, *)), requiresGrad: requiresGrad)
+    }
+
+    /// Tensor from values in row-major order; throws if the count does not match the shape.
+    public convenience init(shape: [Int], values: [Float], requiresGrad: Bool = false) throws {
+        guard shape.allSatisfy({ $0 >= 0 }) else { throw TensorError.invalidArgument("negative dimension in shape \(shape)") }
+        let n = shape.reduce(1, *)
+        guard n == values.count else {
+            throw TensorError.shapeMismatch("shape \(shape) holds \(n) values, got \(values.count)")
+        }
+        self.init(zeros: shape, requiresGrad: requiresGrad)
+        values.withUnsafeBufferPointer { src in
+            if let base = src.baseAddress { data.update(from: base, count: n) }
+        }
+    }
+
+    public static func scalar(_ value: Float, requiresGrad: Bool = false) -> Tensor {
+        let t = Tensor(zeros: [], requiresGrad: requiresGrad)
+        t.data[0] = value
+        return t
+    }
+
+    public static func full(_ shape: [Int], _ value: Float, requiresGrad: Bool = false) -> Tensor {
+        let t = Tensor(zeros: shape, requiresGrad: requiresGrad)
+        t.data.update(repeating: value, count: t.count)
+        return t
+    }
+
+    /// Standard normal values times `std`, from an explicit generator.
+    public static func randn(_ shape: [Int], std: Float = 1, rng: inout SeededGenerator, requiresGrad: Bool = false) -> Tensor {
+        let t = Tensor(zeros: shape, requiresGrad: requiresGrad)
+        for i in 0..<t.count { t.data[i] = std * rng.nextGaussian() }
+        return t
+    }
+
+    /// Uniform values in [low, high), from an explicit generator.
+    public static func uniform(_ shape: [Int], low: Float, high: Float, rng: inout SeededGenerator, requiresGrad: Bool = false) -> Tensor {
+        let t = Tensor(zeros: shape, requiresGrad: requiresGrad)
+        for i in 0..<t.count { t.data[i] = low + (high - low) * rng.nextFloat() }
+        return t
+    }
+
+    /// The values, copied out in row-major order (from the device for a CUDA tensor).
+    public var values: [Float] {
+        if device == .cuda { return (try? to(.cpu).values) ?? [] }
+        return Array(UnsafeBufferPointer(start: data, count: count))
+    }
+
+    /// A copy on `target` (self when already there). Throws when the device is unavailable.
+    public func to(_ target: Device) throws -> Tensor {
+        if target == device { return self }
+        let api = try CUDA.shared.requireDevice()
+        if target == .cuda {
+            let out = Tensor(shape: shape, storage: try Storage(cudaCount: count))
+            try CUDA.shared.check(api.memcpy_h2d(out.storage.address, data, count * 4, nil), "copy to device")
+            try CUDA.shared.check(api.stream_synchronize(nil), "synchronize")
+            return out
+        }
+        let out = Tensor(zeros: shape)
+        try CUDA.shared.check(api.memcpy_d2h(out.data, storage.address, count * 4, nil), "copy to host")
+        try CUDA.shared.check(api.stream_synchronize(nil), "synchronize")
+        return out
+    }
+
+    /// The single value of a one-element tensor.
+    public func item() -> Float {
+        precondition(count == 1, "item() on a tensor of shape \(shape)")
+        return data[0]
+    }
+
+    /// A new tensor with a copy of the values, outside any graph.
+    public func detached() -> Tensor {
+        let t = Tensor(zeros: shape)
+        t.data.update(from: data, count: count)
+        return t
+    }
+
+    /// Overwrites the values with another tensor's (same element count); no graph.
+    public func copyValues(from other: Tensor) throws {
+        guard other.count == count else {
+            throw TensorError.shapeMismatch("copy \(other.shape) into \(shape)")
+        }
+        data.update(from: other.data, count: count)
+    }
+
+    public func fill(_ value: Float) { data.update(repeating: value, count: count) }
+
+    /// Strides (in elements) of the row-major layout.
+    public static func contiguousStrides(_ shape: [Int]) -> [Int] {
+        var strides = [Int](repeating: 1, count: shape.count)
+        var s = 1
+        for d in stride(from: shape.count - 1, through: 0, by: -1) {
+            strides[d] = s
+            s *= shape[d]
+        }
+        return strides
+    }
+
+    /// The gradient buffer, zero-allocated on first use (a backward closure adds into it).
+    public func gradBuffer() -> Tensor {
+        if let g = grad { return g }
+        let g = Tensor(zeros: shape)
+        grad = g
+        return g
+    }
+
+    public func zeroGrad() { grad = nil }
+}
+
+extension Tensor: CustomStringConvertible {
+    public var description: String {
+        if device == .cuda { return "Tensor(shape: \(shape), on cuda)" }
+        let shown = values.prefix(8).map { String(format: "%.4g", $0) }.joined(separator: ", ")
+        return "Tensor(shape: \(shape), [\(shown)\(count > 8 ? ", ..." : "")])"
+    }
+}

@@ -1,0 +1,104 @@
+import CImageIO
+import CKernels
+import Foundation
+import QuantLabCore
+
+/// Errors about image files: they name the file and what is wrong with it.
+public struct ImageError: Error, CustomStringConvertible, Equatable {
+    public let message: String
+    public init(_ message: String) { self.message = message }
+    public var description: String { message }
+}
+
+/// An 8-bit RGB image, rows of `width * 3` bytes (HWC), top row first.
+public struct RGBImage: Equatable, Sendable {
+    public let width: Int, height: Int
+    public var pixels: [UInt8]
+
+    public init(width: Int, height: Int, pixels: [UInt8]) {
+        precondition(width > 0 && height > 0 && pixels.count == width * height * 3,
+                     "RGBImage \(width)x\(height) needs \(width * height * 3) bytes, got \(pixels.count)")
+        self.width = width
+        self.height = height
+        self.pixels = pixels
+    }
+
+    public init(width: Int, height: Int, fill: (UInt8, UInt8, UInt8) = (0, 0, 0)) {
+        precondition(width > 0 && height > 0, "RGBImage size \(width)x\(height)")
+        self.width = width
+        self.height = height
+        var p = [UInt8](repeating: 0, count: width * height * 3)
+        for i in 0..<(width * height) { p[3 * i] = fill.0; p[3 * i + 1] = fill.1; p[3 * i + 2] = fill.2 }
+        pixels = p
+    }
+
+    /// Bilinear resize (half-pixel centres, as OpenCV's INTER_LINEAR).
+    public func resized(width w: Int, height h: Int) -> RGBImage {
+        precondition(w > 0 && h > 0, "resize to \(w)x\(h)")
+        var out = [UInt8](repeating: 0, count: w * h * 3)
+        ql_resize_bilinear_u8(&out, Int32(h), Int32(w), pixels, Int32(height), Int32(width), 3)
+        return RGBImage(width: w, height: h, pixels: out)
+    }
+}
+
+/// JPEG through libjpeg-turbo. A corrupt or truncated file is a thrown error naming the
+/// file and libjpeg's reason, never a crash and never a silently grey image.
+public enum JPEG {
+    public static func decode(_ data: Data, source: String = "<memory>") throws -> RGBImage {
+        var rgb: UnsafeMutablePointer<UInt8>?
+        var w: Int32 = 0, h: Int32 = 0
+        var err = [CChar](repeating: 0, count: 256)
+        let status = data.withUnsafeBytes { raw in
+            qlio_jpeg_decode(raw.bindMemory(to: UInt8.self).baseAddress, raw.count, &rgb, &w, &h, &err, err.count)
+        }
+        guard status == 0, let rgb else {
+            throw ImageError("\(source): not a decodable JPEG (\(cMessage(err)))")
+        }
+        defer { qlio_free(rgb) }
+        return RGBImage(width: Int(w), height: Int(h), pixels: Array(UnsafeBufferPointer(start: rgb, count: Int(w) * Int(h) * 3)))
+    }
+
+    public static func read(_ url: URL) throws -> RGBImage {
+        let data: Data
+        do { data = try Data(contentsOf: url) } catch {
+            throw ImageError("\(url.path): cannot read image (\(error.localizedDescription))")
+        }
+        return try decode(data, source: url.path)
+    }
+
+    /// Width and height from the header alone.
+    public static func size(of url: URL) throws -> (width: Int, height: Int) {
+        let data: Data
+        do { data = try Data(contentsOf: url) } catch {
+            throw ImageError("\(url.path): cannot read image (\(error.localizedDescription))")
+        }
+        var w: Int32 = 0, h: Int32 = 0
+        var err = [CChar](repeating: 0, count: 256)
+        let status = data.withUnsafeBytes { raw in
+            qlio_jpeg_size(raw.bindMemory(to: UInt8.self).baseAddress, raw.count, &w, &h, &err, err.count)
+        }
+        guard status == 0 else { throw ImageError("\(url.path): not a JPEG (\(cMessage(err)))") }
+        return (Int(w), Int(h))
+    }
+
+    public static func encode(_ image: RGBImage, quality: Int = 90) throws -> Data {
+        var out: UnsafeMutablePointer<UInt8>?
+        var size = 0
+        var err = [CChar](repeating: 0, count: 256)
+        let status = qlio_jpeg_encode(image.pixels, Int32(image.width), Int32(image.height), Int32(quality), &out, &size, &err, err.count)
+        guard status == 0, let out else { throw ImageError("JPEG encode failed (\(cMessage(err)))") }
+        defer { qlio_free(out) }
+        return Data(bytes: out, count: size)
+    }
+
+    /// Encodes and writes atomically.
+    public static func write(_ image: RGBImage, to url: URL, quality: Int = 90) throws {
+        try AtomicFile.write(encode(image, quality: quality), to: url)
+    }
+}
+
+/// A NUL-terminated C message buffer as a String.
+func cMessage(_ buffer: [CChar]) -> String {
+    let bytes = buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }
+    return String(decoding: bytes, as: UTF8.self)
+}

@@ -1,0 +1,305 @@
+import CKernels
+import Foundation
+import QuantLabCore
+import QuantLabData
+import QuantLabModels
+
+// Calibration: choosing the clipping value amax of an activation quantizer from the values
+// it sees on a few batches. Three collectors, as in pytorch-quantization and PaddleSlim:
+//   max               running max |x|
+//   histogram of |x|  2048 bins of fixed width; amax by entropy (TensorRT's KL method), by
+//                     MSE, or at a percentile
+//   moving average    PaddleSlim's moving_average_abs_max (rate 0.9)
+
+/// How an activation quantizer's amax is chosen.
+public enum CalibrationMethod: Hashable, Sendable, CustomStringConvertible, Codable {
+    case max
+    /// TensorRT's entropy calibration: the amax whose 128-level quantized histogram has the
+    /// smallest KL divergence from the clipped reference histogram.
+    case entropy
+    /// The amax minimising the histogram-weighted squared error of quantizing bin centres.
+    case mse
+    /// The amax below which `percent` % of the |x| values lie (99.9, 99.99, 99.999 ...).
+    case percentile(Double)
+    /// PaddleSlim's moving_average_abs_max with the given rate (0.9).
+    case movingAverage(rate: Double)
+
+    public var description: String {
+        switch self {
+        case .max: return "max"
+        case .entropy: return "entropy"
+        case .mse: return "mse"
+        case .percentile(let p): return "percentile-\(String(format: "%g", p))"
+        case .movingAverage(let r): return r == 0.9 ? "moving-average" : "moving-average-\(String(format: "%g", r))"
+        }
+    }
+
+    /// Parses the names `description` prints ("max", "entropy", "mse", "percentile-99.99",
+    /// "moving-average", "moving-average-0.95").
+    public init(parsing text: String) throws {
+        switch text {
+        case "max": self = .max
+        case "entropy": self = .entropy
+        case "mse": self = .mse
+        case "moving-average": self = .movingAverage(rate: 0.9)
+        default:
+            if text.hasPrefix("percentile-"), let p = Double(text.dropFirst("percentile-".count)), p > 0, p <= 100 {
+                self = .percentile(p)
+            } else if text.hasPrefix("moving-average-"), let r = Double(text.dropFirst("moving-average-".count)), r >= 0, r < 1 {
+                self = .movingAverage(rate: r)
+            } else {
+                throw QuantizationError("unknown calibration method '\(text)' (expected max, entropy, mse, percentile-<p> with 0 < p <= 100, moving-average[-<rate>])")
+            }
+        }
+    }
+
+    /// Whether the method reads the |x| histogram.
+    public var usesHistogram: Bool {
+        switch self {
+        case .entropy, .mse, .percentile: return true
+        default: return false
+        }
+    }
+
+    /// The four calibrators of the article's comparison (pytorch-quantization's set).
+    public static let standard: [CalibrationMethod] = [.max, .entropy, .percentile(99.99), .mse]
+}
+
+/// An error about quantization input (flags, names, files) with a message naming the problem.
+public struct QuantizationError: Error, CustomStringConvertible {
+    public let description: String
+    public init(_ message: String) { description = message }
+}
+
+/// Running max |x| and the signed min/max (the asymmetric mode needs the range).
+public struct MaxCollector: Sendable {
+    public private(set) var amax: Float = 0
+    public private(set) var min: Float = .infinity
+    public private(set) var max: Float = -.infinity
+    public private(set) var batches = 0
+
+    public init() {}
+
+    /// Adds a batch; returns the batch's own max |x| (what the moving average needs).
+    @discardableResult
+    public mutating func collect(_ x: Tensor) -> Float {
+        var lo = Float.infinity, hi = -Float.infinity
+        let p = x.data
+        for i in 0..<x.count { lo = Swift.min(lo, p[i]); hi = Swift.max(hi, p[i]) }
+        min = Swift.min(min, lo)
+        max = Swift.max(max, hi)
+        let batchAbsMax = x.count == 0 ? 0 : Swift.max(abs(lo), abs(hi))
+        amax = Swift.max(amax, batchAbsMax)
+        batches += 1
+        return batchAbsMax
+    }
+}
+
+/// PaddleSlim's moving_average_abs_max: per batch, state = r*state + 1,
+/// accum = r*accum + max|x|, amax = accum / state (a bias-corrected moving average).
+public struct MovingAverageAbsMax: Sendable {
+    public let rate: Double
+    public private(set) var state = 0.0
+    public private(set) var accum = 0.0
+
+    public init(rate: Double = 0.9) { self.rate = rate }
+
+    public mutating func update(batchAbsMax m: Float) {
+        state = rate * state + 1
+        accum = rate * accum + Double(m)
+    }
+
+    public var amax: Float? { state > 0 ? Float(accum / state) : nil }
+}
+
+/// Histogram of |x| with fixed-width bins (pytorch-quantization's HistogramCalibrator):
+/// the first batch sets the width, max|x| / bins; a later batch with a larger max appends
+/// bins of the same width, so earlier counts keep their bins. If the bin count would pass
+/// `maxBins`, neighbouring bins are merged (the width doubles) — a guard against one huge
+/// outlier asking for millions of bins.
+public struct AbsHistogram: Sendable {
+    public let initialBins: Int
+    public let maxBins: Int
+    public private(set) var counts: [Int64] = []
+    public private(set) var binWidth: Float = 0
+
+    public init(bins: Int = 2048, maxBins: Int = 2048 * 8) {
+        precondition(bins >= 2 && maxBins >= bins, "AbsHistogram: need 2 <= bins <= maxBins")
+        initialBins = bins
+        self.maxBins = maxBins
+    }
+
+    /// A histogram with given counts (tests, and histograms read back from a file).
+    public init(counts: [Int64], binWidth: Float) {
+        precondition(binWidth > 0 && counts.count >= 2, "AbsHistogram: need >= 2 bins and a positive width")
+        initialBins = counts.count
+        maxBins = Swift.max(counts.count, 2048 * 32)
+        self.counts = counts
+        self.binWidth = binWidth
+    }
+
+    public var isEmpty: Bool { counts.isEmpty }
+    public var total: Int64 { counts.reduce(0, +) }
+    /// Left edge of bin i (edge `counts.count` is the right end).
+    public func edge(_ i: Int) -> Float { Float(i) * binWidth }
+    public func centre(_ i: Int) -> Float { (Float(i) + 0.5) * binWidth }
+
+    public mutating func collect(_ x: Tensor) {
+        let m = ql_absmax(x.data, Int64(x.count))
+        collect(x.data, count: x.count, absMax: m)
+    }
+
+    mutating func collect(_ p: UnsafePointer<Float>, count n: Int, absMax m: Float) {
+        if counts.isEmpty {
+            guard m > 0 else { return } // all zeros: nothing to place yet (pytorch-quantization counts them in bin 0 of a [0, 0] range)
+            binWidth = m / Float(initialBins)
+            counts = [Int64](repeating: 0, count: initialBins)
+        }
+        var needed = Int((m / binWidth).rounded(.up))
+        while needed > maxBins {
+            mergePairs()
+            needed = Int((m / binWidth).rounded(.up))
+        }
+        if needed > counts.count { counts += [Int64](repeating: 0, count: needed - counts.count) }
+        let bins = counts.count
+        counts.withUnsafeMutableBufferPointer { c in
+            ql_histogram_abs_f32(c.baseAddress!, Int32(bins), p, Int64(n), Float(bins) * binWidth)
+        }
+    }
+
+    private mutating func mergePairs() {
+        var merged = [Int64](repeating: 0, count: (counts.count + 1) / 2)
+        for (i, c) in counts.enumerated() { merged[i / 2] += c }
+        counts = merged
+        binWidth *= 2
+    }
+
+    // MARK: amax from the histogram
+
+    /// The left edge of the bin where the cumulative share first reaches `percent` %.
+    public func percentileAmax(_ percent: Double) -> Float? {
+        guard !counts.isEmpty else { return nil }
+        let total = Double(self.total), target = percent / 100
+        var cumulative = 0.0
+        for (i, c) in counts.enumerated() {
+            cumulative += Double(c) / total
+            if cumulative >= target { return edge(i) }
+        }
+        return edge(counts.count - 1)
+    }
+
+    /// The bin centre c_i (i >= startBin) minimising sum_k n_k (fq(c_k; c_i) - c_k)^2.
+    public func mseAmax(bits: Int = 8, startBin: Int = 128, stride: Int = 1) -> Float? {
+        guard counts.count > startBin else { return counts.isEmpty ? nil : centre(counts.count - 1) }
+        let nonzero = counts.indices.filter { counts[$0] > 0 }
+        let qmax = Float((1 << (bits - 1)) - 1)
+        var best = (error: Double.infinity, amax: Float(0))
+        for i in Swift.stride(from: startBin, to: counts.count, by: stride) {
+            let amax = centre(i), s = amax / qmax
+            var error = 0.0
+            for k in nonzero {
+                let c = centre(k)
+                var q = (c / s).rounded(.toNearestOrEven)
+                q = Swift.min(Swift.max(q, -qmax), qmax)
+                let d = Double(q * s - c)
+                error += Double(counts[k]) * d * d
+            }
+            if error < best.error { best = (error, amax) }
+        }
+        return best.amax
+    }
+
+    /// TensorRT's entropy calibration as pytorch-quantization implements it. For every
+    /// candidate i >= startBin bins:
+    ///   P = counts[0..<i] with everything beyond added to the last bin (clipping);
+    ///   Q = P's first i bins merged into 2^(bits-1) groups, each group's total spread evenly
+    ///       over its non-empty bins (empty bins stay empty);
+    ///   KL(P || Q) on the normalised histograms.
+    /// amax = left edge of bin i for the last i with the smallest divergence. As in the
+    /// reference, bin 0 is first replaced by bin 1 (after ReLU bin 0 holds all the zeros,
+    /// which would otherwise dominate the divergence).
+    public func entropyAmax(bits: Int = 8, startBin: Int = 128, stride: Int = 1) -> Float? {
+        guard !counts.isEmpty else { return nil }
+        var bins = counts.map(Double.init)
+        if bins.count > 1 { bins[0] = bins[1] }
+        let n = bins.count
+        guard n >= startBin else { return edge(n) }
+        let levels = 1 << (bits - 1)
+        var suffix = [Double](repeating: 0, count: n + 1) // suffix[i] = sum bins[i...]
+        for i in Swift.stride(from: n - 1, through: 0, by: -1) { suffix[i] = suffix[i + 1] + bins[i] }
+        let total = suffix[0]
+        var bestDivergence = Double.infinity, bestBin = n
+        var groupSum = [Double](repeating: 0, count: levels), groupNonEmpty = [Int](repeating: 0, count: levels)
+        var group = [Int](repeating: 0, count: n)
+        for i in Swift.stride(from: startBin, through: n, by: stride) {
+            // group of bin j: the g with g*step <= j < (g+1)*step, step = i / levels (numpy's
+            // digitize over linspace(0, i, levels + 1))
+            let step = Double(i) / Double(levels)
+            for g in 0..<levels { groupSum[g] = 0; groupNonEmpty[g] = 0 }
+            for j in 0..<i {
+                var g = Swift.min(Int(Double(j) / step), levels - 1)
+                while g + 1 < levels && Double(g + 1) * step <= Double(j) { g += 1 }
+                while g > 0 && Double(g) * step > Double(j) { g -= 1 }
+                group[j] = g
+                if bins[j] != 0 { groupSum[g] += bins[j]; groupNonEmpty[g] += 1 }
+            }
+            // KL(P || Q), each normalised to sum 1 (scipy.stats.entropy): P = bins[0..<i] with
+            // the clipped mass added to its last bin sums to `total`; Q sums to the unclipped
+            // mass sum(bins[0..<i]) = total - suffix[i]. So KL = sum (p/P) log(p/q) + log(Q/P).
+            let unclipped = total - suffix[i]
+            var divergence = unclipped > 0 ? Foundation.log(unclipped / total) : .infinity
+            for j in 0..<i where divergence.isFinite {
+                let p = j == i - 1 ? bins[j] + suffix[i] : bins[j]
+                guard p > 0 else { continue }
+                let q = bins[j] != 0 ? groupSum[group[j]] / Double(groupNonEmpty[group[j]]) : 0
+                if q == 0 { divergence = .infinity; break }
+                divergence += (p / total) * Foundation.log(p / q)
+            }
+            if divergence <= bestDivergence { bestDivergence = divergence; bestBin = i }
+        }
+        return edge(bestBin)
+    }
+}
+
+/// Everything one activation quantizer collects during calibration: the max, the |x|
+/// histogram (when a histogram method may be asked for) and the moving average.
+public struct ActivationStatistics: Sendable {
+    public var max = MaxCollector()
+    public var histogram: AbsHistogram?
+    public var movingAverage: MovingAverageAbsMax
+
+    public init(histogram: Bool, bins: Int = 2048, movingAverageRate: Double = 0.9) {
+        self.histogram = histogram ? AbsHistogram(bins: bins) : nil
+        movingAverage = MovingAverageAbsMax(rate: movingAverageRate)
+    }
+
+    public var isEmpty: Bool { max.batches == 0 }
+
+    public mutating func collect(_ x: Tensor) {
+        let batchAbsMax = max.collect(x)
+        histogram?.collect(x.data, count: x.count, absMax: batchAbsMax)
+        movingAverage.update(batchAbsMax: batchAbsMax)
+    }
+
+    /// amax under `method`, or an error naming what is missing.
+    public func amax(_ method: CalibrationMethod, bits: Int = 8) throws -> Float {
+        guard !isEmpty else { throw QuantizationError("no calibration data was collected") }
+        switch method {
+        case .max: return max.amax
+        case .movingAverage(let rate):
+            guard rate == movingAverage.rate, let a = movingAverage.amax else {
+                throw QuantizationError("moving average collected with rate \(movingAverage.rate), asked for \(rate)")
+            }
+            return a
+        case .entropy, .mse, .percentile:
+            guard let h = histogram else { throw QuantizationError("\(method) needs a histogram; calibrate with histograms enabled") }
+            if h.isEmpty { return 0 } // every value was 0
+            switch method {
+            case .entropy: return h.entropyAmax(bits: bits) ?? 0
+            case .mse: return h.mseAmax(bits: bits) ?? 0
+            case .percentile(let p): return h.percentileAmax(p) ?? 0
+            default: fatalError("unreachable")
+            }
+        }
+    }
+}

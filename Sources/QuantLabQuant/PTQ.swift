@@ -1,0 +1,116 @@
+import Foundation
+import QuantLabCore
+import QuantLabData
+import QuantLabModels
+
+// Post-training quantization, the article's pipeline (TensorRT PTQ via pytorch-quantization):
+//   1. deploy form: Rep blocks fused to one 3x3 conv, BN folded into convs;
+//   2. quantizers at every conv / transposed conv / linear (input per tensor, weight per channel);
+//   3. calibration: N training batches (4 x 32 as the article) through the FP32 model,
+//      collecting max |x|, |x| histograms and the moving average per activation quantizer;
+//   4. amax per quantizer by a calibration method; weights by per-channel max;
+//   5. evaluation with fake quantization (the values an INT8 engine computes with).
+
+/// How calibration images are drawn.
+public struct CalibrationPlan: Codable, Equatable, Sendable {
+    public var batches: Int
+    public var batchSize: Int
+    /// Which training images are drawn: calibration sampling noise is part of a PTQ result.
+    public var seed: UInt64
+
+    public init(batches: Int = 4, batchSize: Int = 32, seed: UInt64 = 0) {
+        precondition(batches > 0 && batchSize > 0, "calibration needs at least one batch of one image")
+        self.batches = batches
+        self.batchSize = batchSize
+        self.seed = seed
+    }
+
+    public var images: Int { batches * batchSize }
+}
+
+/// Calibration batches [B, 3, S, S] of training images for a detector: a seeded random
+/// sample without replacement, letterboxed, no augmentation (what the deployed model sees).
+public func detectionCalibrationBatches(_ dataset: DetectionDataset, inputSize: Int, plan: CalibrationPlan) throws -> [Tensor] {
+    guard dataset.count >= plan.images else {
+        throw QuantizationError("calibration wants \(plan.images) images, dataset \(dataset.root.path) [\(dataset.split)] has \(dataset.count)")
+    }
+    let loader = DetectionLoader(dataset: dataset, batchSize: plan.batchSize, transform: DetectionTransform(size: inputSize, resize: .letterbox),
+                                 shuffle: true, seed: plan.seed &+ 0xCA11)
+    let order = loader.order(epoch: 0)
+    return try (0..<plan.batches).map { try loader.batch($0, epoch: 0, order: order).images }
+}
+
+/// 0..<count in a random order fixed by `seed`.
+func seededPermutation(_ count: Int, seed: UInt64) -> [Int] {
+    var rng = SeededGenerator(seed: seed)
+    var order = Array(0..<count)
+    order.shuffle(using: &rng)
+    return order
+}
+
+/// Calibration batches for a classifier (seeded sample, no augmentation).
+public func classificationCalibrationBatches(_ dataset: ClassificationDataset, inputSize: Int, plan: CalibrationPlan) throws -> [Tensor] {
+    guard dataset.count >= plan.images else {
+        throw QuantizationError("calibration wants \(plan.images) images, the classification set has \(dataset.count)")
+    }
+    let order = seededPermutation(dataset.count, seed: plan.seed &+ 0xCA11)
+    return try (0..<plan.batches).map { b in
+        try dataset.batch(Array(order[(b * plan.batchSize)..<((b + 1) * plan.batchSize)]), size: inputSize, augment: false, seed: 0).0
+    }
+}
+
+extension QuantizationSimulator {
+    /// Pushes `batches` through the model (eval mode, FP32) collecting statistics; earlier
+    /// statistics are discarded first.
+    public func calibrate(on batches: [Tensor], forward: (Tensor) -> Void) {
+        resetStatistics()
+        let wasTraining = model.isTraining
+        model.eval()
+        defer { model.train(wasTraining) }
+        calibrate { for b in batches { forward(b) } }
+    }
+}
+
+/// PTQ of a deploy-form model for every (calibration seed, method): quantizers installed,
+/// calibrated once per seed on `batches(plan)`, amax set per method, then `evaluate(seed,
+/// method)` (which may also report progress); quantizers removed at the end. Returns each
+/// method's metric per seed, in seed order.
+public func ptqSweep(_ model: Module, methods: [CalibrationMethod], seeds: [UInt64], batches: Int = 4, batchSize: Int = 32,
+                     calibrationImages: (CalibrationPlan) throws -> [Tensor], forward: (Tensor) -> Void,
+                     evaluate: (_ seed: UInt64, _ method: CalibrationMethod) throws -> Double,
+                     options: QuantizationOptions = QuantizationOptions()) throws -> [CalibrationMethod: [Double]] {
+    let sim = QuantizationSimulator(model, options: options)
+    defer { sim.remove() }
+    var results: [CalibrationMethod: [Double]] = [:]
+    for seed in seeds {
+        sim.calibrate(on: try calibrationImages(CalibrationPlan(batches: batches, batchSize: batchSize, seed: seed)), forward: forward)
+        for method in methods {
+            try sim.applyCalibration(method)
+            results[method, default: []].append(try evaluate(seed, method))
+        }
+    }
+    return results
+}
+
+/// PTQ of a detector in one call: deploy form, quantizers everywhere, calibration on
+/// `calibration` training batches, amax by `method`. Returns the simulator (all layers on).
+public func prepareDetectorPTQ(_ model: YOLOv6, train: DetectionDataset, method: CalibrationMethod, calibration: CalibrationPlan,
+                               options: QuantizationOptions = QuantizationOptions()) throws -> QuantizationSimulator {
+    model.eval()
+    model.convertToDeployForm()
+    let sim = QuantizationSimulator(model, options: options)
+    let batches = try detectionCalibrationBatches(train, inputSize: model.config.inputSize, plan: calibration)
+    sim.calibrate(on: batches) { _ = model($0) }
+    try sim.applyCalibration(method)
+    return sim
+}
+
+/// A seeded random subset of `images` training images: the split layers are ranked on by
+/// the mAP method, so that the final mAP (on val) is not measured on the data that chose
+/// the layers.
+public func rankingSplit(_ train: DetectionDataset, images: Int, seed: UInt64) throws -> DetectionDataset {
+    guard images >= 1 && images <= train.count else {
+        throw QuantizationError("ranking split of \(images) images asked from \(train.count) training images")
+    }
+    return train.subset(Array(seededPermutation(train.count, seed: seed &+ 0x5A11).prefix(images)))
+}
