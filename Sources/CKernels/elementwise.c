@@ -230,6 +230,16 @@ float ql_absmax(const float *x, int64_t n) {
     return m;
 }
 
+void ql_minmax(const float *x, int64_t n, float *lo, float *hi) {
+    float l = INFINITY, h = -INFINITY;
+    for (int64_t i = 0; i < n; i++) {
+        l = x[i] < l ? x[i] : l;
+        h = x[i] > h ? x[i] : h;
+    }
+    *lo = l;
+    *hi = h;
+}
+
 /* ---------------------------------------------------------------------------------------- */
 /* Softmax family (max-subtracted, sums in double)                                           */
 /* ---------------------------------------------------------------------------------------- */

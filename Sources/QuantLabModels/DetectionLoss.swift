@@ -157,9 +157,9 @@ public struct DetectionLoss: Sendable {
         if !posRows.isEmpty {
             let p = posRows.count
             let d = distances.gatherRows(posRows)
-            let pred = d * (try! Tensor(shape: [p, 4], values: strideTerms)) + (try! Tensor(shape: [p, 4], values: anchorTerms))
-            let giou = generalizedIoU(pred, try! Tensor(shape: [p, 4], values: gtBoxes))
-            boxLoss = ((giou.scaled(by: -1, plus: 1)) * (try! Tensor(shape: [p, 1], values: posWeights))).sum().scaled(by: 1 / norm)
+            let pred = d * Tensor(strideTerms, shape: [p, 4]) + Tensor(anchorTerms, shape: [p, 4])
+            let giou = generalizedIoU(pred, Tensor(gtBoxes, shape: [p, 4]))
+            boxLoss = ((giou.scaled(by: -1, plus: 1)) * Tensor(posWeights, shape: [p, 1])).sum().scaled(by: 1 / norm)
         }
         let total = clsLoss.scaled(by: Float(classWeight)) + boxLoss.scaled(by: Float(boxWeight))
         return (total, Parts(total: total.item(), classification: clsLoss.item(), box: boxLoss.item(), positives: posRows.count))

@@ -116,22 +116,30 @@ public func analyzeQuantization(_ model: Module, batches: [Tensor], forward: (Te
     guard !layers.isEmpty else { throw QuantizationError("the model has no conv, transposed conv or linear layer to analyse") }
     let wasTraining = model.isTraining
     model.eval()
+    // Statistics collectors are installed in the layers' input hooks, owned by this pass: a
+    // model with quantizers installed is refused (remove the simulator first), and the defer
+    // removes only what this pass installed.
+    final class Pass {}
+    let pass = Pass()
+    func collect(_ layer: (String, any WeightedLayer), _ hook: @escaping TensorHook) throws {
+        try layer.1.hooks.install(input: hook, owner: pass, ownerName: "analyzeQuantization", layer: layer.0)
+    }
     defer {
         model.train(wasTraining)
-        for (_, l) in layers { l.inputHook = nil }
+        for (_, l) in layers { l.hooks.remove(owner: pass) }
     }
     // pass 1: moments and calibrator statistics of every layer input
     final class Slot { var moments = MomentAccumulator(); var stats = ActivationStatistics(histogram: true); var beyond = 0; var plot: RangeHistogram? }
     let slots = layers.map { _ in Slot() }
-    for ((_, l), s) in zip(layers, slots) {
-        l.inputHook = { x in s.moments.add(x.data, x.count); s.stats.collect(x); return x }
+    for (layer, s) in zip(layers, slots) {
+        try collect(layer) { x in s.moments.add(x.data, x.count); s.stats.collect(x); return x }
     }
     withNoGrad { for b in batches { forward(b) } }
     // pass 2: values beyond 3 sigma, and a plot histogram over the observed range
-    for ((_, l), s) in zip(layers, slots) {
+    for (layer, s) in zip(layers, slots) {
         let (m, sd) = (s.moments.mean, s.moments.std)
         s.plot = RangeHistogram(lo: s.moments.lo, hi: s.moments.hi, bins: plotBins)
-        l.inputHook = { x in
+        try collect(layer) { x in
             let p = x.data
             var k = 0
             for i in 0..<x.count where abs(Double(p[i]) - m) > 3 * sd { k += 1 }

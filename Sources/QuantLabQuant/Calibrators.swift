@@ -84,8 +84,7 @@ public struct MaxCollector: Sendable {
     @discardableResult
     public mutating func collect(_ x: Tensor) -> Float {
         var lo = Float.infinity, hi = -Float.infinity
-        let p = x.data
-        for i in 0..<x.count { lo = Swift.min(lo, p[i]); hi = Swift.max(hi, p[i]) }
+        ql_minmax(x.data, Int64(x.count), &lo, &hi)
         min = Swift.min(min, lo)
         max = Swift.max(max, hi)
         let batchAbsMax = x.count == 0 ? 0 : Swift.max(abs(lo), abs(hi))

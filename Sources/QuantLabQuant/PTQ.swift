@@ -79,7 +79,7 @@ public func ptqSweep(_ model: Module, methods: [CalibrationMethod], seeds: [UInt
                      calibrationImages: (CalibrationPlan) throws -> [Tensor], forward: (Tensor) -> Void,
                      evaluate: (_ seed: UInt64, _ method: CalibrationMethod) throws -> Double,
                      options: QuantizationOptions = QuantizationOptions()) throws -> [CalibrationMethod: [Double]] {
-    let sim = QuantizationSimulator(model, options: options)
+    let sim = try QuantizationSimulator(model, options: options)
     defer { sim.remove() }
     var results: [CalibrationMethod: [Double]] = [:]
     for seed in seeds {
@@ -98,7 +98,7 @@ public func prepareDetectorPTQ(_ model: YOLOv6, train: DetectionDataset, method:
                                options: QuantizationOptions = QuantizationOptions()) throws -> QuantizationSimulator {
     model.eval()
     model.convertToDeployForm()
-    let sim = QuantizationSimulator(model, options: options)
+    let sim = try QuantizationSimulator(model, options: options)
     let batches = try detectionCalibrationBatches(train, inputSize: model.config.inputSize, plan: calibration)
     sim.calibrate(on: batches) { _ = model($0) }
     try sim.applyCalibration(method)

@@ -121,6 +121,9 @@ public final class QuantizedLayer {
         set { input.isEnabled = newValue; weight?.isEnabled = newValue }
     }
 
+    /// The hooks the quantizers live in.
+    var hooks: LayerHooks? { (module as? any WeightedLayer)?.hooks ?? (module as? TapPoint)?.hooks }
+
     /// The layer's weight, if it has one.
     public var weightTensor: Tensor? { (module as? any WeightedLayer)?.weight }
 }
@@ -140,7 +143,9 @@ public final class QuantizationSimulator {
     public let layers: [QuantizedLayer]
     private let byName: [String: QuantizedLayer]
 
-    public init(_ model: Module, options: QuantizationOptions = QuantizationOptions()) {
+    /// Installs the quantizers. A layer whose hooks another owner holds (an analysis pass, a
+    /// second simulator not yet removed) is an error naming it; nothing stays installed then.
+    public init(_ model: Module, options: QuantizationOptions = QuantizationOptions()) throws {
         self.model = model
         self.options = options
         var layers: [QuantizedLayer] = []
@@ -154,17 +159,24 @@ public final class QuantizationSimulator {
                 let input = activationQuantizer()
                 let weight = TensorQuantizer(spec: QuantSpec(bits: options.weightBits, axis: options.perChannelWeights ? layer.outputChannelAxis : nil),
                                              histogram: false)
-                layer.inputHook = { input($0) }
-                layer.weightHook = { weight($0) }
                 layers.append(QuantizedLayer(name: name, kind: kind, input: input, weight: weight, module: m))
-            } else if let tap = m as? TapPoint, options.quantizeConcat {
+            } else if m is TapPoint, options.quantizeConcat {
                 let input = activationQuantizer()
-                tap.hook = { input($0) }
                 layers.append(QuantizedLayer(name: name, kind: .concat, input: input, weight: nil, module: m))
             }
         }
         self.layers = layers
         byName = Dictionary(uniqueKeysWithValues: layers.map { ($0.name, $0) })
+        do {
+            for l in layers {
+                let (input, weight) = (l.input, l.weight)
+                try l.hooks?.install(input: { input($0) }, weight: weight.map { w in { w($0) } },
+                                     owner: self, ownerName: "QuantizationSimulator", layer: l.name)
+            }
+        } catch {
+            remove()
+            throw error
+        }
     }
 
     public var layerNames: [String] { layers.map(\.name) }
@@ -213,10 +225,7 @@ public final class QuantizationSimulator {
 
     /// Uninstalls every hook: the model computes in FP32 again.
     public func remove() {
-        for l in layers {
-            if let w = l.module as? any WeightedLayer { w.inputHook = nil; w.weightHook = nil }
-            (l.module as? TapPoint)?.hook = nil
-        }
+        for l in layers { l.hooks?.remove(owner: self) }
     }
 
     /// Every calibrated activation amax by layer name (for tables and JSON).

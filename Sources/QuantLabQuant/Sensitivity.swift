@@ -92,7 +92,13 @@ public struct Shard: Codable, Equatable, Sendable, CustomStringConvertible {
         try self.init(index: i, count: n)
     }
 
-    public static let all = try! Shard(index: 0, count: 1)
+    private init(unchecked index: Int, count: Int) {
+        self.index = index
+        self.count = count
+    }
+
+    /// Every layer: the whole sweep.
+    public static let all = Shard(unchecked: 0, count: 1)
     public var description: String { "\(index)/\(count)" }
     public func contains(_ layerIndex: Int) -> Bool { layerIndex % count == index }
 }
@@ -250,11 +256,6 @@ extension YOLOv6 {
         return concat([c.reshaped([b, c.count / b]), d.reshaped([b, d.count / b])], dim: 1)
     }
 
-    /// What YOLOv6's model returns at inference, flattened per image: for every anchor the
-    /// decoded box (cx, cy, w, h in input pixels) and the sigmoid class scores, [B, A*(4+C)].
-    /// The output metrics of the sensitivity analysis compare these, as the article's tool
-    /// compares the deployed model's outputs (raw logits would let the thousands of confident
-    /// background anchors dominate the distances).
     /// The sigmoid class scores alone, [B, A*C] (no boxes): where a detector's mAP is decided
     /// when boxes are easy.
     public func scoreOutputs(_ images: Tensor) -> Tensor {
@@ -263,6 +264,11 @@ extension YOLOv6 {
         return logits.sigmoid().reshaped([b, logits.count / b])
     }
 
+    /// What YOLOv6's model returns at inference, flattened per image: for every anchor the
+    /// decoded box (cx, cy, w, h in input pixels) and the sigmoid class scores, [B, A*(4+C)].
+    /// The output metrics of the sensitivity analysis compare these, as the article's tool
+    /// compares the deployed model's outputs (raw logits would let the thousands of confident
+    /// background anchors dominate the distances).
     public func inferenceOutputs(_ images: Tensor) -> Tensor {
         let (logits, distances) = self(images)
         let (b, a, c) = (logits.shape[0], logits.shape[1], logits.shape[2])

@@ -195,6 +195,22 @@ struct KernelTests {
         #expect(counts == [3, 3, 1, 4]) // bins of width 1 over [0, 4); >= 4 lands in the last bin
     }
 
+    @Test("min/max and max |x| reductions against Swift's own, on awkward sizes; empty input")
+    func reductions() throws {
+        var rng = SeededGenerator(seed: 17)
+        for n in [1, 7, 16, 17, 1000] {
+            var x = randomFloats(n, &rng, low: -3, high: 2)
+            x[n / 2] = n % 2 == 0 ? 5 : -7 // an extreme somewhere in the middle
+            var lo: Float = 0, hi: Float = 0
+            ql_minmax(x, Int64(n), &lo, &hi)
+            #expect(lo == x.min()! && hi == x.max()!, "n \(n): [\(lo), \(hi)] vs [\(x.min()!), \(x.max()!)]")
+            #expect(ql_absmax(x, Int64(n)) == x.map(abs).max()!)
+        }
+        var lo: Float = 0, hi: Float = 0
+        ql_minmax([], 0, &lo, &hi)
+        #expect(lo == .infinity && hi == -.infinity)
+    }
+
     static let convCases: [ql_conv_geom] = [
         ql_conv_geom(N: 2, C: 3, H: 7, W: 9, K: 4, KH: 3, KW: 3, SH: 1, SW: 1, PH: 1, PW: 1, DH: 1, DW: 1, groups: 1),
         ql_conv_geom(N: 3, C: 4, H: 11, W: 8, K: 6, KH: 3, KW: 2, SH: 2, SW: 1, PH: 0, PW: 1, DH: 2, DW: 1, groups: 2),

@@ -5,6 +5,7 @@ import Foundation
 @testable import QuantLabModels
 @testable import QuantLabQuant
 @testable import QuantLabReport
+import Testing
 
 /// First index where |actual - expected| > atol + rtol * |expected|, with a message, or nil.
 func firstMismatch(_ actual: [Float], _ expected: [Float], atol: Double, rtol: Double) -> String? {
@@ -75,4 +76,26 @@ func gradientCheck(_ name: String, _ inputs: [Tensor], eps: Float = 1e-2, atol: 
 /// ISA levels this CPU can run, the reference first.
 var supportedISAs: [ql_isa] {
     [QL_ISA_REF, QL_ISA_AVX2, QL_ISA_AVX512].filter { ql_isa_supported($0) != 0 }
+}
+
+/// Expects `body` to throw an `E` whose message contains every fragment. Nothing thrown is a
+/// failure too (a bare `do { try ... } catch { #expect(...) }` passes when nothing is thrown,
+/// which is how two tests here once could not fail).
+func expectError<E: Error>(_ type: E.Type, mentioning fragments: String..., sourceLocation: SourceLocation = #_sourceLocation,
+                           _ body: () throws -> Void) {
+    do {
+        try body()
+        Issue.record("expected \(E.self) mentioning \(fragments), nothing was thrown", sourceLocation: sourceLocation)
+    } catch let e as E {
+        for f in fragments { #expect("\(e)".contains(f), "message '\(e)' lacks '\(f)'", sourceLocation: sourceLocation) }
+    } catch {
+        Issue.record("expected \(E.self), got \(Swift.type(of: error)): \(error)", sourceLocation: sourceLocation)
+    }
+}
+
+/// Cosine of the angle between two vectors, in double.
+func cosineSimilarity(_ a: [Float], _ b: [Float]) -> Double {
+    var ab = 0.0, aa = 0.0, bb = 0.0
+    for (x, y) in zip(a, b) { ab += Double(x) * Double(y); aa += Double(x) * Double(x); bb += Double(y) * Double(y) }
+    return ab / (aa.squareRoot() * bb.squareRoot())
 }

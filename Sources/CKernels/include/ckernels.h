@@ -295,6 +295,8 @@ void ql_scale_shift(float *y, const float *x, float a, float b, int64_t n);
 double ql_sum(const float *x, int64_t n);
 /* max |x_i| over n elements (0 for n == 0). */
 float ql_absmax(const float *x, int64_t n);
+/* Smallest and largest of n elements (+inf and -inf for n == 0); NaNs are skipped. */
+void ql_minmax(const float *x, int64_t n, float *lo, float *hi);
 
 /* Row-wise softmax / log-softmax over the last dim: x is rows x cols. Max-subtracted. */
 void ql_softmax_rows(float *y, const float *x, int64_t rows, int cols);

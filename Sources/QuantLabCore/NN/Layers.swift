@@ -13,15 +13,52 @@ private func defaultInit(_ shape: [Int], fanIn: Int, rng: inout SeededGenerator)
 /// class and its dotted name.
 public typealias TensorHook = (Tensor) -> Tensor
 
+/// The hooks of one layer and who installed them. One owner at a time: installing over hooks
+/// another owner holds is an error naming both, so a quantization simulator and an analysis
+/// pass cannot silently replace each other's quantizers or statistics; removing takes only
+/// the caller's own hooks away.
+public final class LayerHooks {
+    /// Applied to the layer's input before it computes.
+    public private(set) var input: TensorHook?
+    /// Applied to the layer's weight before it computes (weighted layers only).
+    public private(set) var weight: TensorHook?
+    /// Who holds the hooks ("QuantizationSimulator", "analyzeQuantization"), nil when free.
+    public private(set) var owner: String?
+    private var ownerID: ObjectIdentifier?
+
+    public init() {}
+
+    public var isInstalled: Bool { ownerID != nil }
+
+    /// Installs hooks for `owner` (an object that lives while they are installed); `layer` names
+    /// the layer in the error. Replacing one's own hooks is allowed.
+    public func install(input: TensorHook?, weight: TensorHook? = nil, owner: AnyObject, ownerName: String, layer: String) throws {
+        if let id = ownerID, id != ObjectIdentifier(owner) {
+            throw ModuleError.hooksInUse(layer: layer, owner: self.owner ?? "another owner", requestedBy: ownerName)
+        }
+        self.input = input
+        self.weight = weight
+        self.owner = ownerName
+        ownerID = ObjectIdentifier(owner)
+    }
+
+    /// Removes the hooks if `owner` installed them; someone else's stay.
+    public func remove(owner: AnyObject) {
+        guard ownerID == ObjectIdentifier(owner) else { return }
+        input = nil
+        weight = nil
+        self.owner = nil
+        ownerID = nil
+    }
+}
+
 /// A layer with a weight that multiplies its input: conv, transposed conv, linear. These are
 /// the layers INT8 engines run on integer kernels, so these are the ones quantized.
 public protocol WeightedLayer: Layer {
     var weight: Tensor { get }
     var bias: Tensor? { get }
-    /// Applied to the input before the layer computes.
-    var inputHook: TensorHook? { get set }
-    /// Applied to the weight before the layer computes.
-    var weightHook: TensorHook? { get set }
+    /// The input and weight hooks (fake quantizers, statistics collectors).
+    var hooks: LayerHooks { get }
     /// The weight's output-channel axis (0 for conv and linear, 1 for a transposed conv).
     var outputChannelAxis: Int { get }
 }
@@ -30,8 +67,7 @@ public final class Conv2d: Module, WeightedLayer {
     public let weight: Tensor
     public let bias: Tensor?
     public let options: Conv2dOptions
-    public var inputHook: TensorHook?
-    public var weightHook: TensorHook?
+    public let hooks = LayerHooks()
     public var outputChannelAxis: Int { 0 }
 
     public init(_ inChannels: Int, _ outChannels: Int, kernel: Int, stride: Int = 1, padding: Int? = nil,
@@ -61,7 +97,7 @@ public final class Conv2d: Module, WeightedLayer {
     }
 
     public func callAsFunction(_ x: Tensor) -> Tensor {
-        conv2d(inputHook?(x) ?? x, weight: weightHook?(weight) ?? weight, bias: bias, options: options)
+        conv2d(hooks.input?(x) ?? x, weight: hooks.weight?(weight) ?? weight, bias: bias, options: options)
     }
 }
 
@@ -70,8 +106,7 @@ public final class ConvTranspose2d: Module, WeightedLayer {
     public let bias: Tensor?
     public let options: Conv2dOptions
     public let outputPadding: Int
-    public var inputHook: TensorHook?
-    public var weightHook: TensorHook?
+    public let hooks = LayerHooks()
     /// The weight is [in, out / groups, kh, kw].
     public var outputChannelAxis: Int { 1 }
 
@@ -89,7 +124,7 @@ public final class ConvTranspose2d: Module, WeightedLayer {
     }
 
     public func callAsFunction(_ x: Tensor) -> Tensor {
-        convTranspose2d(inputHook?(x) ?? x, weight: weightHook?(weight) ?? weight, bias: bias, options: options,
+        convTranspose2d(hooks.input?(x) ?? x, weight: hooks.weight?(weight) ?? weight, bias: bias, options: options,
                         outputPadding: (outputPadding, outputPadding))
     }
 }
@@ -132,8 +167,7 @@ public final class BatchNorm2d: Module, Layer {
 public final class Linear: Module, WeightedLayer {
     public let weight: Tensor
     public let bias: Tensor?
-    public var inputHook: TensorHook?
-    public var weightHook: TensorHook?
+    public let hooks = LayerHooks()
     public var outputChannelAxis: Int { 0 }
 
     public init(_ inFeatures: Int, _ outFeatures: Int, bias: Bool = true, rng: inout SeededGenerator) {
@@ -144,7 +178,7 @@ public final class Linear: Module, WeightedLayer {
         if let b = self.bias { registerParameter("bias", b) }
     }
 
-    public func callAsFunction(_ x: Tensor) -> Tensor { linear(inputHook?(x) ?? x, weight: weightHook?(weight) ?? weight, bias: bias) }
+    public func callAsFunction(_ x: Tensor) -> Tensor { linear(hooks.input?(x) ?? x, weight: hooks.weight?(weight) ?? weight, bias: bias) }
 }
 
 public final class LayerNorm: Module, Layer {
@@ -167,9 +201,9 @@ public final class LayerNorm: Module, Layer {
 /// installed. Models put one where a tensor that is not a layer input may be quantized (the
 /// output of a concat, whose inputs an INT8 engine must give one shared scale).
 public final class TapPoint: Module, Layer {
-    public var hook: TensorHook?
+    public let hooks = LayerHooks()
     public override init() { super.init() }
-    public func callAsFunction(_ x: Tensor) -> Tensor { hook?(x) ?? x }
+    public func callAsFunction(_ x: Tensor) -> Tensor { hooks.input?(x) ?? x }
 }
 
 /// A parameter-free function as a layer (activations, pooling, flatten).

@@ -5,12 +5,15 @@ public enum ModuleError: Error, CustomStringConvertible, Equatable {
     case missingKeys([String])
     case unexpectedKeys([String])
     case shapeMismatch(name: String, expected: [Int], got: [Int])
+    case hooksInUse(layer: String, owner: String, requestedBy: String)
 
     public var description: String {
         switch self {
         case .missingKeys(let k): return "state dict is missing \(k.count) key(s): \(k.prefix(10).joined(separator: ", "))"
         case .unexpectedKeys(let k): return "state dict has \(k.count) unexpected key(s): \(k.prefix(10).joined(separator: ", "))"
         case .shapeMismatch(let n, let e, let g): return "parameter \(n): model expects shape \(e), state dict has \(g)"
+        case .hooksInUse(let l, let o, let r):
+            return "layer \(l): its hooks are held by \(o), so \(r) cannot install its own (remove the \(o) first)"
         }
     }
 }

@@ -94,6 +94,18 @@ public final class Tensor {
         self.init(shape: shape, storage: Storage(count: shape.reduce(1, *)), requiresGrad: requiresGrad)
     }
 
+    /// Tensor from values the code itself computed, in row-major order. A count that does not
+    /// match the shape is a bug in the caller, so it stops with a message naming both (use
+    /// `init(shape:values:)`, which throws, for values from outside).
+    public convenience init(_ values: [Float], shape: [Int]) {
+        precondition(shape.allSatisfy { $0 >= 0 } && shape.reduce(1, *) == values.count,
+                     "Tensor(_:shape:): \(values.count) values for shape \(shape)")
+        self.init(zeros: shape)
+        values.withUnsafeBufferPointer { src in
+            if let base = src.baseAddress { data.update(from: base, count: values.count) }
+        }
+    }
+
     /// Tensor from values in row-major order; throws if the count does not match the shape.
     public convenience init(shape: [Int], values: [Float], requiresGrad: Bool = false) throws {
         guard shape.allSatisfy({ $0 >= 0 }) else { throw TensorError.invalidArgument("negative dimension in shape \(shape)") }
