@@ -53,6 +53,13 @@ public enum CalibrationMethod: Hashable, Sendable, CustomStringConvertible, Coda
         }
     }
 
+    /// A comma-separated list ("max,entropy,percentile-99.99"); a bad entry is an error naming it.
+    public static func parseList(_ text: String) throws -> [CalibrationMethod] {
+        let methods = try text.split(separator: ",").map { try CalibrationMethod(parsing: $0.trimmingCharacters(in: .whitespaces)) }
+        guard !methods.isEmpty else { throw QuantizationError("no calibration method in '\(text)'") }
+        return methods
+    }
+
     /// Whether the method reads the |x| histogram.
     public var usesHistogram: Bool {
         switch self {

@@ -71,22 +71,74 @@ extension QuantizationSimulator {
     }
 }
 
+/// A trained model with its data, as PTQ needs it: how to draw calibration images, how to run
+/// it, and how to score it. One value instead of three closures at every call site.
+public struct PTQSubject {
+    public let label: String
+    public let module: Module
+    /// "mAP" for a detector, "top-1" for a classifier.
+    public let metric: String
+    /// Calibration images for a plan (a seeded draw of training images, no augmentation).
+    public let calibrationImages: (CalibrationPlan) throws -> [Tensor]
+    /// One forward pass (outputs discarded: calibration only watches the quantizers).
+    public let forward: (Tensor) -> Void
+    /// The metric on the validation split; the argument labels a progress bar, if any.
+    public let evaluate: (_ progressLabel: String?) throws -> Double
+
+    public init(label: String, module: Module, metric: String, calibrationImages: @escaping (CalibrationPlan) throws -> [Tensor],
+                forward: @escaping (Tensor) -> Void, evaluate: @escaping (_ progressLabel: String?) throws -> Double) {
+        self.label = label
+        self.module = module
+        self.metric = metric
+        self.calibrationImages = calibrationImages
+        self.forward = forward
+        self.evaluate = evaluate
+    }
+
+    /// A detector: calibration on letterboxed training images, COCO mAP@[.5:.95] on `val`.
+    public static func detector(_ model: YOLOv6, train: DetectionDataset, val: DetectionDataset, label: String) -> PTQSubject {
+        PTQSubject(label: label, module: model, metric: "mAP",
+                   calibrationImages: { try detectionCalibrationBatches(train, inputSize: model.config.inputSize, plan: $0) },
+                   forward: { _ = model($0) },
+                   evaluate: { try evaluateDetector(model, on: val, progressLabel: $0).0.mAP })
+    }
+
+    /// A classifier: calibration on training images, top-1 accuracy (a fraction) on `val`.
+    public static func classifier(_ model: RepClassifier, train: ClassificationDataset, val: ClassificationDataset, label: String) -> PTQSubject {
+        PTQSubject(label: label, module: model, metric: "top-1",
+                   calibrationImages: { try classificationCalibrationBatches(train, inputSize: model.config.inputSize, plan: $0) },
+                   forward: { _ = model($0) },
+                   evaluate: { _ in try top1(model, on: val) })
+    }
+
+    /// A saved model with the dataset folder it was trained on (COCO layout, train2017 / val2017).
+    public static func saved(_ saved: SavedModel, data root: URL, label: String) throws -> PTQSubject {
+        switch saved {
+        case .detector(let m):
+            return .detector(m, train: try DetectionDataset(root: root, split: "train2017"), val: try DetectionDataset(root: root, split: "val2017"), label: label)
+        case .classifier(let m):
+            return .classifier(m, train: try ClassificationDataset(root: root, split: "train2017"), val: try ClassificationDataset(root: root, split: "val2017"), label: label)
+        }
+    }
+}
+
 /// PTQ of a deploy-form model for every (calibration seed, method): quantizers installed,
-/// calibrated once per seed on `batches(plan)`, amax set per method, then `evaluate(seed,
-/// method)` (which may also report progress); quantizers removed at the end. Returns each
-/// method's metric per seed, in seed order.
-public func ptqSweep(_ model: Module, methods: [CalibrationMethod], seeds: [UInt64], batches: Int = 4, batchSize: Int = 32,
-                     calibrationImages: (CalibrationPlan) throws -> [Tensor], forward: (Tensor) -> Void,
-                     evaluate: (_ seed: UInt64, _ method: CalibrationMethod) throws -> Double,
-                     options: QuantizationOptions = QuantizationOptions()) throws -> [CalibrationMethod: [Double]] {
-    let sim = try QuantizationSimulator(model, options: options)
+/// calibrated once per seed on `subject.calibrationImages(plan)`, amax set per method, then the
+/// metric measured; `onResult` sees each (seed, method, metric) as it comes. Quantizers are
+/// removed at the end. Returns each method's metric per seed, in seed order.
+public func ptqSweep(_ subject: PTQSubject, methods: [CalibrationMethod], seeds: [UInt64], batches: Int = 4, batchSize: Int = 32,
+                     options: QuantizationOptions = QuantizationOptions(),
+                     onResult: (_ seed: UInt64, _ method: CalibrationMethod, _ metric: Double) -> Void = { _, _, _ in }) throws -> [CalibrationMethod: [Double]] {
+    let sim = try QuantizationSimulator(subject.module, options: options)
     defer { sim.remove() }
     var results: [CalibrationMethod: [Double]] = [:]
     for seed in seeds {
-        sim.calibrate(on: try calibrationImages(CalibrationPlan(batches: batches, batchSize: batchSize, seed: seed)), forward: forward)
+        sim.calibrate(on: try subject.calibrationImages(CalibrationPlan(batches: batches, batchSize: batchSize, seed: seed)), forward: subject.forward)
         for method in methods {
             try sim.applyCalibration(method)
-            results[method, default: []].append(try evaluate(seed, method))
+            let metric = try subject.evaluate("PTQ \(subject.label) \(method) seed \(seed)")
+            onResult(seed, method, metric)
+            results[method, default: []].append(metric)
         }
     }
     return results

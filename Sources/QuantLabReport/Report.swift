@@ -19,27 +19,28 @@ public struct Provenance: Codable, Sendable {
 
     /// Collects everything but the wall time, seeds and config, which the experiment fills in.
     public static func current() -> Provenance {
-        func run(_ args: [String]) -> String {
+        /// A command's trimmed standard output; nil when it cannot run or exits non-zero.
+        func output(_ args: [String]) -> String? {
             let p = Process()
             p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
             p.arguments = args
             let pipe = Pipe()
             p.standardOutput = pipe
             p.standardError = FileHandle.nullDevice
-            guard (try? p.run()) != nil else { return "unknown" }
+            guard (try? p.run()) != nil else { return nil }
             let data = pipe.fileHandleForReading.readDataToEndOfFile()
             p.waitUntilExit()
-            let s = String(decoding: data, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
-            return p.terminationStatus == 0 && !s.isEmpty ? s : "unknown"
+            return p.terminationStatus == 0 ? String(decoding: data, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines) : nil
         }
+        func run(_ args: [String]) -> String { output(args).flatMap { $0.isEmpty ? nil : $0 } ?? "unknown" }
         let cpuInfo = (try? String(contentsOfFile: "/proc/cpuinfo", encoding: .utf8)) ?? ""
         let model = cpuInfo.split(separator: "\n").first { $0.hasPrefix("model name") }.map { String($0.split(separator: ":").last ?? "").trimmingCharacters(in: .whitespaces) } ?? "unknown"
         let formatter = ISO8601DateFormatter()
         // "-dirty" when tracked files other than results/ differ from the commit: the results
         // an earlier experiment of the same session just wrote do not make the code dirty.
         var describe = run(["git", "describe", "--always", "--tags"])
-        let changed = run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results"])
-        if describe != "unknown" && changed != "unknown" { describe += "-dirty" }
+        let changedFiles = output(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results"])
+        if describe != "unknown", let changedFiles, !changedFiles.isEmpty { describe += "-dirty" }
         return Provenance(gitDescribe: describe, date: formatter.string(from: Date()),
                           swiftVersion: run(["swift", "--version"]).split(separator: "\n").first.map(String.init) ?? "unknown",
                           cpu: "\(model), \(ProcessInfo.processInfo.activeProcessorCount) cores",
@@ -65,13 +66,54 @@ public func markdownTable(_ header: [String], _ rows: [[String]]) -> String {
     return out
 }
 
-/// Writes `results/<name>.md` and `<name>.json` (or `results/quick/` for smoke runs),
-/// atomically, and returns the Markdown path.
+/// The provenance fields a results JSON records.
+public struct ProvenanceSummary: Codable, Equatable, Sendable {
+    public var git: String
+    public var date: String
+    public var wallSeconds: Double
+
+    enum CodingKeys: String, CodingKey {
+        case git, date
+        case wallSeconds = "wall_seconds"
+    }
+}
+
+extension Provenance {
+    public var summary: ProvenanceSummary { ProvenanceSummary(git: gitDescribe, date: date, wallSeconds: wallSeconds) }
+}
+
+/// Where an experiment writes: `results/`, or `results/quick/` for smoke runs (so they never
+/// overwrite real results).
+public func resultsDirectory(quick: Bool, root: URL = URL(fileURLWithPath: "results")) -> URL {
+    quick ? root.appendingPathComponent("quick") : root
+}
+
+/// The JSON of a results file: sorted keys, pretty, NaN and infinities as strings.
+public func resultsJSON<R: Encodable>(_ results: R) throws -> Data {
+    let encoder = JSONEncoder()
+    encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+    encoder.nonConformingFloatEncodingStrategy = .convertToString(positiveInfinity: "inf", negativeInfinity: "-inf", nan: "nan")
+    return try encoder.encode(results)
+}
+
+/// Writes `results/<name>.md` and `<name>.json` (or `results/quick/` for smoke runs), each
+/// atomically, and returns the Markdown path. The JSON is the experiment's `Codable` results.
+@discardableResult
+public func writeResults<R: Encodable>(name: String, quick: Bool, markdown: String, results: R, root: URL = URL(fileURLWithPath: "results")) throws -> URL {
+    let dir = resultsDirectory(quick: quick, root: root)
+    let md = dir.appendingPathComponent("\(name).md")
+    try AtomicFile.write(resultsJSON(results), to: dir.appendingPathComponent("\(name).json"))
+    try AtomicFile.write(Data(markdown.utf8), to: md)
+    return md
+}
+
+/// Writes `results/<name>.md` and `<name>.json` from an untyped dictionary (exp00, exp01;
+/// new experiments use the `Codable` form above).
 @discardableResult
 public func writeResults(name: String, quick: Bool, markdown: String, json: [String: Any], root: URL = URL(fileURLWithPath: "results")) throws -> URL {
-    let dir = quick ? root.appendingPathComponent("quick") : root
+    let dir = resultsDirectory(quick: quick, root: root)
     let md = dir.appendingPathComponent("\(name).md")
-    try AtomicFile.write(Data(markdown.utf8), to: md)
     try AtomicFile.write(JSONSerialization.data(withJSONObject: json, options: [.prettyPrinted, .sortedKeys]), to: dir.appendingPathComponent("\(name).json"))
+    try AtomicFile.write(Data(markdown.utf8), to: md)
     return md
 }

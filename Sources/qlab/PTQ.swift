@@ -23,47 +23,34 @@ struct PTQCommand: ParsableCommand {
 
     func validate() throws {
         guard batches >= 1, batchSize >= 1, seeds >= 1 else { throw ValidationError("--batches, --batch-size and --seeds must be at least 1") }
-        for m in methods.split(separator: ",") {
-            do { _ = try CalibrationMethod(parsing: String(m).trimmingCharacters(in: .whitespaces)) } catch { throw ValidationError("--methods: \(error)") }
-        }
+        do { _ = try CalibrationMethod.parseList(methods) } catch { throw ValidationError("--methods: \(error)") }
+    }
+
+    struct Summary: Encodable {
+        var metric: String
+        var fp32: Double
+        var int8: [String: [Double]]
     }
 
     func run() throws {
         let url = URL(fileURLWithPath: model)
         guard FileManager.default.fileExists(atPath: url.path) else { throw ValidationError("--model: no file at \(url.path)") }
         let saved = try SavedModel.load(url)
-        let methodList = try methods.split(separator: ",").map { try CalibrationMethod(parsing: String($0).trimmingCharacters(in: .whitespaces)) }
-        let evaluate: () throws -> Double
-        let calibration: (CalibrationPlan) throws -> [Tensor]
-        let forward: (Tensor) -> Void
-        switch saved {
-        case .detector(let m):
-            let root = URL(fileURLWithPath: data ?? "data/shapes")
-            let train = try DetectionDataset(root: root, split: "train2017"), val = try DetectionDataset(root: root, split: "val2017")
-            evaluate = { try evaluateDetector(m, on: val).0.mAP }
-            calibration = { try detectionCalibrationBatches(train, inputSize: m.config.inputSize, plan: $0) }
-            forward = { _ = m($0) }
-        case .classifier(let m):
-            let root = URL(fileURLWithPath: data ?? "data/shapes-cls")
-            let train = try ClassificationDataset(root: root, split: "train2017"), val = try ClassificationDataset(root: root, split: "val2017")
-            evaluate = { try top1(m, on: val) }
-            calibration = { try classificationCalibrationBatches(train, inputSize: m.config.inputSize, plan: $0) }
-            forward = { _ = m($0) }
-        }
-        let metric = { () -> String in if case .detector = saved { return "mAP" } else { return "top-1" } }()
-        let fp32 = try evaluate()
+        let methodList = try CalibrationMethod.parseList(methods)
+        let defaultData = { if case .detector = saved { return "data/shapes" } else { return "data/shapes-cls" } }()
+        let subject = try PTQSubject.saved(saved, data: URL(fileURLWithPath: data ?? defaultData), label: saved.kindName)
+
+        let fp32 = try subject.evaluate(nil)
         saved.module.convertToDeployForm()
-        print(String(format: "%@: FP32 %@ %.4f", saved.kindName, metric, fp32))
-        let sweep = try ptqSweep(saved.module, methods: methodList, seeds: (0..<UInt64(seeds)).map { $0 }, batches: batches, batchSize: batchSize,
-                                 calibrationImages: calibration, forward: forward) { seed, method in
-            let v = try evaluate()
-            print(String(format: "seed %llu %@: INT8 %@ %.4f (%+.1f%%)", seed, method.description, metric, v, 100 * (v - fp32) / max(fp32, 1e-12)))
-            return v
+        print(String(format: "%@: FP32 %@ %.4f", saved.kindName, subject.metric, fp32))
+        let sweep = try ptqSweep(subject, methods: methodList, seeds: (0..<UInt64(seeds)).map { $0 }, batches: batches, batchSize: batchSize) { seed, method, v in
+            print(String(format: "seed %llu %@: INT8 %@ %.4f (%+.1f%%)", seed, method.description, subject.metric, v, 100 * (v - fp32) / max(fp32, 1e-12)))
         }
-        let results = Dictionary(uniqueKeysWithValues: sweep.map { ($0.key.description, $0.value) })
         if json {
-            let data = try JSONSerialization.data(withJSONObject: ["fp32": fp32, "int8": results, "metric": metric], options: [.sortedKeys])
-            print(String(decoding: data, as: UTF8.self))
+            let summary = Summary(metric: subject.metric, fp32: fp32, int8: Dictionary(uniqueKeysWithValues: sweep.map { ($0.key.description, $0.value) }))
+            let encoder = JSONEncoder()
+            encoder.outputFormatting = [.sortedKeys]
+            print(String(decoding: try encoder.encode(summary), as: UTF8.self))
         }
     }
 }

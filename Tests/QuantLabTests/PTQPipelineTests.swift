@@ -68,21 +68,27 @@ struct PTQPipelineTests {
         let fp32 = withNoGrad { model(x) }.values
         var calibratedWith: [UInt64] = []
         let methods: [CalibrationMethod] = [.max, .entropy]
-        let result = try ptqSweep(model, methods: methods, seeds: [7, 3], batches: 2, batchSize: 2,
-                                  calibrationImages: { plan in
-                                      calibratedWith.append(plan.seed)
-                                      #expect(plan.batches == 2 && plan.batchSize == 2)
-                                      var r = SeededGenerator(seed: plan.seed)
-                                      return (0..<plan.batches).map { _ in Tensor.uniform([2, 3, 8, 8], low: -1, high: 2, rng: &r) }
-                                  },
-                                  forward: { _ = model($0) },
-                                  evaluate: { seed, method in
-                                      let q = withNoGrad { model(x) }.values
-                                      #expect(q != fp32, "evaluated an unquantized model (seed \(seed), \(method))")
-                                      return Double(seed) * 10 + Double(methods.firstIndex(of: method)!)
-                                  })
+        let subject = PTQSubject(label: "net", module: model, metric: "score",
+                                 calibrationImages: { plan in
+                                     calibratedWith.append(plan.seed)
+                                     #expect(plan.batches == 2 && plan.batchSize == 2)
+                                     var r = SeededGenerator(seed: plan.seed)
+                                     return (0..<plan.batches).map { _ in Tensor.uniform([2, 3, 8, 8], low: -1, high: 2, rng: &r) }
+                                 },
+                                 forward: { _ = model($0) },
+                                 evaluate: { label in
+                                     let q = withNoGrad { model(x) }.values
+                                     #expect(q != fp32, "evaluated an unquantized model (\(label ?? ""))")
+                                     return Double(evaluations.count)
+                                 })
+        var evaluations: [String] = []
+        let result = try ptqSweep(subject, methods: methods, seeds: [7, 3], batches: 2, batchSize: 2) { seed, method, metric in
+            #expect(metric == Double(evaluations.count))
+            evaluations.append("\(seed) \(method)")
+        }
+        #expect(evaluations == ["7 max", "7 entropy", "3 max", "3 entropy"])
         #expect(calibratedWith == [7, 3])
-        #expect(result[.max] == [70, 30] && result[.entropy] == [71, 31])
+        #expect(result[.max] == [0, 2] && result[.entropy] == [1, 3])
         #expect(withNoGrad { model(x) }.values == fp32, "quantizers left installed after the sweep")
         #expect(!model.namedModules().contains { ($0.1 as? any WeightedLayer)?.hooks.isInstalled == true })
     }

@@ -1,6 +1,6 @@
 // exp00 — FP32 baselines: the models every quantization experiment starts from.
 //
-// Claim (SOURCES.md, A3): YOLOv6s trained with RepVGG blocks and with RepOpt reaches the same
+// Claim (CLAIMS.md, A3): YOLOv6s trained with RepVGG blocks and with RepOpt reaches the same
 // FP32 accuracy, 42.4 COCO mAP for both (Meituan's article); RepOpt-VGG-B1 78.47% ImageNet
 // top-1 (RepOpt paper). The quantization results (exp02 on) only mean something if the FP32
 // starting points are equal, so this experiment checks that first, for the detector with
@@ -52,7 +52,7 @@ struct Exp00: ParsableCommand {
             let size = model.config.inputSize
             let trainParams = model.parameterCount
             model.fuseRepBlocks()
-            let flops = try FLOPCounter.count { _ = withNoGrad { model(Tensor(zeros: [1, 3, size, size])) } }
+            let flops = FLOPCounter.count { _ = withNoGrad { model(Tensor(zeros: [1, 3, size, size])) } }
             detectorRows.append([block.rawValue, String(format: "%.3f", result.stats[0]), String(format: "%.3f", result.stats[1]),
                                  String(format: "%.2f M / %.2f M", Double(trainParams) / 1e6, Double(model.parameterCount) / 1e6), String(format: "%.2f", flops / 1e9),
                                  "\(record.epochs)" + (record.searchEpochs.map { " (+\($0) search)" } ?? ""),
@@ -85,8 +85,8 @@ struct Exp00: ParsableCommand {
         let verdict = !learned
             ? String(format: "Inconclusive: the baselines have not learned enough to compare (mAP %.3f and %.3f, below 0.05)%@.", maps[.repvgg] ?? 0, maps[.repopt] ?? 0, quick ? "; expected for the QUICK smoke run" : "")
             : close
-            ? String(format: "Reproduced in direction: RepOpt's FP32 mAP is within %.1f points of RepVGG's (%.3f vs %.3f), as in the article (42.4 vs 42.4).", abs(gap) * 100, maps[.repopt] ?? 0, maps[.repvgg] ?? 0)
-            : String(format: "Not reproduced: RepOpt's FP32 mAP differs from RepVGG's by %.1f points (%.3f vs %.3f); the article has them equal (42.4 vs 42.4). Later experiments must read quantization drops relative to each model's own FP32.", gap * 100, maps[.repopt] ?? 0, maps[.repvgg] ?? 0)
+            ? String(format: "Reproduced in direction: RepOpt's FP32 mAP is within %.1f points of RepVGG's (%.3f vs %.3f), as in the article (%@ vs %@).", abs(gap) * 100, maps[.repopt] ?? 0, maps[.repvgg] ?? 0, Paper.A3.yolov6sFP32.text, Paper.A3.yolov6sFP32.text)
+            : String(format: "Not reproduced: RepOpt's FP32 mAP differs from RepVGG's by %.1f points (%.3f vs %.3f); the article has them equal (%@ vs %@). Later experiments must read quantization drops relative to each model's own FP32.", gap * 100, maps[.repopt] ?? 0, maps[.repvgg] ?? 0, Paper.A3.yolov6sFP32.text, Paper.A3.yolov6sFP32.text)
         let clsGap = (top1s[.repopt] ?? 0) - (top1s[.repvgg] ?? 0)
         // A classifier below 50% top-1 on 10 classes has not converged enough for quantization
         // drops to be read against it; the verdict says so rather than comparing the two.
@@ -97,16 +97,16 @@ struct Exp00: ParsableCommand {
         var md = """
         # exp00 — FP32 baselines
 
-        **Claim (SOURCES.md A3):** YOLOv6s trained with RepVGG blocks or with RepOpt reaches the same FP32 accuracy.
+        **Claim (CLAIMS.md A3):** YOLOv6s trained with RepVGG blocks or with RepOpt reaches the same FP32 accuracy.
         **Scale:** our models are YOLOv6-N-proportioned detectors (\(quick ? "tiny variant, smoke run" : "width 0.25, depth 0.33, 160 px")) and a small RepVGG-style classifier, trained from scratch on the synthetic shapes datasets on a 2-core CPU — not YOLOv6s on COCO. Compare directions and gaps, not absolute numbers.
 
         ## Detector, paper vs ours
 
         \(markdownTable(["", "paper (YOLOv6s, COCO val, article)", "ours (synthetic shapes val)"], [
-            ["RepVGG FP32 mAP", "42.4", String(format: "%.3f", maps[.repvgg] ?? -1)],
-            ["RepOpt FP32 mAP", "42.4", String(format: "%.3f", maps[.repopt] ?? -1)],
+            ["RepVGG FP32 mAP", Paper.A3.yolov6sFP32.text, String(format: "%.3f", maps[.repvgg] ?? -1)],
+            ["RepOpt FP32 mAP", Paper.A3.yolov6sFP32.text, String(format: "%.3f", maps[.repopt] ?? -1)],
             ["QARepVGG FP32 mAP", "— (not in the article)", String(format: "%.3f", maps[.qarepvgg] ?? -1)],
-            ["RepOpt − RepVGG", "0.0", String(format: "%+.3f", gap)],
+            ["RepOpt − RepVGG", String(format: "%.1f", Paper.A3.yolov6sFP32.value - Paper.A3.yolov6sFP32.value), String(format: "%+.3f", gap)],
         ]))
         **Verdict:** \(verdict)
 
@@ -117,9 +117,9 @@ struct Exp00: ParsableCommand {
         ## Classifier, paper vs ours
 
         \(markdownTable(["", "paper (RepOpt-VGG-B1 / RepVGG-B1, ImageNet)", "ours (synthetic shapes-cls val)"], [
-            ["RepVGG FP32 top-1", "78.42% (article, A1)", String(format: "%.2f%%", 100 * (top1s[.repvgg] ?? 0))],
-            ["RepOpt FP32 top-1", "78.47% (RepOpt paper)", String(format: "%.2f%%", 100 * (top1s[.repopt] ?? 0))],
-            ["RepOpt − RepVGG", "+0.05", String(format: "%+.2f", 100 * clsGap)],
+            ["RepVGG FP32 top-1", "\(Paper.A1.repvggB1FP32.text)% (\(Paper.A1.repvggB1FP32.source.rawValue), A1)", String(format: "%.2f%%", 100 * (top1s[.repvgg] ?? 0))],
+            ["RepOpt FP32 top-1", "\(Paper.A3.repoptB1FP32.text)% (\(Paper.A3.repoptB1FP32.source.rawValue))", String(format: "%.2f%%", 100 * (top1s[.repopt] ?? 0))],
+            ["RepOpt − RepVGG", String(format: "%+.2f", Paper.A3.repoptB1FP32.value - Paper.A1.repvggB1FP32.value), String(format: "%+.2f", 100 * clsGap)],
         ]))
         **Verdict:** \(clsVerdict)
 

@@ -1,7 +1,7 @@
 // exp01 — Why re-parameterised networks quantize badly: fused weight and activation
 // distributions, RepVGG vs QARepVGG vs RepOpt.
 //
-// Claims (SOURCES.md):
+// Claims (CLAIMS.md):
 //   A2  fusing a RepVGG block's branches inflates the standard deviation of the fused weights,
 //       and activations spread wide: layer `Rep_p4.block.0.rbr_reparam` of YOLOv6s spans
 //       [0, 57] with RepVGG blocks and [0, 10] with RepOpt (article, Fig. 2).
@@ -37,7 +37,7 @@ struct Exp01: ParsableCommand {
     @Option(help: "Calibration batches.") var batches = 4
     @Option(help: "Calibration batch size.") var batchSize = 32
     @Option(help: "Seed for drawing the images.") var seed: UInt64 = 0
-    @Option(help: "The layer shown side by side (the article's).") var layer = "neck.Rep_p4.block.0.rbr_reparam"
+    @Option(help: "The layer shown side by side (the article's).") var layer = Paper.A2.layer
     @Option(help: "Where datasets live.") var dataRoot = "data"
     @Option(help: "Where trained baselines are cached.") var modelsRoot = "data/models"
 
@@ -109,7 +109,7 @@ struct Exp01: ParsableCommand {
         let next = repNames.firstIndex(of: focus).flatMap { $0 + 1 < repNames.count ? repNames[$0 + 1] : nil }.flatMap { $0.hasPrefix(stage) ? $0 : nil }
         func find(_ b: BlockKind, _ name: String?) -> LayerAnalysis? { name.flatMap { n in analyses[b]?.first { $0.name == n } } }
         func range(_ s: DistributionSummary?) -> String { s.map { String(format: "[%.2f, %.2f]", $0.min, $0.max) } ?? "—" }
-        let paper: [BlockKind: String] = [.repvgg: "[0, 57] (YOLOv6s_repvgg)", .repopt: "[0, 10] (YOLOv6s_repopt)", .qarepvgg: "— (not in the article)"]
+        let paper: [BlockKind: String] = [.repvgg: "\(Paper.A2.activationRangeRepVGG.text) (YOLOv6s_repvgg)", .repopt: "\(Paper.A2.activationRangeRepOpt.text) (YOLOv6s_repopt)", .qarepvgg: "— (not in the article)"]
         let focusRows = blocks.map { b -> [String] in
             let l = find(b, focus)
             return [b.rawValue, paper[b]!, range(l?.activation), range(find(b, next)?.activation),
@@ -131,8 +131,9 @@ struct Exp01: ParsableCommand {
         let focusRatio = (find(.repvgg, focus)?.activation.max ?? .nan) / (find(.repopt, focus)?.activation.max ?? .nan)
         let learned = !quick
         let a2: String = {
-            let numbers = String(format: "RepVGG / RepOpt: median fused-weight std ×%.2f, median activation max ×%.2f over %d fused layers; at %@ the activation max is ×%.2f (article 57 / 10 = ×5.7).",
-                                 stdRatio, actRatio, repLayers(.repvgg).count, focus, focusRatio)
+            let numbers = String(format: "RepVGG / RepOpt: median fused-weight std ×%.2f, median activation max ×%.2f over %d fused layers; at %@ the activation max is ×%.2f (article %.0f / %.0f = ×%.1f).",
+                                 stdRatio, actRatio, repLayers(.repvgg).count, focus, focusRatio, Paper.A2.activationRangeRepVGG.value,
+                                 Paper.A2.activationRangeRepOpt.value, Paper.A2.activationRangeRepVGG.value / Paper.A2.activationRangeRepOpt.value)
             if !learned { return "Indicative only (QUICK run: tiny models barely trained). " + numbers }
             if stdRatio > 1.2 && actRatio > 1.2 { return "Reproduced in direction: RepVGG's fused weights are wider and its activations reach further than RepOpt's. " + numbers }
             if stdRatio > 1.2 || actRatio > 1.2 { return "Partly reproduced: only one of the two widenings shows clearly (threshold ×1.2). " + numbers }
@@ -168,7 +169,7 @@ struct Exp01: ParsableCommand {
         var md = """
         # exp01 — Fused weight and activation distributions
 
-        **Claims (SOURCES.md A2, B1):** fusing RepVGG branches inflates the fused weights' std and spreads activations wide (YOLOv6s `Rep_p4.block.0.rbr_reparam`: [0, 57] RepVGG vs [0, 10] RepOpt); a model whose activations are concentrated and whose weights are near-normal quantizes well (RT-DETR, Baidu).
+        **Claims (CLAIMS.md A2, B1):** fusing RepVGG branches inflates the fused weights' std and spreads activations wide (YOLOv6s `Rep_p4.block.0.rbr_reparam`: \(Paper.A2.activationRangeRepVGG.text) RepVGG vs \(Paper.A2.activationRangeRepOpt.text) RepOpt); a model whose activations are concentrated and whose weights are near-normal quantizes well (RT-DETR, Baidu).
         **Scale:** our YOLOv6-N-proportioned detectors (\(quick ? "tiny variant, smoke run" : "width 0.25, depth 0.33, 160 px")) trained on synthetic shapes, deploy form, \(batches * batchSize) training images — not YOLOv6s on COCO. Absolute ranges depend on the data and training length; read the ratios.
 
         ## The article's layer, paper vs ours

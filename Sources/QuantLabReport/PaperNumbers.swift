@@ -1,0 +1,93 @@
+// The papers' numbers, in one place. Every number an experiment prints as "paper" comes from
+// here, and every one is in its claim's row of CLAIMS.md (a test checks that), with its source.
+// No experiment types a paper number.
+
+/// Where a reported number comes from; the names CLAIMS.md uses.
+public enum PaperSource: String, Sendable {
+    case article
+    case yolov6README = "YOLOv6 README"
+    case yolov6Tutorial = "YOLOv6 tutorial"
+    case repOptPaper = "RepOpt paper"
+    case qaRepVGGPaper = "QARepVGG paper"
+    case paddleSlimREADME = "PaddleSlim README"
+}
+
+/// One number a source reports for a claim of CLAIMS.md.
+public struct PaperNumber: Sendable, CustomStringConvertible {
+    /// The claim's ID in CLAIMS.md ("A3").
+    public let claim: String
+    /// As the source prints it ("42.4", "[0, 57]"); CLAIMS.md has this text in the claim's row.
+    public let text: String
+    /// The value to compute with (for a range, its upper end).
+    public let value: Double
+    public let source: PaperSource
+    /// What was measured, for a reader of the code.
+    public let what: String
+
+    init(_ claim: String, _ text: String, value: Double? = nil, _ source: PaperSource, _ what: String) {
+        self.claim = claim
+        self.text = text
+        self.value = value ?? Double(text)!
+        self.source = source
+        self.what = what
+    }
+
+    /// "42.4 (article)".
+    public var description: String { "\(text) (\(source.rawValue))" }
+
+    /// "35.0 (article; YOLOv6 README 35.6)": a number with the other sources' values for it.
+    public func with(_ others: PaperNumber...) -> String {
+        ([description.dropLast()] + others.map { "\($0.source.rawValue) \($0.text)" }).joined(separator: "; ") + ")"
+    }
+}
+
+/// The papers' numbers by claim (CLAIMS.md). Units: COCO mAP@[.5:.95] in points, ImageNet
+/// top-1 in percent, as the sources print them.
+public enum Paper {
+    public enum A1 {
+        public static let repvggB1FP32 = PaperNumber("A1", "78.42", .article, "RepVGG-B1 ImageNet top-1 (%), FP32")
+        public static let repvggB1PTQ = PaperNumber("A1", "54.55", .article, "RepVGG-B1 ImageNet top-1 (%), TensorRT INT8 PTQ")
+    }
+
+    public enum A2 {
+        public static let activationRangeRepVGG = PaperNumber("A2", "[0, 57]", value: 57, .article, "YOLOv6s RepVGG, input range of Rep_p4.block.0.rbr_reparam")
+        public static let activationRangeRepOpt = PaperNumber("A2", "[0, 10]", value: 10, .article, "YOLOv6s RepOpt, input range of Rep_p4.block.0.rbr_reparam")
+        /// The layer the article's Fig. 2 shows.
+        public static let layer = "neck.Rep_p4.block.0.rbr_reparam"
+    }
+
+    public enum A3 {
+        public static let yolov6sFP32 = PaperNumber("A3", "42.4", .article, "YOLOv6s COCO mAP, FP32, RepVGG or RepOpt")
+        public static let repvggPTQ = PaperNumber("A3", "35.0", .article, "YOLOv6s RepVGG COCO mAP, INT8 PTQ")
+        public static let repvggPTQReadme = PaperNumber("A3", "35.6", .yolov6README, "YOLOv6s RepVGG COCO mAP, INT8 PTQ")
+        public static let repoptPTQ = PaperNumber("A3", "40.9", .article, "YOLOv6s RepOpt COCO mAP, INT8 PTQ")
+        public static let repoptPTQTutorial = PaperNumber("A3", "40.5", .yolov6Tutorial, "YOLOv6s RepOpt COCO mAP, INT8 PTQ")
+        public static let repoptB1FP32 = PaperNumber("A3", "78.47", .repOptPaper, "RepOpt-VGG-B1 ImageNet top-1 (%), FP32")
+        public static let repoptB1PTQ = PaperNumber("A3", "75.89", .repOptPaper, "RepOpt-VGG-B1 ImageNet top-1 (%), INT8 PTQ")
+    }
+
+    public enum A4 {
+        public static let fp32 = A3.yolov6sFP32
+        public static let fullPTQ = A3.repoptPTQ
+        public static let partialPTQ = PaperNumber("A4", "42.0", .article, "YOLOv6s RepOpt COCO mAP, top 6 sensitive layers in FP32")
+        public static let partialPTQReadme = PaperNumber("A4", "42.1", .yolov6README, "YOLOv6s RepOpt COCO mAP, partial PTQ")
+        public static let skippedLayers = PaperNumber("A4", "6", .article, "layers left in FP32")
+        public static let calibrationBatches = PaperNumber("A4", "4", .article, "calibration batches")
+        public static let batchSize = PaperNumber("A4", "32", .article, "batch size of calibration and sensitivity")
+    }
+
+    /// Relative drop (FP32 − INT8) / FP32.
+    public static func relativeDrop(_ fp32: PaperNumber, _ int8: PaperNumber) -> Double { (fp32.value - int8.value) / fp32.value }
+
+    /// Share of the PTQ loss that partial PTQ recovers: (partial − full) / (FP32 − full).
+    public static func recovered(fp32: PaperNumber, full: PaperNumber, partial: PaperNumber) -> Double {
+        (partial.value - full.value) / (fp32.value - full.value)
+    }
+
+    /// Every number above, for the consistency test against CLAIMS.md.
+    public static let all: [PaperNumber] = [
+        A1.repvggB1FP32, A1.repvggB1PTQ, A2.activationRangeRepVGG, A2.activationRangeRepOpt,
+        A3.yolov6sFP32, A3.repvggPTQ, A3.repvggPTQReadme, A3.repoptPTQ, A3.repoptPTQTutorial, A3.repoptB1FP32, A3.repoptB1PTQ,
+        A4.partialPTQ, A4.partialPTQReadme, A4.skippedLayers, A4.calibrationBatches, A4.batchSize,
+    ]
+}
