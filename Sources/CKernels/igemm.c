@@ -11,6 +11,14 @@
  * sign-extends to s16 and uses `vpmaddwd` (s16 x s16 -> s32 pair sums), which is exact, at
  * half the bytes per instruction.
  *
+ * The saturation cannot happen when every byte of A is at most 127: then |a1*b1 + a2*b2| <=
+ * 2*127*128 = 32512 < 32767 for any s8 B. That holds for activations quantized symmetrically
+ * after a ReLU (u8 codes 0..127), the common case in a RepVGG/YOLOv6 network. Packing A
+ * records whether its bytes all fit; if they do, AVX2 uses `vpmaddubsw` (u8 x s8 pair sums in
+ * s16) and `vpmaddwd` by ones (pairs of those into s32): exact, and twice the work of the
+ * sign-extend path per instruction. Otherwise it takes the sign-extend path. Same results
+ * either way, bit for bit.
+ *
  * A is packed per call into MR-row panels of int32 words (4 k-bytes each), zero-padded. */
 #include <immintrin.h>
 #include <math.h>
@@ -71,10 +79,12 @@ int ql_igemm_u8s8s32_ref(int M, int N, int K, const uint8_t *A, int lda, const i
     return QL_OK;
 }
 
-/* Ap[panel][q][r] = 4 bytes A[i0 + panel*MRI + r, k0 + 4q .. +3] as one int32 word. */
-static void pack_a_u8(int32_t *restrict Ap, const uint8_t *A, int lda, int i0, int mc, int k0,
-                      int kc, int K) {
+/* Ap[panel][q][r] = 4 bytes A[i0 + panel*MRI + r, k0 + 4q .. +3] as one int32 word.
+ * Returns the OR of all packed bytes: bit 7 clear means every byte is at most 127. */
+static uint8_t pack_a_u8(int32_t *restrict Ap, const uint8_t *A, int lda, int i0, int mc, int k0,
+                         int kc, int K) {
     int kq = (kc + 3) / 4;
+    uint8_t any = 0;
     for (int p = 0; p < mc; p += MRI) {
         int rows = ql_min_i(MRI, mc - p);
         int32_t *dst = Ap + (size_t)p * kq;
@@ -85,12 +95,14 @@ static void pack_a_u8(int32_t *restrict Ap, const uint8_t *A, int lda, int i0, i
                 if (src)
                     for (int t = 0; t < 4; t++)
                         if (k0 + 4 * q + t < K && 4 * q + t < kc) b[t] = src[4 * q + t];
+                any |= (uint8_t)(b[0] | b[1] | b[2] | b[3]);
                 int32_t w;
                 memcpy(&w, b, 4);
                 dst[(size_t)q * MRI + r] = w;
             }
         }
     }
+    return any;
 }
 
 /* Tile (mr x nr) of C: C = acc (first slab) or C += acc. */
@@ -183,6 +195,61 @@ __attribute__((target("avx2,fma"))) static void ukr_avx2_i8(int kq, const int32_
     store_tile_i32(C, ldc, tile, mr, nr, accumulate);
 }
 
+/* AVX2 when every byte of A is at most 127: two rows x 32 columns per pass, all four 8-column
+ * strips of B held in registers. For one k-group, A's 4 bytes are broadcast to every 32-bit
+ * lane; vpmaddubsw with the strip (8 columns x 4 k, the packed order) gives s16 pair sums
+ * [c0(k0,k1) c0(k2,k3) c1(k0,k1) ...] (no saturation: see the top of this file), and vpmaddwd
+ * by ones adds each column's two pairs into its own int32 lane: lane c of strip s is column
+ * 8s + c, so no reordering is needed at the end. 8 accumulators + 4 B + A + ones + 1 temp =
+ * 15 of the 16 ymm registers. */
+__attribute__((target("avx2,fma"))) static void ukr_avx2_u7(int kq, const int32_t *restrict a,
+                                                            const int8_t *restrict b, int32_t *C,
+                                                            int ldc, int accumulate, int mr,
+                                                            int nr) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    int32_t tile[2 * NRI] __attribute__((aligned(32)));
+    for (int r0 = 0; r0 < mr; r0 += 2) {
+        __m256i c0[4], c1[4];
+        for (int s = 0; s < 4; s++) c0[s] = c1[s] = _mm256_setzero_si256();
+        const int8_t *bq = b;
+        const int32_t *aq = a + r0;
+        for (int q = 0; q < kq; q++) {
+            __m256i b0 = _mm256_loadu_si256((const __m256i *)bq), b1 = _mm256_loadu_si256((const __m256i *)(bq + 32));
+            __m256i b2 = _mm256_loadu_si256((const __m256i *)(bq + 64)), b3 = _mm256_loadu_si256((const __m256i *)(bq + 96));
+            __m256i a0 = _mm256_set1_epi32(aq[0]);
+            c0[0] = _mm256_add_epi32(c0[0], _mm256_madd_epi16(_mm256_maddubs_epi16(a0, b0), ones));
+            c0[1] = _mm256_add_epi32(c0[1], _mm256_madd_epi16(_mm256_maddubs_epi16(a0, b1), ones));
+            c0[2] = _mm256_add_epi32(c0[2], _mm256_madd_epi16(_mm256_maddubs_epi16(a0, b2), ones));
+            c0[3] = _mm256_add_epi32(c0[3], _mm256_madd_epi16(_mm256_maddubs_epi16(a0, b3), ones));
+            __m256i a1 = _mm256_set1_epi32(aq[1]);
+            c1[0] = _mm256_add_epi32(c1[0], _mm256_madd_epi16(_mm256_maddubs_epi16(a1, b0), ones));
+            c1[1] = _mm256_add_epi32(c1[1], _mm256_madd_epi16(_mm256_maddubs_epi16(a1, b1), ones));
+            c1[2] = _mm256_add_epi32(c1[2], _mm256_madd_epi16(_mm256_maddubs_epi16(a1, b2), ones));
+            c1[3] = _mm256_add_epi32(c1[3], _mm256_madd_epi16(_mm256_maddubs_epi16(a1, b3), ones));
+            aq += MRI;
+            bq += 128;
+        }
+        int rows = ql_min_i(2, mr - r0);
+        if (nr == NRI) {
+            for (int i = 0; i < rows; i++) {
+                int32_t *ci = C + (size_t)(r0 + i) * ldc;
+                const __m256i *acc = i == 0 ? c0 : c1;
+                for (int s = 0; s < 4; s++) {
+                    __m256i v = acc[s];
+                    if (accumulate) v = _mm256_add_epi32(v, _mm256_loadu_si256((const __m256i *)(ci + 8 * s)));
+                    _mm256_storeu_si256((__m256i *)(ci + 8 * s), v);
+                }
+            }
+        } else {
+            for (int s = 0; s < 4; s++) {
+                _mm256_store_si256((__m256i *)(tile + 8 * s), c0[s]);
+                _mm256_store_si256((__m256i *)(tile + NRI + 8 * s), c1[s]);
+            }
+            store_tile_i32(C + (size_t)r0 * ldc, ldc, tile, rows, nr, accumulate);
+        }
+    }
+}
+
 typedef void (*ukr_i8_fn)(int, const int32_t *, const int8_t *, int32_t *, int, int, int, int);
 
 static _Thread_local ql_scratch tl_apack, tl_cblock;
@@ -217,7 +284,7 @@ static void epilogue_rows(const igemm_job *j, int rows, int n0, int ncols, const
  * MC row blocks outermost, so that a block's int32 accumulators are finished over the whole
  * K (in KC slabs) and then requantized while they are still in cache. */
 static int igemm_block(const igemm_job *j, int m0, int M, int n0, int N) {
-    ukr_i8_fn ukr = j->isa == QL_ISA_AVX512 ? ukr_vnni : ukr_avx2_i8;
+    int vnni = j->isa == QL_ISA_AVX512;
     int K = j->K, Kq = kpad(K) / 4;
     size_t apack = (size_t)((ql_min_i(MCI, M) + MRI - 1) / MRI * MRI) * (KCI / 4);
     int32_t *apack_buf = (int32_t *)ql_scratch_reserve(&tl_apack, apack * sizeof(int32_t));
@@ -239,7 +306,8 @@ static int igemm_block(const igemm_job *j, int m0, int M, int n0, int N) {
             for (int i = 0; i < mc; i++) memset(Cb + (size_t)i * ldc, 0, sizeof(int32_t) * (size_t)N);
         for (int pc = 0; pc < K; pc += KCI) {
             int kc = ql_min_i(KCI, K - pc), kq = (kc + 3) / 4;
-            pack_a_u8(apack_buf, j->A + (size_t)m0 * j->lda, j->lda, ic, mc, pc, kc, K);
+            uint8_t any = pack_a_u8(apack_buf, j->A + (size_t)m0 * j->lda, j->lda, ic, mc, pc, kc, K);
+            ukr_i8_fn ukr = vnni ? ukr_vnni : (any & 0x80) ? ukr_avx2_i8 : ukr_avx2_u7;
             for (int jr = 0; jr < N; jr += NRI) {
                 int nr = ql_min_i(NRI, N - jr);
                 const int8_t *bp = j->packed + ((size_t)((n0 + jr) / NRI) * Kq + pc / 4) * 128;

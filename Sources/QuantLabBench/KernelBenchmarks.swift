@@ -45,10 +45,12 @@ public struct KernelBenchmarks {
     }
 
     /// INT8 GEMM (u8 x s8 -> s32, weights pre-packed) GOPS for n x n x n, and the same with
-    /// the fused requantization epilogue (s8 out), as the INT8 engine calls it.
-    public func igemmRate(_ n: Int) -> (gops: Double, withEpilogue: Double) {
+    /// the fused requantization epilogue (s8 out), as the INT8 engine calls it. `activationMax`
+    /// 127 gives the codes of a post-ReLU tensor quantized symmetrically (on AVX2 the
+    /// vpmaddubsw path), 255 full-range u8 (the sign-extend path).
+    public func igemmRate(_ n: Int, activationMax: UInt8 = 255) -> (gops: Double, withEpilogue: Double) {
         var rng = SeededGenerator(seed: UInt64(n) + 1)
-        let a = (0..<(n * n)).map { _ in UInt8(truncatingIfNeeded: rng.next()) }
+        let a = (0..<(n * n)).map { _ in UInt8(truncatingIfNeeded: rng.next()) & activationMax }
         let b = (0..<(n * n)).map { _ in Int8(truncatingIfNeeded: rng.next()) }
         var packed = [Int8](repeating: 0, count: ql_igemm_packed_size(Int32(n), Int32(n)))
         var colSum = [Int32](repeating: 0, count: n)
@@ -196,10 +198,12 @@ public struct KernelBenchmarks {
         }
         let n8 = quick ? 1024 : 2048
         for n in Set([1024, n8]).sorted() {
-            let (gops, withEpi) = igemmRate(n)
             let fp32 = ours[n] ?? sgemmRate(n)
-            log(String(format: "  int8 gemm %4d: %6.1f GOPS (%6.1f fused with requantization), fp32 %6.1f GFLOP/s", n, gops, withEpi, fp32))
-            summary.append(String(format: "int8 gemm %d: %.2fx our sgemm (%.2fx fused with requantization)", n, gops / fp32, withEpi / fp32))
+            for (label, amax) in [("post-ReLU codes 0..127", UInt8(127)), ("full-range u8", UInt8(255))] {
+                let (gops, withEpi) = igemmRate(n, activationMax: amax)
+                log(String(format: "  int8 gemm %4d, %@: %6.1f GOPS (%6.1f fused with requantization), fp32 %6.1f GFLOP/s", n, label, gops, withEpi, fp32))
+                summary.append(String(format: "int8 gemm %d, %@: %.2fx our sgemm (%.2fx fused with requantization)", n, label, gops / fp32, withEpi / fp32))
+            }
         }
         let (fwd, bwd) = convRates()
         let ref = ours[1024] ?? sgemmRate(1024)

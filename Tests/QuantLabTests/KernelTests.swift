@@ -52,14 +52,24 @@ struct KernelTests {
         #expect(ql_sgemm(0, 0, -1, 2, 2, 1, [1, 2, 3, 4], 2, [1, 2, 3, 4], 2, 0, &c, 2) == Int32(QL_EINVAL))
     }
 
+    /// A operands of the INT8 GEMM: full-range u8 (the sign-extend path on AVX2), and codes of
+    /// at most 127 (a post-ReLU tensor quantized symmetrically: the vpmaddubsw path on AVX2),
+    /// with rows of 127 against B = -128 and 127, the largest pair sums vpmaddubsw can see.
+    enum AOperand: CaseIterable { case fullRange, atMost127 }
+
     @Test("INT8 GEMM u8 x s8 -> s32 is bit-exact against the reference", arguments: [
-        (1, 1, 1), (7, 17, 63), (13, 33, 5), (129, 63, 17), (250, 40, 1100), (12, 32, 64),
-    ])
-    func igemmExact(shape: (Int, Int, Int)) {
+        (1, 1, 1), (7, 17, 63), (13, 33, 5), (129, 63, 17), (250, 40, 1100), (12, 32, 64), (3, 70, 2050),
+    ], AOperand.allCases)
+    func igemmExact(shape: (Int, Int, Int), operand: AOperand) {
         let (m, n, k) = shape
         var rng = SeededGenerator(seed: UInt64(m * 1000 + n * 10 + k))
-        let a = (0..<(m * k)).map { _ in UInt8(truncatingIfNeeded: rng.next()) }
-        let b = (0..<(k * n)).map { _ in Int8(truncatingIfNeeded: rng.next()) } // full range, -128 included
+        var a = (0..<(m * k)).map { _ in UInt8(truncatingIfNeeded: rng.next()) }
+        if operand == .atMost127 {
+            a = a.map { $0 & 0x7F }
+            for j in 0..<k { a[j] = 127 } // row 0 all 127: worst case for the s16 pair sums
+        }
+        var b = (0..<(k * n)).map { _ in Int8(truncatingIfNeeded: rng.next()) } // full range, -128 included
+        if operand == .atMost127 { for i in 0..<k { b[i * n] = i % 3 == 0 ? 127 : -128 } } // column 0 at the extremes
         var want = [Int32](repeating: 0, count: m * n)
         #expect(ql_igemm_u8s8s32_ref(Int32(m), Int32(n), Int32(k), a, Int32(k), b, Int32(n), &want, Int32(n)) == 0)
         var packed = [Int8](repeating: 0, count: ql_igemm_packed_size(Int32(k), Int32(n)))
@@ -69,17 +79,17 @@ struct KernelTests {
         for isa in supportedISAs {
             var got = [Int32](repeating: -1, count: m * n)
             #expect(ql_igemm_u8s8s32_isa(isa, Int32(m), Int32(n), Int32(k), a, Int32(k), packed, &got, Int32(n)) == 0)
-            #expect(got == want, "isa \(isa.rawValue) \(m)x\(n)x\(k)")
+            #expect(got == want, "isa \(isa.rawValue) \(m)x\(n)x\(k) \(operand)")
         }
     }
 
     @Test("Fused INT8 GEMM + epilogue equals the reference GEMM followed by the reference epilogue", arguments: [
         (1, 1, 3), (37, 45, 70), (250, 33, 1030), (300, 64, 96), (5, 200, 17),
-    ])
-    func fusedIgemmExact(shape: (Int, Int, Int)) {
+    ], AOperand.allCases)
+    func fusedIgemmExact(shape: (Int, Int, Int), operand: AOperand) {
         let (m, n, k) = shape
         var rng = SeededGenerator(seed: UInt64(7 * m + n + k))
-        let a = (0..<(m * k)).map { _ in UInt8(truncatingIfNeeded: rng.next()) }
+        let a = (0..<(m * k)).map { _ in UInt8(truncatingIfNeeded: rng.next()) & (operand == .atMost127 ? 0x7F : 0xFF) }
         let b = (0..<(k * n)).map { _ in Int8(Int(rng.next() % 255) - 127) }
         var packed = [Int8](repeating: 0, count: ql_igemm_packed_size(Int32(k), Int32(n)))
         var colSum = [Int32](repeating: 0, count: n)
@@ -100,7 +110,7 @@ struct KernelTests {
                             var gotS8 = [Int8](repeating: 0, count: m * n), gotF32 = [Float](repeating: 0, count: m * n)
                             #expect(ql_igemm_u8s8_s8_isa(isa, Int32(m), Int32(n), Int32(k), a, Int32(k), packed, &ep, &gotS8, Int32(n)) == 0)
                             #expect(ql_igemm_u8s8_f32_isa(isa, Int32(m), Int32(n), Int32(k), a, Int32(k), packed, &ep, &gotF32, Int32(n)) == 0)
-                            #expect(gotS8 == wantS8, "s8 isa \(isa.rawValue) \(m)x\(n)x\(k) relu \(relu)")
+                            #expect(gotS8 == wantS8, "s8 isa \(isa.rawValue) \(m)x\(n)x\(k) relu \(relu) \(operand)")
                             #expect(gotF32 == wantF32, "f32 isa \(isa.rawValue) \(m)x\(n)x\(k) relu \(relu)")
                         }
                     }

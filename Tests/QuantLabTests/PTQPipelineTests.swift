@@ -68,6 +68,7 @@ struct PTQPipelineTests {
         let fp32 = withNoGrad { model(x) }.values
         var calibratedWith: [UInt64] = []
         let methods: [CalibrationMethod] = [.max, .entropy]
+        var evaluations: [String] = []
         let subject = PTQSubject(label: "net", module: model, metric: "score",
                                  calibrationImages: { plan in
                                      calibratedWith.append(plan.seed)
@@ -81,7 +82,6 @@ struct PTQPipelineTests {
                                      #expect(q != fp32, "evaluated an unquantized model (\(label ?? ""))")
                                      return Double(evaluations.count)
                                  })
-        var evaluations: [String] = []
         let result = try ptqSweep(subject, methods: methods, seeds: [7, 3], batches: 2, batchSize: 2) { seed, method, metric in
             #expect(metric == Double(evaluations.count))
             evaluations.append("\(seed) \(method)")

@@ -40,7 +40,7 @@ enum {
 /* Instruction-set levels. A kernel called with an ISA the CPU lacks returns QL_EUNSUPPORTED. */
 typedef enum {
     QL_ISA_REF = 0,    /* scalar C: the specification */
-    QL_ISA_AVX2 = 1,   /* AVX2 + FMA (int8: AVX2 sign-extend + vpmaddwd, exact) */
+    QL_ISA_AVX2 = 1,   /* AVX2 + FMA (int8: vpmaddubsw when A <= 127, else sign-extend + vpmaddwd; exact) */
     QL_ISA_AVX512 = 2, /* AVX-512F/BW/VL (int8: AVX-512 VNNI vpdpbusd) */
     QL_ISA_BEST = 99,  /* the fastest level this CPU supports */
 } ql_isa;
