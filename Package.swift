@@ -38,12 +38,14 @@ let experimentTargets: [Target] = experimentNames.map { name in
 //   QuantLabData    COCO datasets, synthetic shapes, JPEG, transforms, boxes, NMS, COCO eval
 //   QuantLabModels  Rep blocks, YOLOv6-style detector, classifier, training, saved models
 //   QuantLabQuant   fake quantization, calibrators, the Q/DQ simulator, PTQ, sensitivity
+//   QuantLabEngine  the INT8 engine: a graph of deploy-time ops traced from a model, executors
 //   QuantLabReport  the papers' numbers, Markdown / SVG / JSON rendering, provenance
 //   QuantLabBench   benchmarks (ratios against peers measured in one run)
 //   QuantLab        the umbrella users import: re-exports all of the above
 //
 // Only the targets that own a kernel family call C: Core (tensor ops, optimizers, devices),
-// Data (image kernels), Quant (fake quantization, histograms) and Bench (it times kernels).
+// Data (image kernels), Quant (fake quantization, histograms), Engine (integer kernels) and
+// Bench (it times kernels).
 let package = Package(
     name: "QuantLab",
     products: [
@@ -78,16 +80,17 @@ let package = Package(
         .target(name: "QuantLabData", dependencies: ["QuantLabCore", "CKernels", "CImageIO"]),
         .target(name: "QuantLabModels", dependencies: ["QuantLabCore", "QuantLabData"]),
         .target(name: "QuantLabQuant", dependencies: ["QuantLabCore", "QuantLabData", "QuantLabModels", "CKernels"]),
-        .target(name: "QuantLabReport", dependencies: ["QuantLabCore", "QuantLabData", "QuantLabModels", "QuantLabQuant"]),
+        .target(name: "QuantLabEngine", dependencies: ["QuantLabCore", "QuantLabData", "QuantLabModels", "QuantLabQuant", "CKernels"]),
+        .target(name: "QuantLabReport", dependencies: ["QuantLabCore", "QuantLabData", "QuantLabModels", "QuantLabQuant", "QuantLabEngine"]),
         .target(name: "QuantLabBench", dependencies: ["QuantLabCore", "QuantLabData", "QuantLabModels", "CKernels"]),
-        .target(name: "QuantLab", dependencies: ["QuantLabCore", "QuantLabData", "QuantLabModels", "QuantLabQuant", "QuantLabReport", "QuantLabBench"]),
+        .target(name: "QuantLab", dependencies: ["QuantLabCore", "QuantLabData", "QuantLabModels", "QuantLabQuant", "QuantLabEngine", "QuantLabReport", "QuantLabBench"]),
         .executableTarget(
             name: "qlab",
             dependencies: ["QuantLab", .product(name: "ArgumentParser", package: "swift-argument-parser")]
         ),
         .testTarget(
             name: "QuantLabTests",
-            dependencies: ["QuantLabCore", "QuantLabData", "QuantLabModels", "QuantLabQuant", "QuantLabReport", "CKernels", "CQLCuda"]
+            dependencies: ["QuantLabCore", "QuantLabData", "QuantLabModels", "QuantLabQuant", "QuantLabEngine", "QuantLabReport", "CKernels", "CQLCuda"]
         ),
     ] + experimentTargets
 )

@@ -21,7 +21,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 # Modules any target may import: the toolchain's and the test framework's.
 SYSTEM = {"Foundation", "FoundationEssentials", "Dispatch", "Glibc", "Darwin", "Testing", "XCTest", "Synchronization"}
 # The library, bottom to top: each may depend only on targets to its left.
-STACK = ["QuantLabCore", "QuantLabData", "QuantLabModels", "QuantLabQuant", "QuantLabReport", "QuantLabBench", "QuantLab"]
+STACK = ["QuantLabCore", "QuantLabData", "QuantLabModels", "QuantLabQuant", "QuantLabEngine", "QuantLabReport", "QuantLabBench", "QuantLab"]
 IMPORT = re.compile(r"^\s*(?:@testable\s+|@_exported\s+|(?:public|package|internal|private|fileprivate)\s+)*import\s+(?:class\s+|struct\s+|enum\s+|func\s+)?([A-Za-z_][A-Za-z0-9_]*)", re.M)
 
 

@@ -4,5 +4,6 @@
 @_exported import QuantLabData
 @_exported import QuantLabModels
 @_exported import QuantLabQuant
+@_exported import QuantLabEngine
 @_exported import QuantLabReport
 @_exported import QuantLabBench

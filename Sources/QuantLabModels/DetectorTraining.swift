@@ -3,9 +3,11 @@ import QuantLabCore
 import QuantLabData
 
 /// Validation of a detector: COCO mAP (all 12 numbers) of its detections mapped back to
-/// original-image pixels.
+/// original-image pixels. `forward` replaces the model's own forward pass (an engine running
+/// the model's compiled graph, say); the model still decodes the boxes.
 public func evaluateDetector(_ model: YOLOv6, on dataset: DetectionDataset, batchSize: Int = 32, resize: DetectionTransform.Resize = .letterbox,
-                             progressLabel: String? = nil) throws -> (COCOEvaluator.Result, [COCOResult]) {
+                             progressLabel: String? = nil,
+                             forward: ((Tensor) throws -> (classLogits: Tensor, distances: Tensor))? = nil) throws -> (COCOEvaluator.Result, [COCOResult]) {
     let wasTraining = model.isTraining
     model.eval()
     defer { model.train(wasTraining) }
@@ -15,7 +17,7 @@ public func evaluateDetector(_ model: YOLOv6, on dataset: DetectionDataset, batc
     var results: [COCOResult] = [], seen = 0
     let sequence = loader.epoch(0)
     for batch in sequence {
-        let (logits, dist) = withNoGrad { model(batch.images) }
+        let (logits, dist) = try forward?(batch.images) ?? withNoGrad { model(batch.images) }
         for (b, dets) in model.detections(classLogits: logits, distances: dist).enumerated() {
             for d in dets {
                 let box = batch.geometry[b].toOriginal(d.box)

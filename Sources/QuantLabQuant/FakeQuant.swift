@@ -74,6 +74,7 @@ public func fakeQuantize(_ x: Tensor, amax: [Float], spec: QuantSpec) -> Tensor 
         let outer = x.shape[..<axis].reduce(1, *), inner = x.shape[(axis + 1)...].reduce(1, *)
         let channels = Int32(x.shape[axis])
         ql_fake_quant_per_channel_f32(out.data, x.data, Int64(outer), channels, Int64(inner), amax, qmax)
+        traceOp(.quantizeDequantize(amax: amax, axis: axis, bits: spec.bits), [x], out)
         return record(out, "fake_quant_per_channel", [x]) { g in
             ql_fake_quant_per_channel_bwd_f32(x.gradBuffer().data, g.data, x.data, Int64(outer), channels, Int64(inner), amax)
         }
@@ -81,6 +82,7 @@ public func fakeQuantize(_ x: Tensor, amax: [Float], spec: QuantSpec) -> Tensor 
     precondition(amax.count == 1, "fakeQuantize: per-tensor quantization takes one amax, got \(amax.count)")
     let a = amax[0]
     ql_fake_quant_f32(out.data, x.data, Int64(x.count), a, qmax)
+    traceOp(.quantizeDequantize(amax: amax, axis: nil, bits: spec.bits), [x], out)
     return record(out, "fake_quant", [x]) { g in
         ql_fake_quant_bwd_f32(x.gradBuffer().data, g.data, x.data, Int64(x.count), a)
     }
@@ -92,6 +94,7 @@ public func fakeQuantizeAffine(_ x: Tensor, scale: Float, zeroPoint: Int, levels
     let out = Tensor(zeros: x.shape)
     let (zp, hi) = (Int32(zeroPoint), Int32(levels))
     ql_fake_quant_affine_f32(out.data, x.data, Int64(x.count), scale, zp, 0, hi)
+    traceOp(.unsupported("asymmetric fake quantization"), [x], out)
     return record(out, "fake_quant_affine", [x]) { g in
         ql_fake_quant_affine_bwd_f32(x.gradBuffer().data, g.data, x.data, Int64(x.count), scale, zp, 0, hi)
     }

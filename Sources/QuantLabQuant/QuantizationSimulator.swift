@@ -21,6 +21,8 @@ public final class TensorQuantizer {
     /// Collects statistics and passes values through unchanged (FP32 calibration pass).
     public var isCalibrating = false
     public var statistics: ActivationStatistics
+    /// What it quantizes ("neck.reduce_layer1.conv.input"), for traced graphs and messages.
+    public var label: String?
 
     public init(spec: QuantSpec, histogram: Bool = true, bins: Int = 2048) {
         self.spec = spec
@@ -36,7 +38,9 @@ public final class TensorQuantizer {
         switch spec.mode {
         case .symmetric:
             guard let amax else { preconditionFailure("a quantizer was enabled before it was calibrated (call applyCalibration first)") }
-            return fakeQuantize(x, amax: amax, spec: spec)
+            let out = untraced { fakeQuantize(x, amax: amax, spec: spec) }
+            traceOp(.quantizeDequantize(amax: amax, axis: spec.axis, bits: spec.bits), [x], out, name: label)
+            return out
         case .asymmetric:
             guard let affine else { preconditionFailure("a quantizer was enabled before it was calibrated (call applyCalibration first)") }
             return fakeQuantizeAffine(x, scale: affine.scale, zeroPoint: affine.zeroPoint, levels: spec.levels)
@@ -159,9 +163,12 @@ public final class QuantizationSimulator {
                 let input = activationQuantizer()
                 let weight = TensorQuantizer(spec: QuantSpec(bits: options.weightBits, axis: options.perChannelWeights ? layer.outputChannelAxis : nil),
                                              histogram: false)
+                input.label = "\(name).input"
+                weight.label = "\(name).weight"
                 layers.append(QuantizedLayer(name: name, kind: kind, input: input, weight: weight, module: m))
             } else if m is TapPoint, options.quantizeConcat {
                 let input = activationQuantizer()
+                input.label = "\(name).input"
                 layers.append(QuantizedLayer(name: name, kind: .concat, input: input, weight: nil, module: m))
             }
         }

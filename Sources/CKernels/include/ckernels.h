@@ -209,6 +209,22 @@ typedef struct {
 /* Output size; returns QL_EINVAL (and leaves OH/OW untouched) for an impossible geometry. */
 int ql_conv_out_size(const ql_conv_geom *g, int *OH, int *OW);
 
+/* ---- INT8 activation tensors of the engine (qtensor.c): signed codes in NHWC order ---- */
+/* code = clamp(round_half_to_even(x / s), -qmax, qmax) with s = amax / qmax computed as the fake
+ * quantizer does (so codes equal the simulator's bit for bit); x is NCHW [N, C, HW], out NHWC. */
+void ql_quantize_nchw_to_nhwc_s8(int8_t *restrict out, const float *restrict x, int N, int C, int HW,
+                                 float amax, int qmax);
+/* out[n, c, p] = q[n, p, c] * scale (NHWC codes back to NCHW floats). */
+void ql_dequantize_nhwc_to_nchw_f32(float *restrict out, const int8_t *restrict q, int N, int C, int HW,
+                                   float scale);
+/* The smallest of n codes (127 for n == 0): 0 or more means the u8 view needs no offset. */
+int ql_s8_min(const int8_t *x, int64_t n);
+/* im2col of NHWC codes for a u8 x s8 GEMM: row (n, oh, ow), column (kh, kw, c), value
+ * code + offset as u8 (offset 0 for non-negative codes, 128 otherwise; the GEMM's column
+ * offset then subtracts offset * sum_k w). Outside the image: offset (the code 0). groups must
+ * be 1. Returns QL_EINVAL for a bad geometry or offset. */
+int ql_im2col_nhwc_s8u8(uint8_t *restrict col, const int8_t *restrict x, const ql_conv_geom *g, int offset);
+
 void ql_im2col(float *restrict col, const float *restrict x, int C, int H, int W, int KH, int KW,
                int SH, int SW, int PH, int PW, int DH, int DW);
 void ql_col2im(float *restrict x, const float *restrict col, int C, int H, int W, int KH, int KW,

@@ -10,6 +10,7 @@ extension Tensor {
         if device == .cuda { return CUDAOps.unary(op, name, self) }
         let out = Tensor(zeros: shape)
         ql_unary_fwd(op, out.data, data, Int64(count))
+        traceOp(op == QL_UNARY_RELU ? .relu : op == QL_UNARY_SIGMOID ? .sigmoid : op == QL_UNARY_SILU ? .silu : .unsupported(name), [self], out)
         return record(out, name, [self]) { [unowned out] g in
             ql_unary_bwd(op, self.gradBuffer().data, g.data, self.data, needsOutput ? out.data : nil, Int64(self.count))
         }
@@ -31,6 +32,7 @@ extension Tensor {
         if device == .cuda { return CUDAOps.scaleShift(self, a, b) }
         let out = Tensor(zeros: shape)
         ql_scale_shift(out.data, data, a, b, Int64(count))
+        traceOp(.affine(scale: a, shift: b), [self], out)
         return record(out, "scale_shift", [self]) { g in
             ql_axpy(self.gradBuffer().data, a, g.data, Int64(self.count))
         }
@@ -73,6 +75,7 @@ private func binary(_ op: ql_binary_op, _ name: String, _ a: Tensor, _ b: Tensor
     let dims = shape.map { Int64($0) }
     let st = ql_binary_strided(op, out.data, a.data, sa, b.data, sb, dims, Int32(shape.count))
     precondition(st == 0, "\(name): kernel status \(st)")
+    traceOp(op == QL_BINARY_ADD ? .add : op == QL_BINARY_SUB ? .sub : op == QL_BINARY_MUL ? .mul : op == QL_BINARY_DIV ? .div : .unsupported(name), [a, b], out)
     return record(out, name, [a, b]) { g in
         _ = ql_binary_strided_bwd(op, a.requiresGrad ? a.gradBuffer().data : nil, sa,
                                   b.requiresGrad ? b.gradBuffer().data : nil, sb,
@@ -104,6 +107,7 @@ extension Tensor {
         }
         precondition(dims.reduce(1, *) == count, "reshape \(shape) (\(count) values) to \(newShape)")
         let out = Tensor(shape: dims, storage: storage)
+        traceOp(.reshape(dims), [self], out)
         return record(out, "reshape", [self]) { g in ql_axpy_into(self.gradBuffer(), g) }
     }
 
@@ -120,6 +124,7 @@ extension Tensor {
         let out = Tensor(zeros: outShape)
         let dims = outShape.map { Int64($0) }
         _ = ql_copy_strided(out.data, data, readStrides, dims, Int32(rank))
+        traceOp(.transpose(order), [self], out)
         return record(out, "permute", [self]) { g in
             _ = ql_accumulate_strided(self.gradBuffer().data, readStrides, g.data, dims, Int32(self.rank))
         }
@@ -142,6 +147,7 @@ extension Tensor {
         let out = Tensor(zeros: outShape)
         let dims = outShape.map { Int64($0) }
         _ = ql_copy_strided(out.data, data + offset, strides, dims, Int32(rank))
+        traceOp(.slice(axis: dim, start: start, end: end), [self], out)
         return record(out, "slice", [self]) { g in
             _ = ql_accumulate_strided(self.gradBuffer().data + offset, strides, g.data, dims, Int32(self.rank))
         }
@@ -154,6 +160,7 @@ extension Tensor {
         let out = Tensor(zeros: target)
         let dims = target.map { Int64($0) }
         _ = ql_copy_strided(out.data, data, strides, dims, Int32(target.count))
+        traceOp(.unsupported("expand"), [self], out)
         return record(out, "expand", [self]) { g in
             _ = ql_accumulate_strided(self.gradBuffer().data, strides, g.data, dims, Int32(target.count))
         }
@@ -183,6 +190,7 @@ public func concat(_ tensors: [Tensor], dim: Int) -> Tensor {
         }
         offset += rowLen
     }
+    traceOp(.concat(axis: dim), tensors, out)
     return record(out, "concat", tensors) { g in
         for (t, off) in zip(tensors, offsets) where t.requiresGrad {
             let rowLen = t.shape[dim] * inner
@@ -202,6 +210,7 @@ extension Tensor {
         precondition(indices.allSatisfy { $0 >= 0 && $0 < n }, "gatherRows: an index is outside [0, \(n))")
         let out = Tensor(zeros: [indices.count, d])
         for (i, r) in indices.enumerated() { (out.data + i * d).update(from: data + r * d, count: d) }
+        traceOp(.unsupported("gather_rows"), [self], out)
         return record(out, "gather_rows", [self]) { g in
             let gb = self.gradBuffer()
             for (i, r) in indices.enumerated() { ql_axpy(gb.data + r * d, 1, g.data + i * d, Int64(d)) }
@@ -215,6 +224,7 @@ extension Tensor {
     /// Sum of all elements (a scalar tensor of shape []).
     public func sum() -> Tensor {
         let out = Tensor.scalar(Float(ql_sum(data, Int64(count))))
+        traceOp(.unsupported("sum"), [self], out)
         return record(out, "sum", [self]) { g in
             let gb = self.gradBuffer()
             ql_scale_shift(gb.data, gb.data, 1, g.data[0], Int64(self.count))
@@ -232,6 +242,7 @@ extension Tensor {
         let strides = broadcastStrides(keptShape, to: shape)
         let dims64 = shape.map { Int64($0) }
         _ = ql_accumulate_strided(out.data, strides, data, dims64, Int32(rank))
+        traceOp(.unsupported("sum(dims:)"), [self], out)
         let result = record(out, "sum_dims", [self]) { g in
             let gb = self.gradBuffer()
             let dense = broadcastStrides(self.shape, to: self.shape)
@@ -258,6 +269,7 @@ extension Tensor {
         let cols = shape.last ?? 1, rows = count / max(cols, 1)
         let out = Tensor(zeros: shape)
         ql_softmax_rows(out.data, data, Int64(rows), Int32(cols))
+        traceOp(.softmax, [self], out)
         return record(out, "softmax", [self]) { [unowned out] g in
             ql_softmax_rows_bwd(self.gradBuffer().data, g.data, out.data, Int64(rows), Int32(cols))
         }
@@ -267,6 +279,7 @@ extension Tensor {
         let cols = shape.last ?? 1, rows = count / max(cols, 1)
         let out = Tensor(zeros: shape)
         ql_log_softmax_rows(out.data, data, Int64(rows), Int32(cols))
+        traceOp(.unsupported("log_softmax"), [self], out)
         return record(out, "log_softmax", [self]) { [unowned out] g in
             ql_log_softmax_rows_bwd(self.gradBuffer().data, g.data, out.data, Int64(rows), Int32(cols))
         }

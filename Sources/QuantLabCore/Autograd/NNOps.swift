@@ -70,6 +70,7 @@ public func conv2d(_ x: Tensor, weight: Tensor, bias: Tensor? = nil, options o: 
     if x.device == .cuda { return CUDAOps.conv2d(x, weight, bias, g, oh: Int(oh), ow: Int(ow)) }
     let out = Tensor(zeros: [x.shape[0], weight.shape[0], Int(oh), Int(ow)])
     check(ql_conv2d_fwd(out.data, x.data, weight.data, bias?.data, &g), "conv2d")
+    traceOp(.conv(o), [x, weight, bias], out)
     let parents = bias.map { [x, weight, $0] } ?? [x, weight]
     return record(out, "conv2d", parents) { grad in
         var g = g
@@ -113,6 +114,8 @@ public func convTranspose2d(_ x: Tensor, weight: Tensor, bias: Tensor? = nil, op
         let hw = hOut * wOut
         for n in 0..<x.shape[0] { for c in 0..<cOut { let p = out.data + (n * cOut + c) * hw; ql_scale_shift(p, p, 1, b.data[c], Int64(hw)) } }
     }
+    traceOp(outputPadding.0 == outputPadding.1 ? .convTranspose(o, outputPadding: outputPadding.0) : .unsupported("conv_transpose2d with unequal output padding"),
+            [x, weight, bias], out)
     let parents = bias.map { [x, weight, $0] } ?? [x, weight]
     return record(out, "conv_transpose2d", parents) { grad in
         var g = g
@@ -155,6 +158,7 @@ public func batchNorm2d(_ x: Tensor, weight: Tensor?, bias: Tensor?, runningMean
     }
     let out = Tensor(zeros: x.shape)
     ql_batch_norm_apply(out.data, x.data, mean.data, rstd.data, weight?.data, bias?.data, Int32(n), Int32(c), Int64(hw))
+    traceOp(.unsupported(training ? "batch_norm (training)" : "batch_norm (fold it into the conv first: convertToDeployForm)"), [x], out)
     let parents = [x] + [weight, bias].compactMap { $0 }
     return record(out, "batch_norm", parents) { g in
         let dgamma = (weight?.requiresGrad ?? false) ? weight!.gradBuffer().data : nil
@@ -185,6 +189,7 @@ public func layerNorm(_ x: Tensor, weight: Tensor?, bias: Tensor?, eps: Float = 
     let out = Tensor(zeros: x.shape), mean = Tensor(zeros: [rows]), rstd = Tensor(zeros: [rows])
     ql_layer_norm_fwd(out.data, mean.data, rstd.data, x.data, weight?.data, bias?.data, Int64(rows), Int32(cols), eps)
     let parents = [x] + [weight, bias].compactMap { $0 }
+    traceOp(.layerNorm(eps: eps), [x, weight, bias], out)
     return record(out, "layer_norm", parents) { g in
         // the kernel always writes dx; a scratch buffer takes it when x needs no gradient
         let dx = x.requiresGrad ? x.gradBuffer() : Tensor(zeros: x.shape)
@@ -211,6 +216,7 @@ public func maxPool2d(_ x: Tensor, kernel: Int, stride: Int? = nil, padding: Int
     var argmax = [Int32](repeating: 0, count: out.count)
     ql_max_pool2d_fwd(out.data, &argmax, x.data, Int64(planes), Int32(h), Int32(w), Int32(kernel), Int32(kernel),
                       Int32(s), Int32(s), Int32(padding), Int32(padding))
+    traceOp(.maxPool(kernel: kernel, stride: stride ?? kernel, padding: padding), [x], out)
     return record(out, "max_pool2d", [x]) { g in
         ql_max_pool2d_bwd(x.gradBuffer().data, g.data, argmax, Int64(planes), Int32(h), Int32(w), Int32(oh), Int32(ow))
     }
@@ -226,6 +232,7 @@ public func avgPool2d(_ x: Tensor, kernel: Int, stride: Int? = nil, padding: Int
     let out = Tensor(zeros: [x.shape[0], x.shape[1], oh, ow])
     let k = Int32(kernel), st = Int32(s), p = Int32(padding), inc: Int32 = countIncludePad ? 1 : 0
     ql_avg_pool2d_fwd(out.data, x.data, planes, Int32(h), Int32(w), k, k, st, st, p, p, inc)
+    traceOp(.unsupported("avg_pool2d"), [x], out)
     return record(out, "avg_pool2d", [x]) { g in
         ql_avg_pool2d_bwd(x.gradBuffer().data, g.data, planes, Int32(h), Int32(w), k, k, st, st, p, p, inc)
     }
@@ -234,7 +241,9 @@ public func avgPool2d(_ x: Tensor, kernel: Int, stride: Int? = nil, padding: Int
 /// Mean over H and W: [N, C, H, W] -> [N, C].
 public func globalAvgPool2d(_ x: Tensor) -> Tensor {
     precondition(x.rank == 4, "global_avg_pool2d: input \(x.shape)")
-    return x.mean(dims: [2, 3])
+    let out = untraced { x.mean(dims: [2, 3]) }
+    traceOp(.globalAveragePool, [x], out)
+    return out
 }
 
 /// Nearest-neighbour upsampling by an integer factor.
@@ -243,6 +252,7 @@ public func upsampleNearest(_ x: Tensor, scale: Int) -> Tensor {
     let (h, w) = (x.shape[2], x.shape[3]), planes = Int64(x.shape[0] * x.shape[1])
     let out = Tensor(zeros: [x.shape[0], x.shape[1], h * scale, w * scale])
     ql_upsample_nearest_fwd(out.data, x.data, planes, Int32(h), Int32(w), Int32(scale), Int32(scale))
+    traceOp(.upsampleNearest(scale: scale), [x], out)
     return record(out, "upsample_nearest", [x]) { g in
         ql_upsample_nearest_bwd(x.gradBuffer().data, g.data, planes, Int32(h), Int32(w), Int32(scale), Int32(scale))
     }
@@ -265,6 +275,7 @@ public func linear(_ x: Tensor, weight: Tensor, bias: Tensor? = nil) -> Tensor {
     check(ql_sgemm(0, 1, Int32(rows), Int32(outF), Int32(inF), 1, x.data, Int32(inF), weight.data, Int32(inF),
                    bias == nil ? 0 : 1, out.data, Int32(outF)), "linear")
     let parents = bias.map { [x, weight, $0] } ?? [x, weight]
+    traceOp(.linear, [x, weight, bias], out)
     return record(out, "linear", parents) { g in
         if x.requiresGrad {
             check(ql_sgemm(0, 0, Int32(rows), Int32(inF), Int32(outF), 1, g.data, Int32(outF), weight.data, Int32(inF),
@@ -298,6 +309,7 @@ public func matmul(_ a: Tensor, _ b: Tensor) -> Tensor {
         check(ql_sgemm(0, 0, I, J, K, 1, a.data + i * m * k, K, b.data + (sharedB ? 0 : i * k * n), J, 0,
                        out.data + i * m * n, J), "matmul")
     }
+    traceOp(.matmul, [a, b], out)
     return record(out, "matmul", [a, b]) { g in
         for i in 0..<batch {
             let gi = g.data + i * m * n, bi = b.data + (sharedB ? 0 : i * k * n)

@@ -1,0 +1,222 @@
+import CKernels
+import Foundation
+import Testing
+@testable import QuantLabCore
+@testable import QuantLabEngine
+@testable import QuantLabModels
+@testable import QuantLabQuant
+
+@Suite("Engine graph: tracing a model and running the graph")
+struct EngineGraphTests {
+    /// A deploy-form detector with non-trivial predictors (YOLOv6 starts them at zero).
+    private func deployedDetector(seed: UInt64) -> YOLOv6 {
+        var rng = SeededGenerator(seed: seed)
+        let model = YOLOv6(.tiny(block: .repvgg, numClasses: 3, inputSize: 64), rng: &rng)
+        model.train()
+        _ = withNoGrad { model(Tensor.randn([2, 3, 64, 64], rng: &rng)) } // BN statistics that are not the identity
+        model.eval()
+        model.convertToDeployForm()
+        for (name, p) in model.namedParameters() where name.hasPrefix("detect.cls_preds") || name.hasPrefix("detect.reg_preds") {
+            try! p.copyValues(from: Tensor.uniform(p.shape, low: -0.3, high: 0.3, rng: &rng))
+        }
+        return model
+    }
+
+    @Test("a small net traces to Conv, Relu, MaxPool, GlobalAveragePool, Gemm named by layer; the graph recomputes it on another input")
+    func smallNet() throws {
+        var rng = SeededGenerator(seed: 3)
+        let model = Sequential([Conv2d(3, 4, kernel: 3, rng: &rng), Lambda.relu(), Lambda.maxPool(2), Lambda.globalAvgPool(), Linear(4, 5, rng: &rng)])
+        model.eval()
+        let graph = try Graph.trace(model, example: Tensor(zeros: [2, 3, 8, 8])) { [model($0)] }
+        #expect(graph.nodes.map(\.op.name) == ["Conv", "Relu", "MaxPool", "GlobalAveragePool", "Gemm"])
+        #expect(graph.nodes.map(\.name) == ["0", "Relu", "MaxPool", "GlobalAveragePool", "4"])
+        #expect(Set(graph.constants.keys.map { graph.values[$0].name }) == ["0.weight", "0.bias", "4.weight", "4.bias"])
+        #expect(graph.values[graph.outputs[0]].shape == [2, 5])
+        let x = Tensor.uniform([2, 3, 8, 8], low: -1, high: 1, rng: &rng)
+        #expect(try ReferenceExecutor(graph).run([x])[0].values == withNoGrad { model(x) }.values)
+        let plan = graph.explain()
+        #expect(plan.contains("Conv(s1 p1)") && plan.contains("ops: Conv 1, Gemm 1, GlobalAveragePool 1, MaxPool 1, Relu 1"), "\(plan)")
+    }
+
+    @Test("the deploy-form detector traces with YOLOv6's layer names, and the graph equals the model bit for bit")
+    func detector() throws {
+        let model = deployedDetector(seed: 5)
+        let graph = try Graph.trace(model, batch: 2)
+        let convModules = model.namedModules().filter { $0.1 is Conv2d }.count
+        #expect(graph.opCounts["Conv"] == convModules)
+        #expect(graph.opCounts["ConvTranspose"] == 2 && graph.opCounts["Concat"]! >= 6 && graph.opCounts["MaxPool"] == 3)
+        let names = Set(graph.nodes.map(\.name))
+        for n in ["backbone.stem.rbr_reparam", "neck.reduce_layer1.conv", "neck.upsample1.upsample_transpose", "detect.cls_preds.0"] {
+            #expect(names.contains(n), "no node \(n)")
+        }
+        var rng = SeededGenerator(seed: 6)
+        let x = Tensor.uniform([2, 3, 64, 64], low: 0, high: 1, rng: &rng)
+        let out = try ReferenceExecutor(graph).run([x])
+        let (logits, distances) = withNoGrad { model(x) }
+        #expect(out[0].values == logits.values && out[1].values == distances.values)
+        #expect(out[0].shape == logits.shape && out[1].shape == distances.shape)
+        expectError(EngineError.self, mentioning: "expected shape [2, 3, 64, 64]") { _ = try ReferenceExecutor(graph).run([Tensor(zeros: [1, 3, 64, 64])]) }
+    }
+
+    @Test("with the simulator installed the graph carries its Q/DQ: named per layer, weights per channel, the simulator's amax; equal to the fake-quantized model")
+    func quantizedDetector() throws {
+        let model = deployedDetector(seed: 7)
+        var rng = SeededGenerator(seed: 8)
+        let sim = try QuantizationSimulator(model)
+        defer { sim.remove() }
+        sim.calibrate(on: [Tensor.uniform([2, 3, 64, 64], low: 0, high: 1, rng: &rng)]) { _ = model($0) }
+        try sim.applyCalibration(.max)
+        let graph = try Graph.trace(model, batch: 2)
+        let qdq = graph.nodes.filter { if case .quantizeDequantize = $0.op { return true } else { return false } }
+        #expect(qdq.count == 2 * sim.layers.count, "one input and one weight quantizer per conv / transposed conv")
+        for layer in sim.layers {
+            guard let conv = graph.nodes.first(where: { $0.name == layer.name }) else { Issue.record("no node \(layer.name)"); continue }
+            let input = conv.inputs[0].flatMap { graph.producer(of: $0) }, weight = conv.inputs[1].flatMap { graph.producer(of: $0) }
+            #expect(input?.name == "\(layer.name).input" && weight?.name == "\(layer.name).weight", "\(layer.name): \(input?.name ?? "-") / \(weight?.name ?? "-")")
+            if case .quantizeDequantize(let amax, let axis, let bits)? = weight?.op {
+                #expect(amax == layer.weight!.amax! && axis == layer.weight!.spec.axis && bits == 8)
+            } else { Issue.record("\(layer.name): the weight does not pass through a QDQ node") }
+            if case .quantizeDequantize(let amax, let axis, _)? = input?.op {
+                #expect(amax == layer.input.amax! && axis == nil)
+            } else { Issue.record("\(layer.name): the input does not pass through a QDQ node") }
+        }
+        let x = Tensor.uniform([2, 3, 64, 64], low: 0, high: 1, rng: &rng)
+        let out = try ReferenceExecutor(graph).run([x])
+        let (logits, distances) = withNoGrad { model(x) }
+        #expect(out[0].values == logits.values && out[1].values == distances.values)
+        #expect(graph.explain().contains("QDQ(int8 per-channel axis 0"))
+    }
+
+    @Test("what an engine cannot run is refused by name: a BN not folded, a model in training mode")
+    func refused() throws {
+        var rng = SeededGenerator(seed: 9)
+        let model = YOLOv6(.tiny(block: .repvgg, numClasses: 3, inputSize: 64), rng: &rng)
+        expectError(EngineError.self, mentioning: "eval mode") { _ = try Graph.trace(model) }
+        model.eval()
+        expectError(EngineError.self, mentioning: "batch_norm", "convertToDeployForm") { _ = try Graph.trace(model) }
+    }
+}
+
+@Suite("Engine INT8 plan: fusion, Reformat steps, integer execution against the simulator")
+struct EngineInt8Tests {
+    /// The simulator's codes of a fake-quantized f32 tensor (its values are code * s).
+    private func codes(_ t: Tensor, amax: Float) -> QTensor {
+        var c = [Int8](repeating: 0, count: t.count)
+        ql_quantize_nchw_to_nhwc_s8(&c, t.data, Int32(t.shape[0]), Int32(t.shape[1]), Int32(t.shape[2] * t.shape[3]), amax, 127)
+        return QTensor(codes: c, shape: t.shape, amax: amax)
+    }
+
+    /// For every fused conv: given the simulator's input codes, the engine's output equals the
+    /// simulator's output codes or differs by one code (the float order of acc * s_x s_w / s_y
+    /// + b / s_y vs (sum of products + b) / s_y); f32 outputs agree to float rounding. Returns
+    /// (elements compared, elements one code apart).
+    private func compareLayers(_ plan: Int8Plan, _ reference: [Int: Tensor]) throws -> (compared: Int, oneOff: Int) {
+        var compared = 0, oneOff = 0
+        for step in plan.steps {
+            guard case .int8Conv(let conv, let input, let output, let absorbed) = step else { continue }
+            guard let x = reference[input] else { Issue.record("\(conv.name): no reference input"); continue }
+            let (q, t) = try conv.run(codes(x, amax: plan.graph.producer(of: input).flatMap { n -> Float? in
+                if case .quantizeDequantize(let a, _, _) = n.op { return a[0] } else { return nil } } ?? 0))
+            if let q, let amax = conv.outputAmax, let y = reference[absorbed[0]] {
+                let want = codes(y, amax: amax).codes
+                for (a, b) in zip(q.codes, want) {
+                    let d = abs(Int(a) - Int(b))
+                    #expect(d <= 1, "\(conv.name): engine code \(a) vs simulator \(b)")
+                    compared += 1
+                    if d == 1 { oneOff += 1 }
+                }
+            } else if let t, let y = reference[output] {
+                let top = y.values.map(Swift.abs).max() ?? 1
+                #expect(firstMismatch(t.values, y.values, atol: 1e-5 * Double(top), rtol: 1e-4) == nil, "\(conv.name): f32 output")
+            }
+        }
+        return (compared, oneOff)
+    }
+
+    @Test("a conv stack: convs fuse with their ReLU and the next quantizer; one Quantize at the input, the head's quantizer runs in float; layer by layer within one code of the simulator")
+    func convStack() throws {
+        var rng = SeededGenerator(seed: 21)
+        let model = Sequential([Conv2d(3, 8, kernel: 3, rng: &rng), Lambda.relu(), Conv2d(8, 16, kernel: 3, stride: 2, rng: &rng), Lambda.relu(),
+                                Conv2d(16, 16, kernel: 1, rng: &rng), Lambda.globalAvgPool(), Linear(16, 4, rng: &rng)])
+        model.eval()
+        let sim = try QuantizationSimulator(model)
+        defer { sim.remove() }
+        let calibration = (0..<2).map { _ in Tensor.uniform([4, 3, 12, 12], low: -1, high: 1, rng: &rng) }
+        sim.calibrate(on: calibration) { _ = model($0) }
+        try sim.applyCalibration(.max)
+        let x = Tensor.uniform([4, 3, 12, 12], low: -1, high: 1, rng: &rng)
+        let graph = try Graph.trace(model, example: x) { [model($0)] }
+        let plan = try Int8Plan(graph)
+        #expect(plan.int8ConvCount == 3)
+        let fused = plan.steps.compactMap { s -> Int8Conv? in if case .int8Conv(let c, _, _, _) = s { return c } else { return nil } }
+        #expect(fused.map(\.relu) == [true, true, false])
+        #expect(fused.map { $0.outputAmax != nil } == [true, true, false], "the last conv feeds a pooling layer: f32 out")
+        #expect(plan.reformats == ["quantize": 1, "qdq (float)": 1], "\(plan.explain())")
+        let reference = try ReferenceExecutor(graph).runKeepingValues([x])
+        let (compared, oneOff) = try compareLayers(plan, reference)
+        #expect(compared > 0)
+        #expect(Double(oneOff) / Double(compared) < 0.02, "\(oneOff) of \(compared) codes one apart")
+        // end to end: the same logits up to the rounding differences
+        let engine = try plan.run([x])[0], simulated = withNoGrad { model(x) }
+        #expect(cosineSimilarity(engine.values, simulated.values) > 0.999)
+        // signed input codes (the image is in [-1, 1]) took the offset-128 path; a non-negative image the offset-0 one
+        let positive = Tensor.uniform([4, 3, 12, 12], low: 0, high: 1, rng: &rng)
+        #expect(cosineSimilarity(try plan.run([positive])[0].values, withNoGrad { model(positive) }.values) > 0.999)
+    }
+
+    @Test("the detector: every conv fuses; Reformat steps are counted; layer by layer within one code of the simulator; outputs close end to end")
+    func detector() throws {
+        var rng = SeededGenerator(seed: 23)
+        let model = YOLOv6(.tiny(block: .repvgg, numClasses: 3, inputSize: 64), rng: &rng)
+        model.train()
+        _ = withNoGrad { model(Tensor.randn([2, 3, 64, 64], rng: &rng)) }
+        model.eval()
+        model.convertToDeployForm()
+        for (name, p) in model.namedParameters() where name.hasPrefix("detect.cls_preds") || name.hasPrefix("detect.reg_preds") {
+            try p.copyValues(from: Tensor.uniform(p.shape, low: -0.3, high: 0.3, rng: &rng))
+        }
+        let sim = try QuantizationSimulator(model)
+        defer { sim.remove() }
+        sim.calibrate(on: [Tensor.uniform([2, 3, 64, 64], low: 0, high: 1, rng: &rng)]) { _ = model($0) }
+        try sim.applyCalibration(.max)
+        let graph = try Graph.trace(model, batch: 2)
+        let plan = try Int8Plan(graph)
+        #expect(plan.int8ConvCount == graph.opCounts["Conv"])
+        #expect((plan.reformats["quantize"] ?? 0) >= 1)
+        let x = Tensor.uniform([2, 3, 64, 64], low: 0, high: 1, rng: &rng)
+        let (compared, oneOff) = try compareLayers(plan, try ReferenceExecutor(graph).runKeepingValues([x]))
+        #expect(compared > 10_000 && Double(oneOff) / Double(compared) < 0.02, "\(oneOff) of \(compared) codes one apart")
+        let out = try plan.run([x])
+        let (logits, distances) = withNoGrad { model(x) }
+        #expect(cosineSimilarity(out[0].values, logits.values) > 0.99 && cosineSimilarity(out[1].values, distances.values) > 0.99)
+        #expect(plan.explain().contains("Int8Conv int8 -> int8"))
+    }
+
+    @Test("INT8 activation kernels: quantize to NHWC codes equals the fake quantizer; dequantize inverts it; im2col matches the direct loop with both offsets")
+    func activationKernels() throws {
+        var rng = SeededGenerator(seed: 25)
+        let x = Tensor.uniform([2, 3, 5, 4], low: -2, high: 2, rng: &rng)
+        let amax: Float = 1.5
+        let q = codes(x, amax: amax)
+        let fq = withNoGrad { fakeQuantize(x, amax: [amax], spec: .int8PerTensor) }
+        var back = [Float](repeating: 0, count: x.count)
+        ql_dequantize_nhwc_to_nchw_f32(&back, q.codes, 2, 3, 20, amax / 127)
+        #expect(back == fq.values, "code * s must equal the fake quantizer's value")
+        #expect(ql_s8_min(q.codes, Int64(q.codes.count)) == -127 && ql_s8_min([3, 0, 5], 3) == 0)
+        var g = ql_conv_geom(N: 2, C: 3, H: 5, W: 4, K: 1, KH: 3, KW: 2, SH: 2, SW: 1, PH: 1, PW: 1, DH: 1, DW: 1, groups: 1)
+        var oh: Int32 = 0, ow: Int32 = 0
+        _ = ql_conv_out_size(&g, &oh, &ow)
+        let depth = 3 * 2 * 3
+        for offset: Int32 in [0, 128] {
+            var col = [UInt8](repeating: 0, count: 2 * Int(oh * ow) * depth)
+            #expect(ql_im2col_nhwc_s8u8(&col, q.codes, &g, offset) == 0)
+            for n in 0..<2 { for i in 0..<Int(oh) { for j in 0..<Int(ow) { for kh in 0..<3 { for kw in 0..<2 { for c in 0..<3 {
+                let (ih, iw) = (i * 2 - 1 + kh, j - 1 + kw)
+                let code = ih < 0 || ih >= 5 || iw < 0 || iw >= 4 ? 0 : Int(q.codes[((n * 5 + ih) * 4 + iw) * 3 + c])
+                let got = Int(col[((n * Int(oh) + i) * Int(ow) + j) * depth + (kh * 2 + kw) * 3 + c])
+                if offset == 128 { #expect(got == code + 128) } else if code >= 0 { #expect(got == code) }
+            } } } } } }
+        }
+        #expect(ql_im2col_nhwc_s8u8(nil, q.codes, &g, 7) != 0)
+    }
+}
