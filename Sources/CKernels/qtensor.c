@@ -9,23 +9,37 @@
 #include <string.h>
 #include "internal.h"
 
+typedef struct {
+    int8_t *out;
+    const float *x;
+    int C, HW;
+    float s, lim;
+} quantize_job;
+
+/* One image: pixel by pixel, its C channels (strided reads, contiguous writes). */
+static void quantize_image(int n, void *p) {
+    const quantize_job *j = (const quantize_job *)p;
+    const float *x = j->x + (size_t)n * j->C * j->HW;
+    int8_t *o = j->out + (size_t)n * j->HW * j->C;
+    for (int px = 0; px < j->HW; px++)
+        for (int c = 0; c < j->C; c++) {
+            float q = nearbyintf(x[(size_t)c * j->HW + px] / j->s); /* the fake quantizer's expression, bit for bit */
+            q = q > j->lim ? j->lim : (q < -j->lim ? -j->lim : q);
+            o[(size_t)px * j->C + c] = (int8_t)q;
+        }
+}
+
 void ql_quantize_nchw_to_nhwc_s8(int8_t *restrict out, const float *restrict x, int N, int C, int HW,
                                  float amax, int qmax) {
     if (!(amax > 0.0f)) {
         memset(out, 0, (size_t)N * C * HW);
         return;
     }
-    float s = amax / (float)qmax, lim = (float)qmax;
-    for (int n = 0; n < N; n++)
-        for (int c = 0; c < C; c++) {
-            const float *xc = x + ((size_t)n * C + c) * HW;
-            int8_t *o = out + (size_t)n * HW * C + c;
-            for (int p = 0; p < HW; p++) {
-                float q = nearbyintf(xc[p] / s); /* the fake quantizer's expression, bit for bit */
-                q = q > lim ? lim : (q < -lim ? -lim : q);
-                o[(size_t)p * C] = (int8_t)q;
-            }
-        }
+    quantize_job j = {out, x, C, HW, amax / (float)qmax, (float)qmax};
+    if ((size_t)N * C * HW < (1 << 16))
+        for (int n = 0; n < N; n++) quantize_image(n, &j);
+    else
+        ql_parallel_for(N, quantize_image, &j);
 }
 
 void ql_dequantize_nhwc_to_nchw_f32(float *restrict out, const int8_t *restrict q, int N, int C, int HW,
@@ -44,31 +58,51 @@ int ql_s8_min(const int8_t *x, int64_t n) {
     return m;
 }
 
+typedef struct {
+    uint8_t *col;
+    const int8_t *x;
+    const ql_conv_geom *g;
+    int OH, OW, offset, rows_per_task;
+} im2col_job;
+
+/* Rows [t * rows_per_task, ...) of the im2col matrix (one row per output pixel). */
+static void im2col_rows(int t, void *p) {
+    const im2col_job *j = (const im2col_job *)p;
+    const ql_conv_geom *g = j->g;
+    const int C = g->C, H = g->H, W = g->W, OH = j->OH, OW = j->OW;
+    const size_t row = (size_t)g->KH * g->KW * C;
+    const uint8_t pad = (uint8_t)j->offset; /* the code 0, shifted */
+    int total = g->N * OH * OW, r0 = t * j->rows_per_task, r1 = r0 + j->rows_per_task;
+    if (r1 > total) r1 = total;
+    for (int r = r0; r < r1; r++) {
+        int n = r / (OH * OW), oh = (r / OW) % OH, ow = r % OW;
+        uint8_t *dst = j->col + (size_t)r * row;
+        for (int kh = 0; kh < g->KH; kh++) {
+            int ih = oh * g->SH - g->PH + kh * g->DH;
+            for (int kw = 0; kw < g->KW; kw++, dst += C) {
+                int iw = ow * g->SW - g->PW + kw * g->DW;
+                if (ih < 0 || ih >= H || iw < 0 || iw >= W) {
+                    memset(dst, pad, (size_t)C);
+                    continue;
+                }
+                const int8_t *src = j->x + (((size_t)n * H + ih) * W + iw) * C;
+                if (j->offset == 0)
+                    for (int c = 0; c < C; c++) dst[c] = (uint8_t)src[c]; /* non-negative codes: the same bytes */
+                else
+                    for (int c = 0; c < C; c++) dst[c] = (uint8_t)(src[c] + 128);
+            }
+        }
+    }
+}
+
 int ql_im2col_nhwc_s8u8(uint8_t *restrict col, const int8_t *restrict x, const ql_conv_geom *g, int offset) {
     int OH, OW;
-    if (!g || g->groups != 1 || ql_conv_out_size(g, &OH, &OW) != QL_OK || (offset != 0 && offset != 128)) return QL_EINVAL;
-    const int C = g->C, H = g->H, W = g->W;
-    const size_t row = (size_t)g->KH * g->KW * C;
-    const uint8_t pad = (uint8_t)offset; /* the code 0, shifted */
-    for (int n = 0; n < g->N; n++)
-        for (int oh = 0; oh < OH; oh++)
-            for (int ow = 0; ow < OW; ow++) {
-                uint8_t *dst = col + (((size_t)n * OH + oh) * OW + ow) * row;
-                for (int kh = 0; kh < g->KH; kh++) {
-                    int ih = oh * g->SH - g->PH + kh * g->DH;
-                    for (int kw = 0; kw < g->KW; kw++, dst += C) {
-                        int iw = ow * g->SW - g->PW + kw * g->DW;
-                        if (ih < 0 || ih >= H || iw < 0 || iw >= W) {
-                            memset(dst, pad, (size_t)C);
-                            continue;
-                        }
-                        const int8_t *src = x + (((size_t)n * H + ih) * W + iw) * C;
-                        if (offset == 0)
-                            memcpy(dst, src, (size_t)C); /* non-negative codes: the same bytes */
-                        else
-                            for (int c = 0; c < C; c++) dst[c] = (uint8_t)(src[c] + 128);
-                    }
-                }
-            }
+    if (!g || !col || !x || g->groups != 1 || ql_conv_out_size(g, &OH, &OW) != QL_OK || (offset != 0 && offset != 128)) return QL_EINVAL;
+    int total = g->N * OH * OW;
+    size_t bytes = (size_t)total * g->KH * g->KW * g->C;
+    int tasks = bytes < (1 << 18) ? 1 : ql_get_num_threads() * 4;
+    if (tasks > total) tasks = total > 0 ? total : 1;
+    im2col_job j = {col, x, g, OH, OW, offset, (total + tasks - 1) / tasks};
+    ql_parallel_for(tasks, im2col_rows, &j);
     return QL_OK;
 }

@@ -41,6 +41,8 @@ public final class Int8Conv {
     public let outputAmax: Float?
     let packed: [Int8]
     let columnSums: [Int32]
+    /// The im2col buffer, kept between runs (a plan runs one batch at a time).
+    private var columns: [UInt8] = []
 
     /// Weight [K, C, KH, KW] quantized per output channel with `weightAmax` (as the simulator's
     /// weight quantizer does), packed once as the GEMM's B operand in the (kh, kw, c) order of
@@ -98,8 +100,9 @@ public final class Int8Conv {
         // codes >= 0 (after a ReLU) are their own u8 view; otherwise shift by 128 and let the
         // epilogue subtract 128 * sum_k w[k, o]
         let offset: Int32 = ql_s8_min(x.codes, Int64(x.codes.count)) >= 0 ? 0 : 128
-        var col = [UInt8](repeating: 0, count: m * depth)
-        guard ql_im2col_nhwc_s8u8(&col, x.codes, &g, offset) == 0 else { throw EngineError("\(name): im2col failed for input \(x.shape)") }
+        if columns.count < m * depth { columns = [UInt8](repeating: 0, count: m * depth) } // kept between runs
+        guard ql_im2col_nhwc_s8u8(&columns, x.codes, &g, offset) == 0 else { throw EngineError("\(name): im2col failed for input \(x.shape)") }
+        let col = columns
         let offsets = offset == 0 ? nil : columnSums.map { -offset * $0 }
         let outShape = [n, outChannels, Int(oh), Int(ow)]
         return try withEpilogue(offsets) { ep in
@@ -270,6 +273,51 @@ public final class Int8Plan {
     /// Runs the plan on NCHW float inputs; returns the graph's outputs in f32.
     public func run(_ inputs: [Tensor]) throws -> [Tensor] { try runKeepingValues(inputs).outputs }
 
+    /// Seconds spent in each step (by step index) over the runs made with `profile` on.
+    public private(set) var stepSeconds: [Double] = []
+    /// Time each step of the following runs (a clock read per step).
+    public var profile = false {
+        didSet { stepSeconds = Array(repeating: 0, count: steps.count) }
+    }
+
+    /// Where the time went, over the profiled runs: the share of each kind of step (Reformat
+    /// steps by kind), by time and by count, and the slowest steps.
+    public func profileReport(top: Int = 8) -> String {
+        let total = stepSeconds.reduce(0, +)
+        guard total > 0 else { return "no profiled runs (set profile = true first)" }
+        func kind(_ s: PlanStep) -> String {
+            if case .float(let n) = s, let src = n.inputs.first ?? nil, graph.constants[src] != nil { return "weight QDQ (float)" }
+            if let r = s.reformatKind { return "Reformat: \(r)" }
+            switch s {
+            case .int8Conv: return "Int8Conv"
+            case .float(let n): return "\(n.op.name) (f32)"
+            default: return "other"
+            }
+        }
+        var byKind: [String: (seconds: Double, count: Int)] = [:]
+        for (s, t) in zip(steps, stepSeconds) { byKind[kind(s), default: (0, 0)].seconds += t; byKind[kind(s), default: (0, 0)].count += 1 }
+        var lines = ["time by kind of step (share of \(String(format: "%.2f", 1000 * total)) ms over the profiled runs):"]
+        for (k, v) in byKind.sorted(by: { $0.value.seconds > $1.value.seconds }) {
+            lines.append(String(format: "  %5.1f%%  %3d steps  %@", 100 * v.seconds / total, v.count, k))
+        }
+        let reformat = zip(steps, stepSeconds).filter { kind($0.0).hasPrefix("Reformat") }
+        lines.append(String(format: "Reformat steps: %d of %d (%.1f%% by count), %.1f%% of the time", reformat.count, steps.count,
+                            100 * Double(reformat.count) / Double(max(steps.count, 1)), 100 * reformat.reduce(0) { $0 + $1.1 } / total))
+        lines.append("slowest steps:")
+        for (i, t) in stepSeconds.enumerated().sorted(by: { $0.element > $1.element }).prefix(top) {
+            lines.append(String(format: "  %5.1f%%  step %d  %@", 100 * t / total, i, name(of: steps[i])))
+        }
+        return lines.joined(separator: "\n")
+    }
+
+    private func name(of s: PlanStep) -> String {
+        switch s {
+        case .float(let n), .quantize(let n): return "\(n.name) (\(s.reformatKind == "quantize" ? "Quantize" : n.op.name))"
+        case .dequantize(let v): return "\(graph.values[v].name) (Dequantize)"
+        case .int8Conv(let c, _, _, _): return "\(c.name) (Int8Conv)"
+        }
+    }
+
     /// The outputs and every int8 value computed (for tests that compare layer by layer).
     func runKeepingValues(_ inputs: [Tensor]) throws -> (outputs: [Tensor], int8: [Int: QTensor]) {
         guard inputs.count == graph.inputs.count else { throw EngineError("the graph takes \(graph.inputs.count) input(s), got \(inputs.count)") }
@@ -284,7 +332,9 @@ public final class Int8Plan {
             return t
         }
         try withNoGrad {
-            for step in steps {
+            for (index, step) in steps.enumerated() {
+                let start = profile ? DispatchTime.now().uptimeNanoseconds : 0
+                defer { if profile { stepSeconds[index] += Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9 } }
                 switch step {
                 case .float(let n):
                     f32[n.output] = try ReferenceExecutor.apply(n, n.inputs.map { try $0.map { try floatValue($0, for: n.name) } })

@@ -25,6 +25,7 @@ struct EngineCommand: ParsableCommand {
     @Option(help: "Timed runs.") var runs = 20
     @Flag(help: "Print the traced graph and the plan.") var explain = false
     @Flag(help: "Evaluate on the validation split of --data.") var eval = false
+    @Flag(help: "Time every step of the timed runs: where the time goes, Reformat steps' share.") var profile = false
 
     func validate() throws {
         guard batch >= 1, batch <= 256 else { throw ValidationError("--batch must be in 1...256, got \(batch)") }
@@ -74,6 +75,12 @@ struct EngineCommand: ParsableCommand {
         }
         let median = times.sorted()[times.count / 2]
         print(String(format: "latency %.2f ms (median of %d), %.1f img/s", 1000 * median, runs, Double(batch) / median))
+        if profile {
+            plan.profile = true
+            for _ in 0..<runs { _ = try plan.run([x]) }
+            print(plan.profileReport())
+            plan.profile = false
+        }
 
         if eval {
             switch saved {
