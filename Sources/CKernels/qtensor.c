@@ -106,3 +106,52 @@ int ql_im2col_nhwc_s8u8(uint8_t *restrict col, const int8_t *restrict x, const q
     ql_parallel_for(tasks, im2col_rows, &j);
     return QL_OK;
 }
+
+void ql_requantize_codes_s8(int8_t *restrict out, const int8_t *restrict in, int64_t n, float scale_in, float amax_out, int qmax) {
+    if (!(amax_out > 0.0f)) {
+        memset(out, 0, (size_t)n);
+        return;
+    }
+    float s = amax_out / (float)qmax, lim = (float)qmax;
+    for (int64_t i = 0; i < n; i++) {
+        float v = (float)in[i] * scale_in;   /* the value the simulator's first quantizer left */
+        float q = nearbyintf(v / s);         /* and what its second quantizer does with it */
+        q = q > lim ? lim : (q < -lim ? -lim : q);
+        out[i] = (int8_t)q;
+    }
+}
+
+int ql_maxpool_nhwc_s8(int8_t *restrict out, const int8_t *restrict x, int N, int H, int W, int C, int k, int stride, int pad) {
+    if (k < 1 || stride < 1 || pad < 0 || pad > k / 2) return QL_EINVAL;
+    int OH = (H + 2 * pad - k) / stride + 1, OW = (W + 2 * pad - k) / stride + 1;
+    if (OH < 1 || OW < 1) return QL_EINVAL;
+    for (int n = 0; n < N; n++)
+        for (int oh = 0; oh < OH; oh++)
+            for (int ow = 0; ow < OW; ow++) {
+                int8_t *o = out + (((size_t)n * OH + oh) * OW + ow) * C;
+                for (int c = 0; c < C; c++) o[c] = -128;
+                for (int i = 0; i < k; i++) {
+                    int ih = oh * stride - pad + i;
+                    if (ih < 0 || ih >= H) continue; /* padding never wins: as -inf */
+                    for (int j = 0; j < k; j++) {
+                        int iw = ow * stride - pad + j;
+                        if (iw < 0 || iw >= W) continue;
+                        const int8_t *src = x + (((size_t)n * H + ih) * W + iw) * C;
+                        for (int c = 0; c < C; c++) o[c] = src[c] > o[c] ? src[c] : o[c];
+                    }
+                }
+            }
+    return QL_OK;
+}
+
+void ql_concat_channels_nhwc_s8(int8_t *restrict out, const int8_t *const *inputs, const int *channels, int count, int64_t pixels) {
+    int total = 0;
+    for (int i = 0; i < count; i++) total += channels[i];
+    for (int64_t p = 0; p < pixels; p++) {
+        int8_t *o = out + p * total;
+        for (int i = 0; i < count; i++) {
+            memcpy(o, inputs[i] + p * channels[i], (size_t)channels[i]);
+            o += channels[i];
+        }
+    }
+}

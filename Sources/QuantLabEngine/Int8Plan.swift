@@ -134,109 +134,194 @@ public final class Int8Conv {
     }
 }
 
-/// One step of the INT8 plan.
+/// One step of the INT8 plan. Int8 values live in slots (a graph value's id when the value
+/// itself is produced in int8, a fresh id for a quantized copy of a float value).
 public enum PlanStep {
     /// A graph node run in FP32 with the reference op.
     case float(GraphNode)
-    /// Reformat: f32 -> int8 codes, for an Int8Conv (`value` is the quantizer's output).
-    case quantize(GraphNode)
-    /// Reformat: int8 codes -> f32, for a float consumer of a quantizer a conv absorbed.
-    case dequantize(value: Int)
-    /// A fused conv: reads the int8 codes of `input`, writes `output` (int8 codes of each
-    /// absorbed quantizer's output, or f32).
-    case int8Conv(Int8Conv, input: Int, output: Int, absorbed: [Int])
+    /// Reformat: a float value to int8 codes (`name`: the quantizer or the op it is for).
+    case quantize(source: Int, slot: Int, amax: Float, name: String)
+    /// Reformat: int8 codes at one scale to another.
+    case requantize(source: Int, slot: Int, from: Float, to: Float, name: String)
+    /// Reformat: int8 codes to floats, for a float consumer.
+    case dequantize(slot: Int, value: Int, name: String)
+    /// A fused conv: reads the codes in `input`, writes codes to `output` (a slot) when its
+    /// output is int8, else the float value `output`.
+    case int8Conv(Int8Conv, input: Int, output: Int)
+    /// Max pooling or channel concat on codes of one scale (they commute with quantization).
+    case int8Op(GraphNode, inputs: [Int], output: Int, amax: Float)
 
-    /// "Reformat" kinds, for counting.
+    /// The kind of Reformat this step is, if it is one.
     public var reformatKind: String? {
         switch self {
         case .quantize: return "quantize"
+        case .requantize: return "requantize"
         case .dequantize: return "dequantize"
         case .float(let n): if case .quantizeDequantize = n.op { return "qdq (float)" } else { return nil }
-        case .int8Conv: return nil
+        case .int8Conv, .int8Op: return nil
         }
     }
 }
 
-/// A graph compiled to integer kernels where Q/DQ allow it.
+/// A graph compiled to integer kernels where its Q/DQ allow it, by TensorRT's rules
+/// (ENGINE.md): convs fuse with their quantizers (rule 3); max pooling and channel concat run
+/// in int8 when every consumer wants their output at one scale, the quantizer after them
+/// moving onto their inputs (rules 1, 2 and 5); a tensor wanted at two scales is produced in
+/// float and quantized once per scale (rule 6). What remains are the Reformat steps.
 public final class Int8Plan {
     public let graph: Graph
     public private(set) var steps: [PlanStep] = []
 
-    /// Applies the fusion rules to a graph traced with the simulator's quantizers installed.
+    /// Applies the fusion rules to a graph traced with the simulator's quantizers installed
+    /// (a graph without quantizers gives an all-float plan: the FP32 baseline).
     public init(_ graph: Graph) throws {
         self.graph = graph
+        let nodes = graph.nodes
         var consumers: [Int: [Int]] = [:] // value -> node indices
-        for (i, n) in graph.nodes.enumerated() { for case let v? in n.inputs { consumers[v, default: []].append(i) } }
-        func node(_ value: Int?) -> GraphNode? { value.flatMap { graph.producer(of: $0) } }
-        func qdq(_ n: GraphNode?) -> (amax: [Float], axis: Int?, bits: Int)? {
-            if case .quantizeDequantize(let a, let axis, let bits)? = n?.op { return (a, axis, bits) }
+        for (i, n) in nodes.enumerated() { for case let v? in n.inputs { consumers[v, default: []].append(i) } }
+        let producerIndex = Dictionary(uniqueKeysWithValues: nodes.enumerated().map { ($0.element.output, $0.offset) })
+        func isConstant(_ v: Int?) -> Bool { v.map { graph.constants[$0] != nil } ?? false }
+        /// Per-tensor int8 quantizer of an activation: its amax.
+        func activationQuantizer(_ n: GraphNode) -> Float? {
+            if case .quantizeDequantize(let a, nil, 8) = n.op, !isConstant(n.inputs.first ?? nil), a.count == 1 { return a[0] }
             return nil
         }
-        let index = Dictionary(uniqueKeysWithValues: graph.nodes.enumerated().map { ($0.element.name, $0.offset) })
+        func commutes(_ n: GraphNode) -> Bool {
+            switch n.op {
+            case .maxPool: return graph.values[n.output].shape.count == 4
+            case .concat(let axis): return axis == 1 && graph.values[n.output].shape.count == 4
+            default: return false
+            }
+        }
 
-        // 1. Which convs fuse, with their ReLU and output quantizers.
-        struct Fusion { var conv: Int8Conv; var input: Int; var output: Int; var absorbed: [Int]; var skip: Set<Int> }
-        var fusions: [Int: Fusion] = [:] // by conv node index
-        var absorbedBy: [Int: Int] = [:] // quantizer output value -> conv node index
-        for (i, n) in graph.nodes.enumerated() {
+        // 1. Which convs fuse (with a following ReLU).
+        struct ConvFusion { var node: GraphNode; var inputQuantizer: GraphNode; var weight: Tensor; var weightAmax: [Float]; var bias: Tensor?; var relu: Int? }
+        var convs: [Int: ConvFusion] = [:]
+        var reluOf: [Int: Int] = [:] // relu node index -> conv node index
+        for (i, n) in nodes.enumerated() {
             guard case .conv(let o) = n.op, o.groups == 1, n.inputs.count >= 2,
-                  let xq = node(n.inputs[0]), let x = qdq(xq), x.axis == nil, x.bits == 8,
-                  let wq = node(n.inputs[1]), let w = qdq(wq), w.axis == 0, w.bits == 8,
-                  let wSource = wq.inputs[0], let weight = graph.constants[wSource] else { continue }
-            let bias = n.inputs.count > 2 ? n.inputs[2].flatMap { graph.constants[$0] } : nil
-            var out = n.output, skip: Set<Int> = []
-            var relu = false
-            if let users = consumers[out], users.count == 1, case .relu = graph.nodes[users[0]].op {
-                relu = true
-                skip.insert(users[0])
-                out = graph.nodes[users[0]].output
+                  let xi = n.inputs[0], let xq = producerIndex[xi].map({ nodes[$0] }), activationQuantizer(xq) != nil,
+                  let wi = n.inputs[1], let wq = producerIndex[wi].map({ nodes[$0] }),
+                  case .quantizeDequantize(let wAmax, 0, 8) = wq.op, let ws = wq.inputs.first ?? nil, let weight = graph.constants[ws] else { continue }
+            var fusion = ConvFusion(node: n, inputQuantizer: xq, weight: weight, weightAmax: wAmax,
+                                    bias: n.inputs.count > 2 ? n.inputs[2].flatMap { graph.constants[$0] } : nil, relu: nil)
+            if let users = consumers[n.output], users.count == 1, case .relu = nodes[users[0]].op, !graph.outputs.contains(n.output) {
+                fusion.relu = users[0]
+                reluOf[users[0]] = i
             }
-            // int8 output when every consumer is a per-tensor int8 quantizer of one amax
-            let users = consumers[out] ?? []
-            let quantizers = users.compactMap { u -> (Int, Float)? in
-                guard let q = qdq(graph.nodes[u]), q.axis == nil, q.bits == 8 else { return nil }
-                return (u, q.amax[0])
-            }
-            let int8Out = !users.isEmpty && quantizers.count == users.count && Set(quantizers.map(\.1)).count == 1
-                && !graph.outputs.contains(out)
-            let conv = try Int8Conv(name: n.name, weight: weight, bias: bias, options: o, inputAmax: x.amax[0], weightAmax: w.amax,
-                                    relu: relu, outputAmax: int8Out ? quantizers[0].1 : nil)
-            let absorbed = int8Out ? quantizers.map { graph.nodes[$0.0].output } : []
-            for (u, _) in int8Out ? quantizers : [] { skip.insert(u) }
-            fusions[i] = Fusion(conv: conv, input: xq.output, output: out, absorbed: absorbed, skip: skip)
-            for a in absorbed { absorbedBy[a] = i }
+            convs[i] = fusion
         }
-        _ = index
+        /// The value a fused conv finally writes (after its ReLU).
+        func convOutput(_ i: Int) -> Int { convs[i]!.relu.map { nodes[$0].output } ?? nodes[i].output }
 
-        // 2. Steps in graph order.
-        var skipped: Set<Int> = []
-        for f in fusions.values { skipped.formUnion(f.skip) }
-        let fusedInputs = Set(fusions.values.map(\.input))
-        for (i, n) in graph.nodes.enumerated() {
-            if skipped.contains(i) {
-                // an absorbed quantizer still feeds float ops: they need its f32 form
-                if absorbedBy[n.output] != nil, (consumers[n.output] ?? []).contains(where: { fusions[$0] == nil || fusions[$0]!.input != n.output }) {
-                    steps.append(.dequantize(value: n.output))
-                }
-                continue
+        // 2. Which values are produced in int8, at which amax, walking backwards: a value is
+        //    int8 when every consumer wants it in int8 at one amax — a quantizer (it is then
+        //    absorbed), or a commuting op that itself runs in int8.
+        var int8Amax: [Int: Float] = [:] // value -> amax
+        func wanted(_ v: Int) -> Float? {
+            guard let users = consumers[v], !users.isEmpty, !graph.outputs.contains(v) else { return nil }
+            var amax: Float?
+            for u in users {
+                let want: Float?
+                if let a = activationQuantizer(nodes[u]) { want = a } else if commutes(nodes[u]) { want = int8Amax[nodes[u].output] } else { want = nil }
+                guard let want, amax == nil || amax == want else { return nil }
+                amax = want
             }
-            if let f = fusions[i] {
-                steps.append(.int8Conv(f.conv, input: f.input, output: f.output, absorbed: f.absorbed))
-                continue
-            }
-            if let q = qdq(n) {
-                // a weight quantizer consumed only by fused convs was folded into their weights
-                if let src = n.inputs[0], graph.constants[src] != nil,
-                   (consumers[n.output] ?? []).allSatisfy({ fusions[$0] != nil }) { continue }
-                if fusedInputs.contains(n.output), q.axis == nil, q.bits == 8 {
-                    steps.append(.quantize(n))
-                    // float consumers of the same quantizer need its f32 form too
-                    if (consumers[n.output] ?? []).contains(where: { fusions[$0] == nil }) { steps.append(.float(n)) }
-                    continue
-                }
-            }
-            steps.append(.float(n))
+            return amax
         }
+        for i in nodes.indices.reversed() {
+            let n = nodes[i]
+            if commutes(n) || convs[i] != nil {
+                let out = convs[i] != nil ? convOutput(i) : n.output
+                if let a = wanted(out) { int8Amax[out] = a }
+            }
+        }
+
+        // 3. Steps in graph order.
+        var slot: [Int: Int] = [:]       // value -> slot holding its int8 codes
+        var slotAmax: [Int: Float] = [:]
+        var nextSlot = graph.values.count
+        var haveFloat = Set(graph.inputs).union(graph.constants.keys)
+        func newSlot(_ amax: Float) -> Int { defer { nextSlot += 1 }; slotAmax[nextSlot] = amax; return nextSlot }
+        /// Copies of a value in int8 at another amax than its own, made once per (value, amax):
+        /// one Reformat kernel per scale, whatever the number of readers.
+        var copies: [Int: [Float: Int]] = [:]
+        /// Codes of value `v` at `amax`, adding the Reformat step that makes them if needed.
+        func codes(of v: Int, at amax: Float, for name: String) -> Int {
+            if let s = slot[v], slotAmax[s] == amax { return s }
+            if let s = copies[v]?[amax] { return s }
+            let t = newSlot(amax)
+            if let s = slot[v], let from = slotAmax[s] {
+                steps.append(.requantize(source: s, slot: t, from: from, to: amax, name: name))
+            } else {
+                steps.append(.quantize(source: v, slot: t, amax: amax, name: name))
+            }
+            copies[v, default: [:]][amax] = t
+            return t
+        }
+        func needFloat(_ v: Int, for name: String) {
+            guard !haveFloat.contains(v) else { return }
+            if let s = slot[v] { steps.append(.dequantize(slot: s, value: v, name: name)) }
+            haveFloat.insert(v)
+        }
+        for (i, n) in nodes.enumerated() {
+            if reluOf[i] != nil { continue } // fused into its conv
+            if let f = convs[i] {
+                let xin = f.inputQuantizer
+                let input = codes(of: xin.inputs[0]!, at: activationQuantizer(xin)!, for: xin.name)
+                slot[xin.output] = input
+                let out = convOutput(i)
+                let conv = try Int8Conv(name: n.name, weight: f.weight, bias: f.bias, options: { if case .conv(let o) = n.op { return o }; return .init() }(),
+                                        inputAmax: activationQuantizer(xin)!, weightAmax: f.weightAmax, relu: f.relu != nil, outputAmax: int8Amax[out])
+                if let a = int8Amax[out] {
+                    slot[out] = out
+                    slotAmax[out] = a
+                } else {
+                    haveFloat.insert(out)
+                }
+                steps.append(.int8Conv(conv, input: input, output: out))
+                continue
+            }
+            if let a = activationQuantizer(n) {
+                let src = n.inputs[0]!
+                let users = consumers[n.output] ?? []
+                let int8Users = users.filter { convs[$0] != nil || (commutes(nodes[$0]) && int8Amax[nodes[$0].output] != nil) }
+                // a quantizer read only as a fused conv's input is handled by that conv
+                if !int8Users.isEmpty && int8Users.allSatisfy({ convs[$0] != nil }) && int8Users.count == users.count { continue }
+                if !int8Users.isEmpty {
+                    // its int8 form: the producer's codes if it wrote them at this amax (absorbed), else a Reformat
+                    slot[n.output] = codes(of: src, at: a, for: n.name)
+                }
+                if int8Users.count < users.count || graph.outputs.contains(n.output) {
+                    if let s = slot[n.output] {
+                        steps.append(.dequantize(slot: s, value: n.output, name: n.name)) // code * s: the simulator's value exactly
+                        haveFloat.insert(n.output)
+                    } else if let s = slot[src], slotAmax[s] == a {
+                        slot[n.output] = s
+                        steps.append(.dequantize(slot: s, value: n.output, name: n.name))
+                        haveFloat.insert(n.output)
+                    } else {
+                        needFloat(src, for: n.name)
+                        steps.append(.float(n))
+                        haveFloat.insert(n.output)
+                    }
+                }
+                continue
+            }
+            if commutes(n), let a = int8Amax[n.output] {
+                let inputs = n.inputs.enumerated().map { codes(of: $0.element!, at: a, for: n.inputs.count > 1 ? "\(n.name).input\($0.offset)" : n.name) }
+                slot[n.output] = n.output
+                slotAmax[n.output] = a
+                steps.append(.int8Op(n, inputs: inputs, output: n.output, amax: a))
+                continue
+            }
+            // a weight quantizer consumed only by fused convs was folded into their weights
+            if case .quantizeDequantize = n.op, isConstant(n.inputs.first ?? nil), (consumers[n.output] ?? []).allSatisfy({ convs[$0] != nil }) { continue }
+            for case let v? in n.inputs { needFloat(v, for: n.name) }
+            steps.append(.float(n))
+            haveFloat.insert(n.output)
+        }
+        for v in graph.outputs { needFloat(v, for: "output") }
     }
 
     /// Reformat steps by kind (a quantizer of a constant, i.e. a weight, is no Reformat: an
@@ -258,10 +343,12 @@ public final class Int8Plan {
             case .float(let n):
                 let weight = (n.inputs.first ?? nil).map { graph.constants[$0] != nil } ?? false
                 text = "\(n.name)  \(n.op.name) f32\(s.reformatKind != nil && !weight ? "  [Reformat: QDQ in float]" : "")"
-            case .quantize(let n): text = "\(n.name)  Quantize f32 -> int8  [Reformat]"
-            case .dequantize(let v): text = "\(graph.values[v].name)  Dequantize int8 -> f32  [Reformat]"
-            case .int8Conv(let c, _, _, _):
+            case .quantize(_, _, let a, let name): text = String(format: "%@  Quantize f32 -> int8 (amax %.4g)  [Reformat]", name, a)
+            case .requantize(_, _, let from, let to, let name): text = String(format: "%@  Requantize int8 -> int8 (amax %.4g -> %.4g)  [Reformat]", name, from, to)
+            case .dequantize(_, let v, let name): text = "\(name)  Dequantize int8 -> f32 (\(graph.values[v].name))  [Reformat]"
+            case .int8Conv(let c, _, _):
                 text = "\(c.name)  Int8Conv int8 -> \(c.outputAmax == nil ? "f32" : "int8")  fused: DQ(x), DQ(w), Conv, bias\(c.relu ? ", ReLU" : "")\(c.outputAmax == nil ? "" : ", Q")"
+            case .int8Op(let n, _, _, let a): text = String(format: "%@  %@ int8 (amax %.4g)", n.name, n.op.name, a)
             }
             lines.append(String(format: "%4d  ", i) + text)
         }
@@ -290,6 +377,7 @@ public final class Int8Plan {
             if let r = s.reformatKind { return "Reformat: \(r)" }
             switch s {
             case .int8Conv: return "Int8Conv"
+            case .int8Op(let n, _, _, _): return "\(n.op.name) (int8)"
             case .float(let n): return "\(n.op.name) (f32)"
             default: return "other"
             }
@@ -312,13 +400,16 @@ public final class Int8Plan {
 
     private func name(of s: PlanStep) -> String {
         switch s {
-        case .float(let n), .quantize(let n): return "\(n.name) (\(s.reformatKind == "quantize" ? "Quantize" : n.op.name))"
-        case .dequantize(let v): return "\(graph.values[v].name) (Dequantize)"
-        case .int8Conv(let c, _, _, _): return "\(c.name) (Int8Conv)"
+        case .float(let n): return "\(n.name) (\(n.op.name))"
+        case .quantize(_, _, _, let name): return "\(name) (Quantize)"
+        case .requantize(_, _, _, _, let name): return "\(name) (Requantize)"
+        case .dequantize(_, _, let name): return "\(name) (Dequantize)"
+        case .int8Conv(let c, _, _): return "\(c.name) (Int8Conv)"
+        case .int8Op(let n, _, _, _): return "\(n.name) (\(n.op.name) int8)"
         }
     }
 
-    /// The outputs and every int8 value computed (for tests that compare layer by layer).
+    /// The outputs and every int8 slot computed (for tests that compare layer by layer).
     func runKeepingValues(_ inputs: [Tensor]) throws -> (outputs: [Tensor], int8: [Int: QTensor]) {
         guard inputs.count == graph.inputs.count else { throw EngineError("the graph takes \(graph.inputs.count) input(s), got \(inputs.count)") }
         var f32: [Int: Tensor] = graph.constants
@@ -331,6 +422,10 @@ public final class Int8Plan {
             guard let t = f32[id] else { throw EngineError("step \(name): f32 value \(graph.values[id].name) is not computed before it") }
             return t
         }
+        func codes(_ s: Int, for name: String) throws -> QTensor {
+            guard let q = q8[s] else { throw EngineError("step \(name): int8 slot \(s) is not computed before it") }
+            return q
+        }
         try withNoGrad {
             for (index, step) in steps.enumerated() {
                 let start = profile ? DispatchTime.now().uptimeNanoseconds : 0
@@ -338,27 +433,56 @@ public final class Int8Plan {
                 switch step {
                 case .float(let n):
                     f32[n.output] = try ReferenceExecutor.apply(n, n.inputs.map { try $0.map { try floatValue($0, for: n.name) } })
-                case .quantize(let n):
-                    guard case .quantizeDequantize(let amax, _, _) = n.op, let src = n.inputs[0] else { continue }
-                    let x = try floatValue(src, for: n.name)
-                    guard x.rank == 4 else { throw EngineError("\(n.name): int8 activations are 4-D, got \(x.shape)") }
-                    var codes = [Int8](repeating: 0, count: x.count)
-                    ql_quantize_nchw_to_nhwc_s8(&codes, x.data, Int32(x.shape[0]), Int32(x.shape[1]), Int32(x.shape[2] * x.shape[3]), amax[0], 127)
-                    q8[n.output] = QTensor(codes: codes, shape: x.shape, amax: amax[0])
-                case .dequantize(let v):
-                    guard let q = q8[v] else { throw EngineError("dequantize \(graph.values[v].name): no int8 value") }
+                case .quantize(let source, let s, let amax, let name):
+                    let x = try floatValue(source, for: name)
+                    guard x.rank == 4 else { throw EngineError("\(name): int8 activations are 4-D, got \(x.shape)") }
+                    var c = [Int8](repeating: 0, count: x.count)
+                    ql_quantize_nchw_to_nhwc_s8(&c, x.data, Int32(x.shape[0]), Int32(x.shape[1]), Int32(x.shape[2] * x.shape[3]), amax, 127)
+                    q8[s] = QTensor(codes: c, shape: x.shape, amax: amax)
+                case .requantize(let source, let s, _, let to, let name):
+                    let x = try codes(source, for: name)
+                    var c = [Int8](repeating: 0, count: x.codes.count)
+                    ql_requantize_codes_s8(&c, x.codes, Int64(c.count), x.amax / 127, to, 127)
+                    q8[s] = QTensor(codes: c, shape: x.shape, amax: to)
+                case .dequantize(let s, let v, let name):
+                    let q = try codes(s, for: name)
                     let out = Tensor(zeros: q.shape)
                     ql_dequantize_nhwc_to_nchw_f32(out.data, q.codes, Int32(q.shape[0]), Int32(q.shape[1]), Int32(q.shape[2] * q.shape[3]), q.amax / 127)
                     f32[v] = out
-                case .int8Conv(let conv, let input, let output, let absorbed):
-                    guard let x = q8[input] else { throw EngineError("\(conv.name): its input \(graph.values[input].name) has no int8 value") }
-                    let (q, t) = try conv.run(x)
-                    if let q { for a in absorbed { q8[a] = q } } else { f32[output] = t }
+                case .int8Conv(let conv, let input, let output):
+                    let (q, t) = try conv.run(try codes(input, for: conv.name))
+                    if let q { q8[output] = q } else { f32[output] = t }
+                case .int8Op(let n, let inputs, let output, let amax):
+                    let xs = try inputs.map { try codes($0, for: n.name) }
+                    let shape = graph.values[n.output].shape
+                    var out = [Int8](repeating: 0, count: shape.reduce(1, *))
+                    switch n.op {
+                    case .maxPool(let k, let stride, let pad):
+                        let x = xs[0]
+                        guard ql_maxpool_nhwc_s8(&out, x.codes, Int32(x.shape[0]), Int32(x.shape[2]), Int32(x.shape[3]), Int32(x.shape[1]),
+                                                 Int32(k), Int32(stride), Int32(pad)) == 0 else { throw EngineError("\(n.name): bad pooling window") }
+                    case .concat:
+                        let channels = xs.map { Int32($0.shape[1]) }
+                        withArrayOfPointers(xs.map(\.codes)) { pointers in
+                            ql_concat_channels_nhwc_s8(&out, pointers, channels, Int32(xs.count), Int64(shape[0] * shape[2] * shape[3]))
+                        }
+                    default: throw EngineError("\(n.name): \(n.op.name) has no int8 kernel")
+                    }
+                    q8[output] = QTensor(codes: out, shape: shape, amax: amax)
                 }
             }
         }
         return (try graph.outputs.map { try floatValue($0, for: "output") }, q8)
     }
+}
+
+/// Calls `body` with a C array of pointers to the arrays' storage.
+private func withArrayOfPointers<R>(_ arrays: [[Int8]], _ body: (UnsafePointer<UnsafePointer<Int8>?>) throws -> R) rethrows -> R {
+    func go(_ i: Int, _ acc: [UnsafePointer<Int8>?]) throws -> R {
+        if i == arrays.count { return try acc.withUnsafeBufferPointer { try body($0.baseAddress!) } }
+        return try arrays[i].withUnsafeBufferPointer { try go(i + 1, acc + [$0.baseAddress]) }
+    }
+    return try go(0, [])
 }
 
 extension Int8Plan {

@@ -113,11 +113,14 @@ struct EngineInt8Tests {
     private func compareLayers(_ plan: Int8Plan, _ reference: [Int: Tensor]) throws -> (compared: Int, oneOff: Int) {
         var compared = 0, oneOff = 0
         for step in plan.steps {
-            guard case .int8Conv(let conv, let input, let output, let absorbed) = step else { continue }
-            guard let x = reference[input] else { Issue.record("\(conv.name): no reference input"); continue }
-            let (q, t) = try conv.run(codes(x, amax: plan.graph.producer(of: input).flatMap { n -> Float? in
-                if case .quantizeDequantize(let a, _, _) = n.op { return a[0] } else { return nil } } ?? 0))
-            if let q, let amax = conv.outputAmax, let y = reference[absorbed[0]] {
+            guard case .int8Conv(let conv, _, let output) = step else { continue }
+            // the simulator's input codes: its input quantizer's output, divided by the scale
+            guard let node = plan.graph.nodes.first(where: { $0.name == conv.name }), let xv = node.inputs[0], let x = reference[xv],
+                  case .quantizeDequantize(let xAmax, _, _)? = plan.graph.producer(of: xv)?.op else { Issue.record("\(conv.name): no reference input"); continue }
+            let (q, t) = try conv.run(codes(x, amax: xAmax[0]))
+            guard let y = reference[output] else { Issue.record("\(conv.name): no reference output"); continue }
+            if let q, let amax = conv.outputAmax {
+                // the simulator's output codes: what the quantizers after the conv compute from its float output
                 let want = codes(y, amax: amax).codes
                 for (a, b) in zip(q.codes, want) {
                     let d = abs(Int(a) - Int(b))
@@ -125,7 +128,7 @@ struct EngineInt8Tests {
                     compared += 1
                     if d == 1 { oneOff += 1 }
                 }
-            } else if let t, let y = reference[output] {
+            } else if let t {
                 let top = y.values.map(Swift.abs).max() ?? 1
                 #expect(firstMismatch(t.values, y.values, atol: 1e-5 * Double(top), rtol: 1e-4) == nil, "\(conv.name): f32 output")
             }
@@ -148,7 +151,7 @@ struct EngineInt8Tests {
         let graph = try Graph.trace(model, example: x) { [model($0)] }
         let plan = try Int8Plan(graph)
         #expect(plan.int8ConvCount == 3)
-        let fused = plan.steps.compactMap { s -> Int8Conv? in if case .int8Conv(let c, _, _, _) = s { return c } else { return nil } }
+        let fused = plan.steps.compactMap { s -> Int8Conv? in if case .int8Conv(let c, _, _) = s { return c } else { return nil } }
         #expect(fused.map(\.relu) == [true, true, false])
         #expect(fused.map { $0.outputAmax != nil } == [true, true, false], "the last conv feeds a pooling layer: f32 out")
         #expect(plan.reformats == ["quantize": 1, "qdq (float)": 1], "\(plan.explain())")
@@ -218,5 +221,83 @@ struct EngineInt8Tests {
             } } } } } }
         }
         #expect(ql_im2col_nhwc_s8u8(nil, q.codes, &g, 7) != 0)
+    }
+}
+
+@Suite("Engine INT8 plan: TensorRT's placement rules")
+struct EngineRulesTests {
+    /// conv1 -> ReLU -> a, read by conv2 and conv3 (rule 6 when their input scales differ), and
+    /// an SPPF-like branch a -> three max pools -> concat -> conv4 (rules 1 and 5).
+    private func network(_ rng: inout SeededGenerator) -> (Sequential, (Tensor) -> [Tensor]) {
+        let c1 = Conv2d(3, 8, kernel: 3, rng: &rng), c2 = Conv2d(8, 4, kernel: 1, rng: &rng)
+        let c3 = Conv2d(8, 4, kernel: 3, rng: &rng), c4 = Conv2d(32, 4, kernel: 1, rng: &rng)
+        let container = Sequential([c1, c2, c3, c4]) // names "0".."3"
+        container.eval()
+        return (container, { x in
+            let a = c1(x).relu()
+            let b = maxPool2d(a, kernel: 5, stride: 1, padding: 2), c = maxPool2d(b, kernel: 5, stride: 1, padding: 2), d = maxPool2d(c, kernel: 5, stride: 1, padding: 2)
+            return [c2(a), c3(a), c4(concat([a, b, c, d], dim: 1))]
+        })
+    }
+
+    private func plan(sameScales: Bool) throws -> (Int8Plan, Sequential, (Tensor) -> [Tensor], Tensor) {
+        var rng = SeededGenerator(seed: 31)
+        let (model, forward) = network(&rng)
+        let sim = try QuantizationSimulator(model)
+        let x = Tensor.uniform([2, 3, 16, 16], low: -1, high: 1, rng: &rng)
+        sim.calibrate(on: [x]) { _ = forward($0) }
+        try sim.applyCalibration(.max)
+        // a's three readers: conv "1", conv "2" and (through the pools and the concat) conv "3"
+        let a = try sim.layer("1").input.amax![0]
+        try sim.layer("2").input.amax = [sameScales ? a : a * 0.8]
+        try sim.layer("3").input.amax = [a]
+        let graph = try Graph.trace(model, example: x, forward)
+        return (try Int8Plan(graph), model, forward, x)
+    }
+
+    @Test("one tensor wanted at two scales is written in float and quantized once per scale (rule 6); at one scale the conv writes int8 once and nothing is reformatted")
+    func twoScales() throws {
+        let (split, _, _, _) = try plan(sameScales: false)
+        let conv1 = split.steps.compactMap { s -> Int8Conv? in if case .int8Conv(let c, _, _) = s, c.name == "0" { return c } else { return nil } }.first
+        #expect(conv1?.outputAmax == nil, "conv 0 feeds two scales: f32 out")
+        #expect(split.reformats["quantize"] == 3, "the image, and a at each of its two scales: \(split.explain())")
+        let (unified, model, forward, x) = try plan(sameScales: true)
+        #expect(unified.reformats == ["quantize": 1], "only the image is quantized: \(unified.explain())")
+        // the max pools and the concat ran on int8 codes, and equal the simulator's up to the convs' one-code differences
+        #expect(unified.steps.filter { if case .int8Op = $0 { return true } else { return false } }.count == 4)
+        let engine = try unified.run([x]), simulated = withNoGrad { forward(x) }
+        for (e, s) in zip(engine, simulated) { #expect(cosineSimilarity(e.values, s.values) > 0.999) }
+        _ = model
+    }
+
+    @Test("int8 max pool and channel concat kernels equal quantizing the float results")
+    func int8OpsCommute() throws {
+        var rng = SeededGenerator(seed: 33)
+        let x = Tensor.uniform([2, 3, 7, 6], low: -2, high: 2, rng: &rng), y = Tensor.uniform([2, 5, 7, 6], low: -2, high: 2, rng: &rng)
+        func codes(_ t: Tensor) -> [Int8] {
+            var c = [Int8](repeating: 0, count: t.count)
+            ql_quantize_nchw_to_nhwc_s8(&c, t.data, Int32(t.shape[0]), Int32(t.shape[1]), Int32(t.shape[2] * t.shape[3]), 1.5, 127)
+            return c
+        }
+        let pooled = maxPool2d(x, kernel: 3, stride: 2, padding: 1)
+        var out = [Int8](repeating: 0, count: pooled.count)
+        #expect(ql_maxpool_nhwc_s8(&out, codes(x), 2, 7, 6, 3, 3, 2, 1) == 0)
+        #expect(out == codes(pooled))
+        let joined = concat([x, y], dim: 1)
+        var cat = [Int8](repeating: 0, count: joined.count)
+        let (cx, cy) = (codes(x), codes(y))
+        cx.withUnsafeBufferPointer { px in cy.withUnsafeBufferPointer { py in
+            let ptrs: [UnsafePointer<Int8>?] = [px.baseAddress, py.baseAddress]
+            ql_concat_channels_nhwc_s8(&cat, ptrs, [3, 5], 2, 2 * 7 * 6)
+        } }
+        #expect(cat == codes(joined))
+        // requantizing codes equals two fake quantizers in a row
+        let once = withNoGrad { fakeQuantize(x, amax: [1.5], spec: .int8PerTensor) }
+        let twice = withNoGrad { fakeQuantize(once, amax: [0.9], spec: .int8PerTensor) }
+        var requantized = [Int8](repeating: 0, count: x.count)
+        ql_requantize_codes_s8(&requantized, codes(x), Int64(x.count), 1.5 / 127, 0.9, 127)
+        var back = [Float](repeating: 0, count: x.count)
+        ql_dequantize_nhwc_to_nchw_f32(&back, requantized, 2, 3, 42, 0.9 / 127)
+        #expect(back == twice.values)
     }
 }

@@ -224,6 +224,14 @@ int ql_s8_min(const int8_t *x, int64_t n);
  * offset then subtracts offset * sum_k w). Outside the image: offset (the code 0). groups must
  * be 1. Returns QL_EINVAL for a bad geometry or offset. */
 int ql_im2col_nhwc_s8u8(uint8_t *restrict col, const int8_t *restrict x, const ql_conv_geom *g, int offset);
+/* Codes at one scale to codes at another, as two quantizers in a row compute it:
+ * out = clamp(RNE((in * scale_in) / (amax_out / qmax)), -qmax, qmax). */
+void ql_requantize_codes_s8(int8_t *restrict out, const int8_t *restrict in, int64_t n, float scale_in, float amax_out, int qmax);
+/* Max pooling of NHWC codes (k x k window, stride, zero-size padding that never wins, pad <= k/2):
+ * the max commutes with a monotone quantizer, so this equals quantizing the float max pool. */
+int ql_maxpool_nhwc_s8(int8_t *restrict out, const int8_t *restrict x, int N, int H, int W, int C, int k, int stride, int pad);
+/* Concatenation of NHWC code tensors along channels: inputs[i] has channels[i] per pixel. */
+void ql_concat_channels_nhwc_s8(int8_t *restrict out, const int8_t *const *inputs, const int *channels, int count, int64_t pixels);
 
 void ql_im2col(float *restrict col, const float *restrict x, int C, int H, int W, int KH, int KW,
                int SH, int SW, int PH, int PW, int DH, int DW);
