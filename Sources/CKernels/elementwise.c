@@ -230,6 +230,12 @@ float ql_absmax(const float *x, int64_t n) {
     return m;
 }
 
+int64_t ql_first_nonfinite(const float *x, int64_t n) {
+    for (int64_t i = 0; i < n; i++)
+        if (!isfinite(x[i])) return i;
+    return -1;
+}
+
 void ql_minmax(const float *x, int64_t n, float *lo, float *hi) {
     float l = INFINITY, h = -INFINITY;
     for (int64_t i = 0; i < n; i++) {

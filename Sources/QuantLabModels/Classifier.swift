@@ -22,6 +22,18 @@ public final class RepClassifier: Module, Layer {
             self.depths = depths
         }
 
+        /// Checks every field against sane ranges before anything is allocated (a model file's
+        /// metadata is input); throws a message naming the field, its value and the range.
+        public func validate() throws {
+            func check(_ ok: Bool, _ field: String, _ value: Any, _ range: String) throws {
+                if !ok { throw ModelFileError("'\(field)' is \(value), expected \(range)") }
+            }
+            try check((1...10_000).contains(numClasses), "numClasses", numClasses, "1...10000")
+            try check((32...1024).contains(inputSize) && inputSize % 32 == 0, "inputSize", inputSize, "a multiple of 32 in 32...1024")
+            try check(widths.count == 5 && widths.allSatisfy { (1...2048).contains($0) }, "widths", widths, "5 values in 1...2048")
+            try check(depths.count == 5 && depths[0] == 1 && depths.allSatisfy { (1...64).contains($0) }, "depths", depths, "5 values in 1...64, the first 1")
+        }
+
         /// A smaller variant for QUICK=1 runs and tests.
         public static func tiny(block: BlockKind, numClasses: Int, inputSize: Int = 64) -> Config {
             Config(block: block, numClasses: numClasses, inputSize: inputSize, widths: [8, 16, 16, 32, 32], depths: [1, 1, 1, 2, 1])
@@ -123,6 +135,9 @@ public func trainClassifier(_ model: RepClassifier, train: ClassificationDataset
                                          seed: seed ^ UInt64(epoch) << 32)
             optimizer.learningRate = schedule.learningRate(at: step)
             let loss = crossEntropy(logits: model(x), targets: y)
+            guard loss.item().isFinite else {
+                throw NonFiniteError("step \(step + 1) (epoch \(epoch + 1)): the loss is \(loss.item()); training stopped (lower the learning rate, now \(optimizer.learningRate))")
+            }
             optimizer.zeroGrad()
             loss.backward()
             optimizer.step()
@@ -140,6 +155,9 @@ public func trainClassifier(_ model: RepClassifier, train: ClassificationDataset
 
 /// Top-1 accuracy over a dataset (eval mode, no augmentation).
 public func top1(_ model: RepClassifier, on data: ClassificationDataset, batchSize: Int = 100) throws -> Double {
+    if let bad = model.firstNonFiniteValue() {
+        throw NonFiniteError("the classifier's \(bad.name)[\(bad.index)] is not finite: its top-1 would mean nothing (was it trained with too large a learning rate?)")
+    }
     let wasTraining = model.isTraining
     model.eval()
     defer { model.train(wasTraining) }

@@ -8,6 +8,9 @@ import QuantLabData
 public func evaluateDetector(_ model: YOLOv6, on dataset: DetectionDataset, batchSize: Int = 32, resize: DetectionTransform.Resize = .letterbox,
                              progressLabel: String? = nil,
                              forward: ((Tensor) throws -> (classLogits: Tensor, distances: Tensor))? = nil) throws -> (COCOEvaluator.Result, [COCOResult]) {
+    if let bad = model.firstNonFiniteValue() {
+        throw NonFiniteError("the detector's \(bad.name)[\(bad.index)] is not finite: its evaluation would mean nothing (was it trained with too large a learning rate?)")
+    }
     let wasTraining = model.isTraining
     model.eval()
     defer { model.train(wasTraining) }
@@ -128,6 +131,9 @@ public final class DetectorTrainer {
                 optimizer.learningRate = schedule.learningRate(at: step)
                 let (logits, dist) = model(batch.images)
                 let (total, parts) = loss(model, classLogits: logits, distances: dist, labels: batch.labels)
+                guard parts.total.isFinite else {
+                    throw NonFiniteError("step \(step + 1) (epoch \(epoch + 1)): the loss is \(parts.total); training stopped (lower the learning rate, now \(optimizer.learningRate))\(checkpointDir.map { "; the last checkpoint in \($0.path) is kept" } ?? "")")
+                }
                 optimizer.zeroGrad()
                 total.backward()
                 if let clip = config.gradientClip { clipGradientNorm(model.parameters, maxNorm: clip) }
@@ -136,7 +142,7 @@ public final class DetectorTrainer {
                 step += 1
                 let rate = Double(step - startStep) * Double(config.batchSize) / max(Date().timeIntervalSince(start), 1e-9)
                 progress.update(step, String(format: "loss %.3f (cls %.3f box %.3f) pos %d  %.1f img/s", parts.total, parts.classification, parts.box, parts.positives, rate))
-                if let dir = checkpointDir, step % config.checkpointEverySteps == 0 { try save(to: dir) }
+                if let dir = checkpointDir, step % config.checkpointEverySteps == 0 { try saveIfFinite(to: dir) }
                 if let stop = stopAfter, step >= stop { return nil }
             }
             let finished = epoch + 1
@@ -146,7 +152,7 @@ public final class DetectorTrainer {
                 history.append(["epoch": Double(finished), "step": Double(step), "mAP": result.mAP, "mAP50": result.mAP50])
                 log(String(format: "epoch %d: val mAP %.4f, mAP50 %.4f", finished, result.mAP, result.mAP50))
             }
-            if let dir = checkpointDir { try save(to: dir) }
+            if let dir = checkpointDir { try saveIfFinite(to: dir) }
         }
         progress.finish()
         return last
@@ -163,6 +169,15 @@ public final class DetectorTrainer {
     /// model.safetensors, ema.safetensors, optimizer.safetensors (momentum buffers by
     /// parameter name) and state.json, each written atomically; state.json last, so a
     /// checkpoint is complete when it exists.
+    /// Saves a checkpoint unless a weight is not finite: then the run stops and the last good
+    /// checkpoint stays.
+    func saveIfFinite(to dir: URL) throws {
+        if let bad = model.firstNonFiniteValue() {
+            throw NonFiniteError("step \(step): \(bad.name)[\(bad.index)] is not finite; training stopped before saving, the last checkpoint in \(dir.path) is kept (lower the learning rate)")
+        }
+        try save(to: dir)
+    }
+
     public func save(to dir: URL) throws {
         try model.save(to: dir.appendingPathComponent("model.safetensors"), metadata: ["step": String(step)])
         try SafeTensors.save(ema.shadow, metadata: ["updates": String(ema.updates)], to: dir.appendingPathComponent("ema.safetensors"))
@@ -190,8 +205,8 @@ public final class DetectorTrainer {
         } catch {
             throw CheckpointError("\(stateURL.path): cannot read checkpoint state (\(error.localizedDescription))")
         }
-        guard state.model == model.config else { throw DeviceError("\(dir.path): checkpoint is for another model configuration") }
-        guard state.training == config else { throw DeviceError("\(dir.path): checkpoint was made with other training settings") }
+        guard state.model == model.config else { throw CheckpointError("\(dir.path): checkpoint is for another model configuration") }
+        guard state.training == config else { throw CheckpointError("\(dir.path): checkpoint was made with other training settings") }
         try model.load(from: dir.appendingPathComponent("model.safetensors"))
         let (emaTensors, emaMeta) = try SafeTensors.load(from: dir.appendingPathComponent("ema.safetensors"))
         try ema.restore(emaTensors, updates: Int(emaMeta["updates"] ?? "") ?? state.emaUpdates)

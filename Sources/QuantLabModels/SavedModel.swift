@@ -58,9 +58,11 @@ public enum SavedModel {
         switch kind {
         case "yolov6":
             guard let cfg = try? JSONDecoder().decode(YOLOv6Config.self, from: data) else { throw ModelFileError("\(url.path): 'config' is not a YOLOv6 configuration") }
+            do { try cfg.validate() } catch { throw ModelFileError("\(url.path): metadata 'config': \(error)") }
             model = .detector(YOLOv6(cfg, rng: &rng))
         case "rep_classifier":
             guard let cfg = try? JSONDecoder().decode(RepClassifier.Config.self, from: data) else { throw ModelFileError("\(url.path): 'config' is not a classifier configuration") }
+            do { try cfg.validate() } catch { throw ModelFileError("\(url.path): metadata 'config': \(error)") }
             model = .classifier(RepClassifier(cfg, rng: &rng))
         default:
             throw ModelFileError("\(url.path): unknown model kind '\(kind ?? "")' (expected yolov6 or rep_classifier)")

@@ -15,6 +15,12 @@ struct DrawBoxes: ParsableCommand {
     @Option(help: "Minimum score of drawn detections.") var minScore = 0.3
     @Option(help: "Output JPEG.") var out = "boxes.jpg"
 
+    func validate() throws {
+        guard (1...1000).contains(count) else { throw ValidationError("--count must be in 1...1000, got \(count)") }
+        guard (1...64).contains(columns) else { throw ValidationError("--columns must be in 1...64, got \(columns)") }
+        guard minScore.isFinite, (0...1).contains(minScore) else { throw ValidationError("--min-score must be in [0, 1], got \(minScore)") }
+    }
+
     func run() throws {
         let root = URL(fileURLWithPath: data)
         let name = split.replacingOccurrences(of: "2017", with: "")

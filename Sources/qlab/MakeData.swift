@@ -28,7 +28,9 @@ struct MakeData: ParsableCommand {
         guard lo >= 4, hi >= lo, hi <= Double(preset.imageSize) else {
             throw ValidationError("object sizes must satisfy 4 <= --min-object-size <= --max-object-size <= \(preset.imageSize), got \(lo)...\(hi)")
         }
-        if let name, name.isEmpty || name.contains("/") { throw ValidationError("--name must be a plain folder name, got '\(name)'") }
+        if let name, name.isEmpty || name.contains("/") || name == "." || name == ".." {
+            throw ValidationError("--name must be a plain folder name (no '/', not '.' or '..'), got '\(name)'")
+        }
     }
 
     func run() throws {

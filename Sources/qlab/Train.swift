@@ -27,10 +27,14 @@ struct Train: ParsableCommand {
         guard let kind = BlockKind(rawValue: block), kind != .repoptSearch else { throw ValidationError("--block must be repvgg, qarepvgg or repopt, got '\(block)'") }
         guard ["nano", "tiny"].contains(size) else { throw ValidationError("--size must be nano or tiny, got '\(size)'") }
         if let s = inputSize, s <= 0 || s % 32 != 0 { throw ValidationError("--input-size must be a positive multiple of 32, got \(s)") }
-        guard epochs >= 1, searchEpochs >= 1, batch >= 1, lr > 0 else { throw ValidationError("--epochs, --search-epochs, --batch and --lr must be positive") }
+        guard (1...10_000).contains(epochs), (1...10_000).contains(searchEpochs) else { throw ValidationError("--epochs and --search-epochs must be in 1...10000, got \(epochs) and \(searchEpochs)") }
+        guard (1...4096).contains(batch) else { throw ValidationError("--batch must be in 1...4096, got \(batch)") }
+        guard lr.isFinite, lr > 0, lr <= 10 else { throw ValidationError("--lr must be in (0, 10], got \(lr)") }
+        guard evalEvery >= 1 else { throw ValidationError("--eval-every must be at least 1 (epochs), got \(evalEvery)") }
     }
 
     func run() throws {
+        try requireWritableFolder(out, flag: "--out")
         let root = URL(fileURLWithPath: data)
         let trainSet = try DetectionDataset(root: root, split: "train2017")
         let valSet = try DetectionDataset(root: root, split: "val2017")

@@ -21,10 +21,13 @@ struct TrainClassifier: ParsableCommand {
     func validate() throws {
         guard let kind = BlockKind(rawValue: block), kind != .repoptSearch else { throw ValidationError("--block must be repvgg, qarepvgg or repopt, got '\(block)'") }
         guard ["small", "tiny"].contains(size) else { throw ValidationError("--size must be small or tiny, got '\(size)'") }
-        guard epochs >= 1, searchEpochs >= 1, batch >= 1, lr > 0 else { throw ValidationError("--epochs, --search-epochs, --batch and --lr must be positive") }
+        guard (1...10_000).contains(epochs), (1...10_000).contains(searchEpochs) else { throw ValidationError("--epochs and --search-epochs must be in 1...10000, got \(epochs) and \(searchEpochs)") }
+        guard (1...4096).contains(batch) else { throw ValidationError("--batch must be in 1...4096, got \(batch)") }
+        guard lr.isFinite, lr > 0, lr <= 10 else { throw ValidationError("--lr must be in (0, 10], got \(lr)") }
     }
 
     func run() throws {
+        try requireWritableFolder(out, flag: "--out")
         let root = URL(fileURLWithPath: data)
         let train = try ClassificationDataset(root: root, split: "train2017"), val = try ClassificationDataset(root: root, split: "val2017")
         let kind = BlockKind(rawValue: block)!

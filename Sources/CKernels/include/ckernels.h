@@ -319,6 +319,8 @@ void ql_scale_shift(float *y, const float *x, float a, float b, int64_t n);
 double ql_sum(const float *x, int64_t n);
 /* max |x_i| over n elements (0 for n == 0). */
 float ql_absmax(const float *x, int64_t n);
+/* Index of the first NaN or infinity among n elements, or -1 when all are finite. */
+int64_t ql_first_nonfinite(const float *x, int64_t n);
 /* Smallest and largest of n elements (+inf and -inf for n == 0); NaNs are skipped. */
 void ql_minmax(const float *x, int64_t n, float *lo, float *hi);
 

@@ -1,3 +1,4 @@
+import CKernels
 import Foundation
 
 /// Errors from loading weights into a module: they name the parameter and both shapes.
@@ -141,4 +142,23 @@ public final class Sequential: Module, Layer {
     public func callAsFunction(_ x: Tensor) -> Tensor {
         layers.reduce(x) { $1($0) }
     }
+}
+
+extension Module {
+    /// The first parameter or buffer holding a NaN or an infinity, with the index of that
+    /// value, or nil when all are finite. Training stops on it and evaluation refuses it: a
+    /// model with non-finite weights gives numbers that mean nothing (an mAP of 0, say).
+    public func firstNonFiniteValue() -> (name: String, index: Int)? {
+        for (name, t) in stateDict() {
+            let i = ql_first_nonfinite(t.data, Int64(t.count))
+            if i >= 0 { return (name, Int(i)) }
+        }
+        return nil
+    }
+}
+
+/// A model whose weights are not all finite.
+public struct NonFiniteError: Error, CustomStringConvertible, Equatable {
+    public let description: String
+    public init(_ message: String) { description = message }
 }
