@@ -115,8 +115,9 @@ public final class DetectorTrainer {
     /// (the last checkpoint is then the one written at the last save point).
     @discardableResult
     public func run(stopAfter: Int? = nil) throws -> COCOEvaluator.Result? {
-        if let dir = checkpointDir, FileManager.default.fileExists(atPath: dir.appendingPathComponent("state.json").path) {
-            try resume(from: dir)
+        if let dir = checkpointDir, let saved = try Self.latestCheckpoint(in: dir) {
+            Self.removeStale(in: dir, keeping: saved)
+            try resume(from: saved)
             log("resumed at step \(step)/\(totalSteps)")
         }
         model.train()
@@ -166,9 +167,6 @@ public final class DetectorTrainer {
         var history: [[String: Double]]
     }
 
-    /// model.safetensors, ema.safetensors, optimizer.safetensors (momentum buffers by
-    /// parameter name) and state.json, each written atomically; state.json last, so a
-    /// checkpoint is complete when it exists.
     /// Saves a checkpoint unless a weight is not finite: then the run stops and the last good
     /// checkpoint stays.
     func saveIfFinite(to dir: URL) throws {
@@ -178,18 +176,68 @@ public final class DetectorTrainer {
         try save(to: dir)
     }
 
+    /// Called between the stages of a save (test hook: throwing there is a run killed at that
+    /// point). Stages: 0 step folder made, 1-4 after each file, 5 after `latest` moved on.
+    var saveInterruption: ((Int) throws -> Void)?
+
+    /// A checkpoint is committed as a unit: its four files (model.safetensors, ema.safetensors,
+    /// optimizer.safetensors with the momentum buffers by parameter name, state.json) go into a
+    /// new folder `step-<n>`, and only then does the file `latest` (written atomically) name
+    /// it; older step folders are removed after that. A run killed at any point leaves `latest`
+    /// naming a complete checkpoint (the old or the new), never a mix.
     public func save(to dir: URL) throws {
+        let name = String(format: "step-%08d", step)
+        let stepDir = dir.appendingPathComponent(name)
+        try? FileManager.default.removeItem(at: stepDir) // a leftover of a run killed at this very step
+        try FileManager.default.createDirectory(at: stepDir, withIntermediateDirectories: true)
+        try saveInterruption?(0)
+        try writeCheckpointFiles(to: stepDir)
+        try AtomicFile.write(Data(name.utf8), to: dir.appendingPathComponent("latest"))
+        try saveInterruption?(5)
+        Self.removeStale(in: dir, keeping: stepDir)
+    }
+
+    /// The folder `latest` names, or a checkpoint in the folder itself (the layout before step
+    /// folders), or nil when there is none. A `latest` that names no complete checkpoint is an
+    /// error naming it.
+    public static func latestCheckpoint(in dir: URL) throws -> URL? {
+        let pointer = dir.appendingPathComponent("latest")
+        if let data = try? Data(contentsOf: pointer) {
+            let name = String(decoding: data, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+            let folder = dir.appendingPathComponent(name)
+            guard name.hasPrefix("step-"), !name.contains("/"),
+                  FileManager.default.fileExists(atPath: folder.appendingPathComponent("state.json").path) else {
+                throw CheckpointError("\(pointer.path) names '\(name)', which is not a complete checkpoint in \(dir.path)")
+            }
+            return folder
+        }
+        return FileManager.default.fileExists(atPath: dir.appendingPathComponent("state.json").path) ? dir : nil
+    }
+
+    /// Removes step folders other than `keeping` and temporaries a killed run left behind.
+    static func removeStale(in dir: URL, keeping: URL) {
+        guard let entries = try? FileManager.default.contentsOfDirectory(atPath: dir.path) else { return }
+        for e in entries where (e.hasPrefix("step-") && e != keeping.lastPathComponent) || AtomicFile.isTemporary(e) {
+            try? FileManager.default.removeItem(at: dir.appendingPathComponent(e))
+        }
+    }
+
+    private func writeCheckpointFiles(to dir: URL) throws {
         try model.save(to: dir.appendingPathComponent("model.safetensors"), metadata: ["step": String(step)])
+        try saveInterruption?(1)
         try SafeTensors.save(ema.shadow, metadata: ["updates": String(ema.updates)], to: dir.appendingPathComponent("ema.safetensors"))
+        try saveInterruption?(2)
         var buffers: [(String, Tensor)] = []
         if let sgd = optimizerSGD {
             for (name, p) in model.namedParameters() { if let b = sgd.momentumBuffer(for: p) { buffers.append((name, b)) } }
         }
         try SafeTensors.save(buffers, to: dir.appendingPathComponent("optimizer.safetensors"))
+        try saveInterruption?(3)
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
         let state = State(step: step, emaUpdates: ema.updates, model: model.config, training: config, history: history)
         try AtomicFile.write(encoder.encode(state), to: dir.appendingPathComponent("state.json"))
+        try saveInterruption?(4)
     }
 
     var optimizerSGD: SGD? {

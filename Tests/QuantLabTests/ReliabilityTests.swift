@@ -87,4 +87,49 @@ struct ReliabilityTests {
             Issue.record("the weights stayed finite: the test did not blow training up")
         }
     }
+
+    struct Killed: Error {}
+
+    @Test("a run killed at any point of a checkpoint save resumes from a complete checkpoint and ends bit-identical to an uninterrupted run; stale temporaries go")
+    func crashSafeCheckpoints() throws {
+        let root = FileManager.default.temporaryDirectory.appendingPathComponent("ql-kill-\(UUID().uuidString)")
+        defer { try? FileManager.default.removeItem(at: root) }
+        let data = SyntheticShapes.Config(name: "d", imageSize: 64, trainImages: 8, valImages: 4, seed: 3, maxObjects: 3,
+                                          minObjectSize: 10, maxObjectSize: 30, singleObject: false, noiseStd: 2...4, jpegQuality: 90...95)
+        try SyntheticShapes(data).write(root: root, threads: 2)
+        let train = try DetectionDataset(root: root.appendingPathComponent("d"), split: "train2017")
+        var cfg = DetectorTrainingConfig()
+        cfg.epochs = 2
+        cfg.batchSize = 4
+        cfg.warmupEpochs = 1
+        cfg.checkpointEverySteps = 1
+        func fresh(_ seed: UInt64) -> YOLOv6 {
+            var rng = SeededGenerator(seed: seed)
+            return YOLOv6(.tiny(block: .repvgg, numClasses: train.classCount, inputSize: 64), rng: &rng)
+        }
+        let straight = DetectorTrainer(model: fresh(7), train: train, val: nil, config: cfg, checkpointDir: nil, log: { _ in })
+        try straight.run()
+        let want = straight.model.stateDict()
+        for stage in 0...5 {
+            let dir = root.appendingPathComponent("ckpt-\(stage)")
+            let killed = DetectorTrainer(model: fresh(7), train: train, val: nil, config: cfg, checkpointDir: dir, log: { _ in })
+            killed.saveInterruption = { s in if killed.step == 3 && s == stage { throw Killed() } }
+            #expect(throws: Killed.self) { try killed.run() }
+            // what else a kill can leave: a half-written temporary, a stray folder
+            try Data("partial".utf8).write(to: dir.appendingPathComponent(".latest.999.tmp"))
+            try FileManager.default.createDirectory(at: dir.appendingPathComponent("step-00000099"), withIntermediateDirectories: true)
+            let resumed = DetectorTrainer(model: fresh(99), train: train, val: nil, config: cfg, checkpointDir: dir, log: { _ in })
+            try resumed.run()
+            let got = resumed.model.stateDict()
+            #expect(zip(want, got).allSatisfy { $0.1.values == $1.1.values }, "killed at save stage \(stage): the resumed run ended elsewhere")
+            let left = try FileManager.default.contentsOfDirectory(atPath: dir.path).sorted()
+            #expect(left == ["latest", String(format: "step-%08d", resumed.step)], "stage \(stage): left \(left)")
+        }
+        // a pointer naming no complete checkpoint is an error naming it
+        let dir = root.appendingPathComponent("ckpt-bad")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        try Data("step-00000042".utf8).write(to: dir.appendingPathComponent("latest"))
+        let trainer = DetectorTrainer(model: fresh(1), train: train, val: nil, config: cfg, checkpointDir: dir, log: { _ in })
+        expectError(CheckpointError.self, mentioning: "step-00000042") { try trainer.run() }
+    }
 }

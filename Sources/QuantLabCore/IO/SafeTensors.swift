@@ -230,13 +230,21 @@ public enum SafeTensors {
 }
 
 /// Write-then-rename, so readers see either the old file or the whole new one.
+/// Writes a file so that a reader (or a run killed half-way) sees the old file or the new
+/// one, never a mix: a temporary file beside it, flushed to disk, then renamed over it.
+/// Temporaries are named `.<name>.<pid>.tmp`; `isTemporary` recognises them for clean-up.
 public enum AtomicFile {
+    public static func isTemporary(_ name: String) -> Bool { name.hasPrefix(".") && name.hasSuffix(".tmp") }
+
     public static func write(_ data: Data, to url: URL) throws {
         let dir = url.deletingLastPathComponent()
         try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
         let tmp = dir.appendingPathComponent(".\(url.lastPathComponent).\(ProcessInfo.processInfo.processIdentifier).tmp")
         do {
             try data.write(to: tmp)
+            let handle = try FileHandle(forUpdating: tmp)
+            try handle.synchronize()
+            try handle.close()
             guard rename(tmp.path, url.path) == 0 else {
                 throw SafeTensorsError("\(url.path): rename from temporary file failed (errno \(errno))")
             }
