@@ -12,7 +12,7 @@ SWIFT_FLAGS := --explicit-target-dependency-import-check error
 EXPERIMENTS := $(sort $(notdir $(wildcard experiments/exp*)))
 
 .DEFAULT_GOAL := help
-.PHONY: help build release test check-layers bench demo smoke crosscheck venv clean info data cuda models
+.PHONY: help build release test check-layers kill-resume bench demo smoke crosscheck venv clean info data cuda models
 
 help: ## list the targets
 	@echo "QuantLab — INT8 quantization of object detectors, reproduced from scratch"
@@ -33,6 +33,10 @@ test: ## run the test suites (kernels vs references, gradients vs finite differe
 
 check-layers: ## every import is a declared dependency (C modules included) and the library targets form a stack
 	$(PYTHON) scripts/check_layers.py --self-test
+
+kill-resume: release ## SIGKILL qlab train at random moments, resume each time: the final weights must equal an uninterrupted run's
+	@[ -d data/shapes-tiny ] || $(RELEASE_BIN)/qlab make-data --preset shapes-tiny --root data
+	scripts/kill_resume.sh 20
 
 demo: release ## train a small conv net on the built-in toy task (QUICK=1: fewer steps)
 	$(RELEASE_BIN)/qlab demo $(if $(QUICK),--steps 60,)

@@ -20,6 +20,7 @@ struct Train: ParsableCommand {
     @Option(help: "Batch size.") var batch = 32
     @Option(help: "Base learning rate (SGD).") var lr: Float = 0.02
     @Option(help: "Evaluate every N epochs.") var evalEvery = 5
+    @Option(help: "Checkpoint every N steps (and at every epoch's end).") var checkpointEvery = 200
     @Option(help: "Seed for initialisation, data order and augmentation.") var seed: UInt64 = 0
     @Option(help: "Output folder (checkpoints, final weights, history).") var out: String
 
@@ -30,6 +31,7 @@ struct Train: ParsableCommand {
         guard (1...10_000).contains(epochs), (1...10_000).contains(searchEpochs) else { throw ValidationError("--epochs and --search-epochs must be in 1...10000, got \(epochs) and \(searchEpochs)") }
         guard (1...4096).contains(batch) else { throw ValidationError("--batch must be in 1...4096, got \(batch)") }
         guard lr.isFinite, lr > 0, lr <= 10 else { throw ValidationError("--lr must be in (0, 10], got \(lr)") }
+        guard checkpointEvery >= 1 else { throw ValidationError("--checkpoint-every must be at least 1 (steps), got \(checkpointEvery)") }
         guard evalEvery >= 1 else { throw ValidationError("--eval-every must be at least 1 (epochs), got \(evalEvery)") }
     }
 
@@ -41,6 +43,7 @@ struct Train: ParsableCommand {
         let kind = BlockKind(rawValue: block)!
         let outDir = URL(fileURLWithPath: out)
         var cfg = DetectorTrainingConfig()
+        cfg.checkpointEverySteps = checkpointEvery
         cfg.epochs = epochs
         cfg.batchSize = batch
         cfg.learningRate = lr
