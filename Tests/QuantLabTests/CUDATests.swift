@@ -212,19 +212,24 @@ struct CUDAConformanceTests {
             return
         }
         defer { _ = api.jpeg_decoder_destroy(decoder) }
-        var picture = RGBImage(width: 48, height: 32)
-        for i in 0..<picture.pixels.count { picture.pixels[i] = UInt8((i * 7) % 256) }
+        // An image like the data (a synthetic-shapes training image), not a sawtooth: decoders
+        // may differ in their IDCT and chroma upsampling, which a per-pixel sawtooth of
+        // high-frequency chroma magnifies (mean error 4, max 50 there on an H100) while images
+        // like ours differ by a fraction of a grey level (0.14 mean, 4 max, measured there).
+        var preset = SyntheticShapes.Config.presets["shapes-tiny"]!
+        preset.imageSize = 48
+        let picture = SyntheticShapes(preset).render(split: .train, index: 3).image
         let jpeg = try JPEG.encode(picture, quality: 95)
         let cpu = try JPEG.decode(jpeg)
-        let dRGB = try CUDABuffer<UInt8>(count: 48 * 32 * 3)
+        let dRGB = try CUDABuffer<UInt8>(count: picture.width * picture.height * 3)
         var gw: Int32 = 0, gh: Int32 = 0
         let bytes = [UInt8](jpeg)
         try CUDA.shared.check(api.jpeg_decode(decoder, nil, bytes, bytes.count, dRGB.typed, dRGB.count, &gw, &gh), "nvjpeg decode")
         try sync()
-        #expect(gw == 48 && gh == 32)
+        #expect(Int(gw) == picture.width && Int(gh) == picture.height)
         let gpu = try dRGB.download()
-        let meanError = zip(gpu, cpu.pixels).map { abs(Int($0) - Int($1)) }.reduce(0, +) / gpu.count
-        #expect(meanError <= 2) // different IDCT and upsampling implementations
+        let meanError = Double(zip(gpu, cpu.pixels).map { abs(Int($0) - Int($1)) }.reduce(0, +)) / Double(gpu.count)
+        #expect(meanError <= 1, "nvJPEG vs libjpeg-turbo: mean |difference| \(meanError) grey levels (allowed: 1, for IDCT and upsampling differences)")
         #expect(api.jpeg_decode(decoder, nil, [1, 2, 3, 4], 4, dRGB.typed, dRGB.count, &gw, &gh) != QLC_OK)
     }
 
@@ -232,7 +237,8 @@ struct CUDAConformanceTests {
     func tensorDispatch() throws {
         var rng = SeededGenerator(seed: 7)
         let x = tensor([2, 3, 9, 8], &rng), w = tensor([4, 3, 3, 3], &rng), b = tensor([4], &rng)
-        let lw = tensor([5, 8], &rng), lb = tensor([5], &rng)
+        // conv output [2, 4, 5, 4]: the linear layer reads the last dimension, 4
+        let lw = tensor([5, 4], &rng), lb = tensor([5], &rng)
         let (gx, gw, gb, glw, glb) = (try x.to(.cuda), try w.to(.cuda), try b.to(.cuda), try lw.to(.cuda), try lb.to(.cuda))
         let opts = Conv2dOptions(stride: 2, padding: 1)
         let (cpu, gpu) = withNoGrad {
@@ -242,7 +248,7 @@ struct CUDAConformanceTests {
         #expect(gpu.device == .cuda)
         #expect(firstMismatch(try gpu.to(.cpu).values, cpu.values, atol: 1e-5, rtol: 1e-4) == nil)
         withNoGrad {
-            #expect(firstMismatch((gx + gx * 2).values, (x + x * 2).values, atol: 1e-6, rtol: 1e-6) == nil)
+            #expect(firstMismatch(((try? (gx + gx * 2).to(.cpu))?.values) ?? [], (x + x * 2).values, atol: 1e-6, rtol: 1e-6) == nil)
         }
     }
 }

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Packs what the GPU suite and GPU runs need on a CUDA machine that has a driver but no Swift:
+# the test binary, qlab, the CUDA plugin, and every shared library they load that is not part
+# of the base system (the Swift runtime, Foundation, swift-testing, libjpeg), with a run
+# script. Output: .build/gpu-bundle.tar.xz (issue #21).
+#
+# On the CUDA machine:
+#   tar xJf gpu-bundle.tar.xz && gpu-bundle/run.sh test        # the GPU conformance suite
+#   gpu-bundle/run.sh test "Engine"                            # any other suite, by name
+#   gpu-bundle/run.sh qlab info                                # qlab, with the plugin found
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=.build/gpu-bundle
+[ -f .build/cuda/libqlcuda.so ] || { echo "no .build/cuda/libqlcuda.so: run make cuda first"; exit 2; }
+swift build --build-tests --explicit-target-dependency-import-check error > /dev/null
+swift build -c release --product qlab --explicit-target-dependency-import-check error > /dev/null
+rm -rf "$out" && mkdir -p "$out/lib"
+cp .build/debug/QuantLabPackageTests.xctest .build/release/qlab .build/cuda/libqlcuda.so "$out/"
+# every library the binaries load, but the C runtime every Linux has
+for bin in "$out/QuantLabPackageTests.xctest" "$out/qlab"; do
+  ldd "$bin" | awk '/=> \// { print $3 }' | while read -r lib; do
+    case "$(basename "$lib")" in
+      libc.so*|libm.so*|libdl.so*|libpthread.so*|librt.so*|ld-linux*|libgcc_s.so*|libstdc++.so*) ;;
+      *) cp -L -n "$lib" "$out/lib/" ;;
+    esac
+  done
+done
+cat > "$out/run.sh" <<'RUN'
+#!/usr/bin/env bash
+# run.sh test [suite filter] | run.sh qlab <arguments>
+here=$(cd "$(dirname "$0")" && pwd)
+export LD_LIBRARY_PATH="$here/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" QL_CUDA_PLUGIN="$here/libqlcuda.so"
+case "${1:-test}" in
+  test) exec "$here/QuantLabPackageTests.xctest" --testing-library swift-testing --filter "${2:-CUDA|GPU}" ;;
+  qlab) shift; exec "$here/qlab" "$@" ;;
+  *) echo "usage: run.sh test [filter] | run.sh qlab <arguments>"; exit 2 ;;
+esac
+RUN
+chmod +x "$out/run.sh"
+tar -C .build -cJf .build/gpu-bundle.tar.xz gpu-bundle
+echo "✓ .build/gpu-bundle.tar.xz ($(du -h .build/gpu-bundle.tar.xz | cut -f1)): $(ls "$out/lib" | wc -l) libraries; on the GPU machine: tar xJf gpu-bundle.tar.xz && gpu-bundle/run.sh test"
