@@ -14,7 +14,7 @@ public final class RepClassifier: Module, Layer {
         public var depths: [Int]
 
         public init(block: BlockKind, numClasses: Int, inputSize: Int = 64, widths: [Int] = [16, 24, 48, 96, 192], depths: [Int] = [1, 2, 4, 6, 1]) {
-            precondition(widths.count == 5 && depths.count == 5 && depths[0] == 1, "classifier: 5 stages, stage0 has one block")
+            require(widths.count == 5 && depths.count == 5 && depths[0] == 1, "classifier: 5 stages, stage0 has one block")
             self.block = block
             self.numClasses = numClasses
             self.inputSize = inputSize

@@ -83,7 +83,7 @@ public struct TaskAlignedAssigner: Sendable {
 /// Generalised IoU of corresponding rows of two [P, 4] (x1, y1, x2, y2) box tensors, as a
 /// [P, 1] tensor with gradients (inverted predicted boxes count as empty).
 public func generalizedIoU(_ p: Tensor, _ g: Tensor) -> Tensor {
-    precondition(p.rank == 2 && p.shape[1] == 4 && p.shape == g.shape, "generalizedIoU: \(p.shape) vs \(g.shape)")
+    require(p.rank == 2 && p.shape[1] == 4 && p.shape == g.shape, "generalizedIoU: \(p.shape) vs \(g.shape)")
     func col(_ t: Tensor, _ i: Int) -> Tensor { t.slice(dim: 1, start: i, end: i + 1) }
     let (px1, py1, px2, py2) = (col(p, 0), col(p, 1), col(p, 2), col(p, 3))
     let (gx1, gy1, gx2, gy2) = (col(g, 0), col(g, 1), col(g, 2), col(g, 3))
@@ -115,7 +115,7 @@ public struct DetectionLoss: Sendable {
     /// The loss over a batch and its parts (for logging).
     public func callAsFunction(_ model: YOLOv6, classLogits: Tensor, distances: Tensor, labels: [[ObjectLabel]]) -> (Tensor, Parts) {
         let (batch, a, c) = (classLogits.shape[0], classLogits.shape[1], classLogits.shape[2])
-        precondition(labels.count == batch, "loss: \(labels.count) label lists for a batch of \(batch)")
+        require(labels.count == batch, "loss: \(labels.count) label lists for a batch of \(batch)")
         let targets = Tensor(zeros: [batch, a, c]), weights = Tensor(zeros: [batch, a, c])
         var posRows: [Int] = [], gtBoxes: [Float] = [], anchorTerms: [Float] = [], strideTerms: [Float] = [], posWeights: [Float] = []
         var scoreSum = 0.0

@@ -189,7 +189,7 @@ public final class DetectorTrainer {
         let name = String(format: "step-%08d", step)
         let stepDir = dir.appendingPathComponent(name)
         try? FileManager.default.removeItem(at: stepDir) // a leftover of a run killed at this very step
-        try FileManager.default.createDirectory(at: stepDir, withIntermediateDirectories: true)
+        try AtomicFile.createFolder(stepDir)
         try saveInterruption?(0)
         try writeCheckpointFiles(to: stepDir)
         try AtomicFile.write(Data(name.utf8), to: dir.appendingPathComponent("latest"))

@@ -96,7 +96,7 @@ public class RepBlockBase: Module {
     var hasIdentity: Bool { inChannels == outChannels && stride == 1 }
 
     init(_ inChannels: Int, _ outChannels: Int, stride: Int) {
-        precondition(stride == 1 || stride == 2, "Rep blocks use stride 1 or 2, got \(stride)")
+        require(stride == 1 || stride == 2, "Rep blocks use stride 1 or 2, got \(stride)")
         self.inChannels = inChannels
         self.outChannels = outChannels
         self.stride = stride
@@ -355,7 +355,7 @@ public final class RepOptSGD: Optimizer {
     private let masks: [ObjectIdentifier: Tensor]
 
     public init(_ groups: [ParameterGroup], masks: [(Tensor, Tensor)], learningRate: Float, momentum: Float = 0, nesterov: Bool = false) {
-        for (p, m) in masks { precondition(p.shape == m.shape, "RepOptSGD: mask \(m.shape) for parameter \(p.shape)") }
+        for (p, m) in masks { require(p.shape == m.shape, "RepOptSGD: mask \(m.shape) for parameter \(p.shape)") }
         inner = SGD(groups, learningRate: learningRate, momentum: momentum, nesterov: nesterov)
         self.masks = Dictionary(uniqueKeysWithValues: masks.map { (ObjectIdentifier($0.0), $0.1) })
     }

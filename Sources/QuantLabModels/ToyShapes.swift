@@ -11,7 +11,7 @@ public enum ToyShapes {
 
     /// A batch: images [n, 1, size, size] and labels in 0..<4, fully determined by `rng`.
     public static func batch(_ n: Int, size: Int = 12, noise: Float = 0.3, rng: inout SeededGenerator) -> (Tensor, [Int]) {
-        precondition(size >= 8, "ToyShapes needs size >= 8")
+        require(size >= 8, "ToyShapes needs size >= 8")
         let images = Tensor(zeros: [n, 1, size, size])
         var labels: [Int] = []
         for i in 0..<n {

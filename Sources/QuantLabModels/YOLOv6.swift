@@ -64,7 +64,7 @@ public final class RepStage: Module, Layer {
     public let block: Sequential?
 
     public init(_ kind: BlockKind, _ cin: Int, _ cout: Int, n: Int, scaleInit: Float = 1, rng: inout SeededGenerator) {
-        precondition(n >= 1, "RepStage needs n >= 1")
+        require(n >= 1, "RepStage needs n >= 1")
         conv1 = makeRepBlock(kind, cin, cout, scaleInit: scaleInit, rng: &rng)
         block = n > 1 ? Sequential((1..<n).map { _ in makeRepBlock(kind, cout, cout, scaleInit: scaleInit, rng: &rng) }) : nil
         super.init()
@@ -326,7 +326,7 @@ public final class YOLOv6: Module {
     public let anchors: AnchorGrid
 
     public init(_ config: YOLOv6Config, rng: inout SeededGenerator) {
-        precondition(config.inputSize % 32 == 0, "input size \(config.inputSize) must be a multiple of 32")
+        require(config.inputSize % 32 == 0, "input size \(config.inputSize) must be a multiple of 32")
         self.config = config
         backbone = EfficientRep(config, rng: &rng)
         neck = RepPANNeck(config, rng: &rng)
@@ -340,7 +340,7 @@ public final class YOLOv6: Module {
 
     /// Raw outputs for images [B, 3, S, S]: class logits [B, A, C], distances [B, A, 4].
     public func callAsFunction(_ images: Tensor) -> (classLogits: Tensor, distances: Tensor) {
-        precondition(images.rank == 4 && images.shape[1] == 3 && images.shape[2] == config.inputSize && images.shape[3] == config.inputSize,
+        require(images.rank == 4 && images.shape[1] == 3 && images.shape[2] == config.inputSize && images.shape[3] == config.inputSize,
                      "YOLOv6 expects [B, 3, \(config.inputSize), \(config.inputSize)], got \(images.shape)")
         return detect(neck(backbone(images)))
     }

@@ -130,14 +130,14 @@ public struct AbsHistogram: Sendable {
     public private(set) var binWidth: Float = 0
 
     public init(bins: Int = 2048, maxBins: Int = 2048 * 8) {
-        precondition(bins >= 2 && maxBins >= bins, "AbsHistogram: need 2 <= bins <= maxBins")
+        require(bins >= 2 && maxBins >= bins, "AbsHistogram: need 2 <= bins <= maxBins")
         initialBins = bins
         self.maxBins = maxBins
     }
 
     /// A histogram with given counts (tests, and histograms read back from a file).
     public init(counts: [Int64], binWidth: Float) {
-        precondition(binWidth > 0 && counts.count >= 2, "AbsHistogram: need >= 2 bins and a positive width")
+        require(binWidth > 0 && counts.count >= 2, "AbsHistogram: need >= 2 bins and a positive width")
         initialBins = counts.count
         maxBins = Swift.max(counts.count, 2048 * 32)
         self.counts = counts

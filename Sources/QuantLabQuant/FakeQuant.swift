@@ -27,8 +27,8 @@ public struct QuantSpec: Codable, Equatable, Hashable, Sendable {
     public var axis: Int?
 
     public init(bits: Int = 8, mode: Mode = .symmetric, axis: Int? = nil) {
-        precondition((2...16).contains(bits), "QuantSpec: bits must be in 2...16, got \(bits)")
-        precondition(mode == .symmetric || axis == nil, "QuantSpec: asymmetric quantization is per tensor here")
+        require((2...16).contains(bits), "QuantSpec: bits must be in 2...16, got \(bits)")
+        require(mode == .symmetric || axis == nil, "QuantSpec: asymmetric quantization is per tensor here")
         self.bits = bits
         self.mode = mode
         self.axis = axis
@@ -64,12 +64,12 @@ public func affineParameters(min lo: Float, max hi: Float, levels: Int) -> (scal
 /// Symmetric fake quantization with straight-through gradient. `amax` has one value (per
 /// tensor) or one per index along `spec.axis`.
 public func fakeQuantize(_ x: Tensor, amax: [Float], spec: QuantSpec) -> Tensor {
-    precondition(spec.mode == .symmetric, "fakeQuantize(amax:) is the symmetric mode; use fakeQuantizeAffine")
-    precondition(x.device == .cpu, "fakeQuantize: CPU tensors only (the CUDA plugin has the same kernels; dispatch is not wired)")
+    require(spec.mode == .symmetric, "fakeQuantize(amax:) is the symmetric mode; use fakeQuantizeAffine")
+    require(x.device == .cpu, "fakeQuantize: CPU tensors only (the CUDA plugin has the same kernels; dispatch is not wired)")
     let out = Tensor(zeros: x.shape)
     let qmax = Int32(spec.qmax)
     if let axis = spec.axis {
-        precondition(axis >= 0 && axis < x.rank && amax.count == x.shape[axis],
+        require(axis >= 0 && axis < x.rank && amax.count == x.shape[axis],
                      "fakeQuantize: \(amax.count) amax values for axis \(axis) of shape \(x.shape)")
         let outer = x.shape[..<axis].reduce(1, *), inner = x.shape[(axis + 1)...].reduce(1, *)
         let channels = Int32(x.shape[axis])
@@ -79,7 +79,7 @@ public func fakeQuantize(_ x: Tensor, amax: [Float], spec: QuantSpec) -> Tensor 
             ql_fake_quant_per_channel_bwd_f32(x.gradBuffer().data, g.data, x.data, Int64(outer), channels, Int64(inner), amax)
         }
     }
-    precondition(amax.count == 1, "fakeQuantize: per-tensor quantization takes one amax, got \(amax.count)")
+    require(amax.count == 1, "fakeQuantize: per-tensor quantization takes one amax, got \(amax.count)")
     let a = amax[0]
     ql_fake_quant_f32(out.data, x.data, Int64(x.count), a, qmax)
     traceOp(.quantizeDequantize(amax: amax, axis: nil, bits: spec.bits), [x], out)
@@ -90,7 +90,7 @@ public func fakeQuantize(_ x: Tensor, amax: [Float], spec: QuantSpec) -> Tensor 
 
 /// Asymmetric (affine) fake quantization with straight-through gradient inside the range.
 public func fakeQuantizeAffine(_ x: Tensor, scale: Float, zeroPoint: Int, levels: Int = 255) -> Tensor {
-    precondition(x.device == .cpu, "fakeQuantizeAffine: CPU tensors only")
+    require(x.device == .cpu, "fakeQuantizeAffine: CPU tensors only")
     let out = Tensor(zeros: x.shape)
     let (zp, hi) = (Int32(zeroPoint), Int32(levels))
     ql_fake_quant_affine_f32(out.data, x.data, Int64(x.count), scale, zp, 0, hi)
@@ -102,7 +102,7 @@ public func fakeQuantizeAffine(_ x: Tensor, scale: Float, zeroPoint: Int, levels
 
 /// Per-channel max |x| along `axis` (the weight calibrator of TensorRT and of the article).
 public func channelAbsMax(_ x: Tensor, axis: Int) -> [Float] {
-    precondition(axis >= 0 && axis < x.rank, "channelAbsMax: axis \(axis) out of range for shape \(x.shape)")
+    require(axis >= 0 && axis < x.rank, "channelAbsMax: axis \(axis) out of range for shape \(x.shape)")
     let outer = x.shape[..<axis].reduce(1, *), inner = x.shape[(axis + 1)...].reduce(1, *)
     var amax = [Float](repeating: 0, count: x.shape[axis])
     ql_channel_absmax_f32(&amax, x.data, Int64(outer), Int32(x.shape[axis]), Int64(inner))
@@ -112,7 +112,7 @@ public func channelAbsMax(_ x: Tensor, axis: Int) -> [Float] {
 /// Signal-to-quantization-noise ratio in dB: 10 log10(sum x^2 / sum (x - q)^2). Infinite
 /// when the quantization is exact.
 public func sqnr(_ x: Tensor, _ quantized: Tensor) -> Double {
-    precondition(x.shape == quantized.shape, "sqnr: shapes \(x.shape) and \(quantized.shape) differ")
+    require(x.shape == quantized.shape, "sqnr: shapes \(x.shape) and \(quantized.shape) differ")
     var signal = 0.0, noise = 0.0
     for i in 0..<x.count {
         let v = Double(x.data[i]), d = v - Double(quantized.data[i])

@@ -19,7 +19,7 @@ public struct CalibrationPlan: Codable, Equatable, Sendable {
     public var seed: UInt64
 
     public init(batches: Int = 4, batchSize: Int = 32, seed: UInt64 = 0) {
-        precondition(batches > 0 && batchSize > 0, "calibration needs at least one batch of one image")
+        require(batches > 0 && batchSize > 0, "calibration needs at least one batch of one image")
         self.batches = batches
         self.batchSize = batchSize
         self.seed = seed

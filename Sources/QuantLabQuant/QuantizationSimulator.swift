@@ -37,12 +37,12 @@ public final class TensorQuantizer {
         guard isEnabled else { return x }
         switch spec.mode {
         case .symmetric:
-            guard let amax else { preconditionFailure("a quantizer was enabled before it was calibrated (call applyCalibration first)") }
+            guard let amax else { fatalError("a quantizer was enabled before it was calibrated (call applyCalibration first)") }
             let out = untraced { fakeQuantize(x, amax: amax, spec: spec) }
             traceOp(.quantizeDequantize(amax: amax, axis: spec.axis, bits: spec.bits), [x], out, name: label)
             return out
         case .asymmetric:
-            guard let affine else { preconditionFailure("a quantizer was enabled before it was calibrated (call applyCalibration first)") }
+            guard let affine else { fatalError("a quantizer was enabled before it was calibrated (call applyCalibration first)") }
             return fakeQuantizeAffine(x, scale: affine.scale, zeroPoint: affine.zeroPoint, levels: spec.levels)
         }
     }

@@ -55,7 +55,7 @@ public enum SensitivityMetric: String, Codable, CaseIterable, Sendable {
 
 /// MSE, SNR (PPQ) and cosine between quantized outputs `q` and FP32 outputs `f`, both [B, N].
 public func outputDistances(_ q: Tensor, _ f: Tensor) -> (mse: Double, snr: Double, cosine: Double) {
-    precondition(q.shape == f.shape && q.rank == 2, "outputDistances: expected two [B, N] tensors, got \(q.shape) and \(f.shape)")
+    require(q.shape == f.shape && q.rank == 2, "outputDistances: expected two [B, N] tensors, got \(q.shape) and \(f.shape)")
     let (b, n) = (f.shape[0], f.shape[1])
     var squared = 0.0, snr = 0.0, cosine = 0.0
     for i in 0..<b {

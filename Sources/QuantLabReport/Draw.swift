@@ -49,7 +49,7 @@ public enum Draw {
 
     /// Images side by side in a grid (all the same size), `columns` wide.
     public static func grid(_ images: [RGBImage], columns: Int, gap: Int = 4) -> RGBImage {
-        precondition(!images.isEmpty && images.allSatisfy { $0.width == images[0].width && $0.height == images[0].height }, "grid needs images of one size")
+        require(!images.isEmpty && images.allSatisfy { $0.width == images[0].width && $0.height == images[0].height }, "grid needs images of one size")
         let (w, h) = (images[0].width, images[0].height), rows = (images.count + columns - 1) / columns
         var out = RGBImage(width: columns * (w + gap) - gap, height: rows * (h + gap) - gap, fill: (255, 255, 255))
         for (k, im) in images.enumerated() {

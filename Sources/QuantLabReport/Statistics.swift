@@ -33,7 +33,7 @@ public enum Statistics {
     }
 
     public static func pearson(_ a: [Double], _ b: [Double]) -> Double {
-        precondition(a.count == b.count, "pearson: \(a.count) vs \(b.count) values")
+        require(a.count == b.count, "pearson: \(a.count) vs \(b.count) values")
         let (ma, mb) = (mean(a), mean(b))
         var sab = 0.0, saa = 0.0, sbb = 0.0
         for (x, y) in zip(a, b) { sab += (x - ma) * (y - mb); saa += (x - ma) * (x - ma); sbb += (y - mb) * (y - mb) }
@@ -45,7 +45,7 @@ public enum Statistics {
 
     /// Kendall's tau-b: (concordant - discordant) / sqrt((n0 - ties_a) (n0 - ties_b)).
     public static func kendallTau(_ a: [Double], _ b: [Double]) -> Double {
-        precondition(a.count == b.count, "kendallTau: \(a.count) vs \(b.count) values")
+        require(a.count == b.count, "kendallTau: \(a.count) vs \(b.count) values")
         var concordant = 0.0, discordant = 0.0, tiesA = 0.0, tiesB = 0.0
         for i in 0..<a.count {
             for j in (i + 1)..<Swift.max(a.count, i + 1) {

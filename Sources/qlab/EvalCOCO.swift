@@ -15,7 +15,10 @@ struct EvalCOCO: ParsableCommand {
     func run() throws {
         let truth = try COCODataset.load(URL(fileURLWithPath: gt))
         let detections = try COCOResult.load(URL(fileURLWithPath: dt))
-        let result = try COCOEvaluator().evaluate(groundTruth: truth, detections: detections)
+        let result: COCOEvaluator.Result
+        do { result = try COCOEvaluator().evaluate(groundTruth: truth, detections: detections) } catch let e as COCOFormatError {
+            throw COCOFormatError("\(dt) against \(gt): \(e.description)") // the evaluator knows entries, not files
+        }
         print(result.summary)
         if let json {
             let payload: [String: Any] = ["stats": result.stats, "gt": gt, "dt": dt]

@@ -42,13 +42,13 @@ extension Tensor {
     /// one; intermediate gradients and the graph are released afterwards unless
     /// `retainGraph` is set (then `backward` may be called again on the same graph).
     public func backward(gradient: Tensor? = nil, retainGraph: Bool = false) {
-        precondition(requiresGrad, "backward() on a tensor that does not require grad")
+        require(requiresGrad, "backward() on a tensor that does not require grad")
         let seed: Tensor
         if let g = gradient {
-            precondition(g.shape == shape, "backward gradient shape \(g.shape) != tensor shape \(shape)")
+            require(g.shape == shape, "backward gradient shape \(g.shape) != tensor shape \(shape)")
             seed = g
         } else {
-            precondition(count == 1, "backward() without a gradient needs a one-element tensor, got shape \(shape)")
+            require(count == 1, "backward() without a gradient needs a one-element tensor, got shape \(shape)")
             seed = Tensor.full(shape, 1)
         }
         ql_axpy_into(gradBuffer(), seed)
@@ -85,7 +85,7 @@ extension Tensor {
 /// dst.grad-style accumulation helper: dst += src (same element count).
 @inline(__always)
 func ql_axpy_into(_ dst: Tensor, _ src: Tensor) {
-    precondition(dst.count == src.count, "gradient accumulation \(src.shape) into \(dst.shape)")
+    require(dst.count == src.count, "gradient accumulation \(src.shape) into \(dst.shape)")
     ql_axpy(dst.data, 1, src.data, Int64(src.count))
 }
 

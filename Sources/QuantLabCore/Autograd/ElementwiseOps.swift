@@ -66,15 +66,15 @@ func broadcastStrides(_ shape: [Int], to target: [Int]) -> [Int64] {
 
 private func binary(_ op: ql_binary_op, _ name: String, _ a: Tensor, _ b: Tensor) -> Tensor {
     guard let shape = broadcastShape(a.shape, b.shape) else {
-        preconditionFailure("\(name): shapes \(a.shape) and \(b.shape) do not broadcast")
+        fatalError("\(name): shapes \(a.shape) and \(b.shape) do not broadcast")
     }
-    precondition(shape.count <= Int(QL_MAX_DIMS), "\(name): rank \(shape.count) > \(QL_MAX_DIMS)")
+    require(shape.count <= Int(QL_MAX_DIMS), "\(name): rank \(shape.count) > \(QL_MAX_DIMS)")
     let sa = broadcastStrides(a.shape, to: shape), sb = broadcastStrides(b.shape, to: shape)
     if a.device == .cuda || b.device == .cuda { return CUDAOps.binary(op, name, a, b, shape: shape, sa: sa, sb: sb) }
     let out = Tensor(zeros: shape)
     let dims = shape.map { Int64($0) }
     let st = ql_binary_strided(op, out.data, a.data, sa, b.data, sb, dims, Int32(shape.count))
-    precondition(st == 0, "\(name): kernel status \(st)")
+    require(st == 0, "\(name): kernel status \(st)")
     traceOp(op == QL_BINARY_ADD ? .add : op == QL_BINARY_SUB ? .sub : op == QL_BINARY_MUL ? .mul : op == QL_BINARY_DIV ? .div : .unsupported(name), [a, b], out)
     return record(out, name, [a, b]) { g in
         _ = ql_binary_strided_bwd(op, a.requiresGrad ? a.gradBuffer().data : nil, sa,
@@ -102,10 +102,10 @@ extension Tensor {
         var dims = newShape
         if let i = dims.firstIndex(of: -1) {
             let known = dims.enumerated().filter { $0.offset != i }.map(\.element).reduce(1, *)
-            precondition(known > 0 && count % known == 0, "reshape \(shape) to \(newShape)")
+            require(known > 0 && count % known == 0, "reshape \(shape) to \(newShape)")
             dims[i] = count / known
         }
-        precondition(dims.reduce(1, *) == count, "reshape \(shape) (\(count) values) to \(newShape)")
+        require(dims.reduce(1, *) == count, "reshape \(shape) (\(count) values) to \(newShape)")
         let out = Tensor(shape: dims, storage: storage)
         traceOp(.reshape(dims), [self], out)
         return record(out, "reshape", [self]) { g in ql_axpy_into(self.gradBuffer(), g) }
@@ -117,7 +117,7 @@ extension Tensor {
 
     /// Permutes dims: out.shape[i] = shape[order[i]].
     public func permuted(_ order: [Int]) -> Tensor {
-        precondition(order.sorted() == Array(0..<rank), "permute \(shape) by \(order)")
+        require(order.sorted() == Array(0..<rank), "permute \(shape) by \(order)")
         let outShape = order.map { shape[$0] }
         let inStrides = Tensor.contiguousStrides(shape)
         let readStrides = order.map { Int64(inStrides[$0]) }
@@ -138,7 +138,7 @@ extension Tensor {
 
     /// Elements [start, end) along `dim`.
     public func slice(dim: Int, start: Int, end: Int) -> Tensor {
-        precondition(dim >= 0 && dim < rank && 0 <= start && start <= end && end <= shape[dim],
+        require(dim >= 0 && dim < rank && 0 <= start && start <= end && end <= shape[dim],
                      "slice [\(start), \(end)) of dim \(dim) of \(shape)")
         var outShape = shape
         outShape[dim] = end - start
@@ -155,7 +155,7 @@ extension Tensor {
 
     /// Broadcasts to `target` (numpy rules) by copying.
     public func expanded(to target: [Int]) -> Tensor {
-        precondition(broadcastShape(shape, target) == target, "expand \(shape) to \(target)")
+        require(broadcastShape(shape, target) == target, "expand \(shape) to \(target)")
         let strides = broadcastStrides(shape, to: target)
         let out = Tensor(zeros: target)
         let dims = target.map { Int64($0) }
@@ -169,10 +169,10 @@ extension Tensor {
 
 /// Concatenation along `dim`; all other dims must agree.
 public func concat(_ tensors: [Tensor], dim: Int) -> Tensor {
-    precondition(!tensors.isEmpty, "concat of no tensors")
+    require(!tensors.isEmpty, "concat of no tensors")
     let first = tensors[0].shape
     for t in tensors {
-        precondition(t.rank == first.count && (0..<first.count).allSatisfy { $0 == dim || t.shape[$0] == first[$0] },
+        require(t.rank == first.count && (0..<first.count).allSatisfy { $0 == dim || t.shape[$0] == first[$0] },
                      "concat along \(dim): shapes \(tensors.map(\.shape))")
     }
     var outShape = first
@@ -207,7 +207,7 @@ extension Tensor {
     /// given order, repeats allowed: out[i] = self[indices[i]]. The backward scatter-adds.
     public func gatherRows(_ indices: [Int]) -> Tensor {
         let d = shape.last ?? 1, n = count / max(d, 1)
-        precondition(indices.allSatisfy { $0 >= 0 && $0 < n }, "gatherRows: an index is outside [0, \(n))")
+        require(indices.allSatisfy { $0 >= 0 && $0 < n }, "gatherRows: an index is outside [0, \(n))")
         let out = Tensor(zeros: [indices.count, d])
         for (i, r) in indices.enumerated() { (out.data + i * d).update(from: data + r * d, count: d) }
         traceOp(.unsupported("gather_rows"), [self], out)
@@ -236,7 +236,7 @@ extension Tensor {
     /// Sum over `dims`; the result keeps them as size 1 when `keepDims`, else drops them.
     public func sum(dims: [Int], keepDims: Bool = false) -> Tensor {
         let reduced = Set(dims.map { $0 < 0 ? $0 + rank : $0 })
-        precondition(reduced.allSatisfy { $0 >= 0 && $0 < rank }, "sum over \(dims) of \(shape)")
+        require(reduced.allSatisfy { $0 >= 0 && $0 < rank }, "sum over \(dims) of \(shape)")
         let keptShape = shape.enumerated().map { reduced.contains($0.offset) ? 1 : $0.element }
         let out = Tensor(zeros: keptShape)
         let strides = broadcastStrides(keptShape, to: shape)

@@ -29,7 +29,7 @@ public struct Conv2dOptions: Equatable, Sendable {
 }
 
 private func geometry(input: [Int], weight: [Int], _ o: Conv2dOptions) -> ql_conv_geom {
-    precondition(input.count == 4 && weight.count == 4, "conv2d: input \(input) and weight \(weight) must be 4-D")
+    require(input.count == 4 && weight.count == 4, "conv2d: input \(input) and weight \(weight) must be 4-D")
     return ql_conv_geom(N: Int32(input[0]), C: Int32(input[1]), H: Int32(input[2]), W: Int32(input[3]),
                         K: Int32(weight[0]), KH: Int32(weight[2]), KW: Int32(weight[3]),
                         SH: Int32(o.stride.0), SW: Int32(o.stride.1), PH: Int32(o.padding.0), PW: Int32(o.padding.1),
@@ -56,16 +56,16 @@ public final class FLOPCounter: @unchecked Sendable {
 }
 
 @inline(__always) private func check(_ status: Int32, _ name: String) {
-    precondition(status == 0, "\(name): kernel returned status \(status)")
+    require(status == 0, "\(name): kernel returned status \(status)")
 }
 
 /// 2-D convolution. x [N, C, H, W], weight [K, C/groups, KH, KW], bias [K] or nil.
 public func conv2d(_ x: Tensor, weight: Tensor, bias: Tensor? = nil, options o: Conv2dOptions = .init()) -> Tensor {
     var g = geometry(input: x.shape, weight: weight.shape, o)
     var oh: Int32 = 0, ow: Int32 = 0
-    precondition(ql_conv_out_size(&g, &oh, &ow) == 0 && weight.shape[1] * o.groups == x.shape[1],
+    require(ql_conv_out_size(&g, &oh, &ow) == 0 && weight.shape[1] * o.groups == x.shape[1],
                  "conv2d: input \(x.shape), weight \(weight.shape), stride \(o.stride), padding \(o.padding), groups \(o.groups) do not fit")
-    if let b = bias { precondition(b.shape == [weight.shape[0]], "conv2d: bias \(b.shape) for \(weight.shape[0]) channels") }
+    if let b = bias { require(b.shape == [weight.shape[0]], "conv2d: bias \(b.shape) for \(weight.shape[0]) channels") }
     FLOPCounter.active?.add(x.shape[0] * weight.count * Int(oh) * Int(ow))
     if x.device == .cuda { return CUDAOps.conv2d(x, weight, bias, g, oh: Int(oh), ow: Int(ow)) }
     let out = Tensor(zeros: [x.shape[0], weight.shape[0], Int(oh), Int(ow)])
@@ -97,12 +97,12 @@ private func addChannelSums(_ db: UnsafeMutablePointer<Float>, _ g: Tensor) {
 /// (H - 1)*stride - 2*padding + dilation*(KH - 1) + outputPadding + 1.
 public func convTranspose2d(_ x: Tensor, weight: Tensor, bias: Tensor? = nil, options o: Conv2dOptions = .init(),
                             outputPadding: (Int, Int) = (0, 0)) -> Tensor {
-    precondition(x.rank == 4 && weight.rank == 4 && weight.shape[0] == x.shape[1],
+    require(x.rank == 4 && weight.rank == 4 && weight.shape[0] == x.shape[1],
                  "conv_transpose2d: input \(x.shape), weight \(weight.shape)")
     let cOut = weight.shape[1] * o.groups
     let hOut = (x.shape[2] - 1) * o.stride.0 - 2 * o.padding.0 + o.dilation.0 * (weight.shape[2] - 1) + outputPadding.0 + 1
     let wOut = (x.shape[3] - 1) * o.stride.1 - 2 * o.padding.1 + o.dilation.1 * (weight.shape[3] - 1) + outputPadding.1 + 1
-    precondition(hOut > 0 && wOut > 0 && outputPadding.0 < max(o.stride.0, o.dilation.0) && outputPadding.1 < max(o.stride.1, o.dilation.1),
+    require(hOut > 0 && wOut > 0 && outputPadding.0 < max(o.stride.0, o.dilation.0) && outputPadding.1 < max(o.stride.1, o.dilation.1),
                  "conv_transpose2d: input \(x.shape), weight \(weight.shape) give no valid output")
     // The adjoint convolution maps [N, cOut, hOut, wOut] -> [N, C_in, H, W] with the same weight.
     var g = geometry(input: [x.shape[0], cOut, hOut, wOut], weight: weight.shape, o)
@@ -110,7 +110,7 @@ public func convTranspose2d(_ x: Tensor, weight: Tensor, bias: Tensor? = nil, op
     let out = Tensor(zeros: [x.shape[0], cOut, hOut, wOut])
     check(ql_conv2d_bwd_data(out.data, x.data, weight.data, &g), "conv_transpose2d")
     if let b = bias {
-        precondition(b.shape == [cOut], "conv_transpose2d: bias \(b.shape) for \(cOut) channels")
+        require(b.shape == [cOut], "conv_transpose2d: bias \(b.shape) for \(cOut) channels")
         let hw = hOut * wOut
         for n in 0..<x.shape[0] { for c in 0..<cOut { let p = out.data + (n * cOut + c) * hw; ql_scale_shift(p, p, 1, b.data[c], Int64(hw)) } }
     }
@@ -137,9 +137,9 @@ public func convTranspose2d(_ x: Tensor, weight: Tensor, bias: Tensor? = nil, op
 /// Evaluation: uses the running stats (a per-channel affine map, which BN folding relies on).
 public func batchNorm2d(_ x: Tensor, weight: Tensor?, bias: Tensor?, runningMean: Tensor, runningVar: Tensor,
                         training: Bool, momentum: Float = 0.1, eps: Float = 1e-5) -> Tensor {
-    precondition(x.rank >= 2, "batch_norm: input \(x.shape) needs at least 2 dims")
+    require(x.rank >= 2, "batch_norm: input \(x.shape) needs at least 2 dims")
     let n = x.shape[0], c = x.shape[1], hw = x.count / max(n * c, 1)
-    precondition(runningMean.count == c && runningVar.count == c, "batch_norm: \(c) channels, running stats \(runningMean.shape)")
+    require(runningMean.count == c && runningVar.count == c, "batch_norm: \(c) channels, running stats \(runningMean.shape)")
     let mean = Tensor(zeros: [c]), rstd = Tensor(zeros: [c])
     if training {
         let variance = Tensor(zeros: [c])
@@ -185,7 +185,7 @@ public func batchNorm2d(_ x: Tensor, weight: Tensor?, bias: Tensor?, runningMean
 /// Layer normalisation over the last dim.
 public func layerNorm(_ x: Tensor, weight: Tensor?, bias: Tensor?, eps: Float = 1e-5) -> Tensor {
     let cols = x.shape.last ?? 1, rows = x.count / max(cols, 1)
-    if let w = weight { precondition(w.count == cols, "layer_norm: weight \(w.shape) for last dim \(cols)") }
+    if let w = weight { require(w.count == cols, "layer_norm: weight \(w.shape) for last dim \(cols)") }
     let out = Tensor(zeros: x.shape), mean = Tensor(zeros: [rows]), rstd = Tensor(zeros: [rows])
     ql_layer_norm_fwd(out.data, mean.data, rstd.data, x.data, weight?.data, bias?.data, Int64(rows), Int32(cols), eps)
     let parents = [x] + [weight, bias].compactMap { $0 }
@@ -207,10 +207,10 @@ private func poolOut(_ h: Int, _ k: Int, _ s: Int, _ p: Int) -> Int { (h + 2 * p
 
 public func maxPool2d(_ x: Tensor, kernel: Int, stride: Int? = nil, padding: Int = 0) -> Tensor {
     let s = stride ?? kernel
-    precondition(x.rank == 4 && 2 * padding <= kernel, "max_pool2d: input \(x.shape), kernel \(kernel), padding \(padding)")
+    require(x.rank == 4 && 2 * padding <= kernel, "max_pool2d: input \(x.shape), kernel \(kernel), padding \(padding)")
     let (h, w) = (x.shape[2], x.shape[3])
     let (oh, ow) = (poolOut(h, kernel, s, padding), poolOut(w, kernel, s, padding))
-    precondition(oh > 0 && ow > 0, "max_pool2d: input \(x.shape) smaller than kernel \(kernel)")
+    require(oh > 0 && ow > 0, "max_pool2d: input \(x.shape) smaller than kernel \(kernel)")
     let planes = x.shape[0] * x.shape[1]
     let out = Tensor(zeros: [x.shape[0], x.shape[1], oh, ow])
     var argmax = [Int32](repeating: 0, count: out.count)
@@ -224,10 +224,10 @@ public func maxPool2d(_ x: Tensor, kernel: Int, stride: Int? = nil, padding: Int
 
 public func avgPool2d(_ x: Tensor, kernel: Int, stride: Int? = nil, padding: Int = 0, countIncludePad: Bool = true) -> Tensor {
     let s = stride ?? kernel
-    precondition(x.rank == 4 && 2 * padding <= kernel, "avg_pool2d: input \(x.shape), kernel \(kernel), padding \(padding)")
+    require(x.rank == 4 && 2 * padding <= kernel, "avg_pool2d: input \(x.shape), kernel \(kernel), padding \(padding)")
     let (h, w) = (x.shape[2], x.shape[3])
     let (oh, ow) = (poolOut(h, kernel, s, padding), poolOut(w, kernel, s, padding))
-    precondition(oh > 0 && ow > 0, "avg_pool2d: input \(x.shape) smaller than kernel \(kernel)")
+    require(oh > 0 && ow > 0, "avg_pool2d: input \(x.shape) smaller than kernel \(kernel)")
     let planes = Int64(x.shape[0] * x.shape[1])
     let out = Tensor(zeros: [x.shape[0], x.shape[1], oh, ow])
     let k = Int32(kernel), st = Int32(s), p = Int32(padding), inc: Int32 = countIncludePad ? 1 : 0
@@ -240,7 +240,7 @@ public func avgPool2d(_ x: Tensor, kernel: Int, stride: Int? = nil, padding: Int
 
 /// Mean over H and W: [N, C, H, W] -> [N, C].
 public func globalAvgPool2d(_ x: Tensor) -> Tensor {
-    precondition(x.rank == 4, "global_avg_pool2d: input \(x.shape)")
+    require(x.rank == 4, "global_avg_pool2d: input \(x.shape)")
     let out = untraced { x.mean(dims: [2, 3]) }
     traceOp(.globalAveragePool, [x], out)
     return out
@@ -248,7 +248,7 @@ public func globalAvgPool2d(_ x: Tensor) -> Tensor {
 
 /// Nearest-neighbour upsampling by an integer factor.
 public func upsampleNearest(_ x: Tensor, scale: Int) -> Tensor {
-    precondition(x.rank == 4 && scale >= 1, "upsample_nearest: input \(x.shape), scale \(scale)")
+    require(x.rank == 4 && scale >= 1, "upsample_nearest: input \(x.shape), scale \(scale)")
     let (h, w) = (x.shape[2], x.shape[3]), planes = Int64(x.shape[0] * x.shape[1])
     let out = Tensor(zeros: [x.shape[0], x.shape[1], h * scale, w * scale])
     ql_upsample_nearest_fwd(out.data, x.data, planes, Int32(h), Int32(w), Int32(scale), Int32(scale))
@@ -262,14 +262,14 @@ public func upsampleNearest(_ x: Tensor, scale: Int) -> Tensor {
 
 /// y = x W^T + b over the last dim: x [..., in], weight [out, in], bias [out].
 public func linear(_ x: Tensor, weight: Tensor, bias: Tensor? = nil) -> Tensor {
-    precondition(weight.rank == 2 && x.shape.last == weight.shape[1], "linear: input \(x.shape), weight \(weight.shape)")
-    if let b = bias { precondition(b.shape == [weight.shape[0]], "linear: bias \(b.shape) for \(weight.shape[0]) outputs") }
+    require(weight.rank == 2 && x.shape.last == weight.shape[1], "linear: input \(x.shape), weight \(weight.shape)")
+    if let b = bias { require(b.shape == [weight.shape[0]], "linear: bias \(b.shape) for \(weight.shape[0]) outputs") }
     FLOPCounter.active?.add(x.count / max(weight.shape[1], 1) * weight.count)
     if x.device == .cuda { return CUDAOps.linear(x, weight, bias) }
     let (outF, inF) = (weight.shape[0], weight.shape[1]), rows = x.count / max(inF, 1)
     let out = Tensor(zeros: Array(x.shape.dropLast()) + [outF])
     if let b = bias {
-        precondition(b.shape == [outF], "linear: bias \(b.shape) for \(outF) outputs")
+        require(b.shape == [outF], "linear: bias \(b.shape) for \(outF) outputs")
         for r in 0..<rows { (out.data + r * outF).update(from: b.data, count: outF) }
     }
     check(ql_sgemm(0, 1, Int32(rows), Int32(outF), Int32(inF), 1, x.data, Int32(inF), weight.data, Int32(inF),
@@ -295,11 +295,11 @@ public func linear(_ x: Tensor, weight: Tensor, bias: Tensor? = nil) -> Tensor {
 /// Batched matrix product over the last two dims: a [..., M, K] x b [..., K, N]. The batch
 /// dims must be equal, or b may be 2-D (shared by every batch entry).
 public func matmul(_ a: Tensor, _ b: Tensor) -> Tensor {
-    precondition(a.rank >= 2 && b.rank >= 2 && a.shape[a.rank - 1] == b.shape[b.rank - 2],
+    require(a.rank >= 2 && b.rank >= 2 && a.shape[a.rank - 1] == b.shape[b.rank - 2],
                  "matmul: \(a.shape) x \(b.shape)")
     let (m, k, n) = (a.shape[a.rank - 2], a.shape[a.rank - 1], b.shape[b.rank - 1])
     let batchA = Array(a.shape.dropLast(2)), batchB = Array(b.shape.dropLast(2))
-    precondition(batchB.isEmpty || batchA == batchB, "matmul: batch dims \(batchA) vs \(batchB)")
+    require(batchB.isEmpty || batchA == batchB, "matmul: batch dims \(batchA) vs \(batchB)")
     let batch = batchA.reduce(1, *), sharedB = batchB.isEmpty
     FLOPCounter.active?.add(batch * m * k * n)
     if a.device == .cuda { return CUDAOps.matmul(a, b, batch: batch, m: m, k: k, n: n, sharedB: sharedB, outShape: batchA + [m, n]) }
@@ -338,9 +338,9 @@ private func reduce(_ t: Tensor, _ r: Reduction) -> Tensor {
 
 /// Cross-entropy of logits [N, C] against class indices, averaged over N (PyTorch default).
 public func crossEntropy(logits: Tensor, targets: [Int], reduction: Reduction = .mean) -> Tensor {
-    precondition(logits.rank == 2 && logits.shape[0] == targets.count, "cross_entropy: logits \(logits.shape), \(targets.count) targets")
+    require(logits.rank == 2 && logits.shape[0] == targets.count, "cross_entropy: logits \(logits.shape), \(targets.count) targets")
     let classes = logits.shape[1]
-    precondition(targets.allSatisfy { $0 >= 0 && $0 < classes }, "cross_entropy: a target is outside [0, \(classes))")
+    require(targets.allSatisfy { $0 >= 0 && $0 < classes }, "cross_entropy: a target is outside [0, \(classes))")
     let logp = logits.logSoftmax()
     // nll: out[i] = -logp[i, t_i]
     let out = Tensor(zeros: [targets.count])
@@ -354,7 +354,7 @@ public func crossEntropy(logits: Tensor, targets: [Int], reduction: Reduction = 
 
 /// Binary cross-entropy on logits, numerically stable; targets may be soft (in [0, 1]).
 public func binaryCrossEntropyWithLogits(_ logits: Tensor, targets: Tensor, reduction: Reduction = .mean) -> Tensor {
-    precondition(logits.shape == targets.shape, "bce_with_logits: logits \(logits.shape), targets \(targets.shape)")
+    require(logits.shape == targets.shape, "bce_with_logits: logits \(logits.shape), targets \(targets.shape)")
     let out = Tensor(zeros: logits.shape)
     ql_bce_logits_fwd(out.data, logits.data, targets.data, Int64(logits.count))
     let loss = record(out, "bce_with_logits", [logits]) { g in
@@ -367,13 +367,13 @@ public func binaryCrossEntropyWithLogits(_ logits: Tensor, targets: Tensor, redu
 /// with `log_target=False`. Terms with target == 0 contribute 0. `.mean` averages over all
 /// elements, as PyTorch's 'mean'; use `.sum` and divide yourself for 'batchmean'.
 public func klDivergence(logInput: Tensor, target: Tensor, reduction: Reduction = .sum) -> Tensor {
-    precondition(logInput.shape == target.shape, "kl_div: input \(logInput.shape), target \(target.shape)")
+    require(logInput.shape == target.shape, "kl_div: input \(logInput.shape), target \(target.shape)")
     let logTarget = maximum(target, Tensor.scalar(Float.leastNormalMagnitude)).log()
     return reduce(target * (logTarget - logInput), reduction)
 }
 
 /// Mean (or sum) absolute difference.
 public func l1Loss(_ a: Tensor, _ b: Tensor, reduction: Reduction = .mean) -> Tensor {
-    precondition(a.shape == b.shape, "l1_loss: \(a.shape) vs \(b.shape)")
+    require(a.shape == b.shape, "l1_loss: \(a.shape) vs \(b.shape)")
     return reduce((a - b).abs(), reduction)
 }

@@ -129,7 +129,7 @@ public final class CUDABuffer<Element>: @unchecked Sendable {
     public var typed: UnsafeMutablePointer<Element> { pointer.assumingMemoryBound(to: Element.self) }
 
     public func upload(_ values: [Element]) throws {
-        precondition(values.count <= count, "upload of \(values.count) into \(count)")
+        require(values.count <= count, "upload of \(values.count) into \(count)")
         try values.withUnsafeBytes { raw in
             try CUDA.shared.check(api.memcpy_h2d(pointer, raw.baseAddress, raw.count, nil), "upload")
         }

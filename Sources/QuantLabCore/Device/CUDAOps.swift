@@ -7,23 +7,23 @@ import CQLCuda
 /// message (evaluate under `withNoGrad`, or train on the CPU).
 enum CUDAOps {
     static func api() -> qlc_api {
-        do { return try CUDA.shared.requireDevice() } catch { preconditionFailure("\(error)") }
+        do { return try CUDA.shared.requireDevice() } catch { fatalError("\(error)") }
     }
 
     static func check(_ status: Int32, _ what: String) {
-        do { try CUDA.shared.check(status, what) } catch { preconditionFailure("\(error)") }
+        do { try CUDA.shared.check(status, what) } catch { fatalError("\(error)") }
     }
 
     static func empty(_ shape: [Int]) -> Tensor {
         do { return Tensor(shape: shape, storage: try Storage(cudaCount: shape.reduce(1, *))) } catch {
-            preconditionFailure("\(error)")
+            fatalError("\(error)")
         }
     }
 
     static func noGraph(_ name: String, _ inputs: [Tensor]) {
-        precondition(!(GradMode.isEnabled && inputs.contains { $0.requiresGrad }),
+        require(!(GradMode.isEnabled && inputs.contains { $0.requiresGrad }),
                      "\(name): autograd on CUDA tensors is not supported yet; run under withNoGrad { } or on the CPU")
-        precondition(inputs.allSatisfy { $0.device == .cuda }, "\(name): inputs on different devices \(inputs.map(\.device))")
+        require(inputs.allSatisfy { $0.device == .cuda }, "\(name): inputs on different devices \(inputs.map(\.device))")
     }
 
     static func unary(_ op: ql_unary_op, _ name: String, _ x: Tensor) -> Tensor {

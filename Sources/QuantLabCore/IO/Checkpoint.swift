@@ -31,14 +31,15 @@ public func describe(_ error: DecodingError) -> String {
             return s.isEmpty ? k.stringValue : "\(s).\(k.stringValue)"
         }
     }
+    func path(_ keys: [CodingKey], orTop: Bool) -> String { keys.isEmpty ? "the top level" : "field " + path(keys) }
     switch error {
     case .keyNotFound(let key, let ctx):
         let at = path(ctx.codingPath)
         return "missing field \(at.isEmpty ? "" : at + ".")\(key.stringValue)"
     case .typeMismatch(let type, let ctx):
-        return "field \(path(ctx.codingPath)) has the wrong type (expected \(type))"
+        return "\(path(ctx.codingPath, orTop: true)) has the wrong type (expected \(type))"
     case .valueNotFound(let type, let ctx):
-        return "field \(path(ctx.codingPath)) is null (expected \(type))"
+        return "\(path(ctx.codingPath, orTop: true)) is null (expected \(type))"
     case .dataCorrupted(let ctx):
         let at = path(ctx.codingPath)
         return at.isEmpty ? "not valid JSON (\(ctx.debugDescription))" : "field \(at): \(ctx.debugDescription)"

@@ -233,18 +233,37 @@ public enum SafeTensors {
 /// Writes a file so that a reader (or a run killed half-way) sees the old file or the new
 /// one, never a mix: a temporary file beside it, flushed to disk, then renamed over it.
 /// Temporaries are named `.<name>.<pid>.tmp`; `isTemporary` recognises them for clean-up.
+/// A file that could not be written; the message names it and the reason.
+public struct FileWriteError: Error, CustomStringConvertible, Equatable {
+    public let description: String
+    public init(_ message: String) { description = message }
+}
+
 public enum AtomicFile {
+    /// Creates a folder (and its parents), or throws a `FileWriteError` naming it and why.
+    public static func createFolder(_ url: URL) throws {
+        do { try FileManager.default.createDirectory(at: url, withIntermediateDirectories: true) } catch {
+            throw FileWriteError("cannot create the folder \(url.path) (\((error as NSError).localizedFailureReason ?? (error as NSError).userInfo[NSUnderlyingErrorKey].map { "\($0)" } ?? error.localizedDescription))")
+        }
+    }
+
     public static func isTemporary(_ name: String) -> Bool { name.hasPrefix(".") && name.hasSuffix(".tmp") }
 
     public static func write(_ data: Data, to url: URL) throws {
         let dir = url.deletingLastPathComponent()
-        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        try createFolder(dir)
         let tmp = dir.appendingPathComponent(".\(url.lastPathComponent).\(ProcessInfo.processInfo.processIdentifier).tmp")
         do {
-            try data.write(to: tmp)
-            let handle = try FileHandle(forUpdating: tmp)
-            try handle.synchronize()
-            try handle.close()
+            do {
+                try data.write(to: tmp)
+                let handle = try FileHandle(forUpdating: tmp)
+                try handle.synchronize()
+                try handle.close()
+            } catch {
+                // Foundation's own message is "The operation could not be completed" plus a domain code
+                let reason = (error as NSError).localizedFailureReason ?? (error as NSError).userInfo[NSUnderlyingErrorKey].map { "\($0)" } ?? error.localizedDescription
+                throw FileWriteError("\(url.path): cannot write (\(reason))")
+            }
             guard rename(tmp.path, url.path) == 0 else {
                 throw SafeTensorsError("\(url.path): rename from temporary file failed (errno \(errno))")
             }

@@ -72,7 +72,7 @@ public final class Conv2d: Module, WeightedLayer {
 
     public init(_ inChannels: Int, _ outChannels: Int, kernel: Int, stride: Int = 1, padding: Int? = nil,
                 dilation: Int = 1, groups: Int = 1, bias: Bool = true, rng: inout SeededGenerator) {
-        precondition(inChannels % groups == 0 && outChannels % groups == 0, "Conv2d: channels \(inChannels)->\(outChannels) not divisible by groups \(groups)")
+        require(inChannels % groups == 0 && outChannels % groups == 0, "Conv2d: channels \(inChannels)->\(outChannels) not divisible by groups \(groups)")
         let fanIn = inChannels / groups * kernel * kernel
         options = Conv2dOptions(stride: stride, padding: padding ?? (dilation * (kernel - 1)) / 2, dilation: dilation, groups: groups)
         weight = defaultInit([outChannels, inChannels / groups, kernel, kernel], fanIn: fanIn, rng: &rng)
@@ -85,9 +85,9 @@ public final class Conv2d: Module, WeightedLayer {
     /// A conv with the given weight [K, C/groups, kh, kw], bias [K] and geometry: how a deploy
     /// form replaces layers by their folded equivalent (the values are copied).
     public convenience init(weight: Tensor, bias: Tensor, options: Conv2dOptions) {
-        precondition(weight.shape.count == 4 && weight.shape[2] == weight.shape[3] && bias.shape == [weight.shape[0]],
+        require(weight.shape.count == 4 && weight.shape[2] == weight.shape[3] && bias.shape == [weight.shape[0]],
                      "Conv2d(weight:bias:options:): weight \(weight.shape) with bias \(bias.shape)")
-        precondition(options.stride.0 == options.stride.1 && options.padding.0 == options.padding.1 && options.dilation.0 == options.dilation.1,
+        require(options.stride.0 == options.stride.1 && options.padding.0 == options.padding.1 && options.dilation.0 == options.dilation.1,
                      "Conv2d layers are square in stride, padding and dilation")
         var rng = SeededGenerator(seed: 0) // every value is overwritten below
         self.init(weight.shape[1] * options.groups, weight.shape[0], kernel: weight.shape[2], stride: options.stride.0,

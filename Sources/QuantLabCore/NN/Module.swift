@@ -36,7 +36,7 @@ open class Module {
     /// Registers a trainable tensor (sets `requiresGrad`) under `name` and returns it.
     @discardableResult
     public func registerParameter(_ name: String, _ tensor: Tensor) -> Tensor {
-        precondition(!name.contains(".") && !parameterSlots.contains { $0.0 == name }, "bad or duplicate parameter name \(name)")
+        require(!name.contains(".") && !parameterSlots.contains { $0.0 == name }, "bad or duplicate parameter name \(name)")
         tensor.requiresGrad = true
         parameterSlots.append((name, tensor))
         return tensor
@@ -45,14 +45,14 @@ open class Module {
     /// Registers a non-trainable state tensor (running statistics, counters).
     @discardableResult
     public func registerBuffer(_ name: String, _ tensor: Tensor) -> Tensor {
-        precondition(!name.contains(".") && !bufferSlots.contains { $0.0 == name }, "bad or duplicate buffer name \(name)")
+        require(!name.contains(".") && !bufferSlots.contains { $0.0 == name }, "bad or duplicate buffer name \(name)")
         bufferSlots.append((name, tensor))
         return tensor
     }
 
     @discardableResult
     public func registerModule<M: Module>(_ name: String, _ module: M) -> M {
-        precondition(!name.contains(".") && !childSlots.contains { $0.0 == name }, "bad or duplicate module name \(name)")
+        require(!name.contains(".") && !childSlots.contains { $0.0 == name }, "bad or duplicate module name \(name)")
         childSlots.append((name, module))
         return module
     }

@@ -47,7 +47,7 @@ public final class SGD: Optimizer {
     private var buffers: [ObjectIdentifier: Tensor] = [:]
 
     public init(_ groups: [ParameterGroup], learningRate: Float, momentum: Float = 0, nesterov: Bool = false) {
-        precondition(!nesterov || momentum > 0, "Nesterov momentum needs momentum > 0")
+        require(!nesterov || momentum > 0, "Nesterov momentum needs momentum > 0")
         self.groups = groups
         self.learningRate = learningRate
         self.momentum = momentum
@@ -110,7 +110,7 @@ public struct WarmupCosineSchedule: Sendable {
     public let base: Float, warmupSteps: Int, totalSteps: Int, warmupStartFactor: Float, finalFactor: Float
 
     public init(base: Float, warmupSteps: Int, totalSteps: Int, warmupStartFactor: Float = 0.1, finalFactor: Float = 0.01) {
-        precondition(totalSteps > 0 && warmupSteps >= 0 && warmupSteps <= totalSteps, "schedule: warmup \(warmupSteps) of \(totalSteps) steps")
+        require(totalSteps > 0 && warmupSteps >= 0 && warmupSteps <= totalSteps, "schedule: warmup \(warmupSteps) of \(totalSteps) steps")
         self.base = base
         self.warmupSteps = warmupSteps
         self.totalSteps = totalSteps
@@ -153,9 +153,9 @@ public final class ModelEMA {
         updates += 1
         let d = currentDecay
         let live = model.stateDict()
-        precondition(live.count == shadow.count, "EMA: model has \(live.count) tensors, shadow \(shadow.count)")
+        require(live.count == shadow.count, "EMA: model has \(live.count) tensors, shadow \(shadow.count)")
         for ((name, s), (liveName, t)) in zip(shadow, live) {
-            precondition(name == liveName, "EMA: \(name) vs \(liveName)")
+            require(name == liveName, "EMA: \(name) vs \(liveName)")
             if name.hasSuffix("num_batches_tracked") { // a counter, not a weight: copied
                 try? s.copyValues(from: t)
                 continue

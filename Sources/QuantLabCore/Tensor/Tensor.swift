@@ -26,7 +26,7 @@ public final class Storage {
     private let deviceBuffer: CUDABuffer<Float>?
 
     public init(count: Int) {
-        precondition(count >= 0, "negative storage size \(count)")
+        require(count >= 0, "negative storage size \(count)")
         self.count = count
         device = .cpu
         deviceBuffer = nil
@@ -47,7 +47,7 @@ public final class Storage {
 
     /// Host pointer; a device storage has none (copy it with `Tensor.to(.cpu)`).
     public var pointer: UnsafeMutablePointer<Float> {
-        precondition(device == .cpu, "this tensor lives on \(device): copy it with .to(.cpu) before reading it on the host")
+        require(device == .cpu, "this tensor lives on \(device): copy it with .to(.cpu) before reading it on the host")
         return address
     }
 
@@ -76,14 +76,14 @@ public final class Tensor {
     public var data: UnsafeMutablePointer<Float> { storage.pointer }
     /// Device address of a CUDA tensor, for the plugin's kernels.
     var deviceData: UnsafeMutablePointer<Float> {
-        precondition(device == .cuda, "deviceData of a \(device) tensor")
+        require(device == .cuda, "deviceData of a \(device) tensor")
         return storage.address
     }
     public var isLeaf: Bool { node == nil }
 
     public init(shape: [Int], storage: Storage, requiresGrad: Bool = false) {
-        precondition(shape.allSatisfy { $0 >= 0 }, "negative dimension in shape \(shape)")
-        precondition(shape.reduce(1, *) == storage.count, "shape \(shape) does not match storage of \(storage.count)")
+        require(shape.allSatisfy { $0 >= 0 }, "negative dimension in shape \(shape)")
+        require(shape.reduce(1, *) == storage.count, "shape \(shape) does not match storage of \(storage.count)")
         self.shape = shape
         self.storage = storage
         self.requiresGrad = requiresGrad
@@ -98,7 +98,7 @@ public final class Tensor {
     /// match the shape is a bug in the caller, so it stops with a message naming both (use
     /// `init(shape:values:)`, which throws, for values from outside).
     public convenience init(_ values: [Float], shape: [Int]) {
-        precondition(shape.allSatisfy { $0 >= 0 } && shape.reduce(1, *) == values.count,
+        require(shape.allSatisfy { $0 >= 0 } && shape.reduce(1, *) == values.count,
                      "Tensor(_:shape:): \(values.count) values for shape \(shape)")
         self.init(zeros: shape)
         values.withUnsafeBufferPointer { src in
@@ -169,7 +169,7 @@ public final class Tensor {
 
     /// The single value of a one-element tensor.
     public func item() -> Float {
-        precondition(count == 1, "item() on a tensor of shape \(shape)")
+        require(count == 1, "item() on a tensor of shape \(shape)")
         return data[0]
     }
 

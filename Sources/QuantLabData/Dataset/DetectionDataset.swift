@@ -89,7 +89,7 @@ public final class DetectionLoader: @unchecked Sendable {
 
     public init(dataset: DetectionDataset, batchSize: Int, transform: DetectionTransform, shuffle: Bool, seed: UInt64,
                 dropLast: Bool = false, workers: Int = 2, skipBadSamples: Bool = false) {
-        precondition(batchSize > 0 && workers > 0, "batch size \(batchSize), workers \(workers)")
+        require(batchSize > 0 && workers > 0, "batch size \(batchSize), workers \(workers)")
         self.dataset = dataset
         self.batchSize = batchSize
         self.transform = transform
@@ -119,7 +119,7 @@ public final class DetectionLoader: @unchecked Sendable {
     /// Builds batch `b` of `epoch` (its samples in parallel on `workers` threads).
     public func batch(_ b: Int, epoch: Int, order: [Int]) throws -> DetectionBatch {
         let lo = b * batchSize, hi = min(order.count, lo + batchSize)
-        precondition(lo < hi, "batch \(b) out of range")
+        require(lo < hi, "batch \(b) out of range")
         final class Slots: @unchecked Sendable { // each slot written by exactly one worker
             var items: [(Tensor, [ObjectLabel], InputGeometry)?]
             var errors: [Error?]

@@ -16,7 +16,7 @@ public struct RGBImage: Equatable, Sendable {
     public var pixels: [UInt8]
 
     public init(width: Int, height: Int, pixels: [UInt8]) {
-        precondition(width > 0 && height > 0 && pixels.count == width * height * 3,
+        require(width > 0 && height > 0 && pixels.count == width * height * 3,
                      "RGBImage \(width)x\(height) needs \(width * height * 3) bytes, got \(pixels.count)")
         self.width = width
         self.height = height
@@ -24,7 +24,7 @@ public struct RGBImage: Equatable, Sendable {
     }
 
     public init(width: Int, height: Int, fill: (UInt8, UInt8, UInt8) = (0, 0, 0)) {
-        precondition(width > 0 && height > 0, "RGBImage size \(width)x\(height)")
+        require(width > 0 && height > 0, "RGBImage size \(width)x\(height)")
         self.width = width
         self.height = height
         var p = [UInt8](repeating: 0, count: width * height * 3)
@@ -34,7 +34,7 @@ public struct RGBImage: Equatable, Sendable {
 
     /// Bilinear resize (half-pixel centres, as OpenCV's INTER_LINEAR).
     public func resized(width w: Int, height h: Int) -> RGBImage {
-        precondition(w > 0 && h > 0, "resize to \(w)x\(h)")
+        require(w > 0 && h > 0, "resize to \(w)x\(h)")
         var out = [UInt8](repeating: 0, count: w * h * 3)
         ql_resize_bilinear_u8(&out, Int32(h), Int32(w), pixels, Int32(height), Int32(width), 3)
         return RGBImage(width: w, height: h, pixels: out)

@@ -274,7 +274,7 @@ public struct SyntheticShapes: Sendable {
         for split in Split.allCases {
             let n = split == .train ? config.trainImages : config.valImages
             let folder = dir.appendingPathComponent(split.rawValue)
-            try FileManager.default.createDirectory(at: folder, withIntermediateDirectories: true)
+            try AtomicFile.createFolder(folder)
             let results = try renderAll(count: n, split: split, folder: folder, threads: threads) { k in progress?(done + k, total) }
             done += n
             var images: [COCOImage] = [], anns: [COCOAnnotation] = []

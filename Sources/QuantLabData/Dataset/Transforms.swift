@@ -60,7 +60,7 @@ public struct DetectionTransform: Sendable {
     public var padValue: UInt8 = 114
 
     public init(size: Int, resize: Resize = .letterbox, augment: Bool = false) {
-        precondition(size > 0, "input size \(size)")
+        require(size > 0, "input size \(size)")
         self.size = size
         self.resize = resize
         self.augment = augment

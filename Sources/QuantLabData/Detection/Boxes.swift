@@ -14,7 +14,7 @@ public struct Box: Equatable, Sendable, CustomStringConvertible {
 
     /// From COCO's [x, y, width, height].
     public init(xywh b: [Double]) {
-        precondition(b.count == 4, "a box needs 4 numbers, got \(b.count)")
+        require(b.count == 4, "a box needs 4 numbers, got \(b.count)")
         self.init(x1: b[0], y1: b[1], x2: b[0] + b[2], y2: b[1] + b[3])
     }
 
