@@ -12,7 +12,7 @@ SWIFT_FLAGS := --explicit-target-dependency-import-check error
 EXPERIMENTS := $(sort $(notdir $(wildcard experiments/exp*)))
 
 .DEFAULT_GOAL := help
-.PHONY: help build release test check-layers kill-resume gpu-bundle bench demo smoke crosscheck venv clean info data cuda models
+.PHONY: help build release test check-layers kill-resume gpu-bundle fuzz bench demo smoke crosscheck venv clean info data cuda models
 
 help: ## list the targets
 	@echo "QuantLab — INT8 quantization of object detectors, reproduced from scratch"
@@ -78,6 +78,10 @@ crosscheck: venv release ## compare with the reference implementations: pycocoto
 
 cuda: ## build the CUDA plugin .build/cuda/libqlcuda.so (installs nvcc into .venv-cuda if needed); no GPU needed to build
 	scripts/build_cuda.sh
+
+fuzz: ## libFuzzer on the readers of outside input (COCO JSON, detections, safetensors, JPEG, model files), 60 s each; FUZZ_SECONDS to change
+	scripts/fuzz.sh --self-test
+	scripts/fuzz.sh $(or $(FUZZ_SECONDS),60)
 
 gpu-bundle: cuda ## pack the tests, qlab, the plugin and the Swift runtime into .build/gpu-bundle.tar.xz for a CUDA machine without Swift
 	scripts/gpu_bundle.sh

@@ -88,6 +88,9 @@ let package = Package(
             name: "qlab",
             dependencies: ["QuantLab", .product(name: "ArgumentParser", package: "swift-argument-parser")]
         ),
+        // libFuzzer harness for the readers of outside input: `make fuzz` builds it with
+        // -sanitize=fuzzer -DFUZZING in .build-fuzz (a plain build makes a stub).
+        .executableTarget(name: "qlab-fuzz", dependencies: ["QuantLab"]),
         .testTarget(
             name: "QuantLabTests",
             dependencies: ["QuantLabCore", "QuantLabData", "QuantLabModels", "QuantLabQuant", "QuantLabEngine", "QuantLabReport", "CKernels", "CQLCuda"]

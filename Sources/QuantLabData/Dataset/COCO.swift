@@ -91,11 +91,16 @@ public struct COCODataset: Codable, Equatable, Sendable {
         do { data = try Data(contentsOf: url) } catch {
             throw COCOFormatError("\(url.path): cannot read annotations (\(error.localizedDescription))")
         }
+        return try decode(data, source: url.path)
+    }
+
+    /// Decodes and validates annotations held in memory; `source` names them in errors.
+    public static func decode(_ data: Data, source: String = "<memory>") throws -> COCODataset {
         let ds: COCODataset
         do { ds = try JSONDecoder().decode(COCODataset.self, from: data) } catch let e as DecodingError {
-            throw COCOFormatError("\(url.path): \(describe(e))")
+            throw COCOFormatError("\(source): \(describe(e))")
         }
-        try ds.validate(source: url.path)
+        try ds.validate(source: source)
         return ds
     }
 
@@ -154,13 +159,18 @@ public struct COCOResult: Codable, Equatable, Sendable {
         do { data = try Data(contentsOf: url) } catch {
             throw COCOFormatError("\(url.path): cannot read detections (\(error.localizedDescription))")
         }
+        return try decode(data, source: url.path)
+    }
+
+    /// Decodes and validates detections held in memory; `source` names them in errors.
+    public static func decode(_ data: Data, source: String = "<memory>") throws -> [COCOResult] {
         let results: [COCOResult]
         do { results = try JSONDecoder().decode([COCOResult].self, from: data) } catch let e as DecodingError {
-            throw COCOFormatError("\(url.path): \(describe(e))")
+            throw COCOFormatError("\(source): \(describe(e))")
         }
         for (i, r) in results.enumerated() {
-            try COCODataset.checkBox(r.bbox, at: "[\(i)]", source: url.path)
-            guard r.score.isFinite else { throw COCOFormatError("\(url.path): [\(i)]: score \(r.score) is not finite") }
+            try COCODataset.checkBox(r.bbox, at: "[\(i)]", source: source)
+            guard r.score.isFinite else { throw COCOFormatError("\(source): [\(i)]: score \(r.score) is not finite") }
         }
         return results
     }
