@@ -12,7 +12,7 @@ SWIFT_FLAGS := --explicit-target-dependency-import-check error
 EXPERIMENTS := $(sort $(notdir $(wildcard experiments/exp*)))
 
 .DEFAULT_GOAL := help
-.PHONY: help build release test check-layers kill-resume gpu-bundle fuzz bench demo smoke crosscheck venv clean info data cuda models
+.PHONY: help build release test check-layers kill-resume gpu-bundle fuzz bench-engine bench demo smoke crosscheck venv clean info data cuda models
 
 help: ## list the targets
 	@echo "QuantLab — INT8 quantization of object detectors, reproduced from scratch"
@@ -46,6 +46,9 @@ info: release ## CPU features, kernel ISA and threads this machine will use
 
 bench: release ## kernel benchmarks as ratios measured in one run (SGEMM vs numpy/OpenBLAS, INT8 vs FP32, conv vs GEMM)
 	$(RELEASE_BIN)/qlab bench $(if $(QUICK),--quick,) --python "$$( [ -x $(VENV_PY) ] && echo $(VENV_PY) || echo $(PYTHON) )"
+
+bench-engine: release ## the engine on the full-size detector: FP32 graph vs INT8 plan at batch 1 and 32, as ratios in one run
+	$(RELEASE_BIN)/qlab bench --engine $(if $(QUICK),--quick,)
 
 smoke: release ## every experiment with QUICK=1 (results go to results/quick/)
 	@if [ -z "$(EXPERIMENTS)" ]; then \

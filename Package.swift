@@ -82,7 +82,7 @@ let package = Package(
         .target(name: "QuantLabQuant", dependencies: ["QuantLabCore", "QuantLabData", "QuantLabModels", "CKernels"]),
         .target(name: "QuantLabEngine", dependencies: ["QuantLabCore", "QuantLabData", "QuantLabModels", "QuantLabQuant", "CKernels"]),
         .target(name: "QuantLabReport", dependencies: ["QuantLabCore", "QuantLabData", "QuantLabModels", "QuantLabQuant", "QuantLabEngine"]),
-        .target(name: "QuantLabBench", dependencies: ["QuantLabCore", "QuantLabData", "QuantLabModels", "CKernels"]),
+        .target(name: "QuantLabBench", dependencies: ["QuantLabCore", "QuantLabData", "QuantLabModels", "QuantLabQuant", "QuantLabEngine", "CKernels"]),
         .target(name: "QuantLab", dependencies: ["QuantLabCore", "QuantLabData", "QuantLabModels", "QuantLabQuant", "QuantLabEngine", "QuantLabReport", "QuantLabBench"]),
         .executableTarget(
             name: "qlab",

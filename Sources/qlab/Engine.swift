@@ -26,11 +26,13 @@ struct EngineCommand: ParsableCommand {
     @Flag(help: "Print the traced graph and the plan.") var explain = false
     @Flag(help: "Evaluate on the validation split of --data.") var eval = false
     @Flag(help: "Time every step of the timed runs: where the time goes, Reformat steps' share.") var profile = false
+    @Flag(help: "With --int8: give the quantizers that read one tensor (directly or through pools and concat) their group's largest amax, found from the graph (the article's scale fusion).") var unifyScales = false
 
     func validate() throws {
         guard batch >= 1, batch <= 256 else { throw ValidationError("--batch must be in 1...256, got \(batch)") }
         guard runs >= 1, runs <= 10_000 else { throw ValidationError("--runs must be in 1...10000, got \(runs)") }
         guard calibrationBatches >= 1 else { throw ValidationError("--calibration-batches must be at least 1") }
+        guard !unifyScales || int8 else { throw ValidationError("--unify-scales needs --int8 (it changes the quantizers' scales)") }
         do { _ = try CalibrationMethod(parsing: calibrator) } catch { throw ValidationError("--calibrator: \(error)") }
     }
 
@@ -53,10 +55,21 @@ struct EngineCommand: ParsableCommand {
             simulator = sim
         }
         defer { simulator?.remove() }
-        let graph: Graph
-        switch saved {
-        case .detector(let m): graph = try Graph.trace(m, batch: batch)
-        case .classifier(let m): graph = try Graph.trace(m, batch: batch)
+        func trace() throws -> Graph {
+            switch saved {
+            case .detector(let m): return try Graph.trace(m, batch: batch)
+            case .classifier(let m): return try Graph.trace(m, batch: batch)
+            }
+        }
+        var graph = try trace()
+        if unifyScales, let sim = simulator {
+            let before = try Int8Plan(graph).reformats.values.reduce(0, +)
+            let changes = try QuantLab.unifyScales(sim, groups: scaleGroups(graph))
+            for c in changes {
+                print("unified: " + zip(c.names, c.before).map { String(format: "%@ %.4g", $0, $1) }.joined(separator: ", ") + String(format: " -> %.4g", c.after))
+            }
+            graph = try trace()
+            print("scale unification: \(changes.count) groups, Reformat steps \(before) -> \(try Int8Plan(graph).reformats.values.reduce(0, +))")
         }
         let plan = try Int8Plan(graph)
         if explain { print(graph.explain() + "\n\n" + plan.explain() + "\n") }

@@ -63,9 +63,18 @@ struct Bench: ParsableCommand {
         discussion: "SGEMM against numpy's OpenBLAS (same threads), INT8 GEMM against our SGEMM, conv2d against our SGEMM rate.")
 
     @Flag(help: "Fewer sizes and rounds (a smoke run).") var quick = false
+    @Flag(help: "Only the engine: FP32 graph vs INT8 plan on the full-size detector, batch 1 and 32.") var engine = false
     @Option(help: "Python with numpy for the OpenBLAS comparison.") var python = "python3"
 
-    func run() {
+    func run() throws {
+        if engine {
+            var bench = EngineBenchmark()
+            bench.quick = quick
+            let summary = try bench.run()
+            print("\nsummary")
+            for line in summary { print(line) }
+            return
+        }
         var bench = KernelBenchmarks()
         bench.quick = quick
         bench.pythonPath = python

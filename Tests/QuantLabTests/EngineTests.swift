@@ -270,6 +270,29 @@ struct EngineRulesTests {
         _ = model
     }
 
+    @Test("scale unification from the graph: the quantizers reading one tensor (directly or through pools and concat) form one group; given its max amax, the tensor is written once in int8")
+    func unification() throws {
+        var rng = SeededGenerator(seed: 31)
+        let (model, forward) = network(&rng)
+        let sim = try QuantizationSimulator(model)
+        defer { sim.remove() }
+        let x = Tensor.uniform([2, 3, 16, 16], low: -1, high: 1, rng: &rng)
+        sim.calibrate(on: [x]) { _ = forward($0) }
+        try sim.applyCalibration(.max)
+        let a = try sim.layer("1").input.amax![0]
+        try sim.layer("2").input.amax = [a * 0.8]
+        try sim.layer("3").input.amax = [a * 1.3]
+        let before = try Int8Plan(try Graph.trace(model, example: x, forward))
+        let groups = scaleGroups(before.graph)
+        #expect(groups == [["1.input", "2.input", "3.input"]], "\(groups)")
+        let changes = try unifyScales(sim, groups: groups)
+        #expect(changes.count == 1 && changes[0].after == a * 1.3)
+        #expect(try sim.layer("1").input.amax == [a * 1.3] && sim.layer("2").input.amax == [a * 1.3])
+        let after = try Int8Plan(try Graph.trace(model, example: x, forward))
+        #expect((before.reformats["quantize"] ?? 0) > 1 && after.reformats == ["quantize": 1], "before \(before.reformats), after \(after.reformats)")
+        #expect(scaleGroups(after.graph) == groups, "the groups are a property of the graph, not of the scales")
+    }
+
     @Test("int8 max pool and channel concat kernels equal quantizing the float results")
     func int8OpsCommute() throws {
         var rng = SeededGenerator(seed: 33)

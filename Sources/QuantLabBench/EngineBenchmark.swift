@@ -1,0 +1,59 @@
+import Foundation
+import QuantLabCore
+import QuantLabEngine
+import QuantLabModels
+import QuantLabQuant
+
+/// The engine's FP32 graph against its INT8 plan on the full-size detector (YOLOv6-N
+/// proportions, 160 px, RepVGG blocks in deploy form), at batch 1 and 32, in one run: the
+/// ratio issue #12 sets a target for (INT8 >= 2.5x FP32). The weights are a seeded random
+/// initialisation and calibration uses random images: speed does not depend on what the
+/// weights are, and this needs no trained model. (onnxruntime on the same model needs ONNX
+/// export, not done yet.)
+public struct EngineBenchmark {
+    public var batches = [1, 32]
+    public var quick = false
+    public var log: (String) -> Void = { print($0) }
+
+    public init() {}
+
+    /// Median latency of `runs` timed runs after 3 warm-up runs.
+    func median(_ plan: Int8Plan, _ x: Tensor, runs: Int) throws -> Double {
+        for _ in 0..<3 { _ = try plan.run([x]) }
+        var times: [Double] = []
+        for _ in 0..<runs {
+            let t0 = DispatchTime.now().uptimeNanoseconds
+            _ = try plan.run([x])
+            times.append(Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e9)
+        }
+        return times.sorted()[times.count / 2]
+    }
+
+    /// One line per batch size: img/s of each, and INT8 / FP32.
+    public func run() throws -> [String] {
+        var rng = SeededGenerator(seed: 0)
+        let model = YOLOv6(.nano(block: .repvgg, numClasses: 10, inputSize: 160), rng: &rng)
+        model.train()
+        _ = withNoGrad { model(Tensor.uniform([4, 3, 160, 160], low: 0, high: 1, rng: &rng)) } // BN statistics
+        model.eval()
+        model.convertToDeployForm()
+        log("engine: YOLOv6-N-like RepVGG detector, 160 px, deploy form; \(Kernels.summary)")
+        var summary: [String] = []
+        for b in batches {
+            let fp32 = try Int8Plan(try Graph.trace(model, batch: b))
+            let sim = try QuantizationSimulator(model)
+            sim.calibrate(on: [Tensor.uniform([8, 3, 160, 160], low: 0, high: 1, rng: &rng)]) { _ = model($0) }
+            try sim.applyCalibration(.max)
+            let int8 = try Int8Plan(try Graph.trace(model, batch: b))
+            sim.remove()
+            let x = Tensor.uniform([b, 3, 160, 160], low: 0, high: 1, rng: &rng)
+            let runs = quick ? 5 : (b == 1 ? 40 : 8)
+            let (tf, tq) = (try median(fp32, x, runs: runs), try median(int8, x, runs: runs))
+            let line = String(format: "batch %d: FP32 graph %.1f img/s, INT8 plan %.1f img/s (%d integer convs, %d Reformat steps): INT8 %.2fx FP32",
+                              b, Double(b) / tf, Double(b) / tq, int8.int8ConvCount, int8.reformats.values.reduce(0, +), tf / tq)
+            log("  " + line)
+            summary.append("engine " + line)
+        }
+        return summary
+    }
+}
