@@ -53,6 +53,11 @@ public struct EngineBenchmark {
                               b, Double(b) / tf, Double(b) / tq, int8.int8ConvCount, int8.reformats.values.reduce(0, +), tf / tq)
             log("  " + line)
             summary.append("engine " + line)
+            if !quick {
+                int8.profile = true
+                for _ in 0..<3 { _ = try int8.run([x]) }
+                log(int8.profileReport(top: 5).split(separator: "\n").map { "    " + $0 }.joined(separator: "\n"))
+            }
         }
         return summary
     }
