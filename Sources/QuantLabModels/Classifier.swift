@@ -154,7 +154,9 @@ public func trainClassifier(_ model: RepClassifier, train: ClassificationDataset
 }
 
 /// Top-1 accuracy over a dataset (eval mode, no augmentation).
-public func top1(_ model: RepClassifier, on data: ClassificationDataset, batchSize: Int = 100) throws -> Double {
+/// `forward` replaces the model's own forward pass (an engine running its compiled graph).
+public func top1(_ model: RepClassifier, on data: ClassificationDataset, batchSize: Int = 100,
+                 forward: ((Tensor) throws -> Tensor)? = nil) throws -> Double {
     if let bad = model.firstNonFiniteValue() {
         throw NonFiniteError("the classifier's \(bad.name)[\(bad.index)] is not finite: its top-1 would mean nothing (was it trained with too large a learning rate?)")
     }
@@ -165,7 +167,7 @@ public func top1(_ model: RepClassifier, on data: ClassificationDataset, batchSi
     for start in stride(from: 0, to: data.count, by: batchSize) {
         let idx = Array(start..<min(start + batchSize, data.count))
         let (x, y) = try data.batch(idx, size: model.config.inputSize, augment: false, seed: 0)
-        let logits = withNoGrad { model(x) }
+        let logits = try forward?(x) ?? withNoGrad { model(x) }
         let c = logits.shape[1]
         for (k, label) in y.enumerated() {
             let row = logits.data + k * c

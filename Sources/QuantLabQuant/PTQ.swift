@@ -84,15 +84,26 @@ public struct PTQSubject {
     public let forward: (Tensor) -> Void
     /// The metric on the validation split; the argument labels a progress bar, if any.
     public let evaluate: (_ progressLabel: String?) throws -> Double
+    /// One image's shape [C, H, W] (what an engine traces the model at).
+    public let inputShape: [Int]
+    /// The model's outputs as a list (what a traced graph returns).
+    public let outputs: (Tensor) -> [Tensor]
+    /// The metric with another forward pass (an engine's) giving the outputs.
+    public let evaluateOutputs: (_ forward: @escaping (Tensor) throws -> [Tensor], _ progressLabel: String?) throws -> Double
 
     public init(label: String, module: Module, metric: String, calibrationImages: @escaping (CalibrationPlan) throws -> [Tensor],
-                forward: @escaping (Tensor) -> Void, evaluate: @escaping (_ progressLabel: String?) throws -> Double) {
+                forward: @escaping (Tensor) -> Void, evaluate: @escaping (_ progressLabel: String?) throws -> Double,
+                inputShape: [Int] = [], outputs: @escaping (Tensor) -> [Tensor] = { _ in [] },
+                evaluateOutputs: @escaping (_ forward: @escaping (Tensor) throws -> [Tensor], _ progressLabel: String?) throws -> Double = { _, _ in .nan }) {
         self.label = label
         self.module = module
         self.metric = metric
         self.calibrationImages = calibrationImages
         self.forward = forward
         self.evaluate = evaluate
+        self.inputShape = inputShape
+        self.outputs = outputs
+        self.evaluateOutputs = evaluateOutputs
     }
 
     /// A detector: calibration on letterboxed training images, COCO mAP@[.5:.95] on `val`.
@@ -100,7 +111,12 @@ public struct PTQSubject {
         PTQSubject(label: label, module: model, metric: "mAP",
                    calibrationImages: { try detectionCalibrationBatches(train, inputSize: model.config.inputSize, plan: $0) },
                    forward: { _ = model($0) },
-                   evaluate: { try evaluateDetector(model, on: val, progressLabel: $0).0.mAP })
+                   evaluate: { try evaluateDetector(model, on: val, progressLabel: $0).0.mAP },
+                   inputShape: [3, model.config.inputSize, model.config.inputSize],
+                   outputs: { let o = model($0); return [o.classLogits, o.distances] },
+                   evaluateOutputs: { forward, label in
+                       try evaluateDetector(model, on: val, progressLabel: label) { let o = try forward($0); return (o[0], o[1]) }.0.mAP
+                   })
     }
 
     /// A classifier: calibration on training images, top-1 accuracy (a fraction) on `val`.
@@ -108,7 +124,10 @@ public struct PTQSubject {
         PTQSubject(label: label, module: model, metric: "top-1",
                    calibrationImages: { try classificationCalibrationBatches(train, inputSize: model.config.inputSize, plan: $0) },
                    forward: { _ = model($0) },
-                   evaluate: { _ in try top1(model, on: val) })
+                   evaluate: { _ in try top1(model, on: val) },
+                   inputShape: [3, model.config.inputSize, model.config.inputSize],
+                   outputs: { [model($0)] },
+                   evaluateOutputs: { forward, _ in try top1(model, on: val, batchSize: 32) { try forward($0)[0] } })
     }
 
     /// A saved model with the dataset folder it was trained on (COCO layout, train2017 / val2017).

@@ -106,18 +106,8 @@ struct EngineCommand: ParsableCommand {
                 print(String(format: "mAP@[.5:.95] %.4f, mAP@.5 %.4f on %d val images", result.stats[0], result.stats[1], val.count))
             case .classifier(let m):
                 let val = try ClassificationDataset(root: dataRoot, split: "val2017")
-                var correct = 0
-                for start in stride(from: 0, to: val.count, by: batch) {
-                    let idx = Array(start..<min(start + batch, val.count))
-                    let (images, labels) = try val.batch(idx, size: m.config.inputSize, augment: false, seed: 0)
-                    let logits = try plan.runBatch(images)[0]
-                    let classes = logits.shape[1]
-                    for (i, label) in labels.enumerated() {
-                        let row = (0..<classes).map { logits.data[i * classes + $0] }
-                        if row.firstIndex(of: row.max()!) == label { correct += 1 }
-                    }
-                }
-                print(String(format: "top-1 %.4f on %d val images", Double(correct) / Double(max(val.count, 1)), val.count))
+                let accuracy = try top1(m, on: val, batchSize: batch) { try plan.runBatch($0)[0] }
+                print(String(format: "top-1 %.4f on %d val images", accuracy, val.count))
             }
         }
     }

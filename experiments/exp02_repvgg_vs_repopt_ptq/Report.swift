@@ -78,6 +78,22 @@ struct Exp02Report {
             \(calibratorTable(results.classifiers, blocks: Baselines.classifierBlocks, scale: 100))
             """
         }
+        let checks = Baselines.detectorBlocks.compactMap { b in results.detectors[b.rawValue]?.engine.map { ("det-\(b.rawValue)", $0, 1.0) } }
+            + Baselines.classifierBlocks.compactMap { b in results.classifiers[b.rawValue]?.engine.map { ("cls-\(b.rawValue)", $0, 100.0) } }
+        if !checks.isEmpty {
+            let worst = checks.map { abs($0.1.difference) }.max() ?? 0
+            md += """
+
+            ## The same PTQ on the INT8 engine (\(primary), seed 0)
+
+            The numbers above are fake-quantized FP32. The INT8 engine runs the same quantization on integer kernels (convs fused with their quantizers: int8 codes in, s32 accumulation, requantized int8 out; see README "INT8 engine"); it may round a value one code differently where the order of float operations differs.
+
+            \(markdownTable(["model", "simulator", "INT8 engine", "difference", "integer convs", "Reformat steps"], checks.map { name, c, scale in
+                [name, f(c.simulator, scale), f(c.engine, scale), String(format: "%+.4f", (c.engine - c.simulator) * scale), "\(c.integerConvs)", "\(c.reformatSteps)"]
+            }))
+            **Engine = simulator:** \(worst <= 0.001 ? "yes" : "no"), the largest difference is \(String(format: "%.4f", worst)) (detectors in mAP, classifiers in top-1 as a fraction; the target is 0.001).
+            """
+        }
         md += """
 
         **How to read the table.** "FP32 deploy form" must equal FP32 (fusion is exact up to float rounding): it checks the conversion, not quantization. The drop column is (FP32 − INT8) / FP32 with the \(primary) calibrator, the relative drop that can be set beside the article's (RepVGG \(String(format: "%.1f%%", 100 * PaperDrops.detector.repvgg)), RepOpt \(String(format: "%.1f%%", 100 * PaperDrops.detector.repopt))). The spread over seeds is calibration sampling noise; a difference between blocks smaller than about twice the spread is not a finding.

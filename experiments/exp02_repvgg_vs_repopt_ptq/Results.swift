@@ -9,9 +9,11 @@ struct Exp02Results: Codable {
         var fp32: Double
         var fp32Deploy: Double
         var ptq: [String: [Double]]
+        /// The primary calibrator's first seed, simulator vs INT8 engine.
+        var engine: EngineCheck?
 
         enum CodingKeys: String, CodingKey {
-            case fp32, ptq
+            case fp32, ptq, engine
             case fp32Deploy = "fp32_deploy"
         }
 

@@ -20,7 +20,8 @@
 // weights per-channel max, activations per tensor by each of four calibrators (max, entropy,
 // percentile 99.99, MSE) on 4 batches x 32 training images; evaluation with fake quantization
 // on the full validation split. Each calibration is repeated with 3 different seeds (which
-// training images are drawn): mean and spread are reported.
+// training images are drawn): mean and spread are reported. The primary calibrator's first
+// seed is also run on the INT8 engine (integer kernels), which must give the simulator's metric.
 //
 // Files: main.swift (the pipeline), Results.swift (what is measured, the verdict),
 // Report.swift (results/exp02.md).
@@ -66,14 +67,14 @@ struct Exp02: ParsableCommand {
         // The FP32 baselines of exp00 (cached in data/models; trained now if missing).
         for block in Baselines.detectorBlocks {
             let (model, _, val) = try Baselines.detector(block, plan: plan)
-            results.detectors[block.rawValue] = try quantizeAndEvaluate(.detector(model, train: detectionTrain, val: val, label: "det-\(block.rawValue)"), methods)
+            results.detectors[block.rawValue] = try quantizeAndEvaluate(.detector(model, train: detectionTrain, val: val, label: "det-\(block.rawValue)"), methods, primary: primary)
         }
         if !skipClassifiers {
             let (classificationTrain, _) = try Baselines.classificationData(plan: plan)
             for block in Baselines.classifierBlocks {
                 let (model, _, val) = try Baselines.classifier(block, plan: plan)
                 // Q/DQ also at the final linear layer (its input and per-row weight)
-                results.classifiers[block.rawValue] = try quantizeAndEvaluate(.classifier(model, train: classificationTrain, val: val, label: "cls-\(block.rawValue)"), methods)
+                results.classifiers[block.rawValue] = try quantizeAndEvaluate(.classifier(model, train: classificationTrain, val: val, label: "cls-\(block.rawValue)"), methods, primary: primary)
             }
         }
 
@@ -101,7 +102,7 @@ struct Exp02: ParsableCommand {
     var calibrationSeeds: [UInt64] { (0..<seeds).map { UInt64($0) } }
 
     /// Steps 4 and 5 for one trained model.
-    func quantizeAndEvaluate(_ model: PTQSubject, _ methods: [CalibrationMethod]) throws -> Exp02Results.Arm {
+    func quantizeAndEvaluate(_ model: PTQSubject, _ methods: [CalibrationMethod], primary: CalibrationMethod) throws -> Exp02Results.Arm {
         let fp32 = try model.evaluate("FP32 \(model.label)")
 
         // MARK: - 4 Quantize
@@ -120,7 +121,12 @@ struct Exp02: ParsableCommand {
         let ptq = try ptqSweep(model, methods: methods, seeds: calibrationSeeds, batches: calibrationBatches, batchSize: calibrationBatchSize) { seed, method, int8 in
             print(String(format: "%@ %@ seed %llu: FP32 %.4f -> INT8 %.4f", model.label, method.description, seed, fp32, int8))
         }
-        return Exp02Results.Arm(fp32: fp32, fp32Deploy: deployFP32, ptq: Dictionary(uniqueKeysWithValues: ptq.map { ($0.key.description, $0.value) }))
+        // The same PTQ on integer kernels: the primary calibrator, the first seed, run by the INT8
+        // engine (convs fused with their quantizers: int8 codes in, s32 accumulation, int8 out).
+        let engine = try checkEngine(model, method: primary, calibration: CalibrationPlan(batches: calibrationBatches, batchSize: calibrationBatchSize, seed: 0))
+        print(String(format: "%@ %@ seed 0: simulator %.4f, INT8 engine %.4f", model.label, primary.description, engine.simulator, engine.engine))
+        return Exp02Results.Arm(fp32: fp32, fp32Deploy: deployFP32, ptq: Dictionary(uniqueKeysWithValues: ptq.map { ($0.key.description, $0.value) }),
+                                engine: engine)
     }
 }
 
