@@ -8,11 +8,6 @@
 /* ---------------------------------------------------------------------------------------- */
 /* Unary                                                                                     */
 /* ---------------------------------------------------------------------------------------- */
-static inline float sigmoidf_stable(float x) {
-    if (x >= 0.0f) return 1.0f / (1.0f + expf(-x));
-    float e = expf(x);
-    return e / (1.0f + e);
-}
 
 static void unary_fwd_serial(ql_unary_op op, float *y, const float *x, int64_t n) {
     switch (op) {

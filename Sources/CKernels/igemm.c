@@ -414,8 +414,10 @@ static int check_epilogue(int M, int N, int ldo, int ldacc, const float *scale) 
     return QL_OK;
 }
 
+/* `relu` is the activation: 0 none, 1 ReLU, 2 SiLU (v * sigmoid(v), as the elementwise op). */
 static inline float epilogue_value(int32_t acc, int32_t off, float scale, float bias, int relu) {
     float v = fmaf((float)(acc + off), scale, bias);
+    if (relu == 2) return v * sigmoidf_stable(v);
     return relu && v < 0.0f ? 0.0f : v;
 }
 
@@ -492,6 +494,7 @@ int ql_requantize_s8_isa(ql_isa isa, int M, int N, int8_t *restrict out, int ldo
     if (st) return st;
     int level = ql_resolve_isa(isa);
     if (level < 0) return QL_EUNSUPPORTED;
+    if (relu == 2) return ql_requantize_s8_ref(M, N, out, ldo, acc, ldacc, col_offset, scale, bias, relu); /* SiLU: scalar */
     if (level == QL_ISA_AVX512) requant_avx512(M, N, out, ldo, acc, ldacc, col_offset, scale, bias, relu);
     else if (level == QL_ISA_AVX2) requant_avx2(M, N, out, ldo, acc, ldacc, col_offset, scale, bias, relu);
     else return ql_requantize_s8_ref(M, N, out, ldo, acc, ldacc, col_offset, scale, bias, relu);

@@ -30,5 +30,14 @@ void ql_sgemm_serial(int isa, int transA, int transB, int M, int N, int K, float
                      int ldc);
 
 static inline int ql_min_i(int a, int b) { return a < b ? a : b; }
+
+/* The logistic function without overflow for large |x|; SiLU is x * this (one definition for
+ * the elementwise op and the INT8 epilogue, so that both compute the same floats). */
+#include <math.h>
+static inline float sigmoidf_stable(float x) {
+    if (x >= 0.0f) return 1.0f / (1.0f + expf(-x));
+    float e = expf(x);
+    return e / (1.0f + e);
+}
 static inline int ql_max_i(int a, int b) { return a > b ? a : b; }
 #endif

@@ -42,6 +42,19 @@ void ql_quantize_nchw_to_nhwc_s8(int8_t *restrict out, const float *restrict x, 
         ql_parallel_for(N, quantize_image, &j);
 }
 
+void ql_quantize_s8(int8_t *restrict out, const float *restrict x, int64_t n, float amax, int qmax) {
+    if (!(amax > 0.0f)) {
+        memset(out, 0, (size_t)n);
+        return;
+    }
+    float s = amax / (float)qmax, lim = (float)qmax;
+    for (int64_t i = 0; i < n; i++) {
+        float q = nearbyintf(x[i] / s);
+        q = q > lim ? lim : (q < -lim ? -lim : q);
+        out[i] = (int8_t)q;
+    }
+}
+
 void ql_dequantize_nhwc_to_nchw_f32(float *restrict out, const int8_t *restrict q, int N, int C, int HW,
                                    float scale) {
     for (int n = 0; n < N; n++)

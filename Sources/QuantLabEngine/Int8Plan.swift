@@ -36,7 +36,10 @@ public final class Int8Conv {
     /// Per output channel: s_x * s_w[k] (f32 output) or s_x * s_w[k] / s_y (int8 output).
     let scale: [Float]
     let bias: [Float]?
-    public let relu: Bool
+    /// The activation fused into the epilogue.
+    public enum Activation: Int32, Sendable { case none = 0, relu = 1, silu = 2 }
+    public let activation: Activation
+    public var relu: Bool { activation == .relu }
     /// The amax of the int8 output, nil for f32 output.
     public let outputAmax: Float?
     let packed: [Int8]
@@ -47,8 +50,10 @@ public final class Int8Conv {
     /// Weight [K, C, KH, KW] quantized per output channel with `weightAmax` (as the simulator's
     /// weight quantizer does), packed once as the GEMM's B operand in the (kh, kw, c) order of
     /// the NHWC im2col.
+    /// With SiLU and an int8 output the epilogue writes floats (SiLU does not commute with the
+    /// output scale) and a second pass quantizes them, as the simulator's quantizer does.
     init(name: String, weight: Tensor, bias: Tensor?, options: Conv2dOptions, inputAmax: Float, weightAmax: [Float],
-         relu: Bool, outputAmax: Float?) throws {
+         activation: Activation, outputAmax: Float?) throws {
         let (k, c, kh, kw) = (weight.shape[0], weight.shape[1], weight.shape[2], weight.shape[3])
         guard weightAmax.count == k else { throw EngineError("\(name): \(weightAmax.count) weight scales for \(k) channels") }
         self.name = name
@@ -56,11 +61,12 @@ public final class Int8Conv {
         inChannels = c
         outChannels = k
         kernel = (kh, kw)
-        self.relu = relu
+        self.activation = activation
         self.outputAmax = outputAmax
         let qmax: Float = 127
         let sx = inputAmax / qmax
-        let sy = outputAmax.map { $0 / qmax }
+        // the output scale folds into the epilogue's scale and bias unless SiLU is in between
+        let sy = activation == .silu ? nil : outputAmax.map { $0 / qmax }
         var b = [Int8](repeating: 0, count: kh * kw * c * k) // B[(kh, kw, c), k]
         var scale = [Float](repeating: 0, count: k)
         for o in 0..<k {
@@ -106,6 +112,15 @@ public final class Int8Conv {
         let offsets = offset == 0 ? nil : columnSums.map { -offset * $0 }
         let outShape = [n, outChannels, Int(oh), Int(ow)]
         return try withEpilogue(offsets) { ep in
+            if let amax = outputAmax, activation == .silu {
+                let floats = [Float](unsafeUninitializedCapacity: m * outChannels) { buffer, initialized in
+                    initialized = m * outChannels
+                    _ = ql_igemm_u8s8_f32(Int32(m), Int32(outChannels), Int32(depth), col, Int32(depth), packed, &ep, buffer.baseAddress, Int32(outChannels))
+                }
+                var out = [Int8](repeating: 0, count: m * outChannels)
+                ql_quantize_s8(&out, floats, Int64(out.count), amax, 127)
+                return (QTensor(codes: out, shape: outShape, amax: amax), nil)
+            }
             if let amax = outputAmax {
                 var out = [Int8](repeating: 0, count: m * outChannels)
                 guard ql_igemm_u8s8_s8(Int32(m), Int32(outChannels), Int32(depth), col, Int32(depth), packed, &ep, &out, Int32(outChannels)) == 0 else {
@@ -126,7 +141,7 @@ public final class Int8Conv {
             try (bias ?? []).withUnsafeBufferPointer { bi in
                 try (offsets ?? []).withUnsafeBufferPointer { off in
                     var ep = ql_requant_params(col_offset: offsets == nil ? nil : off.baseAddress, scale: sc.baseAddress,
-                                               bias: bias == nil ? nil : bi.baseAddress, relu: relu ? 1 : 0)
+                                               bias: bias == nil ? nil : bi.baseAddress, relu: activation.rawValue)
                     return try body(&ep)
                 }
             }
@@ -195,7 +210,7 @@ public final class Int8Plan {
         }
 
         // 1. Which convs fuse (with a following ReLU).
-        struct ConvFusion { var node: GraphNode; var inputQuantizer: GraphNode; var weight: Tensor; var weightAmax: [Float]; var bias: Tensor?; var relu: Int? }
+        struct ConvFusion { var node: GraphNode; var inputQuantizer: GraphNode; var weight: Tensor; var weightAmax: [Float]; var bias: Tensor?; var relu: Int?; var activation: Int8Conv.Activation = .none }
         var convs: [Int: ConvFusion] = [:]
         var reluOf: [Int: Int] = [:] // relu node index -> conv node index
         for (i, n) in nodes.enumerated() {
@@ -205,9 +220,16 @@ public final class Int8Plan {
                   case .quantizeDequantize(let wAmax, 0, 8) = wq.op, let ws = wq.inputs.first ?? nil, let weight = graph.constants[ws] else { continue }
             var fusion = ConvFusion(node: n, inputQuantizer: xq, weight: weight, weightAmax: wAmax,
                                     bias: n.inputs.count > 2 ? n.inputs[2].flatMap { graph.constants[$0] } : nil, relu: nil)
-            if let users = consumers[n.output], users.count == 1, case .relu = nodes[users[0]].op, !graph.outputs.contains(n.output) {
-                fusion.relu = users[0]
-                reluOf[users[0]] = i
+            if let users = consumers[n.output], users.count == 1, !graph.outputs.contains(n.output) {
+                switch nodes[users[0]].op {
+                case .relu: fusion.activation = .relu
+                case .silu: fusion.activation = .silu
+                default: break
+                }
+                if fusion.activation != .none {
+                    fusion.relu = users[0] // the activation node, fused
+                    reluOf[users[0]] = i
+                }
             }
             convs[i] = fusion
         }
@@ -272,7 +294,7 @@ public final class Int8Plan {
                 slot[xin.output] = input
                 let out = convOutput(i)
                 let conv = try Int8Conv(name: n.name, weight: f.weight, bias: f.bias, options: { if case .conv(let o) = n.op { return o }; return .init() }(),
-                                        inputAmax: activationQuantizer(xin)!, weightAmax: f.weightAmax, relu: f.relu != nil, outputAmax: int8Amax[out])
+                                        inputAmax: activationQuantizer(xin)!, weightAmax: f.weightAmax, activation: f.activation, outputAmax: int8Amax[out])
                 if let a = int8Amax[out] {
                     slot[out] = out
                     slotAmax[out] = a
@@ -347,7 +369,7 @@ public final class Int8Plan {
             case .requantize(_, _, let from, let to, let name): text = String(format: "%@  Requantize int8 -> int8 (amax %.4g -> %.4g)  [Reformat]", name, from, to)
             case .dequantize(_, let v, let name): text = "\(name)  Dequantize int8 -> f32 (\(graph.values[v].name))  [Reformat]"
             case .int8Conv(let c, _, _):
-                text = "\(c.name)  Int8Conv int8 -> \(c.outputAmax == nil ? "f32" : "int8")  fused: DQ(x), DQ(w), Conv, bias\(c.relu ? ", ReLU" : "")\(c.outputAmax == nil ? "" : ", Q")"
+                text = "\(c.name)  Int8Conv int8 -> \(c.outputAmax == nil ? "f32" : "int8")  fused: DQ(x), DQ(w), Conv, bias\(c.activation == .relu ? ", ReLU" : c.activation == .silu ? ", SiLU" : "")\(c.outputAmax == nil ? "" : ", Q")"
             case .int8Op(let n, _, _, let a): text = String(format: "%@  %@ int8 (amax %.4g)", n.name, n.op.name, a)
             }
             lines.append(String(format: "%4d  ", i) + text)

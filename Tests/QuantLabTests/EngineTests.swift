@@ -293,6 +293,34 @@ struct EngineRulesTests {
         #expect(scaleGroups(after.graph) == groups, "the groups are a property of the graph, not of the scales")
     }
 
+    @Test("the SiLU epilogue computes the elementwise op's floats; the flat quantizer gives the fake quantizer's codes")
+    func siluEpilogue() throws {
+        var rng = SeededGenerator(seed: 35)
+        let (m, n, k) = (7, 40, 27)
+        let a = (0..<(m * k)).map { _ in UInt8(truncatingIfNeeded: rng.next()) & 0x7F }
+        let b = (0..<(k * n)).map { _ in Int8(Int(rng.next() % 255) - 127) }
+        var packed = [Int8](repeating: 0, count: ql_igemm_packed_size(Int32(k), Int32(n)))
+        _ = ql_igemm_pack_b(&packed, nil, b, Int32(n), Int32(k), Int32(n))
+        let scale = (0..<n).map { _ in 1e-4 + 1e-3 * rng.nextFloat() }, bias = randomFloats(n, &rng, low: -2, high: 2)
+        var acc = [Int32](repeating: 0, count: m * n)
+        _ = ql_igemm_u8s8s32_ref(Int32(m), Int32(n), Int32(k), a, Int32(k), b, Int32(n), &acc, Int32(n))
+        var linear = [Float](repeating: 0, count: m * n)
+        _ = ql_dequantize_f32_ref(Int32(m), Int32(n), &linear, Int32(n), acc, Int32(n), nil, scale, bias, 0)
+        let want = withNoGrad { Tensor(linear, shape: [m * n]).silu() }.values
+        for isa in [Kernels.ISA.reference, Kernels.isa] {
+            var got = [Float](repeating: 0, count: m * n)
+            scale.withUnsafeBufferPointer { sc in bias.withUnsafeBufferPointer { bi in
+                var ep = ql_requant_params(col_offset: nil, scale: sc.baseAddress, bias: bi.baseAddress, relu: 2)
+                _ = ql_igemm_u8s8_f32_isa(ql_isa(rawValue: UInt32(isa.rawValue)), Int32(m), Int32(n), Int32(k), a, Int32(k), packed, &ep, &got, Int32(n))
+            } }
+            #expect(got == want, "isa \(isa): SiLU epilogue differs from the elementwise SiLU")
+        }
+        var codes = [Int8](repeating: 0, count: want.count)
+        ql_quantize_s8(&codes, want, Int64(want.count), 1.3, 127)
+        let fq = withNoGrad { fakeQuantize(Tensor(want, shape: [want.count]), amax: [1.3], spec: .int8PerTensor) }.values
+        #expect(codes.map { Float($0) * (1.3 / 127) } == fq)
+    }
+
     @Test("int8 max pool and channel concat kernels equal quantizing the float results")
     func int8OpsCommute() throws {
         var rng = SeededGenerator(seed: 33)

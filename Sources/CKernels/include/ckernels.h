@@ -100,7 +100,7 @@ int ql_sgemm_ref(int transA, int transB, int M, int N, int K, float alpha,
  *   K <= 2^16 keeps |C| < 2^31 for any u8/s8 inputs).
  * Step 3, epilogue (per output channel n, per row m):
  *   v = fmaf((float)(acc[m,n] + col_offset[n]), scale[n], bias[n])      (fmaf: one rounding)
- *   if relu: v = max(v, 0)
+ *   relu 1: v = max(v, 0); relu 2: v = v * sigmoid(v) (SiLU, the elementwise op's floats; scalar)
  *   ql_requantize_s8: out = (int8) clamp(round_half_to_even(v), -127, 127)
  *   ql_dequantize_f32: out = v
  *   col_offset and bias may be NULL (read as 0). Fast versions are BIT-EXACT against _ref.
@@ -217,6 +217,9 @@ void ql_quantize_nchw_to_nhwc_s8(int8_t *restrict out, const float *restrict x, 
 /* out[n, c, p] = q[n, p, c] * scale (NHWC codes back to NCHW floats). */
 void ql_dequantize_nhwc_to_nchw_f32(float *restrict out, const int8_t *restrict q, int N, int C, int HW,
                                    float scale);
+/* code = clamp(round_half_to_even(x / s), -qmax, qmax), s = amax / qmax, for n floats in any
+ * layout (the fake quantizer's codes, element by element). */
+void ql_quantize_s8(int8_t *restrict out, const float *restrict x, int64_t n, float amax, int qmax);
 /* The smallest of n codes (127 for n == 0): 0 or more means the u8 view needs no offset. */
 int ql_s8_min(const int8_t *x, int64_t n);
 /* im2col of NHWC codes for a u8 x s8 GEMM: row (n, oh, ow), column (kh, kw, c), value
