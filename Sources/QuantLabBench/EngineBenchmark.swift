@@ -17,18 +17,6 @@ public struct EngineBenchmark {
 
     public init() {}
 
-    /// Median latency of `runs` timed runs after 3 warm-up runs.
-    func median(_ plan: Int8Plan, _ x: Tensor, runs: Int) throws -> Double {
-        for _ in 0..<3 { _ = try plan.run([x]) }
-        var times: [Double] = []
-        for _ in 0..<runs {
-            let t0 = DispatchTime.now().uptimeNanoseconds
-            _ = try plan.run([x])
-            times.append(Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e9)
-        }
-        return times.sorted()[times.count / 2]
-    }
-
     /// One line per batch size: img/s of each, and INT8 / FP32.
     public func run() throws -> [String] {
         var rng = SeededGenerator(seed: 0)
@@ -48,7 +36,7 @@ public struct EngineBenchmark {
             sim.remove()
             let x = Tensor.uniform([b, 3, 160, 160], low: 0, high: 1, rng: &rng)
             let runs = quick ? 5 : (b == 1 ? 40 : 8)
-            let (tf, tq) = (try median(fp32, x, runs: runs), try median(int8, x, runs: runs))
+            let (tf, tq) = (try fp32.medianLatency([x], runs: runs), try int8.medianLatency([x], runs: runs))
             let line = String(format: "batch %d: FP32 graph %.1f img/s, INT8 plan %.1f img/s (%d integer convs, %d Reformat steps): INT8 %.2fx FP32",
                               b, Double(b) / tf, Double(b) / tq, int8.int8ConvCount, int8.reformats.values.reduce(0, +), tf / tq)
             log("  " + line)

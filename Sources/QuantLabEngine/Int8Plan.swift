@@ -508,6 +508,19 @@ private func withArrayOfPointers<R>(_ arrays: [[Int8]], _ body: (UnsafePointer<U
 }
 
 extension Int8Plan {
+    /// Median wall time of `runs` runs on `inputs`, after 3 warm-up runs (page faults, packing
+    /// buffers, thread start): the latency `qlab engine` and `make bench-engine` report.
+    public func medianLatency(_ inputs: [Tensor], runs: Int) throws -> Double {
+        for _ in 0..<3 { _ = try run(inputs) }
+        var times: [Double] = []
+        for _ in 0..<max(runs, 1) {
+            let t0 = DispatchTime.now().uptimeNanoseconds
+            _ = try run(inputs)
+            times.append(Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e9)
+        }
+        return times.sorted()[times.count / 2]
+    }
+
     /// Runs on a batch of any size up to the traced one: a smaller batch is padded with zeros
     /// and the outputs cut back (the graph's shapes are fixed at trace time, as a TensorRT
     /// engine's are; the last batch of a dataset is usually smaller).

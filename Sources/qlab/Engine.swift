@@ -79,14 +79,7 @@ struct EngineCommand: ParsableCommand {
         var rng = SeededGenerator(seed: 0)
         let shape = graph.values[graph.inputs[0]].shape
         let x = Tensor.uniform(shape, low: 0, high: 1, rng: &rng)
-        for _ in 0..<3 { _ = try plan.run([x]) }
-        var times: [Double] = []
-        for _ in 0..<runs {
-            let t0 = DispatchTime.now().uptimeNanoseconds
-            _ = try plan.run([x])
-            times.append(Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e9)
-        }
-        let median = times.sorted()[times.count / 2]
+        let median = try plan.medianLatency([x], runs: runs)
         print(String(format: "latency %.2f ms (median of %d), %.1f img/s", 1000 * median, runs, Double(batch) / median))
         if profile {
             plan.profile = true

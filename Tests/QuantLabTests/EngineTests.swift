@@ -6,22 +6,23 @@ import Testing
 @testable import QuantLabModels
 @testable import QuantLabQuant
 
+/// A deploy-form tiny detector with BN statistics that are not the identity and non-trivial
+/// predictors (YOLOv6 starts them at zero), for the engine tests.
+func deployedDetector(seed: UInt64, inputSize: Int = 64) -> YOLOv6 {
+    var rng = SeededGenerator(seed: seed)
+    let model = YOLOv6(.tiny(block: .repvgg, numClasses: 3, inputSize: inputSize), rng: &rng)
+    model.train()
+    _ = withNoGrad { model(Tensor.randn([2, 3, inputSize, inputSize], rng: &rng)) }
+    model.eval()
+    model.convertToDeployForm()
+    for (name, p) in model.namedParameters() where name.hasPrefix("detect.cls_preds") || name.hasPrefix("detect.reg_preds") {
+        try! p.copyValues(from: Tensor.uniform(p.shape, low: -0.3, high: 0.3, rng: &rng))
+    }
+    return model
+}
+
 @Suite("Engine graph: tracing a model and running the graph")
 struct EngineGraphTests {
-    /// A deploy-form detector with non-trivial predictors (YOLOv6 starts them at zero).
-    private func deployedDetector(seed: UInt64) -> YOLOv6 {
-        var rng = SeededGenerator(seed: seed)
-        let model = YOLOv6(.tiny(block: .repvgg, numClasses: 3, inputSize: 64), rng: &rng)
-        model.train()
-        _ = withNoGrad { model(Tensor.randn([2, 3, 64, 64], rng: &rng)) } // BN statistics that are not the identity
-        model.eval()
-        model.convertToDeployForm()
-        for (name, p) in model.namedParameters() where name.hasPrefix("detect.cls_preds") || name.hasPrefix("detect.reg_preds") {
-            try! p.copyValues(from: Tensor.uniform(p.shape, low: -0.3, high: 0.3, rng: &rng))
-        }
-        return model
-    }
-
     @Test("a small net traces to Conv, Relu, MaxPool, GlobalAveragePool, Gemm named by layer; the graph recomputes it on another input")
     func smallNet() throws {
         var rng = SeededGenerator(seed: 3)
@@ -169,15 +170,8 @@ struct EngineInt8Tests {
 
     @Test("the detector: every conv fuses; Reformat steps are counted; layer by layer within one code of the simulator; outputs close end to end")
     func detector() throws {
-        var rng = SeededGenerator(seed: 23)
-        let model = YOLOv6(.tiny(block: .repvgg, numClasses: 3, inputSize: 64), rng: &rng)
-        model.train()
-        _ = withNoGrad { model(Tensor.randn([2, 3, 64, 64], rng: &rng)) }
-        model.eval()
-        model.convertToDeployForm()
-        for (name, p) in model.namedParameters() where name.hasPrefix("detect.cls_preds") || name.hasPrefix("detect.reg_preds") {
-            try p.copyValues(from: Tensor.uniform(p.shape, low: -0.3, high: 0.3, rng: &rng))
-        }
+        let model = deployedDetector(seed: 23)
+        var rng = SeededGenerator(seed: 24)
         let sim = try QuantizationSimulator(model)
         defer { sim.remove() }
         sim.calibrate(on: [Tensor.uniform([2, 3, 64, 64], low: 0, high: 1, rng: &rng)]) { _ = model($0) }

@@ -5,6 +5,15 @@ import Testing
 @testable import QuantLabModels
 @testable import QuantLabQuant
 
+/// 8 training images of 64 px with up to 3 objects, in a fresh temporary folder.
+private func tinyShapes(_ tag: String, seed: UInt64) throws -> (URL, DetectionDataset) {
+    let root = FileManager.default.temporaryDirectory.appendingPathComponent("ql-\(tag)-\(UUID().uuidString)")
+    let cfg = SyntheticShapes.Config(name: "d", imageSize: 64, trainImages: 8, valImages: 4, seed: seed, maxObjects: 3,
+                                     minObjectSize: 10, maxObjectSize: 30, singleObject: false, noiseStd: 2...4, jpegQuality: 90...95)
+    try SyntheticShapes(cfg).write(root: root, threads: 2)
+    return (root, try DetectionDataset(root: root.appendingPathComponent("d"), split: "train2017"))
+}
+
 @Suite("Bad input: model metadata, non-finite weights and losses")
 struct ReliabilityTests {
     /// Writes `model` with its metadata's config edited by `edit`, and returns the file.
@@ -56,12 +65,8 @@ struct ReliabilityTests {
 
     @Test("a learning rate that blows training up stops it with an error naming the step; the last good checkpoint stays; a non-finite model is not evaluated")
     func nonFinite() throws {
-        let root = FileManager.default.temporaryDirectory.appendingPathComponent("ql-nan-\(UUID().uuidString)")
+        let (root, train) = try tinyShapes("nan", seed: 1)
         defer { try? FileManager.default.removeItem(at: root) }
-        let cfg = SyntheticShapes.Config(name: "d", imageSize: 64, trainImages: 8, valImages: 4, seed: 1, maxObjects: 3,
-                                         minObjectSize: 10, maxObjectSize: 30, singleObject: false, noiseStd: 2...4, jpegQuality: 90...95)
-        try SyntheticShapes(cfg).write(root: root, threads: 2)
-        let train = try DetectionDataset(root: root.appendingPathComponent("d"), split: "train2017")
         var config = DetectorTrainingConfig()
         config.epochs = 3
         config.batchSize = 4
@@ -92,12 +97,8 @@ struct ReliabilityTests {
 
     @Test("a run killed at any point of a checkpoint save resumes from a complete checkpoint and ends bit-identical to an uninterrupted run; stale temporaries go")
     func crashSafeCheckpoints() throws {
-        let root = FileManager.default.temporaryDirectory.appendingPathComponent("ql-kill-\(UUID().uuidString)")
+        let (root, train) = try tinyShapes("kill", seed: 3)
         defer { try? FileManager.default.removeItem(at: root) }
-        let data = SyntheticShapes.Config(name: "d", imageSize: 64, trainImages: 8, valImages: 4, seed: 3, maxObjects: 3,
-                                          minObjectSize: 10, maxObjectSize: 30, singleObject: false, noiseStd: 2...4, jpegQuality: 90...95)
-        try SyntheticShapes(data).write(root: root, threads: 2)
-        let train = try DetectionDataset(root: root.appendingPathComponent("d"), split: "train2017")
         var cfg = DetectorTrainingConfig()
         cfg.epochs = 2
         cfg.batchSize = 4
