@@ -31,9 +31,18 @@ void ql_sgemm_serial(int isa, int transA, int transB, int M, int N, int K, float
 
 static inline int ql_min_i(int a, int b) { return a < b ? a : b; }
 
+#include <math.h>
+
+/* TensorRT's symmetric quantization of one value: code = clamp(round_half_to_even(x / s),
+ * -lim, lim). The one definition behind the fake quantizer and the engine's int8 tensors, so
+ * their codes agree bit for bit (nearbyintf rounds half to even in the default mode). */
+static inline float ql_code(float x, float s, float lim) {
+    float q = nearbyintf(x / s);
+    return q > lim ? lim : (q < -lim ? -lim : q);
+}
+
 /* The logistic function without overflow for large |x|; SiLU is x * this (one definition for
  * the elementwise op and the INT8 epilogue, so that both compute the same floats). */
-#include <math.h>
 static inline float sigmoidf_stable(float x) {
     if (x >= 0.0f) return 1.0f / (1.0f + expf(-x));
     float e = expf(x);

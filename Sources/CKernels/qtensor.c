@@ -22,11 +22,7 @@ static void quantize_image(int n, void *p) {
     const float *x = j->x + (size_t)n * j->C * j->HW;
     int8_t *o = j->out + (size_t)n * j->HW * j->C;
     for (int px = 0; px < j->HW; px++)
-        for (int c = 0; c < j->C; c++) {
-            float q = nearbyintf(x[(size_t)c * j->HW + px] / j->s); /* the fake quantizer's expression, bit for bit */
-            q = q > j->lim ? j->lim : (q < -j->lim ? -j->lim : q);
-            o[(size_t)px * j->C + c] = (int8_t)q;
-        }
+        for (int c = 0; c < j->C; c++) o[(size_t)px * j->C + c] = (int8_t)ql_code(x[(size_t)c * j->HW + px], j->s, j->lim);
 }
 
 void ql_quantize_nchw_to_nhwc_s8(int8_t *restrict out, const float *restrict x, int N, int C, int HW,
@@ -48,11 +44,7 @@ void ql_quantize_s8(int8_t *restrict out, const float *restrict x, int64_t n, fl
         return;
     }
     float s = amax / (float)qmax, lim = (float)qmax;
-    for (int64_t i = 0; i < n; i++) {
-        float q = nearbyintf(x[i] / s);
-        q = q > lim ? lim : (q < -lim ? -lim : q);
-        out[i] = (int8_t)q;
-    }
+    for (int64_t i = 0; i < n; i++) out[i] = (int8_t)ql_code(x[i], s, lim);
 }
 
 void ql_dequantize_nhwc_to_nchw_f32(float *restrict out, const int8_t *restrict q, int N, int C, int HW,
@@ -126,12 +118,8 @@ void ql_requantize_codes_s8(int8_t *restrict out, const int8_t *restrict in, int
         return;
     }
     float s = amax_out / (float)qmax, lim = (float)qmax;
-    for (int64_t i = 0; i < n; i++) {
-        float v = (float)in[i] * scale_in;   /* the value the simulator's first quantizer left */
-        float q = nearbyintf(v / s);         /* and what its second quantizer does with it */
-        q = q > lim ? lim : (q < -lim ? -lim : q);
-        out[i] = (int8_t)q;
-    }
+    /* the value the simulator's first quantizer left, and what its second one does with it */
+    for (int64_t i = 0; i < n; i++) out[i] = (int8_t)ql_code((float)in[i] * scale_in, s, lim);
 }
 
 int ql_maxpool_nhwc_s8(int8_t *restrict out, const int8_t *restrict x, int N, int H, int W, int C, int k, int stride, int pad) {

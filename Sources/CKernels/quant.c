@@ -3,11 +3,7 @@
 #include <string.h>
 #include "internal.h"
 
-static inline float fq(float x, float s, float lim) {
-    float q = nearbyintf(x / s);
-    q = q > lim ? lim : (q < -lim ? -lim : q);
-    return q * s;
-}
+static inline float fq(float x, float s, float lim) { return ql_code(x, s, lim) * s; }
 
 void ql_fake_quant_f32(float *restrict y, const float *restrict x, int64_t n, float amax, int qmax) {
     if (!(amax > 0.0f)) {

@@ -38,7 +38,7 @@ public struct EngineBenchmark {
             let runs = quick ? 5 : (b == 1 ? 40 : 8)
             let (tf, tq) = (try fp32.medianLatency([x], runs: runs), try int8.medianLatency([x], runs: runs))
             let line = String(format: "batch %d: FP32 graph %.1f img/s, INT8 plan %.1f img/s (%d integer convs, %d Reformat steps): INT8 %.2fx FP32",
-                              b, Double(b) / tf, Double(b) / tq, int8.int8ConvCount, int8.reformats.values.reduce(0, +), tf / tq)
+                              b, Double(b) / tf, Double(b) / tq, int8.int8ConvCount, int8.reformatCount, tf / tq)
             log("  " + line)
             summary.append("engine " + line)
             if !quick {

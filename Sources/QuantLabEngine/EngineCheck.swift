@@ -31,7 +31,7 @@ public func checkEngine(_ subject: PTQSubject, method: CalibrationMethod, calibr
     let simulated = try subject.evaluate("simulator \(subject.label)")
     let graph = try Graph.trace(subject.module, example: Tensor(zeros: [batch] + subject.inputShape), subject.outputs)
     let plan = try Int8Plan(graph)
-    let engine = try subject.evaluateOutputs({ try plan.runBatch($0) }, "INT8 engine \(subject.label)")
+    let engine = try subject.score({ try plan.runBatch($0) }, "INT8 engine \(subject.label)")
     return EngineCheck(simulator: simulated, engine: engine, integerConvs: plan.int8ConvCount,
-                       reformatSteps: plan.reformats.values.reduce(0, +), batch: batch)
+                       reformatSteps: plan.reformatCount, batch: batch)
 }

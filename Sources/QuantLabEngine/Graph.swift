@@ -56,8 +56,7 @@ public final class Graph {
         var names: [ObjectIdentifier: String] = [:]
         for (name, t) in model.stateDict() { names[ObjectIdentifier(t)] = name }
         let builder = GraphBuilder(parameterNames: names)
-        let input = builder.addInput(example, name: "images")
-        _ = input
+        builder.addInput(example, name: "images")
         let outs = withNoGrad { Tracing.$active.withValue(builder) { forward(example) } }
         if let e = builder.error { throw e }
         let graph = builder.graph
@@ -84,6 +83,53 @@ public final class Graph {
     public static func trace(_ model: RepClassifier, batch: Int = 1) throws -> Graph {
         let s = model.config.inputSize
         return try trace(model, example: Tensor(zeros: [batch, 3, s, s])) { [model($0)] }
+    }
+
+    /// The graph of a saved model, whatever its kind.
+    public static func trace(_ saved: SavedModel, batch: Int = 1) throws -> Graph {
+        switch saved {
+        case .detector(let m): return try trace(m, batch: batch)
+        case .classifier(let m): return try trace(m, batch: batch)
+        }
+    }
+
+    /// The nodes that read each value, by node index.
+    public var consumers: [Int: [Int]] {
+        var c: [Int: [Int]] = [:]
+        for (i, n) in nodes.enumerated() { for case let v? in n.inputs { c[v, default: []].append(i) } }
+        return c
+    }
+
+    /// The amax of a per-tensor INT8 quantizer of an activation (not of a constant), or nil when
+    /// `node` is not one: the quantizers an engine fuses, absorbs or turns into Reformat steps.
+    public func activationQuantizerAmax(_ node: GraphNode) -> Float? {
+        guard case .quantizeDequantize(let amax, nil, 8) = node.op, amax.count == 1, let src = node.inputs.first ?? nil,
+              constants[src] == nil else { return nil }
+        return amax[0]
+    }
+
+    /// Whether `node` commutes with a per-tensor quantizer, so that it can run on int8 codes of
+    /// one scale (TensorRT's rules 1 and 5): max pooling, and concat along channels, of 4-D
+    /// tensors.
+    public func commutesWithQuantization(_ node: GraphNode) -> Bool {
+        guard values[node.output].shape.count == 4 else { return false }
+        switch node.op {
+        case .maxPool: return true
+        case .concat(let axis): return axis == 1
+        default: return false
+        }
+    }
+
+    /// The constants and the given inputs by value id, after checking the inputs' count and
+    /// shapes (the state every executor starts from).
+    func bindInputs(_ inputs: [Tensor]) throws -> [Int: Tensor] {
+        guard inputs.count == self.inputs.count else { throw EngineError("the graph takes \(self.inputs.count) input(s), got \(inputs.count)") }
+        var bound = constants
+        for (id, t) in zip(self.inputs, inputs) {
+            guard t.shape == values[id].shape else { throw EngineError("input \(values[id].name): expected shape \(values[id].shape), got \(t.shape)") }
+            bound[id] = t
+        }
+        return bound
     }
 
     /// Number of nodes of each op kind ("Conv": 58, ...).
@@ -154,10 +200,8 @@ final class GraphBuilder: OpTracer, @unchecked Sendable {
         return id
     }
 
-    func addInput(_ t: Tensor, name: String) -> Int {
-        let id = addValue(t, name: name)
-        graph.inputs.append(id)
-        return id
+    func addInput(_ t: Tensor, name: String) {
+        graph.inputs.append(addValue(t, name: name))
     }
 
     private func value(for t: Tensor) -> Int {

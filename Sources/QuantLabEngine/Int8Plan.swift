@@ -3,23 +3,24 @@ import Foundation
 import QuantLabCore
 import QuantLabQuant
 
-// The INT8 plan: the traced Q/DQ graph with TensorRT's explicit-quantization fusion applied
-// (ENGINE.md rule 3), run on the integer kernels.
+// The INT8 plan: the traced Q/DQ graph with TensorRT's explicit-quantization rules applied
+// (ENGINE.md), run on the integer kernels.
 //
-//   DQ(x), DQ(w) -> Conv -> [bias] -> [ReLU] -> [Q]   becomes one Int8Conv:
+//   DQ(x), DQ(w) -> Conv -> [bias] -> [ReLU | SiLU] -> [Q]   becomes one Int8Conv:
 //     acc[p, k] = sum_j code_x[p, j] * code_w[j, k]                       (s32, exact)
 //     int8 out:  code_y = clamp(RNE(acc * s_x s_w[k] / s_y + b[k] / s_y), ±127)   when every
-//                consumer of the output is a quantizer of one scale s_y (absorbed: no kernel)
+//                reader of the output wants it at one scale s_y (its quantizers are absorbed)
 //     f32 out:   y = acc * s_x s_w[k] + b[k]                                 otherwise
+//   (with SiLU, which does not commute with s_y, the epilogue writes y and a second pass
+//   quantizes it). Max pooling and channel concat run on codes of one scale.
 //
-// Everything else runs in FP32 with the reference ops. A quantizer that no conv absorbed is a
-// Reformat step: Quantize (f32 -> int8 codes for an Int8Conv), QDQ (a quantizer feeding float
-// ops, run as fake quantization) or Dequantize (int8 codes -> f32 for a float consumer).
-// Activations in int8 are codes in NHWC order (qtensor.c); the fused conv is an im2col plus
-// one u8 x s8 GEMM with the requantization epilogue (igemm.c).
+// Everything else runs in FP32 with the reference ops. A quantizer that no compute step
+// absorbed is a Reformat step: Quantize (f32 -> int8 codes), Requantize (codes at another
+// scale), Dequantize (codes -> f32 for a float reader) or QDQ (a quantizer feeding float ops,
+// run as fake quantization). Activations in int8 are codes in NHWC order (qtensor.c); the fused
+// conv is an im2col plus one u8 x s8 GEMM with the requantization epilogue (igemm.c).
 //
-// This increment fuses Conv (groups 1) only; ConvTranspose, Gemm, residual Add and Concat in
-// int8 are the next ones (issue #12).
+// Not yet in int8 (issue #12): ConvTranspose, Gemm, residual Add, grouped convs.
 
 /// Int8 codes of an activation, NHWC, with the shape of its NCHW float tensor.
 struct QTensor {
@@ -67,21 +68,19 @@ public final class Int8Conv {
         let sx = inputAmax / qmax
         // the output scale folds into the epilogue's scale and bias unless SiLU is in between
         let sy = activation == .silu ? nil : outputAmax.map { $0 / qmax }
-        var b = [Int8](repeating: 0, count: kh * kw * c * k) // B[(kh, kw, c), k]
+        // the weight quantizer's codes, per output channel [K, C, KH, KW], by the fake quantizer's
+        // own rounding (one C definition), then reordered to B[(kh, kw, c), k]
+        let per = c * kh * kw
+        var codes = [Int8](repeating: 0, count: k * per)
+        codes.withUnsafeMutableBufferPointer { out in
+            for o in 0..<k { ql_quantize_s8(out.baseAddress! + o * per, weight.data + o * per, Int64(per), weightAmax[o], 127) }
+        }
+        var b = [Int8](repeating: 0, count: k * per)
         var scale = [Float](repeating: 0, count: k)
         for o in 0..<k {
             let sw = weightAmax[o] / qmax
             scale[o] = sy.map { sx * sw / $0 } ?? sx * sw
-            for ci in 0..<c {
-                for i in 0..<kh {
-                    for j in 0..<kw {
-                        let w = weight.data[((o * c + ci) * kh + i) * kw + j]
-                        // the fake quantizer's codes: RNE(w / s) clamped to ±127 (0 when amax is 0)
-                        let q = sw > 0 ? min(max((w / sw).rounded(.toNearestOrEven), -qmax), qmax) : 0
-                        b[((i * kw + j) * c + ci) * k + o] = Int8(q)
-                    }
-                }
-            }
+            for ci in 0..<c { for i in 0..<kh { for j in 0..<kw { b[((i * kw + j) * c + ci) * k + o] = codes[((o * c + ci) * kh + i) * kw + j] } } }
         }
         self.scale = scale
         self.bias = bias.map { t in (0..<k).map { o in sy.map { t.data[o] / $0 } ?? t.data[o] } }
@@ -113,10 +112,12 @@ public final class Int8Conv {
         let outShape = [n, outChannels, Int(oh), Int(ow)]
         return try withEpilogue(offsets) { ep in
             if let amax = outputAmax, activation == .silu {
+                var status: Int32 = 0
                 let floats = [Float](unsafeUninitializedCapacity: m * outChannels) { buffer, initialized in
                     initialized = m * outChannels
-                    _ = ql_igemm_u8s8_f32(Int32(m), Int32(outChannels), Int32(depth), col, Int32(depth), packed, &ep, buffer.baseAddress, Int32(outChannels))
+                    status = ql_igemm_u8s8_f32(Int32(m), Int32(outChannels), Int32(depth), col, Int32(depth), packed, &ep, buffer.baseAddress, Int32(outChannels))
                 }
+                guard status == 0 else { throw EngineError("\(name): INT8 GEMM failed") }
                 var out = [Int8](repeating: 0, count: m * outChannels)
                 ql_quantize_s8(&out, floats, Int64(out.count), amax, 127)
                 return (QTensor(codes: out, shape: outShape, amax: amax), nil)
@@ -165,17 +166,6 @@ public enum PlanStep {
     case int8Conv(Int8Conv, input: Int, output: Int)
     /// Max pooling or channel concat on codes of one scale (they commute with quantization).
     case int8Op(GraphNode, inputs: [Int], output: Int, amax: Float)
-
-    /// The kind of Reformat this step is, if it is one.
-    public var reformatKind: String? {
-        switch self {
-        case .quantize: return "quantize"
-        case .requantize: return "requantize"
-        case .dequantize: return "dequantize"
-        case .float(let n): if case .quantizeDequantize = n.op { return "qdq (float)" } else { return nil }
-        case .int8Conv, .int8Op: return nil
-        }
-    }
 }
 
 /// A graph compiled to integer kernels where its Q/DQ allow it, by TensorRT's rules
@@ -192,34 +182,28 @@ public final class Int8Plan {
     public init(_ graph: Graph) throws {
         self.graph = graph
         let nodes = graph.nodes
-        var consumers: [Int: [Int]] = [:] // value -> node indices
-        for (i, n) in nodes.enumerated() { for case let v? in n.inputs { consumers[v, default: []].append(i) } }
+        let consumers = graph.consumers
         let producerIndex = Dictionary(uniqueKeysWithValues: nodes.enumerated().map { ($0.element.output, $0.offset) })
         func isConstant(_ v: Int?) -> Bool { v.map { graph.constants[$0] != nil } ?? false }
-        /// Per-tensor int8 quantizer of an activation: its amax.
-        func activationQuantizer(_ n: GraphNode) -> Float? {
-            if case .quantizeDequantize(let a, nil, 8) = n.op, !isConstant(n.inputs.first ?? nil), a.count == 1 { return a[0] }
-            return nil
-        }
-        func commutes(_ n: GraphNode) -> Bool {
-            switch n.op {
-            case .maxPool: return graph.values[n.output].shape.count == 4
-            case .concat(let axis): return axis == 1 && graph.values[n.output].shape.count == 4
-            default: return false
-            }
-        }
+        let activationQuantizer = graph.activationQuantizerAmax
+        let commutes = graph.commutesWithQuantization
 
-        // 1. Which convs fuse (with a following ReLU).
-        struct ConvFusion { var node: GraphNode; var inputQuantizer: GraphNode; var weight: Tensor; var weightAmax: [Float]; var bias: Tensor?; var relu: Int?; var activation: Int8Conv.Activation = .none }
+        // 1. Which convs fuse, with the ReLU or SiLU that follows them.
+        struct ConvFusion {
+            var options: Conv2dOptions, inputQuantizer: GraphNode, weight: Tensor, weightAmax: [Float], bias: Tensor?
+            var activation = Int8Conv.Activation.none
+            /// The activation node fused into the conv, and so not run on its own.
+            var activationNode: Int?
+        }
         var convs: [Int: ConvFusion] = [:]
-        var reluOf: [Int: Int] = [:] // relu node index -> conv node index
+        var fusedActivations: Set<Int> = []
         for (i, n) in nodes.enumerated() {
             guard case .conv(let o) = n.op, o.groups == 1, n.inputs.count >= 2,
                   let xi = n.inputs[0], let xq = producerIndex[xi].map({ nodes[$0] }), activationQuantizer(xq) != nil,
                   let wi = n.inputs[1], let wq = producerIndex[wi].map({ nodes[$0] }),
                   case .quantizeDequantize(let wAmax, 0, 8) = wq.op, let ws = wq.inputs.first ?? nil, let weight = graph.constants[ws] else { continue }
-            var fusion = ConvFusion(node: n, inputQuantizer: xq, weight: weight, weightAmax: wAmax,
-                                    bias: n.inputs.count > 2 ? n.inputs[2].flatMap { graph.constants[$0] } : nil, relu: nil)
+            var fusion = ConvFusion(options: o, inputQuantizer: xq, weight: weight, weightAmax: wAmax,
+                                    bias: n.inputs.count > 2 ? n.inputs[2].flatMap { graph.constants[$0] } : nil)
             if let users = consumers[n.output], users.count == 1, !graph.outputs.contains(n.output) {
                 switch nodes[users[0]].op {
                 case .relu: fusion.activation = .relu
@@ -227,14 +211,14 @@ public final class Int8Plan {
                 default: break
                 }
                 if fusion.activation != .none {
-                    fusion.relu = users[0] // the activation node, fused
-                    reluOf[users[0]] = i
+                    fusion.activationNode = users[0]
+                    fusedActivations.insert(users[0])
                 }
             }
             convs[i] = fusion
         }
-        /// The value a fused conv finally writes (after its ReLU).
-        func convOutput(_ i: Int) -> Int { convs[i]!.relu.map { nodes[$0].output } ?? nodes[i].output }
+        /// The value a fused conv finally writes (after its activation).
+        func convOutput(_ i: Int) -> Int { convs[i]!.activationNode.map { nodes[$0].output } ?? nodes[i].output }
 
         // 2. Which values are produced in int8, at which amax, walking backwards: a value is
         //    int8 when every consumer wants it in int8 at one amax — a quantizer (it is then
@@ -287,14 +271,14 @@ public final class Int8Plan {
             haveFloat.insert(v)
         }
         for (i, n) in nodes.enumerated() {
-            if reluOf[i] != nil { continue } // fused into its conv
+            if fusedActivations.contains(i) { continue } // run by its conv
             if let f = convs[i] {
-                let xin = f.inputQuantizer
-                let input = codes(of: xin.inputs[0]!, at: activationQuantizer(xin)!, for: xin.name)
+                let xin = f.inputQuantizer, inputAmax = activationQuantizer(xin)!
+                let input = codes(of: xin.inputs[0]!, at: inputAmax, for: xin.name)
                 slot[xin.output] = input
                 let out = convOutput(i)
-                let conv = try Int8Conv(name: n.name, weight: f.weight, bias: f.bias, options: { if case .conv(let o) = n.op { return o }; return .init() }(),
-                                        inputAmax: activationQuantizer(xin)!, weightAmax: f.weightAmax, activation: f.activation, outputAmax: int8Amax[out])
+                let conv = try Int8Conv(name: n.name, weight: f.weight, bias: f.bias, options: f.options,
+                                        inputAmax: inputAmax, weightAmax: f.weightAmax, activation: f.activation, outputAmax: int8Amax[out])
                 if let a = int8Amax[out] {
                     slot[out] = out
                     slotAmax[out] = a
@@ -310,23 +294,21 @@ public final class Int8Plan {
                 let int8Users = users.filter { convs[$0] != nil || (commutes(nodes[$0]) && int8Amax[nodes[$0].output] != nil) }
                 // a quantizer read only as a fused conv's input is handled by that conv
                 if !int8Users.isEmpty && int8Users.allSatisfy({ convs[$0] != nil }) && int8Users.count == users.count { continue }
+                // its int8 form: the producer's codes if it wrote them at this amax (absorbed),
+                // else, when int8 readers need it, a Reformat
                 if !int8Users.isEmpty {
-                    // its int8 form: the producer's codes if it wrote them at this amax (absorbed), else a Reformat
                     slot[n.output] = codes(of: src, at: a, for: n.name)
+                } else if let s = slot[src], slotAmax[s] == a {
+                    slot[n.output] = s
                 }
                 if int8Users.count < users.count || graph.outputs.contains(n.output) {
                     if let s = slot[n.output] {
                         steps.append(.dequantize(slot: s, value: n.output, name: n.name)) // code * s: the simulator's value exactly
-                        haveFloat.insert(n.output)
-                    } else if let s = slot[src], slotAmax[s] == a {
-                        slot[n.output] = s
-                        steps.append(.dequantize(slot: s, value: n.output, name: n.name))
-                        haveFloat.insert(n.output)
                     } else {
                         needFloat(src, for: n.name)
                         steps.append(.float(n))
-                        haveFloat.insert(n.output)
                     }
+                    haveFloat.insert(n.output)
                 }
                 continue
             }
@@ -346,14 +328,25 @@ public final class Int8Plan {
         for v in graph.outputs { needFloat(v, for: "output") }
     }
 
-    /// Reformat steps by kind (a quantizer of a constant, i.e. a weight, is no Reformat: an
-    /// engine folds it once).
-    public var reformats: [String: Int] {
-        steps.reduce(into: [:]) { r, s in
-            if case .float(let n) = s, let src = n.inputs.first ?? nil, graph.constants[src] != nil { return }
-            if let k = s.reformatKind { r[k, default: 0] += 1 }
+    /// The kind of Reformat a step is, or nil: quantize, requantize, dequantize, or "qdq
+    /// (float)" for a quantizer run as fake quantization — but not a quantizer of a constant (a
+    /// weight): an engine folds that once.
+    public func reformatKind(of step: PlanStep) -> String? {
+        switch step {
+        case .quantize: return "quantize"
+        case .requantize: return "requantize"
+        case .dequantize: return "dequantize"
+        case .float(let n):
+            guard case .quantizeDequantize = n.op, let src = n.inputs.first ?? nil, graph.constants[src] == nil else { return nil }
+            return "qdq (float)"
+        case .int8Conv, .int8Op: return nil
         }
     }
+
+    /// Reformat steps by kind.
+    public var reformats: [String: Int] { steps.reduce(into: [:]) { r, s in if let k = reformatKind(of: s) { r[k, default: 0] += 1 } } }
+    /// All Reformat steps.
+    public var reformatCount: Int { steps.reduce(0) { $0 + (reformatKind(of: $1) == nil ? 0 : 1) } }
     public var int8ConvCount: Int { steps.filter { if case .int8Conv = $0 { return true } else { return false } }.count }
 
     /// One line per step: what runs, in which precision, and the Reformat count by kind.
@@ -362,9 +355,7 @@ public final class Int8Plan {
         for (i, s) in steps.enumerated() {
             let text: String
             switch s {
-            case .float(let n):
-                let weight = (n.inputs.first ?? nil).map { graph.constants[$0] != nil } ?? false
-                text = "\(n.name)  \(n.op.name) f32\(s.reformatKind != nil && !weight ? "  [Reformat: QDQ in float]" : "")"
+            case .float(let n): text = "\(n.name)  \(n.op.name) f32\(reformatKind(of: s) != nil ? "  [Reformat: QDQ in float]" : "")"
             case .quantize(_, _, let a, let name): text = String(format: "%@  Quantize f32 -> int8 (amax %.4g)  [Reformat]", name, a)
             case .requantize(_, _, let from, let to, let name): text = String(format: "%@  Requantize int8 -> int8 (amax %.4g -> %.4g)  [Reformat]", name, from, to)
             case .dequantize(_, let v, let name): text = "\(name)  Dequantize int8 -> f32 (\(graph.values[v].name))  [Reformat]"
@@ -395,12 +386,11 @@ public final class Int8Plan {
         let total = stepSeconds.reduce(0, +)
         guard total > 0 else { return "no profiled runs (set profile = true first)" }
         func kind(_ s: PlanStep) -> String {
-            if case .float(let n) = s, let src = n.inputs.first ?? nil, graph.constants[src] != nil { return "weight QDQ (float)" }
-            if let r = s.reformatKind { return "Reformat: \(r)" }
+            if let r = reformatKind(of: s) { return "Reformat: \(r)" }
             switch s {
             case .int8Conv: return "Int8Conv"
             case .int8Op(let n, _, _, _): return "\(n.op.name) (int8)"
-            case .float(let n): return "\(n.op.name) (f32)"
+            case .float(let n): if case .quantizeDequantize = n.op { return "weight QDQ (float)" } else { return "\(n.op.name) (f32)" }
             default: return "other"
             }
         }
@@ -433,13 +423,8 @@ public final class Int8Plan {
 
     /// The outputs and every int8 slot computed (for tests that compare layer by layer).
     func runKeepingValues(_ inputs: [Tensor]) throws -> (outputs: [Tensor], int8: [Int: QTensor]) {
-        guard inputs.count == graph.inputs.count else { throw EngineError("the graph takes \(graph.inputs.count) input(s), got \(inputs.count)") }
-        var f32: [Int: Tensor] = graph.constants
+        var f32 = try graph.bindInputs(inputs)
         var q8: [Int: QTensor] = [:]
-        for (id, t) in zip(graph.inputs, inputs) {
-            guard t.shape == graph.values[id].shape else { throw EngineError("input \(graph.values[id].name): expected shape \(graph.values[id].shape), got \(t.shape)") }
-            f32[id] = t
-        }
         func floatValue(_ id: Int, for name: String) throws -> Tensor {
             guard let t = f32[id] else { throw EngineError("step \(name): f32 value \(graph.values[id].name) is not computed before it") }
             return t
@@ -521,19 +506,24 @@ extension Int8Plan {
         return times.sorted()[times.count / 2]
     }
 
-    /// Runs on a batch of any size up to the traced one: a smaller batch is padded with zeros
-    /// and the outputs cut back (the graph's shapes are fixed at trace time, as a TensorRT
-    /// engine's are; the last batch of a dataset is usually smaller).
+    /// Runs on a batch of any size: the graph's shapes are fixed at trace time (as a TensorRT
+    /// engine's are), so a larger batch runs in chunks of the traced size and a smaller one (the
+    /// last of a dataset, say) is padded with zeros; the outputs are cut back and joined.
     public func runBatch(_ images: Tensor) throws -> [Tensor] {
         guard graph.inputs.count == 1 else { throw EngineError("runBatch needs a graph with one input") }
         let traced = graph.values[graph.inputs[0]].shape
-        let b = images.shape[0]
-        guard images.rank == traced.count, Array(images.shape.dropFirst()) == Array(traced.dropFirst()), b <= traced[0] else {
-            throw EngineError("input \(images.shape) does not fit the traced \(traced) (batch at most \(traced[0]))")
+        let (b, chunk) = (images.shape[0], traced[0])
+        guard images.rank == traced.count, Array(images.shape.dropFirst()) == Array(traced.dropFirst()) else {
+            throw EngineError("input \(images.shape) does not fit the traced \(traced)")
         }
-        if b == traced[0] { return try run([images]) }
-        let padded = Tensor(zeros: traced)
-        padded.data.update(from: images.data, count: images.count)
-        return try run([padded]).map { $0.slice(dim: 0, start: 0, end: b) }
+        if b == chunk { return try run([images]) }
+        var parts: [[Tensor]] = []
+        for start in stride(from: 0, to: b, by: chunk) {
+            let n = min(chunk, b - start)
+            let padded = Tensor(zeros: traced)
+            padded.data.update(from: images.data + start * images.count / b, count: n * images.count / b)
+            parts.append(try run([padded]).map { $0.slice(dim: 0, start: 0, end: n) })
+        }
+        return parts.count == 1 ? parts[0] : parts[0].indices.map { i in concat(parts.map { $0[i] }, dim: 0) }
     }
 }

@@ -20,15 +20,7 @@ public struct ReferenceExecutor {
 
     /// Every value computed, by value id (for tests that compare layer by layer).
     func runKeepingValues(_ inputs: [Tensor]) throws -> [Int: Tensor] {
-        guard inputs.count == graph.inputs.count else {
-            throw EngineError("the graph takes \(graph.inputs.count) input(s), got \(inputs.count)")
-        }
-        var env: [Int: Tensor] = graph.constants
-        for (id, t) in zip(graph.inputs, inputs) {
-            let v = graph.values[id]
-            guard t.shape == v.shape else { throw EngineError("input \(v.name): expected shape \(v.shape), got \(t.shape)") }
-            env[id] = t
-        }
+        var env = try graph.bindInputs(inputs)
         try withNoGrad {
             for node in graph.nodes {
                 let args = try node.inputs.map { id -> Tensor? in

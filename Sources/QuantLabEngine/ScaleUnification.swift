@@ -15,19 +15,8 @@ import QuantLabQuant
 /// that must share one amax for every tensor they read to be written once in int8. Groups of
 /// one are left out.
 public func scaleGroups(_ graph: Graph) -> [[String]] {
-    var consumers: [Int: [Int]] = [:]
-    for (i, n) in graph.nodes.enumerated() { for case let v? in n.inputs { consumers[v, default: []].append(i) } }
-    func isActivationQuantizer(_ n: GraphNode) -> Bool {
-        if case .quantizeDequantize(_, nil, _) = n.op, let src = n.inputs.first ?? nil { return graph.constants[src] == nil }
-        return false
-    }
-    func commutes(_ n: GraphNode) -> Bool {
-        switch n.op {
-        case .maxPool: return true
-        case .concat(let axis): return axis == 1
-        default: return false
-        }
-    }
+    let consumers = graph.consumers
+    func isActivationQuantizer(_ n: GraphNode) -> Bool { graph.activationQuantizerAmax(n) != nil }
     // the quantizers that read value v, directly or through commuting ops
     var memo: [Int: [Int]] = [:]
     func readers(_ v: Int) -> [Int] {
@@ -35,7 +24,7 @@ public func scaleGroups(_ graph: Graph) -> [[String]] {
         var r: [Int] = []
         for u in consumers[v] ?? [] {
             let n = graph.nodes[u]
-            if isActivationQuantizer(n) { r.append(u) } else if commutes(n) { r += readers(n.output) }
+            if isActivationQuantizer(n) { r.append(u) } else if graph.commutesWithQuantization(n) { r += readers(n.output) }
         }
         memo[v] = r
         return r

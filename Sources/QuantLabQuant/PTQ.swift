@@ -80,42 +80,40 @@ public struct PTQSubject {
     public let metric: String
     /// Calibration images for a plan (a seeded draw of training images, no augmentation).
     public let calibrationImages: (CalibrationPlan) throws -> [Tensor]
-    /// One forward pass (outputs discarded: calibration only watches the quantizers).
-    public let forward: (Tensor) -> Void
-    /// The metric on the validation split; the argument labels a progress bar, if any.
-    public let evaluate: (_ progressLabel: String?) throws -> Double
     /// One image's shape [C, H, W] (what an engine traces the model at).
     public let inputShape: [Int]
     /// The model's outputs as a list (what a traced graph returns).
     public let outputs: (Tensor) -> [Tensor]
-    /// The metric with another forward pass (an engine's) giving the outputs.
-    public let evaluateOutputs: (_ forward: @escaping (Tensor) throws -> [Tensor], _ progressLabel: String?) throws -> Double
+    /// The metric on the validation split with `forward` giving the outputs (an engine's), or
+    /// the model itself when nil; the label names a progress bar, if any.
+    public let score: (_ forward: ((Tensor) throws -> [Tensor])?, _ progressLabel: String?) throws -> Double
 
     public init(label: String, module: Module, metric: String, calibrationImages: @escaping (CalibrationPlan) throws -> [Tensor],
-                forward: @escaping (Tensor) -> Void, evaluate: @escaping (_ progressLabel: String?) throws -> Double,
-                inputShape: [Int] = [], outputs: @escaping (Tensor) -> [Tensor] = { _ in [] },
-                evaluateOutputs: @escaping (_ forward: @escaping (Tensor) throws -> [Tensor], _ progressLabel: String?) throws -> Double = { _, _ in .nan }) {
+                inputShape: [Int], outputs: @escaping (Tensor) -> [Tensor],
+                score: @escaping (_ forward: ((Tensor) throws -> [Tensor])?, _ progressLabel: String?) throws -> Double) {
         self.label = label
         self.module = module
         self.metric = metric
         self.calibrationImages = calibrationImages
-        self.forward = forward
-        self.evaluate = evaluate
         self.inputShape = inputShape
         self.outputs = outputs
-        self.evaluateOutputs = evaluateOutputs
+        self.score = score
     }
+
+    /// One forward pass, outputs discarded (calibration only watches the quantizers).
+    public func forward(_ x: Tensor) { _ = outputs(x) }
+
+    /// The metric of the model itself on the validation split.
+    public func evaluate(_ progressLabel: String?) throws -> Double { try score(nil, progressLabel) }
 
     /// A detector: calibration on letterboxed training images, COCO mAP@[.5:.95] on `val`.
     public static func detector(_ model: YOLOv6, train: DetectionDataset, val: DetectionDataset, label: String) -> PTQSubject {
         PTQSubject(label: label, module: model, metric: "mAP",
                    calibrationImages: { try detectionCalibrationBatches(train, inputSize: model.config.inputSize, plan: $0) },
-                   forward: { _ = model($0) },
-                   evaluate: { try evaluateDetector(model, on: val, progressLabel: $0).0.mAP },
                    inputShape: [3, model.config.inputSize, model.config.inputSize],
                    outputs: { let o = model($0); return [o.classLogits, o.distances] },
-                   evaluateOutputs: { forward, label in
-                       try evaluateDetector(model, on: val, progressLabel: label) { let o = try forward($0); return (o[0], o[1]) }.0.mAP
+                   score: { forward, label in
+                       try evaluateDetector(model, on: val, progressLabel: label, forward: forward.map { f in { let o = try f($0); return (o[0], o[1]) } }).0.mAP
                    })
     }
 
@@ -123,11 +121,9 @@ public struct PTQSubject {
     public static func classifier(_ model: RepClassifier, train: ClassificationDataset, val: ClassificationDataset, label: String) -> PTQSubject {
         PTQSubject(label: label, module: model, metric: "top-1",
                    calibrationImages: { try classificationCalibrationBatches(train, inputSize: model.config.inputSize, plan: $0) },
-                   forward: { _ = model($0) },
-                   evaluate: { _ in try top1(model, on: val) },
                    inputShape: [3, model.config.inputSize, model.config.inputSize],
                    outputs: { [model($0)] },
-                   evaluateOutputs: { forward, _ in try top1(model, on: val, batchSize: 32) { try forward($0)[0] } })
+                   score: { forward, _ in try top1(model, on: val, forward: forward.map { f in { try f($0)[0] } }) })
     }
 
     /// A saved model with the dataset folder it was trained on (COCO layout, train2017 / val2017).

@@ -55,25 +55,19 @@ struct EngineCommand: ParsableCommand {
             simulator = sim
         }
         defer { simulator?.remove() }
-        func trace() throws -> Graph {
-            switch saved {
-            case .detector(let m): return try Graph.trace(m, batch: batch)
-            case .classifier(let m): return try Graph.trace(m, batch: batch)
-            }
-        }
-        var graph = try trace()
+        var graph = try Graph.trace(saved, batch: batch)
         if unifyScales, let sim = simulator {
-            let before = try Int8Plan(graph).reformats.values.reduce(0, +)
+            let before = try Int8Plan(graph).reformatCount
             let changes = try QuantLab.unifyScales(sim, groups: scaleGroups(graph))
             for c in changes {
                 print("unified: " + zip(c.names, c.before).map { String(format: "%@ %.4g", $0, $1) }.joined(separator: ", ") + String(format: " -> %.4g", c.after))
             }
-            graph = try trace()
-            print("scale unification: \(changes.count) groups, Reformat steps \(before) -> \(try Int8Plan(graph).reformats.values.reduce(0, +))")
+            graph = try Graph.trace(saved, batch: batch)
+            print("scale unification: \(changes.count) groups, Reformat steps \(before) -> \(try Int8Plan(graph).reformatCount)")
         }
         let plan = try Int8Plan(graph)
         if explain { print(graph.explain() + "\n\n" + plan.explain() + "\n") }
-        print("\(saved.kindName), \(int8 ? "INT8 plan (\(plan.int8ConvCount) integer convs, \(plan.reformats.values.reduce(0, +)) Reformat steps)" : "FP32 graph"), batch \(batch); \(Kernels.summary)")
+        print("\(saved.kindName), \(int8 ? "INT8 plan (\(plan.int8ConvCount) integer convs, \(plan.reformatCount) Reformat steps)" : "FP32 graph"), batch \(batch); \(Kernels.summary)")
 
         // Latency: median of timed runs after warm-up, on a fixed input.
         var rng = SeededGenerator(seed: 0)

@@ -76,8 +76,8 @@ struct PTQPipelineTests {
                                      var r = SeededGenerator(seed: plan.seed)
                                      return (0..<plan.batches).map { _ in Tensor.uniform([2, 3, 8, 8], low: -1, high: 2, rng: &r) }
                                  },
-                                 forward: { _ = model($0) },
-                                 evaluate: { label in
+                                 inputShape: [3, 8, 8], outputs: { [model($0)] },
+                                 score: { _, label in
                                      let q = withNoGrad { model(x) }.values
                                      #expect(q != fp32, "evaluated an unquantized model (\(label ?? ""))")
                                      return Double(evaluations.count)
