@@ -25,13 +25,10 @@ public final class RepClassifier: Module, Layer {
         /// Checks every field against sane ranges before anything is allocated (a model file's
         /// metadata is input); throws a message naming the field, its value and the range.
         public func validate() throws {
-            func check(_ ok: Bool, _ field: String, _ value: Any, _ range: String) throws {
-                if !ok { throw ModelFileError("'\(field)' is \(value), expected \(range)") }
-            }
-            try check((1...10_000).contains(numClasses), "numClasses", numClasses, "1...10000")
-            try check((32...1024).contains(inputSize) && inputSize % 32 == 0, "inputSize", inputSize, "a multiple of 32 in 32...1024")
-            try check(widths.count == 5 && widths.allSatisfy { (1...2048).contains($0) }, "widths", widths, "5 values in 1...2048")
-            try check(depths.count == 5 && depths[0] == 1 && depths.allSatisfy { (1...64).contains($0) }, "depths", depths, "5 values in 1...64, the first 1")
+            try checkField((1...10_000).contains(numClasses), "numClasses", numClasses, "1...10000")
+            try checkField((32...1024).contains(inputSize) && inputSize % 32 == 0, "inputSize", inputSize, "a multiple of 32 in 32...1024")
+            try checkField(widths.count == 5 && widths.allSatisfy { (1...2048).contains($0) }, "widths", widths, "5 values in 1...2048")
+            try checkField(depths.count == 5 && depths[0] == 1 && depths.allSatisfy { (1...64).contains($0) }, "depths", depths, "5 values in 1...64, the first 1")
         }
 
         /// A smaller variant for QUICK=1 runs and tests.

@@ -2,16 +2,22 @@ import Foundation
 import QuantLabCore
 import QuantLabData
 
-/// A trained model read back from a safetensors file, whatever its kind. The file says what
-/// it holds in its metadata (`model`: "yolov6" or "rep_classifier", `config`: the
-/// architecture as JSON); files written before that convention are read with the
-/// `train.json` that `Baselines` keeps beside them.
 /// A model file that cannot be loaded: the message names the file and what is wrong.
 public struct ModelFileError: Error, CustomStringConvertible, Equatable {
     public let description: String
     public init(_ message: String) { description = message }
 }
 
+/// A configuration field checked before a model is built: throws "'field' is value, expected
+/// range" when `ok` is false (the model configurations' `validate()`).
+func checkField(_ ok: Bool, _ field: String, _ value: Any, _ range: String) throws {
+    if !ok { throw ModelFileError("'\(field)' is \(value), expected \(range)") }
+}
+
+/// A trained model read back from a safetensors file, whatever its kind. The file says what
+/// it holds in its metadata (`model`: "yolov6" or "rep_classifier", `config`: the
+/// architecture as JSON); files written before that convention are read with the
+/// `train.json` that `Baselines` keeps beside them.
 public enum SavedModel {
     case detector(YOLOv6)
     case classifier(RepClassifier)

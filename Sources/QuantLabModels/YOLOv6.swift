@@ -146,28 +146,25 @@ public struct YOLOv6Config: Codable, Equatable, Sendable {
     /// anything is allocated (a model file's metadata is input, not a promise). Throws a
     /// message naming the field, its value and the allowed range.
     public func validate() throws {
-        func check(_ ok: Bool, _ field: String, _ value: Any, _ range: String) throws {
-            if !ok { throw ModelFileError("'\(field)' is \(value), expected \(range)") }
-        }
-        try check((1...10_000).contains(numClasses), "numClasses", numClasses, "1...10000")
-        try check((32...2048).contains(inputSize) && inputSize % 32 == 0, "inputSize", inputSize, "a multiple of 32 in 32...2048")
-        try check(widthMultiple.isFinite && widthMultiple > 0 && widthMultiple <= 4, "widthMultiple", widthMultiple, "in (0, 4]")
-        try check(depthMultiple.isFinite && depthMultiple > 0 && depthMultiple <= 4, "depthMultiple", depthMultiple, "in (0, 4]")
+        try checkField((1...10_000).contains(numClasses), "numClasses", numClasses, "1...10000")
+        try checkField((32...2048).contains(inputSize) && inputSize % 32 == 0, "inputSize", inputSize, "a multiple of 32 in 32...2048")
+        try checkField(widthMultiple.isFinite && widthMultiple > 0 && widthMultiple <= 4, "widthMultiple", widthMultiple, "in (0, 4]")
+        try checkField(depthMultiple.isFinite && depthMultiple > 0 && depthMultiple <= 4, "depthMultiple", depthMultiple, "in (0, 4]")
         for (field, values, count) in [("backboneChannels", backboneChannels, 5), ("neckChannels", neckChannels, 6)] {
-            try check(values.count == count && values.allSatisfy { (1...4096).contains($0) }, field, values, "\(count) values in 1...4096")
+            try checkField(values.count == count && values.allSatisfy { (1...4096).contains($0) }, field, values, "\(count) values in 1...4096")
         }
         for (field, values, count) in [("backboneRepeats", backboneRepeats, 5), ("neckRepeats", neckRepeats, 4)] {
-            try check(values.count == count && values.allSatisfy { (1...64).contains($0) }, field, values, "\(count) values in 1...64")
+            try checkField(values.count == count && values.allSatisfy { (1...64).contains($0) }, field, values, "\(count) values in 1...64")
         }
         // the widths and depths the multipliers give, and roughly what they weigh (3x3 convs)
         let widths = (backboneChannels + neckChannels).map(width), depths = (backboneRepeats + neckRepeats).map(depth)
-        try check(widths.allSatisfy { $0 <= 4096 }, "widthMultiple", widthMultiple, "one that keeps every layer at most 4096 channels wide")
+        try checkField(widths.allSatisfy { $0 <= 4096 }, "widthMultiple", widthMultiple, "one that keeps every layer at most 4096 channels wide")
         var weights = 0.0
         for i in 1..<5 {
             let c = Double(width(backboneChannels[i])), n = Double(depth(backboneRepeats[i]))
             weights += 9 * c * c * (n + 1)
         }
-        try check(weights <= 2e8 && depths.allSatisfy { $0 <= 64 }, "widthMultiple / depthMultiple", "\(widthMultiple) / \(depthMultiple)",
+        try checkField(weights <= 2e8 && depths.allSatisfy { $0 <= 64 }, "widthMultiple / depthMultiple", "\(widthMultiple) / \(depthMultiple)",
                   "a model of at most ~200 M backbone weights (this one: \(Int(weights / 1e6)) M)")
     }
 

@@ -100,20 +100,22 @@ public func resultsJSON<R: Encodable>(_ results: R) throws -> Data {
 /// atomically, and returns the Markdown path. The JSON is the experiment's `Codable` results.
 @discardableResult
 public func writeResults<R: Encodable>(name: String, quick: Bool, markdown: String, results: R, root: URL = URL(fileURLWithPath: "results")) throws -> URL {
-    let dir = resultsDirectory(quick: quick, root: root)
-    let md = dir.appendingPathComponent("\(name).md")
-    try AtomicFile.write(resultsJSON(results), to: dir.appendingPathComponent("\(name).json"))
-    try AtomicFile.write(Data(markdown.utf8), to: md)
-    return md
+    try writeResultFiles(name: name, quick: quick, markdown: markdown, json: resultsJSON(results), root: root)
 }
 
 /// Writes `results/<name>.md` and `<name>.json` from an untyped dictionary (exp00, exp01;
 /// new experiments use the `Codable` form above).
 @discardableResult
 public func writeResults(name: String, quick: Bool, markdown: String, json: [String: Any], root: URL = URL(fileURLWithPath: "results")) throws -> URL {
+    try writeResultFiles(name: name, quick: quick, markdown: markdown,
+                         json: JSONSerialization.data(withJSONObject: json, options: [.prettyPrinted, .sortedKeys]), root: root)
+}
+
+/// The JSON, then the Markdown that presents it, each written atomically.
+private func writeResultFiles(name: String, quick: Bool, markdown: String, json: Data, root: URL) throws -> URL {
     let dir = resultsDirectory(quick: quick, root: root)
     let md = dir.appendingPathComponent("\(name).md")
-    try AtomicFile.write(JSONSerialization.data(withJSONObject: json, options: [.prettyPrinted, .sortedKeys]), to: dir.appendingPathComponent("\(name).json"))
+    try AtomicFile.write(json, to: dir.appendingPathComponent("\(name).json"))
     try AtomicFile.write(Data(markdown.utf8), to: md)
     return md
 }

@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import QuantLab
 
 /// Makes sure `path` is (or can become) a writable folder before any work starts, so that a
 /// run does not train for an hour and then fail at its first save. The error names the flag,
@@ -16,6 +17,6 @@ func requireWritableFolder(_ path: String, flag: String) throws {
         try Data().write(to: probe)
         try FileManager.default.removeItem(at: probe)
     } catch {
-        throw ValidationError("\(flag): cannot write to \(url.path) (\((error as NSError).localizedFailureReason ?? error.localizedDescription))")
+        throw ValidationError("\(flag): cannot write to \(url.path) (\(failureReason(error)))")
     }
 }

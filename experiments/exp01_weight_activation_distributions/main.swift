@@ -149,7 +149,7 @@ struct Exp01: ParsableCommand {
         }
 
         // Figures: the focus layer side by side (Fig. 2), per-layer curves
-        let figDir = URL(fileURLWithPath: quick ? "results/quick" : "results").appendingPathComponent("exp01")
+        let figDir = resultsDirectory(quick: quick).appendingPathComponent("exp01")
         let names = ["RepVGG", "QARepVGG", "RepOpt"]
         let blockOrder: [BlockKind] = [.repvgg, .qarepvgg, .repopt]
         let activationPanels = zip(names, blockOrder).compactMap { n, b in find(b, focus).map { (title: n, histogram: $0.activationHistogram) } }

@@ -233,6 +233,13 @@ public enum SafeTensors {
 /// Writes a file so that a reader (or a run killed half-way) sees the old file or the new
 /// one, never a mix: a temporary file beside it, flushed to disk, then renamed over it.
 /// Temporaries are named `.<name>.<pid>.tmp`; `isTemporary` recognises them for clean-up.
+/// Why a file operation failed, in words: Foundation's own message is "The operation could not
+/// be completed" plus a domain code.
+public func failureReason(_ error: Error) -> String {
+    let e = error as NSError
+    return e.localizedFailureReason ?? e.userInfo[NSUnderlyingErrorKey].map { "\($0)" } ?? e.localizedDescription
+}
+
 /// A file that could not be written; the message names it and the reason.
 public struct FileWriteError: Error, CustomStringConvertible, Equatable {
     public let description: String
@@ -243,7 +250,7 @@ public enum AtomicFile {
     /// Creates a folder (and its parents), or throws a `FileWriteError` naming it and why.
     public static func createFolder(_ url: URL) throws {
         do { try FileManager.default.createDirectory(at: url, withIntermediateDirectories: true) } catch {
-            throw FileWriteError("cannot create the folder \(url.path) (\((error as NSError).localizedFailureReason ?? (error as NSError).userInfo[NSUnderlyingErrorKey].map { "\($0)" } ?? error.localizedDescription))")
+            throw FileWriteError("cannot create the folder \(url.path) (\(failureReason(error)))")
         }
     }
 
@@ -260,9 +267,7 @@ public enum AtomicFile {
                 try handle.synchronize()
                 try handle.close()
             } catch {
-                // Foundation's own message is "The operation could not be completed" plus a domain code
-                let reason = (error as NSError).localizedFailureReason ?? (error as NSError).userInfo[NSUnderlyingErrorKey].map { "\($0)" } ?? error.localizedDescription
-                throw FileWriteError("\(url.path): cannot write (\(reason))")
+                throw FileWriteError("\(url.path): cannot write (\(failureReason(error)))")
             }
             guard rename(tmp.path, url.path) == 0 else {
                 throw SafeTensorsError("\(url.path): rename from temporary file failed (errno \(errno))")
