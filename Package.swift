@@ -72,7 +72,7 @@ let package = Package(
         .target(
             name: "CQLCuda",
             path: "cuda",
-            exclude: ["gemm.cu", "conv_quant.cu", "elementwise.cu", "preprocess.cu", "runtime.cu", "common.cuh", "probe.c"],
+            exclude: ["sgemm.cu", "igemm.cu", "cublas_peer.cu", "conv_quant.cu", "elementwise.cu", "preprocess.cu", "runtime.cu", "common.cuh", "probe.c"],
             sources: ["swift_module.c"],
             publicHeadersPath: "include"
         ),
@@ -82,7 +82,7 @@ let package = Package(
         .target(name: "QuantLabQuant", dependencies: ["QuantLabCore", "QuantLabData", "QuantLabModels", "CKernels"]),
         .target(name: "QuantLabEngine", dependencies: ["QuantLabCore", "QuantLabData", "QuantLabModels", "QuantLabQuant", "CKernels"]),
         .target(name: "QuantLabReport", dependencies: ["QuantLabCore", "QuantLabData", "QuantLabModels", "QuantLabQuant", "QuantLabEngine"]),
-        .target(name: "QuantLabBench", dependencies: ["QuantLabCore", "QuantLabData", "QuantLabModels", "QuantLabQuant", "QuantLabEngine", "CKernels"]),
+        .target(name: "QuantLabBench", dependencies: ["QuantLabCore", "QuantLabData", "QuantLabModels", "QuantLabQuant", "QuantLabEngine", "CKernels", "CQLCuda"]),
         .target(name: "QuantLab", dependencies: ["QuantLabCore", "QuantLabData", "QuantLabModels", "QuantLabQuant", "QuantLabEngine", "QuantLabReport", "QuantLabBench"]),
         .executableTarget(
             name: "qlab",

@@ -26,7 +26,9 @@ static inline unsigned grid(int64_t n) { unsigned b = blocks_for(n, 256); return
 
 // Each .cu file fills its part of the API table.
 void qlc_fill_runtime(qlc_api *api);
-void qlc_fill_gemm(qlc_api *api);
+void qlc_fill_sgemm(qlc_api *api);
+void qlc_fill_igemm(qlc_api *api);
+void qlc_fill_cublas_peer(qlc_api *api);
 void qlc_fill_conv_quant(qlc_api *api);
 void qlc_fill_elementwise(qlc_api *api);
 void qlc_fill_preprocess(qlc_api *api);

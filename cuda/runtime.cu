@@ -2,8 +2,10 @@
 //
 // Kernels in this plugin (one file each, every one checked against its CPU _ref by the GPU
 // conformance suite in Tests/QuantLabTests/CUDATests.swift):
-//   gemm.cu         sgemm (v1 naive, v2 shared-memory tiles + 4x4 register blocking),
-//                   int8 GEMM (dp4a u8 x s8, shared-memory tiles) with the fused epilogue
+//   sgemm.cu        sgemm (v1 naive, v2 64x64 shared tiles, v3 128x128 tiles with 8x8 register
+//                   blocking and double buffering)
+//   igemm.cu        int8 GEMM (dp4a; tensor-core mma.sync on sm_80+) with the fused epilogue
+//   cublas_peer.cu  cuBLAS opened at run time, the peer of `qlab bench --gpu` (not a kernel)
 //   conv_quant.cu   im2col; fake quantization fwd/bwd per tensor and per channel;
 //                   per-channel amax and |x| histogram (calibration reductions)
 //   elementwise.cu  unary fwd/bwd, strided broadcasting binary, axpy, scale_shift,
@@ -98,7 +100,9 @@ extern "C" __attribute__((visibility("default"))) const qlc_api *qlc_get_api(int
     if (!filled) { // first call happens before any concurrent use (the Swift side loads once)
         memset(&api, 0, sizeof api);
         qlc_fill_runtime(&api);
-        qlc_fill_gemm(&api);
+        qlc_fill_sgemm(&api);
+        qlc_fill_igemm(&api);
+        qlc_fill_cublas_peer(&api);
         qlc_fill_conv_quant(&api);
         qlc_fill_elementwise(&api);
         qlc_fill_preprocess(&api);

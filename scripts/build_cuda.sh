@@ -25,7 +25,7 @@ echo "✓ nvcc: $("$NVCC" --version | grep -o 'release [0-9.]*') ($NVCC)"
 
 GENCODE="-gencode arch=compute_75,code=sm_75 -gencode arch=compute_80,code=sm_80 -gencode arch=compute_86,code=sm_86 \
  -gencode arch=compute_89,code=sm_89 -gencode arch=compute_90,code=sm_90 -gencode arch=compute_90,code=compute_90"
-"$NVCC" -O3 -std=c++17 -shared -cudart static -Xcompiler -fPIC,-fvisibility=hidden \
+"$NVCC" -O3 -std=c++17 --threads 2 -shared -cudart static -Xcompiler -fPIC,-fvisibility=hidden \
   -Icuda/include -I"$ROOT/include" $GENCODE cuda/*.cu -o "$OUT/libqlcuda.so.tmp" -L"$LIB" -ldl -lpthread -lrt
 mv "$OUT/libqlcuda.so.tmp" "$OUT/libqlcuda.so"
 # nvJPEG is opened at run time; keep the wheel's copy beside the plugin as a fallback

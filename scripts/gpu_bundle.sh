@@ -7,13 +7,19 @@
 # On the CUDA machine:
 #   tar xJf gpu-bundle.tar.xz && gpu-bundle/run.sh test        # the GPU conformance suite
 #   gpu-bundle/run.sh test "Engine"                            # any other suite, by name
+#   gpu-bundle/run.sh bench                                    # qlab bench --gpu: our GEMMs vs cuBLAS
 #   gpu-bundle/run.sh qlab info                                # qlab, with the plugin found
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=.build/gpu-bundle
 [ -f .build/cuda/libqlcuda.so ] || { echo "no .build/cuda/libqlcuda.so: run make cuda first"; exit 2; }
-swift build --build-tests --explicit-target-dependency-import-check error > /dev/null
-swift build -c release --product qlab --explicit-target-dependency-import-check error > /dev/null
+build() { # quiet when it works, the compiler's output when it does not (swift build errors go to stdout)
+  local log; log=$(mktemp)
+  if ! swift build "$@" --explicit-target-dependency-import-check error > "$log" 2>&1; then cat "$log"; rm -f "$log"; exit 1; fi
+  rm -f "$log"
+}
+build --build-tests
+build -c release --product qlab
 rm -rf "$out" && mkdir -p "$out/lib"
 cp .build/debug/QuantLabPackageTests.xctest .build/release/qlab .build/cuda/libqlcuda.so "$out/"
 # every library the binaries load, but the C runtime every Linux has
@@ -27,13 +33,21 @@ for bin in "$out/QuantLabPackageTests.xctest" "$out/qlab"; do
 done
 cat > "$out/run.sh" <<'RUN'
 #!/usr/bin/env bash
-# run.sh test [suite filter] | run.sh qlab <arguments>
+# run.sh test [suite filter] | run.sh bench [qlab bench flags] | run.sh qlab <arguments>
 here=$(cd "$(dirname "$0")" && pwd)
 export LD_LIBRARY_PATH="$here/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" QL_CUDA_PLUGIN="$here/libqlcuda.so"
+# cuBLAS (the GPU bench's peer): the system's, or a pip wheel's (PyTorch ships one)
+if [ -z "${QL_CUBLAS:-}" ] && ! ldconfig -p 2>/dev/null | grep -q 'libcublas\.so'; then
+  for py in python3 python; do
+    lib=$("$py" -c 'import glob, os, nvidia; print(next(iter(sorted(f for p in nvidia.__path__ for f in glob.glob(os.path.join(p, "*", "lib", "libcublas.so.*")))), ""))' 2>/dev/null) || continue
+    [ -n "$lib" ] && { export QL_CUBLAS="$lib"; break; }
+  done
+fi
 case "${1:-test}" in
   test) exec "$here/QuantLabPackageTests.xctest" --testing-library swift-testing --filter "${2:-CUDA|GPU}" ;;
+  bench) shift; exec "$here/qlab" bench --gpu "$@" ;;
   qlab) shift; exec "$here/qlab" "$@" ;;
-  *) echo "usage: run.sh test [filter] | run.sh qlab <arguments>"; exit 2 ;;
+  *) echo "usage: run.sh test [filter] | run.sh bench [--quick] [--json FILE] | run.sh qlab <arguments>"; exit 2 ;;
 esac
 RUN
 chmod +x "$out/run.sh"

@@ -63,7 +63,7 @@ int qlio_jpeg_size(const uint8_t *data, size_t size, int *width, int *height, ch
     return 0;
 }
 
-int qlio_jpeg_decode(const uint8_t *data, size_t size, uint8_t **rgb, int *width, int *height,
+int qlio_jpeg_decode(const uint8_t *data, size_t size, int fancy_upsampling, uint8_t **rgb, int *width, int *height,
                      char *err, size_t errlen) {
     struct jpeg_decompress_struct cinfo;
     error_mgr jerr;
@@ -87,6 +87,7 @@ int qlio_jpeg_decode(const uint8_t *data, size_t size, uint8_t **rgb, int *width
         return -1;
     }
     cinfo.out_color_space = JCS_RGB;
+    cinfo.do_fancy_upsampling = fancy_upsampling ? TRUE : FALSE;
     jpeg_start_decompress(&cinfo);
     size_t stride = (size_t)cinfo.output_width * 3;
     pixels = (uint8_t *)malloc(stride * cinfo.output_height);
@@ -107,7 +108,7 @@ int qlio_jpeg_decode(const uint8_t *data, size_t size, uint8_t **rgb, int *width
     return 0;
 }
 
-int qlio_jpeg_encode(const uint8_t *rgb, int width, int height, int quality, uint8_t **out,
+int qlio_jpeg_encode(const uint8_t *rgb, int width, int height, int quality, int subsample_chroma, uint8_t **out,
                      size_t *outsize, char *err, size_t errlen) {
     struct jpeg_compress_struct cinfo;
     error_mgr jerr;
@@ -135,6 +136,8 @@ int qlio_jpeg_encode(const uint8_t *rgb, int width, int height, int quality, uin
     cinfo.in_color_space = JCS_RGB;
     jpeg_set_defaults(&cinfo);
     jpeg_set_quality(&cinfo, quality, TRUE);
+    if (!subsample_chroma) /* the defaults sample luma 2x2 against chroma: make all 1x1 */
+        for (int c = 0; c < cinfo.num_components; c++) cinfo.comp_info[c].h_samp_factor = cinfo.comp_info[c].v_samp_factor = 1;
     jpeg_start_compress(&cinfo, TRUE);
     size_t stride = (size_t)width * 3;
     while (cinfo.next_scanline < cinfo.image_height) {

@@ -64,9 +64,24 @@ struct Bench: ParsableCommand {
 
     @Flag(help: "Fewer sizes and rounds (a smoke run).") var quick = false
     @Flag(help: "Only the engine: FP32 graph vs INT8 plan on the full-size detector, batch 1 and 32.") var engine = false
+    @Flag(help: "Only the GPU: our CUDA SGEMM and INT8 GEMM against cuBLAS on the same device (needs make cuda and a GPU).") var gpu = false
+    @Option(help: "With --gpu: also write the table as JSON here.") var json: String?
     @Option(help: "Python with numpy for the OpenBLAS comparison.") var python = "python3"
 
     func run() throws {
+        if gpu {
+            var bench = GPUBenchmarks()
+            bench.quick = quick
+            let (rows, summary) = try bench.run()
+            print("\nsummary")
+            for line in summary { print(line) }
+            if let json {
+                let encoder = JSONEncoder()
+                encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+                try AtomicFile.write(try encoder.encode(rows), to: URL(fileURLWithPath: json))
+            }
+            return
+        }
         if engine {
             var bench = EngineBenchmark()
             bench.quick = quick

@@ -49,30 +49,52 @@ struct CUDAConformanceTests {
 
     func sync() throws { try CUDA.shared.check(api.stream_synchronize(nil), "synchronize") }
 
-    @Test("sgemm: transposes, alpha/beta, awkward sizes", arguments: [0, 1, 2, 3])
+    static let sgemmKernels: [(Int32, String)] = [(Int32(QLC_SGEMM_NAIVE), "naive"), (Int32(QLC_SGEMM_TILED), "tiled"),
+                                                  (Int32(QLC_SGEMM_REG128), "reg128"), (Int32(QLC_KERNEL_AUTO), "auto")]
+
+    @Test("sgemm, every kernel: transposes, alpha/beta, awkward and aligned sizes", arguments: [0, 1, 2, 3])
     func sgemm(transposes: Int) throws {
         let (tA, tB) = (Int32(transposes & 1), Int32(transposes >> 1))
         var rng = SeededGenerator(seed: UInt64(transposes))
-        for (m, n, k) in [(1, 1, 1), (7, 17, 63), (129, 65, 33), (200, 300, 150)] {
+        // odd sizes take the scalar loads and stores of reg128; multiples of 4 its float4 ones
+        for (m, n, k) in [(1, 1, 1), (7, 17, 63), (129, 65, 33), (200, 300, 150), (128, 256, 64), (257, 131, 67)] {
             let lda = tA != 0 ? m : k, ldb = tB != 0 ? k : n
             let a = randomFloats(m * k, &rng), b = randomFloats(k * n, &rng), c0 = randomFloats(m * n, &rng)
-            var want = c0
-            _ = ql_sgemm_ref(tA, tB, Int32(m), Int32(n), Int32(k), 0.5, a, Int32(lda), b, Int32(ldb), 0.25, &want, Int32(n))
-            let da = try CUDABuffer(a), db = try CUDABuffer(b), dc = try CUDABuffer(c0)
-            try CUDA.shared.check(api.sgemm(nil, tA, tB, Int32(m), Int32(n), Int32(k), 0.5, da.typed, Int32(lda), db.typed, Int32(ldb),
-                                            0.25, dc.typed, Int32(n)), "sgemm")
-            #expect(firstMismatch(try dc.download(), want, atol: 1e-5 * Double(k), rtol: 1e-5) == nil, "\(m)x\(n)x\(k)")
+            for (beta, label) in [(Float(0.25), "beta 0.25"), (0, "beta 0")] {
+                var want = c0
+                _ = ql_sgemm_ref(tA, tB, Int32(m), Int32(n), Int32(k), 0.5, a, Int32(lda), b, Int32(ldb), beta, &want, Int32(n))
+                let da = try CUDABuffer(a), db = try CUDABuffer(b)
+                for (kernel, name) in Self.sgemmKernels {
+                    let dc = try CUDABuffer(c0)
+                    try CUDA.shared.check(api.sgemm_ex(nil, kernel, tA, tB, Int32(m), Int32(n), Int32(k), 0.5, da.typed, Int32(lda), db.typed,
+                                                       Int32(ldb), beta, dc.typed, Int32(n)), "sgemm \(name)")
+                    #expect(firstMismatch(try dc.download(), want, atol: 1e-5 * Double(k), rtol: 1e-5) == nil, "\(name) \(m)x\(n)x\(k) \(label)")
+                }
+            }
         }
+        #expect(api.sgemm_ex(nil, 99, 0, 0, 1, 1, 1, 1, nil, 1, nil, 1, 0, nil, 1) == QLC_EINVAL)
     }
 
-    @Test("int8 GEMM: int32, requantized and dequantized outputs are bit-exact", arguments: [(1, 1, 3), (37, 45, 70), (130, 70, 1030)])
-    func igemm(shape: (Int, Int, Int)) throws {
-        let (m, n, k) = shape
+    /// The INT8 kernels this device runs: dp4a everywhere, the tensor-core kernel on sm_80+.
+    static var igemmKernels: [(Int32, String)] {
+        var kernels: [(Int32, String)] = [(Int32(QLC_IGEMM_DP4A), "dp4a"), (Int32(QLC_KERNEL_AUTO), "auto")]
+        if (CUDA.shared.computeCapability ?? 0) >= 80 {
+            kernels += [(Int32(QLC_IGEMM_IMMA), "imma"), (Int32(QLC_IGEMM_IMMA_WIDE), "imma-wide")]
+        }
+        return kernels
+    }
+
+    // (m, n, k, lda): K not a multiple of 16 or lda not of 16 take the tensor-core kernel's
+    // register-staged A loads; the others its cp.async path; M, N off multiples of 128 the edges.
+    @Test("int8 GEMM, every kernel: int32, requantized and dequantized outputs are bit-exact",
+          arguments: [(1, 1, 3, 3), (37, 45, 70, 70), (130, 70, 1030, 1030), (256, 192, 512, 512), (200, 136, 96, 112), (65, 300, 160, 163), (300, 520, 200, 208)])
+    func igemm(shape: (Int, Int, Int, Int)) throws {
+        let (m, n, k, lda) = shape
         var rng = SeededGenerator(seed: UInt64(m + n + k))
-        let a = (0..<(m * k)).map { _ in UInt8(truncatingIfNeeded: rng.next()) }
+        let a = (0..<(m * lda)).map { _ in UInt8(truncatingIfNeeded: rng.next()) }
         let b = (0..<(k * n)).map { _ in Int8(Int(rng.next() % 255) - 127) }
         var acc = [Int32](repeating: 0, count: m * n)
-        _ = ql_igemm_u8s8s32_ref(Int32(m), Int32(n), Int32(k), a, Int32(k), b, Int32(n), &acc, Int32(n))
+        _ = ql_igemm_u8s8s32_ref(Int32(m), Int32(n), Int32(k), a, Int32(lda), b, Int32(n), &acc, Int32(n))
         let colSum = (0..<n).map { j in (0..<k).reduce(Int32(0)) { $0 + Int32(b[$1 * n + j]) } }
         let offsets = colSum.map { -128 * $0 }, scale = (0..<n).map { _ in 1e-4 + 1e-3 * rng.nextFloat() }
         let bias = randomFloats(n, &rng, low: -2, high: 2)
@@ -85,18 +107,31 @@ struct CUDAConformanceTests {
         let dSum = try CUDABuffer<Int32>(count: n)
         try CUDA.shared.check(api.igemm_pack_b(nil, packed.pointer, dSum.typed, dB.typed, Int32(n), Int32(k), Int32(n)), "pack")
         #expect(try dSum.download() == colSum)
-        let dC = try CUDABuffer<Int32>(count: m * n)
-        try CUDA.shared.check(api.igemm_u8s8s32(nil, Int32(m), Int32(n), Int32(k), dA.typed, Int32(k), packed.pointer, dC.typed, Int32(n)), "igemm")
-        #expect(try dC.download() == acc)
         let dOff = try CUDABuffer(offsets), dScale = try CUDABuffer(scale), dBias = try CUDABuffer(bias)
         var p = qlc_requant_params(col_offset: dOff.typed, scale: dScale.typed, bias: dBias.typed, relu: 1)
-        let dS8 = try CUDABuffer<Int8>(count: m * n), dF = try CUDABuffer<Float>(count: m * n)
-        try CUDA.shared.check(api.igemm_u8s8_s8(nil, Int32(m), Int32(n), Int32(k), dA.typed, Int32(k), packed.pointer, &p, dS8.typed, Int32(n)), "igemm s8")
-        try CUDA.shared.check(api.igemm_u8s8_f32(nil, Int32(m), Int32(n), Int32(k), dA.typed, Int32(k), packed.pointer, &p, dF.typed, Int32(n)), "igemm f32")
-        #expect(try dS8.download() == wantS8)
-        #expect(try dF.download() == wantF32)
-        try CUDA.shared.check(api.requantize_s8(nil, Int32(m), Int32(n), dS8.typed, Int32(n), dC.typed, Int32(n), &p), "requantize")
-        #expect(try dS8.download() == wantS8)
+        let dC = try CUDABuffer<Int32>(count: m * n), dS8 = try CUDABuffer<Int8>(count: m * n), dF = try CUDABuffer<Float>(count: m * n)
+        for (kernel, name) in Self.igemmKernels {
+            try CUDA.shared.check(api.igemm_ex(nil, kernel, Int32(QLC_OUT_S32), Int32(m), Int32(n), Int32(k), dA.typed, Int32(lda), packed.pointer,
+                                               nil, dC.pointer, Int32(n)), "igemm \(name)")
+            #expect(try dC.download() == acc, "\(name) int32")
+            try CUDA.shared.check(api.igemm_ex(nil, kernel, Int32(QLC_OUT_S8), Int32(m), Int32(n), Int32(k), dA.typed, Int32(lda), packed.pointer,
+                                               &p, dS8.pointer, Int32(n)), "igemm s8 \(name)")
+            try CUDA.shared.check(api.igemm_ex(nil, kernel, Int32(QLC_OUT_F32), Int32(m), Int32(n), Int32(k), dA.typed, Int32(lda), packed.pointer,
+                                               &p, dF.pointer, Int32(n)), "igemm f32 \(name)")
+            #expect(try dS8.download() == wantS8, "\(name) int8")
+            #expect(try dF.download() == wantF32, "\(name) float")
+        }
+        if lda == k {
+            // the plain entry points (AUTO) and the separate epilogue
+            try CUDA.shared.check(api.igemm_u8s8s32(nil, Int32(m), Int32(n), Int32(k), dA.typed, Int32(k), packed.pointer, dC.typed, Int32(n)), "igemm")
+            #expect(try dC.download() == acc)
+            try CUDA.shared.check(api.igemm_u8s8_s8(nil, Int32(m), Int32(n), Int32(k), dA.typed, Int32(k), packed.pointer, &p, dS8.typed, Int32(n)), "igemm s8")
+            #expect(try dS8.download() == wantS8)
+            try CUDA.shared.check(api.requantize_s8(nil, Int32(m), Int32(n), dS8.typed, Int32(n), dC.typed, Int32(n), &p), "requantize")
+            #expect(try dS8.download() == wantS8)
+        }
+        #expect(api.igemm_ex(nil, 99, Int32(QLC_OUT_S32), 1, 1, 1, dA.typed, 1, packed.pointer, nil, dC.pointer, 1) == QLC_EINVAL)
+        #expect(api.igemm_ex(nil, Int32(QLC_IGEMM_DP4A), Int32(QLC_OUT_S8), 1, 1, 1, dA.typed, 1, packed.pointer, nil, dS8.pointer, 1) == QLC_EINVAL)
     }
 
     @Test("im2col is exact")
@@ -212,24 +247,42 @@ struct CUDAConformanceTests {
             return
         }
         defer { _ = api.jpeg_decoder_destroy(decoder) }
-        // An image like the data (a synthetic-shapes training image), not a sawtooth: decoders
-        // may differ in their IDCT and chroma upsampling, which a per-pixel sawtooth of
-        // high-frequency chroma magnifies (mean error 4, max 50 there on an H100) while images
-        // like ours differ by a fraction of a grey level (0.14 mean, 4 max, measured there).
-        var preset = SyntheticShapes.Config.presets["shapes-tiny"]!
-        preset.imageSize = 48
-        let picture = SyntheticShapes(preset).render(split: .train, index: 3).image
-        let jpeg = try JPEG.encode(picture, quality: 95)
-        let cpu = try JPEG.decode(jpeg)
+        // A training image of the `shapes` dataset at its real size and the dataset's lowest
+        // quality, against libjpeg-turbo decoding the same bytes:
+        //  - 4:4:4 (no chroma upsampling): IDCT and colour conversion alone. Identical on an
+        //    H100 (nvJPEG 13 vs libjpeg-turbo's integer "islow" IDCT): mean 0, max 0.
+        //  - 4:2:0, as the dataset's files are, against libjpeg with chroma *replicated*:
+        //    also identical there, i.e. nvJPEG upsamples chroma by replication.
+        //  - 4:2:0 against libjpeg's default "fancy" (triangle) upsampling, what our CPU data
+        //    pipeline decodes with: measured, not bounded tightly -- on that H100 mean 1.79
+        //    grey levels, max 95, 5.9% of values off by more than 8, all at colour edges. The
+        //    GPU pipeline of exp06 therefore sees slightly different pixels than training did
+        //    (a sawtooth of random colours, or a 48-pixel image that is mostly edges, gave
+        //    4-6 levels mean: what the earlier test measured was the upsampling method).
+        let config = SyntheticShapes.Config.presets["shapes"]!
+        let picture = SyntheticShapes(config).render(split: .train, index: 3).image
         let dRGB = try CUDABuffer<UInt8>(count: picture.width * picture.height * 3)
+        let quality = config.jpegQuality.lowerBound
+        let cases: [(JPEG.Chroma, JPEG.ChromaUpsampling, Double, Int)] = [
+            (.full444, .fancy, 0.01, 1), (.subsampled420, .replicate, 0.01, 1), (.subsampled420, .fancy, 3, 255)]
+        for (chroma, upsampling, meanLimit, maxLimit) in cases {
+            let jpeg = try JPEG.encode(picture, quality: quality, chroma: chroma)
+            let cpu = try JPEG.decode(jpeg, source: "test image", chromaUpsampling: upsampling)
+            var gw: Int32 = 0, gh: Int32 = 0
+            let bytes = [UInt8](jpeg)
+            try CUDA.shared.check(api.jpeg_decode(decoder, nil, bytes, bytes.count, dRGB.typed, dRGB.count, &gw, &gh), "nvjpeg decode")
+            try sync()
+            #expect(Int(gw) == picture.width && Int(gh) == picture.height)
+            let errors = zip(try dRGB.download(), cpu.pixels).map { abs(Int($0) - Int($1)) }
+            let mean = Double(errors.reduce(0, +)) / Double(errors.count), worst = errors.max() ?? 0
+            let over8 = Double(errors.filter { $0 > 8 }.count) / Double(errors.count)
+            let line = "nvJPEG vs libjpeg-turbo (\(upsampling) chroma upsampling), \(chroma) q\(quality) \(picture.width)x\(picture.height): "
+                + "mean |difference| " + String(format: "%.3f", mean) + " grey levels, max \(worst), "
+                + String(format: "%.2f%%", 100 * over8) + " of values off by more than 8"
+            print(line)
+            #expect(mean <= meanLimit && worst <= maxLimit, "\(line) (allowed: mean \(meanLimit), max \(maxLimit))")
+        }
         var gw: Int32 = 0, gh: Int32 = 0
-        let bytes = [UInt8](jpeg)
-        try CUDA.shared.check(api.jpeg_decode(decoder, nil, bytes, bytes.count, dRGB.typed, dRGB.count, &gw, &gh), "nvjpeg decode")
-        try sync()
-        #expect(Int(gw) == picture.width && Int(gh) == picture.height)
-        let gpu = try dRGB.download()
-        let meanError = Double(zip(gpu, cpu.pixels).map { abs(Int($0) - Int($1)) }.reduce(0, +)) / Double(gpu.count)
-        #expect(meanError <= 1, "nvJPEG vs libjpeg-turbo: mean |difference| \(meanError) grey levels (allowed: 1, for IDCT and upsampling differences)")
         #expect(api.jpeg_decode(decoder, nil, [1, 2, 3, 4], 4, dRGB.typed, dRGB.count, &gw, &gh) != QLC_OK)
     }
 

@@ -26,6 +26,16 @@ struct ImageTests {
         #expect(back.width == 37 && back.height == 21)
         let meanError = zip(img.pixels, back.pixels).map { abs(Int($0) - Int($1)) }.reduce(0, +) / img.pixels.count
         #expect(meanError <= 6) // 4:2:0 chroma subsampling on sharp colour steps
+        // 4:4:4 keeps chroma at full resolution: much closer on the same sharp colour steps
+        let full = try JPEG.decode(try JPEG.encode(img, quality: 98, chroma: .full444))
+        let fullError = zip(img.pixels, full.pixels).map { abs(Int($0) - Int($1)) }.reduce(0, +) / img.pixels.count
+        #expect(fullError <= 1 && fullError < meanError, "4:4:4 mean error \(fullError), 4:2:0 \(meanError)")
+        // the two chroma upsamplings of a 4:2:0 file agree on luma-only content, differ at colour edges
+        let replicated = try JPEG.decode(data, source: "test", chromaUpsampling: .replicate)
+        #expect(replicated.width == 37 && replicated.pixels != back.pixels)
+        let grey = RGBImage(width: 16, height: 16, fill: (90, 90, 90))
+        let greyData = try JPEG.encode(grey, quality: 90)
+        #expect(try JPEG.decode(greyData).pixels == JPEG.decode(greyData, source: "grey", chromaUpsampling: .replicate).pixels)
     }
 
     @Test("corrupt, truncated and missing JPEGs are errors that name the file")

@@ -26,7 +26,7 @@
 extern "C" {
 #endif
 
-#define QLC_ABI_VERSION 1
+#define QLC_ABI_VERSION 2
 
 enum {
     QLC_OK = 0,
@@ -35,6 +35,19 @@ enum {
     QLC_ECUDA = -11,       /* a CUDA runtime error; see qlc_last_error */
     QLC_EUNAVAILABLE = -12 /* optional library missing (nvJPEG) */
 };
+
+/* Kernel choice for sgemm_ex / igemm_ex: AUTO picks what the plain entry points use. */
+enum {
+    QLC_KERNEL_AUTO = 0,
+    QLC_SGEMM_NAIVE = 1,  /* one thread per output: the spec */
+    QLC_SGEMM_TILED = 2,  /* 64x64 shared-memory tiles, 4x4 per thread */
+    QLC_SGEMM_REG128 = 3, /* 128x128 tiles, 8x8 per thread, double-buffered (AUTO above tiny sizes) */
+    QLC_IGEMM_DP4A = 11,  /* dp4a, any sm_61+ (AUTO below sm_80) */
+    QLC_IGEMM_IMMA = 12,  /* tensor cores, mma.sync m16n8k32 u8 x s8, 128x128 tiles (AUTO on sm_80+) */
+    QLC_IGEMM_IMMA_WIDE = 13 /* the same with 128x256 tiles and 3 stages */
+};
+/* Output of igemm_ex: exact int32, requantized int8, or dequantized float. */
+enum { QLC_OUT_S32 = 0, QLC_OUT_S8 = 1, QLC_OUT_F32 = 2 };
 
 typedef void *qlc_stream;
 typedef void *qlc_event;
@@ -84,9 +97,13 @@ typedef struct {
     /* ql_sgemm's contract (row-major, transposes, alpha/beta, beta == 0 never reads C). */
     int (*sgemm)(qlc_stream s, int transA, int transB, int M, int N, int K, float alpha,
                  const float *A, int lda, const float *B, int ldb, float beta, float *C, int ldc);
+    /* sgemm with the kernel named (QLC_SGEMM_*); QLC_EINVAL for an unknown one. */
+    int (*sgemm_ex)(qlc_stream s, int kernel, int transA, int transB, int M, int N, int K, float alpha,
+                    const float *A, int lda, const float *B, int ldb, float beta, float *C, int ldc);
     /* INT8: B (K x N int8, row-major) is packed once into the GPU layout (N x Kp, Kp = K
-     * rounded up to 4, zero-padded; dp4a reads 4 k at a time); size in bytes from
-     * igemm_packed_size. col_sum (N, may be NULL) = sum_k B[k, n]. */
+     * rounded up to 32, zero-padded: each column's weights contiguous, as mma's col operand
+     * and dp4a's words want); size in bytes from igemm_packed_size; the buffer must be
+     * 16-byte aligned (cudaMalloc's are). col_sum (N, may be NULL) = sum_k B[k, n]. */
     size_t (*igemm_packed_size)(int K, int N);
     int (*igemm_pack_b)(qlc_stream s, void *packed, int32_t *col_sum, const int8_t *B, int ldb, int K, int N);
     /* C = A (u8, M x K) x B (s8) in exact int32; as ql_igemm_u8s8s32. */
@@ -97,6 +114,11 @@ typedef struct {
                          const qlc_requant_params *host_params, int8_t *out, int ldo);
     int (*igemm_u8s8_f32)(qlc_stream s, int M, int N, int K, const uint8_t *A, int lda, const void *packed,
                           const qlc_requant_params *host_params, float *out, int ldo);
+    /* Any of the three with the kernel named (QLC_IGEMM_*) and the output type QLC_OUT_*;
+     * QLC_EUNAVAILABLE for the tensor-core kernel below sm_80. host_params may be NULL for
+     * QLC_OUT_S32. */
+    int (*igemm_ex)(qlc_stream s, int kernel, int out_type, int M, int N, int K, const uint8_t *A, int lda,
+                    const void *packed, const qlc_requant_params *host_params, void *out, int ldo);
     int (*requantize_s8)(qlc_stream s, int M, int N, int8_t *out, int ldo, const int32_t *acc, int ldacc,
                          const qlc_requant_params *host_params);
     int (*dequantize_f32)(qlc_stream s, int M, int N, float *out, int ldo, const int32_t *acc, int ldacc,
@@ -146,6 +168,16 @@ typedef struct {
     int (*jpeg_decoder_destroy)(qlc_jpeg_decoder decoder);
     int (*jpeg_decode)(qlc_jpeg_decoder decoder, qlc_stream s, const uint8_t *host_data, size_t size,
                        uint8_t *rgb, size_t capacity, int *width, int *height);
+
+    /* ---- the benchmark peer: cuBLAS, opened at run time ----------------------------------- */
+    /* Opens cuBLAS ($QL_CUBLAS, then libcublas.so.13/.12/.11/.so); writes what was found (or
+     * why not) into description (host, may be NULL). QLC_EUNAVAILABLE without it. */
+    int (*cublas_open)(char *description, int capacity);
+    /* Row-major C (M x N) = A (M x K) B (K x N), FP32, no TF32 (cuBLAS's default math). */
+    int (*cublas_sgemm)(qlc_stream s, int M, int N, int K, const float *A, const float *B, float *C);
+    /* Row-major C (M x N, int32) = A (M x K, s8) Bt^T, Bt (N x K, s8): cublasGemmEx with
+     * 32-bit integer compute; K and N multiples of 4. */
+    int (*cublas_igemm)(qlc_stream s, int M, int N, int K, const int8_t *A, const int8_t *Bt, int32_t *C);
 } qlc_api;
 
 /* The plugin's only exported symbol. */

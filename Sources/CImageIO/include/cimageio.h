@@ -19,16 +19,19 @@ extern "C" {
 /* Decodes a JPEG held in memory. On success returns 0 and sets *rgb (malloc'ed, free with
  * qlio_free), *width, *height. On failure returns -1, leaves *rgb NULL and writes a
  * NUL-terminated reason into err (errlen bytes). Grayscale and CMYK inputs are converted
- * to RGB by libjpeg. Images larger than 2^28 pixels are refused. */
-int qlio_jpeg_decode(const uint8_t *data, size_t size, uint8_t **rgb, int *width, int *height,
+ * to RGB by libjpeg. Images larger than 2^28 pixels are refused. fancy_upsampling nonzero:
+ * libjpeg's default triangle filter for subsampled chroma; zero: each chroma sample
+ * replicated over the pixels it covers. */
+int qlio_jpeg_decode(const uint8_t *data, size_t size, int fancy_upsampling, uint8_t **rgb, int *width, int *height,
                      char *err, size_t errlen);
 
 /* Reads only the header: image size without decoding. Same error convention. */
 int qlio_jpeg_size(const uint8_t *data, size_t size, int *width, int *height, char *err, size_t errlen);
 
-/* Encodes RGB to JPEG at quality 1..100 (4:2:0 chroma, as most cameras and COCO). On success
- * returns 0 and sets *out (malloc'ed, free with qlio_free) and *outsize. */
-int qlio_jpeg_encode(const uint8_t *rgb, int width, int height, int quality, uint8_t **out,
+/* Encodes RGB to JPEG at quality 1..100, chroma subsampled 4:2:0 (as most cameras and COCO)
+ * when subsample_chroma is nonzero, else 4:4:4. On success returns 0 and sets *out
+ * (malloc'ed, free with qlio_free) and *outsize. */
+int qlio_jpeg_encode(const uint8_t *rgb, int width, int height, int quality, int subsample_chroma, uint8_t **out,
                      size_t *outsize, char *err, size_t errlen);
 
 void qlio_free(void *p);

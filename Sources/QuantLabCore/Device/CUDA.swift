@@ -37,6 +37,9 @@ public final class CUDA: @unchecked Sendable { // immutable after init
 
     public var isReady: Bool { if case .ready = status { return true } else { return false } }
 
+    /// The device's compute capability as major*10 + minor (90 for an H100), nil without one.
+    public var computeCapability: Int? { if case .ready(_, _, _, let cc) = status { return Int(cc) } else { return nil } }
+
     public var notice: String {
         switch status {
         case .pluginNotBuilt: return "cuda: plugin not built (make cuda); running on CPU"

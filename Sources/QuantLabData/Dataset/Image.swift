@@ -45,11 +45,19 @@ public struct RGBImage: Equatable, Sendable {
 /// file and libjpeg's reason, never a crash and never a silently grey image.
 public enum JPEG {
     public static func decode(_ data: Data, source: String = "<memory>") throws -> RGBImage {
+        try decode(data, source: source, chromaUpsampling: .fancy)
+    }
+
+    /// How subsampled chroma is brought to full resolution: libjpeg's default triangle filter
+    /// ("fancy", what our data pipeline uses), or each sample replicated ("replicate").
+    public enum ChromaUpsampling: Sendable { case fancy, replicate }
+
+    public static func decode(_ data: Data, source: String, chromaUpsampling: ChromaUpsampling) throws -> RGBImage {
         var rgb: UnsafeMutablePointer<UInt8>?
         var w: Int32 = 0, h: Int32 = 0
         var err = [CChar](repeating: 0, count: 256)
         let status = data.withUnsafeBytes { raw in
-            qlio_jpeg_decode(raw.bindMemory(to: UInt8.self).baseAddress, raw.count, &rgb, &w, &h, &err, err.count)
+            qlio_jpeg_decode(raw.bindMemory(to: UInt8.self).baseAddress, raw.count, chromaUpsampling == .fancy ? 1 : 0, &rgb, &w, &h, &err, err.count)
         }
         guard status == 0, let rgb else {
             throw ImageError("\(source): not a decodable JPEG (\(cMessage(err)))")
@@ -81,11 +89,16 @@ public enum JPEG {
         return (Int(w), Int(h))
     }
 
-    public static func encode(_ image: RGBImage, quality: Int = 90) throws -> Data {
+    /// Chroma sampling of an encoded JPEG: 4:2:0 (chroma at half resolution both ways, what
+    /// cameras, COCO and our datasets use) or 4:4:4 (full resolution).
+    public enum Chroma: Sendable { case subsampled420, full444 }
+
+    public static func encode(_ image: RGBImage, quality: Int = 90, chroma: Chroma = .subsampled420) throws -> Data {
         var out: UnsafeMutablePointer<UInt8>?
         var size = 0
         var err = [CChar](repeating: 0, count: 256)
-        let status = qlio_jpeg_encode(image.pixels, Int32(image.width), Int32(image.height), Int32(quality), &out, &size, &err, err.count)
+        let status = qlio_jpeg_encode(image.pixels, Int32(image.width), Int32(image.height), Int32(quality),
+                                      chroma == .subsampled420 ? 1 : 0, &out, &size, &err, err.count)
         guard status == 0, let out else { throw ImageError("JPEG encode failed (\(cMessage(err)))") }
         defer { qlio_free(out) }
         return Data(bytes: out, count: size)
