@@ -47,7 +47,7 @@ info: release ## CPU features, kernel ISA and threads this machine will use
 bench: release ## kernel benchmarks as ratios measured in one run (SGEMM vs numpy/OpenBLAS, INT8 vs FP32, conv vs GEMM)
 	$(RELEASE_BIN)/qlab bench $(if $(QUICK),--quick,) --python "$$( [ -x $(VENV_PY) ] && echo $(VENV_PY) || echo $(PYTHON) )"
 
-bench-engine: release ## the engine on the full-size detector: FP32 graph vs INT8 plan at batch 1 and 32, as ratios in one run
+bench-engine: release ## the engine on the full-size detector: FP32 graph vs INT8 plan at batch 1 and 32, and onnxruntime on the same model (make venv), as ratios in one run
 	$(RELEASE_BIN)/qlab bench --engine $(if $(QUICK),--quick,)
 
 smoke: release ## every experiment with QUICK=1 (results go to results/quick/)
@@ -71,8 +71,8 @@ $(VENV_PY):
 	$(PYTHON) -m venv $(VENV)
 	$(VENV_PY) -m pip install --quiet --upgrade pip
 
-venv: $(VENV_PY) ## project-local Python (git-ignored) with the reference packages used by crosscheck and bench
-	$(VENV_PY) -m pip install --quiet numpy safetensors pycocotools
+venv: $(VENV_PY) ## project-local Python (git-ignored) with the reference packages used by crosscheck, bench and the ONNX tests (onnxruntime)
+	$(VENV_PY) -m pip install --quiet numpy safetensors pycocotools onnx onnxruntime
 
 crosscheck: venv release ## compare with the reference implementations: pycocotools (all 12 numbers), calibrators (numpy), Python safetensors
 	$(VENV_PY) scripts/crosscheck_coco.py $(RELEASE_BIN)/qlab

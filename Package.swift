@@ -54,6 +54,8 @@ let package = Package(
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        // Runtime library only: the ONNX types are generated once (scripts/gen_onnx_proto.sh) and committed.
+        .package(url: "https://github.com/apple/swift-protobuf", from: "1.39.0"),
     ],
     targets: [
         .target(
@@ -80,7 +82,8 @@ let package = Package(
         .target(name: "QuantLabData", dependencies: ["QuantLabCore", "CKernels", "CImageIO"]),
         .target(name: "QuantLabModels", dependencies: ["QuantLabCore", "QuantLabData"]),
         .target(name: "QuantLabQuant", dependencies: ["QuantLabCore", "QuantLabData", "QuantLabModels", "CKernels"]),
-        .target(name: "QuantLabEngine", dependencies: ["QuantLabCore", "QuantLabData", "QuantLabModels", "QuantLabQuant", "CKernels"]),
+        .target(name: "QuantLabEngine", dependencies: ["QuantLabCore", "QuantLabData", "QuantLabModels", "QuantLabQuant", "CKernels",
+                                                      .product(name: "SwiftProtobuf", package: "swift-protobuf")]),
         .target(name: "QuantLabReport", dependencies: ["QuantLabCore", "QuantLabData", "QuantLabModels", "QuantLabQuant", "QuantLabEngine"]),
         .target(name: "QuantLabBench", dependencies: ["QuantLabCore", "QuantLabData", "QuantLabModels", "QuantLabQuant", "QuantLabEngine", "CKernels", "CQLCuda"]),
         .target(name: "QuantLab", dependencies: ["QuantLabCore", "QuantLabData", "QuantLabModels", "QuantLabQuant", "QuantLabEngine", "QuantLabReport", "QuantLabBench"]),
@@ -93,7 +96,8 @@ let package = Package(
         .executableTarget(name: "qlab-fuzz", dependencies: ["QuantLab"]),
         .testTarget(
             name: "QuantLabTests",
-            dependencies: ["QuantLabCore", "QuantLabData", "QuantLabModels", "QuantLabQuant", "QuantLabEngine", "QuantLabReport", "CKernels", "CQLCuda"]
+            dependencies: ["QuantLabCore", "QuantLabData", "QuantLabModels", "QuantLabQuant", "QuantLabEngine", "QuantLabReport", "QuantLabBench", "CKernels", "CQLCuda",
+                           .product(name: "SwiftProtobuf", package: "swift-protobuf")]
         ),
     ] + experimentTargets
 )

@@ -8,8 +8,9 @@ import QuantLabQuant
 /// proportions, 160 px, RepVGG blocks in deploy form), at batch 1 and 32, in one run: the
 /// ratio issue #12 sets a target for (INT8 >= 2.5x FP32). The weights are a seeded random
 /// initialisation and calibration uses random images: speed does not depend on what the
-/// weights are, and this needs no trained model. (onnxruntime on the same model needs ONNX
-/// export, not done yet.)
+/// weights are, and this needs no trained model. When the project's Python has onnxruntime
+/// (`make venv`), the same two graphs are exported to ONNX (FP32, and Q/DQ) and timed there
+/// too, same threads, same input: the peer issue #12 names (target: INT8 >= 1.2x onnxruntime's).
 public struct EngineBenchmark {
     public var batches = [1, 32]
     public var quick = false
@@ -26,6 +27,8 @@ public struct EngineBenchmark {
         model.eval()
         model.convertToDeployForm()
         log("engine: YOLOv6-N-like RepVGG detector, 160 px, deploy form; \(Kernels.summary)")
+        let peer = OnnxRuntimePeer.locate().flatMap { $0.isAvailable ? $0 : nil }
+        if peer == nil { log("  onnxruntime: not available (run `make venv` from the repository root); ours only") }
         var summary: [String] = []
         for b in batches {
             let fp32 = try Int8Plan(try Graph.trace(model, batch: b))
@@ -41,6 +44,22 @@ public struct EngineBenchmark {
                               b, Double(b) / tf, Double(b) / tq, int8.int8ConvCount, int8.reformatCount, tf / tq)
             log("  " + line)
             summary.append("engine " + line)
+            if let peer, !quick || b == 1 {
+                let dir = FileManager.default.temporaryDirectory
+                let f32File = dir.appendingPathComponent("quantlab-bench-fp32-\(b).onnx"), qdqFile = dir.appendingPathComponent("quantlab-bench-qdq-\(b).onnx")
+                defer { try? FileManager.default.removeItem(at: f32File); try? FileManager.default.removeItem(at: qdqFile) }
+                try ONNXExport.write(fp32.graph, to: f32File)
+                try ONNXExport.write(int8.graph, to: qdqFile)
+                let of = try peer.run(model: f32File, input: x, runs: runs)
+                let oq = try peer.run(model: qdqFile, input: x, runs: runs)
+                let own = try peer.run(model: f32File, input: x, runs: runs, quantizeFirst: true)
+                let agree = relativeMaxDifference(try int8.run([x])[0], oq.outputs[0])
+                let peerLine = String(format: "batch %d: onnxruntime %@ FP32 %.1f img/s; INT8 quantized its own way %.1f img/s (%d QLinearConv); our Q/DQ file %.1f img/s (%d QLinearConv). Ours / onnxruntime: FP32 %.2fx, INT8 %.2fx (vs its own INT8); our INT8 plan and onnxruntime on our Q/DQ file differ by %.1e of the output's scale",
+                                      b, oq.version, Double(b) / of.medianSeconds, Double(b) / own.medianSeconds, own.optimizedOps["QLinearConv"] ?? 0,
+                                      Double(b) / oq.medianSeconds, oq.optimizedOps["QLinearConv"] ?? 0, of.medianSeconds / tf, own.medianSeconds / tq, agree)
+                log("  " + peerLine)
+                summary.append("engine " + peerLine)
+            }
             if !quick {
                 int8.profile = true
                 for _ in 0..<3 { _ = try int8.run([x]) }

@@ -51,7 +51,7 @@ public struct GPUBenchmarks {
         let cc = cuda.computeCapability ?? 0
         var peerText = [CChar](repeating: 0, count: 512)
         let hasPeer = api.cublas_open(&peerText, Int32(peerText.count)) == QLC_OK
-        let peer = String(cString: peerText)
+        let peer = String(decoding: peerText.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
         log("device: \(cuda.notice)")
         log("peer: \(peer)")
         var rows: [Row] = []

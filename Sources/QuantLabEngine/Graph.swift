@@ -93,6 +93,28 @@ public final class Graph {
         }
     }
 
+    /// The same graph with every quantize-dequantize node taken out (its readers read its
+    /// input instead): the FP32 graph a Q/DQ graph was traced from, without re-tracing.
+    public func withoutQuantizers() -> Graph {
+        let g = Graph()
+        g.values = values
+        g.constants = constants
+        g.inputs = inputs
+        var alias: [Int: Int] = [:]
+        func resolve(_ v: Int) -> Int { var v = v; while let a = alias[v] { v = a }; return v }
+        for n in nodes {
+            if case .quantizeDequantize = n.op, let source = n.inputs.first ?? nil {
+                alias[n.output] = source
+                continue
+            }
+            var m = n
+            m.inputs = n.inputs.map { $0.map(resolve) }
+            g.nodes.append(m)
+        }
+        g.outputs = outputs.map(resolve)
+        return g
+    }
+
     /// The nodes that read each value, by node index.
     public var consumers: [Int: [Int]] {
         var c: [Int: [Int]] = [:]

@@ -26,6 +26,8 @@ struct EngineCommand: ParsableCommand {
     @Flag(help: "Print the traced graph and the plan.") var explain = false
     @Flag(help: "Evaluate on the validation split of --data.") var eval = false
     @Flag(help: "Time every step of the timed runs: where the time goes, Reformat steps' share.") var profile = false
+    @Option(help: "Write the traced graph as ONNX here (with --int8: the Q/DQ graph, QuantizeLinear/DequantizeLinear pairs).") var exportOnnx: String?
+    @Flag(help: "Also run the same graph, exported to ONNX, with onnxruntime (CPU, same threads, same input): outputs compared, latency ratio.") var onnxruntime = false
     @Flag(help: "With --int8: give the quantizers that read one tensor (directly or through pools and concat) their group's largest amax, found from the graph (the article's scale fusion).") var unifyScales = false
 
     func validate() throws {
@@ -66,6 +68,10 @@ struct EngineCommand: ParsableCommand {
             print("scale unification: \(changes.count) groups, Reformat steps \(before) -> \(try Int8Plan(graph).reformatCount)")
         }
         let plan = try Int8Plan(graph)
+        if let exportOnnx {
+            try ONNXExport.write(graph, to: URL(fileURLWithPath: exportOnnx), name: saved.kindName)
+            print("wrote \(exportOnnx) (ONNX opset \(ONNXExport.opset), \(int8 ? "Q/DQ" : "FP32") graph)")
+        }
         if explain { print(graph.explain() + "\n\n" + plan.explain() + "\n") }
         print("\(saved.kindName), \(int8 ? "INT8 plan (\(plan.int8ConvCount) integer convs, \(plan.reformatCount) Reformat steps)" : "FP32 graph"), batch \(batch); \(Kernels.summary)")
 
@@ -75,11 +81,27 @@ struct EngineCommand: ParsableCommand {
         let x = Tensor.uniform(shape, low: 0, high: 1, rng: &rng)
         let median = try plan.medianLatency([x], runs: runs)
         print(String(format: "latency %.2f ms (median of %d), %.1f img/s", 1000 * median, runs, Double(batch) / median))
-        if profile {
-            plan.profile = true
-            for _ in 0..<runs { _ = try plan.run([x]) }
-            print(plan.profileReport())
-            plan.profile = false
+        if onnxruntime {
+            guard let peer = OnnxRuntimePeer.locate(), peer.isAvailable else {
+                throw ValidationError("--onnxruntime: no Python with onnxruntime (run `make venv`, from the repository root)")
+            }
+            let file = FileManager.default.temporaryDirectory.appendingPathComponent("quantlab-engine-\(ProcessInfo.processInfo.processIdentifier).onnx")
+            defer { try? FileManager.default.removeItem(at: file) }
+            try ONNXExport.write(graph, to: file, name: saved.kindName)
+            let ours = try plan.run([x])
+            let ort = try peer.run(model: file, input: x, runs: runs)
+            let agreement = zip(ours, ort.outputs).map { String(format: "%.2e", relativeMaxDifference($0, $1)) }.joined(separator: ", ")
+            print(String(format: "onnxruntime %@ on the same %@ graph: latency %.2f ms, %.1f img/s (%d QLinearConv); ours / onnxruntime speed %.2fx; outputs differ by %@ (max |diff| / max |output|)",
+                         ort.version, int8 ? "Q/DQ" : "FP32", 1000 * ort.medianSeconds, Double(batch) / ort.medianSeconds, ort.optimizedOps["QLinearConv"] ?? 0,
+                         ort.medianSeconds / median, agreement))
+            if int8 {
+                // onnxruntime fuses a conv into QLinearConv only when a Q follows it; our Q/DQ placement (at conv
+                // inputs, as pytorch-quantization and TensorRT) leaves its convs in float. Its own quantizer is the fair peer.
+                try ONNXExport.write(try Graph.trace(saved, batch: batch).withoutQuantizers(), to: file, name: saved.kindName)
+                let own = try peer.run(model: file, input: x, runs: runs, quantizeFirst: true)
+                print(String(format: "onnxruntime INT8 quantized its own way (QDQ, u8/s8 per channel): %.2f ms, %.1f img/s (%d QLinearConv); ours / onnxruntime speed %.2fx",
+                             1000 * own.medianSeconds, Double(batch) / own.medianSeconds, own.optimizedOps["QLinearConv"] ?? 0, own.medianSeconds / median))
+            }
         }
 
         if eval {

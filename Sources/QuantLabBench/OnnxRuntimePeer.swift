@@ -1,0 +1,91 @@
+import Foundation
+import QuantLabCore
+import QuantLabEngine
+
+/// onnxruntime (CPU) as the peer of our engine on the same ONNX file and the same input:
+/// runs scripts/ort_run.py in the project's Python (`make venv` installs onnx and
+/// onnxruntime there). Used by `qlab engine --onnxruntime`, `qlab bench --engine` and the
+/// ONNX tests.
+public struct OnnxRuntimePeer: Sendable {
+    public struct Result {
+        public var outputs: [Tensor]
+        public var medianSeconds: Double
+        public var version: String
+        /// Node types of onnxruntime's optimized graph and their counts (QLinearConv: Q/DQ
+        /// convs it fused into integer ones).
+        public var optimizedOps: [String: Int]
+    }
+
+    public var python: String
+    public var script: String
+
+    /// The project's `.venv` Python and `scripts/ort_run.py` under the current directory, or nil.
+    public static func locate(python: String? = nil) -> OnnxRuntimePeer? {
+        let cwd = FileManager.default.currentDirectoryPath
+        let script = cwd + "/scripts/ort_run.py"
+        guard FileManager.default.fileExists(atPath: script) else { return nil }
+        let py = python ?? (FileManager.default.isExecutableFile(atPath: cwd + "/.venv/bin/python") ? cwd + "/.venv/bin/python" : "python3")
+        return OnnxRuntimePeer(python: py, script: script)
+    }
+
+    /// Whether the Python has onnxruntime and onnx (a quick import check).
+    public var isAvailable: Bool {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: python.hasPrefix("/") ? python : "/usr/bin/env")
+        p.arguments = (python.hasPrefix("/") ? [] : [python]) + ["-c", "import onnxruntime, onnx, numpy"]
+        p.standardOutput = FileHandle.nullDevice
+        p.standardError = FileHandle.nullDevice
+        do { try p.run() } catch { return false }
+        p.waitUntilExit()
+        return p.terminationStatus == 0
+    }
+
+    /// Runs `model` on `input`. `quantizeFirst`: the model is FP32, and onnxruntime first
+    /// quantizes it its own way (quantize_static, QDQ, u8 activations, s8 per-channel weights).
+    public func run(model: URL, input: Tensor, runs: Int = 20, threads: Int = Kernels.threads, quantizeFirst: Bool = false) throws -> Result {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("quantlab-ort-\(ProcessInfo.processInfo.processIdentifier)-\(UUID().uuidString)")
+        try AtomicFile.createFolder(dir)
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let inputURL = dir.appendingPathComponent("input.bin")
+        try input.values.withUnsafeBufferPointer { try Data(buffer: $0).write(to: inputURL) }
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: python.hasPrefix("/") ? python : "/usr/bin/env")
+        var arguments: [String] = python.hasPrefix("/") ? [] : [python]
+        arguments += [script, model.path, inputURL.path, input.shape.map(String.init).joined(separator: ",")]
+        arguments += [dir.path, String(runs), String(threads)]
+        if quantizeFirst { arguments.append("quantize") }
+        p.arguments = arguments
+        let out = Pipe(), err = Pipe()
+        p.standardOutput = out
+        p.standardError = err
+        do { try p.run() } catch { throw EngineError("onnxruntime: cannot run \(python) (\(error.localizedDescription)); `make venv` installs it") }
+        let data = out.fileHandleForReading.readDataToEndOfFile()
+        let errText = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        p.waitUntilExit()
+        guard p.terminationStatus == 0, let line = String(decoding: data, as: UTF8.self).split(separator: "\n").last,
+              let obj = try? JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any],
+              let median = obj["median_s"] as? Double, let outs = obj["outputs"] as? [[String: Any]] else {
+            throw EngineError("onnxruntime failed on \(model.lastPathComponent): \(errText.split(separator: "\n").suffix(3).joined(separator: " | "))")
+        }
+        var tensors: [Tensor] = []
+        for (i, o) in outs.enumerated() {
+            let shape = (o["shape"] as? [Int]) ?? []
+            let raw = try Data(contentsOf: dir.appendingPathComponent("output\(i).bin"))
+            let values = raw.withUnsafeBytes { Array($0.bindMemory(to: Float.self)) }
+            guard values.count == shape.reduce(1, *) else { throw EngineError("onnxruntime output \(i): \(values.count) values for shape \(shape)") }
+            tensors.append(try Tensor(shape: shape, values: values))
+        }
+        return Result(outputs: tensors, medianSeconds: median, version: obj["version"] as? String ?? "?",
+                      optimizedOps: obj["optimized_ops"] as? [String: Int] ?? [:])
+    }
+}
+
+/// Largest |a - b| over the largest |b|: how far two runs of one model disagree, as a share
+/// of the output's scale.
+public func relativeMaxDifference(_ a: Tensor, _ b: Tensor) -> Double {
+    let (x, y) = (a.values, b.values)
+    guard x.count == y.count, !x.isEmpty else { return .infinity }
+    let scale = Double(y.map { abs($0) }.max() ?? 0)
+    let diff = Double(zip(x, y).map { abs($0 - $1) }.max() ?? 0)
+    return scale > 0 ? diff / scale : diff
+}
