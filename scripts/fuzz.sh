@@ -22,7 +22,7 @@ fi
 seconds=${1:-60}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(coco detections safetensors jpeg model)
+[ ${#targets[@]} -gt 0 ] || targets=(coco detections safetensors jpeg model onnx)
 swift build -c release --product qlab-fuzz --scratch-path .build-fuzz \
   -Xswiftc -sanitize=fuzzer -Xswiftc -DFUZZING -Xcc -fsanitize=fuzzer-no-link > /dev/null
 bin=.build-fuzz/release/qlab-fuzz

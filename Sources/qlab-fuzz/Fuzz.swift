@@ -5,6 +5,7 @@
 //   safetensors  safetensors header, metadata and data (SafeTensorsFile)
 //   jpeg         the libjpeg-turbo wrapper (JPEG.decode)
 //   model        a model file's metadata and weights (SavedModel.load, through a temporary file)
+//   onnx         an ONNX model (ONNXImport: protobuf decoding, initializers, op attributes)
 //   selftest     traps on inputs that start with "QL!": shows that a trap is found and reported
 // Any input may be rejected with a thrown error; a crash, a trap or a hang is a finding.
 // Seeds live in fuzz/corpus/<target>/; `scripts/fuzz.sh` runs each target for a bounded time.
@@ -29,7 +30,8 @@ public func fuzzOne(_ start: UnsafePointer<UInt8>, _ count: Int) -> CInt {
     case "model":
         try? data.write(to: scratch)
         _ = try? SavedModel.load(scratch)
-    default: fatalError("QL_FUZZ_TARGET must be coco, detections, safetensors, jpeg or model, got \(target)")
+    case "onnx": _ = try? ONNXImport.graph(from: data)
+    default: fatalError("QL_FUZZ_TARGET must be coco, detections, safetensors, jpeg, model or onnx, got \(target)")
     }
     return 0
 }

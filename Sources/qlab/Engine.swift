@@ -16,7 +16,8 @@ struct EngineCommand: ParsableCommand {
         layers, residual adds and concats run in FP32); see ARCHITECTURE.md.
         """)
 
-    @Option(help: "The model file (model.safetensors).") var model: String
+    @Option(help: "The model file (model.safetensors).") var model: String?
+    @Option(help: "Instead of --model: an ONNX file (FP32, or symmetric int8 Q/DQ) to run through the engine; latency, --explain, --profile and --onnxruntime apply.") var onnx: String?
     @Option(help: "Dataset folder in COCO layout (calibration and --eval; default: data/shapes or data/shapes-cls).") var data: String?
     @Flag(help: "Quantize and run the INT8 plan (otherwise the FP32 graph).") var int8 = false
     @Option(help: "Calibrator for activations with --int8.") var calibrator = "entropy"
@@ -31,6 +32,10 @@ struct EngineCommand: ParsableCommand {
     @Flag(help: "With --int8: give the quantizers that read one tensor (directly or through pools and concat) their group's largest amax, found from the graph (the article's scale fusion).") var unifyScales = false
 
     func validate() throws {
+        guard (model == nil) != (onnx == nil) else { throw ValidationError("give one of --model or --onnx") }
+        guard onnx == nil || (!int8 && !eval && !unifyScales && exportOnnx == nil) else {
+            throw ValidationError("--onnx runs the file as it is: --int8, --eval, --unify-scales and --export-onnx need --model")
+        }
         guard batch >= 1, batch <= 256 else { throw ValidationError("--batch must be in 1...256, got \(batch)") }
         guard runs >= 1, runs <= 10_000 else { throw ValidationError("--runs must be in 1...10000, got \(runs)") }
         guard calibrationBatches >= 1 else { throw ValidationError("--calibration-batches must be at least 1") }
@@ -39,7 +44,8 @@ struct EngineCommand: ParsableCommand {
     }
 
     func run() throws {
-        let url = URL(fileURLWithPath: model)
+        if let onnx { return try runONNX(onnx) }
+        let url = URL(fileURLWithPath: model!)
         guard FileManager.default.fileExists(atPath: url.path) else { throw ValidationError("--model: no file at \(url.path)") }
         let saved = try SavedModel.load(url)
         let defaultData = { if case .detector = saved { return "data/shapes" } else { return "data/shapes-cls" } }()
@@ -82,22 +88,14 @@ struct EngineCommand: ParsableCommand {
         let median = try plan.medianLatency([x], runs: runs)
         print(String(format: "latency %.2f ms (median of %d), %.1f img/s", 1000 * median, runs, Double(batch) / median))
         if onnxruntime {
-            guard let peer = OnnxRuntimePeer.locate(), peer.isAvailable else {
-                throw ValidationError("--onnxruntime: no Python with onnxruntime (run `make venv`, from the repository root)")
-            }
-            let file = FileManager.default.temporaryDirectory.appendingPathComponent("quantlab-engine-\(ProcessInfo.processInfo.processIdentifier).onnx")
-            defer { try? FileManager.default.removeItem(at: file) }
-            try ONNXExport.write(graph, to: file, name: saved.kindName)
-            let ours = try plan.run([x])
-            let ort = try peer.run(model: file, input: x, runs: runs)
-            let agreement = zip(ours, ort.outputs).map { String(format: "%.2e", relativeMaxDifference($0, $1)) }.joined(separator: ", ")
-            print(String(format: "onnxruntime %@ on the same %@ graph: latency %.2f ms, %.1f img/s (%d QLinearConv); ours / onnxruntime speed %.2fx; outputs differ by %@ (max |diff| / max |output|)",
-                         ort.version, int8 ? "Q/DQ" : "FP32", 1000 * ort.medianSeconds, Double(batch) / ort.medianSeconds, ort.optimizedOps["QLinearConv"] ?? 0,
-                         ort.medianSeconds / median, agreement))
+            try compareWithOnnxRuntime(graph: graph, plan: plan, input: x, median: median, name: saved.kindName)
             if int8 {
                 // onnxruntime fuses a conv into QLinearConv only when a Q follows it; our Q/DQ placement (at conv
                 // inputs, as pytorch-quantization and TensorRT) leaves its convs in float. Its own quantizer is the fair peer.
-                try ONNXExport.write(try Graph.trace(saved, batch: batch).withoutQuantizers(), to: file, name: saved.kindName)
+                let peer = try onnxRuntimePeer()
+                let file = FileManager.default.temporaryDirectory.appendingPathComponent("quantlab-engine-\(ProcessInfo.processInfo.processIdentifier)-fp32.onnx")
+                defer { try? FileManager.default.removeItem(at: file) }
+                try ONNXExport.write(graph.withoutQuantizers(), to: file, name: saved.kindName)
                 let own = try peer.run(model: file, input: x, runs: runs, quantizeFirst: true)
                 print(String(format: "onnxruntime INT8 quantized its own way (QDQ, u8/s8 per channel): %.2f ms, %.1f img/s (%d QLinearConv); ours / onnxruntime speed %.2fx",
                              1000 * own.medianSeconds, Double(batch) / own.medianSeconds, own.optimizedOps["QLinearConv"] ?? 0, own.medianSeconds / median))
@@ -119,5 +117,48 @@ struct EngineCommand: ParsableCommand {
                 print(String(format: "top-1 %.4f on %d val images", accuracy, val.count))
             }
         }
+    }
+
+    func onnxRuntimePeer() throws -> OnnxRuntimePeer {
+        guard let peer = OnnxRuntimePeer.locate(), peer.isAvailable else {
+            throw ValidationError("--onnxruntime: no Python with onnxruntime (run `make venv`, from the repository root)")
+        }
+        return peer
+    }
+
+    /// onnxruntime on the same graph (exported) and input: outputs compared, latency ratio.
+    func compareWithOnnxRuntime(graph: Graph, plan: Int8Plan, input x: Tensor, median: Double, name: String) throws {
+        let peer = try onnxRuntimePeer()
+        let file = FileManager.default.temporaryDirectory.appendingPathComponent("quantlab-engine-\(ProcessInfo.processInfo.processIdentifier).onnx")
+        defer { try? FileManager.default.removeItem(at: file) }
+        try ONNXExport.write(graph, to: file, name: name)
+        let ours = try plan.run([x])
+        let ort = try peer.run(model: file, input: x, runs: runs)
+        let agreement = zip(ours, ort.outputs).map { String(format: "%.2e", relativeMaxDifference($0, $1)) }.joined(separator: ", ")
+        let kind = graph.opCounts["QDQ"] == nil ? "FP32" : "Q/DQ"
+        print(String(format: "onnxruntime %@ on the same %@ graph: latency %.2f ms, %.1f img/s (%d QLinearConv); ours / onnxruntime speed %.2fx; outputs differ by %@ (max |diff| / max |output|)",
+                     ort.version, kind, 1000 * ort.medianSeconds, Double(batch) / ort.medianSeconds, ort.optimizedOps["QLinearConv"] ?? 0,
+                     ort.medianSeconds / median, agreement))
+    }
+
+    /// --onnx: an ONNX file through the engine as it is (its Q/DQ, if any, compiled by Int8Plan).
+    func runONNX(_ path: String) throws {
+        let graph = try ONNXImport.graph(from: URL(fileURLWithPath: path))
+        guard graph.inputs.count == 1 else { throw ValidationError("--onnx: the engine runs models with one input, this one has \(graph.inputs.count)") }
+        let plan = try Int8Plan(graph)
+        if explain { print(graph.explain() + "\n\n" + plan.explain() + "\n") }
+        let shape = graph.values[graph.inputs[0]].shape
+        print("\(path): input \(shape), \(graph.nodes.count) ops, \(graph.opCounts["QDQ"] == nil ? "FP32 graph" : "INT8 plan (\(plan.int8ConvCount) integer convs, \(plan.reformatCount) Reformat steps)"); \(Kernels.summary)")
+        var rng = SeededGenerator(seed: 0)
+        let x = Tensor.uniform(shape, low: 0, high: 1, rng: &rng)
+        let median = try plan.medianLatency([x], runs: runs)
+        print(String(format: "latency %.2f ms (median of %d), %.1f img/s", 1000 * median, runs, Double(shape[0]) / median))
+        if profile {
+            plan.profile = true
+            for _ in 0..<runs { _ = try plan.run([x]) }
+            print(plan.profileReport())
+            plan.profile = false
+        }
+        if onnxruntime { try compareWithOnnxRuntime(graph: graph, plan: plan, input: x, median: median, name: "onnx") }
     }
 }

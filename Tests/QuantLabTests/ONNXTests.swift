@@ -105,3 +105,76 @@ struct ONNXExportTests {
         }
     }
 }
+
+@Suite("ONNX import")
+struct ONNXImportTests {
+    @Test("export then import gives the same graph: FP32 bit for bit, the Q/DQ graph's quantizers with their names and amax")
+    func roundTrip() throws {
+        let model = deployedDetector(seed: 31)
+        var rng = SeededGenerator(seed: 32)
+        let x = Tensor.uniform([1, 3, 64, 64], low: 0, high: 1, rng: &rng)
+        let fp32 = try Graph.trace(model, batch: 1)
+        let back = try ONNXImport.graph(from: try ONNXExport.model(fp32).serializedData())
+        let (want, got) = (try ReferenceExecutor(fp32).run([x]), try ReferenceExecutor(back).run([x]))
+        #expect(got[0].values == want[0].values && got[1].values == want[1].values)
+        #expect(back.opCounts["Conv"] == fp32.opCounts["Conv"] && back.opCounts["ConvTranspose"] == fp32.opCounts["ConvTranspose"])
+        #expect(Set(back.nodes.map(\.name)).isSuperset(of: ["backbone.stem.rbr_reparam", "neck.upsample1.upsample_transpose"]))
+
+        let sim = try QuantizationSimulator(model)
+        defer { sim.remove() }
+        sim.calibrate(on: [Tensor.uniform([2, 3, 64, 64], low: 0, high: 1, rng: &rng)]) { _ = model($0) }
+        try sim.applyCalibration(.max)
+        let qdq = try Graph.trace(model, batch: 1)
+        let qback = try ONNXImport.graph(from: try ONNXExport.model(qdq).serializedData())
+        #expect(qback.opCounts["QDQ"] == qdq.opCounts["QDQ"])
+        let amaxByName = Dictionary(uniqueKeysWithValues: qback.nodes.compactMap { n -> (String, [Float])? in
+            if case .quantizeDequantize(let a, _, _) = n.op { return (n.name, a) } else { return nil }
+        })
+        for layer in sim.layers {
+            let a = try #require(amaxByName["\(layer.name).input"], "no quantizer \(layer.name).input")
+            #expect(abs(a[0] - layer.input.amax![0]) <= 1e-6 * layer.input.amax![0])
+        }
+        // the imported Q/DQ graph compiles to the same INT8 plan and computes what it computes
+        let (plan, planBack) = (try Int8Plan(qdq), try Int8Plan(qback))
+        #expect(planBack.int8ConvCount == plan.int8ConvCount && planBack.reformatCount == plan.reformatCount,
+                "\(plan.explain())\n----\n\(planBack.explain())\n\(qdq.opCounts)\n\(qback.opCounts)")
+        let (a, b) = (try plan.run([x]), try planBack.run([x]))
+        #expect(relativeMaxDifference(b[0], a[0]) < 1e-2 && relativeMaxDifference(b[1], a[1]) < 1e-2)
+    }
+
+    @Test("malformed or unsupported ONNX is refused with an error that names the problem")
+    func refused() throws {
+        expectError(EngineError.self, mentioning: "not an ONNX model") { _ = try ONNXImport.graph(from: Data([0xFF, 0x01, 0x02, 0x03])) }
+        expectError(EngineError.self, mentioning: "no graph") { _ = try ONNXImport.graph(from: Data()) }
+        expectError(EngineError.self, mentioning: "cannot read") { _ = try ONNXImport.graph(from: URL(fileURLWithPath: "/nonexistent/m.onnx")) }
+        var rng = SeededGenerator(seed: 33)
+        let net = Sequential([Conv2d(3, 4, kernel: 3, rng: &rng), Lambda.relu()])
+        net.eval()
+        let qdqGraph = try Graph.trace(net, example: Tensor(zeros: [1, 3, 8, 8])) { x in
+            [net(fakeQuantize(x, amax: [1], spec: QuantSpec(bits: 8, axis: nil)))]
+        }
+        let good = try ONNXExport.model(qdqGraph)
+        #expect(try ONNXImport.graph(from: good.serializedData()).nodes.count == 3)
+        var m = good
+        m.opsetImport[0].version = 9
+        expectError(EngineError.self, mentioning: "opset 9") { _ = try ONNXImport.graph(from: m.serializedData()) }
+        m = good
+        m.graph.input[0].type.tensorType.shape.dim[0].dimParam = "batch"
+        expectError(EngineError.self, mentioning: "static") { _ = try ONNXImport.graph(from: m.serializedData()) }
+        m = good
+        let zp = try #require(m.graph.initializer.firstIndex { $0.dataType == Int32(Onnx_TensorProto.DataType.int8.rawValue) })
+        m.graph.initializer[zp].rawData = Data([5])
+        expectError(EngineError.self, mentioning: "asymmetric") { _ = try ONNXImport.graph(from: m.serializedData()) }
+        m.graph.initializer[zp].dataType = Int32(Onnx_TensorProto.DataType.uint8.rawValue)
+        expectError(EngineError.self, mentioning: "uint8") { _ = try ONNXImport.graph(from: m.serializedData()) }
+        m = good
+        m.graph.initializer[0].rawData = Data([1, 2, 3])
+        expectError(EngineError.self, mentioning: "bytes of data") { _ = try ONNXImport.graph(from: m.serializedData()) }
+        m = good
+        m.graph.node[m.graph.node.count - 1].opType = "Hardmax"
+        expectError(EngineError.self, mentioning: "Hardmax") { _ = try ONNXImport.graph(from: m.serializedData()) }
+        m = good
+        m.graph.node.remove(at: 2) // the conv: the ReLU then reads a tensor nothing wrote
+        expectError(EngineError.self, mentioning: "no earlier node") { _ = try ONNXImport.graph(from: m.serializedData()) }
+    }
+}

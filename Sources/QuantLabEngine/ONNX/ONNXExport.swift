@@ -67,6 +67,7 @@ public enum ONNXExport {
         /// Unique ONNX names by value id (graph names may repeat, e.g. a module called twice).
         var names: [Int: String] = [:]
         var used: Set<String> = []
+        var nodeNames: Set<String> = []
         var counter = 0
 
         init(graph: Graph) { self.graph = graph }
@@ -138,7 +139,10 @@ public enum ONNXExport {
             n.opType = op
             n.input = inputs
             n.output = outputs
-            n.name = fresh(name)
+            var unique = name, k = 1 // node names: the graph's layer names, kept where unique
+            while nodeNames.contains(unique) { unique = "\(name)_\(k)"; k += 1 }
+            nodeNames.insert(unique)
+            n.name = unique
             n.attribute = attributes
             nodes.append(n)
         }
