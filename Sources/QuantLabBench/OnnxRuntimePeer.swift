@@ -28,11 +28,12 @@ public struct OnnxRuntimePeer: Sendable {
         return OnnxRuntimePeer(python: py, script: script)
     }
 
-    /// Whether the Python has onnxruntime and onnx (a quick import check).
+    /// Whether the Python has onnxruntime and numpy (a quick import check; onnx, for its own
+    /// quantizer and the node counts, is looked for by the script).
     public var isAvailable: Bool {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: python.hasPrefix("/") ? python : "/usr/bin/env")
-        p.arguments = (python.hasPrefix("/") ? [] : [python]) + ["-c", "import onnxruntime, onnx, numpy"]
+        p.arguments = (python.hasPrefix("/") ? [] : [python]) + ["-c", "import onnxruntime, numpy"]
         p.standardOutput = FileHandle.nullDevice
         p.standardError = FileHandle.nullDevice
         do { try p.run() } catch { return false }
