@@ -4,7 +4,7 @@
 # committed seeds in fuzz/corpus/<target>/ (copied: the seeds are not changed). A crash, a
 # trap, a hang (> 10 s per input) or memory over 4 GB fails the run; the input is saved in
 # fuzz/findings/ (git-ignored) and should become a regression test.
-#   scripts/fuzz.sh [seconds] [target ...]      targets: coco detections safetensors jpeg model
+#   scripts/fuzz.sh [seconds] [target ...]      targets: coco detections safetensors jpeg model onnx
 #   scripts/fuzz.sh --self-test                 a planted trap must be found (the fuzzer can fail)
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -173,6 +173,9 @@ struct ONNXImportTests {
         m = good
         m.graph.node[m.graph.node.count - 1].opType = "Hardmax"
         expectError(EngineError.self, mentioning: "Hardmax") { _ = try ONNXImport.graph(from: m.serializedData()) }
+        m = good // found by the fuzzer: a 3-D input reaching a conv trapped in conv2d's precondition
+        m.graph.input[0].type.tensorType.shape.dim.removeFirst()
+        expectError(EngineError.self, mentioning: "must be 4-D") { _ = try ONNXImport.graph(from: m.serializedData()) }
         m = good
         m.graph.node.remove(at: 2) // the conv: the ReLU then reads a tensor nothing wrote
         expectError(EngineError.self, mentioning: "no earlier node") { _ = try ONNXImport.graph(from: m.serializedData()) }

@@ -112,6 +112,7 @@ public enum ONNXImport {
             }
             guard let c = consts[name] else { throw EngineError("node \(node) reads \(name), which no earlier node, input or initializer defines") }
             guard case .float(let t) = c else { throw EngineError("node \(node) reads the integer constant \(name) as a tensor") }
+            guard t.shape.count <= 8, t.shape.allSatisfy({ $0 > 0 }) else { throw EngineError("node \(node) reads \(name) of shape \(t.shape): rank above 8 or an empty dimension") }
             let id = value(name, shape: t.shape)
             graph.constants[id] = t
             probe[id] = t
@@ -138,6 +139,7 @@ public enum ONNXImport {
         /// Adds a node, computing its output's shape by running the op on the probe values.
         mutating func add(_ name: String, _ op: OpKind, _ inputs: [Int?], output: String) throws {
             let node = GraphNode(name: name, op: op, inputs: inputs, output: -1)
+            try Self.checkShapes(node, inputs.map { $0.flatMap { probe[$0]?.shape } })
             try checkCost(node, inputs)
             let args = inputs.map { $0.flatMap { probe[$0] } }
             let result: Tensor
@@ -145,6 +147,60 @@ public enum ONNXImport {
             let id = value(output, shape: result.shape)
             probe[id] = result
             graph.nodes.append(GraphNode(name: name, op: op, inputs: inputs, output: id))
+        }
+
+        /// The preconditions of each op on its inputs' shapes (the library's ops trap on a
+        /// violated one, which a traced graph never has but a file may): checked here, so a
+        /// malformed file is an error naming the node.
+        static func checkShapes(_ node: GraphNode, _ shapes: [[Int]?]) throws {
+            func fail(_ why: String) -> EngineError { EngineError("node \(node.name) (\(node.op.name)): \(why)") }
+            func s(_ i: Int) -> [Int]? { i < shapes.count ? shapes[i] : nil }
+            for case let shape? in shapes {
+                guard shape.count <= 8, shape.allSatisfy({ $0 > 0 }) else { throw fail("input of shape \(shape): rank above 8 or an empty dimension") }
+            }
+            switch node.op {
+            case .conv(let o), .convTranspose(let o, _):
+                guard let x = s(0), let w = s(1), x.count == 4, w.count == 4 else { throw fail("input \(s(0) ?? []) and weight \(s(1) ?? []) must be 4-D") }
+                guard o.groups >= 1, o.stride.0 >= 1, o.stride.1 >= 1, o.dilation.0 >= 1, o.dilation.1 >= 1, o.padding.0 >= 0, o.padding.1 >= 0,
+                      o.padding.0 <= 1 << 12, o.padding.1 <= 1 << 12, o.stride.0 <= 1 << 12, o.stride.1 <= 1 << 12, o.dilation.0 <= 1 << 12, o.dilation.1 <= 1 << 12
+                else { throw fail("strides, dilations and groups must be positive and pads not negative (and all reasonable)") }
+                if case .convTranspose(_, let p) = node.op {
+                    guard w[0] == x[1], w[0] % o.groups == 0 else { throw fail("weight \(w) does not fit input \(x) in \(o.groups) groups") }
+                    let h = (x[2] - 1) * o.stride.0 - 2 * o.padding.0 + o.dilation.0 * (w[2] - 1) + p + 1
+                    let wd = (x[3] - 1) * o.stride.1 - 2 * o.padding.1 + o.dilation.1 * (w[3] - 1) + p + 1
+                    guard h > 0, wd > 0, p >= 0, p < max(o.stride.0, o.dilation.0), p < max(o.stride.1, o.dilation.1) else { throw fail("input \(x), weight \(w) give no valid output") }
+                    if let b = s(2), b != [w[1] * o.groups] { throw fail("bias \(b) for \(w[1] * o.groups) channels") }
+                } else {
+                    guard w[1] * o.groups == x[1], w[0] % o.groups == 0 else { throw fail("weight \(w) does not fit input \(x) in \(o.groups) groups") }
+                    guard x[2] + 2 * o.padding.0 >= o.dilation.0 * (w[2] - 1) + 1, x[3] + 2 * o.padding.1 >= o.dilation.1 * (w[3] - 1) + 1 else {
+                        throw fail("kernel \(w) larger than the padded input \(x)")
+                    }
+                    if let b = s(2), b != [w[0]] { throw fail("bias \(b) for \(w[0]) channels") }
+                }
+            case .linear:
+                guard let x = s(0), let w = s(1), w.count == 2, x.last == w[1] else { throw fail("input \(s(0) ?? []) and weight \(s(1) ?? []) do not fit") }
+                if let b = s(2), b != [w[0]] { throw fail("bias \(b) for \(w[0]) outputs") }
+            case .matmul:
+                guard let a = s(0), let b = s(1), a.count >= 2, b.count >= 2, a[a.count - 1] == b[b.count - 2],
+                      b.count == 2 || Array(a.dropLast(2)) == Array(b.dropLast(2)) else { throw fail("\(s(0) ?? []) x \(s(1) ?? []) do not fit") }
+            case .add, .sub, .mul, .div:
+                guard let a = s(0), let b = s(1), broadcastShape(a, b) != nil else { throw fail("\(s(0) ?? []) and \(s(1) ?? []) do not broadcast") }
+            case .maxPool(let k, let st, let p):
+                guard let x = s(0), x.count == 4, k >= 1, st >= 1, p >= 0, 2 * p <= k, k <= 1 << 12, st <= 1 << 12,
+                      x[2] + 2 * p >= k, x[3] + 2 * p >= k else { throw fail("input \(s(0) ?? []), kernel \(k), stride \(st), pad \(p) do not fit") }
+            case .globalAveragePool:
+                guard s(0)?.count == 4 else { throw fail("input \(s(0) ?? []) must be 4-D") }
+            case .upsampleNearest(let f):
+                guard s(0)?.count == 4, f >= 1, f <= 64 else { throw fail("input \(s(0) ?? []) must be 4-D, the factor in 1...64") }
+            case .concat(let axis):
+                guard let first = s(0), axis >= 0, axis < first.count,
+                      shapes.allSatisfy({ t in t.map { $0.count == first.count && $0.indices.allSatisfy { $0 == axis || t![$0] == first[$0] } } ?? false })
+                else { throw fail("inputs \(shapes.map { $0 ?? [] }) do not concatenate along axis \(axis)") }
+            case .softmax, .layerNorm:
+                guard let x = s(0), !x.isEmpty else { throw fail("a scalar input") }
+                for i in [1, 2] { if let v = s(i), v.reduce(1, *) != x.last { throw fail("parameter \(v) for last dimension \(x.last!)") } }
+            default: break
+            }
         }
 
         /// Refuses a node whose shape probe would be unreasonably large (a conv's multiply-adds,
@@ -162,7 +218,27 @@ public enum ONNXImport {
             case .matmul, .linear: cost = size(shapes.first ?? []) * Double(shapes.count > 1 ? (shapes[1].last ?? 1) : 1)
             default: break
             }
-            guard cost <= 4e9 else { throw EngineError("node \(node.name) (\(node.op.name)): too large to run (\(shapes))") }
+            // and the size of what it writes
+            var written = shapes.first.map(size) ?? 0
+            switch node.op {
+            case .conv(let o):
+                if shapes.count > 1, shapes[0].count == 4, shapes[1].count == 4 {
+                    written = Double(shapes[0][0]) * Double(shapes[1][0]) * Double(shapes[0][2] / o.stride.0 + 1) * Double(shapes[0][3] / o.stride.1 + 1)
+                }
+            case .convTranspose(let o, _):
+                if shapes.count > 1, shapes[0].count == 4, shapes[1].count == 4 {
+                    written = Double(shapes[0][0]) * Double(shapes[1][1]) * Double(o.groups) * Double(shapes[0][2] * o.stride.0 + o.dilation.0 * shapes[1][2])
+                        * Double(shapes[0][3] * o.stride.1 + o.dilation.1 * shapes[1][3])
+                }
+            case .upsampleNearest(let f): written *= Double(f * f)
+            case .add, .sub, .mul, .div: written = shapes.map(size).max() ?? 0
+            case .matmul, .linear: written = cost
+            case .concat: written = shapes.map(size).reduce(0, +)
+            default: break
+            }
+            guard cost <= 1e9, written <= Double(Self.maxElements) else {
+                throw EngineError("node \(node.name) (\(node.op.name)): too large to run (inputs \(shapes))")
+            }
         }
 
         mutating func run(_ g: Onnx_GraphProto) throws {
@@ -177,7 +253,7 @@ public enum ONNXImport {
                     }
                     return Int(v)
                 }
-                guard shape.reduce(1, { min($0 * $1, Self.maxElements + 1) }) <= Self.maxElements else {
+                guard shape.count <= 8, shape.reduce(1, { min($0 * $1, Self.maxElements + 1) }) <= Self.maxElements else {
                     throw EngineError("input \(input.name): \(shape) is too large")
                 }
                 let id = value(input.name, shape: shape)
@@ -271,7 +347,7 @@ public enum ONNXImport {
                 let scalesName = n.opType == "Upsample" ? (n.input.count > 1 ? n.input[1] : "") : (n.input.count > 2 ? n.input[2] : "")
                 let scales = try floats(scalesName, for: label)
                 guard mode == "nearest", scales.count == 4, scales[0] == 1, scales[1] == 1, scales[2] == scales[3],
-                      scales[2] >= 1, scales[2] == scales[2].rounded(), n.opType == "Upsample" || (n.input.count > 3 ? n.input[3].isEmpty : true) else {
+                      scales[2] >= 1, scales[2] <= 64, scales[2] == scales[2].rounded(), n.opType == "Upsample" || (n.input.count > 3 ? n.input[3].isEmpty : true) else {
                     throw EngineError("node \(label): only nearest upsampling by one integer factor (scales [1, 1, s, s]) is supported")
                 }
                 if n.opType == "Resize" {
@@ -299,6 +375,7 @@ public enum ONNXImport {
                     target = [shape[..<axis].reduce(1, *), shape[axis...].reduce(1, *)]
                 } else {
                     target = try ints(n.input.count > 1 ? n.input[1] : "", for: label)
+                    guard target.count <= 8, target.allSatisfy({ $0 >= -1 && $0 <= Self.maxElements }) else { throw EngineError("node \(label): bad shape \(target)") }
                     for (i, d) in target.enumerated() where d == 0 { guard i < shape.count else { throw EngineError("node \(label): 0 beyond the input's rank") }; target[i] = shape[i] }
                     let known = target.filter { $0 != -1 }.reduce(1, *), total = shape.reduce(1, *)
                     if let i = target.firstIndex(of: -1) { guard known > 0 else { throw EngineError("node \(label): bad shape \(target)") }; target[i] = total / known }
@@ -352,7 +429,7 @@ public enum ONNXImport {
                     throw EngineError("node \(label): QuantizeLinear and DequantizeLinear use different scales")
                 }
                 let scales = try floats(q.input[1], for: label)
-                guard !scales.isEmpty, scales.allSatisfy({ $0 > 0 && $0.isFinite }) else { throw EngineError("node \(label): scales must be positive and finite") }
+                guard !scales.isEmpty, scales.allSatisfy({ $0 > 0 && ($0 * 127).isFinite }) else { throw EngineError("node \(label): scales must be positive and finite") }
                 if q.input.count > 2, !q.input[2].isEmpty {
                     switch consts[q.input[2]] {
                     case .int8(let z, _)?: guard z.allSatisfy({ $0 == 0 }) else { throw EngineError("node \(label): zero point \(z.first { $0 != 0 }!) -- asymmetric quantization is not supported (QuantLab's quantizers are symmetric, zero point 0)") }
