@@ -45,14 +45,9 @@ public struct EngineBenchmark {
             log("  " + line)
             summary.append("engine " + line)
             if let peer, !quick || b == 1 {
-                let dir = FileManager.default.temporaryDirectory
-                let f32File = dir.appendingPathComponent("quantlab-bench-fp32-\(b).onnx"), qdqFile = dir.appendingPathComponent("quantlab-bench-qdq-\(b).onnx")
-                defer { try? FileManager.default.removeItem(at: f32File); try? FileManager.default.removeItem(at: qdqFile) }
-                try ONNXExport.write(fp32.graph, to: f32File)
-                try ONNXExport.write(int8.graph, to: qdqFile)
-                let of = try peer.run(model: f32File, input: x, runs: runs)
-                let oq = try peer.run(model: qdqFile, input: x, runs: runs)
-                let own = try peer.run(model: f32File, input: x, runs: runs, quantizeFirst: true)
+                let of = try peer.run(graph: fp32.graph, input: x, runs: runs)
+                let oq = try peer.run(graph: int8.graph, input: x, runs: runs)
+                let own = try peer.run(graph: fp32.graph, input: x, runs: runs, quantizeFirst: true)
                 let agree = zip(try int8.run([x]), oq.outputs).map { relativeMaxDifference($0, $1) }.max() ?? .infinity
                 let peerLine = String(format: "batch %d: onnxruntime %@ FP32 %.1f img/s; INT8 quantized its own way %.1f img/s (%d QLinearConv); our Q/DQ file %.1f img/s (%d QLinearConv). Ours / onnxruntime: FP32 %.2fx, INT8 %.2fx (vs its own INT8); our INT8 plan and onnxruntime on our Q/DQ file differ by %.1e of the outputs' scale",
                                       b, oq.version, Double(b) / of.medianSeconds, Double(b) / own.medianSeconds, own.optimizedOps["QLinearConv"] ?? 0,

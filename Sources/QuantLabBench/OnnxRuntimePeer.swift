@@ -31,9 +31,7 @@ public struct OnnxRuntimePeer: Sendable {
     /// Whether the Python has onnxruntime and numpy (a quick import check; onnx, for its own
     /// quantizer and the node counts, is looked for by the script).
     public var isAvailable: Bool {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: python.hasPrefix("/") ? python : "/usr/bin/env")
-        p.arguments = (python.hasPrefix("/") ? [] : [python]) + ["-c", "import onnxruntime, numpy"]
+        let p = process(["-c", "import onnxruntime, numpy"])
         p.standardOutput = FileHandle.nullDevice
         p.standardError = FileHandle.nullDevice
         do { try p.run() } catch { return false }
@@ -41,21 +39,43 @@ public struct OnnxRuntimePeer: Sendable {
         return p.terminationStatus == 0
     }
 
-    /// Runs `model` on `input`. `quantizeFirst`: the model is FP32, and onnxruntime first
-    /// quantizes it its own way (quantize_static, QDQ, u8 activations, s8 per-channel weights).
-    public func run(model: URL, input: Tensor, runs: Int = 20, threads: Int = Kernels.threads, quantizeFirst: Bool = false) throws -> Result {
+    /// The Python with these arguments (a bare name is looked up on PATH).
+    func process(_ arguments: [String]) -> Process {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: python.hasPrefix("/") ? python : "/usr/bin/env")
+        p.arguments = (python.hasPrefix("/") ? [] : [python]) + arguments
+        return p
+    }
+
+    /// Exports `graph` to ONNX and runs it: see `run(model:...)`.
+    public func run(graph: Graph, input: Tensor, runs: Int = 20, threads: Int = Kernels.threads, quantizeFirst: Bool = false) throws -> Result {
+        try withScratchFolder { dir in
+            let model = dir.appendingPathComponent("model.onnx")
+            try ONNXExport.write(graph, to: model)
+            return try run(model: model, input: input, runs: runs, threads: threads, quantizeFirst: quantizeFirst)
+        }
+    }
+
+    func withScratchFolder<T>(_ body: (URL) throws -> T) throws -> T {
         let dir = FileManager.default.temporaryDirectory.appendingPathComponent("quantlab-ort-\(ProcessInfo.processInfo.processIdentifier)-\(UUID().uuidString)")
         try AtomicFile.createFolder(dir)
         defer { try? FileManager.default.removeItem(at: dir) }
+        return try body(dir)
+    }
+
+    /// Runs `model` on `input`. `quantizeFirst`: the model is FP32, and onnxruntime first
+    /// quantizes it its own way (quantize_static, QDQ, u8 activations, s8 per-channel weights).
+    public func run(model: URL, input: Tensor, runs: Int = 20, threads: Int = Kernels.threads, quantizeFirst: Bool = false) throws -> Result {
+        try withScratchFolder { dir in try run(model: model, input: input, runs: runs, threads: threads, quantizeFirst: quantizeFirst, in: dir) }
+    }
+
+    func run(model: URL, input: Tensor, runs: Int, threads: Int, quantizeFirst: Bool, in dir: URL) throws -> Result {
         let inputURL = dir.appendingPathComponent("input.bin")
         try input.values.withUnsafeBufferPointer { try Data(buffer: $0).write(to: inputURL) }
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: python.hasPrefix("/") ? python : "/usr/bin/env")
-        var arguments: [String] = python.hasPrefix("/") ? [] : [python]
-        arguments += [script, model.path, inputURL.path, input.shape.map(String.init).joined(separator: ",")]
+        var arguments = [script, model.path, inputURL.path, input.shape.map(String.init).joined(separator: ",")]
         arguments += [dir.path, String(runs), String(threads)]
         if quantizeFirst { arguments.append("quantize") }
-        p.arguments = arguments
+        let p = process(arguments)
         let out = Pipe(), err = Pipe()
         p.standardOutput = out
         p.standardError = err

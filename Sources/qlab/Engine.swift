@@ -81,22 +81,13 @@ struct EngineCommand: ParsableCommand {
         if explain { print(graph.explain() + "\n\n" + plan.explain() + "\n") }
         print("\(saved.kindName), \(int8 ? "INT8 plan (\(plan.int8ConvCount) integer convs, \(plan.reformatCount) Reformat steps)" : "FP32 graph"), batch \(batch); \(Kernels.summary)")
 
-        // Latency: median of timed runs after warm-up, on a fixed input.
-        var rng = SeededGenerator(seed: 0)
-        let shape = graph.values[graph.inputs[0]].shape
-        let x = Tensor.uniform(shape, low: 0, high: 1, rng: &rng)
-        let median = try plan.medianLatency([x], runs: runs)
-        print(String(format: "latency %.2f ms (median of %d), %.1f img/s", 1000 * median, runs, Double(batch) / median))
+        let (x, median) = try timeAndProfile(plan)
         if onnxruntime {
-            try compareWithOnnxRuntime(graph: graph, plan: plan, input: x, median: median, name: saved.kindName)
+            try compareWithOnnxRuntime(graph: graph, plan: plan, input: x, median: median)
             if int8 {
                 // onnxruntime fuses a conv into QLinearConv only when a Q follows it; our Q/DQ placement (at conv
                 // inputs, as pytorch-quantization and TensorRT) leaves its convs in float. Its own quantizer is the fair peer.
-                let peer = try onnxRuntimePeer()
-                let file = FileManager.default.temporaryDirectory.appendingPathComponent("quantlab-engine-\(ProcessInfo.processInfo.processIdentifier)-fp32.onnx")
-                defer { try? FileManager.default.removeItem(at: file) }
-                try ONNXExport.write(graph.withoutQuantizers(), to: file, name: saved.kindName)
-                let own = try peer.run(model: file, input: x, runs: runs, quantizeFirst: true)
+                let own = try onnxRuntimePeer().run(graph: graph.withoutQuantizers(), input: x, runs: runs, quantizeFirst: true)
                 print(String(format: "onnxruntime INT8 quantized its own way (QDQ, u8/s8 per channel): %.2f ms, %.1f img/s (%d QLinearConv); ours / onnxruntime speed %.2fx",
                              1000 * own.medianSeconds, Double(batch) / own.medianSeconds, own.optimizedOps["QLinearConv"] ?? 0, own.medianSeconds / median))
             }
@@ -119,6 +110,23 @@ struct EngineCommand: ParsableCommand {
         }
     }
 
+    /// Latency: the median of --runs timed runs after warm-up, on a fixed input of the graph's
+    /// shape; with --profile, where the time goes. Returns the input and the median.
+    func timeAndProfile(_ plan: Int8Plan) throws -> (Tensor, Double) {
+        var rng = SeededGenerator(seed: 0)
+        let shape = plan.graph.values[plan.graph.inputs[0]].shape
+        let x = Tensor.uniform(shape, low: 0, high: 1, rng: &rng)
+        let median = try plan.medianLatency([x], runs: runs)
+        print(String(format: "latency %.2f ms (median of %d), %.1f img/s", 1000 * median, runs, Double(shape[0]) / median))
+        if profile {
+            plan.profile = true
+            for _ in 0..<runs { _ = try plan.run([x]) }
+            print(plan.profileReport())
+            plan.profile = false
+        }
+        return (x, median)
+    }
+
     func onnxRuntimePeer() throws -> OnnxRuntimePeer {
         guard let peer = OnnxRuntimePeer.locate(), peer.isAvailable else {
             throw ValidationError("--onnxruntime: no Python with onnxruntime (run `make venv`, from the repository root)")
@@ -127,13 +135,9 @@ struct EngineCommand: ParsableCommand {
     }
 
     /// onnxruntime on the same graph (exported) and input: outputs compared, latency ratio.
-    func compareWithOnnxRuntime(graph: Graph, plan: Int8Plan, input x: Tensor, median: Double, name: String) throws {
-        let peer = try onnxRuntimePeer()
-        let file = FileManager.default.temporaryDirectory.appendingPathComponent("quantlab-engine-\(ProcessInfo.processInfo.processIdentifier).onnx")
-        defer { try? FileManager.default.removeItem(at: file) }
-        try ONNXExport.write(graph, to: file, name: name)
+    func compareWithOnnxRuntime(graph: Graph, plan: Int8Plan, input x: Tensor, median: Double) throws {
         let ours = try plan.run([x])
-        let ort = try peer.run(model: file, input: x, runs: runs)
+        let ort = try onnxRuntimePeer().run(graph: graph, input: x, runs: runs)
         let agreement = zip(ours, ort.outputs).map { String(format: "%.2e", relativeMaxDifference($0, $1)) }.joined(separator: ", ")
         let kind = graph.opCounts["QDQ"] == nil ? "FP32" : "Q/DQ"
         print(String(format: "onnxruntime %@ on the same %@ graph: latency %.2f ms, %.1f img/s (%d QLinearConv); ours / onnxruntime speed %.2fx; outputs differ by %@ (max |diff| / max |output|)",
@@ -147,18 +151,8 @@ struct EngineCommand: ParsableCommand {
         guard graph.inputs.count == 1 else { throw ValidationError("--onnx: the engine runs models with one input, this one has \(graph.inputs.count)") }
         let plan = try Int8Plan(graph)
         if explain { print(graph.explain() + "\n\n" + plan.explain() + "\n") }
-        let shape = graph.values[graph.inputs[0]].shape
-        print("\(path): input \(shape), \(graph.nodes.count) ops, \(graph.opCounts["QDQ"] == nil ? "FP32 graph" : "INT8 plan (\(plan.int8ConvCount) integer convs, \(plan.reformatCount) Reformat steps)"); \(Kernels.summary)")
-        var rng = SeededGenerator(seed: 0)
-        let x = Tensor.uniform(shape, low: 0, high: 1, rng: &rng)
-        let median = try plan.medianLatency([x], runs: runs)
-        print(String(format: "latency %.2f ms (median of %d), %.1f img/s", 1000 * median, runs, Double(shape[0]) / median))
-        if profile {
-            plan.profile = true
-            for _ in 0..<runs { _ = try plan.run([x]) }
-            print(plan.profileReport())
-            plan.profile = false
-        }
-        if onnxruntime { try compareWithOnnxRuntime(graph: graph, plan: plan, input: x, median: median, name: "onnx") }
+        print("\(path): input \(graph.values[graph.inputs[0]].shape), \(graph.nodes.count) ops, \(graph.opCounts["QDQ"] == nil ? "FP32 graph" : "INT8 plan (\(plan.int8ConvCount) integer convs, \(plan.reformatCount) Reformat steps)"); \(Kernels.summary)")
+        let (x, median) = try timeAndProfile(plan)
+        if onnxruntime { try compareWithOnnxRuntime(graph: graph, plan: plan, input: x, median: median) }
     }
 }

@@ -86,19 +86,13 @@ struct ONNXExportTests {
         sim.remove()
         var rng = SeededGenerator(seed: 25)
         let x = Tensor.uniform([1, 3, 64, 64], low: 0, high: 1, rng: &rng)
-        let dir = FileManager.default.temporaryDirectory
-        let f32 = dir.appendingPathComponent("quantlab-test-\(ProcessInfo.processInfo.processIdentifier)-fp32.onnx")
-        let q = dir.appendingPathComponent("quantlab-test-\(ProcessInfo.processInfo.processIdentifier)-qdq.onnx")
-        defer { try? FileManager.default.removeItem(at: f32); try? FileManager.default.removeItem(at: q) }
-        try ONNXExport.write(qdq.withoutQuantizers(), to: f32)
-        try ONNXExport.write(qdq, to: q)
         let (logits, distances) = withNoGrad { model(x) }
-        let ortF32 = try peer.run(model: f32, input: x, runs: 1)
+        let ortF32 = try peer.run(graph: qdq.withoutQuantizers(), input: x, runs: 1)
         #expect(relativeMaxDifference(ortF32.outputs[0], logits) < 1e-5 && relativeMaxDifference(ortF32.outputs[1], distances) < 1e-5)
         // Q/DQ: onnxruntime computes DQ(Q(x)) in float too; codes can differ by one where float
         // summation order moves a value across a rounding boundary, and its Q saturates at -128.
         let ours = try Int8Plan(qdq).run([x])
-        let ortQ = try peer.run(model: q, input: x, runs: 1)
+        let ortQ = try peer.run(graph: qdq, input: x, runs: 1)
         for i in 0..<2 {
             let d = relativeMaxDifference(ortQ.outputs[i], ours[i])
             #expect(d < 0.05, "output \(i): onnxruntime and our INT8 plan differ by \(d) of the output's scale")
