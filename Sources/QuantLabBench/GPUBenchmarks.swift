@@ -45,6 +45,10 @@ public struct GPUBenchmarks {
         return best
     }
 
+    /// A rate, or a ratio, as the tables print them ("-" when not measured).
+    func f(_ v: Double?) -> String { v.map { String(format: "%.1f", $0) } ?? "-" }
+    func r(_ v: Double?) -> String { v.map { String(format: "%.2f", $0) } ?? "-" }
+
     public func run() throws -> (rows: [Row], summary: [String]) {
         let cuda = CUDA.shared
         let api = try cuda.requireDevice()
@@ -113,17 +117,13 @@ public struct GPUBenchmarks {
                 }
             }
             rows.append(row)
-            func f(_ v: Double?) -> String { v.map { String(format: "%.1f", $0) } ?? "-" }
-            func r(_ v: Double?) -> String { v.map { String(format: "%.2fx", $0) } ?? "-" }
-            log("n=\(n): FP32 TFLOP/s tiled \(f(row.fp32["tiled"])) reg128 \(f(row.fp32["reg128"])) cuBLAS \(f(row.fp32["cublas"])) -> \(r(row.fp32Ratio)); "
-                + "INT8 TOP/s dp4a \(f(row.int8["dp4a"])) imma \(f(row.int8["imma"])) imma-wide \(f(row.int8["imma-wide"])) cuBLAS \(f(row.int8["cublas"])) -> \(r(row.int8Ratio))")
+            log("n=\(n): FP32 TFLOP/s tiled \(f(row.fp32["tiled"])) reg128 \(f(row.fp32["reg128"])) cuBLAS \(f(row.fp32["cublas"])) -> \(r(row.fp32Ratio))x; "
+                + "INT8 TOP/s dp4a \(f(row.int8["dp4a"])) imma \(f(row.int8["imma"])) imma-wide \(f(row.int8["imma-wide"])) cuBLAS \(f(row.int8["cublas"])) -> \(r(row.int8Ratio))x")
         }
         var summary = ["GPU GEMM on \(cuda.notice); peer \(peer)",
                        "| n | SGEMM v2 tiled | SGEMM v3 reg128 | cuBLAS FP32 | v3/cuBLAS | INT8 dp4a | INT8 imma 128x128 | INT8 imma 128x256 | cuBLAS INT8 | imma/cuBLAS |",
                        "|---|---|---|---|---|---|---|---|---|---|"]
         for row in rows {
-            func f(_ v: Double?) -> String { v.map { String(format: "%.1f", $0) } ?? "-" }
-            func r(_ v: Double?) -> String { v.map { String(format: "%.2f", $0) } ?? "-" }
             summary.append("| \(row.n) | \(f(row.fp32["tiled"])) | \(f(row.fp32["reg128"])) | \(f(row.fp32["cublas"])) | \(r(row.fp32Ratio)) | "
                            + "\(f(row.int8["dp4a"])) | \(f(row.int8["imma"])) | \(f(row.int8["imma-wide"])) | \(f(row.int8["cublas"])) | \(r(row.int8Ratio)) |")
         }

@@ -149,10 +149,7 @@ struct DetectorTests {
         cfg.batchSize = 4
         cfg.checkpointEverySteps = 1000
         cfg.warmupEpochs = 1
-        func fresh(_ seed: UInt64) -> YOLOv6 {
-            var rng = SeededGenerator(seed: seed)
-            return YOLOv6(.tiny(block: .repvgg, numClasses: ds.classCount, inputSize: 64), rng: &rng)
-        }
+        func fresh(_ seed: UInt64) -> YOLOv6 { tinyDetector(seed: seed, classes: ds.classCount) }
         let straight = DetectorTrainer(model: fresh(7), train: ds, val: nil, config: cfg, checkpointDir: nil, log: { _ in })
         try straight.run()
         let dir = root.appendingPathComponent("ckpt")

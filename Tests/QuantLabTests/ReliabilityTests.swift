@@ -74,14 +74,13 @@ struct ReliabilityTests {
         config.warmupEpochs = 0
         config.gradientClip = nil
         config.checkpointEverySteps = 1
-        var rng = SeededGenerator(seed: 2)
-        let model = YOLOv6(.tiny(block: .repvgg, numClasses: train.classCount, inputSize: 64), rng: &rng)
+        let model = tinyDetector(seed: 2, classes: train.classCount)
         let dir = root.appendingPathComponent("ckpt")
         let trainer = DetectorTrainer(model: model, train: train, val: nil, config: config, checkpointDir: dir, log: { _ in })
         expectError(NonFiniteError.self, mentioning: "step", "learning rate") { try trainer.run() }
         // every checkpoint written holds finite weights
         if FileManager.default.fileExists(atPath: dir.appendingPathComponent("model.safetensors").path) {
-            let saved = YOLOv6(.tiny(block: .repvgg, numClasses: train.classCount, inputSize: 64), rng: &rng)
+            let saved = tinyDetector(seed: 3, classes: train.classCount) // its weights are replaced by the checkpoint's
             try saved.load(from: dir.appendingPathComponent("model.safetensors"))
             #expect(saved.firstNonFiniteValue() == nil, "a checkpoint with non-finite weights was written")
         }
@@ -104,10 +103,7 @@ struct ReliabilityTests {
         cfg.batchSize = 4
         cfg.warmupEpochs = 1
         cfg.checkpointEverySteps = 1
-        func fresh(_ seed: UInt64) -> YOLOv6 {
-            var rng = SeededGenerator(seed: seed)
-            return YOLOv6(.tiny(block: .repvgg, numClasses: train.classCount, inputSize: 64), rng: &rng)
-        }
+        func fresh(_ seed: UInt64) -> YOLOv6 { tinyDetector(seed: seed, classes: train.classCount) }
         let straight = DetectorTrainer(model: fresh(7), train: train, val: nil, config: cfg, checkpointDir: nil, log: { _ in })
         try straight.run()
         let want = straight.model.stateDict()

@@ -7,6 +7,13 @@ import Foundation
 @testable import QuantLabReport
 import Testing
 
+/// A tiny RepVGG detector (64 px) initialised from its own seed: the model the training and
+/// checkpoint tests build twice to compare two runs.
+func tinyDetector(seed: UInt64, classes: Int) -> YOLOv6 {
+    var rng = SeededGenerator(seed: seed)
+    return YOLOv6(.tiny(block: .repvgg, numClasses: classes, inputSize: 64), rng: &rng)
+}
+
 /// First index where |actual - expected| > atol + rtol * |expected|, with a message, or nil.
 func firstMismatch(_ actual: [Float], _ expected: [Float], atol: Double, rtol: Double) -> String? {
     guard actual.count == expected.count else { return "count \(actual.count) != \(expected.count)" }

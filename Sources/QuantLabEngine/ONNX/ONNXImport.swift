@@ -68,28 +68,18 @@ public enum ONNXImport {
                 }
                 return t.rawData.withUnsafeBytes { Array($0.bindMemory(to: T.self)) }
             }
-            let hasRaw = t.hasRawData
+            // raw_data when present, else the typed field; either way exactly one value per element
+            func values<T>(_ type: T.Type, _ typed: @autoclosure () -> [T]) throws -> [T] {
+                let v = t.hasRawData ? try raw(type) : typed()
+                guard v.count == count else { throw EngineError("initializer \(t.name): \(v.count) values for shape \(shape)") }
+                return v
+            }
             switch Onnx_TensorProto.DataType(rawValue: Int(t.dataType)) {
-            case .float?:
-                let values = hasRaw ? try raw(Float.self) : t.floatData
-                guard values.count == count else { throw EngineError("initializer \(t.name): \(values.count) values for shape \(shape)") }
-                return .float(try Tensor(shape: shape, values: values))
-            case .int64?:
-                let values = hasRaw ? try raw(Int64.self) : t.int64Data
-                guard values.count == count else { throw EngineError("initializer \(t.name): \(values.count) values for shape \(shape)") }
-                return .ints(values.map { Int(clamping: $0) }, shape: shape)
-            case .int32?:
-                let values = hasRaw ? try raw(Int32.self) : t.int32Data
-                guard values.count == count else { throw EngineError("initializer \(t.name): \(values.count) values for shape \(shape)") }
-                return .ints(values.map(Int.init), shape: shape)
-            case .int8?:
-                let values = hasRaw ? try raw(Int8.self) : t.int32Data.map { Int8(truncatingIfNeeded: $0) }
-                guard values.count == count else { throw EngineError("initializer \(t.name): \(values.count) values for shape \(shape)") }
-                return .int8(raw: values, shape: shape)
-            case .uint8?:
-                let values = hasRaw ? try raw(UInt8.self) : t.int32Data.map { UInt8(truncatingIfNeeded: $0) }
-                guard values.count == count else { throw EngineError("initializer \(t.name): \(values.count) values for shape \(shape)") }
-                return .uint8(raw: values, shape: shape)
+            case .float?: return .float(try Tensor(shape: shape, values: try values(Float.self, t.floatData)))
+            case .int64?: return .ints(try values(Int64.self, t.int64Data).map { Int(clamping: $0) }, shape: shape)
+            case .int32?: return .ints(try values(Int32.self, t.int32Data).map(Int.init), shape: shape)
+            case .int8?: return .int8(raw: try values(Int8.self, t.int32Data.map { Int8(truncatingIfNeeded: $0) }), shape: shape)
+            case .uint8?: return .uint8(raw: try values(UInt8.self, t.int32Data.map { UInt8(truncatingIfNeeded: $0) }), shape: shape)
             default:
                 throw EngineError("initializer \(t.name): data type \(t.dataType) is not supported (float, int64, int32, int8, uint8)")
             }
