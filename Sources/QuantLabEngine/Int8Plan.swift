@@ -20,7 +20,9 @@ import QuantLabQuant
 // run as fake quantization). Activations in int8 are codes in NHWC order (qtensor.c); the fused
 // conv is an im2col plus one u8 x s8 GEMM with the requantization epilogue (igemm.c).
 //
-// Not yet in int8 (issue #12): ConvTranspose, Gemm, residual Add, grouped convs.
+// A transposed conv whose kernel equals its stride (the neck's upsampling) is the same GEMM with
+// KH*KW*K columns and a scatter. Not yet in int8 (issue #12): other transposed convs, Gemm,
+// residual Add, grouped convs.
 
 /// Int8 codes of an activation, NHWC, with the shape of its NCHW float tensor.
 struct QTensor {
@@ -29,12 +31,17 @@ struct QTensor {
     var amax: Float
 }
 
-/// A conv fused with the quantizers around it.
+/// A conv fused with the quantizers around it; or a transposed conv whose kernel equals its
+/// stride (the neck's 2x upsampling), which is the same GEMM with KH*KW*K columns and a scatter:
+/// every input pixel writes its own KH x KW block of the output,
+///   y[n, k, h*S + i, w*S + j] = sum_c x[n, c, h, w] * W[c, k, i, j] + b[k].
 public final class Int8Conv {
     public let name: String
     let options: Conv2dOptions
     let inChannels: Int, outChannels: Int, kernel: (Int, Int)
-    /// Per output channel: s_x * s_w[k] (f32 output) or s_x * s_w[k] / s_y (int8 output).
+    /// A transposed conv (kernel == stride, no padding): GEMM columns are (i, j, k).
+    public let transposed: Bool
+    /// Per GEMM column: s_x * s_w[k] (f32 output) or s_x * s_w[k] / s_y (int8 output).
     let scale: [Float]
     let bias: [Float]?
     /// The activation fused into the epilogue.
@@ -45,25 +52,44 @@ public final class Int8Conv {
     public let outputAmax: Float?
     let packed: [Int8]
     let columnSums: [Int32]
+    /// "Int8Conv" or "Int8ConvTranspose", in plans and profiles.
+    public var kindName: String { transposed ? "Int8ConvTranspose" : "Int8Conv" }
+    /// The GEMM's columns: K for a conv, KH * KW * K for a transposed conv.
+    var gemmColumns: Int { scale.count }
     /// The im2col buffer, kept between runs (a plan runs one batch at a time).
     private var columns: [UInt8] = []
+
+    /// `b`: the weight codes as the GEMM's B operand [depth][columns]; `scale` and `bias` per
+    /// column, the output scale already folded in.
+    private init(name: String, options: Conv2dOptions, inChannels: Int, outChannels: Int, kernel: (Int, Int), transposed: Bool,
+                 b: [Int8], depth: Int, scale: [Float], bias: [Float]?, activation: Activation, outputAmax: Float?) throws {
+        self.name = name
+        self.options = options
+        self.inChannels = inChannels
+        self.outChannels = outChannels
+        self.kernel = kernel
+        self.transposed = transposed
+        self.scale = scale
+        self.bias = bias
+        self.activation = activation
+        self.outputAmax = outputAmax
+        let n = scale.count
+        var packed = [Int8](repeating: 0, count: ql_igemm_packed_size(Int32(depth), Int32(n)))
+        var sums = [Int32](repeating: 0, count: n)
+        guard ql_igemm_pack_b(&packed, &sums, b, Int32(n), Int32(depth), Int32(n)) == 0 else { throw EngineError("\(name): weight packing failed") }
+        self.packed = packed
+        columnSums = sums
+    }
 
     /// Weight [K, C, KH, KW] quantized per output channel with `weightAmax` (as the simulator's
     /// weight quantizer does), packed once as the GEMM's B operand in the (kh, kw, c) order of
     /// the NHWC im2col.
     /// With SiLU and an int8 output the epilogue writes floats (SiLU does not commute with the
     /// output scale) and a second pass quantizes them, as the simulator's quantizer does.
-    init(name: String, weight: Tensor, bias: Tensor?, options: Conv2dOptions, inputAmax: Float, weightAmax: [Float],
-         activation: Activation, outputAmax: Float?) throws {
+    convenience init(name: String, weight: Tensor, bias: Tensor?, options: Conv2dOptions, inputAmax: Float, weightAmax: [Float],
+                     activation: Activation, outputAmax: Float?) throws {
         let (k, c, kh, kw) = (weight.shape[0], weight.shape[1], weight.shape[2], weight.shape[3])
         guard weightAmax.count == k else { throw EngineError("\(name): \(weightAmax.count) weight scales for \(k) channels") }
-        self.name = name
-        self.options = options
-        inChannels = c
-        outChannels = k
-        kernel = (kh, kw)
-        self.activation = activation
-        self.outputAmax = outputAmax
         let qmax: Float = 127
         let sx = inputAmax / qmax
         // the output scale folds into the epilogue's scale and bias unless SiLU is in between
@@ -82,20 +108,54 @@ public final class Int8Conv {
             scale[o] = sy.map { sx * sw / $0 } ?? sx * sw
             for ci in 0..<c { for i in 0..<kh { for j in 0..<kw { b[((i * kw + j) * c + ci) * k + o] = codes[((o * c + ci) * kh + i) * kw + j] } } }
         }
-        self.scale = scale
-        self.bias = bias.map { t in (0..<k).map { o in sy.map { t.data[o] / $0 } ?? t.data[o] } }
-        let depth = kh * kw * c
-        var packed = [Int8](repeating: 0, count: ql_igemm_packed_size(Int32(depth), Int32(k)))
-        var sums = [Int32](repeating: 0, count: k)
-        guard ql_igemm_pack_b(&packed, &sums, b, Int32(k), Int32(depth), Int32(k)) == 0 else { throw EngineError("\(name): weight packing failed") }
-        self.packed = packed
-        columnSums = sums
+        try self.init(name: name, options: options, inChannels: c, outChannels: k, kernel: (kh, kw), transposed: false, b: b, depth: per,
+                      scale: scale, bias: bias.map { t in (0..<k).map { o in sy.map { t.data[o] / $0 } ?? t.data[o] } },
+                      activation: activation, outputAmax: outputAmax)
+    }
+
+    /// Whether a transposed conv has the form this class runs in int8: kernel == stride, no
+    /// padding or output padding, no dilation, one group.
+    static func supportsTransposed(weightShape: [Int], options o: Conv2dOptions, outputPadding: Int) -> Bool {
+        weightShape.count == 4 && o.groups == 1 && outputPadding == 0 && o.padding == (0, 0) && o.dilation == (1, 1)
+            && o.stride == (weightShape[2], weightShape[3])
+    }
+
+    /// A transposed conv, weight [C, K, KH, KW] quantized per output channel (axis 1, as the
+    /// simulator's weight quantizer of a transposed conv does), B[c, (i, j, k)]. No activation
+    /// is fused (the neck's upsampling has none).
+    convenience init(transposedName name: String, weight: Tensor, bias: Tensor?, options: Conv2dOptions, inputAmax: Float, weightAmax: [Float],
+                     outputAmax: Float?) throws {
+        let (c, k, kh, kw) = (weight.shape[0], weight.shape[1], weight.shape[2], weight.shape[3])
+        guard Int8Conv.supportsTransposed(weightShape: weight.shape, options: options, outputPadding: 0) else {
+            throw EngineError("\(name): only transposed convs with kernel == stride and no padding run in int8")
+        }
+        guard weightAmax.count == k else { throw EngineError("\(name): \(weightAmax.count) weight scales for \(k) output channels") }
+        let qmax: Float = 127
+        let sx = inputAmax / qmax, sy = outputAmax.map { $0 / qmax }
+        let block = kh * kw, cols = block * k
+        var codes = [Int8](repeating: 0, count: c * k * block) // [C, K, KH, KW], each (c, k) run with amax[k]
+        codes.withUnsafeMutableBufferPointer { out in
+            for ci in 0..<c { for o in 0..<k { ql_quantize_s8(out.baseAddress! + (ci * k + o) * block, weight.data + (ci * k + o) * block, Int64(block), weightAmax[o], 127) } }
+        }
+        var b = [Int8](repeating: 0, count: c * cols)
+        for ci in 0..<c { for o in 0..<k { for ij in 0..<block { b[ci * cols + ij * k + o] = codes[(ci * k + o) * block + ij] } } }
+        var scale = [Float](repeating: 0, count: cols), columnBias: [Float]? = bias.map { _ in [Float](repeating: 0, count: cols) }
+        for ij in 0..<block {
+            for o in 0..<k {
+                let s = sx * weightAmax[o] / qmax
+                scale[ij * k + o] = sy.map { s / $0 } ?? s
+                if let bias { columnBias![ij * k + o] = sy.map { bias.data[o] / $0 } ?? bias.data[o] }
+            }
+        }
+        try self.init(name: name, options: options, inChannels: c, outChannels: k, kernel: (kh, kw), transposed: true, b: b, depth: c,
+                      scale: scale, bias: columnBias, activation: .none, outputAmax: outputAmax)
     }
 
     /// Runs on input codes; returns int8 codes (outputAmax set) or an NCHW float tensor.
     func run(_ x: QTensor) throws -> (QTensor?, Tensor?) {
         let (n, c, h, w) = (x.shape[0], x.shape[1], x.shape[2], x.shape[3])
         guard c == inChannels else { throw EngineError("\(name): input has \(c) channels, the conv \(inChannels)") }
+        if transposed { return try runTransposed(x) }
         var g = ql_conv_geom(N: Int32(n), C: Int32(c), H: Int32(h), W: Int32(w), K: Int32(outChannels), KH: Int32(kernel.0), KW: Int32(kernel.1),
                              SH: Int32(options.stride.0), SW: Int32(options.stride.1), PH: Int32(options.padding.0), PW: Int32(options.padding.1),
                              DH: Int32(options.dilation.0), DW: Int32(options.dilation.1), groups: 1)
@@ -134,6 +194,53 @@ public final class Int8Conv {
                 throw EngineError("\(name): INT8 GEMM failed")
             }
             return (nil, nhwc.permuted([0, 3, 1, 2]))
+        }
+    }
+
+    /// The transposed conv: one GEMM [N*H*W, C] x [C, KH*KW*K] on the input codes as they are
+    /// (NHWC rows are the pixels), then each pixel's KH x KW block of K values to its place.
+    private func runTransposed(_ x: QTensor) throws -> (QTensor?, Tensor?) {
+        let (n, c, h, w) = (x.shape[0], x.shape[1], x.shape[2], x.shape[3])
+        let (kh, kw) = kernel, k = outChannels, cols = gemmColumns
+        let (oh, ow) = (h * kh, w * kw), m = n * h * w
+        let offset: Int32 = ql_s8_min(x.codes, Int64(x.codes.count)) >= 0 ? 0 : 128
+        if columns.count < m * c { columns = [UInt8](repeating: 0, count: m * c) }
+        for i in 0..<(m * c) { columns[i] = UInt8(Int(x.codes[i]) + Int(offset)) }
+        let col = columns
+        let offsets = offset == 0 ? nil : columnSums.map { -offset * $0 }
+        let outShape = [n, k, oh, ow]
+        return try withEpilogue(offsets) { ep in
+            if let amax = outputAmax {
+                var g = [Int8](repeating: 0, count: m * cols)
+                guard ql_igemm_u8s8_s8(Int32(m), Int32(cols), Int32(c), col, Int32(c), packed, &ep, &g, Int32(cols)) == 0 else {
+                    throw EngineError("\(name): INT8 GEMM failed")
+                }
+                var out = [Int8](repeating: 0, count: m * cols) // NHWC [N, OH, OW, K]
+                g.withUnsafeBufferPointer { src in
+                    out.withUnsafeMutableBufferPointer { dst in
+                        for p in 0..<m {
+                            let (b, hw) = p.quotientAndRemainder(dividingBy: h * w), (y, xx) = hw.quotientAndRemainder(dividingBy: w)
+                            for i in 0..<kh { for j in 0..<kw {
+                                let to = ((b * oh + y * kh + i) * ow + xx * kw + j) * k
+                                (dst.baseAddress! + to).update(from: src.baseAddress! + p * cols + (i * kw + j) * k, count: k)
+                            } }
+                        }
+                    }
+                }
+                return (QTensor(codes: out, shape: outShape, amax: amax), nil)
+            }
+            var g = [Float](repeating: 0, count: m * cols)
+            guard ql_igemm_u8s8_f32(Int32(m), Int32(cols), Int32(c), col, Int32(c), packed, &ep, &g, Int32(cols)) == 0 else {
+                throw EngineError("\(name): INT8 GEMM failed")
+            }
+            let out = Tensor(zeros: outShape) // NCHW
+            for p in 0..<m {
+                let (b, hw) = p.quotientAndRemainder(dividingBy: h * w), (y, xx) = hw.quotientAndRemainder(dividingBy: w)
+                for i in 0..<kh { for j in 0..<kw { for o in 0..<k {
+                    out.data[((b * k + o) * oh + y * kh + i) * ow + xx * kw + j] = g[p * cols + (i * kw + j) * k + o]
+                } } }
+            }
+            return (nil, out)
         }
     }
 
@@ -191,6 +298,7 @@ public final class Int8Plan {
         // 1. Which convs fuse, with the ReLU or SiLU that follows them.
         struct ConvFusion {
             var options: Conv2dOptions, inputQuantizer: GraphNode, weight: Tensor, weightAmax: [Float], bias: Tensor?
+            var transposed = false
             var activation = Int8Conv.Activation.none
             /// The activation node fused into the conv, and so not run on its own.
             var activationNode: Int?
@@ -198,13 +306,22 @@ public final class Int8Plan {
         var convs: [Int: ConvFusion] = [:]
         var fusedActivations: Set<Int> = []
         for (i, n) in nodes.enumerated() {
-            guard case .conv(let o) = n.op, o.groups == 1, n.inputs.count >= 2,
+            // a conv, or a transposed conv whose kernel equals its stride (weight axis 1: its output channels)
+            let options: Conv2dOptions, weightAxis: Int
+            switch n.op {
+            case .conv(let o) where o.groups == 1: (options, weightAxis) = (o, 0)
+            case .convTranspose(let o, let outputPadding) where outputPadding == 0: (options, weightAxis) = (o, 1)
+            default: continue
+            }
+            let transposed = weightAxis == 1
+            guard n.inputs.count >= 2,
                   let xi = n.inputs[0], let xq = producerIndex[xi].map({ nodes[$0] }), activationQuantizer(xq) != nil,
                   let wi = n.inputs[1], let wq = producerIndex[wi].map({ nodes[$0] }),
-                  case .quantizeDequantize(let wAmax, 0, 8) = wq.op, let ws = wq.inputs.first ?? nil, let weight = graph.constants[ws] else { continue }
-            var fusion = ConvFusion(options: o, inputQuantizer: xq, weight: weight, weightAmax: wAmax,
-                                    bias: n.inputs.count > 2 ? n.inputs[2].flatMap { graph.constants[$0] } : nil)
-            if let users = consumers[n.output], users.count == 1, !graph.outputs.contains(n.output) {
+                  case .quantizeDequantize(let wAmax, weightAxis, 8) = wq.op, let ws = wq.inputs.first ?? nil, let weight = graph.constants[ws],
+                  !transposed || Int8Conv.supportsTransposed(weightShape: weight.shape, options: options, outputPadding: 0) else { continue }
+            var fusion = ConvFusion(options: options, inputQuantizer: xq, weight: weight, weightAmax: wAmax,
+                                    bias: n.inputs.count > 2 ? n.inputs[2].flatMap { graph.constants[$0] } : nil, transposed: transposed)
+            if !transposed, let users = consumers[n.output], users.count == 1, !graph.outputs.contains(n.output) {
                 switch nodes[users[0]].op {
                 case .relu: fusion.activation = .relu
                 case .silu: fusion.activation = .silu
@@ -277,8 +394,11 @@ public final class Int8Plan {
                 let input = codes(of: xin.inputs[0]!, at: inputAmax, for: xin.name)
                 slot[xin.output] = input
                 let out = convOutput(i)
-                let conv = try Int8Conv(name: n.name, weight: f.weight, bias: f.bias, options: f.options,
-                                        inputAmax: inputAmax, weightAmax: f.weightAmax, activation: f.activation, outputAmax: int8Amax[out])
+                let conv = f.transposed
+                    ? try Int8Conv(transposedName: n.name, weight: f.weight, bias: f.bias, options: f.options, inputAmax: inputAmax,
+                                   weightAmax: f.weightAmax, outputAmax: int8Amax[out])
+                    : try Int8Conv(name: n.name, weight: f.weight, bias: f.bias, options: f.options,
+                                   inputAmax: inputAmax, weightAmax: f.weightAmax, activation: f.activation, outputAmax: int8Amax[out])
                 if let a = int8Amax[out] {
                     slot[out] = out
                     slotAmax[out] = a
@@ -360,7 +480,7 @@ public final class Int8Plan {
             case .requantize(_, _, let from, let to, let name): text = String(format: "%@  Requantize int8 -> int8 (amax %.4g -> %.4g)  [Reformat]", name, from, to)
             case .dequantize(_, let v, let name): text = "\(name)  Dequantize int8 -> f32 (\(graph.values[v].name))  [Reformat]"
             case .int8Conv(let c, _, _):
-                text = "\(c.name)  Int8Conv int8 -> \(c.outputAmax == nil ? "f32" : "int8")  fused: DQ(x), DQ(w), Conv, bias\(c.activation == .relu ? ", ReLU" : c.activation == .silu ? ", SiLU" : "")\(c.outputAmax == nil ? "" : ", Q")"
+                text = "\(c.name)  \(c.kindName) int8 -> \(c.outputAmax == nil ? "f32" : "int8")  fused: DQ(x), DQ(w), \(c.transposed ? "ConvTranspose" : "Conv"), bias\(c.activation == .relu ? ", ReLU" : c.activation == .silu ? ", SiLU" : "")\(c.outputAmax == nil ? "" : ", Q")"
             case .int8Op(let n, _, _, let a): text = String(format: "%@  %@ int8 (amax %.4g)", n.name, n.op.name, a)
             }
             lines.append(String(format: "%4d  ", i) + text)
@@ -388,7 +508,7 @@ public final class Int8Plan {
         func kind(_ s: PlanStep) -> String {
             if let r = reformatKind(of: s) { return "Reformat: \(r)" }
             switch s {
-            case .int8Conv: return "Int8Conv"
+            case .int8Conv(let c, _, _): return c.kindName
             case .int8Op(let n, _, _, _): return "\(n.op.name) (int8)"
             case .float(let n): if case .quantizeDequantize = n.op { return "weight QDQ (float)" } else { return "\(n.op.name) (f32)" }
             default: return "other"
@@ -416,7 +536,7 @@ public final class Int8Plan {
         case .quantize(_, _, _, let name): return "\(name) (Quantize)"
         case .requantize(_, _, _, _, let name): return "\(name) (Requantize)"
         case .dequantize(_, _, let name): return "\(name) (Dequantize)"
-        case .int8Conv(let c, _, _): return "\(c.name) (Int8Conv)"
+        case .int8Conv(let c, _, _): return "\(c.name) (\(c.kindName))"
         case .int8Op(let n, _, _, _): return "\(n.name) (\(n.op.name) int8)"
         }
     }

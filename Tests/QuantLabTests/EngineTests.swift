@@ -178,7 +178,7 @@ struct EngineInt8Tests {
         try sim.applyCalibration(.max)
         let graph = try Graph.trace(model, batch: 2)
         let plan = try Int8Plan(graph)
-        #expect(plan.int8ConvCount == graph.opCounts["Conv"])
+        #expect(plan.int8ConvCount == graph.opCounts["Conv"]! + graph.opCounts["ConvTranspose"]!, "the upsampling transposed convs run in int8 too")
         #expect((plan.reformats["quantize"] ?? 0) >= 1)
         let x = Tensor.uniform([2, 3, 64, 64], low: 0, high: 1, rng: &rng)
         let (compared, oneOff) = try compareLayers(plan, try ReferenceExecutor(graph).runKeepingValues([x]))
@@ -187,6 +187,32 @@ struct EngineInt8Tests {
         let (logits, distances) = withNoGrad { model(x) }
         #expect(cosineSimilarity(out[0].values, logits.values) > 0.99 && cosineSimilarity(out[1].values, distances.values) > 0.99)
         #expect(plan.explain().contains("Int8Conv int8 -> int8"))
+    }
+
+    @Test("a transposed conv with kernel == stride runs as one GEMM and a scatter: int8 and f32 outputs, signed and non-negative inputs, within one code of the simulator; other transposed convs stay in float")
+    func transposedConv() throws {
+        var rng = SeededGenerator(seed: 27)
+        let up = ConvTranspose2d(6, 5, kernel: 2, stride: 2, rng: &rng), other = ConvTranspose2d(5, 4, kernel: 3, stride: 2, padding: 1, rng: &rng)
+        let head = Conv2d(5, 3, kernel: 1, rng: &rng)
+        let model = Sequential([up, head, other]) // "0", "1", "2"
+        model.eval()
+        let forward: (Tensor) -> [Tensor] = { x in let u = up(x); return [head(u), other(u), up(x.relu())] }
+        let sim = try QuantizationSimulator(model)
+        defer { sim.remove() }
+        sim.calibrate(on: [Tensor.uniform([2, 6, 5, 7], low: -1, high: 1, rng: &rng)]) { _ = forward($0) }
+        try sim.applyCalibration(.max)
+        try sim.layer("2").input.amax = try sim.layer("1").input.amax // one scale for both readers of u: up writes int8
+        let x = Tensor.uniform([2, 6, 5, 7], low: -1, high: 1, rng: &rng)
+        let graph = try Graph.trace(model, example: x, forward)
+        let plan = try Int8Plan(graph)
+        let kinds = plan.steps.compactMap { s -> String? in if case .int8Conv(let c, _, _) = s { return "\(c.name) \(c.kindName) \(c.outputAmax == nil ? "f32" : "int8")" } else { return nil } }
+        // the first "0" reads signed codes and writes int8 for "1"; the second "0" (on relu(x)) writes f32 (a graph output)
+        #expect(kinds == ["0 Int8ConvTranspose int8", "1 Int8Conv f32", "0_1 Int8ConvTranspose f32"], "\(plan.explain())")
+        #expect(graph.nodes.contains { $0.name == "2" } && !plan.explain().contains("2  Int8ConvTranspose"), "kernel 3, stride 2, padding 1 stays in float")
+        let (compared, oneOff) = try compareLayers(plan, try ReferenceExecutor(graph).runKeepingValues([x]))
+        #expect(compared == 2 * 5 * 10 * 14 && Double(oneOff) / Double(compared) < 0.02, "\(oneOff) of \(compared) codes one apart")
+        let engine = try plan.run([x]), simulated = withNoGrad { forward(x) }
+        for (e, s) in zip(engine, simulated) { #expect(cosineSimilarity(e.values, s.values) > 0.999) }
     }
 
     @Test("INT8 activation kernels: quantize to NHWC codes equals the fake quantizer; dequantize inverts it; im2col matches the direct loop with both offsets")
