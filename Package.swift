@@ -19,6 +19,7 @@ let experimentNames = [
     "exp01_weight_activation_distributions",
     "exp02_repvgg_vs_repopt_ptq",
     "exp03_sensitivity_partial_ptq",
+    "exp05_qdq_scale_fusion",
 ]
 
 let experimentTargets: [Target] = experimentNames.map { name in

@@ -495,9 +495,26 @@ public final class Int8Plan {
 
     /// Seconds spent in each step (by step index) over the runs made with `profile` on.
     public private(set) var stepSeconds: [Double] = []
+    /// Every profiled run's time of each step (by step index).
+    public private(set) var stepSamples: [[Double]] = []
     /// Time each step of the following runs (a clock read per step).
     public var profile = false {
-        didSet { stepSeconds = Array(repeating: 0, count: steps.count) }
+        didSet {
+            stepSeconds = Array(repeating: 0, count: steps.count)
+            stepSamples = Array(repeating: [], count: steps.count)
+        }
+    }
+
+    /// Each step's median time over the profiled runs (robust to a run that the OS interrupted).
+    public var stepMedians: [Double] {
+        stepSamples.map { s in s.isEmpty ? 0 : s.sorted()[s.count / 2] }
+    }
+
+    /// The Reformat steps' share of the plan's time, from the per-step medians, and of its steps.
+    public var reformatShare: (time: Double, count: Double) {
+        let medians = stepMedians, total = medians.reduce(0, +)
+        let reformat = zip(steps, medians).filter { reformatKind(of: $0.0) != nil }
+        return (total > 0 ? reformat.reduce(0) { $0 + $1.1 } / total : 0, Double(reformat.count) / Double(max(steps.count, 1)))
     }
 
     /// Where the time went, over the profiled runs: the share of each kind of step (Reformat
@@ -556,7 +573,13 @@ public final class Int8Plan {
         try withNoGrad {
             for (index, step) in steps.enumerated() {
                 let start = profile ? DispatchTime.now().uptimeNanoseconds : 0
-                defer { if profile { stepSeconds[index] += Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9 } }
+                defer {
+                    if profile {
+                        let t = Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9
+                        stepSeconds[index] += t
+                        stepSamples[index].append(t)
+                    }
+                }
                 switch step {
                 case .float(let n):
                     f32[n.output] = try ReferenceExecutor.apply(n, n.inputs.map { try $0.map { try floatValue($0, for: n.name) } })

@@ -45,23 +45,121 @@ public func scaleGroups(_ graph: Graph) -> [[String]] {
     return groups.values.filter { $0.count > 1 }.map { $0.map { graph.nodes[$0].name } }.sorted { $0[0] < $1[0] }
 }
 
+extension Graph {
+    /// The same graph with each group's quantizers (QDQ node names, from `scaleGroups`) at the
+    /// group's largest amax: scale unification on a graph that has no simulator behind it (an
+    /// imported ONNX file). Returns the graph and, per group, the amaxes before and after.
+    public func unifyingScales(_ groups: [[String]]) throws -> (Graph, [(names: [String], before: [Float], after: Float)]) {
+        let index = Dictionary(uniqueKeysWithValues: nodes.enumerated().map { ($0.element.name, $0.offset) })
+        let g = Graph()
+        g.values = values
+        g.constants = constants
+        g.inputs = inputs
+        g.outputs = outputs
+        g.nodes = nodes
+        var changes: [(names: [String], before: [Float], after: Float)] = []
+        for group in groups {
+            let members = try group.map { name -> Int in
+                guard let i = index[name], activationQuantizerAmax(nodes[i]) != nil else { throw EngineError("\(name) is not a per-tensor activation quantizer of the graph") }
+                return i
+            }
+            let before = members.map { activationQuantizerAmax(nodes[$0])! }
+            let top = before.max()!
+            for i in members {
+                guard case .quantizeDequantize(_, let axis, let bits) = nodes[i].op else { continue }
+                g.nodes[i].op = .quantizeDequantize(amax: [top], axis: axis, bits: bits)
+            }
+            changes.append((group, before, top))
+        }
+        return (g, changes)
+    }
+}
+
+/// Implicit PTQ's scales (TensorRT's calibration without Q/DQ nodes, Paddle's one QDQ per
+/// tensor): one range per tensor, where a concat's inputs are slices of its output and so take
+/// its range. Here: each group's quantizers get one amax, calibrated by `method` on everything
+/// the group's quantizers saw in calibration together (their histograms merged), instead of
+/// each quantizer's own amax. Needs the statistics of the calibration pass (not reset).
+/// Returns, per group, the names and the amax before and after.
+@discardableResult
+public func calibrateJointly(_ sim: QuantizationSimulator, groups: [[String]], method: CalibrationMethod) throws -> [(names: [String], before: [Float], after: Float)] {
+    try groups.map { group in
+        let layers = try inputQuantizedLayers(sim, group)
+        let before = try perTensorAmax(layers)
+        let joint = try ActivationStatistics.jointAmax(layers.map(\.input.statistics), method)
+        for l in layers { l.input.amax = [joint] }
+        return (group, before, joint)
+    }
+}
+
+/// The layers whose input quantizers are the group's members ("<layer>.input").
+private func inputQuantizedLayers(_ sim: QuantizationSimulator, _ group: [String]) throws -> [QuantizedLayer] {
+    try group.map { name in
+        guard name.hasSuffix(".input") else { throw EngineError("quantizer \(name) is not a layer's input quantizer") }
+        return try sim.layer(String(name.dropLast(".input".count)))
+    }
+}
+
+private func perTensorAmax(_ layers: [QuantizedLayer]) throws -> [Float] {
+    try layers.map { l in
+        guard let a = l.input.amax, a.count == 1 else { throw EngineError("\(l.name): the input quantizer is not calibrated per tensor") }
+        return a[0]
+    }
+}
+
 /// Sets every quantizer of each group to the group's largest amax (largest, so that no member
 /// clips more than it did). Returns, per group, the names and the amax before and after.
 @discardableResult
 public func unifyScales(_ sim: QuantizationSimulator, groups: [[String]]) throws -> [(names: [String], before: [Float], after: Float)] {
-    var changes: [(names: [String], before: [Float], after: Float)] = []
-    for group in groups {
-        let layers = try group.map { name -> QuantizedLayer in
-            guard name.hasSuffix(".input") else { throw EngineError("quantizer \(name) is not a layer's input quantizer") }
-            return try sim.layer(String(name.dropLast(".input".count)))
-        }
-        let before = try layers.map { l -> Float in
-            guard let a = l.input.amax, a.count == 1 else { throw EngineError("\(l.name): the input quantizer is not calibrated per tensor") }
-            return a[0]
-        }
+    try groups.map { group in
+        let layers = try inputQuantizedLayers(sim, group)
+        let before = try perTensorAmax(layers)
         let top = before.max()!
         for l in layers { l.input.amax = [top] }
-        changes.append((group, before, top))
+        return (group, before, top)
     }
-    return changes
+}
+
+/// YOLOv6's hand-written `op_concat_fusion_list` (tools/qat/qat_export.py, applied with
+/// `--graph-opt`), each group with its members in our module names: YOLOv6's RepOpt blocks
+/// call their deploy conv `.conv` where ours is `.rbr_reparam`, and YOLOv6 also quantizes the
+/// SPPF max-pool input (`m`) and the upsampled features before their concat
+/// (`upsample_feat*_quant`), which our placement (quantizers at conv inputs only) has no
+/// quantizer for. exp05 and the tests check which of these groups the graph-derived pass finds.
+public enum YOLOv6FusionList {
+    public struct Group: Sendable {
+        public let yolov6: [String]
+        /// The members that exist in our placement, as QDQ node names.
+        public let ours: [String]
+    }
+
+    public static let groups: [Group] = [
+        Group(yolov6: ["backbone.ERBlock_5.2.m", "backbone.ERBlock_5.2.cv2.conv"],
+              ours: ["backbone.ERBlock_5.2.cv2.conv.input"]),
+        Group(yolov6: ["backbone.ERBlock_5.0.conv", "neck.Rep_p4.conv1.conv", "neck.upsample_feat0_quant"],
+              ours: ["backbone.ERBlock_5.0.rbr_reparam.input", "neck.Rep_p4.conv1.rbr_reparam.input"]),
+        Group(yolov6: ["backbone.ERBlock_4.0.conv", "neck.Rep_p3.conv1.conv", "neck.upsample_feat1_quant"],
+              ours: ["backbone.ERBlock_4.0.rbr_reparam.input", "neck.Rep_p3.conv1.rbr_reparam.input"]),
+        Group(yolov6: ["neck.upsample1.upsample_transpose", "neck.Rep_n3.conv1.conv"],
+              ours: ["neck.upsample1.upsample_transpose.input", "neck.Rep_n3.conv1.rbr_reparam.input"]),
+        Group(yolov6: ["neck.upsample0.upsample_transpose", "neck.Rep_n4.conv1.conv"],
+              ours: ["neck.upsample0.upsample_transpose.input", "neck.Rep_n4.conv1.rbr_reparam.input"]),
+        Group(yolov6: ["detect.reg_convs.0.conv", "detect.cls_convs.0.conv"], ours: ["detect.cls_convs.0.conv.input", "detect.reg_convs.0.conv.input"]),
+        Group(yolov6: ["detect.reg_convs.1.conv", "detect.cls_convs.1.conv"], ours: ["detect.cls_convs.1.conv.input", "detect.reg_convs.1.conv.input"]),
+        Group(yolov6: ["detect.reg_convs.2.conv", "detect.cls_convs.2.conv"], ours: ["detect.cls_convs.2.conv.input", "detect.reg_convs.2.conv.input"]),
+    ]
+
+    /// How each listed group relates to the groups found in a graph: "found" (a found group
+    /// holds all its members), "no group needed" (one member in our placement), "missed".
+    public static func compare(with found: [[String]]) -> [(group: Group, status: String)] {
+        groups.map { g in
+            if g.ours.count < 2 { return (g, "no group needed") }
+            return (g, found.contains { Set(g.ours).isSubset(of: $0) } ? "found" : "missed")
+        }
+    }
+
+    /// The found groups that no listed group covers: what the hand-written list would miss.
+    public static func unlisted(_ found: [[String]]) -> [[String]] {
+        found.filter { f in !groups.contains { g in g.ours.count > 1 && Set(g.ours).isSubset(of: f) } }
+    }
 }

@@ -173,6 +173,19 @@ public struct AbsHistogram: Sendable {
         }
     }
 
+    /// One histogram of everything `histograms` counted: the widest member's bin width, each
+    /// member's bins added at their centres (a bin of a narrower member lands in the one wide bin
+    /// that holds its centre). nil when all are empty.
+    public static func merging(_ histograms: [AbsHistogram]) -> AbsHistogram? {
+        let filled = histograms.filter { !$0.isEmpty }
+        guard let width = filled.map(\.binWidth).max(), let top = filled.map({ $0.edge($0.counts.count) }).max() else { return nil }
+        var counts = [Int64](repeating: 0, count: Swift.max(2, Int((top / width).rounded(.up))))
+        for h in filled {
+            for (i, c) in h.counts.enumerated() where c > 0 { counts[Swift.min(Int(h.centre(i) / width), counts.count - 1)] += c }
+        }
+        return AbsHistogram(counts: counts, binWidth: width)
+    }
+
     private mutating func mergePairs() {
         var merged = [Int64](repeating: 0, count: (counts.count + 1) / 2)
         for (i, c) in counts.enumerated() { merged[i / 2] += c }
@@ -285,6 +298,27 @@ public struct ActivationStatistics: Sendable {
         let batchAbsMax = max.collect(x)
         histogram?.collect(x.data, count: x.count, absMax: batchAbsMax)
         movingAverage.update(batchAbsMax: batchAbsMax)
+    }
+
+    /// One amax for several quantizers' statistics together, as if one quantizer had seen all
+    /// their inputs: the largest max for `.max`, the method on the merged histogram for the
+    /// histogram methods. The moving average (a per-batch running state) does not combine.
+    public static func jointAmax(_ members: [ActivationStatistics], _ method: CalibrationMethod, bits: Int = 8) throws -> Float {
+        guard !members.isEmpty, !members.contains(where: \.isEmpty) else { throw QuantizationError("no calibration data was collected") }
+        switch method {
+        case .max: return members.map(\.max.amax).max()!
+        case .movingAverage: throw QuantizationError("the moving average cannot be calibrated jointly over several quantizers")
+        case .entropy, .mse, .percentile:
+            let histograms = try members.map { m -> AbsHistogram in
+                guard let h = m.histogram else { throw QuantizationError("\(method) needs a histogram; calibrate with histograms enabled") }
+                return h
+            }
+            var joint = ActivationStatistics(histogram: false)
+            joint.histogram = AbsHistogram.merging(histograms)
+            guard joint.histogram != nil else { return 0 } // every value was 0
+            joint.max = members[0].max
+            return try joint.amax(method, bits: bits)
+        }
     }
 
     /// amax under `method`, or an error naming what is missing.

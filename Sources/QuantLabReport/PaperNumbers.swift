@@ -76,6 +76,24 @@ public enum Paper {
         public static let batchSize = PaperNumber("A4", "32", .article, "batch size of calibration and sensitivity")
     }
 
+    public enum A6 {
+        public static let reformatShare = PaperNumber("A6", "10.8", .article, "share of the QAT engine's TensorRT kernels that were requantize/reformat kernels (%)")
+    }
+
+    public enum A7 {
+        public static let upsampleScale = PaperNumber("A7", "0.083", .article, "scale of the input quantizer of neck.upsample1.upsample_transpose")
+        public static let concatScale = PaperNumber("A7", "0.105", .article, "scale of the input quantizer of neck.Rep_n3.conv1, which reads the same tensor through a concat")
+        /// The producer of the article's example and its two readers, in our module names.
+        public static let producer = "neck.reduce_layer1.conv"
+        public static let readers = ["neck.upsample1.upsample_transpose.input", "neck.Rep_n3.conv1.rbr_reparam.input"]
+    }
+
+    public enum A8 {
+        public static let fusedQATqps = PaperNumber("A8", "528", .article, "T4 QPS of the QAT engine after scale fusion")
+        public static let ptqQPS = PaperNumber("A8", "556", .article, "T4 QPS of the PTQ engine")
+        public static let fusedQATmAP = PaperNumber("A8", "42.1", .article, "COCO mAP of the QAT model, kept after scale fusion")
+    }
+
     /// Relative drop (FP32 − INT8) / FP32.
     public static func relativeDrop(_ fp32: PaperNumber, _ int8: PaperNumber) -> Double { (fp32.value - int8.value) / fp32.value }
 
@@ -89,5 +107,6 @@ public enum Paper {
         A1.repvggB1FP32, A1.repvggB1PTQ, A2.activationRangeRepVGG, A2.activationRangeRepOpt,
         A3.yolov6sFP32, A3.repvggPTQ, A3.repvggPTQReadme, A3.repoptPTQ, A3.repoptPTQTutorial, A3.repoptB1FP32, A3.repoptB1PTQ,
         A4.partialPTQ, A4.partialPTQReadme, A4.skippedLayers, A4.calibrationBatches, A4.batchSize,
+        A6.reformatShare, A7.upsampleScale, A7.concatScale, A8.fusedQATqps, A8.ptqQPS, A8.fusedQATmAP,
     ]
 }

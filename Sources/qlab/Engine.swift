@@ -12,8 +12,10 @@ struct EngineCommand: ParsableCommand {
         the Q/DQ graph is compiled: DQ(x), DQ(w) -> Conv -> bias -> ReLU -> Q become one integer conv, and every quantizer \
         no conv absorbed is a Reformat step. --explain prints the graph and the plan. Latency is the median of --runs \
         timed runs after 3 warm-up runs at --batch. With --eval, the metric on the validation split of --data: COCO mAP \
-        for a detector, top-1 for a classifier. The INT8 engine currently fuses convs only (transposed convs, linear \
-        layers, residual adds and concats run in FP32); see ARCHITECTURE.md.
+        for a detector, top-1 for a classifier. The INT8 engine fuses convs and the upsampling transposed convs (kernel == stride); \
+        max pools and channel concats run on int8 codes; linear layers and residual adds run in FP32; see ARCHITECTURE.md. \
+        --unify-scales (with --int8, or on a Q/DQ --onnx file) gives the quantizers that must share a scale their group's \
+        max amax; with --export-onnx it writes the unified Q/DQ graph (what a TensorRT user would build).
         """)
 
     @Option(help: "The model file (model.safetensors).") var model: String?
@@ -27,19 +29,19 @@ struct EngineCommand: ParsableCommand {
     @Flag(help: "Print the traced graph and the plan.") var explain = false
     @Flag(help: "Evaluate on the validation split of --data.") var eval = false
     @Flag(help: "Time every step of the timed runs: where the time goes, Reformat steps' share.") var profile = false
-    @Option(help: "Write the traced graph as ONNX here (with --int8: the Q/DQ graph, QuantizeLinear/DequantizeLinear pairs).") var exportOnnx: String?
+    @Option(help: "Write the traced graph as ONNX here (with --int8: the Q/DQ graph, QuantizeLinear/DequantizeLinear pairs; with --unify-scales: after unification; with --onnx: the file's graph as the engine reads it).") var exportOnnx: String?
     @Flag(help: "Also run the same graph, exported to ONNX, with onnxruntime (CPU, same threads, same input): outputs compared, latency ratio.") var onnxruntime = false
-    @Flag(help: "With --int8: give the quantizers that read one tensor (directly or through pools and concat) their group's largest amax, found from the graph (the article's scale fusion).") var unifyScales = false
+    @Flag(help: "With --int8 or a Q/DQ --onnx file: give the quantizers that read one tensor (directly or through pools and concat) their group's largest amax, found from the graph (the article's scale fusion).") var unifyScales = false
 
     func validate() throws {
         guard (model == nil) != (onnx == nil) else { throw ValidationError("give one of --model or --onnx") }
-        guard onnx == nil || (!int8 && !eval && !unifyScales && exportOnnx == nil) else {
-            throw ValidationError("--onnx runs the file as it is: --int8, --eval, --unify-scales and --export-onnx need --model")
+        guard onnx == nil || (!int8 && !eval) else {
+            throw ValidationError("--onnx runs the file's own Q/DQ: --int8 and --eval need --model")
         }
         guard batch >= 1, batch <= 256 else { throw ValidationError("--batch must be in 1...256, got \(batch)") }
         guard runs >= 1, runs <= 10_000 else { throw ValidationError("--runs must be in 1...10000, got \(runs)") }
         guard calibrationBatches >= 1 else { throw ValidationError("--calibration-batches must be at least 1") }
-        guard !unifyScales || int8 else { throw ValidationError("--unify-scales needs --int8 (it changes the quantizers' scales)") }
+        guard !unifyScales || int8 || onnx != nil else { throw ValidationError("--unify-scales needs --int8 or a Q/DQ --onnx file (it changes the quantizers' scales)") }
         do { _ = try CalibrationMethod(parsing: calibrator) } catch { throw ValidationError("--calibrator: \(error)") }
     }
 
@@ -67,11 +69,8 @@ struct EngineCommand: ParsableCommand {
         if unifyScales, let sim = simulator {
             let before = try Int8Plan(graph).reformatCount
             let changes = try QuantLab.unifyScales(sim, groups: scaleGroups(graph))
-            for c in changes {
-                print("unified: " + zip(c.names, c.before).map { String(format: "%@ %.4g", $0, $1) }.joined(separator: ", ") + String(format: " -> %.4g", c.after))
-            }
             graph = try Graph.trace(saved, batch: batch)
-            print("scale unification: \(changes.count) groups, Reformat steps \(before) -> \(try Int8Plan(graph).reformatCount)")
+            printUnification(changes, reformatsBefore: before, after: try Int8Plan(graph).reformatCount)
         }
         let plan = try Int8Plan(graph)
         if let exportOnnx {
@@ -108,6 +107,15 @@ struct EngineCommand: ParsableCommand {
                 print(String(format: "top-1 %.4f on %d val images", accuracy, val.count))
             }
         }
+    }
+
+    /// The groups unified (members with their amax before, the group's amax after) and the
+    /// plan's Reformat steps before and after.
+    func printUnification(_ changes: [(names: [String], before: [Float], after: Float)], reformatsBefore: Int, after: Int) {
+        for c in changes {
+            print("unified: " + zip(c.names, c.before).map { String(format: "%@ %.4g", $0, $1) }.joined(separator: ", ") + String(format: " -> %.4g", c.after))
+        }
+        print("scale unification: \(changes.count) groups, Reformat steps \(reformatsBefore) -> \(after)")
     }
 
     /// Latency: the median of --runs timed runs after warm-up, on a fixed input of the graph's
@@ -147,8 +155,19 @@ struct EngineCommand: ParsableCommand {
 
     /// --onnx: an ONNX file through the engine as it is (its Q/DQ, if any, compiled by Int8Plan).
     func runONNX(_ path: String) throws {
-        let graph = try ONNXImport.graph(from: URL(fileURLWithPath: path))
+        var graph = try ONNXImport.graph(from: URL(fileURLWithPath: path))
         guard graph.inputs.count == 1 else { throw ValidationError("--onnx: the engine runs models with one input, this one has \(graph.inputs.count)") }
+        if unifyScales {
+            guard graph.opCounts["QDQ"] != nil else { throw ValidationError("--unify-scales: \(path) has no Q/DQ nodes") }
+            let before = try Int8Plan(graph).reformatCount
+            let (unified, changes) = try graph.unifyingScales(scaleGroups(graph))
+            graph = unified
+            printUnification(changes, reformatsBefore: before, after: try Int8Plan(graph).reformatCount)
+        }
+        if let exportOnnx {
+            try ONNXExport.write(graph, to: URL(fileURLWithPath: exportOnnx), name: URL(fileURLWithPath: path).deletingPathExtension().lastPathComponent)
+            print("wrote \(exportOnnx) (ONNX opset \(ONNXExport.opset)\(unifyScales ? ", scales unified" : ""))")
+        }
         let plan = try Int8Plan(graph)
         if explain { print(graph.explain() + "\n\n" + plan.explain() + "\n") }
         print("\(path): input \(graph.values[graph.inputs[0]].shape), \(graph.nodes.count) ops, \(graph.opCounts["QDQ"] == nil ? "FP32 graph" : "INT8 plan (\(plan.int8ConvCount) integer convs, \(plan.reformatCount) Reformat steps)"); \(Kernels.summary)")
