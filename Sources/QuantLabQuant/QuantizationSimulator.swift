@@ -24,6 +24,26 @@ public final class TensorQuantizer {
     /// What it quantizes ("neck.reduce_layer1.conv.input"), for traced graphs and messages.
     public var label: String?
 
+    /// LSQ (QAT.swift): a trainable step per tensor or channel, started from amax / Qp; while
+    /// set, it replaces amax (`freezeLearnedStep` writes it back).
+    public private(set) var learnedStep: Tensor?
+
+    /// Starts learning the step from the calibrated amax (PaddleSlim starts from the range of
+    /// the first batches; starting from the PTQ calibration is what YOLOv6's QAT starts from).
+    public func enableLearnedStep() throws {
+        guard spec.mode == .symmetric, let amax else { throw QuantizationError("\(label ?? "quantizer"): LSQ needs a calibrated symmetric quantizer") }
+        let t = Tensor(amax.map { max($0, Float.leastNormalMagnitude) / Float(spec.qmax) }, shape: [amax.count])
+        t.requiresGrad = true
+        learnedStep = t
+    }
+
+    /// Ends LSQ: amax = step * Qp from now on.
+    public func freezeLearnedStep() {
+        guard let step = learnedStep else { return }
+        amax = step.values.map { $0 * Float(spec.qmax) }
+        learnedStep = nil
+    }
+
     public init(spec: QuantSpec, histogram: Bool = true, bins: Int = 2048) {
         self.spec = spec
         statistics = ActivationStatistics(histogram: histogram && spec.axis == nil, bins: bins)
@@ -37,6 +57,12 @@ public final class TensorQuantizer {
         guard isEnabled else { return x }
         switch spec.mode {
         case .symmetric:
+            if let step = learnedStep {
+                // LSQ: the step is trained; the graph sees an ordinary quantizer with amax = step * Qp
+                let out = untraced { lsqFakeQuantize(x, step: step, qn: -spec.qmax, qp: spec.qmax, axis: spec.axis) }
+                traceOp(.quantizeDequantize(amax: step.values.map { $0 * Float(spec.qmax) }, axis: spec.axis, bits: spec.bits), [x], out, name: label)
+                return out
+            }
             guard let amax else { fatalError("a quantizer was enabled before it was calibrated (call applyCalibration first)") }
             let out = untraced { fakeQuantize(x, amax: amax, spec: spec) }
             traceOp(.quantizeDequantize(amax: amax, axis: spec.axis, bits: spec.bits), [x], out, name: label)
