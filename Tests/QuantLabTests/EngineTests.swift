@@ -8,9 +8,9 @@ import Testing
 
 /// A deploy-form tiny detector with BN statistics that are not the identity and non-trivial
 /// predictors (YOLOv6 starts them at zero), for the engine tests.
-func deployedDetector(seed: UInt64, inputSize: Int = 64) -> YOLOv6 {
+func deployedDetector(seed: UInt64, inputSize: Int = 64, classes: Int = 3) -> YOLOv6 {
     var rng = SeededGenerator(seed: seed)
-    let model = YOLOv6(.tiny(block: .repvgg, numClasses: 3, inputSize: inputSize), rng: &rng)
+    let model = YOLOv6(.tiny(block: .repvgg, numClasses: classes, inputSize: inputSize), rng: &rng)
     model.train()
     _ = withNoGrad { model(Tensor.randn([2, 3, inputSize, inputSize], rng: &rng)) }
     model.eval()

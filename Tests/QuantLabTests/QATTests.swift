@@ -1,6 +1,8 @@
 import Foundation
 import Testing
 @testable import QuantLabCore
+@testable import QuantLabData
+@testable import QuantLabModels
 @testable import QuantLabQuant
 
 // QAT's pieces (issue #13): YOLOv6's channel-wise distillation loss, its decay, and LSQ.
@@ -128,5 +130,74 @@ struct QATTests {
         step.data[0] = 0.02
         q.freezeLearnedStep()
         #expect(q.learnedStep == nil && abs(q.amax![0] - 0.02 * 127) < 1e-5)
+    }
+}
+
+@Suite("QAT trainer")
+struct QATTrainerTests {
+    private static func tinyData() throws -> (URL, DetectionDataset) {
+        let root = FileManager.default.temporaryDirectory.appendingPathComponent("ql-qat-\(UUID().uuidString)")
+        let cfg = SyntheticShapes.Config(name: "d", imageSize: 64, trainImages: 8, valImages: 2, seed: 4, maxObjects: 2,
+                                         minObjectSize: 16, maxObjectSize: 40, singleObject: false, noiseStd: 2...4, jpegQuality: 90...95)
+        try SyntheticShapes(cfg).write(root: root, threads: 2)
+        return (root, try DetectionDataset(root: root.appendingPathComponent("d"), split: "train2017"))
+    }
+
+    /// A calibrated deploy-form tiny detector, and a fixed input.
+    private func quantized(seed: UInt64, classes: Int) throws -> (YOLOv6, QuantizationSimulator, Tensor) {
+        let model = deployedDetector(seed: seed, classes: classes)
+        var rng = SeededGenerator(seed: seed &+ 1)
+        let sim = try QuantizationSimulator(model)
+        sim.calibrate(on: [Tensor.uniform([2, 3, 64, 64], low: 0, high: 1, rng: &rng)]) { _ = model($0) }
+        try sim.applyCalibration(.max)
+        return (model, sim, Tensor.uniform([2, 3, 64, 64], low: 0, high: 1, rng: &rng))
+    }
+
+    @Test("QAT with learning rate 0 leaves the PTQ model's outputs unchanged (EMA, momentum, decay and distillation included)")
+    func zeroLearningRate() throws {
+        let (root, train) = try Self.tinyData()
+        defer { try? FileManager.default.removeItem(at: root) }
+        let (model, sim, x) = try quantized(seed: 71, classes: train.classCount)
+        defer { sim.remove() }
+        let teacher = deployedDetector(seed: 72, classes: train.classCount)
+        let before = withNoGrad { model(x) }
+        var config = QATConfig()
+        config.learningRate = 0
+        config.batchSize = 4
+        config.epochs = 2
+        config.cwdWeight = 10
+        config.workers = 1
+        let trainer = try QATTrainer(model: model, simulator: sim, teacher: teacher, train: train, config: config, log: { _ in })
+        try trainer.run()
+        #expect(trainer.step == 4)
+        let after = withNoGrad { model(x) }
+        // the EMA's d * w + (1 - d) * w rounds to w within an ulp, so equal up to float rounding
+        for (a, b) in [(after.classLogits, before.classLogits), (after.distances, before.distances)] {
+            #expect(firstMismatch(a.values, b.values, atol: 1e-5, rtol: 1e-5) == nil, "\(firstMismatch(a.values, b.values, atol: 1e-5, rtol: 1e-5) ?? "")")
+        }
+    }
+
+    @Test("QAT moves the weights with a learning rate; with LSQ the steps move too and are written back as amax; distillation without a teacher is an error")
+    func learns() throws {
+        let (root, train) = try Self.tinyData()
+        defer { try? FileManager.default.removeItem(at: root) }
+        let (model, sim, x) = try quantized(seed: 73, classes: train.classCount)
+        defer { sim.remove() }
+        let before = withNoGrad { model(x) }
+        let amaxBefore = sim.activationAmax
+        var config = QATConfig()
+        config.learningRate = 1e-2
+        config.batchSize = 4
+        config.lsq = true
+        config.workers = 1
+        config.emaTau = 1 // the EMA follows the weights at once: the change shows after one epoch
+        let trainer = try QATTrainer(model: model, simulator: sim, teacher: nil, train: train, config: config, log: { _ in })
+        try trainer.run()
+        let after = withNoGrad { model(x) }
+        #expect(after.distances.values != before.distances.values)
+        #expect(sim.layers.allSatisfy { $0.input.learnedStep == nil }, "steps frozen back into amax")
+        #expect(sim.activationAmax != amaxBefore, "LSQ moved some step")
+        config.cwdWeight = 10
+        expectError(QuantizationError.self, mentioning: "teacher") { _ = try QATTrainer(model: model, simulator: sim, teacher: nil, train: train, config: config) }
     }
 }
