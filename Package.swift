@@ -19,6 +19,7 @@ let experimentNames = [
     "exp01_weight_activation_distributions",
     "exp02_repvgg_vs_repopt_ptq",
     "exp03_sensitivity_partial_ptq",
+    "exp04_partial_qat_cwd",
     "exp05_qdq_scale_fusion",
 ]
 

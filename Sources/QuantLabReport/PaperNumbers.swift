@@ -76,6 +76,13 @@ public enum Paper {
         public static let batchSize = PaperNumber("A4", "32", .article, "batch size of calibration and sensitivity")
     }
 
+    public enum A5 {
+        public static let cwdGain = PaperNumber("A5", "0.3", .article, "COCO mAP that CWD adds to partial QAT (YOLOv6s RepOpt)")
+        /// The stack's last two steps (A11, the article's lost Table 10, read as partial QAT then + CWD).
+        public static let partialQAT = PaperNumber("A11", "42.1", .article, "YOLOv6s RepOpt COCO mAP, partial QAT (about)")
+        public static let partialQATCWD = PaperNumber("A11", "42.3", .article, "YOLOv6s RepOpt COCO mAP, partial QAT + CWD (about)")
+    }
+
     public enum A6 {
         public static let reformatShare = PaperNumber("A6", "10.8", .article, "share of the QAT engine's TensorRT kernels that were requantize/reformat kernels (%)")
     }
@@ -107,6 +114,6 @@ public enum Paper {
         A1.repvggB1FP32, A1.repvggB1PTQ, A2.activationRangeRepVGG, A2.activationRangeRepOpt,
         A3.yolov6sFP32, A3.repvggPTQ, A3.repvggPTQReadme, A3.repoptPTQ, A3.repoptPTQTutorial, A3.repoptB1FP32, A3.repoptB1PTQ,
         A4.partialPTQ, A4.partialPTQReadme, A4.skippedLayers, A4.calibrationBatches, A4.batchSize,
-        A6.reformatShare, A7.upsampleScale, A7.concatScale, A8.fusedQATqps, A8.ptqQPS, A8.fusedQATmAP,
+        A5.cwdGain, A5.partialQAT, A5.partialQATCWD, A6.reformatShare, A7.upsampleScale, A7.concatScale, A8.fusedQATqps, A8.ptqQPS, A8.fusedQATmAP,
     ]
 }
