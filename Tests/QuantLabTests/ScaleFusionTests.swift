@@ -24,15 +24,21 @@ struct ScaleFusionTests {
         })
     }
 
-    @Test("a shared tensor and a max pool join their readers' quantizers; a residual add does not (it does not commute with quantization)")
-    func residualAdd() throws {
-        var rng = SeededGenerator(seed: 41)
+    /// The residual net with its quantizers calibrated by `method` on one input, which it returns.
+    private func calibratedResidualNet(seed: UInt64, method: CalibrationMethod) throws -> (Sequential, (Tensor) -> [Tensor], QuantizationSimulator, Tensor) {
+        var rng = SeededGenerator(seed: seed)
         let (model, forward) = residualNet(&rng)
         let sim = try QuantizationSimulator(model)
-        defer { sim.remove() }
         let x = Tensor.uniform([2, 3, 8, 8], low: -1, high: 1, rng: &rng)
         sim.calibrate(on: [x]) { _ = forward($0) }
-        try sim.applyCalibration(.max)
+        try sim.applyCalibration(method)
+        return (model, forward, sim, x)
+    }
+
+    @Test("a shared tensor and a max pool join their readers' quantizers; a residual add does not (it does not commute with quantization)")
+    func residualAdd() throws {
+        let (model, forward, sim, x) = try calibratedResidualNet(seed: 41, method: .max)
+        defer { sim.remove() }
         let groups = scaleGroups(try Graph.trace(model, example: x, forward))
         // a is read by 1, (through the pool) 2, and 3; the add's output is read by 4 alone
         #expect(groups == [["1.input", "2.input", "3.input"]], "\(groups)")
@@ -68,13 +74,8 @@ struct ScaleFusionTests {
 
     @Test("unification on a graph alone (an imported ONNX file has no simulator): each group's QDQ nodes get the group max; the original graph is untouched; an unknown member is an error")
     func graphUnification() throws {
-        var rng = SeededGenerator(seed: 42)
-        let (model, forward) = residualNet(&rng)
-        let sim = try QuantizationSimulator(model)
+        let (model, forward, sim, x) = try calibratedResidualNet(seed: 42, method: .max)
         defer { sim.remove() }
-        let x = Tensor.uniform([2, 3, 8, 8], low: -1, high: 1, rng: &rng)
-        sim.calibrate(on: [x]) { _ = forward($0) }
-        try sim.applyCalibration(.max)
         let a = try sim.layer("1").input.amax![0]
         try sim.layer("2").input.amax = [a * 1.25]
         let graph = try Graph.trace(model, example: x, forward)
@@ -115,13 +116,8 @@ struct ScaleFusionTests {
 
     @Test("joint calibration gives every quantizer of a group one amax from their merged statistics; the plan then writes each tensor once in int8")
     func jointCalibration() throws {
-        var rng = SeededGenerator(seed: 47)
-        let (model, forward) = residualNet(&rng)
-        let sim = try QuantizationSimulator(model)
+        let (model, forward, sim, x) = try calibratedResidualNet(seed: 47, method: .entropy)
         defer { sim.remove() }
-        let x = Tensor.uniform([2, 3, 8, 8], low: -1, high: 1, rng: &rng)
-        sim.calibrate(on: [x]) { _ = forward($0) }
-        try sim.applyCalibration(.entropy)
         try sim.layer("3").input.amax = [try sim.layer("1").input.amax![0] * 1.5] // as if trained apart
         let graph = try Graph.trace(model, example: x, forward)
         let groups = scaleGroups(graph)
