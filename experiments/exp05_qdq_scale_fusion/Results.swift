@@ -70,6 +70,9 @@ struct Exp05Results: Codable {
     /// The explicit way's mAP with fake quantization (the simulator): the engine should agree.
     var simulatorExplicitmAP: Double
     var fp32Graph = FloatGraph(imagesPerSecondBatch1: .nan)
+    /// The largest relative difference between the median times of the first and second half
+    /// of any plan's timed runs: speed ratios closer to 1 than this are noise.
+    var timingNoise = Double.nan
     var implicit: Way?
     var explicit: Way?
     var unified: Way?
@@ -84,7 +87,7 @@ struct Exp05Results: Codable {
 
     enum CodingKeys: String, CodingKey {
         case implicit, explicit, unified, groups, unlisted, verdicts, provenance
-        case fp32mAP = "fp32_map", simulatorExplicitmAP = "simulator_explicit_map", fp32Graph = "fp32_graph", yolov6List = "yolov6_list",
+        case fp32mAP = "fp32_map", simulatorExplicitmAP = "simulator_explicit_map", fp32Graph = "fp32_graph", yolov6List = "yolov6_list", timingNoise = "timing_noise",
              articleCase = "article_case"
     }
 }
@@ -101,12 +104,14 @@ func exp05Verdicts(_ r: Exp05Results, quick: Bool) -> Exp05Results.Verdicts {
     let prefix = quick ? "(smoke run, tiny model: not a result) " : ""
     let slowdown = b.imagesPerSecondBatch1 / a.imagesPerSecondBatch1
     let paperQAT = Paper.A8.fusedQATqps.value / Paper.A8.ptqQPS.value
-    if b.reformatSteps > a.reformatSteps && slowdown < 0.98 {
-        v.slower = prefix + String(format: "A6 reproduced: the explicit Q/DQ graph has %d Reformat steps against implicit PTQ's %d (%.1f%% vs %.1f%% of the time) and runs at %.2fx its speed at batch 1.",
-                                   b.reformatSteps, a.reformatSteps, 100 * b.reformatTimeShare, 100 * a.reformatTimeShare, slowdown)
+    // slower only when beyond the timing noise (at least 1%)
+    let noise = max(r.timingNoise.isFinite ? r.timingNoise : 0, 0.01)
+    if b.reformatSteps > a.reformatSteps && slowdown < 1 - noise {
+        v.slower = prefix + String(format: "A6 reproduced: the explicit Q/DQ graph has %d Reformat steps against implicit PTQ's %d (%.1f%% vs %.1f%% of the time) and runs at %.2fx its speed at batch 1 (timing noise %.1f%%).",
+                                   b.reformatSteps, a.reformatSteps, 100 * b.reformatTimeShare, 100 * a.reformatTimeShare, slowdown, 100 * noise)
     } else if b.reformatSteps > a.reformatSteps {
-        v.slower = prefix + String(format: "A6 reproduced in structure, not in speed: the explicit graph has %d Reformat steps against %d (%.1f%% vs %.1f%% of the time), but its batch-1 speed is %.2fx implicit PTQ's — within timing noise.",
-                                   b.reformatSteps, a.reformatSteps, 100 * b.reformatTimeShare, 100 * a.reformatTimeShare, slowdown)
+        v.slower = prefix + String(format: "A6 reproduced in structure, not measurably in speed: the explicit graph has %d Reformat steps against %d (%.1f%% vs %.1f%% of the time), but its batch-1 speed, %.2fx implicit PTQ's, is within the timing noise (%.1f%%).",
+                                   b.reformatSteps, a.reformatSteps, 100 * b.reformatTimeShare, 100 * a.reformatTimeShare, slowdown, 100 * noise)
     } else {
         v.slower = prefix + "A6 not reproduced: the explicit graph has no more Reformat steps than implicit PTQ (\(b.reformatSteps) vs \(a.reformatSteps))."
     }

@@ -81,17 +81,34 @@ struct Exp05: ParsableCommand {
         let amaxByName = Dictionary(uniqueKeysWithValues: sim.layers.compactMap { l in l.input.amax.map { ("\(l.name).input", $0[0]) } })
 
         // MARK: - 5 Evaluate each way on the engine
+        // Each way's plans are compiled from the quantizers as they stand (a plan keeps its
+        // scales), scored and profiled; then all are timed together, run by run in turn, so
+        // that a change in the machine's state hits every way alike.
         var results = Exp05Results(fp32mAP: fp32, simulatorExplicitmAP: simulatedExplicit)
-        results.fp32Graph = try timing.measureFloat(try Graph.trace(model, batch: 1).withoutQuantizers(), model: model)
         print("(b) explicit Q/DQ")
-        results.explicit = try timing.measure(model, val: val, label: "explicit")
+        let explicitWay = try timing.compile(model, val: val, label: "explicit")
         print("(c) explicit, scales unified")
         let unified = try unifyScales(sim, groups: groups)
-        results.unified = try timing.measure(model, val: val, label: "unified")
+        let unifiedWay = try timing.compile(model, val: val, label: "unified")
         print("(a) implicit PTQ")
         restoreExplicit()
         let joint = try calibrateJointly(sim, groups: groups, method: calibrationMethod)
-        results.implicit = try timing.measure(model, val: val, label: "implicit")
+        let implicitWay = try timing.compile(model, val: val, label: "implicit")
+        let float = try Int8Plan(try Graph.trace(model, batch: 1).withoutQuantizers())
+        let speeds = try timing.interleaved([implicitWay.plan1, explicitWay.plan1, unifiedWay.plan1, float], batch: 1, size: model.config.inputSize)
+        let speeds32 = try timing.interleaved([implicitWay.plan32, explicitWay.plan32, unifiedWay.plan32], batch: 32, size: model.config.inputSize)
+        var ways = [implicitWay, explicitWay, unifiedWay]
+        for i in ways.indices {
+            ways[i].result.imagesPerSecondBatch1 = speeds[i].imagesPerSecond
+            ways[i].result.imagesPerSecondBatch32 = speeds32[i].imagesPerSecond
+        }
+        (results.implicit, results.explicit, results.unified) = (ways[0].result, ways[1].result, ways[2].result)
+        results.fp32Graph = .init(imagesPerSecondBatch1: speeds[3].imagesPerSecond)
+        results.timingNoise = (speeds + speeds32).map(\.drift).max() ?? .nan
+        for (name, w) in zip(["implicit", "explicit", "unified"], ways.map(\.result)) {
+            print(String(format: "  %@: %d Reformat steps (%.1f%% of time), %.1f img/s at batch 1, %.1f at batch 32, mAP %.4f",
+                         name, w.reformatSteps, 100 * w.reformatTimeShare, w.imagesPerSecondBatch1, w.imagesPerSecondBatch32, w.mAP))
+        }
 
         // The groups, with their amaxes under each way, and YOLOv6's hand-written list beside them.
         results.groups = zip(unified, joint).map { u, j in
@@ -137,33 +154,53 @@ struct Timing {
         return Tensor.uniform([batch, 3, size, size], low: 0, high: 1, rng: &rng)
     }
 
-    /// The model as its quantizers now stand: the batch-1 plan profiled (per-step medians) and
-    /// timed, the batch-32 plan timed and scored on val.
-    func measure(_ model: YOLOv6, val: DetectionDataset, label: String) throws -> Exp05Results.Way {
+    /// One way, compiled: its batch-1 and batch-32 plans and what is measured of it alone.
+    struct CompiledWay {
+        var plan1: Int8Plan
+        var plan32: Int8Plan
+        var result: Exp05Results.Way
+    }
+
+    /// The model as its quantizers now stand: the batch-1 plan profiled (per-step medians), the
+    /// batch-32 plan scored on val. Speeds are filled in by `interleaved`.
+    func compile(_ model: YOLOv6, val: DetectionDataset, label: String) throws -> CompiledWay {
         let size = model.config.inputSize
         let plan1 = try Int8Plan(try Graph.trace(model, batch: 1))
         let x1 = input(1, size: size)
-        let latency1 = try plan1.medianLatency([x1], runs: runs)
+        for _ in 0..<3 { _ = try plan1.run([x1]) }
         plan1.profile = true
         for _ in 0..<runs { _ = try plan1.run([x1]) }
         let share = plan1.reformatShare
         plan1.profile = false
         let plan32 = try Int8Plan(try Graph.trace(model, batch: 32))
-        let latency32 = try plan32.medianLatency([input(32, size: size)], runs: batchRuns)
         let mAP = try engineMAP(plan32, model: model, val: val, label: "engine, \(label)")
-        print(String(format: "  %@: %d Reformat steps (%.1f%% of time), %.1f img/s at batch 1, %.1f at batch 32, mAP %.4f",
-                     label, plan1.reformatCount, 100 * share.time, 1 / latency1, 32 / latency32, mAP))
-        return .init(reformats: plan1.reformats, reformatSteps: plan1.reformatCount, steps: plan1.steps.count, int8Convs: plan1.int8ConvCount,
-                     reformatTimeShare: share.time, reformatCountShare: share.count,
-                     imagesPerSecondBatch1: 1 / latency1, imagesPerSecondBatch32: 32 / latency32, mAP: mAP,
-                     neckPlan: neckLines(plan1.explain()))
+        let result = Exp05Results.Way(reformats: plan1.reformats, reformatSteps: plan1.reformatCount, steps: plan1.steps.count, int8Convs: plan1.int8ConvCount,
+                                      reformatTimeShare: share.time, reformatCountShare: share.count,
+                                      imagesPerSecondBatch1: .nan, imagesPerSecondBatch32: .nan, mAP: mAP, neckPlan: neckLines(plan1.explain()))
+        return CompiledWay(plan1: plan1, plan32: plan32, result: result)
     }
 
-    /// The FP32 graph's speed (the baseline the INT8 ways are compared with).
-    func measureFloat(_ graph: Graph, model: YOLOv6) throws -> Exp05Results.FloatGraph {
-        let plan = try Int8Plan(graph)
-        let latency = try plan.medianLatency([input(1, size: model.config.inputSize)], runs: runs)
-        return .init(imagesPerSecondBatch1: 1 / latency)
+    /// Speed of each plan, timed in turn run by run (after 3 warm-up runs each): img/s from the
+    /// median, and the drift — how far the medians of the first and second half of the runs
+    /// differ, relative — as the timing noise.
+    func interleaved(_ plans: [Int8Plan], batch: Int, size: Int) throws -> [(imagesPerSecond: Double, drift: Double)] {
+        let x = input(batch, size: size)
+        let n = batch == 1 ? runs : batchRuns
+        for p in plans { for _ in 0..<3 { _ = try p.run([x]) } }
+        var times = [[Double]](repeating: [], count: plans.count)
+        for _ in 0..<n {
+            for (i, p) in plans.enumerated() {
+                let t0 = DispatchTime.now().uptimeNanoseconds
+                _ = try p.run([x])
+                times[i].append(Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e9)
+            }
+        }
+        func median(_ v: ArraySlice<Double>) -> Double { let s = v.sorted(); return s[s.count / 2] }
+        return times.map { t in
+            let m = median(t[...]), half = t.count / 2
+            let drift = half >= 1 ? abs(median(t[..<half]) - median(t[half...])) / m : .nan
+            return (Double(batch) / m, drift)
+        }
     }
 
     /// The lines of a plan's explanation from the first neck step to the last, and its summary.
