@@ -71,7 +71,17 @@ struct Exp04: ParsableCommand {
         let ranking = try rankingSplit(train, images: rankingImages ?? (quick ? 40 : 250), seed: 0)
 
         // MARK: - 2 Model, 3 Train or load
-        let (model, _, val) = try Baselines.detector(.repopt, plan: plan)
+        // One arm for RepVGG first (its baseline is trained now if not cached): does QAT rescue what PTQ hurt?
+        let (repvgg, _, val) = try Baselines.detector(.repvgg, plan: plan)
+        let repvggFP32 = try evaluateDetector(repvgg, on: val, progressLabel: "RepVGG FP32 val").0.mAP
+        let repvggSim = try prepareDetectorPTQ(repvgg, train: train, method: calibrationMethod, calibration: CalibrationPlan(batches: 4, batchSize: 32, seed: 0))
+        let repvggPTQ = try evaluateDetector(repvgg, on: val, progressLabel: "RepVGG PTQ val").0.mAP
+        let repvggTrainer = try QATTrainer(model: repvgg, simulator: repvggSim, teacher: nil, train: train, config: qat, log: { print("  " + $0) })
+        try repvggTrainer.run { try evaluateDetector($0, on: val).0.mAP }
+        let repvggArm = Exp04Results.RepVGGArm(fp32mAP: repvggFP32, ptqmAP: repvggPTQ, qatmAPPerEpoch: repvggTrainer.history)
+        repvggSim.remove()
+
+        let (model, _, _) = try Baselines.detector(.repopt, plan: plan)
         let fp32 = try evaluateDetector(model, on: val, progressLabel: "FP32 val").0.mAP
         let (teacher, _, _) = try Baselines.detector(.repopt, plan: plan, log: { _ in })
         teacher.eval()
@@ -94,6 +104,7 @@ struct Exp04: ParsableCommand {
         // MARK: - 5 QAT arms, each from the same PTQ state, over seeds
         let ptqState = PTQState(model: model, sim: sim)
         var results = Exp04Results(fp32mAP: fp32, ptqmAP: ptq, partialPTQmAP: partialPTQ, skipped: skipped, qat: qat)
+        results.repvgg = repvggArm
         for arm in QATArm.allCases {
             var runs: [Exp04Results.Run] = []
             for seed in 0..<UInt64(seeds) {
@@ -111,16 +122,6 @@ struct Exp04: ParsableCommand {
             results.arms[arm.rawValue] = runs
         }
         try ptqState.restore(model: model, sim: sim)
-
-        // One arm for RepVGG: does QAT rescue what PTQ hurt?
-        let (repvgg, _, _) = try Baselines.detector(.repvgg, plan: plan)
-        let repvggFP32 = try evaluateDetector(repvgg, on: val, progressLabel: "RepVGG FP32 val").0.mAP
-        let repvggSim = try prepareDetectorPTQ(repvgg, train: train, method: calibrationMethod, calibration: CalibrationPlan(batches: 4, batchSize: 32, seed: 0))
-        defer { repvggSim.remove() }
-        let repvggPTQ = try evaluateDetector(repvgg, on: val, progressLabel: "RepVGG PTQ val").0.mAP
-        let repvggTrainer = try QATTrainer(model: repvgg, simulator: repvggSim, teacher: nil, train: train, config: qat, log: { print("  " + $0) })
-        try repvggTrainer.run { try evaluateDetector($0, on: val).0.mAP }
-        results.repvgg = .init(fp32mAP: repvggFP32, ptqmAP: repvggPTQ, qatmAPPerEpoch: repvggTrainer.history)
 
         // MARK: - 6 Report
         results.verdict = exp04Verdict(results, quick: quick)
