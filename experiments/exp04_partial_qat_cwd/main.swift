@@ -25,8 +25,8 @@
 // Files: main.swift (the pipeline), Results.swift (what is measured, the verdict), Report.swift
 // (results/exp04.md and the training curves).
 //
-// Run: `make exp04` (about 45 minutes on 2 cores once the baselines exist), `make exp04 QUICK=1`
-// (tiny model, about a minute).
+// Run: `make exp04` (about 25 minutes on 2 AVX2 cores once the RepOpt and RepVGG baselines
+// exist; 60 minutes when it first trains the RepVGG one), `make exp04 QUICK=1` (tiny model, ~40 s).
 import ArgumentParser
 import Foundation
 import QuantLab
