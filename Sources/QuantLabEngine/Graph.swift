@@ -96,10 +96,8 @@ public final class Graph {
     /// The same graph with every quantize-dequantize node taken out (its readers read its
     /// input instead): the FP32 graph a Q/DQ graph was traced from, without re-tracing.
     public func withoutQuantizers() -> Graph {
-        let g = Graph()
-        g.values = values
-        g.constants = constants
-        g.inputs = inputs
+        let g = copy()
+        g.nodes = []
         var alias: [Int: Int] = [:]
         func resolve(_ v: Int) -> Int { var v = v; while let a = alias[v] { v = a }; return v }
         for n in nodes {
@@ -112,6 +110,13 @@ public final class Graph {
             g.nodes.append(m)
         }
         g.outputs = outputs.map(resolve)
+        return g
+    }
+
+    /// A graph with the same values, constants, inputs, nodes and outputs, for a pass to edit.
+    func copy() -> Graph {
+        let g = Graph()
+        (g.values, g.constants, g.inputs, g.nodes, g.outputs) = (values, constants, inputs, nodes, outputs)
         return g
     }
 

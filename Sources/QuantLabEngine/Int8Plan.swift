@@ -197,50 +197,49 @@ public final class Int8Conv {
         }
     }
 
-    /// The transposed conv: one GEMM [N*H*W, C] x [C, KH*KW*K] on the input codes as they are
-    /// (NHWC rows are the pixels), then each pixel's KH x KW block of K values to its place.
+    /// The transposed conv: one GEMM [N*H*W, C] x [C, KH*KW*K] on the input codes (NHWC rows are
+    /// the pixels: the im2col of a 1 x 1 kernel), then each pixel's KH x KW block of K values to
+    /// its place in the NHWC output.
     private func runTransposed(_ x: QTensor) throws -> (QTensor?, Tensor?) {
         let (n, c, h, w) = (x.shape[0], x.shape[1], x.shape[2], x.shape[3])
         let (kh, kw) = kernel, k = outChannels, cols = gemmColumns
         let (oh, ow) = (h * kh, w * kw), m = n * h * w
+        var g = ql_conv_geom(N: Int32(n), C: Int32(c), H: Int32(h), W: Int32(w), K: Int32(cols), KH: 1, KW: 1,
+                             SH: 1, SW: 1, PH: 0, PW: 0, DH: 1, DW: 1, groups: 1)
         let offset: Int32 = ql_s8_min(x.codes, Int64(x.codes.count)) >= 0 ? 0 : 128
         if columns.count < m * c { columns = [UInt8](repeating: 0, count: m * c) }
-        for i in 0..<(m * c) { columns[i] = UInt8(Int(x.codes[i]) + Int(offset)) }
+        guard ql_im2col_nhwc_s8u8(&columns, x.codes, &g, offset) == 0 else { throw EngineError("\(name): input copy failed for \(x.shape)") }
         let col = columns
         let offsets = offset == 0 ? nil : columnSums.map { -offset * $0 }
-        let outShape = [n, k, oh, ow]
-        return try withEpilogue(offsets) { ep in
-            if let amax = outputAmax {
-                var g = [Int8](repeating: 0, count: m * cols)
-                guard ql_igemm_u8s8_s8(Int32(m), Int32(cols), Int32(c), col, Int32(c), packed, &ep, &g, Int32(cols)) == 0 else {
-                    throw EngineError("\(name): INT8 GEMM failed")
-                }
-                var out = [Int8](repeating: 0, count: m * cols) // NHWC [N, OH, OW, K]
-                g.withUnsafeBufferPointer { src in
-                    out.withUnsafeMutableBufferPointer { dst in
-                        for p in 0..<m {
-                            let (b, hw) = p.quotientAndRemainder(dividingBy: h * w), (y, xx) = hw.quotientAndRemainder(dividingBy: w)
-                            for i in 0..<kh { for j in 0..<kw {
-                                let to = ((b * oh + y * kh + i) * ow + xx * kw + j) * k
-                                (dst.baseAddress! + to).update(from: src.baseAddress! + p * cols + (i * kw + j) * k, count: k)
-                            } }
-                        }
+        /// GEMM rows [pixel][(i, j, k)] to NHWC [N, OH, OW, K].
+        func scatter<T>(_ gemm: [T], zero: T) -> [T] {
+            var out = [T](repeating: zero, count: m * cols)
+            gemm.withUnsafeBufferPointer { src in
+                out.withUnsafeMutableBufferPointer { dst in
+                    for p in 0..<m {
+                        let (b, hw) = p.quotientAndRemainder(dividingBy: h * w), (y, xx) = hw.quotientAndRemainder(dividingBy: w)
+                        for i in 0..<kh { for j in 0..<kw {
+                            (dst.baseAddress! + ((b * oh + y * kh + i) * ow + xx * kw + j) * k).update(from: src.baseAddress! + p * cols + (i * kw + j) * k, count: k)
+                        } }
                     }
                 }
-                return (QTensor(codes: out, shape: outShape, amax: amax), nil)
             }
-            var g = [Float](repeating: 0, count: m * cols)
-            guard ql_igemm_u8s8_f32(Int32(m), Int32(cols), Int32(c), col, Int32(c), packed, &ep, &g, Int32(cols)) == 0 else {
+            return out
+        }
+        return try withEpilogue(offsets) { ep in
+            if let amax = outputAmax {
+                var gemm = [Int8](repeating: 0, count: m * cols)
+                guard ql_igemm_u8s8_s8(Int32(m), Int32(cols), Int32(c), col, Int32(c), packed, &ep, &gemm, Int32(cols)) == 0 else {
+                    throw EngineError("\(name): INT8 GEMM failed")
+                }
+                return (QTensor(codes: scatter(gemm, zero: 0), shape: [n, k, oh, ow], amax: amax), nil)
+            }
+            var gemm = [Float](repeating: 0, count: m * cols)
+            guard ql_igemm_u8s8_f32(Int32(m), Int32(cols), Int32(c), col, Int32(c), packed, &ep, &gemm, Int32(cols)) == 0 else {
                 throw EngineError("\(name): INT8 GEMM failed")
             }
-            let out = Tensor(zeros: outShape) // NCHW
-            for p in 0..<m {
-                let (b, hw) = p.quotientAndRemainder(dividingBy: h * w), (y, xx) = hw.quotientAndRemainder(dividingBy: w)
-                for i in 0..<kh { for j in 0..<kw { for o in 0..<k {
-                    out.data[((b * k + o) * oh + y * kh + i) * ow + xx * kw + j] = g[p * cols + (i * kw + j) * k + o]
-                } } }
-            }
-            return (nil, out)
+            let nhwc = Tensor(scatter(gemm, zero: 0), shape: [n, oh, ow, k])
+            return (nil, nhwc.permuted([0, 3, 1, 2]))
         }
     }
 
@@ -493,16 +492,13 @@ public final class Int8Plan {
     /// Runs the plan on NCHW float inputs; returns the graph's outputs in f32.
     public func run(_ inputs: [Tensor]) throws -> [Tensor] { try runKeepingValues(inputs).outputs }
 
-    /// Seconds spent in each step (by step index) over the runs made with `profile` on.
-    public private(set) var stepSeconds: [Double] = []
     /// Every profiled run's time of each step (by step index).
     public private(set) var stepSamples: [[Double]] = []
+    /// Seconds spent in each step (by step index) over the runs made with `profile` on.
+    public var stepSeconds: [Double] { stepSamples.map { $0.reduce(0, +) } }
     /// Time each step of the following runs (a clock read per step).
     public var profile = false {
-        didSet {
-            stepSeconds = Array(repeating: 0, count: steps.count)
-            stepSamples = Array(repeating: [], count: steps.count)
-        }
+        didSet { stepSamples = Array(repeating: [], count: steps.count) }
     }
 
     /// Each step's median time over the profiled runs (robust to a run that the OS interrupted).
@@ -520,7 +516,7 @@ public final class Int8Plan {
     /// Where the time went, over the profiled runs: the share of each kind of step (Reformat
     /// steps by kind), by time and by count, and the slowest steps.
     public func profileReport(top: Int = 8) -> String {
-        let total = stepSeconds.reduce(0, +)
+        let stepSeconds = self.stepSeconds, total = stepSeconds.reduce(0, +)
         guard total > 0 else { return "no profiled runs (set profile = true first)" }
         func kind(_ s: PlanStep) -> String {
             if let r = reformatKind(of: s) { return "Reformat: \(r)" }
@@ -573,13 +569,7 @@ public final class Int8Plan {
         try withNoGrad {
             for (index, step) in steps.enumerated() {
                 let start = profile ? DispatchTime.now().uptimeNanoseconds : 0
-                defer {
-                    if profile {
-                        let t = Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9
-                        stepSeconds[index] += t
-                        stepSamples[index].append(t)
-                    }
-                }
+                defer { if profile { stepSamples[index].append(Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9) } }
                 switch step {
                 case .float(let n):
                     f32[n.output] = try ReferenceExecutor.apply(n, n.inputs.map { try $0.map { try floatValue($0, for: n.name) } })

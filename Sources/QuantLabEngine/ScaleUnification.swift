@@ -45,19 +45,17 @@ public func scaleGroups(_ graph: Graph) -> [[String]] {
     return groups.values.filter { $0.count > 1 }.map { $0.map { graph.nodes[$0].name } }.sorted { $0[0] < $1[0] }
 }
 
+/// One group given one amax: its quantizers' names, their amaxes before, the amax after.
+public typealias UnifiedGroup = (names: [String], before: [Float], after: Float)
+
 extension Graph {
     /// The same graph with each group's quantizers (QDQ node names, from `scaleGroups`) at the
     /// group's largest amax: scale unification on a graph that has no simulator behind it (an
     /// imported ONNX file). Returns the graph and, per group, the amaxes before and after.
-    public func unifyingScales(_ groups: [[String]]) throws -> (Graph, [(names: [String], before: [Float], after: Float)]) {
+    public func unifyingScales(_ groups: [[String]]) throws -> (Graph, [UnifiedGroup]) {
         let index = Dictionary(uniqueKeysWithValues: nodes.enumerated().map { ($0.element.name, $0.offset) })
-        let g = Graph()
-        g.values = values
-        g.constants = constants
-        g.inputs = inputs
-        g.outputs = outputs
-        g.nodes = nodes
-        var changes: [(names: [String], before: [Float], after: Float)] = []
+        let g = copy()
+        var changes: [UnifiedGroup] = []
         for group in groups {
             let members = try group.map { name -> Int in
                 guard let i = index[name], activationQuantizerAmax(nodes[i]) != nil else { throw EngineError("\(name) is not a per-tensor activation quantizer of the graph") }
@@ -82,7 +80,7 @@ extension Graph {
 /// each quantizer's own amax. Needs the statistics of the calibration pass (not reset).
 /// Returns, per group, the names and the amax before and after.
 @discardableResult
-public func calibrateJointly(_ sim: QuantizationSimulator, groups: [[String]], method: CalibrationMethod) throws -> [(names: [String], before: [Float], after: Float)] {
+public func calibrateJointly(_ sim: QuantizationSimulator, groups: [[String]], method: CalibrationMethod) throws -> [UnifiedGroup] {
     try groups.map { group in
         let layers = try inputQuantizedLayers(sim, group)
         let before = try perTensorAmax(layers)
@@ -110,7 +108,7 @@ private func perTensorAmax(_ layers: [QuantizedLayer]) throws -> [Float] {
 /// Sets every quantizer of each group to the group's largest amax (largest, so that no member
 /// clips more than it did). Returns, per group, the names and the amax before and after.
 @discardableResult
-public func unifyScales(_ sim: QuantizationSimulator, groups: [[String]]) throws -> [(names: [String], before: [Float], after: Float)] {
+public func unifyScales(_ sim: QuantizationSimulator, groups: [[String]]) throws -> [UnifiedGroup] {
     try groups.map { group in
         let layers = try inputQuantizedLayers(sim, group)
         let before = try perTensorAmax(layers)

@@ -84,9 +84,7 @@ public final class DetectorTrainer {
         self.config = config
         self.checkpointDir = checkpointDir
         self.log = log
-        var t = DetectionTransform(size: model.config.inputSize, augment: true)
-        t.scaleRange = 0.75...1.25
-        loader = DetectionLoader(dataset: train, batchSize: config.batchSize, transform: t, shuffle: true, seed: config.seed,
+        loader = DetectionLoader(dataset: train, batchSize: config.batchSize, transform: Self.augmentation(inputSize: model.config.inputSize), shuffle: true, seed: config.seed,
                                  dropLast: true, workers: config.workers)
         let groups = model.parameterGroups(weightDecay: config.weightDecay)
         optimizer = masks.isEmpty
@@ -101,6 +99,13 @@ public final class DetectorTrainer {
 
     public var stepsPerEpoch: Int { max(loader.batchCount(), 1) }
     public var totalSteps: Int { config.epochs * stepsPerEpoch }
+
+    /// The training augmentation of the detectors (and of their QAT): flips, colour, scale 0.75-1.25.
+    public static func augmentation(inputSize: Int) -> DetectionTransform {
+        var t = DetectionTransform(size: inputSize, augment: true)
+        t.scaleRange = 0.75...1.25
+        return t
+    }
 
     /// A model holding the EMA weights (what is evaluated and saved as the result).
     public func emaModel() throws -> YOLOv6 {

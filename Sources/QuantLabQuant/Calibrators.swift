@@ -186,6 +186,18 @@ public struct AbsHistogram: Sendable {
         return AbsHistogram(counts: counts, binWidth: width)
     }
 
+    /// amax by a histogram method (entropy, MSE, percentile); 0 for an empty histogram (every
+    /// value was 0). The other methods do not read a histogram.
+    public func amax(_ method: CalibrationMethod, bits: Int = 8) -> Float {
+        guard !isEmpty else { return 0 }
+        switch method {
+        case .entropy: return entropyAmax(bits: bits) ?? 0
+        case .mse: return mseAmax(bits: bits) ?? 0
+        case .percentile(let p): return percentileAmax(p) ?? 0
+        case .max, .movingAverage: preconditionFailure("\(method) is not a histogram method")
+        }
+    }
+
     private mutating func mergePairs() {
         var merged = [Int64](repeating: 0, count: (counts.count + 1) / 2)
         for (i, c) in counts.enumerated() { merged[i / 2] += c }
@@ -313,11 +325,7 @@ public struct ActivationStatistics: Sendable {
                 guard let h = m.histogram else { throw QuantizationError("\(method) needs a histogram; calibrate with histograms enabled") }
                 return h
             }
-            var joint = ActivationStatistics(histogram: false)
-            joint.histogram = AbsHistogram.merging(histograms)
-            guard joint.histogram != nil else { return 0 } // every value was 0
-            joint.max = members[0].max
-            return try joint.amax(method, bits: bits)
+            return AbsHistogram.merging(histograms)?.amax(method, bits: bits) ?? 0 // nil: every value was 0
         }
     }
 
@@ -333,13 +341,7 @@ public struct ActivationStatistics: Sendable {
             return a
         case .entropy, .mse, .percentile:
             guard let h = histogram else { throw QuantizationError("\(method) needs a histogram; calibrate with histograms enabled") }
-            if h.isEmpty { return 0 } // every value was 0
-            switch method {
-            case .entropy: return h.entropyAmax(bits: bits) ?? 0
-            case .mse: return h.mseAmax(bits: bits) ?? 0
-            case .percentile(let p): return h.percentileAmax(p) ?? 0
-            default: fatalError("unreachable")
-            }
+            return h.amax(method, bits: bits)
         }
     }
 }

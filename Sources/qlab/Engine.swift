@@ -111,7 +111,7 @@ struct EngineCommand: ParsableCommand {
 
     /// The groups unified (members with their amax before, the group's amax after) and the
     /// plan's Reformat steps before and after.
-    func printUnification(_ changes: [(names: [String], before: [Float], after: Float)], reformatsBefore: Int, after: Int) {
+    func printUnification(_ changes: [UnifiedGroup], reformatsBefore: Int, after: Int) {
         for c in changes {
             print("unified: " + zip(c.names, c.before).map { String(format: "%@ %.4g", $0, $1) }.joined(separator: ", ") + String(format: " -> %.4g", c.after))
         }

@@ -20,7 +20,7 @@ struct QATCommand: ParsableCommand {
     @Option(help: "Epochs.") var epochs = 2
     @Option(help: "Training images per epoch (a seeded subset; default all).") var imagesPerEpoch: Int?
     @Option(help: "Batch size.") var batchSize = 32
-    @Option(help: "Learning rate.") var lr: Float = 5e-4
+    @Option(help: "Learning rate (QATConfig's default: YOLOv6's lr x steps budget over our ~100 steps).") var lr: Float = QATConfig().learningRate
     @Option(help: "Seed (data order, augmentation, subset).") var seed: UInt64 = 0
     @Flag(help: "Channel-wise distillation from the FP32 model (weight 10, YOLOv6's decay).") var cwd = false
     @Flag(help: "Learn the quantizers' steps (LSQ) instead of keeping the calibrated amax.") var lsq = false
@@ -36,7 +36,6 @@ struct QATCommand: ParsableCommand {
         let url = URL(fileURLWithPath: model)
         guard FileManager.default.fileExists(atPath: url.path) else { throw ValidationError("--model: no file at \(url.path)") }
         guard case .detector(let student) = try SavedModel.load(url) else { throw ValidationError("--model: qat runs detectors; \(url.path) is a classifier") }
-        guard case .detector(let teacher) = try SavedModel.load(url) else { throw ValidationError("--model: not a detector") }
         let root = URL(fileURLWithPath: data)
         let (train, val) = (try DetectionDataset(root: root, split: "train2017"), try DetectionDataset(root: root, split: "val2017"))
         let fp32 = try evaluateDetector(student, on: val, progressLabel: "FP32").0.mAP
@@ -44,8 +43,13 @@ struct QATCommand: ParsableCommand {
         defer { sim.remove() }
         if let skip { try sim.setEnabled(false, layers: skip.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }) }
         let ptq = try evaluateDetector(student, on: val, progressLabel: "PTQ").0.mAP
-        teacher.eval()
-        teacher.convertToDeployForm()
+        // the teacher: a second, FP32 copy of the same model (read only when distilling)
+        var teacher: YOLOv6?
+        if cwd, case .detector(let t) = try SavedModel.load(url) {
+            t.eval()
+            t.convertToDeployForm()
+            teacher = t
+        }
         var config = QATConfig()
         config.epochs = epochs
         config.batchSize = batchSize
@@ -54,7 +58,7 @@ struct QATCommand: ParsableCommand {
         config.seed = seed
         config.cwdWeight = cwd ? 10 : 0
         config.lsq = lsq
-        let trainer = try QATTrainer(model: student, simulator: sim, teacher: cwd ? teacher : nil, train: train, config: config)
+        let trainer = try QATTrainer(model: student, simulator: sim, teacher: teacher, train: train, config: config)
         try trainer.run { try evaluateDetector($0, on: val).0.mAP }
         let after = try evaluateDetector(student, on: val, progressLabel: "QAT").0.mAP
         print(String(format: "val mAP: FP32 %.4f, PTQ %.4f, QAT %.4f (%d layers in FP32)", fp32, ptq, after, sim.layers.count - sim.enabledLayerNames.count))

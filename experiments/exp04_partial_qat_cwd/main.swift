@@ -40,7 +40,7 @@ struct Exp04: ParsableCommand {
     @Option(help: "Layers left in FP32 by partial PTQ / QAT (exp03: 6).") var topK = 6
     @Option(help: "QAT epochs per run.") var epochs = 2
     @Option(help: "Training images per QAT epoch (a seeded subset; default 1024, 64 with --quick).") var imagesPerEpoch: Int?
-    @Option(help: "QAT learning rate (see the header for why).") var lr: Float = 5e-4
+    @Option(help: "QAT learning rate (see the header for why).") var lr: Float = QATConfig().learningRate
     @Option(help: "Seeds per QAT arm.") var seeds = 3
     @Option(help: "Images in the ranking split of the mAP method (training images).") var rankingImages: Int?
     @Option(help: "Where datasets live.") var dataRoot = "data"
