@@ -71,8 +71,8 @@ $(VENV_PY):
 	$(PYTHON) -m venv $(VENV)
 	$(VENV_PY) -m pip install --quiet --upgrade pip
 
-venv: $(VENV_PY) ## project-local Python (git-ignored) with the reference packages used by crosscheck, bench and the ONNX tests (onnxruntime)
-	$(VENV_PY) -m pip install --quiet numpy safetensors pycocotools onnx onnxruntime
+venv: $(VENV_PY) ## project-local Python (git-ignored) with the reference packages used by crosscheck, bench, the ONNX tests (onnxruntime) and exp06 (OpenCV)
+	$(VENV_PY) -m pip install --quiet numpy safetensors pycocotools onnx onnxruntime opencv-python-headless
 
 crosscheck: venv release ## compare with the reference implementations: pycocotools (all 12 numbers), calibrators (numpy), Python safetensors
 	$(VENV_PY) scripts/crosscheck_coco.py $(RELEASE_BIN)/qlab

@@ -21,6 +21,7 @@ let experimentNames = [
     "exp03_sensitivity_partial_ptq",
     "exp04_partial_qat_cwd",
     "exp05_qdq_scale_fusion",
+    "exp06_serving_preprocessing",
 ]
 
 let experimentTargets: [Target] = experimentNames.map { name in

@@ -65,10 +65,19 @@ int qlio_jpeg_size(const uint8_t *data, size_t size, int *width, int *height, ch
 
 int qlio_jpeg_decode(const uint8_t *data, size_t size, int fancy_upsampling, uint8_t **rgb, int *width, int *height,
                      char *err, size_t errlen) {
+    return qlio_jpeg_decode_scaled(data, size, fancy_upsampling, 1, rgb, width, height, err, errlen);
+}
+
+int qlio_jpeg_decode_scaled(const uint8_t *data, size_t size, int fancy_upsampling, int scale_denom, uint8_t **rgb,
+                            int *width, int *height, char *err, size_t errlen) {
     struct jpeg_decompress_struct cinfo;
     error_mgr jerr;
     uint8_t *volatile pixels = NULL; /* volatile: survives the longjmp */
     *rgb = NULL;
+    if (scale_denom != 1 && scale_denom != 2 && scale_denom != 4 && scale_denom != 8) {
+        set_err(err, errlen, "scale_denom must be 1, 2, 4 or 8");
+        return -1;
+    }
     if (!data || size < 4) {
         set_err(err, errlen, "not a JPEG: fewer than 4 bytes");
         return -1;
@@ -88,6 +97,8 @@ int qlio_jpeg_decode(const uint8_t *data, size_t size, int fancy_upsampling, uin
     }
     cinfo.out_color_space = JCS_RGB;
     cinfo.do_fancy_upsampling = fancy_upsampling ? TRUE : FALSE;
+    cinfo.scale_num = 1;
+    cinfo.scale_denom = (unsigned int)scale_denom;
     jpeg_start_decompress(&cinfo);
     size_t stride = (size_t)cinfo.output_width * 3;
     pixels = (uint8_t *)malloc(stride * cinfo.output_height);

@@ -33,6 +33,7 @@ static _Atomic(ql_task_fn) job_fn = NULL;
 static _Atomic(void *) job_ctx = NULL;
 static _Atomic int next_task = TASKS_CLOSED;
 static _Thread_local int in_task = 0;
+static _Thread_local int serial_thread = 0; /* ql_set_thread_serial */
 
 static void run_tasks(void) {
     int t;
@@ -103,7 +104,7 @@ int ql_get_num_threads(void) {
 void ql_parallel_for(int ntasks, ql_task_fn fn, void *ctx) {
     pthread_once(&pool_once, pool_init);
     if (ntasks <= 0) return;
-    if (ntasks == 1 || in_task || n_threads == 1) {
+    if (ntasks == 1 || in_task || serial_thread || n_threads == 1) {
         for (int t = 0; t < ntasks; t++) fn(t, ctx);
         return;
     }
@@ -126,3 +127,5 @@ void ql_parallel_for(int ntasks, ql_task_fn fn, void *ctx) {
     atomic_store(&next_task, TASKS_CLOSED);
     pthread_mutex_unlock(&pool_lock);
 }
+
+void ql_set_thread_serial(int serial) { serial_thread = serial != 0; }

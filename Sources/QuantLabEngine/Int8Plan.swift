@@ -492,6 +492,22 @@ public final class Int8Plan {
     /// Runs the plan on NCHW float inputs; returns the graph's outputs in f32.
     public func run(_ inputs: [Tensor]) throws -> [Tensor] { try runKeepingValues(inputs).outputs }
 
+    /// When the plan's first step quantizes its one input (an INT8 first layer): that step's
+    /// slot and amax. A preprocessing stage can then write the codes itself (NHWC, this amax,
+    /// `run(inputCodes:)`) and the plan starts one step later.
+    var inputQuantizer: (slot: Int, amax: Float)? {
+        guard graph.inputs.count == 1, case .quantize(let source, let slot, let amax, _) = steps.first, source == graph.inputs[0] else { return nil }
+        return (slot, amax)
+    }
+
+    /// The amax of the plan's input quantizer, or nil when the plan takes float input.
+    public var inputAmax: Float? { inputQuantizer?.amax }
+
+    /// Runs on int8 codes of the input, NHWC at the scale `inputAmax / 127`: the same result as
+    /// `run` on the floats those codes quantize (the first step is skipped, nothing else
+    /// changes). A plan that also reads the float input elsewhere throws.
+    public func run(inputCodes: [Int8]) throws -> [Tensor] { try runKeepingValues([], inputCodes: inputCodes).outputs }
+
     /// Every profiled run's time of each step (by step index).
     public private(set) var stepSamples: [[Double]] = []
     /// Seconds spent in each step (by step index) over the runs made with `profile` on.
@@ -555,9 +571,22 @@ public final class Int8Plan {
     }
 
     /// The outputs and every int8 slot computed (for tests that compare layer by layer).
-    func runKeepingValues(_ inputs: [Tensor]) throws -> (outputs: [Tensor], int8: [Int: QTensor]) {
-        var f32 = try graph.bindInputs(inputs)
+    func runKeepingValues(_ inputs: [Tensor], inputCodes: [Int8]? = nil) throws -> (outputs: [Tensor], int8: [Int: QTensor]) {
+        var f32: [Int: Tensor]
         var q8: [Int: QTensor] = [:]
+        var first = 0
+        if let inputCodes {
+            guard let (slot, amax) = inputQuantizer else { throw EngineError("the plan does not start by quantizing its one input: it takes floats") }
+            let shape = graph.values[graph.inputs[0]].shape
+            guard inputCodes.count == shape.reduce(1, *) else {
+                throw EngineError("input codes: expected \(shape.reduce(1, *)) for \(shape), got \(inputCodes.count)")
+            }
+            f32 = graph.constants
+            q8[slot] = QTensor(codes: inputCodes, shape: shape, amax: amax)
+            first = 1
+        } else {
+            f32 = try graph.bindInputs(inputs)
+        }
         func floatValue(_ id: Int, for name: String) throws -> Tensor {
             guard let t = f32[id] else { throw EngineError("step \(name): f32 value \(graph.values[id].name) is not computed before it") }
             return t
@@ -567,7 +596,7 @@ public final class Int8Plan {
             return q
         }
         try withNoGrad {
-            for (index, step) in steps.enumerated() {
+            for (index, step) in steps.enumerated() where index >= first {
                 let start = profile ? DispatchTime.now().uptimeNanoseconds : 0
                 defer { if profile { stepSamples[index].append(Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9) } }
                 switch step {

@@ -5,8 +5,11 @@ import QuantLabData
 /// Validation of a detector: COCO mAP (all 12 numbers) of its detections mapped back to
 /// original-image pixels. `forward` replaces the model's own forward pass (an engine running
 /// the model's compiled graph, say); the model still decodes the boxes.
+///
+/// `preprocessor`: instead of the training code's transform, each image file goes through this
+/// serving pipeline (exp06: does the fused pipeline change accuracy?).
 public func evaluateDetector(_ model: YOLOv6, on dataset: DetectionDataset, batchSize: Int = 32, resize: DetectionTransform.Resize = .letterbox,
-                             progressLabel: String? = nil,
+                             progressLabel: String? = nil, preprocessor: ServingPreprocessor? = nil,
                              forward: ((Tensor) throws -> (classLogits: Tensor, distances: Tensor))? = nil) throws -> (COCOEvaluator.Result, [COCOResult]) {
     if let bad = model.firstNonFiniteValue() {
         throw NonFiniteError("the detector's \(bad.name)[\(bad.index)] is not finite: its evaluation would mean nothing (was it trained with too large a learning rate?)")
@@ -19,7 +22,21 @@ public func evaluateDetector(_ model: YOLOv6, on dataset: DetectionDataset, batc
     let progress = progressLabel.map { Progress(total: dataset.count, label: $0, unit: "img") }
     var results: [COCOResult] = [], seen = 0
     let sequence = loader.epoch(0)
-    for batch in sequence {
+    func served(_ start: Int) throws -> DetectionBatch? {
+        guard let preprocessor, start < dataset.count else { return nil }
+        require(preprocessor.size == model.config.inputSize, "preprocessor size \(preprocessor.size) != model input \(model.config.inputSize)")
+        let indices = Array(start..<min(start + batchSize, dataset.count))
+        let per = 3 * preprocessor.size * preprocessor.size
+        let images = Tensor(zeros: [indices.count, 3, preprocessor.size, preprocessor.size])
+        var timing = ServingPreprocessor.Timing()
+        let geometry = try indices.enumerated().map { k, i in
+            let url = dataset.imageURL(i)
+            return try preprocessor.prepare(try Data(contentsOf: url), source: url.path, into: images.data + k * per, timing: &timing)
+        }
+        return DetectionBatch(images: images, labels: [], imageIds: indices.map { dataset.images[$0].id }, geometry: geometry)
+    }
+    let iterator = sequence.makeIterator()
+    while let batch = preprocessor == nil ? iterator.next() : try served(seen) {
         let (logits, dist) = try forward?(batch.images) ?? withNoGrad { model(batch.images) }
         for (b, dets) in model.detections(classLogits: logits, distances: dist).enumerated() {
             for d in dets {

@@ -101,6 +101,20 @@ public enum Paper {
         public static let fusedQATmAP = PaperNumber("A8", "42.1", .article, "COCO mAP of the QAT model, kept after scale fusion")
     }
 
+    /// Serving: once INT8 is fast, CPU preprocessing limits throughput (T4 + 16-core CPU).
+    public enum A9 {
+        public static let int8QPS = PaperNumber("A9", "552", .article, "T4 QPS of the INT8 engine with CPU preprocessing, several instances")
+        public static let int8OverFP16 = PaperNumber("A9", "40", .article, "INT8 QPS above FP16 (%)")
+        public static let cpuBusy = PaperNumber("A9", "1500", .article, "CPU utilisation with CPU preprocessing (%, 16 cores; 'above 1500%')")
+    }
+
+    /// DALI: decode and preprocess on the GPU.
+    public enum A10 {
+        public static let daliQPS = PaperNumber("A10", "1182", .article, "img/s of INT8 + DALI")
+        public static let daliSpeedup = PaperNumber("A10", "2.14", .article, "INT8 + DALI over INT8 with CPU preprocessing (1182 / 552)")
+        public static let cpuBusy = PaperNumber("A10", "1100", .article, "CPU utilisation with DALI (%, 'about')")
+    }
+
     /// Relative drop (FP32 − INT8) / FP32.
     public static func relativeDrop(_ fp32: PaperNumber, _ int8: PaperNumber) -> Double { (fp32.value - int8.value) / fp32.value }
 

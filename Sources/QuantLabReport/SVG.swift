@@ -93,6 +93,40 @@ public enum SVG {
         return s + "</svg>\n"
     }
 
+    /// Stacked bars: one bar per label, its segments (in `segmentNames` order) stacked from 0.
+    public static func stackedBars(_ bars: [(label: String, segments: [Double])], segmentNames: [String], title: String, yLabel: String,
+                                   width: Double = 760, height: Double = 340) -> String {
+        let margin = (left: 60.0, right: 150.0, top: 34.0, bottom: 90.0)
+        let (x0, x1, y0, y1) = (margin.left, width - margin.right, margin.top, height - margin.bottom)
+        let hi = Swift.max(bars.map { $0.segments.filter(\.isFinite).reduce(0, +) }.max() ?? 1, 1e-12)
+        func py(_ v: Double) -> Double { y1 - v / hi * (y1 - y0) }
+        var s = "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"\(num(width))\" height=\"\(num(height))\" font-family=\"sans-serif\" font-size=\"10\">\n"
+        s += "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
+        s += "<text x=\"\(num((x0 + x1) / 2))\" y=\"18\" text-anchor=\"middle\" font-size=\"13\">\(escape(title))</text>\n"
+        for frac in [0.0, 0.25, 0.5, 0.75, 1.0] {
+            let y = y1 - frac * (y1 - y0)
+            s += "<line x1=\"\(num(x0))\" y1=\"\(num(y))\" x2=\"\(num(x1))\" y2=\"\(num(y))\" stroke=\"#eee\"/>\n"
+            s += "<text x=\"\(num(x0 - 4))\" y=\"\(num(y + 3))\" text-anchor=\"end\">\(tick(frac * hi))</text>\n"
+        }
+        s += "<text transform=\"translate(14,\(num((y0 + y1) / 2))) rotate(-90)\" text-anchor=\"middle\" fill=\"#555\">\(escape(yLabel))</text>\n"
+        let slot = (x1 - x0) / Double(Swift.max(bars.count, 1))
+        for (i, bar) in bars.enumerated() {
+            var base = 0.0
+            let bx = x0 + Double(i) * slot + slot * 0.2
+            for (k, v) in bar.segments.enumerated() where v.isFinite && v > 0 {
+                s += "<rect x=\"\(num(bx))\" y=\"\(num(py(base + v)))\" width=\"\(num(slot * 0.6))\" height=\"\(num(py(base) - py(base + v)))\" fill=\"\(palette[k % palette.count])\"/>\n"
+                base += v
+            }
+            s += "<text transform=\"translate(\(num(bx + slot * 0.3)),\(num(y1 + 8))) rotate(30)\" font-size=\"8\">\(escape(bar.label))</text>\n"
+        }
+        for (k, name) in segmentNames.enumerated() {
+            let ly = y0 + 14 * Double(k) + 6
+            s += "<rect x=\"\(num(x1 + 10))\" y=\"\(num(ly - 5))\" width=\"12\" height=\"10\" fill=\"\(palette[k % palette.count])\"/>\n"
+            s += "<text x=\"\(num(x1 + 26))\" y=\"\(num(ly + 3))\">\(escape(name))</text>\n"
+        }
+        return s + "</svg>\n"
+    }
+
     /// Writes an SVG atomically.
     public static func write(_ svg: String, to url: URL) throws {
         try AtomicFile.write(Data(svg.utf8), to: url)

@@ -13,7 +13,7 @@ struct QLab: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "qlab",
         abstract: "QuantLab: INT8 quantization of object detectors, reproduced from scratch.",
-        subcommands: [Info.self, Demo.self, Bench.self, MakeData.self, Train.self, TrainClassifier.self, TrainBaselines.self, EvalCOCO.self, DrawBoxes.self, Analyze.self, SensitivityCommand.self, HistogramAmax.self, PTQCommand.self, QATCommand.self, EngineCommand.self]
+        subcommands: [Info.self, Demo.self, Bench.self, MakeData.self, Train.self, TrainClassifier.self, TrainBaselines.self, EvalCOCO.self, DrawBoxes.self, Analyze.self, SensitivityCommand.self, HistogramAmax.self, PTQCommand.self, QATCommand.self, EngineCommand.self, ServeBench.self]
     )
 }
 

@@ -25,6 +25,15 @@ extern "C" {
 int qlio_jpeg_decode(const uint8_t *data, size_t size, int fancy_upsampling, uint8_t **rgb, int *width, int *height,
                      char *err, size_t errlen);
 
+/* The same, decoded at 1/scale_denom of the size (1, 2, 4 or 8) in the DCT domain: libjpeg
+ * computes each 8x8 block's reduced inverse DCT (a 4x4, 2x2 or 1x1 output), so the image is
+ * never built at full size. Output size ceil(width / scale_denom) x ceil(height / scale_denom).
+ * Much cheaper than a full decode and a resize when the target is small (DALI's and
+ * PIL's draft mode's trick); the result is a box-like low-pass of the image, not bilinear
+ * samples of it. */
+int qlio_jpeg_decode_scaled(const uint8_t *data, size_t size, int fancy_upsampling, int scale_denom, uint8_t **rgb,
+                            int *width, int *height, char *err, size_t errlen);
+
 /* Reads only the header: image size without decoding. Same error convention. */
 int qlio_jpeg_size(const uint8_t *data, size_t size, int *width, int *height, char *err, size_t errlen);
 

@@ -59,6 +59,10 @@ const char *ql_isa_name(ql_isa isa);
  * otherwise often serialised on the calling thread. */
 void ql_set_num_threads(int n);
 int ql_get_num_threads(void);
+/* Kernels called from the calling thread run serially on it (nonzero) or use the pool again
+ * (zero). For callers that bring their own threads: a multi-instance server runs one engine
+ * instance per thread, each serial, as onnxruntime sessions with intra_op_num_threads = 1. */
+void ql_set_thread_serial(int serial);
 
 /* Makes stdout line-buffered, so that progress and results reach a log file as they are
  * printed (Swift 6 cannot touch C's `stdout` global itself). */
@@ -389,6 +393,22 @@ void ql_resize_bilinear_u8(uint8_t *restrict out, int out_h, int out_w, const ui
  * mean/std folded in). With flip != 0 the image is mirrored horizontally on the way. */
 void ql_u8hwc_to_f32chw(float *restrict out, const uint8_t *restrict in, int h, int w,
                         const float *scale, const float *shift, int flip);
+/* The fused letterbox (DALI's idea on a CPU): one pass from a decoded image to the network
+ * input. The image in (in_h x in_w, HWC u8) is resized bilinearly to new_h x new_w, placed at
+ * (off_y, off_x) on an out_h x out_w canvas filled with the byte pad, and every byte v of
+ * channel c is written as lut[c * 256 + v]:
+ *   ql_letterbox_f32chw: f32, CHW (lut[c*256+v] = v * scale[c] + shift[c]: normalisation);
+ *   ql_letterbox_s8nhwc: int8 codes, NHWC, the layout and codes of the INT8 engine's input
+ *                        (lut = the input quantizer applied to the normalised value).
+ * Value for value equal to ql_resize_bilinear_u8, a paste on a pad-filled canvas and
+ * ql_u8hwc_to_f32chw (same float expressions, same rounding): that composition is the
+ * reference. Separable: each output row interpolates its two source rows horizontally from
+ * precomputed column tables, then blends them vertically in one contiguous, vectorised loop.
+ * Returns -1 (nothing written) unless 0 <= off, off + new <= out and all sizes are positive. */
+int ql_letterbox_f32chw(float *restrict out, int out_h, int out_w, const uint8_t *restrict in, int in_h, int in_w,
+                        int new_h, int new_w, int off_y, int off_x, uint8_t pad, const float *restrict lut);
+int ql_letterbox_s8nhwc(int8_t *restrict out, int out_h, int out_w, const uint8_t *restrict in, int in_h, int in_w,
+                        int new_h, int new_w, int off_y, int off_x, uint8_t pad, const int8_t *restrict lut);
 /* Colour jitter in HSV: h' = (h * gain_h) mod 360, s' = clamp(s * gain_s), v' = clamp(v * gain_v)
  * (the YOLO augment_hsv gains, applied in floating-point HSV). In place on RGB pixels. */
 void ql_hsv_jitter_u8(uint8_t *rgb, int64_t pixels, float gain_h, float gain_s, float gain_v);

@@ -26,6 +26,14 @@ public enum Kernels {
         set { ql_set_num_threads(Int32(newValue)) }
     }
 
+    /// Runs `body` with this thread's kernels serial (the pool is not used from this thread
+    /// meanwhile): for callers that run their own threads, e.g. one engine instance per thread.
+    public static func serially<T>(_ body: () throws -> T) rethrows -> T {
+        ql_set_thread_serial(1)
+        defer { ql_set_thread_serial(0) }
+        return try body()
+    }
+
     /// One line for logs and provenance, e.g. "avx2 kernels (supported: ref, avx2), 2 threads".
     public static var summary: String {
         let supported = ISA.allCases.filter(\.isSupported).map(\.description).joined(separator: ", ")

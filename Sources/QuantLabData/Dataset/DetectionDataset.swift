@@ -70,6 +70,10 @@ public struct DetectionBatch {
     public var labels: [[ObjectLabel]]     // per image, in input pixels
     public var imageIds: [Int]
     public var geometry: [InputGeometry]   // input -> original image
+
+    public init(images: Tensor, labels: [[ObjectLabel]], imageIds: [Int], geometry: [InputGeometry]) {
+        (self.images, self.labels, self.imageIds, self.geometry) = (images, labels, imageIds, geometry)
+    }
 }
 
 /// Batches from worker threads with prefetching.

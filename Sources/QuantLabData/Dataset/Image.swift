@@ -53,17 +53,41 @@ public enum JPEG {
     public enum ChromaUpsampling: Sendable { case fancy, replicate }
 
     public static func decode(_ data: Data, source: String, chromaUpsampling: ChromaUpsampling) throws -> RGBImage {
+        try decode(data, source: source, chromaUpsampling: chromaUpsampling, scaleDenominator: 1)
+    }
+
+    /// Decoded at 1/`scaleDenominator` of the size (1, 2, 4 or 8) in the DCT domain: the size
+    /// is ceil(width / d) x ceil(height / d), and the full-size image is never built.
+    public static func decode(_ data: Data, source: String, chromaUpsampling: ChromaUpsampling = .fancy, scaleDenominator: Int) throws -> RGBImage {
+        require([1, 2, 4, 8].contains(scaleDenominator), "JPEG scale denominator must be 1, 2, 4 or 8, got \(scaleDenominator)")
         var rgb: UnsafeMutablePointer<UInt8>?
         var w: Int32 = 0, h: Int32 = 0
         var err = [CChar](repeating: 0, count: 256)
         let status = data.withUnsafeBytes { raw in
-            qlio_jpeg_decode(raw.bindMemory(to: UInt8.self).baseAddress, raw.count, chromaUpsampling == .fancy ? 1 : 0, &rgb, &w, &h, &err, err.count)
+            qlio_jpeg_decode_scaled(raw.bindMemory(to: UInt8.self).baseAddress, raw.count, chromaUpsampling == .fancy ? 1 : 0,
+                                    Int32(scaleDenominator), &rgb, &w, &h, &err, err.count)
         }
         guard status == 0, let rgb else {
             throw ImageError("\(source): not a decodable JPEG (\(cMessage(err)))")
         }
         defer { qlio_free(rgb) }
         return RGBImage(width: Int(w), height: Int(h), pixels: Array(UnsafeBufferPointer(start: rgb, count: Int(w) * Int(h) * 3)))
+    }
+
+    /// Decodes at 1/`scaleDenominator` of the size and lends the pixels (HWC, rows packed) to
+    /// `body` without copying them into an `RGBImage`: the serving pipeline's decode.
+    public static func withDecoded<T>(_ data: Data, source: String, scaleDenominator: Int,
+                                      _ body: (UnsafePointer<UInt8>, _ width: Int, _ height: Int) throws -> T) throws -> T {
+        require([1, 2, 4, 8].contains(scaleDenominator), "JPEG scale denominator must be 1, 2, 4 or 8, got \(scaleDenominator)")
+        var rgb: UnsafeMutablePointer<UInt8>?
+        var w: Int32 = 0, h: Int32 = 0
+        var err = [CChar](repeating: 0, count: 256)
+        let status = data.withUnsafeBytes { raw in
+            qlio_jpeg_decode_scaled(raw.bindMemory(to: UInt8.self).baseAddress, raw.count, 1, Int32(scaleDenominator), &rgb, &w, &h, &err, err.count)
+        }
+        guard status == 0, let rgb else { throw ImageError("\(source): not a decodable JPEG (\(cMessage(err)))") }
+        defer { qlio_free(rgb) }
+        return try body(rgb, Int(w), Int(h))
     }
 
     public static func read(_ url: URL) throws -> RGBImage {

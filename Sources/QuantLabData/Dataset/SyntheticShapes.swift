@@ -33,6 +33,9 @@ public struct SyntheticShapes: Sendable {
         public var singleObject: Bool
         public var noiseStd: ClosedRange<Double>
         public var jpegQuality: ClosedRange<Int>
+        /// Images are imageSize wide and this high (the top rows of a square scene; nil: square).
+        public var imageHeight: Int? = nil
+        public var height: Int { imageHeight ?? imageSize }
 
         /// The default detection set: 160 px, 4000 train / 500 val images, up to 8 objects.
         public static let shapes = Config(name: "shapes", imageSize: 160, trainImages: 4000, valImages: 500, seed: 0,
@@ -48,7 +51,12 @@ public struct SyntheticShapes: Sendable {
         public static let shapesClassification = Config(name: "shapes-cls", imageSize: 64, trainImages: 5000, valImages: 1000, seed: 0,
                                                         maxObjects: 1, minObjectSize: 24, maxObjectSize: 48, singleObject: true,
                                                         noiseStd: 4...16, jpegQuality: 50...90)
-        public static let presets = ["shapes": shapes, "shapes-tiny": shapesTiny, "shapes-cls": shapesClassification]
+        /// Serving images (exp06): COCO-like 640 x 480 JPEGs at quality 90 with labels, whose
+        /// objects, letterboxed to 160 px, have the sizes of `shapes` (8-72 px); val split only.
+        public static let serving = Config(name: "shapes-serving", imageSize: 640, trainImages: 0, valImages: 200, seed: 1,
+                                           maxObjects: 8, minObjectSize: 32, maxObjectSize: 288, singleObject: false,
+                                           noiseStd: 2...10, jpegQuality: 90...90, imageHeight: 480)
+        public static let presets = ["shapes": shapes, "shapes-tiny": shapesTiny, "shapes-cls": shapesClassification, "shapes-serving": serving]
     }
 
     public enum Split: String, CaseIterable, Sendable {
@@ -110,7 +118,8 @@ public struct SyntheticShapes: Sendable {
 
         // sensor noise, then quantise
         let noise = config.noiseStd.lowerBound + (config.noiseStd.upperBound - config.noiseStd.lowerBound) * Double(rng.nextFloat())
-        var pixels = [UInt8](repeating: 0, count: s * s * 3)
+        let h = config.height // the top h rows of the square scene
+        var pixels = [UInt8](repeating: 0, count: s * h * 3)
         for i in 0..<pixels.count {
             let v = canvas[i] + noise * Double(rng.nextGaussian())
             pixels[i] = UInt8(max(0, min(255, v.rounded())))
@@ -118,7 +127,7 @@ public struct SyntheticShapes: Sendable {
         // visible extents from the owner map
         var minX = [Int](repeating: s, count: objects.count), minY = minX
         var maxX = [Int](repeating: -1, count: objects.count), maxY = maxX, visible = [Int](repeating: 0, count: objects.count)
-        for y in 0..<s {
+        for y in 0..<h {
             for x in 0..<s {
                 let k = Int(owner[y * s + x])
                 if k < 0 { continue }
@@ -133,7 +142,7 @@ public struct SyntheticShapes: Sendable {
             let crowd = Double(visible[k]) < 0.25 * Double(max(fullArea[k], 1))
             anns.append((o.cls, bbox, Double(visible[k]), crowd))
         }
-        return (RGBImage(width: s, height: s, pixels: pixels), anns.map { (cls: $0.0, bbox: $0.1, area: $0.2, crowd: $0.3) })
+        return (RGBImage(width: s, height: h, pixels: pixels), anns.map { (cls: $0.0, bbox: $0.1, area: $0.2, crowd: $0.3) })
     }
 
     private func drawBackground(_ c: inout [Double], size s: Int, rng: inout SeededGenerator) {
@@ -280,7 +289,7 @@ public struct SyntheticShapes: Sendable {
             var images: [COCOImage] = [], anns: [COCOAnnotation] = []
             for (i, objects) in results.enumerated() {
                 let id = i + 1
-                images.append(COCOImage(id: id, file_name: String(format: "%012d.jpg", id), width: config.imageSize, height: config.imageSize))
+                images.append(COCOImage(id: id, file_name: String(format: "%012d.jpg", id), width: config.imageSize, height: config.height))
                 for o in objects {
                     anns.append(COCOAnnotation(id: anns.count + 1, image_id: id, category_id: o.cls + 1, bbox: o.bbox, area: o.area, iscrowd: o.crowd ? 1 : 0))
                 }
