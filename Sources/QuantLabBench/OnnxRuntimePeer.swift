@@ -19,33 +19,14 @@ public struct OnnxRuntimePeer: Sendable {
     public var python: String
     public var script: String
 
-    /// The project's `.venv` Python and `scripts/ort_run.py` under the current directory, or nil.
+    /// The project's Python (`ProjectPython`) and `scripts/ort_run.py` under the current directory, or nil.
     public static func locate(python: String? = nil) -> OnnxRuntimePeer? {
-        let cwd = FileManager.default.currentDirectoryPath
-        let script = cwd + "/scripts/ort_run.py"
-        guard FileManager.default.fileExists(atPath: script) else { return nil }
-        let py = python ?? (FileManager.default.isExecutableFile(atPath: cwd + "/.venv/bin/python") ? cwd + "/.venv/bin/python" : "python3")
-        return OnnxRuntimePeer(python: py, script: script)
+        ProjectPython.script("ort_run.py").map { OnnxRuntimePeer(python: ProjectPython(python).python, script: $0) }
     }
 
     /// Whether the Python has onnxruntime and numpy (a quick import check; onnx, for its own
     /// quantizer and the node counts, is looked for by the script).
-    public var isAvailable: Bool {
-        let p = process(["-c", "import onnxruntime, numpy"])
-        p.standardOutput = FileHandle.nullDevice
-        p.standardError = FileHandle.nullDevice
-        do { try p.run() } catch { return false }
-        p.waitUntilExit()
-        return p.terminationStatus == 0
-    }
-
-    /// The Python with these arguments (a bare name is looked up on PATH).
-    func process(_ arguments: [String]) -> Process {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: python.hasPrefix("/") ? python : "/usr/bin/env")
-        p.arguments = (python.hasPrefix("/") ? [] : [python]) + arguments
-        return p
-    }
+    public var isAvailable: Bool { ProjectPython(python).canImport("onnxruntime, numpy") }
 
     /// Exports `graph` to ONNX and runs it: see `run(model:...)`.
     public func run(graph: Graph, input: Tensor, runs: Int = 20, threads: Int = Kernels.threads, quantizeFirst: Bool = false) throws -> Result {
@@ -75,15 +56,12 @@ public struct OnnxRuntimePeer: Sendable {
         var arguments = [script, model.path, inputURL.path, input.shape.map(String.init).joined(separator: ",")]
         arguments += [dir.path, String(runs), String(threads)]
         if quantizeFirst { arguments.append("quantize") }
-        let p = process(arguments)
-        let out = Pipe(), err = Pipe()
-        p.standardOutput = out
-        p.standardError = err
-        do { try p.run() } catch { throw EngineError("onnxruntime: cannot run \(python) (\(error.localizedDescription)); `make venv` installs it") }
-        let data = out.fileHandleForReading.readDataToEndOfFile()
-        let errText = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        p.waitUntilExit()
-        guard p.terminationStatus == 0, let line = String(decoding: data, as: UTF8.self).split(separator: "\n").last,
+        let run: (output: Data, errors: String, status: Int32)
+        do { run = try ProjectPython(python).run(arguments) } catch {
+            throw EngineError("onnxruntime: cannot run \(python) (\(error.localizedDescription)); `make venv` installs it")
+        }
+        let (data, errText) = (run.output, run.errors)
+        guard run.status == 0, let line = String(decoding: data, as: UTF8.self).split(separator: "\n").last,
               let obj = try? JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any],
               let median = obj["median_s"] as? Double, let outs = obj["outputs"] as? [[String: Any]] else {
             throw EngineError("onnxruntime failed on \(model.lastPathComponent): \(errText.split(separator: "\n").suffix(3).joined(separator: " | "))")

@@ -18,43 +18,18 @@ public struct OpenCVPeer: Sendable {
     public var python: String
     public var script: String
 
-    /// The project's `.venv` Python (else python3) and scripts/opencv_preprocess.py, or nil.
+    /// The project's Python (`ProjectPython`) and scripts/opencv_preprocess.py, or nil.
     public static func locate() -> OpenCVPeer? {
-        let cwd = FileManager.default.currentDirectoryPath
-        let script = cwd + "/scripts/opencv_preprocess.py"
-        guard FileManager.default.fileExists(atPath: script) else { return nil }
-        let venv = cwd + "/.venv/bin/python"
-        return OpenCVPeer(python: FileManager.default.isExecutableFile(atPath: venv) ? venv : "python3", script: script)
-    }
-
-    private func process(_ arguments: [String]) -> Process {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: python.hasPrefix("/") ? python : "/usr/bin/env")
-        p.arguments = (python.hasPrefix("/") ? [] : [python]) + arguments
-        return p
+        ProjectPython.script("opencv_preprocess.py").map { OpenCVPeer(python: ProjectPython().python, script: $0) }
     }
 
     /// Whether the Python can import cv2 and numpy.
-    public var isAvailable: Bool {
-        let p = process(["-c", "import cv2, numpy"])
-        p.standardOutput = FileHandle.nullDevice
-        p.standardError = FileHandle.nullDevice
-        do { try p.run() } catch { return false }
-        p.waitUntilExit()
-        return p.terminationStatus == 0
-    }
+    public var isAvailable: Bool { ProjectPython(python).canImport("cv2, numpy") }
 
     /// Preprocesses `images` images of `folder` (cycled) to `size` with `threads` threads.
     public func run(folder: URL, size: Int, images: Int, threads: Int) throws -> Result {
-        let p = process([script, folder.path, String(size), String(images), String(threads)])
-        let out = Pipe(), err = Pipe()
-        p.standardOutput = out
-        p.standardError = err
-        try p.run()
-        let data = out.fileHandleForReading.readDataToEndOfFile()
-        let message = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
-        p.waitUntilExit()
-        guard p.terminationStatus == 0 else { throw PeerError("opencv_preprocess.py failed (\(p.terminationStatus)): \(message.suffix(500))") }
+        let (data, message, status) = try ProjectPython(python).run([script, folder.path, String(size), String(images), String(threads)])
+        guard status == 0 else { throw PeerError("opencv_preprocess.py failed (\(status)): \(message.suffix(500))") }
         guard let line = String(decoding: data, as: UTF8.self).split(separator: "\n").last,
               let result = try? JSONDecoder().decode(Result.self, from: Data(line.utf8)) else {
             throw PeerError("opencv_preprocess.py printed no result line")

@@ -97,17 +97,33 @@ public final class ServingInstance: @unchecked Sendable {
         return first
     }
 
-    /// Runs `n` images whose inputs are concatenated in `floats` (NCHW) or `codes` (NHWC).
-    func run(n: Int, floats: [Float]?, codes: [Int8]?) throws -> [Tensor] {
-        guard let (b, plan) = plans.first(where: { $0.batch >= n }) else { throw EngineError("batch \(n) exceeds the largest plan's \(maxBatch)") }
+    /// The smallest plan that holds `n` images, and its traced batch.
+    private func plan(for n: Int) throws -> (batch: Int, plan: Int8Plan) {
+        guard let p = plans.first(where: { $0.batch >= n }) else { throw EngineError("batch \(n) exceeds the largest plan's \(maxBatch)") }
+        return p
+    }
+
+    /// Runs images given as floats (CHW each), each copied straight into the zero-padded batch.
+    func run(floats images: [[Float]]) throws -> [Tensor] {
+        let (b, plan) = try plan(for: images.count)
         let per = inputShape.dropFirst().reduce(1, *)
-        if var codes {
-            if b > n { codes += [Int8](repeating: 0, count: (b - n) * per) }
-            return try plan.run(inputCodes: codes)
-        }
         let x = Tensor(zeros: [b] + Array(inputShape.dropFirst()))
-        floats!.withUnsafeBufferPointer { x.data.update(from: $0.baseAddress!, count: n * per) }
+        for (k, image) in images.enumerated() {
+            guard image.count == per else { throw EngineError("image \(k): \(image.count) values, the plan takes \(per)") }
+            (x.data + k * per).update(from: image, count: per)
+        }
         return try plan.run([x])
+    }
+
+    /// Runs images given as int8 codes (NHWC each), joined and zero-padded to the plan's batch.
+    func run(codes images: [[Int8]]) throws -> [Tensor] {
+        let (b, plan) = try plan(for: images.count)
+        let per = inputShape.dropFirst().reduce(1, *)
+        var codes: [Int8] = []
+        codes.reserveCapacity(b * per)
+        for image in images { codes += image }
+        codes += [Int8](repeating: 0, count: (b - images.count) * per)
+        return try plan.run(inputCodes: codes)
     }
 }
 
@@ -180,7 +196,7 @@ public func serve(files: [(name: String, data: Data)], preprocessor: ServingPrep
     let engines = DispatchGroup()
     for instance in instances {
         spawn(engines) {
-            var busy = 0.0, starved = 0.0, batches = 0, served = 0
+            var busy = 0.0, starved = 0.0, batches = 0
             let body = {
                 while true {
                     let (items, waited) = queue.pop(upTo: config.maxBatch)
@@ -188,12 +204,10 @@ public func serve(files: [(name: String, data: Data)], preprocessor: ServingPrep
                     guard let items else { break }
                     let a = DispatchTime.now().uptimeNanoseconds
                     do {
-                        _ = try instance.run(n: items.count, floats: config.codesIn ? nil : items.flatMap(\.floats),
-                                             codes: config.codesIn ? items.flatMap(\.codes) : nil)
+                        _ = try config.codesIn ? instance.run(codes: items.map(\.codes)) : instance.run(floats: items.map(\.floats))
                     } catch { state.fail("engine: \(error)") }
                     busy += Double(DispatchTime.now().uptimeNanoseconds - a) / 1e9
                     batches += 1
-                    served += items.count
                     let done = state.addServed(items.count)
                     progress?.update(done)
                 }

@@ -46,6 +46,6 @@ struct MakeData: ParsableCommand {
             progress.update(done)
         }
         progress.finish()
-        print("\(dir.path): \(config.trainImages) train + \(config.valImages) val images, \(config.imageSize) px, \(SyntheticShapes.classNames.count) classes")
+        print("\(dir.path): \(config.trainImages) train + \(config.valImages) val images, \(config.imageHeight.map { "\(config.imageSize)x\($0)" } ?? "\(config.imageSize)") px, \(SyntheticShapes.classNames.count) classes")
     }
 }

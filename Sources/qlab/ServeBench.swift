@@ -45,8 +45,7 @@ struct ServeBench: ParsableCommand {
         let files = try readServingImages(folder)
         let size = detector.config.inputSize
         print("\(files.count) images from \(folder.path) (\(files.reduce(0) { $0 + $1.data.count } / files.count / 1024) KiB each on average), input \(size) px; \(Kernels.summary)")
-        print(CUDA.shared.isReady ? "cuda: a device is ready, but the serving loop runs on the CPU (nvJPEG and GPU engine nodes in it: not built yet)"
-                                  : "cuda: no device (\(CUDA.shared.notice)); CPU pipelines only")
+        print(CUDA.shared.notice + (CUDA.shared.isReady ? "; the serving loop still runs on the CPU (nvJPEG and GPU engine nodes in it: not built yet)" : ""))
 
         var sim: QuantizationSimulator?
         if int8 {

@@ -47,7 +47,7 @@ struct ServingTests {
     func codesMatchFloats() throws {
         let data = try servingJPEG()
         var p = ServingPreprocessor(.fused, size: 96)
-        p.normalizeShift = [-0.5, -0.4, -0.3]
+        p.transform.normalizeShift = [-0.5, -0.4, -0.3]
         let (floats, _) = try prepare(p, data)
         let amax: Float = 0.6 // some values clip
         var codes = [Int8](repeating: 0, count: floats.count)

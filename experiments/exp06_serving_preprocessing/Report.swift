@@ -42,7 +42,7 @@ struct Exp06Report {
             return [run.engine, run.pipeline, "\(x.config.maxBatch)", f1(x.imagesPerSecond), f2(x.meanBatch), f2(ms.decode), f2(ms.transform), f2(ms.engine),
                     String(format: "%.0f%%", 100 * x.preprocessShare), String(format: "%.0f%%", 100 * x.engineShare), String(format: "%.0f%%", 100 * x.cpuUtilisation), x.bottleneck]
         })
-        md += "\n![CPU time per image by stage](\(quick ? "" : "")exp06/stages.svg)\n\n"
+        md += "\n![CPU time per image by stage](exp06/stages.svg)\n\n"
         md += "## Protocol\n\n"
         md += "- Model: the RepOpt detector of exp00 (deploy form). INT8: entropy calibration on 4 x 32 training images, the INT8 plan of the engine; FP32: the traced graph on the same engine.\n"
         md += "- Baseline pipeline: full libjpeg-turbo decode, bilinear resize, paste on a grey canvas, normalise + HWC→CHW, separate passes (`DetectionTransform`, what training and evaluation use). "

@@ -59,6 +59,15 @@ public enum JPEG {
     /// Decoded at 1/`scaleDenominator` of the size (1, 2, 4 or 8) in the DCT domain: the size
     /// is ceil(width / d) x ceil(height / d), and the full-size image is never built.
     public static func decode(_ data: Data, source: String, chromaUpsampling: ChromaUpsampling = .fancy, scaleDenominator: Int) throws -> RGBImage {
+        try withDecoded(data, source: source, chromaUpsampling: chromaUpsampling, scaleDenominator: scaleDenominator) { rgb, w, h in
+            RGBImage(width: w, height: h, pixels: Array(UnsafeBufferPointer(start: rgb, count: w * h * 3)))
+        }
+    }
+
+    /// Decodes at 1/`scaleDenominator` of the size and lends the pixels (HWC, rows packed) to
+    /// `body` without copying them into an `RGBImage`: the serving pipeline's decode.
+    public static func withDecoded<T>(_ data: Data, source: String, chromaUpsampling: ChromaUpsampling = .fancy, scaleDenominator: Int,
+                                      _ body: (UnsafePointer<UInt8>, _ width: Int, _ height: Int) throws -> T) throws -> T {
         require([1, 2, 4, 8].contains(scaleDenominator), "JPEG scale denominator must be 1, 2, 4 or 8, got \(scaleDenominator)")
         var rgb: UnsafeMutablePointer<UInt8>?
         var w: Int32 = 0, h: Int32 = 0
@@ -66,24 +75,6 @@ public enum JPEG {
         let status = data.withUnsafeBytes { raw in
             qlio_jpeg_decode_scaled(raw.bindMemory(to: UInt8.self).baseAddress, raw.count, chromaUpsampling == .fancy ? 1 : 0,
                                     Int32(scaleDenominator), &rgb, &w, &h, &err, err.count)
-        }
-        guard status == 0, let rgb else {
-            throw ImageError("\(source): not a decodable JPEG (\(cMessage(err)))")
-        }
-        defer { qlio_free(rgb) }
-        return RGBImage(width: Int(w), height: Int(h), pixels: Array(UnsafeBufferPointer(start: rgb, count: Int(w) * Int(h) * 3)))
-    }
-
-    /// Decodes at 1/`scaleDenominator` of the size and lends the pixels (HWC, rows packed) to
-    /// `body` without copying them into an `RGBImage`: the serving pipeline's decode.
-    public static func withDecoded<T>(_ data: Data, source: String, scaleDenominator: Int,
-                                      _ body: (UnsafePointer<UInt8>, _ width: Int, _ height: Int) throws -> T) throws -> T {
-        require([1, 2, 4, 8].contains(scaleDenominator), "JPEG scale denominator must be 1, 2, 4 or 8, got \(scaleDenominator)")
-        var rgb: UnsafeMutablePointer<UInt8>?
-        var w: Int32 = 0, h: Int32 = 0
-        var err = [CChar](repeating: 0, count: 256)
-        let status = data.withUnsafeBytes { raw in
-            qlio_jpeg_decode_scaled(raw.bindMemory(to: UInt8.self).baseAddress, raw.count, 1, Int32(scaleDenominator), &rgb, &w, &h, &err, err.count)
         }
         guard status == 0, let rgb else { throw ImageError("\(source): not a decodable JPEG (\(cMessage(err)))") }
         defer { qlio_free(rgb) }
@@ -104,12 +95,17 @@ public enum JPEG {
         do { data = try Data(contentsOf: url) } catch {
             throw ImageError("\(url.path): cannot read image (\(error.localizedDescription))")
         }
+        return try size(of: data, source: url.path)
+    }
+
+    /// Width and height of a JPEG in memory, from its header alone.
+    public static func size(of data: Data, source: String) throws -> (width: Int, height: Int) {
         var w: Int32 = 0, h: Int32 = 0
         var err = [CChar](repeating: 0, count: 256)
         let status = data.withUnsafeBytes { raw in
             qlio_jpeg_size(raw.bindMemory(to: UInt8.self).baseAddress, raw.count, &w, &h, &err, err.count)
         }
-        guard status == 0 else { throw ImageError("\(url.path): not a JPEG (\(cMessage(err)))") }
+        guard status == 0 else { throw ImageError("\(source): not a JPEG (\(cMessage(err)))") }
         return (Int(w), Int(h))
     }
 

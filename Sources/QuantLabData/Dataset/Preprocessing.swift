@@ -1,4 +1,3 @@
-import CImageIO
 import CKernels
 import Foundation
 import QuantLabCore
@@ -20,23 +19,24 @@ public struct ServingPreprocessor: Sendable {
     public enum Pipeline: String, CaseIterable, Codable, Sendable { case baseline, fused }
 
     public var pipeline: Pipeline
-    public var size: Int
-    public var resize: DetectionTransform.Resize
-    /// pixel * scale + shift per channel, as `DetectionTransform`.
-    public var normalizeScale: [Float] = [1 / 255, 1 / 255, 1 / 255] { didSet { floatLUT = floatTable } }
-    public var normalizeShift: [Float] = [0, 0, 0] { didSet { floatLUT = floatTable } }
-    /// `floatTable`, kept (the fused pass reads it for every image).
-    private var floatLUT: [Float] = []
-    public var padValue: UInt8 = 114
+    /// Geometry (size, letterbox or stretch, pad value) and normalisation: the evaluation
+    /// transform's, without augmentation. The baseline pipeline is this transform.
+    public var transform: DetectionTransform { didSet { floatTable = Self.table(transform) } }
+    /// Per channel and byte value, the normalised value (read by the fused pass for every image).
+    public private(set) var floatTable: [Float]
     /// Largest DCT-domain reduction the fused pipeline may use (1 disables it; 8 is libjpeg's most).
     public var maxScaleDenominator = 8
 
     public init(_ pipeline: Pipeline, size: Int, resize: DetectionTransform.Resize = .letterbox) {
-        require(size > 0, "input size \(size)")
         self.pipeline = pipeline
-        self.size = size
-        self.resize = resize
-        floatLUT = floatTable
+        transform = DetectionTransform(size: size, resize: resize)
+        floatTable = Self.table(transform)
+    }
+
+    public var size: Int { transform.size }
+
+    private static func table(_ t: DetectionTransform) -> [Float] {
+        (0..<768).map { i in Float(i % 256) * t.normalizeScale[i / 256] + t.normalizeShift[i / 256] }
     }
 
     /// Seconds spent decoding and transforming one image.
@@ -45,35 +45,14 @@ public struct ServingPreprocessor: Sendable {
         public init() {}
     }
 
-    /// Where the resized image lands on the canvas (no augmentation): `DetectionTransform`'s
-    /// placement, so that boxes map back the same way.
-    public func placement(width: Int, height: Int) -> (newWidth: Int, newHeight: Int, offX: Int, offY: Int) {
-        let (sx, sy): (Double, Double)
-        switch resize {
-        case .letterbox:
-            let r = Double(size) / Double(max(width, height))
-            (sx, sy) = (r, r)
-        case .stretch:
-            (sx, sy) = (Double(size) / Double(width), Double(size) / Double(height))
-        }
-        let newW = max(1, Int((Double(width) * sx).rounded())), newH = max(1, Int((Double(height) * sy).rounded()))
-        return (newW, newH, Int((Double(size - newW) / 2).rounded()), Int((Double(size - newH) / 2).rounded()))
-    }
-
-    /// The DCT scale denominator the fused pipeline uses for an image of this size.
+    /// The DCT scale denominator the fused pipeline uses for an image of this size: the largest
+    /// whose decoded image is still at least the placed size both ways.
     public func scaleDenominator(width: Int, height: Int) -> Int {
-        let p = placement(width: width, height: height)
+        let p = transform.placement(width: width, height: height)
         for d in [8, 4, 2] where d <= maxScaleDenominator {
-            if (width + d - 1) / d >= p.newWidth && (height + d - 1) / d >= p.newHeight { return d }
+            if (width + d - 1) / d >= p.width && (height + d - 1) / d >= p.height { return d }
         }
         return 1
-    }
-
-    /// The geometry from the input back to the original image.
-    func geometry(width: Int, height: Int) -> InputGeometry {
-        let p = placement(width: width, height: height)
-        return InputGeometry(scaleX: Double(p.newWidth) / Double(width), scaleY: Double(p.newHeight) / Double(height),
-                             padX: Double(p.offX), padY: Double(p.offY), originalWidth: width, originalHeight: height)
     }
 
     /// One JPEG to [3, size, size] floats at `out` (3 * size * size of them). A corrupt or
@@ -85,10 +64,6 @@ public struct ServingPreprocessor: Sendable {
             let image = try JPEG.decode(data, source: source)
             let t1 = now()
             var rng = SeededGenerator(seed: 0) // unused: no augmentation
-            var transform = DetectionTransform(size: size, resize: resize)
-            transform.normalizeScale = normalizeScale
-            transform.normalizeShift = normalizeShift
-            transform.padValue = padValue
             let (tensor, _, geometry) = transform.apply(image, labels: [], rng: &rng)
             out.update(from: tensor.data, count: tensor.count)
             timing.decode += t1 - t0
@@ -97,7 +72,7 @@ public struct ServingPreprocessor: Sendable {
         case .fused:
             return try fused(data, source: source, timing: &timing) { image, p in
                 ql_letterbox_f32chw(out, Int32(size), Int32(size), image.pixels, image.height, image.width,
-                                    Int32(p.newHeight), Int32(p.newWidth), Int32(p.offY), Int32(p.offX), padValue, floatLUT)
+                                    Int32(p.height), Int32(p.width), Int32(p.offY), Int32(p.offX), transform.padValue, floatTable)
             }
         }
     }
@@ -109,21 +84,15 @@ public struct ServingPreprocessor: Sendable {
         require(table.count == 768, "code table has \(table.count) entries, expected 3 x 256")
         return try fused(data, source: source, timing: &timing) { image, p in
             ql_letterbox_s8nhwc(out, Int32(size), Int32(size), image.pixels, image.height, image.width,
-                                Int32(p.newHeight), Int32(p.newWidth), Int32(p.offY), Int32(p.offX), padValue, table)
+                                Int32(p.height), Int32(p.width), Int32(p.offY), Int32(p.offX), transform.padValue, table)
         }
-    }
-
-    /// Per channel and byte value: the normalised value.
-    public var floatTable: [Float] {
-        (0..<768).map { i in Float(i % 256) * normalizeScale[i / 256] + normalizeShift[i / 256] }
     }
 
     /// Per channel and byte value: the int8 code of the normalised value under a symmetric
     /// quantizer of this amax, computed by the engine's own quantize kernel (same codes).
     public func codeTable(amax: Float) -> [Int8] {
-        let values = floatTable
         var codes = [Int8](repeating: 0, count: 768)
-        ql_quantize_s8(&codes, values, 768, amax, 127)
+        ql_quantize_s8(&codes, floatTable, 768, amax, 127)
         return codes
     }
 
@@ -131,22 +100,19 @@ public struct ServingPreprocessor: Sendable {
     struct Decoded { var pixels: UnsafePointer<UInt8>; var width: Int32, height: Int32 }
 
     private func fused(_ data: Data, source: String, timing: inout Timing,
-                       write: (Decoded, (newWidth: Int, newHeight: Int, offX: Int, offY: Int)) -> Int32) throws -> InputGeometry {
+                       write: (Decoded, DetectionTransform.Placement) -> Int32) throws -> InputGeometry {
         let t0 = now()
-        var w: Int32 = 0, h: Int32 = 0
-        var err = [CChar](repeating: 0, count: 256)
-        let sized = data.withUnsafeBytes { raw in qlio_jpeg_size(raw.bindMemory(to: UInt8.self).baseAddress, raw.count, &w, &h, &err, err.count) }
-        guard sized == 0 else { throw ImageError("\(source): not a decodable JPEG (\(cMessage(err)))") }
-        let p = placement(width: Int(w), height: Int(h))
+        let (w, h) = try JPEG.size(of: data, source: source)
+        let p = transform.placement(width: w, height: h)
         var t1 = 0.0
-        let status = try JPEG.withDecoded(data, source: source, scaleDenominator: scaleDenominator(width: Int(w), height: Int(h))) { pixels, dw, dh in
+        let status = try JPEG.withDecoded(data, source: source, scaleDenominator: scaleDenominator(width: w, height: h)) { pixels, dw, dh in
             t1 = now()
             return write(Decoded(pixels: pixels, width: Int32(dw), height: Int32(dh)), p)
         }
         guard status == 0 else { throw ImageError("\(source): letterbox geometry \(p) does not fit \(size) x \(size)") }
         timing.decode += t1 - t0
         timing.transform += now() - t1
-        return geometry(width: Int(w), height: Int(h))
+        return p.geometry(originalWidth: w, originalHeight: h)
     }
 
     private func now() -> Double { Double(DispatchTime.now().uptimeNanoseconds) / 1e9 }

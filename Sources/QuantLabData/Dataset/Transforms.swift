@@ -66,34 +66,50 @@ public struct DetectionTransform: Sendable {
         self.augment = augment
     }
 
-    /// The transformed input [3, size, size], its labels and the geometry back to the original.
-    public func apply(_ image: RGBImage, labels: [ObjectLabel], rng: inout SeededGenerator) -> (Tensor, [ObjectLabel], InputGeometry) {
-        let s = size
+    /// Where an image lands on the size x size input: its resized size and its offset.
+    public struct Placement: Equatable, Sendable {
+        public var width: Int, height: Int, offX: Int, offY: Int
+
+        /// The geometry from the input back to an original of this size.
+        public func geometry(originalWidth: Int, originalHeight: Int) -> InputGeometry {
+            InputGeometry(scaleX: Double(width) / Double(originalWidth), scaleY: Double(height) / Double(originalHeight),
+                          padX: Double(offX), padY: Double(offY), originalWidth: originalWidth, originalHeight: originalHeight)
+        }
+    }
+
+    /// The placement of a width x height image: resized by the `resize` rule times `zoom`,
+    /// centred, then shifted by (dx, dy) pixels (zoom and shift are the augmentation's).
+    public func placement(width: Int, height: Int, zoom: Double = 1, dx: Double = 0, dy: Double = 0) -> Placement {
         var sx: Double, sy: Double
         switch resize {
         case .letterbox:
-            let r = Double(s) / Double(max(image.width, image.height))
+            let r = Double(size) / Double(max(width, height))
             (sx, sy) = (r, r)
         case .stretch:
-            (sx, sy) = (Double(s) / Double(image.width), Double(s) / Double(image.height))
+            (sx, sy) = (Double(size) / Double(width), Double(size) / Double(height))
         }
-        var dx = 0.0, dy = 0.0
+        sx *= zoom
+        sy *= zoom
+        let newW = max(1, Int((Double(width) * sx).rounded())), newH = max(1, Int((Double(height) * sy).rounded()))
+        return Placement(width: newW, height: newH, offX: Int(((Double(size - newW)) / 2 + dx).rounded()), offY: Int(((Double(size - newH)) / 2 + dy).rounded()))
+    }
+
+    /// The transformed input [3, size, size], its labels and the geometry back to the original.
+    public func apply(_ image: RGBImage, labels: [ObjectLabel], rng: inout SeededGenerator) -> (Tensor, [ObjectLabel], InputGeometry) {
+        let s = size
+        var zoom = 1.0, dx = 0.0, dy = 0.0
         if augment {
-            let zoom = scaleRange.lowerBound + (scaleRange.upperBound - scaleRange.lowerBound) * Double(rng.nextFloat())
-            sx *= zoom
-            sy *= zoom
+            zoom = scaleRange.lowerBound + (scaleRange.upperBound - scaleRange.lowerBound) * Double(rng.nextFloat())
             dx = (Double(rng.nextFloat()) * 2 - 1) * translate * Double(s)
             dy = (Double(rng.nextFloat()) * 2 - 1) * translate * Double(s)
         }
-        let newW = max(1, Int((Double(image.width) * sx).rounded())), newH = max(1, Int((Double(image.height) * sy).rounded()))
-        // centre the resized image, then shift it
-        let offX = Int(((Double(s - newW)) / 2 + dx).rounded()), offY = Int(((Double(s - newH)) / 2 + dy).rounded())
+        let p = placement(width: image.width, height: image.height, zoom: zoom, dx: dx, dy: dy)
+        let (newW, newH, offX, offY) = (p.width, p.height, p.offX, p.offY)
         let resized = (newW == image.width && newH == image.height) ? image : image.resized(width: newW, height: newH)
         var canvas = RGBImage(width: s, height: s, fill: (padValue, padValue, padValue))
         paste(resized, into: &canvas, x: offX, y: offY)
-        let realSX = Double(newW) / Double(image.width), realSY = Double(newH) / Double(image.height)
-        let geometry = InputGeometry(scaleX: realSX, scaleY: realSY, padX: Double(offX), padY: Double(offY),
-                                     originalWidth: image.width, originalHeight: image.height)
+        let geometry = p.geometry(originalWidth: image.width, originalHeight: image.height)
+        let (realSX, realSY) = (geometry.scaleX, geometry.scaleY)
         var out: [ObjectLabel] = []
         for l in labels {
             let b = l.box.transformed(scaleX: realSX, scaleY: realSY, dx: Double(offX), dy: Double(offY)).clipped(width: Double(s), height: Double(s))
