@@ -22,6 +22,7 @@ let experimentNames = [
     "exp04_partial_qat_cwd",
     "exp05_qdq_scale_fusion",
     "exp06_serving_preprocessing",
+    "exp07_rtdetr_act",
 ]
 
 let experimentTargets: [Target] = experimentNames.map { name in

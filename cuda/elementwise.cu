@@ -5,7 +5,7 @@
 // glibc), so float results match the CPU within the tolerance the tests state.
 #include "common.cuh"
 
-enum { RELU = 0, SIGMOID = 1, SILU = 2, EXP = 3, LOG = 4, NEG = 5, ABS = 6, SQRT = 7, TANH = 8 };
+enum { RELU = 0, SIGMOID = 1, SILU = 2, EXP = 3, LOG = 4, NEG = 5, ABS = 6, SQRT = 7, TANH = 8, GELU = 9 };
 enum { ADD = 0, SUB = 1, MUL = 2, DIV = 3, MAX = 4, MIN = 5 };
 
 #define GRID_STRIDE(i, n) for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (int64_t)gridDim.x * blockDim.x)
@@ -28,6 +28,7 @@ __global__ void unary_fwd_kernel(int op, float *y, const float *x, int64_t n) {
         case NEG: r = -v; break;
         case ABS: r = fabsf(v); break;
         case SQRT: r = sqrtf(v); break;
+        case GELU: r = 0.5f * v * (1.0f + erff(v * 0.70710678118654752f)); break;
         default: r = tanhf(v); break;
         }
         y[i] = r;
@@ -46,6 +47,7 @@ __global__ void unary_bwd_kernel(int op, float *dx, const float *dy, const float
         case NEG: d = -g; break;
         case ABS: d = x[i] > 0.0f ? g : (x[i] < 0.0f ? -g : 0.0f); break;
         case SQRT: d = g * 0.5f / y[i]; break;
+        case GELU: { float v = x[i]; d = g * (0.5f * (1.0f + erff(v * 0.70710678118654752f)) + v * 0.39894228040143268f * expf(-0.5f * v * v)); break; }
         default: d = g * (1.0f - y[i] * y[i]); break;
         }
         dx[i] += d;
@@ -54,14 +56,14 @@ __global__ void unary_bwd_kernel(int op, float *dx, const float *dy, const float
 
 
 static int unary_fwd(qlc_stream s, int op, float *y, const float *x, int64_t n) {
-    if (op < RELU || op > TANH || n < 0) return qlc_fail(QLC_EINVAL, "unary_fwd: op %d, n %lld", op, (long long)n);
+    if (op < RELU || op > GELU || n < 0) return qlc_fail(QLC_EINVAL, "unary_fwd: op %d, n %lld", op, (long long)n);
     if (n == 0) return QLC_OK;
     unary_fwd_kernel<<<grid(n), 256, 0, as_stream(s)>>>(op, y, x, n);
     return qlc_check_launch("unary_fwd");
 }
 
 static int unary_bwd(qlc_stream s, int op, float *dx, const float *dy, const float *x, const float *y, int64_t n) {
-    if (op < RELU || op > TANH || n < 0) return qlc_fail(QLC_EINVAL, "unary_bwd: op %d, n %lld", op, (long long)n);
+    if (op < RELU || op > GELU || n < 0) return qlc_fail(QLC_EINVAL, "unary_bwd: op %d, n %lld", op, (long long)n);
     if ((op == SIGMOID || op == EXP || op == SQRT || op == TANH) && !y) return qlc_fail(QLC_EINVAL, "unary_bwd: op %d needs y", op);
     if (n == 0) return QLC_OK;
     unary_bwd_kernel<<<grid(n), 256, 0, as_stream(s)>>>(op, dx, dy, x, y, n);

@@ -20,6 +20,7 @@ static void unary_fwd_serial(ql_unary_op op, float *y, const float *x, int64_t n
     case QL_UNARY_ABS: for (int64_t i = 0; i < n; i++) y[i] = fabsf(x[i]); break;
     case QL_UNARY_SQRT: for (int64_t i = 0; i < n; i++) y[i] = sqrtf(x[i]); break;
     case QL_UNARY_TANH: for (int64_t i = 0; i < n; i++) y[i] = tanhf(x[i]); break;
+    case QL_UNARY_GELU: for (int64_t i = 0; i < n; i++) y[i] = 0.5f * x[i] * (1.0f + erff(x[i] * 0.70710678118654752f)); break;
     }
 }
 
@@ -40,6 +41,13 @@ static void unary_bwd_serial(ql_unary_op op, float *restrict dx, const float *re
     case QL_UNARY_ABS: for (int64_t i = 0; i < n; i++) dx[i] += x[i] > 0.0f ? dy[i] : (x[i] < 0.0f ? -dy[i] : 0.0f); break;
     case QL_UNARY_SQRT: for (int64_t i = 0; i < n; i++) dx[i] += dy[i] * 0.5f / y[i]; break;
     case QL_UNARY_TANH: for (int64_t i = 0; i < n; i++) dx[i] += dy[i] * (1.0f - y[i] * y[i]); break;
+    case QL_UNARY_GELU: /* d/dx x Phi(x) = Phi(x) + x phi(x) */
+        for (int64_t i = 0; i < n; i++) {
+            float cdf = 0.5f * (1.0f + erff(x[i] * 0.70710678118654752f));
+            float pdf = 0.39894228040143268f * expf(-0.5f * x[i] * x[i]);
+            dx[i] += dy[i] * (cdf + x[i] * pdf);
+        }
+        break;
     }
 }
 

@@ -85,11 +85,22 @@ public final class Graph {
         return try trace(model, example: Tensor(zeros: [batch, 3, s, s])) { [model($0)] }
     }
 
+    /// An RT-DETR's graph: images [B, 3, S, S] -> logits [B, K, C], boxes [B, K, 4]; the
+    /// query selection is one GatherTopK op, computed on each run's scores.
+    public static func trace(_ model: RTDETR, batch: Int = 1) throws -> Graph {
+        let s = model.config.inputSize
+        return try trace(model, example: Tensor(zeros: [batch, 3, s, s])) { x in
+            let (logits, boxes) = model(x)
+            return [logits, boxes]
+        }
+    }
+
     /// The graph of a saved model, whatever its kind.
     public static func trace(_ saved: SavedModel, batch: Int = 1) throws -> Graph {
         switch saved {
         case .detector(let m): return try trace(m, batch: batch)
         case .classifier(let m): return try trace(m, batch: batch)
+        case .rtdetr(let m): return try trace(m, batch: batch)
         }
     }
 

@@ -21,8 +21,9 @@ import QuantLabQuant
 // conv is an im2col plus one u8 x s8 GEMM with the requantization epilogue (igemm.c).
 //
 // A transposed conv whose kernel equals its stride (the neck's upsampling) is the same GEMM with
-// KH*KW*K columns and a scatter. Not yet in int8 (issue #12): other transposed convs, Gemm,
-// residual Add, grouped convs.
+// KH*KW*K columns and a scatter. Gemm (linear) and MatMul of two quantized activations run on the
+// same integer GEMM with f32 output (Int8Gemm.swift). Not yet in int8 (issue #12): other
+// transposed convs, residual Add, grouped convs.
 
 /// Int8 codes of an activation, NHWC, with the shape of its NCHW float tensor.
 struct QTensor {
@@ -272,6 +273,9 @@ public enum PlanStep {
     case int8Conv(Int8Conv, input: Int, output: Int)
     /// Max pooling or channel concat on codes of one scale (they commute with quantization).
     case int8Op(GraphNode, inputs: [Int], output: Int, amax: Float)
+    /// A Gemm or MatMul on the integer GEMM: reads the floats its quantizers read (`inputs`),
+    /// writes the float value `output` (Int8Gemm.swift).
+    case int8Gemm(Int8Gemm, inputs: [Int], output: Int)
 }
 
 /// A graph compiled to integer kernels where its Q/DQ allow it, by TensorRT's rules
@@ -333,6 +337,29 @@ public final class Int8Plan {
             }
             convs[i] = fusion
         }
+        // 1b. Which Gemm (linear) and MatMul nodes run on the integer GEMM: a linear whose input
+        //     has an activation quantizer and whose weight a per-output-channel one; a matmul of
+        //     two activations, each behind a per-tensor quantizer, with the same batch dims.
+        var gemms: [Int: (Int8Gemm, sources: [Int])] = [:]
+        for (i, n) in nodes.enumerated() {
+            func quantized(_ k: Int) -> (GraphNode, Float)? {
+                guard k < n.inputs.count, let v = n.inputs[k], let q = producerIndex[v].map({ nodes[$0] }), let a = activationQuantizer(q) else { return nil }
+                return (q, a)
+            }
+            switch n.op {
+            case .linear:
+                guard let (xq, ax) = quantized(0), n.inputs.count >= 2, let wi = n.inputs[1], let wq = producerIndex[wi].map({ nodes[$0] }),
+                      case .quantizeDequantize(let wAmax, 0, 8) = wq.op, let ws = wq.inputs.first ?? nil, let weight = graph.constants[ws] else { continue }
+                let bias = n.inputs.count > 2 ? n.inputs[2].flatMap { graph.constants[$0] } : nil
+                gemms[i] = (try Int8Gemm(linear: n.name, weight: weight, bias: bias, inputAmax: ax, weightAmax: wAmax), [xq.inputs[0]!])
+            case .matmul:
+                guard let (aq, aa) = quantized(0), let (bq, ab) = quantized(1),
+                      graph.values[aq.output].shape.count == graph.values[bq.output].shape.count else { continue }
+                gemms[i] = (Int8Gemm(matmul: n.name, amaxA: aa, amaxB: ab), [aq.inputs[0]!, bq.inputs[0]!])
+            default: continue
+            }
+        }
+
         /// The value a fused conv finally writes (after its activation).
         func convOutput(_ i: Int) -> Int { convs[i]!.activationNode.map { nodes[$0].output } ?? nodes[i].output }
 
@@ -407,9 +434,17 @@ public final class Int8Plan {
                 steps.append(.int8Conv(conv, input: input, output: out))
                 continue
             }
+            if let (g, sources) = gemms[i] {
+                for v in sources { needFloat(v, for: n.name) }
+                steps.append(.int8Gemm(g, inputs: sources, output: n.output))
+                haveFloat.insert(n.output)
+                continue
+            }
             if let a = activationQuantizer(n) {
                 let src = n.inputs[0]!
-                let users = consumers[n.output] ?? []
+                // integer GEMMs quantize the source themselves; the quantizer serves the others
+                let users = (consumers[n.output] ?? []).filter { gemms[$0] == nil }
+                if users.isEmpty && !graph.outputs.contains(n.output) { continue }
                 let int8Users = users.filter { convs[$0] != nil || (commutes(nodes[$0]) && int8Amax[nodes[$0].output] != nil) }
                 // a quantizer read only as a fused conv's input is handled by that conv
                 if !int8Users.isEmpty && int8Users.allSatisfy({ convs[$0] != nil }) && int8Users.count == users.count { continue }
@@ -439,7 +474,7 @@ public final class Int8Plan {
                 continue
             }
             // a weight quantizer consumed only by fused convs was folded into their weights
-            if case .quantizeDequantize = n.op, isConstant(n.inputs.first ?? nil), (consumers[n.output] ?? []).allSatisfy({ convs[$0] != nil }) { continue }
+            if case .quantizeDequantize = n.op, isConstant(n.inputs.first ?? nil), (consumers[n.output] ?? []).allSatisfy({ convs[$0] != nil || gemms[$0] != nil }) { continue }
             for case let v? in n.inputs { needFloat(v, for: n.name) }
             steps.append(.float(n))
             haveFloat.insert(n.output)
@@ -458,7 +493,7 @@ public final class Int8Plan {
         case .float(let n):
             guard case .quantizeDequantize = n.op, let src = n.inputs.first ?? nil, graph.constants[src] == nil else { return nil }
             return "qdq (float)"
-        case .int8Conv, .int8Op: return nil
+        case .int8Conv, .int8Op, .int8Gemm: return nil
         }
     }
 
@@ -467,6 +502,8 @@ public final class Int8Plan {
     /// All Reformat steps.
     public var reformatCount: Int { steps.reduce(0) { $0 + (reformatKind(of: $1) == nil ? 0 : 1) } }
     public var int8ConvCount: Int { steps.filter { if case .int8Conv = $0 { return true } else { return false } }.count }
+    /// Gemm and MatMul nodes on the integer GEMM.
+    public var int8GemmCount: Int { steps.filter { if case .int8Gemm = $0 { return true } else { return false } }.count }
 
     /// One line per step: what runs, in which precision, and the Reformat count by kind.
     public func explain() -> String {
@@ -481,6 +518,7 @@ public final class Int8Plan {
             case .int8Conv(let c, _, _):
                 text = "\(c.name)  \(c.kindName) int8 -> \(c.outputAmax == nil ? "f32" : "int8")  fused: DQ(x), DQ(w), \(c.transposed ? "ConvTranspose" : "Conv"), bias\(c.activation == .relu ? ", ReLU" : c.activation == .silu ? ", SiLU" : "")\(c.outputAmax == nil ? "" : ", Q")"
             case .int8Op(let n, _, _, let a): text = String(format: "%@  %@ int8 (amax %.4g)", n.name, n.op.name, a)
+            case .int8Gemm(let g, _, _): text = "\(g.name)  \(g.kindName) int8 -> f32  fused: Q(inputs), \(g.kind == .linear ? "DQ(w), Gemm, bias" : "MatMul")"
             }
             lines.append(String(format: "%4d  ", i) + text)
         }
@@ -539,6 +577,7 @@ public final class Int8Plan {
             switch s {
             case .int8Conv(let c, _, _): return c.kindName
             case .int8Op(let n, _, _, _): return "\(n.op.name) (int8)"
+            case .int8Gemm(let g, _, _): return g.kindName
             case .float(let n): if case .quantizeDequantize = n.op { return "weight QDQ (float)" } else { return "\(n.op.name) (f32)" }
             default: return "other"
             }
@@ -567,6 +606,7 @@ public final class Int8Plan {
         case .dequantize(_, _, let name): return "\(name) (Dequantize)"
         case .int8Conv(let c, _, _): return "\(c.name) (\(c.kindName))"
         case .int8Op(let n, _, _, _): return "\(n.name) (\(n.op.name) int8)"
+        case .int8Gemm(let g, _, _): return "\(g.name) (\(g.kindName))"
         }
     }
 
@@ -621,6 +661,9 @@ public final class Int8Plan {
                 case .int8Conv(let conv, let input, let output):
                     let (q, t) = try conv.run(try codes(input, for: conv.name))
                     if let q { q8[output] = q } else { f32[output] = t }
+                case .int8Gemm(let g, let inputs, let output):
+                    let xs = try inputs.map { try floatValue($0, for: g.name) }
+                    f32[output] = g.kind == .linear ? try g.run(linear: xs[0]) : try g.run(matmul: xs[0], xs[1])
                 case .int8Op(let n, let inputs, let output, let amax):
                     let xs = try inputs.map { try codes($0, for: n.name) }
                     let shape = graph.values[n.output].shape

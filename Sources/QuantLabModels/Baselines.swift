@@ -19,6 +19,8 @@ public enum Baselines {
         public var modelConfig: String // JSON of the architecture config
         /// JSON of the synthetic dataset's configuration: a cache trained on other data is stale.
         public var dataset: String?
+        /// JSON of the training hyper-parameters where they are not implied by the rest (RT-DETR).
+        public var training: String? = nil
     }
 
     public struct Plan: Sendable {
@@ -74,7 +76,7 @@ public enum Baselines {
               let saved = try? JSONDecoder().decode(TrainingRecord.self, from: data),
               saved.block == record.block, saved.epochs == record.epochs, saved.searchEpochs == record.searchEpochs,
               saved.seed == record.seed, saved.modelConfig == record.modelConfig, saved.trainImages == record.trainImages,
-              saved.dataset == record.dataset,
+              saved.dataset == record.dataset, saved.training == record.training,
               FileManager.default.fileExists(atPath: dir.appendingPathComponent("model.safetensors").path) else { return nil }
         return saved
     }

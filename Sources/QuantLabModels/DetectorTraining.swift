@@ -17,14 +17,27 @@ public func evaluateDetector(_ model: YOLOv6, on dataset: DetectionDataset, batc
     let wasTraining = model.isTraining
     model.eval()
     defer { model.train(wasTraining) }
-    let loader = DetectionLoader(dataset: dataset, batchSize: batchSize, transform: DetectionTransform(size: model.config.inputSize, resize: resize),
+    return try evaluateDetections(on: dataset, inputSize: model.config.inputSize, resize: resize, batchSize: batchSize,
+                                  progressLabel: progressLabel, preprocessor: preprocessor) { images in
+        let (logits, dist) = try forward?(images) ?? withNoGrad { model(images) }
+        return model.detections(classLogits: logits, distances: dist)
+    }
+}
+
+/// COCO evaluation of any detector: the val images through the evaluation transform (or a
+/// serving `preprocessor`), `detect` on each batch (detections in input pixels), boxes mapped
+/// back to original-image pixels, then the 12 COCO numbers.
+public func evaluateDetections(on dataset: DetectionDataset, inputSize: Int, resize: DetectionTransform.Resize, batchSize: Int,
+                               progressLabel: String?, preprocessor: ServingPreprocessor? = nil,
+                               detect: (Tensor) throws -> [[Detection]]) throws -> (COCOEvaluator.Result, [COCOResult]) {
+    let loader = DetectionLoader(dataset: dataset, batchSize: batchSize, transform: DetectionTransform(size: inputSize, resize: resize),
                                  shuffle: false, seed: 0)
     let progress = progressLabel.map { Progress(total: dataset.count, label: $0, unit: "img") }
     var results: [COCOResult] = [], seen = 0
     let sequence = loader.epoch(0)
     func served(_ start: Int) throws -> DetectionBatch? {
         guard let preprocessor, start < dataset.count else { return nil }
-        require(preprocessor.size == model.config.inputSize, "preprocessor size \(preprocessor.size) != model input \(model.config.inputSize)")
+        require(preprocessor.size == inputSize, "preprocessor size \(preprocessor.size) != model input \(inputSize)")
         let indices = Array(start..<min(start + batchSize, dataset.count))
         let per = 3 * preprocessor.size * preprocessor.size
         let images = Tensor(zeros: [indices.count, 3, preprocessor.size, preprocessor.size])
@@ -37,8 +50,7 @@ public func evaluateDetector(_ model: YOLOv6, on dataset: DetectionDataset, batc
     }
     let iterator = sequence.makeIterator()
     while let batch = preprocessor == nil ? iterator.next() : try served(seen) {
-        let (logits, dist) = try forward?(batch.images) ?? withNoGrad { model(batch.images) }
-        for (b, dets) in model.detections(classLogits: logits, distances: dist).enumerated() {
+        for (b, dets) in try detect(batch.images).enumerated() {
             for d in dets {
                 let box = batch.geometry[b].toOriginal(d.box)
                 guard box.width > 0, box.height > 0 else { continue }

@@ -21,11 +21,13 @@ func checkField(_ ok: Bool, _ field: String, _ value: Any, _ range: String) thro
 public enum SavedModel {
     case detector(YOLOv6)
     case classifier(RepClassifier)
+    case rtdetr(RTDETR)
 
     public var module: Module {
         switch self {
         case .detector(let m): return m
         case .classifier(let m): return m
+        case .rtdetr(let m): return m
         }
     }
 
@@ -33,6 +35,7 @@ public enum SavedModel {
         switch self {
         case .detector(let m): return "YOLOv6 detector (\(m.config.block.rawValue), input \(m.config.inputSize))"
         case .classifier(let m): return "RepVGG-style classifier (\(m.config.block.rawValue), input \(m.config.inputSize))"
+        case .rtdetr(let m): return "RT-DETR-lite (hidden \(m.config.hidden), \(m.config.decoderLayers) decoder layers, \(m.config.queries) queries, input \(m.config.inputSize))"
         }
     }
 
@@ -43,6 +46,10 @@ public enum SavedModel {
 
     public static func metadata(for model: RepClassifier) -> [String: String] {
         ["model": "rep_classifier", "config": Baselines.json(model.config), "block": model.config.block.rawValue]
+    }
+
+    public static func metadata(for model: RTDETR) -> [String: String] {
+        ["model": "rtdetr", "config": Baselines.json(model.config), "block": model.config.block.rawValue]
     }
 
     /// Loads `url` (a model.safetensors); errors name the file and what is missing.
@@ -70,8 +77,12 @@ public enum SavedModel {
             guard let cfg = try? JSONDecoder().decode(RepClassifier.Config.self, from: data) else { throw ModelFileError("\(url.path): 'config' is not a classifier configuration") }
             do { try cfg.validate() } catch { throw ModelFileError("\(url.path): metadata 'config': \(error)") }
             model = .classifier(RepClassifier(cfg, rng: &rng))
+        case "rtdetr":
+            guard let cfg = try? JSONDecoder().decode(RTDETRConfig.self, from: data) else { throw ModelFileError("\(url.path): 'config' is not an RT-DETR configuration") }
+            do { try cfg.validate() } catch { throw ModelFileError("\(url.path): metadata 'config': \(error)") }
+            model = .rtdetr(RTDETR(cfg, rng: &rng))
         default:
-            throw ModelFileError("\(url.path): unknown model kind '\(kind ?? "")' (expected yolov6 or rep_classifier)")
+            throw ModelFileError("\(url.path): unknown model kind '\(kind ?? "")' (expected yolov6, rep_classifier or rtdetr)")
         }
         do { try model.module.loadStateDict(tensors) } catch { throw ModelFileError("\(url.path): \(error)") }
         model.module.eval()

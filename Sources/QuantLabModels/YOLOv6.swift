@@ -22,25 +22,36 @@ public final class ModuleList: Module {
     }
 }
 
-/// Conv + BN + activation (YOLOv6's SimConv with ReLU, Conv with SiLU).
+/// Conv + BN + activation (YOLOv6's SimConv with ReLU, Conv with SiLU; ResNet's and
+/// RT-DETR's projections with none).
 public final class ConvBNAct: Module, Layer {
+    public enum Activation: String, Codable, Sendable { case relu, silu, none }
     public private(set) var conv: Conv2d
     /// nil once folded into `conv` (the deploy form).
     public private(set) var bn: BatchNorm2d?
-    public let silu: Bool
+    public let activation: Activation
+    public var silu: Bool { activation == .silu }
 
-    public init(_ cin: Int, _ cout: Int, kernel: Int, stride: Int = 1, silu: Bool = false, rng: inout SeededGenerator) {
+    public init(_ cin: Int, _ cout: Int, kernel: Int, stride: Int = 1, activation: Activation, rng: inout SeededGenerator) {
         conv = Conv2d(cin, cout, kernel: kernel, stride: stride, padding: kernel / 2, bias: false, rng: &rng)
         bn = BatchNorm2d(cout)
-        self.silu = silu
+        self.activation = activation
         super.init()
         registerModule("conv", conv)
         registerModule("bn", bn!)
     }
 
+    public convenience init(_ cin: Int, _ cout: Int, kernel: Int, stride: Int = 1, silu: Bool = false, rng: inout SeededGenerator) {
+        self.init(cin, cout, kernel: kernel, stride: stride, activation: silu ? .silu : .relu, rng: &rng)
+    }
+
     public func callAsFunction(_ x: Tensor) -> Tensor {
         let y = bn.map { $0(conv(x)) } ?? conv(x)
-        return silu ? y.silu() : y.relu()
+        switch activation {
+        case .relu: return y.relu()
+        case .silu: return y.silu()
+        case .none: return y
+        }
     }
 
     /// Deploy form: BN folded into a conv with bias, `bn` removed; `conv` keeps its name, so

@@ -108,11 +108,17 @@ public struct LayerAnalysis: Codable, Sendable {
 
 /// Runs the analysis on `batches` (two FP32 passes: moments and calibrator statistics, then
 /// tail shares and plot histograms). The model is used as it is: call `convertToDeployForm()`
-/// first to analyse what an INT8 engine would quantize.
+/// first to analyse what an INT8 engine would quantize. Besides every weighted layer, the
+/// operands of products of two activations (tap points of role `matmulOperand`: attention's
+/// Q, K^T, A, V) are analysed as layers of kind "matmul" without a weight.
 public func analyzeQuantization(_ model: Module, batches: [Tensor], forward: (Tensor) -> Void,
                                 methods: [CalibrationMethod] = CalibrationMethod.standard + [.movingAverage(rate: 0.9)],
                                 plotBins: Int = 120) throws -> [LayerAnalysis] {
-    let layers = model.namedModules().compactMap { name, m in (m as? any WeightedLayer).map { (name, $0) } }
+    let layers: [(String, LayerHooks, (any WeightedLayer)?)] = model.namedModules().compactMap { name, m in
+        if let w = m as? any WeightedLayer { return (name, w.hooks, w) }
+        if let t = m as? TapPoint, t.role == .matmulOperand { return (name, t.hooks, nil) }
+        return nil
+    }
     guard !layers.isEmpty else { throw QuantizationError("the model has no conv, transposed conv or linear layer to analyse") }
     let wasTraining = model.isTraining
     model.eval()
@@ -121,12 +127,12 @@ public func analyzeQuantization(_ model: Module, batches: [Tensor], forward: (Te
     // removes only what this pass installed.
     final class Pass {}
     let pass = Pass()
-    func collect(_ layer: (String, any WeightedLayer), _ hook: @escaping TensorHook) throws {
-        try layer.1.hooks.install(input: hook, owner: pass, ownerName: "analyzeQuantization", layer: layer.0)
+    func collect(_ layer: (String, LayerHooks, (any WeightedLayer)?), _ hook: @escaping TensorHook) throws {
+        try layer.1.install(input: hook, owner: pass, ownerName: "analyzeQuantization", layer: layer.0)
     }
     defer {
         model.train(wasTraining)
-        for (_, l) in layers { l.hooks.remove(owner: pass) }
+        for (_, hooks, _) in layers { hooks.remove(owner: pass) }
     }
     // pass 1: moments and calibrator statistics of every layer input
     final class Slot { var moments = MomentAccumulator(); var stats = ActivationStatistics(histogram: true); var beyond = 0; var plot: RangeHistogram? }
@@ -151,7 +157,17 @@ public func analyzeQuantization(_ model: Module, batches: [Tensor], forward: (Te
     withNoGrad { for b in batches { forward(b) } }
 
     var out: [LayerAnalysis] = []
-    for ((name, l), s) in zip(layers, slots) {
+    for ((name, _, weighted), s) in zip(layers, slots) {
+        var amax: [String: Double] = [:]
+        for method in methods { amax[method.description] = Double(try s.stats.amax(method)) }
+        let activation = s.moments.summary(beyond3Sigma: Double(s.beyond) / Double(Swift.max(s.moments.n, 1)))
+        guard let l = weighted else {
+            out.append(LayerAnalysis(name: name, kind: QuantizedLayer.Kind.matmul.rawValue, weightShape: [],
+                                     weight: DistributionSummary(count: 0, min: 0, max: 0, mean: 0, std: 0, kurtosis: 0, beyond3Sigma: 0),
+                                     weightSQNRPerChannel: .nan, weightSQNRPerTensor: .nan, activation: activation, activationAmax: amax,
+                                     weightHistogram: RangeHistogram(lo: 0, hi: 1, bins: 1), activationHistogram: s.plot!))
+            continue
+        }
         let w = l.weight
         var wm = MomentAccumulator()
         wm.add(w.data, w.count)
@@ -163,13 +179,10 @@ public func analyzeQuantization(_ model: Module, batches: [Tensor], forward: (Te
         let axis = l.outputChannelAxis
         let perChannel = withNoGrad { fakeQuantize(w, amax: channelAbsMax(w, axis: axis), spec: .int8PerChannel(axis: axis)) }
         let perTensor = withNoGrad { fakeQuantize(w, amax: [Float(wAbs)], spec: .int8PerTensor) }
-        var amax: [String: Double] = [:]
-        for method in methods { amax[method.description] = Double(try s.stats.amax(method)) }
         out.append(LayerAnalysis(name: name, kind: QuantizedLayer.Kind(l).rawValue, weightShape: w.shape,
                                  weight: wm.summary(beyond3Sigma: Double(wBeyond) / Double(Swift.max(w.count, 1))),
                                  weightSQNRPerChannel: sqnr(w, perChannel), weightSQNRPerTensor: sqnr(w, perTensor),
-                                 activation: s.moments.summary(beyond3Sigma: Double(s.beyond) / Double(Swift.max(s.moments.n, 1))),
-                                 activationAmax: amax, weightHistogram: wPlot, activationHistogram: s.plot!))
+                                 activation: activation, activationAmax: amax, weightHistogram: wPlot, activationHistogram: s.plot!))
     }
     return out
 }

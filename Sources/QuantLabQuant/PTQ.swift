@@ -30,11 +30,12 @@ public struct CalibrationPlan: Codable, Equatable, Sendable {
 
 /// Calibration batches [B, 3, S, S] of training images for a detector: a seeded random
 /// sample without replacement, letterboxed, no augmentation (what the deployed model sees).
-public func detectionCalibrationBatches(_ dataset: DetectionDataset, inputSize: Int, plan: CalibrationPlan) throws -> [Tensor] {
+public func detectionCalibrationBatches(_ dataset: DetectionDataset, inputSize: Int, plan: CalibrationPlan,
+                                        resize: DetectionTransform.Resize = .letterbox) throws -> [Tensor] {
     guard dataset.count >= plan.images else {
         throw QuantizationError("calibration wants \(plan.images) images, dataset \(dataset.root.path) [\(dataset.split)] has \(dataset.count)")
     }
-    let loader = DetectionLoader(dataset: dataset, batchSize: plan.batchSize, transform: DetectionTransform(size: inputSize, resize: .letterbox),
+    let loader = DetectionLoader(dataset: dataset, batchSize: plan.batchSize, transform: DetectionTransform(size: inputSize, resize: resize),
                                  shuffle: true, seed: plan.seed &+ 0xCA11)
     let order = loader.order(epoch: 0)
     return try (0..<plan.batches).map { try loader.batch($0, epoch: 0, order: order).images }
@@ -117,6 +118,17 @@ public struct PTQSubject {
                    })
     }
 
+    /// An RT-DETR: calibration on stretched training images (its reader), COCO mAP on `val`.
+    public static func rtdetr(_ model: RTDETR, train: DetectionDataset, val: DetectionDataset, label: String) -> PTQSubject {
+        PTQSubject(label: label, module: model, metric: "mAP",
+                   calibrationImages: { try detectionCalibrationBatches(train, inputSize: model.config.inputSize, plan: $0, resize: .stretch) },
+                   inputShape: [3, model.config.inputSize, model.config.inputSize],
+                   outputs: { let o = model($0); return [o.logits, o.boxes] },
+                   score: { forward, label in
+                       try evaluateRTDETR(model, on: val, progressLabel: label, forward: forward.map { f in { let o = try f($0); return (o[0], o[1]) } }).0.mAP
+                   })
+    }
+
     /// A classifier: calibration on training images, top-1 accuracy (a fraction) on `val`.
     public static func classifier(_ model: RepClassifier, train: ClassificationDataset, val: ClassificationDataset, label: String) -> PTQSubject {
         PTQSubject(label: label, module: model, metric: "top-1",
@@ -133,6 +145,8 @@ public struct PTQSubject {
             return .detector(m, train: try DetectionDataset(root: root, split: "train2017"), val: try DetectionDataset(root: root, split: "val2017"), label: label)
         case .classifier(let m):
             return .classifier(m, train: try ClassificationDataset(root: root, split: "train2017"), val: try ClassificationDataset(root: root, split: "val2017"), label: label)
+        case .rtdetr(let m):
+            return .rtdetr(m, train: try DetectionDataset(root: root, split: "train2017"), val: try DetectionDataset(root: root, split: "val2017"), label: label)
         }
     }
 }

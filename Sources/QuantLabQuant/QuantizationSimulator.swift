@@ -20,6 +20,10 @@ public final class TensorQuantizer {
     public var isEnabled = true
     /// Collects statistics and passes values through unchanged (FP32 calibration pass).
     public var isCalibrating = false
+    /// QAT with PaddleSlim's moving_average_abs_max: every call first folds the batch's max |x|
+    /// into the moving average (state = r state + 1, accum = r accum + max|x|) and quantizes
+    /// with amax = accum / state. Off for evaluation, which uses the last value.
+    public var tracksMovingAverage = false
     public var statistics: ActivationStatistics
     /// What it quantizes ("neck.reduce_layer1.conv.input"), for traced graphs and messages.
     public var label: String?
@@ -62,6 +66,10 @@ public final class TensorQuantizer {
                 let out = untraced { lsqFakeQuantize(x, step: step, qn: -spec.qmax, qp: spec.qmax, axis: spec.axis) }
                 traceOp(.quantizeDequantize(amax: step.values.map { $0 * Float(spec.qmax) }, axis: spec.axis, bits: spec.bits), [x], out, name: label)
                 return out
+            }
+            if tracksMovingAverage && spec.axis == nil {
+                statistics.movingAverage.update(batchAbsMax: x.absMax())
+                amax = statistics.movingAverage.amax.map { [$0] }
             }
             guard let amax else { fatalError("a quantizer was enabled before it was calibrated (call applyCalibration first)") }
             let out = untraced { fakeQuantize(x, amax: amax, spec: spec) }
@@ -113,6 +121,13 @@ public struct QuantizationOptions: Codable, Equatable, Sendable {
     public var quantizeUpsample = true
     /// Quantize the concat outputs in the neck (its inputs then share one scale).
     public var quantizeConcat = false
+    /// Quantize both operands of the products of two activations (attention's Q.K^T and A.V,
+    /// at the models' `matmulOperand` tap points), per tensor: PaddleSlim's `matmul` op type.
+    /// Linear layers are weighted layers and follow the rest.
+    public var quantizeMatMul = false
+    /// Quantize the linear (fully connected) layers. Off: convs only (PaddleSlim's PTQ of
+    /// `conv2d` alone).
+    public var quantizeLinear = true
     /// Collect |x| histograms during calibration (needed by entropy, MSE, percentile).
     public var histograms = true
     public var histogramBins = 2048
@@ -124,6 +139,8 @@ public struct QuantizationOptions: Codable, Equatable, Sendable {
 public final class QuantizedLayer {
     public enum Kind: String, Codable, Sendable {
         case conv, convTranspose = "conv_transpose", linear, concat
+        /// An operand of a product of two activations (no weight).
+        case matmul
 
         /// The kind of a weighted layer.
         public init(_ layer: any WeightedLayer) {
@@ -186,16 +203,17 @@ public final class QuantizationSimulator {
             if let layer = m as? any WeightedLayer {
                 let kind = QuantizedLayer.Kind(layer)
                 if kind == .convTranspose && !options.quantizeUpsample { continue }
+                if kind == .linear && !options.quantizeLinear { continue }
                 let input = activationQuantizer()
                 let weight = TensorQuantizer(spec: QuantSpec(bits: options.weightBits, axis: options.perChannelWeights ? layer.outputChannelAxis : nil),
                                              histogram: false)
                 input.label = "\(name).input"
                 weight.label = "\(name).weight"
                 layers.append(QuantizedLayer(name: name, kind: kind, input: input, weight: weight, module: m))
-            } else if m is TapPoint, options.quantizeConcat {
+            } else if let tap = m as? TapPoint, tap.role == .concat ? options.quantizeConcat : options.quantizeMatMul {
                 let input = activationQuantizer()
                 input.label = "\(name).input"
-                layers.append(QuantizedLayer(name: name, kind: .concat, input: input, weight: nil, module: m))
+                layers.append(QuantizedLayer(name: name, kind: tap.role == .concat ? .concat : .matmul, input: input, weight: nil, module: m))
             }
         }
         self.layers = layers

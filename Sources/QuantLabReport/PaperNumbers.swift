@@ -115,6 +115,25 @@ public enum Paper {
         public static let cpuBusy = PaperNumber("A10", "1100", .article, "CPU utilisation with DALI (%, 'about')")
     }
 
+    /// RT-DETR ACT: the training configuration (PaddleDetection's config, via the article).
+    public enum B2 {
+        public static let iterations = PaperNumber("B2", "1000", .article, "ACT training iterations")
+        public static let learningRate = PaperNumber("B2", "3e-5", .article, "ACT learning rate (cosine from; the article's text says 1e-5)")
+        public static let weightDecay = PaperNumber("B2", "4e-5", .article, "ACT weight decay (SGD)")
+    }
+
+    /// RT-DETR in INT8: mAP, size, latency (R50 rows of the PaddleSlim README; 4x and 44% from the article).
+    public enum B3 {
+        public static let r50Base = PaperNumber("B3", "53.1", .paddleSlimREADME, "RT-DETR-R50 COCO val mAP, FP32")
+        public static let r50PTQ = PaperNumber("B3", "52.9", .paddleSlimREADME, "RT-DETR-R50 COCO val mAP, PTQ (conv only)")
+        public static let r50ACT = PaperNumber("B3", "53.0", .paddleSlimREADME, "RT-DETR-R50 COCO val mAP, ACT (conv + matmul)")
+        public static let r50LatencyFP32 = PaperNumber("B3", "32.05", .paddleSlimREADME, "RT-DETR-R50 latency ms, batch 1, T4, FP32")
+        public static let r50LatencyFP16 = PaperNumber("B3", "9.12", .paddleSlimREADME, "RT-DETR-R50 latency ms, batch 1, T4, FP16")
+        public static let r50LatencyINT8 = PaperNumber("B3", "6.96", .paddleSlimREADME, "RT-DETR-R50 latency ms, batch 1, T4, INT8")
+        public static let sizeRatio = PaperNumber("B3", "4", .article, "model size FP32 / INT8")
+        public static let speedup = PaperNumber("B3", "44", .article, "GPU speed-up of INT8 (%, 'up to')")
+    }
+
     /// Relative drop (FP32 − INT8) / FP32.
     public static func relativeDrop(_ fp32: PaperNumber, _ int8: PaperNumber) -> Double { (fp32.value - int8.value) / fp32.value }
 
@@ -129,5 +148,8 @@ public enum Paper {
         A3.yolov6sFP32, A3.repvggPTQ, A3.repvggPTQReadme, A3.repoptPTQ, A3.repoptPTQTutorial, A3.repoptB1FP32, A3.repoptB1PTQ,
         A4.partialPTQ, A4.partialPTQReadme, A4.skippedLayers, A4.calibrationBatches, A4.batchSize,
         A5.cwdGain, A5.partialQAT, A5.partialQATCWD, A6.reformatShare, A7.upsampleScale, A7.concatScale, A8.fusedQATqps, A8.ptqQPS, A8.fusedQATmAP,
+        A9.int8QPS, A9.int8OverFP16, A9.cpuBusy, A10.daliQPS, A10.daliSpeedup, A10.cpuBusy,
+        B2.iterations, B2.learningRate, B2.weightDecay, B3.r50Base, B3.r50PTQ, B3.r50ACT, B3.r50LatencyFP32, B3.r50LatencyFP16,
+        B3.r50LatencyINT8, B3.sizeRatio, B3.speedup,
     ]
 }

@@ -18,9 +18,11 @@ extension LayerAnalysis {
         let header = ["layer", "kind", "weight std", "weight kurtosis", "weight >3σ", "weight SQNR/ch dB", "weight SQNR/tensor dB",
                       "act min", "act max", "act std", "act kurtosis", "act >3σ"] + methods.map { "amax \($0)" }
         let rows = layers.map { l in
-            [l.name, l.kind, f(l.weight.std), f(l.weight.kurtosis), String(format: "%.2f%%", 100 * l.weight.beyond3Sigma),
-             String(format: "%.1f", l.weightSQNRPerChannel), String(format: "%.1f", l.weightSQNRPerTensor),
-             f(l.activation.min), f(l.activation.max), f(l.activation.std), f(l.activation.kurtosis),
+            // an operand of a product of two activations has no weight
+            [l.name, l.kind] + (l.weightShape.isEmpty ? Array(repeating: "—", count: 5) :
+                [f(l.weight.std), f(l.weight.kurtosis), String(format: "%.2f%%", 100 * l.weight.beyond3Sigma),
+                 String(format: "%.1f", l.weightSQNRPerChannel), String(format: "%.1f", l.weightSQNRPerTensor)]) +
+            [f(l.activation.min), f(l.activation.max), f(l.activation.std), f(l.activation.kurtosis),
              String(format: "%.2f%%", 100 * l.activation.beyond3Sigma)] + methods.map { f(l.activationAmax[$0] ?? .nan) }
         }
         return QuantLabReport.markdownTable(header, rows)
@@ -28,7 +30,7 @@ extension LayerAnalysis {
 
     /// Weight and input-activation histograms of one layer, side by side.
     public var figure: String {
-        SVG.histograms([(title: "weight (fused)", histogram: weightHistogram), (title: "input activation", histogram: activationHistogram)],
+        SVG.histograms((weightShape.isEmpty ? [] : [(title: "weight (fused)", histogram: weightHistogram)]) + [(title: "input activation", histogram: activationHistogram)],
                        title: name, xLabel: "value")
     }
 }

@@ -39,12 +39,16 @@ struct Analyze: ParsableCommand {
         case .classifier(let m):
             let train = try ClassificationDataset(root: URL(fileURLWithPath: data ?? "data/shapes-cls"), split: "train2017")
             calibration = try classificationCalibrationBatches(train, inputSize: m.config.inputSize, plan: plan)
+        case .rtdetr(let m):
+            let train = try DetectionDataset(root: URL(fileURLWithPath: data ?? "data/shapes"), split: "train2017")
+            calibration = try detectionCalibrationBatches(train, inputSize: m.config.inputSize, plan: plan, resize: .stretch)
         }
         print("analysing \(saved.kindName), \(trainForm ? "train-time" : "deploy") form, on \(plan.images) images")
         let layers = try analyzeQuantization(module, batches: calibration) { x in
             switch saved {
             case .detector(let m): _ = m(x)
             case .classifier(let m): _ = m(x)
+            case .rtdetr(let m): _ = m(x)
             }
         }
         let outDir = URL(fileURLWithPath: out ?? "runs/analysis/\(url.deletingLastPathComponent().lastPathComponent)")

@@ -78,7 +78,7 @@ struct EngineCommand: ParsableCommand {
             print("wrote \(exportOnnx) (ONNX opset \(ONNXExport.opset), \(int8 ? "Q/DQ" : "FP32") graph)")
         }
         if explain { print(graph.explain() + "\n\n" + plan.explain() + "\n") }
-        print("\(saved.kindName), \(int8 ? "INT8 plan (\(plan.int8ConvCount) integer convs, \(plan.reformatCount) Reformat steps)" : "FP32 graph"), batch \(batch); \(Kernels.summary)")
+        print("\(saved.kindName), \(int8 ? "INT8 plan (\(plan.int8ConvCount) integer convs, \(plan.int8GemmCount) integer Gemm/MatMul, \(plan.reformatCount) Reformat steps)" : "FP32 graph"), batch \(batch); \(Kernels.summary)")
 
         let (x, median) = try timeAndProfile(plan)
         if onnxruntime {
@@ -105,6 +105,13 @@ struct EngineCommand: ParsableCommand {
                 let val = try ClassificationDataset(root: dataRoot, split: "val2017")
                 let accuracy = try top1(m, on: val, batchSize: batch) { try plan.runBatch($0)[0] }
                 print(String(format: "top-1 %.4f on %d val images", accuracy, val.count))
+            case .rtdetr(let m):
+                let val = try DetectionDataset(root: dataRoot, split: "val2017")
+                let (result, _) = try evaluateRTDETR(m, on: val, batchSize: batch, progressLabel: "engine eval") { images in
+                    let out = try plan.runBatch(images)
+                    return (out[0], out[1])
+                }
+                print(String(format: "mAP@[.5:.95] %.4f, mAP@.5 %.4f on %d val images", result.stats[0], result.stats[1], val.count))
             }
         }
     }
@@ -170,7 +177,7 @@ struct EngineCommand: ParsableCommand {
         }
         let plan = try Int8Plan(graph)
         if explain { print(graph.explain() + "\n\n" + plan.explain() + "\n") }
-        print("\(path): input \(graph.values[graph.inputs[0]].shape), \(graph.nodes.count) ops, \(graph.opCounts["QDQ"] == nil ? "FP32 graph" : "INT8 plan (\(plan.int8ConvCount) integer convs, \(plan.reformatCount) Reformat steps)"); \(Kernels.summary)")
+        print("\(path): input \(graph.values[graph.inputs[0]].shape), \(graph.nodes.count) ops, \(graph.opCounts["QDQ"] == nil ? "FP32 graph" : "INT8 plan (\(plan.int8ConvCount) integer convs, \(plan.int8GemmCount) integer Gemm/MatMul, \(plan.reformatCount) Reformat steps)"); \(Kernels.summary)")
         let (x, median) = try timeAndProfile(plan)
         if onnxruntime { try compareWithOnnxRuntime(graph: graph, plan: plan, input: x, median: median) }
     }

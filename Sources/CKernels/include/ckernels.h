@@ -281,6 +281,7 @@ typedef enum {
     QL_UNARY_ABS = 6,
     QL_UNARY_SQRT = 7,
     QL_UNARY_TANH = 8,
+    QL_UNARY_GELU = 9,     /* x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2)), the exact form (not tanh) */
 } ql_unary_op;
 
 /* y[i] = f(x[i]); y may alias x. */

@@ -10,7 +10,7 @@ extension Tensor {
         if device == .cuda { return CUDAOps.unary(op, name, self) }
         let out = Tensor(zeros: shape)
         ql_unary_fwd(op, out.data, data, Int64(count))
-        traceOp(op == QL_UNARY_RELU ? .relu : op == QL_UNARY_SIGMOID ? .sigmoid : op == QL_UNARY_SILU ? .silu : .unsupported(name), [self], out)
+        traceOp(op == QL_UNARY_RELU ? .relu : op == QL_UNARY_SIGMOID ? .sigmoid : op == QL_UNARY_SILU ? .silu : op == QL_UNARY_GELU ? .gelu : .unsupported(name), [self], out)
         return record(out, name, [self]) { [unowned out] g in
             ql_unary_bwd(op, self.gradBuffer().data, g.data, self.data, needsOutput ? out.data : nil, Int64(self.count))
         }
@@ -25,6 +25,8 @@ extension Tensor {
     public func abs() -> Tensor { unary(QL_UNARY_ABS, "abs", needsOutput: false) }
     public func sqrt() -> Tensor { unary(QL_UNARY_SQRT, "sqrt", needsOutput: true) }
     public func tanh() -> Tensor { unary(QL_UNARY_TANH, "tanh", needsOutput: true) }
+    /// x * Phi(x) with the normal CDF Phi (erf form; PyTorch's GELU default, RT-DETR's AIFI FFN).
+    public func gelu() -> Tensor { unary(QL_UNARY_GELU, "gelu", needsOutput: false) }
     public static prefix func - (x: Tensor) -> Tensor { x.unary(QL_UNARY_NEG, "neg", needsOutput: false) }
 
     /// a * x + b with scalar a and b.

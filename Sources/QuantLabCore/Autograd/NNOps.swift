@@ -232,7 +232,7 @@ public func avgPool2d(_ x: Tensor, kernel: Int, stride: Int? = nil, padding: Int
     let out = Tensor(zeros: [x.shape[0], x.shape[1], oh, ow])
     let k = Int32(kernel), st = Int32(s), p = Int32(padding), inc: Int32 = countIncludePad ? 1 : 0
     ql_avg_pool2d_fwd(out.data, x.data, planes, Int32(h), Int32(w), k, k, st, st, p, p, inc)
-    traceOp(.unsupported("avg_pool2d"), [x], out)
+    traceOp(.averagePool(kernel: kernel, stride: s, padding: padding, countIncludePad: countIncludePad), [x], out)
     return record(out, "avg_pool2d", [x]) { g in
         ql_avg_pool2d_bwd(x.gradBuffer().data, g.data, planes, Int32(h), Int32(w), k, k, st, st, p, p, inc)
     }

@@ -17,7 +17,11 @@ public enum OpKind: Equatable, Sendable {
     /// x * scale + shift with scalars.
     case affine(scale: Float, shift: Float)
     case relu, sigmoid, silu
+    /// x * Phi(x), the exact (erf) form.
+    case gelu
     case maxPool(kernel: Int, stride: Int, padding: Int)
+    /// Square window; `countIncludePad` as ONNX's count_include_pad.
+    case averagePool(kernel: Int, stride: Int, padding: Int, countIncludePad: Bool)
     case globalAveragePool
     case upsampleNearest(scale: Int)
     case concat(axis: Int)
@@ -28,6 +32,10 @@ public enum OpKind: Equatable, Sendable {
     case softmax
     /// Over the last dimension; weight and bias inputs optional.
     case layerNorm(eps: Float)
+    /// Inputs scores [B, T, C] and x [B, T, D]: the rows of x at the k tokens whose largest
+    /// score over C is highest, in descending order (ties: lower index first, as ONNX TopK),
+    /// [B, k, D]. RT-DETR's query selection (ONNX ReduceMax, TopK, GatherElements).
+    case gatherTopK(k: Int)
     /// Symmetric quantize then dequantize (ONNX QuantizeLinear + DequantizeLinear, zero point 0),
     /// TensorRT's convention: scale = amax / qmax with qmax = 2^(bits-1) - 1,
     /// q = clamp(round_half_to_even(x / scale), -qmax, qmax), y = q * scale; one amax, or one
@@ -52,6 +60,9 @@ public enum OpKind: Equatable, Sendable {
         case .relu: return "Relu"
         case .sigmoid: return "Sigmoid"
         case .silu: return "SiLU"
+        case .gelu: return "Gelu"
+        case .averagePool: return "AveragePool"
+        case .gatherTopK: return "GatherTopK"
         case .maxPool: return "MaxPool"
         case .globalAveragePool: return "GlobalAveragePool"
         case .upsampleNearest: return "Resize"

@@ -198,11 +198,22 @@ public final class LayerNorm: Module, Layer {
 }
 
 /// A named point in a forward pass with no computation of its own: identity unless a hook is
-/// installed. Models put one where a tensor that is not a layer input may be quantized (the
-/// output of a concat, whose inputs an INT8 engine must give one shared scale).
+/// installed. Models put one where a tensor that is not a layer input may be quantized: the
+/// output of a concat (whose inputs an INT8 engine must give one shared scale), or an operand
+/// of a product of two activations (attention's Q.K^T and A.V, which PaddleSlim quantizes as
+/// `matmul` when asked to).
 public final class TapPoint: Module, Layer {
+    public enum Role: String, Codable, Sendable {
+        case concat
+        /// One operand of a matmul between two activations.
+        case matmulOperand = "matmul_operand"
+    }
     public let hooks = LayerHooks()
-    public override init() { super.init() }
+    public let role: Role
+    public init(role: Role = .concat) {
+        self.role = role
+        super.init()
+    }
     public func callAsFunction(_ x: Tensor) -> Tensor { hooks.input?(x) ?? x }
 }
 

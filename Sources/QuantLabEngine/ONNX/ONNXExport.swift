@@ -14,7 +14,11 @@ import SwiftProtobuf
 //   matmul, add, sub, mul, div     -> MatMul, Add, Sub, Mul, Div
 //   affine(s, b)                   -> Mul(x, s) + Add(., b)
 //   relu, sigmoid                  -> Relu, Sigmoid;  silu -> Sigmoid + Mul (opset 17 has no SiLU)
-//   maxPool, globalAveragePool     -> MaxPool, GlobalAveragePool (+ Reshape to the traced rank)
+//   gelu                           -> x * 0.5 * (1 + Erf(x / sqrt 2)) (opset 17 has no Gelu)
+//   maxPool, averagePool           -> MaxPool, AveragePool (count_include_pad as traced)
+//   globalAveragePool              -> GlobalAveragePool (+ Reshape to the traced rank)
+//   gatherTopK(k)                  -> ReduceMax(axis 2) + TopK(axis 1, largest, sorted) + Unsqueeze +
+//                                     Expand + GatherElements(axis 1): RT-DETR's query selection
 //   upsampleNearest(s)             -> Resize(nearest, asymmetric, floor; scales [1, 1, s, s])
 //   concat, reshape, transpose     -> Concat, Reshape, Transpose
 //   slice, softmax, layerNorm      -> Slice, Softmax(axis -1), LayerNormalization(axis -1)
@@ -240,6 +244,27 @@ public enum ONNXExport {
                 let x = try input(0), s = fresh("\(n.name).sigmoid")
                 node("Sigmoid", [x], [s], name: "\(n.name).sigmoid")
                 node("Mul", [x, s], [out], name: n.name)
+            case .gelu: // opset 17 has no Gelu: x * 0.5 * (1 + Erf(x / sqrt 2))
+                let x = try input(0), scaled = fresh("\(n.name).scaled"), erf = fresh("\(n.name).erf"), plus = fresh("\(n.name).plus1"),
+                    half = fresh("\(n.name).half")
+                node("Mul", [x, floatConstant("\(n.name).rsqrt2", [Float(0.5).squareRoot()], shape: [])], [scaled], name: "\(n.name).scale")
+                node("Erf", [scaled], [erf], name: "\(n.name).erf")
+                node("Add", [erf, floatConstant("\(n.name).one", [1], shape: [])], [plus], name: "\(n.name).add")
+                node("Mul", [x, floatConstant("\(n.name).half_c", [0.5], shape: [])], [half], name: "\(n.name).halve")
+                node("Mul", [half, plus], [out], name: n.name)
+            case .averagePool(let k, let s, let p, let inc):
+                node("AveragePool", [try input(0)], [out], name: n.name,
+                     [Self.ints("kernel_shape", [k, k]), Self.ints("strides", [s, s]), Self.ints("pads", [p, p, p, p]), Self.int("count_include_pad", inc ? 1 : 0)])
+            case .gatherTopK(let k): // ReduceMax over classes -> TopK over tokens -> GatherElements of the rows
+                guard outShape.count == 3 else { throw EngineError("node \(n.name): GatherTopK output \(outShape) is not [B, k, D]") }
+                let best = fresh("\(n.name).best"), values = fresh("\(n.name).values"), indices = fresh("\(n.name).indices"),
+                    column = fresh("\(n.name).indices3"), rows = fresh("\(n.name).rows")
+                node("ReduceMax", [try input(0)], [best], name: "\(n.name).reduce_max", [Self.ints("axes", [2]), Self.int("keepdims", 0)])
+                node("TopK", [best, int64Constant("\(n.name).k", [k], shape: [1])], [values, indices], name: "\(n.name).topk",
+                     [Self.int("axis", 1), Self.int("largest", 1), Self.int("sorted", 1)])
+                node("Unsqueeze", [indices, int64Constant("\(n.name).axes", [2], shape: [1])], [column], name: "\(n.name).unsqueeze")
+                node("Expand", [column, int64Constant("\(n.name).shape", outShape, shape: [3])], [rows], name: "\(n.name).expand")
+                node("GatherElements", [try input(1), rows], [out], name: n.name, [Self.int("axis", 1)])
             case .maxPool(let k, let s, let p):
                 node("MaxPool", [try input(0)], [out], name: n.name,
                      [Self.ints("kernel_shape", [k, k]), Self.ints("strides", [s, s]), Self.ints("pads", [p, p, p, p])])
