@@ -50,7 +50,7 @@ struct EngineCommand: ParsableCommand {
         let url = URL(fileURLWithPath: model!)
         guard FileManager.default.fileExists(atPath: url.path) else { throw ValidationError("--model: no file at \(url.path)") }
         let saved = try SavedModel.load(url)
-        let defaultData = { if case .detector = saved { return "data/shapes" } else { return "data/shapes-cls" } }()
+        let defaultData = { if case .classifier = saved { return "data/shapes-cls" } else { return "data/shapes" } }()
         let dataRoot = URL(fileURLWithPath: data ?? defaultData)
         let module = saved.module
         module.eval()
@@ -59,7 +59,10 @@ struct EngineCommand: ParsableCommand {
         var simulator: QuantizationSimulator?
         if int8 {
             let subject = try PTQSubject.saved(saved, data: dataRoot, label: saved.kindName)
-            let sim = try QuantizationSimulator(module)
+            // an RT-DETR quantizes its attention products too (PaddleSlim's conv2d + matmul_v2, exp07)
+            var options = QuantizationOptions()
+            if case .rtdetr = saved { options.quantizeMatMul = true }
+            let sim = try QuantizationSimulator(module, options: options)
             sim.calibrate(on: try subject.calibrationImages(CalibrationPlan(batches: calibrationBatches, batchSize: 32, seed: 0)), forward: subject.forward)
             try sim.applyCalibration(try CalibrationMethod(parsing: calibrator))
             simulator = sim
