@@ -12,7 +12,7 @@ SWIFT_FLAGS := --explicit-target-dependency-import-check error
 EXPERIMENTS := $(sort $(notdir $(wildcard experiments/exp*)))
 
 .DEFAULT_GOAL := help
-.PHONY: help build release test check-layers kill-resume gpu-bundle fuzz bench-engine bench demo smoke crosscheck venv clean info data cuda models
+.PHONY: results help build release test check-layers kill-resume gpu-bundle fuzz bench-engine bench demo smoke crosscheck venv clean info data cuda models
 
 help: ## list the targets
 	@echo "QuantLab — INT8 quantization of object detectors, reproduced from scratch"
@@ -66,6 +66,9 @@ exp%: release ## run experiment expNN (e.g. make exp02, the main job; QUICK=1 fo
 	@e=$$(ls -d experiments/$@_* 2>/dev/null | head -1); \
 	if [ -z "$$e" ]; then echo "no experiment $@ in experiments/"; exit 2; fi; \
 	$(RELEASE_BIN)/$$(basename $$e) $(if $(QUICK),--quick,)
+
+results: release ## regenerate results/exp08.md and README.md's results index from results/*.json (seconds; no model needed; QUICK=1: results/quick/)
+	$(RELEASE_BIN)/exp08_summary --tables-only $(if $(QUICK),--quick,)
 
 $(VENV_PY):
 	$(PYTHON) -m venv $(VENV)

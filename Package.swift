@@ -23,6 +23,7 @@ let experimentNames = [
     "exp05_qdq_scale_fusion",
     "exp06_serving_preprocessing",
     "exp07_rtdetr_act",
+    "exp08_summary",
 ]
 
 let experimentTargets: [Target] = experimentNames.map { name in

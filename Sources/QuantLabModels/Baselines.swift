@@ -90,13 +90,14 @@ public enum Baselines {
     /// Loads `model` from `dir` when the cache holds exactly `record`'s configuration;
     /// otherwise runs `train` (the trained weights and the number of images it processed),
     /// saves them with the record (wall time and throughput filled in) and returns them.
-    static func trainOrLoad<M: Module>(_ name: String, dir: URL, record: TrainingRecord, model: M, metadata: [String: String], log: (String) -> Void,
-                                       train: () throws -> (M, Int)) throws -> (M, TrainingRecord) {
+    static func trainOrLoad<M: Module>(_ name: String, dir: URL, record: TrainingRecord, model: M, metadata: [String: String], trainIfMissing: Bool = true,
+                                       log: (String) -> Void, train: () throws -> (M, Int)) throws -> (M, TrainingRecord) {
         if let saved = cached(dir, expecting: record) {
             try model.load(from: dir.appendingPathComponent("model.safetensors"))
             log("\(name): loaded cached baseline from \(dir.path)")
             return (model, saved)
         }
+        guard trainIfMissing else { throw MissingBaseline(name: name, folder: dir.path) }
         // Checkpoints in `dir` resume an interrupted run of THIS configuration; those of another
         // configuration (the plan changed) are stale and are removed before training starts.
         let pending = dir.appendingPathComponent("pending.json")
@@ -133,8 +134,10 @@ public enum Baselines {
         return (try ClassificationDataset(root: root, split: "train2017"), try ClassificationDataset(root: root, split: "val2017"))
     }
 
-    /// The detector baseline for `block` (trained now if no matching cache exists).
-    public static func detector(_ block: BlockKind, plan: Plan, log: @escaping (String) -> Void = { print($0) }) throws -> (YOLOv6, TrainingRecord, DetectionDataset) {
+    /// The detector baseline for `block` (trained now if no matching cache exists; with
+    /// `trainIfMissing: false`, a missing cache is a `MissingBaseline` error instead).
+    public static func detector(_ block: BlockKind, plan: Plan, trainIfMissing: Bool = true,
+                                log: @escaping (String) -> Void = { print($0) }) throws -> (YOLOv6, TrainingRecord, DetectionDataset) {
         let (train, val) = try detectionData(plan: plan)
         let config = plan.detectorConfig(block, classes: train.classCount)
         let dir = plan.folder("det", block)
@@ -143,7 +146,8 @@ public enum Baselines {
                                     dataset: json(plan.detectionPreset))
         var rng = SeededGenerator(seed: plan.seed)
         let model = YOLOv6(config, rng: &rng)
-        let (trained, saved) = try trainOrLoad("det-\(block.rawValue)", dir: dir, record: record, model: model, metadata: SavedModel.metadata(for: model), log: log) {
+        let (trained, saved) = try trainOrLoad("det-\(block.rawValue)", dir: dir, record: record, model: model, metadata: SavedModel.metadata(for: model),
+                                               trainIfMissing: trainIfMissing, log: log) {
             var cfg = DetectorTrainingConfig()
             cfg.epochs = plan.detectorEpochs
             cfg.seed = plan.seed
@@ -198,4 +202,14 @@ public enum Baselines {
 
     public static let detectorBlocks: [BlockKind] = [.repvgg, .qarepvgg, .repopt]
     public static let classifierBlocks: [BlockKind] = [.repvgg, .qarepvgg, .repopt]
+}
+
+/// A baseline a caller wanted loaded, not trained, is not cached (or was trained with another
+/// configuration).
+public struct MissingBaseline: Error, CustomStringConvertible, Equatable {
+    public var name: String
+    public var folder: String
+    public var description: String {
+        "\(name) is not trained here with the current configuration (no matching model in \(folder)): run `make models` or `make exp00` first"
+    }
 }

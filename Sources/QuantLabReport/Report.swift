@@ -111,6 +111,12 @@ public func writeResults(name: String, quick: Bool, markdown: String, json: [Str
                          json: JSONSerialization.data(withJSONObject: json, options: [.prettyPrinted, .sortedKeys]), root: root)
 }
 
+/// An `Encodable` value as the untyped object `JSONSerialization` writes (for the results of
+/// exp00 and exp01, which build their JSON as a dictionary).
+public func jsonObject<T: Encodable>(_ value: T) throws -> Any {
+    try JSONSerialization.jsonObject(with: resultsJSON(value))
+}
+
 /// The JSON, then the Markdown that presents it, each written atomically.
 private func writeResultFiles(name: String, quick: Bool, markdown: String, json: Data, root: URL) throws -> URL {
     let dir = resultsDirectory(quick: quick, root: root)

@@ -127,6 +127,57 @@ public enum SVG {
         return s + "</svg>\n"
     }
 
+    /// Points in the plane, one series each (joined in the given order when `connect`), and a
+    /// dashed front through `front` (e.g. the Pareto front), drawn over them.
+    public static func scatter(_ series: [(name: String, points: [(x: Double, y: Double)], connect: Bool)], front: [(x: Double, y: Double)] = [],
+                               frontName: String = "Pareto front", title: String, xLabel: String, yLabel: String,
+                               width: Double = 760, height: Double = 400) -> String {
+        let margin = (left: 64.0, right: 190.0, top: 34.0, bottom: 50.0)
+        let (x0, x1, y0, y1) = (margin.left, width - margin.right, margin.top, height - margin.bottom)
+        let all = (series.flatMap(\.points) + front).filter { $0.x.isFinite && $0.y.isFinite }
+        func padded(_ v: [Double]) -> (Double, Double) {
+            var (lo, hi) = (v.min() ?? 0, v.max() ?? 1)
+            if hi <= lo { (lo, hi) = (lo - 0.5, hi + 0.5) }
+            let pad = 0.06 * (hi - lo)
+            return (lo - pad, hi + pad)
+        }
+        let (xl, xh) = padded(all.map(\.x)), (yl, yh) = padded(all.map(\.y))
+        func px(_ v: Double) -> Double { x0 + (v - xl) / (xh - xl) * (x1 - x0) }
+        func py(_ v: Double) -> Double { y1 - (v - yl) / (yh - yl) * (y1 - y0) }
+        var s = "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"\(num(width))\" height=\"\(num(height))\" font-family=\"sans-serif\" font-size=\"10\">\n"
+        s += "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
+        s += "<text x=\"\(num((x0 + x1) / 2))\" y=\"18\" text-anchor=\"middle\" font-size=\"13\">\(escape(title))</text>\n"
+        s += "<rect x=\"\(num(x0))\" y=\"\(num(y0))\" width=\"\(num(x1 - x0))\" height=\"\(num(y1 - y0))\" fill=\"none\" stroke=\"#888\"/>\n"
+        for frac in [0.0, 0.25, 0.5, 0.75, 1.0] {
+            let vy = yl + frac * (yh - yl), vx = xl + frac * (xh - xl)
+            s += "<line x1=\"\(num(x0))\" y1=\"\(num(py(vy)))\" x2=\"\(num(x1))\" y2=\"\(num(py(vy)))\" stroke=\"#eee\"/>\n"
+            s += "<text x=\"\(num(x0 - 4))\" y=\"\(num(py(vy) + 3))\" text-anchor=\"end\">\(tick(vy))</text>\n"
+            s += "<text x=\"\(num(px(vx)))\" y=\"\(num(y1 + 14))\" text-anchor=\"middle\">\(tick(vx))</text>\n"
+        }
+        s += "<text x=\"\(num((x0 + x1) / 2))\" y=\"\(num(y1 + 32))\" text-anchor=\"middle\" fill=\"#555\">\(escape(xLabel))</text>\n"
+        s += "<text transform=\"translate(14,\(num((y0 + y1) / 2))) rotate(-90)\" text-anchor=\"middle\" fill=\"#555\">\(escape(yLabel))</text>\n"
+        for (k, line) in series.enumerated() {
+            let colour = palette[k % palette.count]
+            let pts = line.points.filter { $0.x.isFinite && $0.y.isFinite }
+            if line.connect, pts.count > 1 {
+                s += "<polyline fill=\"none\" stroke=\"\(colour)\" stroke-width=\"1.2\" points=\"\(pts.map { "\(num(px($0.x))),\(num(py($0.y)))" }.joined(separator: " "))\"/>\n"
+            }
+            for p in pts { s += "<circle cx=\"\(num(px(p.x)))\" cy=\"\(num(py(p.y)))\" r=\"3.5\" fill=\"\(colour)\"/>\n" }
+            let ly = y0 + 14 * Double(k) + 6
+            s += "<circle cx=\"\(num(x1 + 18))\" cy=\"\(num(ly))\" r=\"3.5\" fill=\"\(colour)\"/>\n"
+            s += "<text x=\"\(num(x1 + 28))\" y=\"\(num(ly + 3))\">\(escape(line.name))</text>\n"
+        }
+        let fpts = front.filter { $0.x.isFinite && $0.y.isFinite }.sorted { $0.x < $1.x }
+        if !fpts.isEmpty {
+            s += "<polyline fill=\"none\" stroke=\"#000\" stroke-dasharray=\"4 3\" stroke-width=\"1\" points=\"\(fpts.map { "\(num(px($0.x))),\(num(py($0.y)))" }.joined(separator: " "))\"/>\n"
+            for p in fpts { s += "<circle cx=\"\(num(px(p.x)))\" cy=\"\(num(py(p.y)))\" r=\"6\" fill=\"none\" stroke=\"#000\"/>\n" }
+            let ly = y0 + 14 * Double(series.count) + 6
+            s += "<line x1=\"\(num(x1 + 10))\" y1=\"\(num(ly))\" x2=\"\(num(x1 + 26))\" y2=\"\(num(ly))\" stroke=\"#000\" stroke-dasharray=\"4 3\"/>\n"
+            s += "<text x=\"\(num(x1 + 28))\" y=\"\(num(ly + 3))\">\(escape(frontName))</text>\n"
+        }
+        return s + "</svg>\n"
+    }
+
     /// Writes an SVG atomically.
     public static func write(_ svg: String, to url: URL) throws {
         try AtomicFile.write(Data(svg.utf8), to: url)

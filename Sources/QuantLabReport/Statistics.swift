@@ -8,6 +8,17 @@ import QuantLabQuant
 // between layer rankings.
 
 public enum Statistics {
+    /// Indices of the points no other point dominates, for a cost to minimise and a value to
+    /// maximise: point j dominates i when cost_j <= cost_i and value_j >= value_i, one strictly.
+    /// Points with a non-finite coordinate are never on the front.
+    public static func paretoFront(cost: [Double], value: [Double]) -> [Int] {
+        precondition(cost.count == value.count, "paretoFront: \(cost.count) costs, \(value.count) values")
+        let ok = cost.indices.filter { cost[$0].isFinite && value[$0].isFinite }
+        return ok.filter { i in
+            !ok.contains { j in cost[j] <= cost[i] && value[j] >= value[i] && (cost[j] < cost[i] || value[j] > value[i]) }
+        }
+    }
+
     public static func mean(_ v: [Double]) -> Double { v.isEmpty ? .nan : v.reduce(0, +) / Double(v.count) }
 
     /// Sample standard deviation (n - 1); 0 for fewer than two values.

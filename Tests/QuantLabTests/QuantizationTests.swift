@@ -325,5 +325,10 @@ struct BaselineCacheTests {
         // same configuration again: loaded, not trained
         let (_, saved) = try Baselines.trainOrLoad("m", dir: dir, record: record(2), model: model, metadata: [:], log: { _ in }) { trained += 1; return (model, 10) }
         #expect(trained == 2 && saved.epochs == 2)
+        // a caller that must not train (exp08) gets an error naming the model, not a training run
+        expectError(MissingBaseline.self, mentioning: "m2", "make models") {
+            _ = try Baselines.trainOrLoad("m2", dir: dir, record: record(3), model: model, metadata: [:], trainIfMissing: false, log: { _ in }) { trained += 1; return (model, 10) }
+        }
+        #expect(trained == 2)
     }
 }

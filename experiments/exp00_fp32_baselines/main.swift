@@ -82,11 +82,11 @@ struct Exp00: ParsableCommand {
         let gap = (maps[.repopt] ?? 0) - (maps[.repvgg] ?? 0)
         let close = abs(gap) <= 0.02
         let learned = min(maps[.repopt] ?? 0, maps[.repvgg] ?? 0) >= 0.05
-        let verdict = !learned
-            ? String(format: "Inconclusive: the baselines have not learned enough to compare (mAP %.3f and %.3f, below 0.05)%@.", maps[.repvgg] ?? 0, maps[.repopt] ?? 0, quick ? "; expected for the QUICK smoke run" : "")
+        let verdict: Verdict = !learned
+            ? Verdict(.inconclusive, String(format: "Inconclusive: the baselines have not learned enough to compare (mAP %.3f and %.3f, below 0.05)%@.", maps[.repvgg] ?? 0, maps[.repopt] ?? 0, quick ? "; expected for the QUICK smoke run" : ""))
             : close
-            ? String(format: "Reproduced in direction: RepOpt's FP32 mAP is within %.1f points of RepVGG's (%.3f vs %.3f), as in the article (%@ vs %@).", abs(gap) * 100, maps[.repopt] ?? 0, maps[.repvgg] ?? 0, Paper.A3.yolov6sFP32.text, Paper.A3.yolov6sFP32.text)
-            : String(format: "Not reproduced: RepOpt's FP32 mAP differs from RepVGG's by %.1f points (%.3f vs %.3f); the article has them equal (%@ vs %@). Later experiments must read quantization drops relative to each model's own FP32.", gap * 100, maps[.repopt] ?? 0, maps[.repvgg] ?? 0, Paper.A3.yolov6sFP32.text, Paper.A3.yolov6sFP32.text)
+            ? Verdict(.reproduced, String(format: "Reproduced in direction: RepOpt's FP32 mAP is within %.1f points of RepVGG's (%.3f vs %.3f), as in the article (%@ vs %@).", abs(gap) * 100, maps[.repopt] ?? 0, maps[.repvgg] ?? 0, Paper.A3.yolov6sFP32.text, Paper.A3.yolov6sFP32.text))
+            : Verdict(.notReproduced, String(format: "Not reproduced: RepOpt's FP32 mAP differs from RepVGG's by %.1f points (%.3f vs %.3f); the article has them equal (%@ vs %@). Later experiments must read quantization drops relative to each model's own FP32.", gap * 100, maps[.repopt] ?? 0, maps[.repvgg] ?? 0, Paper.A3.yolov6sFP32.text, Paper.A3.yolov6sFP32.text))
         let clsGap = (top1s[.repopt] ?? 0) - (top1s[.repvgg] ?? 0)
         // A classifier below 50% top-1 on 10 classes has not converged enough for quantization
         // drops to be read against it; the verdict says so rather than comparing the two.
@@ -108,7 +108,7 @@ struct Exp00: ParsableCommand {
             ["QARepVGG FP32 mAP", "— (not in the article)", String(format: "%.3f", maps[.qarepvgg] ?? -1)],
             ["RepOpt − RepVGG", String(format: "%.1f", Paper.A3.yolov6sFP32.value - Paper.A3.yolov6sFP32.value), String(format: "%+.3f", gap)],
         ]))
-        **Verdict:** \(verdict)
+        **Verdict:** \(verdict.text)
 
         \(markdownTable(["block", "mAP@[.5:.95]", "mAP@.5", "params (train / deploy)", "GFLOPs (deploy, 1 image)", "epochs", "training time", "train img/s"], detectorRows))
         All 12 COCO numbers (pycocotools order: AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl):
@@ -131,10 +131,15 @@ struct Exp00: ParsableCommand {
                              "classifier epochs": String(plan.classifierEpochs), "dataset": plan.detectionPreset.name]
         provenance.wallSeconds = Date().timeIntervalSince(start)
         md += "\n" + provenance.markdown + "\n"
-        json["verdict"] = verdict
+        json["verdict"] = verdict.text
+        // The claim as exp08 and the README index show it (the FP32 half of A3).
+        let claim = ClaimResult("A3", paper: "FP32 \(Paper.A3.yolov6sFP32.text) vs \(Paper.A3.yolov6sFP32.text) mAP (YOLOv6s, COCO)",
+                                ours: String(format: "FP32 %.3f (RepVGG) vs %.3f (RepOpt) mAP; QARepVGG %.3f", maps[.repvgg] ?? 0, maps[.repopt] ?? 0, maps[.qarepvgg] ?? 0),
+                                verdict: verdict)
+        json["claims"] = try jsonObject([claim])
         json["classifier_verdict"] = clsVerdict
         json["provenance"] = ["git": provenance.gitDescribe, "date": provenance.date, "wall_seconds": provenance.wallSeconds]
         let path = try writeResults(name: "exp00", quick: quick, markdown: md, json: json)
-        print("\n\(verdict)\nwrote \(path.path)")
+        print("\n\(verdict.text)\nwrote \(path.path)")
     }
 }

@@ -130,14 +130,14 @@ struct Exp01: ParsableCommand {
         let actRatio = med(.repvgg) { $0.activation.max } / med(.repopt) { $0.activation.max }
         let focusRatio = (find(.repvgg, focus)?.activation.max ?? .nan) / (find(.repopt, focus)?.activation.max ?? .nan)
         let learned = !quick
-        let a2: String = {
+        let a2: Verdict = {
             let numbers = String(format: "RepVGG / RepOpt: median fused-weight std ×%.2f, median activation max ×%.2f over %d fused layers; at %@ the activation max is ×%.2f (article %.0f / %.0f = ×%.1f).",
                                  stdRatio, actRatio, repLayers(.repvgg).count, focus, focusRatio, Paper.A2.activationRangeRepVGG.value,
                                  Paper.A2.activationRangeRepOpt.value, Paper.A2.activationRangeRepVGG.value / Paper.A2.activationRangeRepOpt.value)
-            if !learned { return "Indicative only (QUICK run: tiny models barely trained). " + numbers }
-            if stdRatio > 1.2 && actRatio > 1.2 { return "Reproduced in direction: RepVGG's fused weights are wider and its activations reach further than RepOpt's. " + numbers }
-            if stdRatio > 1.2 || actRatio > 1.2 { return "Partly reproduced: only one of the two widenings shows clearly (threshold ×1.2). " + numbers }
-            return "Not reproduced: RepVGG's fused weights and activations are not clearly wider than RepOpt's (threshold ×1.2). " + numbers
+            if !learned { return Verdict(.inconclusive, "Indicative only (QUICK run: tiny models barely trained). " + numbers) }
+            if stdRatio > 1.2 && actRatio > 1.2 { return Verdict(.reproduced, "Reproduced in direction: RepVGG's fused weights are wider and its activations reach further than RepOpt's. " + numbers) }
+            if stdRatio > 1.2 || actRatio > 1.2 { return Verdict(.partly, "Partly reproduced: only one of the two widenings shows clearly (threshold ×1.2). " + numbers) }
+            return Verdict(.notReproduced, "Not reproduced: RepVGG's fused weights and activations are not clearly wider than RepOpt's (threshold ×1.2). " + numbers)
         }()
         // B1-style reading of all conv layers: concentrated activations, near-normal weights
         let b1Rows = blocks.map { b -> [String] in
@@ -177,7 +177,7 @@ struct Exp01: ParsableCommand {
         \(markdownTable(["block", "paper: activation range", "ours: input activation range", "ours: output range (next layer's input)", "ours: amax percentile-99.99", "fused weight std", "weight SQNR per tensor dB"], focusRows))
         Layer: `\(focus)`\(focus == layer ? "" : " (the requested `\(layer)` does not exist in this model)"); output = input of `\(next ?? "—")`.
 
-        **Verdict (A2):** \(a2)
+        **Verdict (A2):** \(a2.text)
 
         ![activations](exp01/focus_activation.svg)
         ![weights](exp01/focus_weight.svg)
@@ -195,7 +195,7 @@ struct Exp01: ParsableCommand {
 
         ## Quantization-friendliness, Baidu's reading (B1), on every quantized layer
 
-        B1 is a claim about RT-DETR, which this repository does not have yet; the same statistics on our detectors:
+        B1 is a claim about RT-DETR (exp07 tests it on RT-DETR-lite); the same statistics on our detectors:
 
         \(markdownTable(["block", "layers", "layers with <1% activations beyond 3σ", "median act >3σ", "median weight kurtosis (normal: 0)", "median weight std"], b1Rows))
         Per-layer tables for each model: `qlab analyze --model data/models/det-<block>/model.safetensors` (writes runs/analysis/).
@@ -207,7 +207,11 @@ struct Exp01: ParsableCommand {
         md += "\n\n" + provenance.markdown + "\n"
         let encoder = JSONEncoder()
         encoder.nonConformingFloatEncodingStrategy = .convertToString(positiveInfinity: "inf", negativeInfinity: "-inf", nan: "nan")
-        var json: [String: Any] = ["verdict_a2": a2, "focus_layer": focus,
+        // The claim as exp08 and the README index show it.
+        let claim = ClaimResult("A2", paper: "`Rep_p4.block.0` activations \(Paper.A2.activationRangeRepVGG.text) (RepVGG) vs \(Paper.A2.activationRangeRepOpt.text) (RepOpt)",
+                                ours: String(format: "%@ vs %@ (×%.1f); median fused-weight std ×%.2f", range(find(.repvgg, focus)?.activation), range(find(.repopt, focus)?.activation), focusRatio, stdRatio),
+                                verdict: a2)
+        var json: [String: Any] = ["verdict_a2": a2.text, "focus_layer": focus, "claims": try jsonObject([claim]),
                                    "centre_tap_ratio": Dictionary(uniqueKeysWithValues: centreRatio.map { ($0.key.rawValue, $0.value) }), "weight_std_ratio": stdRatio, "activation_max_ratio": actRatio,
                                    "focus_activation_max_ratio": focusRatio,
                                    "provenance": ["git": provenance.gitDescribe, "date": provenance.date, "wall_seconds": provenance.wallSeconds]]
@@ -221,6 +225,6 @@ struct Exp01: ParsableCommand {
             }
         }
         let path = try writeResults(name: "exp01", quick: quick, markdown: md, json: json)
-        print("\n\(a2)\nwrote \(path.path)")
+        print("\n\(a2.text)\nwrote \(path.path)")
     }
 }

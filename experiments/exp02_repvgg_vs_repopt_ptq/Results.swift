@@ -30,10 +30,12 @@ struct Exp02Results: Codable {
     var primaryCalibrator: String
     var verdict = ""
     var classifierVerdict: String?
+    /// A3 (detector) and A1 (classifier) as exp08 and the README index show them.
+    var claims: [ClaimResult] = []
     var provenance: ProvenanceSummary?
 
     enum CodingKeys: String, CodingKey {
-        case detectors, classifiers, verdict, provenance
+        case detectors, classifiers, verdict, claims, provenance
         case primaryCalibrator = "primary_calibrator"
         case classifierVerdict = "classifier_verdict"
     }
@@ -66,13 +68,13 @@ struct PaperDrops {
 /// calibration seeds, sqrt(sd_a² + sd_b²) relative to FP32; a gap must exceed twice it and 1%
 /// to count. "In size" means RepVGG's drop reaches at least half the paper's.
 func exp02Verdict(_ arms: [String: Exp02Results.Arm], primary: CalibrationMethod, metric: String, learnedFloor: Double, quick: Bool,
-                  paper: PaperDrops) -> String {
+                  paper: PaperDrops) -> Verdict {
     guard let repvgg = arms[BlockKind.repvgg.rawValue], let repopt = arms[BlockKind.repopt.rawValue] else {
-        return "Inconclusive: the RepVGG and RepOpt arms are both needed."
+        return Verdict(.inconclusive, "Inconclusive: the RepVGG and RepOpt arms are both needed.")
     }
     if min(repvgg.fp32, repopt.fp32) < learnedFloor {
-        return String(format: "Inconclusive: the FP32 baselines have not learned enough (%@ %.3f and %.3f, below %.2f)%@.",
-                      metric, repvgg.fp32, repopt.fp32, learnedFloor, quick ? "; expected for the QUICK smoke run" : "")
+        return Verdict(.inconclusive, String(format: "Inconclusive: the FP32 baselines have not learned enough (%@ %.3f and %.3f, below %.2f)%@.",
+                      metric, repvgg.fp32, repopt.fp32, learnedFloor, quick ? "; expected for the QUICK smoke run" : ""))
     }
     let smoke = quick ? "QUICK smoke run (tiny models; not a result): " : ""
     let (dv, dopt) = (repvgg.relativeDrop(primary), repopt.relativeDrop(primary))
@@ -85,10 +87,20 @@ func exp02Verdict(_ arms: [String: Exp02Results.Arm], primary: CalibrationMethod
     if gap > threshold {
         let size = dv >= paper.repvgg / 2 ? "in direction and size"
             : String(format: "in direction only (RepVGG's drop is %.1f%%, the paper's %.1f%%)", 100 * dv, 100 * paper.repvgg)
-        return smoke + "Reproduced \(size): RepVGG degrades clearly more than RepOpt. " + detail + "."
+        // a smoke run's models are too small to carry a result: its outcome is inconclusive
+        return Verdict(quick ? .inconclusive : dv >= paper.repvgg / 2 ? .reproduced : .partly,
+                       smoke + "Reproduced \(size): RepVGG degrades clearly more than RepOpt. " + detail + ".")
     }
     if gap < -threshold {
-        return smoke + "Not reproduced: RepOpt degrades more than RepVGG here. " + detail + "."
+        return Verdict(quick ? .inconclusive : .notReproduced, smoke + "Not reproduced: RepOpt degrades more than RepVGG here. " + detail + ".")
     }
-    return smoke + String(format: "Not reproduced (no clear difference): the gap of %.1f%% is within twice the noise or 1%%. ", 100 * gap) + detail + "."
+    return Verdict(quick ? .inconclusive : .notReproduced,
+                   smoke + String(format: "Not reproduced (no clear difference): the gap of %.1f%% is within twice the noise or 1%%. ", 100 * gap) + detail + ".")
+}
+
+/// One arm pair as a claim row: the paper's drops beside ours under the primary calibrator.
+func exp02Claim(_ id: String, arms: [String: Exp02Results.Arm], primary: CalibrationMethod, paper: PaperDrops, what: String, verdict: Verdict) -> ClaimResult {
+    func drop(_ b: BlockKind) -> String { arms[b.rawValue].map { String(format: "%.1f%%", 100 * $0.relativeDrop(primary)) } ?? "—" }
+    return ClaimResult(id, paper: String(format: "%@ PTQ drop: RepVGG %.1f%%, RepOpt %.1f%%", what, 100 * paper.repvgg, 100 * paper.repopt),
+                       ours: "\(what) \(primary) PTQ drop: RepVGG \(drop(.repvgg)), RepOpt \(drop(.repopt)), QARepVGG \(drop(.qarepvgg))", verdict: verdict)
 }

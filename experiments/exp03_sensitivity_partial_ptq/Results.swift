@@ -39,10 +39,12 @@ struct Exp03Results: Codable {
     var sensitivity: SensitivityReport
     var verdict = ""
     var mseStandsIn = ""
+    /// A4 as exp08 and the README index show it.
+    var claims: [ClaimResult] = []
     var provenance: ProvenanceSummary?
 
     enum CodingKeys: String, CodingKey {
-        case agreement, seconds, sensitivity, verdict, provenance
+        case agreement, seconds, sensitivity, verdict, claims, provenance
         case fp32mAP = "fp32_map", fullPTQmAP = "full_ptq_map", partialPTQ = "partial_ptq", mseByOutputs = "mse_by_outputs", mseStandsIn = "mse_stands_in"
     }
 
@@ -56,13 +58,13 @@ struct Exp03Results: Codable {
 }
 
 /// Verdict on A4: does leaving the top-k layers in FP32 recover a good share (>= 30%) of the loss?
-func exp03Verdict(_ r: Exp03Results, topK: Int, quick: Bool) -> String {
+func exp03Verdict(_ r: Exp03Results, topK: Int, quick: Bool) -> Verdict {
     if quick || r.fp32mAP < 0.05 {
-        return String(format: "Inconclusive: the FP32 model has not learned enough (mAP %.3f)%@.", r.fp32mAP, quick ? "; expected for the QUICK smoke run" : "")
+        return Verdict(.inconclusive, String(format: "Inconclusive: the FP32 model has not learned enough (mAP %.3f)%@.", r.fp32mAP, quick ? "; expected for the QUICK smoke run" : ""))
     }
     let gap = r.fp32mAP - r.fullPTQmAP
     if gap <= 0.002 {
-        return String(format: "Nothing to recover: full PTQ loses only %.4f mAP here (FP32 %.4f, PTQ %.4f), so partial PTQ cannot show its effect.", gap, r.fp32mAP, r.fullPTQmAP)
+        return Verdict(.inconclusive, String(format: "Nothing to recover: full PTQ loses only %.4f mAP here (FP32 %.4f, PTQ %.4f), so partial PTQ cannot show its effect.", gap, r.fp32mAP, r.fullPTQmAP))
     }
     func recovered(_ m: SensitivityMetric) -> Double { r.recovered(r.partial(m, k: topK)) }
     let best = SensitivityMetric.allCases.max { recovered($0) < recovered($1) }!
@@ -71,17 +73,34 @@ func exp03Verdict(_ r: Exp03Results, topK: Int, quick: Bool) -> String {
                    topK, 100 * recovered(.mse), 100 * recovered(.map), 100 * recovered(.snr), 100 * recovered(.cosine), r.fp32mAP, r.fullPTQmAP,
                    best.label, r.partial(best, k: topK), paper.fullPTQ.text, paper.partialPTQ.text, paper.fp32.text,
                    100 * Paper.recovered(fp32: paper.fp32, full: paper.fullPTQ, partial: paper.partialPTQ))
-    return (recovered(best) >= 0.3 ? "Reproduced in direction: " : "Not reproduced (little recovered): ") + s
+    return recovered(best) >= 0.3 ? Verdict(.reproduced, "Reproduced in direction: " + s) : Verdict(.notReproduced, "Not reproduced (little recovered): " + s)
 }
 
 /// Does MSE stand in for the mAP method (the article's recommendation)? Yes when its ranking
 /// correlates (Spearman >= 0.5) and its partial PTQ recovers within 20 points of the mAP method's.
-func exp03MSEStandsIn(_ r: Exp03Results, topK: Int, quick: Bool) -> String {
-    guard let a = r.agreement[SensitivityMetric.mse.rawValue] else { return "—" }
+func exp03MSEStandsIn(_ r: Exp03Results, topK: Int, quick: Bool) -> Verdict {
+    guard let a = r.agreement[SensitivityMetric.mse.rawValue] else { return Verdict(.inconclusive, "—") }
     let close = r.recovered(r.partial(.mse, k: topK)) >= r.recovered(r.partial(.map, k: topK)) - 0.2
     let s = String(format: "Spearman ρ(MSE, mAP method) = %.2f, Kendall τ = %.2f, top-%d overlap %d/%d; partial PTQ with MSE's top %d: %.4f vs the mAP method's %.4f; MSE took %.1f s for all layers, the mAP method %.0f s (×%.0f).",
                    a.spearman, a.kendall, topK, a.topKOverlap, topK, topK, r.partial(.mse, k: topK), r.partial(.map, k: topK),
                    r.seconds.outputMetrics, r.seconds.mapMethod, r.seconds.mapMethod / max(r.seconds.outputMetrics, 1e-9))
-    if quick || r.fp32mAP < 0.05 { return "Inconclusive (untrained model). " + s }
-    return (a.spearman >= 0.5 && close ? "Yes, MSE stands in well for the mAP method here: " : "No, MSE is not a good stand-in here: ") + s
+    if quick || r.fp32mAP < 0.05 { return Verdict(.inconclusive, "Inconclusive (untrained model). " + s) }
+    return a.spearman >= 0.5 && close ? Verdict(.reproduced, "Yes, MSE stands in well for the mAP method here: " + s)
+        : Verdict(.notReproduced, "No, MSE is not a good stand-in here: " + s)
+}
+
+/// A4 has two parts, partial PTQ recovers the loss and MSE ranks as well as the mAP method:
+/// reproduced when both hold, partly when one does.
+func exp03Claim(_ r: Exp03Results, topK: Int, partial: Verdict, mse: Verdict) -> ClaimResult {
+    let outcome: Outcome = [partial.outcome, mse.outcome].contains(.inconclusive) && partial.outcome != .reproduced ? .inconclusive
+        : partial.outcome == .reproduced && mse.outcome == .reproduced ? .reproduced
+        : partial.outcome == .reproduced || mse.outcome == .reproduced ? .partly : .notReproduced
+    let paper = Paper.A4.self
+    return ClaimResult("A4", paper: String(format: "%@ → %@ of %@ (%.0f%% recovered), top %@ in FP32; MSE recommended",
+                                           paper.fullPTQ.text, paper.partialPTQ.text, paper.fp32.text,
+                                           100 * Paper.recovered(fp32: paper.fp32, full: paper.fullPTQ, partial: paper.partialPTQ), paper.skippedLayers.text),
+                       ours: String(format: "%.3f → %.3f of %.3f with the mAP method's top %d (%.0f%%); MSE's top %d: %.0f%% (ρ = %.2f)",
+                                    r.fullPTQmAP, r.partial(.map, k: topK), r.fp32mAP, topK, 100 * r.recovered(r.partial(.map, k: topK)),
+                                    topK, 100 * r.recovered(r.partial(.mse, k: topK)), r.agreement[SensitivityMetric.mse.rawValue]?.spearman ?? .nan),
+                       verdict: Verdict(outcome, partial.text + " " + mse.text))
 }

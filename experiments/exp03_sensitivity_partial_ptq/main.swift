@@ -121,8 +121,9 @@ struct Exp03: ParsableCommand {
         }
 
         // MARK: - 6 Report
-        results.verdict = exp03Verdict(results, topK: topK, quick: quick)
-        results.mseStandsIn = exp03MSEStandsIn(results, topK: topK, quick: quick)
+        let partialVerdict = exp03Verdict(results, topK: topK, quick: quick), mseVerdict = exp03MSEStandsIn(results, topK: topK, quick: quick)
+        (results.verdict, results.mseStandsIn) = (partialVerdict.text, mseVerdict.text)
+        results.claims = [exp03Claim(results, topK: topK, partial: partialVerdict, mse: mseVerdict)]
         var provenance = Provenance.current()
         provenance.seeds = ["calibration, sensitivity batch, ranking split": seed]
         provenance.config = ["quick": String(quick), "block": block, "outputs": outputs, "calibrator": calibrationMethod.description, "top-k": String(topK),

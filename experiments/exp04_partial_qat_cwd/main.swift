@@ -124,7 +124,9 @@ struct Exp04: ParsableCommand {
         try ptqState.restore(model: model, sim: sim)
 
         // MARK: - 6 Report
-        results.verdict = exp04Verdict(results, quick: quick)
+        let verdict = exp04Verdict(results, quick: quick)
+        results.verdict = verdict.text
+        results.claims = [exp04Claim(results, verdict: verdict)]
         var provenance = Provenance.current()
         provenance.seeds = ["QAT data order and augmentation": 0, "calibration, ranking split": 0]
         provenance.config = ["quick": String(quick), "calibrator": calibrationMethod.description, "top-k": String(topK), "epochs": String(epochs),

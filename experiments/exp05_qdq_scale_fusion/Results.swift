@@ -83,10 +83,12 @@ struct Exp05Results: Codable {
     /// The explicit amaxes of the article's two readers (upsample1 and Rep_n3.conv1).
     var articleCase: [Float] = []
     var verdicts = Verdicts()
+    /// A6, A7 and A8 as exp08 and the README index show them.
+    var claims: [ClaimResult] = []
     var provenance: ProvenanceSummary?
 
     enum CodingKeys: String, CodingKey {
-        case implicit, explicit, unified, groups, unlisted, verdicts, provenance
+        case implicit, explicit, unified, groups, unlisted, verdicts, claims, provenance
         case fp32mAP = "fp32_map", simulatorExplicitmAP = "simulator_explicit_map", fp32Graph = "fp32_graph", yolov6List = "yolov6_list", timingNoise = "timing_noise",
              articleCase = "article_case"
     }
@@ -98,18 +100,22 @@ let mAPNoise = 0.005
 
 /// Verdicts on A6 (explicit slower than implicit), A8 (unification closes the gap, mAP kept) and
 /// the rule of thumb, computed from the numbers.
-func exp05Verdicts(_ r: Exp05Results, quick: Bool) -> Exp05Results.Verdicts {
+func exp05Verdicts(_ r: Exp05Results, quick: Bool) -> (Exp05Results.Verdicts, [ClaimResult]) {
     var v = Exp05Results.Verdicts()
-    guard let a = r.implicit, let b = r.explicit, let c = r.unified else { return v }
+    guard let a = r.implicit, let b = r.explicit, let c = r.unified else { return (v, []) }
+    // Outcomes of the claims, decided with the sentences below; a smoke run decides nothing.
+    var slowerOutcome = Outcome.notReproduced, speedClosed: Bool?
     let prefix = quick ? "(smoke run, tiny model: not a result) " : ""
     let slowdown = b.imagesPerSecondBatch1 / a.imagesPerSecondBatch1
     let paperQAT = Paper.A8.fusedQATqps.value / Paper.A8.ptqQPS.value
     // slower only when beyond the timing noise (at least 1%)
     let noise = max(r.timingNoise.isFinite ? r.timingNoise : 0, 0.01)
     if b.reformatSteps > a.reformatSteps && slowdown < 1 - noise {
+        slowerOutcome = .reproduced
         v.slower = prefix + String(format: "A6 reproduced: the explicit Q/DQ graph has %d Reformat steps against implicit PTQ's %d (%.1f%% vs %.1f%% of the time) and runs at %.2fx its speed at batch 1 (timing noise %.1f%%).",
                                    b.reformatSteps, a.reformatSteps, 100 * b.reformatTimeShare, 100 * a.reformatTimeShare, slowdown, 100 * noise)
     } else if b.reformatSteps > a.reformatSteps {
+        slowerOutcome = .partly
         v.slower = prefix + String(format: "A6 reproduced in structure, not measurably in speed: the explicit graph has %d Reformat steps against %d (%.1f%% vs %.1f%% of the time), but its batch-1 speed, %.2fx implicit PTQ's, is within the timing noise (%.1f%%).",
                                    b.reformatSteps, a.reformatSteps, 100 * b.reformatTimeShare, 100 * a.reformatTimeShare, slowdown, 100 * noise)
     } else {
@@ -120,7 +126,8 @@ func exp05Verdicts(_ r: Exp05Results, quick: Bool) -> Exp05Results.Verdicts {
     if noise > 1 - paperQAT {
         call = String(format: "Timing too noisy to tell (%.0f%%; the paper's gap is %.0f%%).", 100 * noise, 100 * (1 - paperQAT))
     } else {
-        call = c.reformatSteps <= a.reformatSteps && closed >= paperQAT ? "Reproduced: the gap is closed." : "Not reproduced."
+        speedClosed = c.reformatSteps <= a.reformatSteps && closed >= paperQAT
+        call = speedClosed! ? "Reproduced: the gap is closed." : "Not reproduced."
     }
     v.closed = prefix + String(format: "A8 (speed): after unification %d Reformat steps (implicit PTQ %d); speed %.2fx implicit PTQ at batch 1, %.2fx at batch 32 (paper: %@ / %@ = %.2f). %@",
                                c.reformatSteps, a.reformatSteps, closed, c.imagesPerSecondBatch32 / a.imagesPerSecondBatch32,
@@ -137,5 +144,27 @@ func exp05Verdicts(_ r: Exp05Results, quick: Bool) -> Exp05Results.Verdicts {
         v.ruleOfThumb = prefix + String(format: "Rule of thumb (amaxes of one order of magnitude merge safely): %d groups with max/min amax up to %.2f; the largest mAP loss from merging one alone is %.4f (%@).",
                                         merged.count, spread, -worst, -worst <= mAPNoise ? "within noise: holds" : "beyond noise")
     }
-    return v
+
+    // A7: the article's two readers of one tensor are in one group and were calibrated apart.
+    let pair = r.groups.first { Set(Paper.A7.readers).isSubset(of: $0.members) }
+    let scales = r.articleCase.map { String(format: "%.3f", $0 / 127) }.joined(separator: " vs ")
+    let a7 = pair.map { $0.spread > 1 } == true
+        ? Verdict(.reproduced, "A7 reproduced: `\(Paper.A7.producer)` is read by both of the article's quantizers, calibrated to scales \(scales) (paper \(Paper.A7.upsampleScale.text) vs \(Paper.A7.concatScale.text)), so the engine writes it in FP32 and quantizes it twice.")
+        : Verdict(.notReproduced, pair == nil ? "A7 not reproduced: the article's two readers are not in one scale group here." : "A7 not reproduced: the article's two readers were calibrated to the same scale here.")
+    let kept = abs(c.mAP - b.mAP) <= mAPNoise
+    let a8: Outcome = speedClosed == nil ? (kept ? .partly : .notReproduced) : speedClosed! && kept ? .reproduced : speedClosed! || kept ? .partly : .notReproduced
+    func q(_ o: Outcome) -> Outcome { quick ? .inconclusive : o }
+    let claims = [
+        ClaimResult("A6", paper: "\(Paper.A6.reformatShare.text)% of the QAT engine's kernels are Reformats; QAT slower than PTQ",
+                    ours: String(format: "%d Reformat steps (%.1f%% of engine time) vs implicit PTQ's %d; explicit %.2fx implicit's speed (batch 1)",
+                                 b.reformatSteps, 100 * b.reformatTimeShare, a.reformatSteps, slowdown),
+                    verdict: Verdict(q(slowerOutcome), v.slower)),
+        ClaimResult("A7", paper: "`\(Paper.A7.producer)` read at scales \(Paper.A7.upsampleScale.text) and \(Paper.A7.concatScale.text)",
+                    ours: pair == nil ? "the pair is not in one group" : "scales \(scales); \(r.groups.count) groups found in the graph",
+                    verdict: Verdict(q(a7.outcome), prefix + a7.text)),
+        ClaimResult("A8", paper: "fused QAT \(Paper.A8.fusedQATqps.text) vs PTQ \(Paper.A8.ptqQPS.text) QPS; mAP \(Paper.A8.fusedQATmAP.text) kept",
+                    ours: String(format: "%d → %d Reformat steps; unified %.2fx implicit PTQ's speed; mAP %.4f → %.4f", b.reformatSteps, c.reformatSteps, closed, b.mAP, c.mAP),
+                    verdict: Verdict(q(a8), v.closed + " " + v.mAPKept)),
+    ]
+    return (v, claims)
 }

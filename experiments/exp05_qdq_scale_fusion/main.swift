@@ -124,12 +124,12 @@ struct Exp05: ParsableCommand {
             restoreExplicit()
             try unifyScales(sim, groups: [g.members])
             let plan32 = try Int8Plan(try Graph.trace(model, batch: 32))
-            results.groups[i].mergedAlonemAP = try engineMAP(plan32, model: model, val: val, label: "merge \(g.members[0]) alone")
+            results.groups[i].mergedAlonemAP = try evaluateDetector(plan32, model: model, on: val, progressLabel: "merge \(g.members[0]) alone")
         }
         restoreExplicit()
 
         // MARK: - 6 Report
-        results.verdicts = exp05Verdicts(results, quick: quick)
+        (results.verdicts, results.claims) = exp05Verdicts(results, quick: quick)
         var provenance = Provenance.current()
         provenance.seeds = ["calibration images, timing input": seed]
         provenance.config = ["quick": String(quick), "block": block, "calibrator": calibrationMethod.description, "batch-1 runs": String(timing.runs),
@@ -174,7 +174,7 @@ struct Timing {
         let share = plan1.reformatShare
         plan1.profile = false
         let plan32 = try Int8Plan(try Graph.trace(model, batch: 32))
-        let mAP = try engineMAP(plan32, model: model, val: val, label: "engine, \(label)")
+        let mAP = try evaluateDetector(plan32, model: model, on: val, progressLabel: "engine, \(label)")
         let result = Exp05Results.Way(reformats: plan1.reformats, reformatSteps: plan1.reformatCount, steps: plan1.steps.count, int8Convs: plan1.int8ConvCount,
                                       reformatTimeShare: share.time, reformatCountShare: share.count,
                                       imagesPerSecondBatch1: .nan, imagesPerSecondBatch32: .nan, mAP: mAP, neckPlan: neckLines(plan1.explain()))
@@ -182,26 +182,9 @@ struct Timing {
     }
 
     /// Speed of each plan, timed in turn run by run (after 3 warm-up runs each): img/s from the
-    /// median, and the drift — how far the medians of the first and second half of the runs
-    /// differ, relative — as the timing noise.
-    func interleaved(_ plans: [Int8Plan], batch: Int, size: Int) throws -> [(imagesPerSecond: Double, drift: Double)] {
-        let x = input(batch, size: size)
-        let n = batch == 1 ? runs : batchRuns
-        for p in plans { for _ in 0..<3 { _ = try p.run([x]) } }
-        var times = [[Double]](repeating: [], count: plans.count)
-        for _ in 0..<n {
-            for (i, p) in plans.enumerated() {
-                let t0 = DispatchTime.now().uptimeNanoseconds
-                _ = try p.run([x])
-                times[i].append(Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e9)
-            }
-        }
-        func median(_ v: ArraySlice<Double>) -> Double { let s = v.sorted(); return s[s.count / 2] }
-        return times.map { t in
-            let m = median(t[...]), half = t.count / 2
-            let drift = half >= 1 ? abs(median(t[..<half]) - median(t[half...])) / m : .nan
-            return (Double(batch) / m, drift)
-        }
+    /// median, and the drift of the two halves' medians as the timing noise.
+    func interleaved(_ plans: [Int8Plan], batch: Int, size: Int) throws -> [PlanSpeed] {
+        try timeInterleaved(plans, input: input(batch, size: size), runs: batch == 1 ? runs : batchRuns)
     }
 
     /// The lines of a plan's explanation from the first neck step to the last, and its summary.
@@ -210,14 +193,6 @@ struct Timing {
         guard let first = lines.firstIndex(where: { $0.contains(" neck.") }), let last = lines.lastIndex(where: { $0.contains(" neck.") }) else { return [] }
         return Array(lines[first...last]) + [lines.last!]
     }
-}
-
-/// Val mAP of the detector's INT8 plan (a batch-32 plan, the last batch padded).
-func engineMAP(_ plan: Int8Plan, model: YOLOv6, val: DetectionDataset, label: String) throws -> Double {
-    try evaluateDetector(model, on: val, batchSize: 32, progressLabel: label) { images in
-        let out = try plan.runBatch(images)
-        return (out[0], out[1])
-    }.0.mAP
 }
 
 lineBufferStandardOutput() // progress and results reach a log file as they happen

@@ -103,7 +103,7 @@ struct Exp06: ParsableCommand {
         }
 
         // MARK: - 6 Report
-        results.verdicts = exp06Verdicts(results, quick: quick)
+        (results.verdicts, results.claims) = exp06Verdicts(results, quick: quick)
         var provenance = Provenance.current()
         provenance.seeds = ["calibration images": 0]
         provenance.config = ["quick": String(quick), "images per run": String(images), "serving set": SyntheticShapes.Config.serving.name,

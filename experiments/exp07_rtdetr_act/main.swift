@@ -182,6 +182,7 @@ struct Exp07: ParsableCommand {
 
         // MARK: - 7 Verdicts and report
         r.verdicts = exp07Verdicts(r)
+        r.claims = exp07Claims(r)
         var provenance = Provenance.current()
         provenance.seeds = ["model": plan.seed, "calibration images": calibration.seed, "ACT data order": act.seed]
         provenance.config = ["quick": String(quick), "ACT iterations": String(act.iterations), "ACT lr": String(act.learningRate),

@@ -1,0 +1,47 @@
+import Foundation
+import QuantLabCore
+import QuantLabData
+import QuantLabModels
+
+/// One plan's speed from `timeInterleaved`.
+public struct PlanSpeed: Sendable, Equatable {
+    /// Median seconds of one run.
+    public var medianSeconds: Double
+    /// Images per second from the median.
+    public var imagesPerSecond: Double
+    /// How far the medians of the first and second half of the runs differ, relative to the
+    /// median: the timing noise of this run (a ratio of two speeds closer to 1 is noise).
+    public var drift: Double
+}
+
+/// Times plans against each other: after `warmup` runs each, every plan runs once per round,
+/// in turn, for `runs` rounds, so a change in the machine's state (another process, frequency)
+/// hits every plan alike. All plans take the same input.
+public func timeInterleaved(_ plans: [Int8Plan], input: Tensor, runs: Int, warmup: Int = 3) throws -> [PlanSpeed] {
+    precondition(runs >= 1, "timeInterleaved: runs must be at least 1")
+    for p in plans { for _ in 0..<warmup { _ = try p.run([input]) } }
+    var times = [[Double]](repeating: [], count: plans.count)
+    for _ in 0..<runs {
+        for (i, p) in plans.enumerated() {
+            let t0 = DispatchTime.now().uptimeNanoseconds
+            _ = try p.run([input])
+            times[i].append(Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e9)
+        }
+    }
+    func median(_ v: ArraySlice<Double>) -> Double { let s = v.sorted(); return s[s.count / 2] }
+    let batch = Double(input.shape.first ?? 1)
+    return times.map { t in
+        let m = median(t[...]), half = t.count / 2
+        let drift = half >= 1 ? abs(median(t[..<half]) - median(t[half...])) / m : .nan
+        return PlanSpeed(medianSeconds: m, imagesPerSecond: batch / m, drift: drift)
+    }
+}
+
+/// Val mAP of a detector's INT8 (or FP32) plan; the plan's batch sets the evaluation batch
+/// (the last batch is padded). `model` supplies the decoding of the outputs.
+public func evaluateDetector(_ plan: Int8Plan, model: YOLOv6, on val: DetectionDataset, batchSize: Int = 32, progressLabel: String? = nil) throws -> Double {
+    try evaluateDetector(model, on: val, batchSize: batchSize, progressLabel: progressLabel) { images in
+        let out = try plan.runBatch(images)
+        return (out[0], out[1])
+    }.0.mAP
+}
