@@ -18,6 +18,7 @@ let experimentNames = [
     "exp00_fp32_baselines",
     "exp01_weight_activation_distributions",
     "exp02_repvgg_vs_repopt_ptq",
+    "exp02b_collapse_study",
     "exp03_sensitivity_partial_ptq",
     "exp04_partial_qat_cwd",
     "exp05_qdq_scale_fusion",

@@ -173,29 +173,88 @@ public enum Baselines {
         return (trained, saved, val)
     }
 
-    /// The classifier baseline for `block`.
-    public static func classifier(_ block: BlockKind, plan: Plan, log: @escaping (String) -> Void = { print($0) }) throws -> (RepClassifier, TrainingRecord, ClassificationDataset) {
+    /// How a classifier is trained, where exp02b varies it: length, width, weight decay and its
+    /// form. The default is the baseline's (the plan's epochs, the widths of
+    /// `RepClassifier.Config`, SGD decay 1e-4); a baseline-equal recipe shares its cache.
+    public struct ClassifierRecipe: Codable, Equatable, Hashable, Sendable, CustomStringConvertible {
+        /// nil: the plan's `classifierEpochs`.
+        public var epochs: Int?
+        /// Every stage's width times this.
+        public var widthMultiplier: Int
+        public var weightDecay: Float
+        public var decayForm: WeightDecayForm
+
+        public init(epochs: Int? = nil, widthMultiplier: Int = 1, weightDecay: Float = 1e-4, decayForm: WeightDecayForm = .plain) {
+            self.epochs = epochs
+            self.widthMultiplier = widthMultiplier
+            self.weightDecay = weightDecay
+            self.decayForm = decayForm
+        }
+
+        public static let baseline = ClassifierRecipe()
+
+        /// The recipe as it acts on `block`: the custom L2 only changes RepVGG blocks, so for
+        /// RepOpt and QARepVGG it is the plain decay (and shares that model's cache).
+        public func normalized(for block: BlockKind) -> ClassifierRecipe {
+            var r = self
+            if block != .repvgg { r.decayForm = .plain }
+            return r
+        }
+
+        /// Short, file-name-safe: "e30-w2-wd0.0005-custom-l2".
+        public var description: String {
+            var parts = [epochs.map { "e\($0)" } ?? "e-plan", "w\(widthMultiplier)", "wd\(weightDecay)"]
+            if decayForm != .plain { parts.append(decayForm == .repvggCustomL2 ? "custom-l2" : decayForm.rawValue) }
+            return parts.joined(separator: "-")
+        }
+
+        public func validate() throws {
+            try checkField(epochs.map { (1...1000).contains($0) } ?? true, "epochs", epochs ?? 0, "1...1000")
+            try checkField((1...8).contains(widthMultiplier), "widthMultiplier", widthMultiplier, "1...8")
+            try checkField(weightDecay >= 0 && weightDecay < 1, "weightDecay", weightDecay, "0 <= wd < 1")
+        }
+    }
+
+    /// The classifier baseline for `block` (or, with a recipe other than the baseline's, a
+    /// variant cached in <models>/study/cls-<block>-<recipe>[-quick]).
+    public static func classifier(_ block: BlockKind, plan: Plan, recipe: ClassifierRecipe = .baseline, trainIfMissing: Bool = true,
+                                  log: @escaping (String) -> Void = { print($0) }) throws -> (RepClassifier, TrainingRecord, ClassificationDataset) {
+        var recipe = recipe.normalized(for: block)
+        try recipe.validate()
+        let epochs = recipe.epochs ?? plan.classifierEpochs
+        recipe.epochs = epochs
+        let isBaseline = recipe == ClassifierRecipe(epochs: plan.classifierEpochs)
         let (train, val) = try classificationData(plan: plan)
-        let config = plan.classifierConfig(block, classes: train.classCount)
-        let dir = plan.folder("cls", block)
-        let record = TrainingRecord(block: block.rawValue, epochs: plan.classifierEpochs, searchEpochs: block == .repopt ? plan.classifierSearchEpochs : nil,
+        var config = plan.classifierConfig(block, classes: train.classCount)
+        config.widths = config.widths.map { $0 * recipe.widthMultiplier }
+        let dir = isBaseline ? plan.folder("cls", block)
+            : plan.modelsRoot.appendingPathComponent("study").appendingPathComponent("cls-\(block.rawValue)-\(recipe)\(plan.quick ? "-quick" : "")")
+        var record = TrainingRecord(block: block.rawValue, epochs: epochs, searchEpochs: block == .repopt ? plan.classifierSearchEpochs : nil,
                                     seed: plan.seed, trainImages: train.count, wallSeconds: 0, imagesPerSecond: 0, modelConfig: json(config),
                                     dataset: json(plan.classificationPreset))
+        if !isBaseline { record.training = json(recipe) }
         var rng = SeededGenerator(seed: plan.seed)
         let model = RepClassifier(config, rng: &rng)
-        let (trained, saved) = try trainOrLoad("cls-\(block.rawValue)", dir: dir, record: record, model: model, metadata: SavedModel.metadata(for: model), log: log) {
+        let name = "cls-\(block.rawValue)\(isBaseline ? "" : " (\(recipe))")"
+        let (trained, saved) = try trainOrLoad(name, dir: dir, record: record, model: model, metadata: SavedModel.metadata(for: model),
+                                               trainIfMissing: trainIfMissing, log: log) {
             let batch = plan.quick ? 32 : 64, perEpoch = train.count / batch * batch
             var masks: [(Tensor, Tensor)] = []
             if block == .repopt {
+                // stage 1 at the same width and decay: the branch scales it learns set stage 2's prior
+                var searchConfig = plan.classifierConfig(.repoptSearch, classes: train.classCount)
+                searchConfig.widths = searchConfig.widths.map { $0 * recipe.widthMultiplier }
                 var searchRng = SeededGenerator(seed: plan.seed &+ 1)
-                let search = RepClassifier(plan.classifierConfig(.repoptSearch, classes: train.classCount), rng: &searchRng)
-                log("cls-repopt: stage 1, hyper-search (\(plan.classifierSearchEpochs) epochs)")
-                let (_, averaged) = try trainClassifier(search, train: train, val: val, epochs: plan.classifierSearchEpochs, batchSize: batch, seed: plan.seed &+ 1, log: log)
+                let search = RepClassifier(searchConfig, rng: &searchRng)
+                log("\(name): stage 1, hyper-search (\(plan.classifierSearchEpochs) epochs)")
+                let (_, averaged) = try trainClassifier(search, train: train, val: val, epochs: plan.classifierSearchEpochs, batchSize: batch,
+                                                        weightDecay: recipe.weightDecay, seed: plan.seed &+ 1, log: log)
                 masks = try model.initializeRepOpt(from: averaged.repOptScales(), rng: &rng)
             }
-            let (_, averaged) = try trainClassifier(model, train: train, val: val, epochs: plan.classifierEpochs, batchSize: batch, seed: plan.seed, masks: masks, log: log)
+            let (_, averaged) = try trainClassifier(model, train: train, val: val, epochs: epochs, batchSize: batch, weightDecay: recipe.weightDecay,
+                                                    decayForm: recipe.decayForm, seed: plan.seed, masks: masks, log: log)
             let searchImages = block == .repopt ? plan.classifierSearchEpochs * perEpoch : 0
-            return (averaged, searchImages + plan.classifierEpochs * perEpoch)
+            return (averaged, searchImages + epochs * perEpoch)
         }
         return (trained, saved, val)
     }

@@ -109,11 +109,12 @@ public struct ClassificationDataset: Sendable {
 }
 
 /// Trains a classifier with SGD + Nesterov momentum, warm-up + cosine, EMA; returns the
-/// top-1 accuracy of the EMA weights on `val`.
+/// top-1 accuracy of the EMA weights on `val`. `decayForm` .repvggCustomL2 decays each
+/// RepVGG block's equivalent kernel instead of its branch kernels (RepVGGRegularization.swift).
 public func trainClassifier(_ model: RepClassifier, train: ClassificationDataset, val: ClassificationDataset, epochs: Int, batchSize: Int = 64,
-                            learningRate: Float = 0.1, weightDecay: Float = 1e-4, seed: UInt64, masks: [(Tensor, Tensor)] = [],
-                            log: (String) -> Void = { print($0) }) throws -> (accuracy: Double, ema: RepClassifier) {
-    let groups = model.parameterGroups(weightDecay: weightDecay)
+                            learningRate: Float = 0.1, weightDecay: Float = 1e-4, decayForm: WeightDecayForm = .plain, seed: UInt64,
+                            masks: [(Tensor, Tensor)] = [], log: (String) -> Void = { print($0) }) throws -> (accuracy: Double, ema: RepClassifier) {
+    let groups = model.parameterGroups(weightDecay: weightDecay, form: decayForm)
     let optimizer: any Optimizer = masks.isEmpty
         ? SGD(groups, learningRate: learningRate, momentum: 0.9, nesterov: true)
         : RepOptSGD(groups, masks: masks, learningRate: learningRate, momentum: 0.9, nesterov: true)
@@ -137,6 +138,7 @@ public func trainClassifier(_ model: RepClassifier, train: ClassificationDataset
             }
             optimizer.zeroGrad()
             loss.backward()
+            if decayForm == .repvggCustomL2 { model.addCustomL2Gradients(weightDecay: weightDecay) }
             optimizer.step()
             ema.update(from: model)
             step += 1

@@ -92,6 +92,27 @@ public enum Claims {
     }
 }
 
+/// When a trained model is good enough for a quantization verdict to mean anything. One rule
+/// for every experiment (exp00 calls a baseline below it "not yet meaningful", exp02 and exp02b
+/// call any comparison on it inconclusive): on our synthetic data a detector below 0.05
+/// mAP@[.5:.95] or a classifier below 50% top-1 (chance is 10%) has not learned the task, and
+/// its PTQ drop measures noise in a near-random function, not the quantization of a trained one.
+public enum LearnedFloor {
+    public static let detectorMAP = 0.05
+    public static let classifierTop1 = 0.5
+
+    /// The floor for a metric named as the results files name it ("mAP" or "top-1").
+    public static func floor(metric: String) -> Double { metric == "top-1" ? classifierTop1 : detectorMAP }
+}
+
+/// A relative change as the reports print it: signed, with a true minus for a loss and a plus
+/// for a gain ("−4.0%", "+0.5%"), so a drop reads the same in every table and sentence.
+public func signedPercent(_ relativeChange: Double, digits: Int = 1) -> String {
+    let text = String(format: "%.\(digits)f%%", 100 * abs(relativeChange))
+    if text == String(format: "%.\(digits)f%%", 0.0) { return text }
+    return (relativeChange < 0 ? "−" : "+") + text
+}
+
 // MARK: - The index
 
 /// One numbered experiment, as the index lists it.
@@ -110,6 +131,7 @@ public struct ExperimentEntry: Sendable, Equatable {
         ExperimentEntry("exp00", "FP32 baselines: RepVGG, QARepVGG, RepOpt"),
         ExperimentEntry("exp01", "fused weight and activation distributions"),
         ExperimentEntry("exp02", "RepVGG vs QARepVGG vs RepOpt under INT8 PTQ (the main job)"),
+        ExperimentEntry("exp02b", "when does RepVGG lose more than RepOpt under PTQ? width, length, decay, granularity"),
         ExperimentEntry("exp03", "per-layer sensitivity and partial PTQ"),
         ExperimentEntry("exp04", "partial QAT with channel-wise distillation (and LSQ)"),
         ExperimentEntry("exp05", "Q/DQ scale fusion on the INT8 engine"),

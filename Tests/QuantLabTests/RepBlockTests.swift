@@ -88,4 +88,82 @@ struct RepBlockTests {
         for o in 0..<c { implied.data[(o * c + o) * 9 + 4] += d.data[o] - scales.identity![o] }
         #expect(firstMismatch(wPrime.values, implied.values, atol: 1e-5, rtol: 1e-4) == nil)
     }
+
+    // MARK: - RepVGG's custom L2 and the block statistics (exp02b)
+
+    /// The hand-written gradient of (wd / 2) * customL2 against central differences of the
+    /// loss itself, on every kernel entry (centre taps and the 1x1 included), with random BN
+    /// scales so that t3 != t1.
+    @Test("custom L2: its gradient equals finite differences of its value")
+    func customL2Gradient() {
+        var rng = SeededGenerator(seed: 21)
+        let block = RepVGGBlock(3, 3, rng: &rng)
+        randomizeNorms(block, &rng)
+        let wd: Float = 0.3
+        block.addCustomL2Gradient(weightDecay: wd)
+        for kernel in [block.rbrDense.conv.weight, block.rbr1x1.conv.weight] {
+            let grad = kernel.grad!
+            for i in 0..<kernel.count {
+                let saved = kernel.data[i], h: Float = 1e-2
+                kernel.data[i] = saved + h
+                let plus = block.customL2()
+                kernel.data[i] = saved - h
+                let minus = block.customL2()
+                kernel.data[i] = saved
+                let numeric = Double(wd) / 2 * (plus - minus) / Double(2 * h)
+                #expect(abs(numeric - Double(grad.data[i])) <= 1e-3 * max(1, abs(numeric)), "entry \(i): numeric \(numeric), analytic \(grad.data[i])")
+            }
+        }
+    }
+
+    /// With equal BN scales on both branches the custom L2 of the centre is (K3c + K1)^2 / 2:
+    /// it decays the sum that the deployed kernel holds, not each branch.
+    @Test("custom L2 on a hand case; the optimizer groups leave its kernels to it")
+    func customL2Value() {
+        var rng = SeededGenerator(seed: 2)
+        let block = RepVGGBlock(1, 1, stride: 2, rng: &rng) // no identity
+        for i in 0..<9 { block.rbrDense.conv.weight.data[i] = i == 4 ? 3 : 1 }
+        block.rbr1x1.conv.weight.data[0] = -1
+        // default BN (gamma 1, var 1): t = 1 / sqrt(1 + eps) on both branches
+        #expect(abs(block.customL2() - (8 + 4.0 / 2)) < 1e-4)
+        let model = Sequential([block])
+        let plain = model.parameterGroups(weightDecay: 0.1, form: .plain)
+        let custom = model.parameterGroups(weightDecay: 0.1, form: .repvggCustomL2)
+        #expect(plain[0].parameters.count == 2 && custom[0].parameters.isEmpty)
+        #expect(Set(model.customL2Kernels().map { ObjectIdentifier($0) }) == Set([block.rbrDense.conv.weight, block.rbr1x1.conv.weight].map { ObjectIdentifier($0) }))
+    }
+
+    @Test("block statistics: identity scale, its share of the centre tap, channel spread")
+    func blockStatistics() {
+        var rng = SeededGenerator(seed: 5)
+        let block = RepVGGBlock(2, 2, rng: &rng)
+        block.eval()
+        for bn in [block.rbrDense.bn, block.rbr1x1.bn, block.rbrIdentity!] { // t = gamma exactly
+            for c in 0..<2 { bn.weight.data[c] = 1; bn.runningVar.data[c] = 1 - bn.eps; bn.runningMean.data[c] = 0; bn.bias.data[c] = 0 }
+        }
+        block.rbrIdentity!.weight.data[1] = 3
+        for i in 0..<block.rbrDense.conv.weight.count { block.rbrDense.conv.weight.data[i] = 0 }
+        for i in 0..<block.rbr1x1.conv.weight.count { block.rbr1x1.conv.weight.data[i] = 0 }
+        block.rbrDense.conv.weight.data[4] = 1 // [0, 0, 1, 1]: channel 0's diagonal centre
+        let stats = Sequential([block]).repBlockStatistics()
+        #expect(stats.count == 1)
+        #expect(abs(stats[0].identityScaleMax! - 3) < 1e-5)
+        // channel 0: identity 1 of (1 + 1 + 0); channel 1: identity 3 of 3
+        #expect(abs(stats[0].identityCentreShare! - (0.5 + 1) / 2) < 1e-5)
+        // fused channel ranges 2 and 3: max / median = 3 / 2.5
+        #expect(abs(stats[0].channelRangeSpread - 1.2) < 1e-5)
+        block.fuse()
+        #expect(Sequential([block]).repBlockStatistics().isEmpty)
+    }
+
+    @Test("classifier recipes: file-safe names, custom L2 is plain for RepOpt, bad values named; signed percentages")
+    func classifierRecipes() throws {
+        let r = Baselines.ClassifierRecipe(epochs: 30, widthMultiplier: 2, weightDecay: 5e-4, decayForm: .repvggCustomL2)
+        #expect(r.description == "e30-w2-wd0.0005-custom-l2")
+        #expect(r.normalized(for: .repopt).decayForm == .plain && r.normalized(for: .repvgg).decayForm == .repvggCustomL2)
+        expectError(ModelFileError.self, mentioning: "widthMultiplier") { try Baselines.ClassifierRecipe(widthMultiplier: 0).validate() }
+        expectError(ModelFileError.self, mentioning: "weightDecay") { try Baselines.ClassifierRecipe(weightDecay: -1).validate() }
+        #expect(signedPercent(-0.04) == "−4.0%" && signedPercent(0.005) == "+0.5%" && signedPercent(-0.0001) == "0.0%")
+    }
 }
+

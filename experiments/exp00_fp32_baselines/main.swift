@@ -77,20 +77,21 @@ struct Exp00: ParsableCommand {
         // MARK: - 6 Report
         // Verdict: "close" when RepOpt's FP32 mAP is within 2 mAP points (0.02) of RepVGG's, the
         // seed-to-seed spread one expects of single short runs on 500 validation images.
-        // Below 0.05 mAP a model has not learned enough for the comparison to mean anything
-        // (e.g. the QUICK smoke run): then the verdict says so instead of calling it a match.
+        // Below LearnedFloor (0.05 mAP, 50% top-1; the rule exp02 and exp02b apply too) a model
+        // has not learned enough for the comparison to mean anything (e.g. the QUICK smoke run):
+        // then the verdict says so instead of calling it a match.
         let gap = (maps[.repopt] ?? 0) - (maps[.repvgg] ?? 0)
         let close = abs(gap) <= 0.02
-        let learned = min(maps[.repopt] ?? 0, maps[.repvgg] ?? 0) >= 0.05
+        let learned = min(maps[.repopt] ?? 0, maps[.repvgg] ?? 0) >= LearnedFloor.detectorMAP
         let verdict: Verdict = !learned
-            ? Verdict(.inconclusive, String(format: "Inconclusive: the baselines have not learned enough to compare (mAP %.3f and %.3f, below 0.05)%@.", maps[.repvgg] ?? 0, maps[.repopt] ?? 0, quick ? "; expected for the QUICK smoke run" : ""))
+            ? Verdict(.inconclusive, String(format: "Inconclusive: the baselines have not learned enough to compare (mAP %.3f and %.3f, below %.2f)%@.", maps[.repvgg] ?? 0, maps[.repopt] ?? 0, LearnedFloor.detectorMAP, quick ? "; expected for the QUICK smoke run" : ""))
             : close
             ? Verdict(.reproduced, String(format: "Reproduced in direction: RepOpt's FP32 mAP is within %.1f points of RepVGG's (%.3f vs %.3f), as in the article (%@ vs %@).", abs(gap) * 100, maps[.repopt] ?? 0, maps[.repvgg] ?? 0, Paper.A3.yolov6sFP32.text, Paper.A3.yolov6sFP32.text))
             : Verdict(.notReproduced, String(format: "Not reproduced: RepOpt's FP32 mAP differs from RepVGG's by %.1f points (%.3f vs %.3f); the article has them equal (%@ vs %@). Later experiments must read quantization drops relative to each model's own FP32.", gap * 100, maps[.repopt] ?? 0, maps[.repvgg] ?? 0, Paper.A3.yolov6sFP32.text, Paper.A3.yolov6sFP32.text))
         let clsGap = (top1s[.repopt] ?? 0) - (top1s[.repvgg] ?? 0)
         // A classifier below 50% top-1 on 10 classes has not converged enough for quantization
-        // drops to be read against it; the verdict says so rather than comparing the two.
-        let clsLearned = min(top1s[.repvgg] ?? 0, top1s[.repopt] ?? 0) >= 0.5
+        // drops to be read against it (exp02 calls its PTQ comparison inconclusive then).
+        let clsLearned = min(top1s[.repvgg] ?? 0, top1s[.repopt] ?? 0) >= LearnedFloor.classifierTop1
         let clsVerdict = clsLearned
             ? String(format: "RepOpt − RepVGG top-1: %+.1f points (paper +0.05).", 100 * clsGap)
             : String(format: "Weak baselines: %.1f%% and %.1f%% top-1 (chance 10%%) — the classifiers have not converged on shapes-cls in %d epochs, so the classification rows of later experiments are not yet meaningful.", 100 * (top1s[.repvgg] ?? 0), 100 * (top1s[.repopt] ?? 0), plan.classifierEpochs)

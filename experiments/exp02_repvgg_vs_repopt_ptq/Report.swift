@@ -21,15 +21,15 @@ struct Exp02Report {
     private func ours(_ arms: [String: Exp02Results.Arm], _ b: BlockKind, _ scale: Double) -> (fp32: String, int8: String) {
         guard let a = arms[b.rawValue] else { return ("—", "—") }
         let d = a.relativeDrop(primary)
-        return (f(a.fp32, scale), "\(cell(a, primary, scale)) (\(d >= 0 ? "−" : "+")\(String(format: "%.1f%%", 100 * abs(d))))")
+        return (f(a.fp32, scale), "\(cell(a, primary, scale)) (\(signedPercent(-d)))")
     }
 
     /// Every calibrator, one row per block.
     private func calibratorTable(_ arms: [String: Exp02Results.Arm], blocks: [BlockKind], scale: Double) -> String {
-        let header = ["block", "FP32", "FP32 deploy form"] + methods.map { "INT8 \($0)" } + ["drop (\(primary))"]
+        let header = ["block", "FP32", "FP32 deploy form"] + methods.map { "INT8 \($0)" } + ["INT8 \(primary) vs FP32"]
         let rows = blocks.compactMap { b in arms[b.rawValue].map { (b, $0) } }.map { b, a in
             [b.rawValue, f(a.fp32, scale), f(a.fp32Deploy, scale)] + methods.map { cell(a, $0, scale) }
-                + [String(format: "%.1f%%", 100 * a.relativeDrop(primary))]
+                + [signedPercent(-a.relativeDrop(primary))]
         }
         return markdownTable(header, rows)
     }
@@ -96,7 +96,9 @@ struct Exp02Report {
         }
         md += """
 
-        **How to read the table.** "FP32 deploy form" must equal FP32 (fusion is exact up to float rounding): it checks the conversion, not quantization. The drop column is (FP32 − INT8) / FP32 with the \(primary) calibrator, the relative drop that can be set beside the article's (RepVGG \(String(format: "%.1f%%", 100 * PaperDrops.detector.repvgg)), RepOpt \(String(format: "%.1f%%", 100 * PaperDrops.detector.repopt))). The spread over seeds is calibration sampling noise; a difference between blocks smaller than about twice the spread is not a finding.
+        **Why:** [exp02b](exp02b.md) trains classifiers over width, training length and weight decay (and RepVGG's custom L2), quantizes every model with per-channel and per-tensor weights, and tracks the identity branch's BN scales, to find where — if anywhere at our scale — RepVGG loses more than RepOpt.
+
+        **How to read the table.** "FP32 deploy form" must equal FP32 (fusion is exact up to float rounding): it checks the conversion, not quantization. The last column is (INT8 − FP32) / FP32 with the \(primary) calibrator (− a loss, + a gain, as everywhere in these reports), the relative change that can be set beside the article's (RepVGG \(signedPercent(-PaperDrops.detector.repvgg)), RepOpt \(signedPercent(-PaperDrops.detector.repopt))). The spread over seeds is calibration sampling noise; a difference between blocks smaller than about twice the spread is not a finding.
 
         \(provenance.markdown)
 

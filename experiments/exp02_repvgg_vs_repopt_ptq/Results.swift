@@ -49,26 +49,27 @@ struct PaperDrops {
     static let detector = PaperDrops(
         repvgg: Paper.relativeDrop(Paper.A3.yolov6sFP32, Paper.A3.repvggPTQ),
         repopt: Paper.relativeDrop(Paper.A3.yolov6sFP32, Paper.A3.repoptPTQ),
-        text: String(format: "RepVGG loses %.1f mAP (%.1f%% of %@), RepOpt %.1f (%.1f%%)",
-                     Paper.A3.yolov6sFP32.value - Paper.A3.repvggPTQ.value, 100 * Paper.relativeDrop(Paper.A3.yolov6sFP32, Paper.A3.repvggPTQ),
+        text: String(format: "RepVGG loses %.1f mAP (%@ of %@), RepOpt %.1f (%@)",
+                     Paper.A3.yolov6sFP32.value - Paper.A3.repvggPTQ.value, signedPercent(-Paper.relativeDrop(Paper.A3.yolov6sFP32, Paper.A3.repvggPTQ)),
                      Paper.A3.yolov6sFP32.text, Paper.A3.yolov6sFP32.value - Paper.A3.repoptPTQ.value,
-                     100 * Paper.relativeDrop(Paper.A3.yolov6sFP32, Paper.A3.repoptPTQ)))
+                     signedPercent(-Paper.relativeDrop(Paper.A3.yolov6sFP32, Paper.A3.repoptPTQ))))
 
     /// RepVGG-B1 and RepOpt-VGG-B1 on ImageNet (CLAIMS.md A1, A3).
     static let classifier = PaperDrops(
         repvgg: Paper.relativeDrop(Paper.A1.repvggB1FP32, Paper.A1.repvggB1PTQ),
         repopt: Paper.relativeDrop(Paper.A3.repoptB1FP32, Paper.A3.repoptB1PTQ),
-        text: String(format: "RepVGG-B1 loses %.1f points (%.1f%%), RepOpt-B1 %.1f (%.1f%%)",
-                     Paper.A1.repvggB1FP32.value - Paper.A1.repvggB1PTQ.value, 100 * Paper.relativeDrop(Paper.A1.repvggB1FP32, Paper.A1.repvggB1PTQ),
-                     Paper.A3.repoptB1FP32.value - Paper.A3.repoptB1PTQ.value, 100 * Paper.relativeDrop(Paper.A3.repoptB1FP32, Paper.A3.repoptB1PTQ)))
+        text: String(format: "RepVGG-B1 loses %.1f points (%@), RepOpt-B1 %.1f (%@)",
+                     Paper.A1.repvggB1FP32.value - Paper.A1.repvggB1PTQ.value, signedPercent(-Paper.relativeDrop(Paper.A1.repvggB1FP32, Paper.A1.repvggB1PTQ)),
+                     Paper.A3.repoptB1FP32.value - Paper.A3.repoptB1PTQ.value, signedPercent(-Paper.relativeDrop(Paper.A3.repoptB1FP32, Paper.A3.repoptB1PTQ))))
 }
 
 /// The verdict from the numbers: RepVGG's relative drop against RepOpt's with the primary
 /// calibrator. The noise is the standard deviation of the difference of the two means over
 /// calibration seeds, sqrt(sd_a² + sd_b²) relative to FP32; a gap must exceed twice it and 1%
 /// to count. "In size" means RepVGG's drop reaches at least half the paper's.
-func exp02Verdict(_ arms: [String: Exp02Results.Arm], primary: CalibrationMethod, metric: String, learnedFloor: Double, quick: Bool,
+func exp02Verdict(_ arms: [String: Exp02Results.Arm], primary: CalibrationMethod, metric: String, quick: Bool,
                   paper: PaperDrops) -> Verdict {
+    let learnedFloor = LearnedFloor.floor(metric: metric)
     guard let repvgg = arms[BlockKind.repvgg.rawValue], let repopt = arms[BlockKind.repopt.rawValue] else {
         return Verdict(.inconclusive, "Inconclusive: the RepVGG and RepOpt arms are both needed.")
     }
@@ -81,12 +82,12 @@ func exp02Verdict(_ arms: [String: Exp02Results.Arm], primary: CalibrationMethod
     let (nv, nopt) = (repvgg.spread(primary) / repvgg.fp32, repopt.spread(primary) / repopt.fp32)
     let noise = (nv * nv + nopt * nopt).squareRoot()
     let gap = dv - dopt
-    let detail = String(format: "RepVGG loses %.1f%% of its FP32 %@ under PTQ (%.3f → %.3f), RepOpt %.1f%% (%.3f → %.3f); noise of the difference ±%.1f%%; paper: %@",
-                        100 * dv, metric, repvgg.fp32, repvgg.mean(primary), 100 * dopt, repopt.fp32, repopt.mean(primary), 100 * noise, paper.text)
+    let detail = String(format: "under PTQ RepVGG's FP32 %@ changes by %@ (%.3f → %.3f), RepOpt's by %@ (%.3f → %.3f); noise of the difference ±%.1f%%; paper: %@",
+                        metric, signedPercent(-dv), repvgg.fp32, repvgg.mean(primary), signedPercent(-dopt), repopt.fp32, repopt.mean(primary), 100 * noise, paper.text)
     let threshold = max(2 * noise, 0.01)
     if gap > threshold {
         let size = dv >= paper.repvgg / 2 ? "in direction and size"
-            : String(format: "in direction only (RepVGG's drop is %.1f%%, the paper's %.1f%%)", 100 * dv, 100 * paper.repvgg)
+            : "in direction only (RepVGG's change is \(signedPercent(-dv)), the paper's \(signedPercent(-paper.repvgg)))"
         // a smoke run's models are too small to carry a result: its outcome is inconclusive
         return Verdict(quick ? .inconclusive : dv >= paper.repvgg / 2 ? .reproduced : .partly,
                        smoke + "Reproduced \(size): RepVGG degrades clearly more than RepOpt. " + detail + ".")
@@ -95,12 +96,12 @@ func exp02Verdict(_ arms: [String: Exp02Results.Arm], primary: CalibrationMethod
         return Verdict(quick ? .inconclusive : .notReproduced, smoke + "Not reproduced: RepOpt degrades more than RepVGG here. " + detail + ".")
     }
     return Verdict(quick ? .inconclusive : .notReproduced,
-                   smoke + String(format: "Not reproduced (no clear difference): the gap of %.1f%% is within twice the noise or 1%%. ", 100 * gap) + detail + ".")
+                   smoke + String(format: "Not reproduced (no clear difference): the gap of %.1f percentage points is within twice the noise or 1 point. ", 100 * gap) + detail + ".")
 }
 
 /// One arm pair as a claim row: the paper's drops beside ours under the primary calibrator.
 func exp02Claim(_ id: String, arms: [String: Exp02Results.Arm], primary: CalibrationMethod, paper: PaperDrops, what: String, verdict: Verdict) -> ClaimResult {
-    func drop(_ b: BlockKind) -> String { arms[b.rawValue].map { String(format: "%.1f%%", 100 * $0.relativeDrop(primary)) } ?? "—" }
-    return ClaimResult(id, paper: String(format: "%@ PTQ drop: RepVGG %.1f%%, RepOpt %.1f%%", what, 100 * paper.repvgg, 100 * paper.repopt),
-                       ours: "\(what) \(primary) PTQ drop: RepVGG \(drop(.repvgg)), RepOpt \(drop(.repopt)), QARepVGG \(drop(.qarepvgg))", verdict: verdict)
+    func change(_ b: BlockKind) -> String { arms[b.rawValue].map { signedPercent(-$0.relativeDrop(primary)) } ?? "—" }
+    return ClaimResult(id, paper: "\(what) under PTQ: RepVGG \(signedPercent(-paper.repvgg)), RepOpt \(signedPercent(-paper.repopt))",
+                       ours: "\(what) under \(primary) PTQ: RepVGG \(change(.repvgg)), RepOpt \(change(.repopt)), QARepVGG \(change(.qarepvgg))", verdict: verdict)
 }

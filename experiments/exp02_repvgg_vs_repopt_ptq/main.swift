@@ -81,11 +81,11 @@ struct Exp02: ParsableCommand {
         // MARK: - 6 Report
         // Verdict: RepVGG's relative drop (FP32 − INT8) / FP32 against RepOpt's, with the noise
         // of the difference over seeds, set beside the paper's drops.
-        let detectorVerdict = exp02Verdict(results.detectors, primary: primary, metric: "mAP", learnedFloor: 0.05, quick: quick, paper: .detector)
+        let detectorVerdict = exp02Verdict(results.detectors, primary: primary, metric: "mAP", quick: quick, paper: .detector)
         results.verdict = detectorVerdict.text
         results.claims = [exp02Claim("A3", arms: results.detectors, primary: primary, paper: .detector, what: "detector", verdict: detectorVerdict)]
         if !skipClassifiers {
-            let classifierVerdict = exp02Verdict(results.classifiers, primary: primary, metric: "top-1", learnedFloor: 0.3, quick: quick, paper: .classifier)
+            let classifierVerdict = exp02Verdict(results.classifiers, primary: primary, metric: "top-1", quick: quick, paper: .classifier)
             results.classifierVerdict = classifierVerdict.text
             results.claims.append(exp02Claim("A1", arms: results.classifiers, primary: primary, paper: .classifier, what: "classifier", verdict: classifierVerdict))
         }

@@ -59,7 +59,7 @@ struct Exp03Results: Codable {
 
 /// Verdict on A4: does leaving the top-k layers in FP32 recover a good share (>= 30%) of the loss?
 func exp03Verdict(_ r: Exp03Results, topK: Int, quick: Bool) -> Verdict {
-    if quick || r.fp32mAP < 0.05 {
+    if quick || r.fp32mAP < LearnedFloor.detectorMAP {
         return Verdict(.inconclusive, String(format: "Inconclusive: the FP32 model has not learned enough (mAP %.3f)%@.", r.fp32mAP, quick ? "; expected for the QUICK smoke run" : ""))
     }
     let gap = r.fp32mAP - r.fullPTQmAP
@@ -84,7 +84,7 @@ func exp03MSEStandsIn(_ r: Exp03Results, topK: Int, quick: Bool) -> Verdict {
     let s = String(format: "Spearman ρ(MSE, mAP method) = %.2f, Kendall τ = %.2f, top-%d overlap %d/%d; partial PTQ with MSE's top %d: %.4f vs the mAP method's %.4f; MSE took %.1f s for all layers, the mAP method %.0f s (×%.0f).",
                    a.spearman, a.kendall, topK, a.topKOverlap, topK, topK, r.partial(.mse, k: topK), r.partial(.map, k: topK),
                    r.seconds.outputMetrics, r.seconds.mapMethod, r.seconds.mapMethod / max(r.seconds.outputMetrics, 1e-9))
-    if quick || r.fp32mAP < 0.05 { return Verdict(.inconclusive, "Inconclusive (untrained model). " + s) }
+    if quick || r.fp32mAP < LearnedFloor.detectorMAP { return Verdict(.inconclusive, "Inconclusive (untrained model). " + s) }
     return a.spearman >= 0.5 && close ? Verdict(.reproduced, "Yes, MSE stands in well for the mAP method here: " + s)
         : Verdict(.notReproduced, "No, MSE is not a good stand-in here: " + s)
 }

@@ -99,7 +99,7 @@ struct Exp07Results: Codable {
 let flatPoints = 1.0
 /// Below this FP32 mAP the model has not learned enough for a quantization verdict (the rule
 /// exp00 and exp02 apply).
-let meaningfulMAP = 0.05
+let meaningfulMAP = LearnedFloor.detectorMAP
 
 func exp07Verdicts(_ r: Exp07Results) -> Exp07Results.Verdicts {
     var v = Exp07Results.Verdicts()
