@@ -23,24 +23,41 @@ static int n_workers = 0;        /* worker threads started */
 static _Atomic unsigned long generation = 0;
 static _Atomic int tasks_done = 0;
 static _Atomic int active_workers = 0; /* workers allowed to join the current job */
-/* Job fields are atomics: a worker that wakes late may still read them while the next job is
- * being posted. next_task is set to TASKS_CLOSED once a job is complete, so such a worker
- * claims nothing of the old job; if it claims a task of the new job, it reads that job's
- * fields, which were stored before next_task was reset to 0. */
-#define TASKS_CLOSED (1 << 29)
+/* Claiming a task. Job fields are atomics: a worker that wakes late may still read them while
+ * the next job is being posted. A plain counter is not enough: a worker that took an index of
+ * job A after A's last task was claimed, and was preempted before comparing it with the task
+ * count, could compare it with job B's larger count and run "task t" of the wrong job (a task
+ * run twice, or A's function on B's context); B's caller then counted a task that was not
+ * its own and could return while one of its tasks was still running. So the claim word holds
+ * the job's sequence number (high 32 bits) beside the next index (low 32 bits), and a task is
+ * taken only by a compare-and-swap of the exact word that was read. A finished job's word is
+ * replaced by a closed one (index 0xffffffff) before the next job's fields are written, so a
+ * successful swap means the job the word names was still open, and the fields read before it
+ * were that job's (they are stored before the word that publishes the job).
+ * tests: ql_pool_stress (KernelTests) runs many short jobs of alternating sizes on more
+ * threads than cores and counts every task's executions. */
 static _Atomic int job_ntasks = 0;
 static _Atomic(ql_task_fn) job_fn = NULL;
 static _Atomic(void *) job_ctx = NULL;
-static _Atomic int next_task = TASKS_CLOSED;
+static _Atomic unsigned long long claim_word = 0;
+static unsigned long long job_seq = 0; /* under pool_lock */
 static _Thread_local int in_task = 0;
 static _Thread_local int serial_thread = 0; /* ql_set_thread_serial */
 
 static void run_tasks(void) {
-    int t;
     in_task = 1;
-    while ((t = atomic_fetch_add(&next_task, 1)) < atomic_load(&job_ntasks)) {
-        atomic_load(&job_fn)(t, atomic_load(&job_ctx));
+    unsigned long long w = atomic_load(&claim_word);
+    for (;;) {
+        int n = atomic_load(&job_ntasks);
+        ql_task_fn fn = atomic_load(&job_fn);
+        void *ctx = atomic_load(&job_ctx);
+        unsigned int t = (unsigned int)(w & 0xffffffffu);
+        if (t >= (unsigned int)n) break;
+        /* on failure w is reloaded (another thread took t, or a new job was posted) */
+        if (!atomic_compare_exchange_weak(&claim_word, &w, w + 1)) continue;
+        fn((int)t, ctx);
         atomic_fetch_add(&tasks_done, 1);
+        w = atomic_load(&claim_word);
     }
     in_task = 0;
 }
@@ -116,7 +133,8 @@ void ql_parallel_for(int ntasks, ql_task_fn fn, void *ctx) {
     atomic_store(&job_ctx, ctx);
     atomic_store(&job_ntasks, ntasks);
     atomic_store(&tasks_done, 0);
-    atomic_store(&next_task, 0);
+    job_seq++;
+    atomic_store(&claim_word, job_seq << 32); /* publishes the job: (seq, next index 0) */
     atomic_store(&active_workers, helpers);
     pthread_mutex_lock(&wake_lock);
     atomic_fetch_add(&generation, 1);
@@ -124,8 +142,42 @@ void ql_parallel_for(int ntasks, ql_task_fn fn, void *ctx) {
     pthread_mutex_unlock(&wake_lock);
     run_tasks();
     while (atomic_load(&tasks_done) < ntasks) __builtin_ia32_pause();
-    atomic_store(&next_task, TASKS_CLOSED);
+    /* close the job before the next one's fields are written: a worker holding this job's
+     * word (its last index included) now fails its compare-and-swap */
+    atomic_store(&claim_word, (job_seq << 32) | 0xffffffffull);
     pthread_mutex_unlock(&pool_lock);
 }
 
 void ql_set_thread_serial(int serial) { serial_thread = serial != 0; }
+
+typedef struct { _Atomic int *counts; int n; } stress_job;
+
+static void stress_task(int t, void *p) {
+    stress_job *j = p;
+    volatile int x = 0;
+    for (int i = 0; i < 50; i++) x += i; /* enough work for the tasks of one job to overlap */
+    if (t < 0 || t >= j->n) atomic_fetch_add(&j->counts[63], 1000); /* an index the job does not have */
+    else atomic_fetch_add(&j->counts[t], 1);
+}
+
+long ql_pool_stress(int jobs, int threads) {
+    if (jobs < 1) return 0;
+    int saved = ql_get_num_threads();
+    ql_set_num_threads(threads);
+    _Atomic int *arena = calloc((size_t)jobs * 64, sizeof(int));
+    stress_job *ctx = calloc((size_t)jobs, sizeof(stress_job));
+    if (!arena || !ctx) { free(arena); free(ctx); ql_set_num_threads(saved); return -1; }
+    static const int sizes[3] = {2, 9, 40};
+    for (int j = 0; j < jobs; j++) {
+        ctx[j].counts = arena + (size_t)j * 64;
+        ctx[j].n = sizes[j % 3];
+        ql_parallel_for(ctx[j].n, stress_task, &ctx[j]);
+    }
+    long bad = 0;
+    for (int j = 0; j < jobs; j++)
+        for (int t = 0; t < 64; t++) if (atomic_load(&arena[(size_t)j * 64 + t]) != (t < ctx[j].n ? 1 : 0)) bad++;
+    free(arena);
+    free(ctx);
+    ql_set_num_threads(saved);
+    return bad;
+}

@@ -10,6 +10,16 @@ import Testing
 /// Every fast kernel against its `_ref` twin, on awkward sizes.
 @Suite("C kernels against their references")
 struct KernelTests {
+    /// The pool once ran a late worker's claimed index against the next job's task count (a
+    /// task twice, or one job's function on another's context; exp02b's grid crashed on it
+    /// under load). 200,000 short jobs of alternating sizes on 8 threads — more than the cores,
+    /// so workers are preempted mid-claim — must run every task of every job exactly once.
+    /// Before the fix this found 14-430 bad slots per run on a 2-core VM.
+    @Test("the thread pool runs every task of every job exactly once, with workers preempted")
+    func poolStress() {
+        #expect(ql_pool_stress(200_000, 8) == 0)
+    }
+
     static let awkward = [1, 7, 17, 63, 129]
 
     @Test("SGEMM: every ISA, transpose, alpha/beta and padded leading dims", arguments: [0, 1, 2, 3])

@@ -9,8 +9,9 @@
 //     scale per tensor — a RepVGG block's fused kernel adds branches whose BN scales differ
 //     from channel to channel, so one scale per tensor should hurt it most;
 //   - training length and width (RepVGG-B1 is far wider and trained far longer than ours);
-//   - weight decay: none, ours (1e-4), YOLOv6's 5e-4, and RepVGG's custom L2 on the equivalent
-//     kernel (RepVGGRegularization.swift);
+//   - weight decay: ours (1e-4) and YOLOv6's 5e-4 (none only in the QUICK grid: the full grid
+//     fits an hour on 2 cores without it), and RepVGG's custom L2 on the equivalent kernel
+//     (RepVGGRegularization.swift);
 //   - and, measured on every model before fusion, the identity branch's BN scale (max over
 //     channels of gamma / sqrt(var + eps)), its share of the fused centre tap, and the fused
 //     kernels' channel-range spread, set against the PTQ drop.

@@ -63,6 +63,11 @@ int ql_get_num_threads(void);
  * (zero). For callers that bring their own threads: a multi-instance server runs one engine
  * instance per thread, each serial, as onnxruntime sessions with intra_op_num_threads = 1. */
 void ql_set_thread_serial(int serial);
+/* The pool's own check: `jobs` consecutive jobs of alternating sizes (2, 9, 40 tasks) on
+ * `threads` threads (more than the cores makes preemption likely); every task counts its runs
+ * in a slot that stays allocated. Returns the number of slots whose count is not exactly one
+ * run per task of that job (0 when every task of every job ran once, in its own job). */
+long ql_pool_stress(int jobs, int threads);
 
 /* Makes stdout line-buffered, so that progress and results reach a log file as they are
  * printed (Swift 6 cannot touch C's `stdout` global itself). */
