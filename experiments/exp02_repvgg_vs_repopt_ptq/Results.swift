@@ -82,7 +82,7 @@ func exp02Verdict(_ arms: [String: Exp02Results.Arm], primary: CalibrationMethod
     let (nv, nopt) = (repvgg.spread(primary) / repvgg.fp32, repopt.spread(primary) / repopt.fp32)
     let noise = (nv * nv + nopt * nopt).squareRoot()
     let gap = dv - dopt
-    let detail = String(format: "under PTQ RepVGG's FP32 %@ changes by %@ (%.3f → %.3f), RepOpt's by %@ (%.3f → %.3f); noise of the difference ±%.1f%%; paper: %@",
+    let detail = String(format: "Under PTQ RepVGG's FP32 %@ changes by %@ (%.3f → %.3f), RepOpt's by %@ (%.3f → %.3f); noise of the difference ±%.1f%%; paper: %@",
                         metric, signedPercent(-dv), repvgg.fp32, repvgg.mean(primary), signedPercent(-dopt), repopt.fp32, repopt.mean(primary), 100 * noise, paper.text)
     let threshold = max(2 * noise, 0.01)
     if gap > threshold {

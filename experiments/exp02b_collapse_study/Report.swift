@@ -33,8 +33,11 @@ struct Exp02bReport {
     }
 
     private var factorTable: String {
-        markdownTable(["factor", "weights", "gap at each level (points)", "range (points)"], results.factors.map { f in
-            [f.factor, f.granularity, zip(f.levels, f.gaps).map { "\($0): \(points($1))" }.joined(separator: "; "), f.range.isNaN ? "— (fewer than 2 learned levels)" : String(format: "%.1f", 100 * f.range)]
+        markdownTable(["factor", "weights", "gap at each level (points)", "range (points)", "2 x noise (points)", "effect"], results.factors.map { f in
+            [f.factor, f.granularity, zip(f.levels, f.gaps).map { "\($0): \(points($1))" }.joined(separator: "; "),
+             f.range.isNaN ? "— (fewer than 2 learned levels)" : String(format: "%.1f", 100 * f.range),
+             f.threshold.isNaN ? "—" : String(format: "%.1f", 100 * f.threshold),
+             f.range.isNaN ? "—" : f.range > f.threshold ? "beyond the noise" : "within the noise"]
         })
     }
 

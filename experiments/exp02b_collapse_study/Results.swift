@@ -88,6 +88,12 @@ struct Exp02bResults: Codable {
     var verdict = ""
     var claims: [ClaimResult] = []
     var provenance: ProvenanceSummary?
+    /// Measuring time of the shards merged (not written: it is the provenance's wall time).
+    var shardSeconds: Double = 0
+
+    enum CodingKeys: String, CodingKey {
+        case grid, calibration, quick, classifiers, detectors, shards, rows, factors, verdict, claims, provenance
+    }
 }
 
 /// RepVGG against RepOpt at one grid point and one weight granularity (entropy, the primary).
@@ -116,6 +122,14 @@ struct FactorEffect: Codable, Equatable {
     var granularity: String
     var levels: [String]
     var gaps: [Double]
+    /// Each level's seed noise of the gap (as `GapRow.noise`).
+    var noises: [Double]
+    /// Twice the noise of the difference between the two extreme levels: a range below it is
+    /// no effect.
+    var threshold: Double {
+        guard gaps.count >= 2, let hi = gaps.indices.max(by: { gaps[$0] < gaps[$1] }), let lo = gaps.indices.min(by: { gaps[$0] < gaps[$1] }) else { return .nan }
+        return 2 * (noises[hi] * noises[hi] + noises[lo] * noises[lo]).squareRoot()
+    }
     /// NaN with fewer than two learned levels (no effect can be read).
     var range: Double { gaps.count < 2 ? .nan : gaps.max()! - gaps.min()! }
 }
@@ -150,7 +164,7 @@ func factorEffects(_ rows: [GapRow], grid: [StudyPoint]) -> [FactorEffect] {
             let own = rows.filter { $0.factor == f && $0.granularity == g.rawValue }
             let withBase = grid.first { $0.factor == f }?.comparedToBase ?? true
             let all = ((withBase ? (base.map { [$0] } ?? []) : []) + own).filter(\.learned)
-            return FactorEffect(factor: f, granularity: g.rawValue, levels: all.map(\.level), gaps: all.map(\.gap))
+            return FactorEffect(factor: f, granularity: g.rawValue, levels: all.map(\.level), gaps: all.map(\.gap), noises: all.map(\.noise))
         }
     }
 }
@@ -165,7 +179,10 @@ func exp02bVerdict(rows: [GapRow], factors: [FactorEffect], classifiers: [ModelR
         return Verdict(.inconclusive, prefix + "Inconclusive: no grid point has both classifiers above \(Int(100 * LearnedFloor.classifierTop1))% top-1.")
     }
     let biggest = factors.filter { !$0.range.isNaN }.max { $0.range < $1.range }
-    let mover = biggest.map { String(format: "the factor that moves the gap most is %@ (%@ weights: %.1f points between its levels)", $0.factor, $0.granularity, 100 * $0.range) } ?? "no factor has two learned levels"
+    let mover = biggest.map { f in
+        String(format: "the factor that moves the gap most is %@ (%@ weights: %.1f points between its levels, %@ twice their noise, %.1f)", f.factor, f.granularity,
+               100 * f.range, f.range > f.threshold ? "beyond" : "within", 100 * f.threshold)
+    } ?? "no factor has two learned levels"
     let collapses = learned.filter { $0.reading == "RepVGG loses more" }
     let largest = classifiers.max { $0.parameters < $1.parameters }
     let longest = classifiers.compactMap(\.recipe?.epochs).max() ?? 0

@@ -31,8 +31,10 @@
 // Files: main.swift (the pipeline), Results.swift (what is measured, the analysis, the
 // verdict), Report.swift (results/exp02b.md).
 //
-// Run: `make exp02b` (about an hour on 2 AVX2 cores when nothing is cached; minutes once it
-// is), `make exp02b QUICK=1` (tiny models, about 2 minutes; results/quick/).
+// Run: `make exp02b` (about 1.5 hours on 2 AVX2 cores when nothing is cached: its 13
+// classifiers train for ~85 minutes, the base three are exp00's; about 10 minutes of PTQ once
+// they are cached; `--shard i/n` on n machines, then `--merge`, divides the training),
+// `make exp02b QUICK=1` (tiny models, 1 calibration seed, a few minutes; results/quick/).
 import ArgumentParser
 import Foundation
 import QuantLab
@@ -95,7 +97,9 @@ struct Exp02b: ParsableCommand {
     func run() throws {
         let start = Date()
         if merge {
-            try writeMerged(try loadShards(), start: start)
+            let merged = try loadShards()
+            // the report's wall time is the shards' measuring time plus the merge's own
+            try writeMerged(merged, start: start.addingTimeInterval(-merged.shardSeconds))
             return
         }
         let s = try shard.map { try Shard(parsing: $0) } ?? .all
@@ -108,6 +112,9 @@ struct Exp02b: ParsableCommand {
             }
         }
         if shard != nil {
+            var provenance = Provenance.current()
+            provenance.wallSeconds = Date().timeIntervalSince(start)
+            results.provenance = provenance.summary
             let url = outputFolder.appendingPathComponent("shard-\(s.index)-of-\(s.count).json")
             try FileManager.default.createDirectory(at: outputFolder, withIntermediateDirectories: true)
             try AtomicFile.write(resultsJSON(results), to: url)
@@ -174,11 +181,15 @@ struct Exp02b: ParsableCommand {
                 throw MergeError("--merge: \(f.path) describes another grid or calibration (\(part.calibration)); expected \(calibrationText)")
             }
             if var m = merged {
+                m.shardSeconds += part.provenance?.wallSeconds ?? 0
                 m.classifiers += part.classifiers
                 m.detectors += part.detectors
                 m.shards += part.shards
                 merged = m
-            } else { merged = part }
+            } else {
+                merged = part
+                merged?.shardSeconds = part.provenance?.wallSeconds ?? 0
+            }
         }
         let m = merged!
         let counts = Set(m.shards.compactMap { try? Shard(parsing: $0).count })
