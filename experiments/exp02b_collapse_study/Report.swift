@@ -16,13 +16,6 @@ struct Exp02bReport {
     private func top1(_ x: Double) -> String { String(format: "%.1f", 100 * x) }
     private func opt(_ x: Double?, _ format: String) -> String { x.map { String(format: format, $0) } ?? "—" }
 
-    /// The model of `block` at grid point `p`.
-    private func model(_ block: BlockKind, _ p: StudyPoint) -> ModelResult? {
-        var r = p.recipe.normalized(for: block)
-        r.epochs = p.recipe.epochs
-        return results.classifiers.first { $0.block == block.rawValue && $0.recipe == r }
-    }
-
     private var gridTable: String {
         let header = ["factor", "level", "weights", "RepVGG FP32", "RepVGG INT8", "RepOpt FP32", "RepOpt INT8", "gap (points)", "noise", "reading"]
         let rows = results.rows.map { r in

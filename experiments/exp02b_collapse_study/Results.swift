@@ -10,6 +10,13 @@ struct StudyPoint: Codable, Equatable {
     /// Whether the factor's levels include the base point (false where the factor is varied
     /// around another point of its own, as width is at 5 epochs).
     var comparedToBase = true
+
+    /// The recipe `block` is trained with at this point (as the models are cached and stored).
+    func recipe(for block: BlockKind) -> Baselines.ClassifierRecipe {
+        var r = recipe.normalized(for: block)
+        r.epochs = recipe.epochs
+        return r
+    }
 }
 
 /// The grid. One factor at a time around the baseline recipe (the classifiers exp00 and exp02
@@ -137,9 +144,7 @@ struct FactorEffect: Codable, Equatable {
 /// The RepVGG / RepOpt gap of every grid point, per granularity.
 func gapRows(grid: [StudyPoint], models: [ModelResult], primary: CalibrationMethod) -> [GapRow] {
     func find(_ block: BlockKind, _ p: StudyPoint) -> ModelResult? {
-        var r = p.recipe.normalized(for: block)
-        r.epochs = p.recipe.epochs
-        return models.first { $0.block == block.rawValue && $0.recipe == r }
+        models.first { $0.block == block.rawValue && $0.recipe == p.recipe(for: block) }
     }
     return grid.flatMap { p -> [GapRow] in
         guard let v = find(.repvgg, p), let o = find(.repopt, p) else { return [] }

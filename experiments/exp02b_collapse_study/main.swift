@@ -85,8 +85,7 @@ struct Exp02b: ParsableCommand {
         for p in grid {
             let blocks: [BlockKind] = p.factor == "base" ? [.repvgg, .repopt, .qarepvgg] : [.repvgg, .repopt]
             for b in blocks {
-                var r = p.recipe.normalized(for: b)
-                r.epochs = p.recipe.epochs
+                let r = p.recipe(for: b)
                 if !out.contains(.classifier(b, r)) { out.append(.classifier(b, r)) }
             }
         }
