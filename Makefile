@@ -12,7 +12,7 @@ SWIFT_FLAGS := --explicit-target-dependency-import-check error
 EXPERIMENTS := $(sort $(notdir $(wildcard experiments/exp*)))
 
 .DEFAULT_GOAL := help
-.PHONY: results help build release test check-layers kill-resume gpu-bundle fuzz bench-engine bench demo smoke crosscheck venv clean info data cuda models
+.PHONY: results help build release test check-layers kill-resume gpu-bundle fuzz bench-engine bench-torch bench demo smoke crosscheck venv clean info data cuda models
 
 help: ## list the targets
 	@echo "QuantLab — INT8 quantization of object detectors, reproduced from scratch"
@@ -49,6 +49,17 @@ bench: release ## kernel benchmarks as ratios measured in one run (SGEMM vs nump
 
 bench-engine: release ## the engine on the full-size detector: FP32 graph vs INT8 plan at batch 1 and 32, and onnxruntime on the same model (make venv), as ratios in one run
 	$(RELEASE_BIN)/qlab bench --engine $(if $(QUICK),--quick,)
+
+TORCH_VENV := .venv-torch
+$(TORCH_VENV)/bin/python:
+	$(PYTHON) -m venv $(TORCH_VENV)
+	$(TORCH_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(TORCH_VENV)/bin/python -m pip install --quiet torch safetensors numpy
+
+bench-torch: release $(TORCH_VENV)/bin/python ## detector training step and inference, ours vs PyTorch on the same model, weights, batch and threads, in one run (makes .venv-torch: PyTorch from PyPI, ~5 GB, a few minutes; never in CI)
+	@mkdir -p results/bench-torch
+	$(RELEASE_BIN)/qlab bench --torch --torch-python $(TORCH_VENV)/bin/python $(if $(QUICK),--quick,) \
+	  --json results/bench-torch/$$($(RELEASE_BIN)/qlab info | sed -n 's/^kernels: \([a-z0-9]*\).*/\1/p')$(if $(QUICK),-quick,).json
 
 smoke: release ## every experiment with QUICK=1 (results go to results/quick/)
 	@if [ -z "$(EXPERIMENTS)" ]; then \

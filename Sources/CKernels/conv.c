@@ -131,6 +131,10 @@ typedef struct {
     int OH, OW, Cg, Kg, isa, pointwise, per_image_parallel, tasks;
     const float *x, *w, *b, *dy;
     float *y, *dx, *dw_partials;
+    /* per-image parallel: the weights as the GEMM's packed A, once per call for every image
+     * (per group, `apack_group` floats apart); NULL: each image's GEMM packs them itself */
+    float *apack;
+    size_t apack_group;
     size_t wsize;
     _Atomic int status;
 } conv_job;
@@ -151,6 +155,36 @@ static void gemm(const conv_job *j, int tA, int tB, int M, int N, int K, const f
     else ql_sgemm_isa((ql_isa)j->isa, tA, tB, M, N, K, 1.0f, A, lda, B, ldb, beta, C, ldc);
 }
 
+/* Packs each group's weights as A once: transA 0 for the forward (A = W_g, Kg x KK), 1 for
+ * the data gradient (A = W_g^T, KK x Kg). Only where the images run in parallel (then every
+ * image's GEMM would pack the same A again; for small feature maps that costs more than the
+ * product). Leaves apack NULL where it does not apply or memory is short. */
+static void pack_weights(conv_job *j, int transA) {
+    const ql_conv_geom *g = j->g;
+    int KK = j->Cg * g->KH * g->KW;
+    int M = transA ? KK : j->Kg, K = transA ? j->Kg : KK;
+    j->apack = NULL;
+    if (!j->per_image_parallel || j->isa == QL_ISA_REF || g->N < 2) return;
+    j->apack_group = ql_sgemm_packed_a_floats((ql_isa)j->isa, M, K);
+    if (!j->apack_group) return;
+    float *ap = (float *)ql_aligned_alloc(j->apack_group * g->groups * sizeof(float));
+    if (!ap) return;
+    for (int grp = 0; grp < g->groups; grp++) {
+        if (ql_sgemm_pack_a((ql_isa)j->isa, transA, M, K, 1.0f, j->w + (size_t)grp * j->Kg * KK, KK, ap + grp * j->apack_group)) {
+            ql_aligned_free(ap);
+            return;
+        }
+    }
+    j->apack = ap;
+}
+
+/* C = op(A) B + beta C for group grp, with the packed weights when there are. */
+static void gemm_w(const conv_job *j, int grp, int tA, int M, int N, int K, const float *A, const float *B, int ldb,
+                   float beta, float *C, int ldc) {
+    if (j->apack) ql_sgemm_packed_a_serial((ql_isa)j->isa, M, N, K, j->apack + grp * j->apack_group, 0, B, ldb, beta, C, ldc);
+    else gemm(j, tA, 0, M, N, K, A, tA ? M : K, B, ldb, beta, C, ldc);
+}
+
 static void fwd_image(int n, void *p) {
     conv_job *j = (conv_job *)p;
     const ql_conv_geom *g = j->g;
@@ -169,7 +203,7 @@ static void fwd_image(int n, void *p) {
                 for (int i = 0; i < P; i++) row[i] = bv;
             }
         }
-        gemm(j, 0, 0, j->Kg, P, KK, j->w + (size_t)grp * j->Kg * KK, KK, B, P, j->b ? 1.0f : 0.0f, yg, P);
+        gemm_w(j, grp, 0, j->Kg, P, KK, j->w + (size_t)grp * j->Kg * KK, B, P, j->b ? 1.0f : 0.0f, yg, P);
     }
 }
 
@@ -184,9 +218,9 @@ static void bwd_data_image(int n, void *p) {
         const float *dyg = j->dy + ((size_t)n * g->K + (size_t)grp * j->Kg) * P;
         const float *wg = j->w + (size_t)grp * j->Kg * KK;
         if (j->pointwise) { /* dx[Cg, P] += W^T[Cg, Kg] dy[Kg, P] */
-            gemm(j, 1, 0, KK, P, j->Kg, wg, KK, dyg, P, 1.0f, dxg, P);
+            gemm_w(j, grp, 1, KK, P, j->Kg, wg, dyg, P, 1.0f, dxg, P);
         } else {
-            gemm(j, 1, 0, KK, P, j->Kg, wg, KK, dyg, P, 0.0f, col, P);
+            gemm_w(j, grp, 1, KK, P, j->Kg, wg, dyg, P, 0.0f, col, P);
             ql_col2im(dxg, col, j->Cg, g->H, g->W, g->KH, g->KW, g->SH, g->SW, g->PH, g->PW, g->DH, g->DW);
         }
     }
@@ -231,8 +265,10 @@ int ql_conv2d_fwd(float *y, const float *x, const float *w, const float *b, cons
     conv_job j;
     if (setup(&j, g)) return QL_EINVAL;
     j.x = x; j.w = w; j.b = b; j.y = y;
+    pack_weights(&j, 0);
     if (j.per_image_parallel) ql_parallel_for(g->N, fwd_image, &j);
     else for (int n = 0; n < g->N; n++) fwd_image(n, &j);
+    ql_aligned_free(j.apack);
     return atomic_load(&j.status);
 }
 
@@ -240,8 +276,10 @@ int ql_conv2d_bwd_data(float *dx, const float *dy, const float *w, const ql_conv
     conv_job j;
     if (setup(&j, g)) return QL_EINVAL;
     j.dx = dx; j.dy = dy; j.w = w;
+    pack_weights(&j, 1);
     if (j.per_image_parallel) ql_parallel_for(g->N, bwd_data_image, &j);
     else for (int n = 0; n < g->N; n++) bwd_data_image(n, &j);
+    ql_aligned_free(j.apack);
     return atomic_load(&j.status);
 }
 

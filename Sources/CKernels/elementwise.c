@@ -566,6 +566,7 @@ typedef struct {
     float *a;
     const float *b, *c, *d;
     int64_t n;
+    int overwrite; /* backward: dx is written, not added to (its old contents are not read) */
 } chunk_job;
 
 static int chunks_for(int64_t n) { return (int)((n + CHUNK - 1) / CHUNK); }
@@ -579,18 +580,26 @@ static void unary_fwd_task(int t, void *p) {
 static void unary_bwd_task(int t, void *p) {
     chunk_job *j = (chunk_job *)p;
     int64_t lo = (int64_t)t * CHUNK, len = j->n - lo < CHUNK ? j->n - lo : CHUNK;
+    /* overwrite: zero the chunk here, where it is about to be used (in cache), rather than
+     * in a separate pass over the whole array */
+    if (j->overwrite) memset(j->a + lo, 0, sizeof(float) * (size_t)len);
     unary_bwd_serial((ql_unary_op)j->op, j->a + lo, j->b + lo, j->c + lo, j->d ? j->d + lo : NULL, len);
 }
 
 void ql_unary_fwd(ql_unary_op op, float *y, const float *x, int64_t n) {
-    chunk_job j = {op, y, x, NULL, NULL, n};
+    chunk_job j = {op, y, x, NULL, NULL, n, 0};
     ql_parallel_for(chunks_for(n), unary_fwd_task, &j);
+}
+
+void ql_unary_bwd_into(ql_unary_op op, float *restrict dx, const float *restrict dy,
+                       const float *restrict x, const float *restrict y, int64_t n, int accumulate) {
+    chunk_job j = {op, dx, dy, x, y, n, !accumulate};
+    ql_parallel_for(chunks_for(n), unary_bwd_task, &j);
 }
 
 void ql_unary_bwd(ql_unary_op op, float *restrict dx, const float *restrict dy,
                   const float *restrict x, const float *restrict y, int64_t n) {
-    chunk_job j = {op, dx, dy, x, y, n};
-    ql_parallel_for(chunks_for(n), unary_bwd_task, &j);
+    ql_unary_bwd_into(op, dx, dy, x, y, n, 1);
 }
 
 typedef struct {

@@ -221,28 +221,37 @@ static void scale_c(float *C, int ldc, int M, int N, float beta) {
     }
 }
 
-void ql_sgemm_serial(int isa, int transA, int transB, int M, int N, int K, float alpha,
-                     const float *A, int lda, const float *B, int ldb, float beta, float *C,
-                     int ldc) {
-    if (M == 0 || N == 0) return;
-    if (K == 0 || alpha == 0.0f) {
-        scale_c(C, ldc, M, N, beta);
-        return;
-    }
-    if (isa == QL_ISA_REF) {
-        ql_sgemm_ref(transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
-        return;
-    }
+/* The blocked loop. A comes either packed here per (ic, pc) block, or pre-packed by
+ * ql_sgemm_pack_a (Apre != NULL: alpha is already folded in, transA and A are unused). */
+static void sgemm_blocked(int isa, int transA, int transB, int M, int N, int K, float alpha,
+                          const float *A, int lda, const float *Apre, const float *B, int ldb,
+                          float beta, float *C, int ldc) {
     int MR = isa == QL_ISA_AVX512 ? MR512 : MR256;
     int NR = isa == QL_ISA_AVX512 ? NR512 : NR256;
     ukr_fn ukr = isa == QL_ISA_AVX512 ? ukr_avx512 : ukr_avx2;
     int ncmax = ql_min_i(NC, N), kcmax = ql_min_i(KC, K), mcmax = ql_min_i(MC, M);
+    size_t mround = (size_t)(M + MR - 1) / MR * MR;
     size_t bneed = (size_t)((ncmax + NR - 1) / NR * NR) * kcmax;
-    size_t aneed = (size_t)((mcmax + MR - 1) / MR * MR) * kcmax;
+    size_t aneed = Apre ? 1 : (size_t)((mcmax + MR - 1) / MR * MR) * kcmax;
     float *Bp = (float *)ql_scratch_reserve(&tl_bpack, bneed * sizeof(float));
     float *Ap = (float *)ql_scratch_reserve(&tl_apack, aneed * sizeof(float));
     if (!Ap || !Bp) { /* out of memory: fall back to the reference, never a wrong answer */
-        ql_sgemm_ref(transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+        if (Apre) { /* the reference needs A itself: unpack the panels (alpha is folded in) */
+            for (int i = 0; i < M; i++) {
+                for (int j = 0; j < N; j++) {
+                    float acc = 0.0f;
+                    for (int k = 0; k < K; k++) {
+                        int pc = k / KC * KC, kc = ql_min_i(KC, K - pc);
+                        float a = Apre[mround * pc + (size_t)(i / MR * MR) * kc + (size_t)(k - pc) * MR + i % MR];
+                        acc += a * (transB ? B[(size_t)j * ldb + k] : B[(size_t)k * ldb + j]);
+                    }
+                    float *c = &C[(size_t)i * ldc + j];
+                    *c = beta == 0.0f ? acc : acc + beta * *c;
+                }
+            }
+        } else {
+            ql_sgemm_ref(transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+        }
         return;
     }
     for (int jc = 0; jc < N; jc += NC) {
@@ -261,19 +270,71 @@ void ql_sgemm_serial(int isa, int transA, int transB, int M, int N, int K, float
             }
             for (int ic = 0; ic < M; ic += MC) {
                 int mc = ql_min_i(MC, M - ic);
-                pack_a(Ap, MR, transA, A, lda, ic, mc, pc, kc, alpha);
+                const float *a = Apre ? Apre + mround * pc + (size_t)ic * kc : Ap;
+                if (!Apre) pack_a(Ap, MR, transA, A, lda, ic, mc, pc, kc, alpha);
                 for (int jr = 0; jr < nc; jr += NR) {
                     int nr = ql_min_i(NR, nc - jr);
                     const float *bp = jr < full ? B + (size_t)pc * ldb + jc + jr : Bp + (size_t)jr * kc;
                     int bstep = jr < full ? ldb : NR;
                     for (int ir = 0; ir < mc; ir += MR) {
                         int mr = ql_min_i(MR, mc - ir);
-                        ukr(kc, Ap + (size_t)ir * kc, bp, bstep, C + (size_t)(ic + ir) * ldc + jc + jr, ldc, beta_eff, mr, nr);
+                        ukr(kc, a + (size_t)ir * kc, bp, bstep, C + (size_t)(ic + ir) * ldc + jc + jr, ldc, beta_eff, mr, nr);
                     }
                 }
             }
         }
     }
+}
+
+void ql_sgemm_serial(int isa, int transA, int transB, int M, int N, int K, float alpha,
+                     const float *A, int lda, const float *B, int ldb, float beta, float *C,
+                     int ldc) {
+    if (M == 0 || N == 0) return;
+    if (K == 0 || alpha == 0.0f) {
+        scale_c(C, ldc, M, N, beta);
+        return;
+    }
+    if (isa == QL_ISA_REF) {
+        ql_sgemm_ref(transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+        return;
+    }
+    sgemm_blocked(isa, transA, transB, M, N, K, alpha, A, lda, NULL, B, ldb, beta, C, ldc);
+}
+
+/* Pre-packed A: the panels sgemm_blocked packs per (ic, pc) block, all of them, laid out so
+ * that block (ic, pc) starts at mround * pc + ic * kc (MC is a multiple of MR). */
+static int packed_mr(int isa) { return isa == QL_ISA_AVX512 ? MR512 : MR256; }
+
+size_t ql_sgemm_packed_a_floats(ql_isa isa, int M, int K) {
+    int level = ql_resolve_isa(isa);
+    if (level <= QL_ISA_REF || M <= 0 || K <= 0) return 0;
+    int MR = packed_mr(level);
+    return (size_t)(M + MR - 1) / MR * MR * (size_t)K;
+}
+
+int ql_sgemm_pack_a(ql_isa isa, int transA, int M, int K, float alpha, const float *A, int lda, float *Ap) {
+    int level = ql_resolve_isa(isa);
+    if (level < 0) return QL_EUNSUPPORTED;
+    if (level == QL_ISA_REF || M <= 0 || K <= 0 || lda < (transA ? M : K) || !A || !Ap) return QL_EINVAL;
+    int MR = packed_mr(level);
+    size_t mround = (size_t)(M + MR - 1) / MR * MR;
+    for (int pc = 0; pc < K; pc += KC) pack_a(Ap + mround * pc, MR, transA, A, lda, 0, M, pc, ql_min_i(KC, K - pc), alpha);
+    return QL_OK;
+}
+
+int ql_sgemm_packed_a_serial(ql_isa isa, int M, int N, int K, const float *Ap, int transB, const float *B,
+                             int ldb, float beta, float *C, int ldc) {
+    int level = ql_resolve_isa(isa);
+    if (level < 0) return QL_EUNSUPPORTED;
+    if (level == QL_ISA_REF || M < 0 || N < 0 || K < 0 || ldc < ql_max_i(N, 1) || ldb < ql_max_i(transB ? K : N, 1))
+        return QL_EINVAL;
+    if (M == 0 || N == 0) return QL_OK;
+    if (K == 0) {
+        scale_c(C, ldc, M, N, beta);
+        return QL_OK;
+    }
+    sgemm_blocked(level, 0, transB, M, N, K, 1.0f, NULL, 0, Ap, B, ldb, beta, C, ldc);
+    return QL_OK;
 }
 
 /* ---------------------------------------------------------------------------------------- */

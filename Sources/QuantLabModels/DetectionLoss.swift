@@ -112,10 +112,26 @@ public struct DetectionLoss: Sendable {
         public var positives: Int
     }
 
+    /// The assigner's answer for each image of the batch, from the (detached) outputs: class
+    /// probabilities and decoded boxes, as the loss uses them.
+    public func assignments(_ model: YOLOv6, classLogits: Tensor, distances: Tensor, labels: [[ObjectLabel]]) -> [TaskAlignedAssigner.Assignment] {
+        let (batch, a, c) = (classLogits.shape[0], classLogits.shape[1], classLogits.shape[2])
+        require(labels.count == batch, "loss: \(labels.count) label lists for a batch of \(batch)")
+        return (0..<batch).map { b in
+            let logits = classLogits.data + b * a * c
+            var probs = [Float](repeating: 0, count: a * c)
+            for i in 0..<(a * c) { probs[i] = 1 / (1 + Foundation.exp(-logits[i])) }
+            let boxes = (0..<a).map { model.decode(distances, image: b, anchor: $0) }
+            return assigner.assign(scores: probs, classes: c, boxes: boxes, anchors: model.anchors, labels: labels[b])
+        }
+    }
+
     /// The loss over a batch and its parts (for logging).
     public func callAsFunction(_ model: YOLOv6, classLogits: Tensor, distances: Tensor, labels: [[ObjectLabel]]) -> (Tensor, Parts) {
         let (batch, a, c) = (classLogits.shape[0], classLogits.shape[1], classLogits.shape[2])
-        require(labels.count == batch, "loss: \(labels.count) label lists for a batch of \(batch)")
+        OpProfiler.mark("loss: before")
+        let assigned = assignments(model, classLogits: classLogits, distances: distances, labels: labels)
+        OpProfiler.mark("loss: assigner")
         let targets = Tensor(zeros: [batch, a, c]), weights = Tensor(zeros: [batch, a, c])
         var posRows: [Int] = [], gtBoxes: [Float] = [], anchorTerms: [Float] = [], strideTerms: [Float] = [], posWeights: [Float] = []
         var scoreSum = 0.0
@@ -124,9 +140,8 @@ public struct DetectionLoss: Sendable {
                 let logits = classLogits.data + b * a * c
                 var probs = [Float](repeating: 0, count: a * c)
                 for i in 0..<(a * c) { probs[i] = 1 / (1 + Foundation.exp(-logits[i])) }
-                let boxes = (0..<a).map { model.decode(distances, image: b, anchor: $0) }
                 let objects = labels[b].filter { !$0.crowd }
-                let r = assigner.assign(scores: probs, classes: c, boxes: boxes, anchors: model.anchors, labels: labels[b])
+                let r = assigned[b]
                 for i in 0..<a {
                     let base = (b * a + i) * c
                     for k in 0..<c {
@@ -150,6 +165,7 @@ public struct DetectionLoss: Sendable {
                 }
             }
         }
+        OpProfiler.mark("loss: targets and weights")
         let norm = Float(max(scoreSum, 1))
         let bce = binaryCrossEntropyWithLogits(classLogits, targets: targets, reduction: .none)
         let clsLoss = (bce * weights).sum().scaled(by: 1 / norm)

@@ -304,7 +304,7 @@ public final class RealVGGBlock: RepBlockBase, RepBlock {
         let fresh3 = Conv2d(inChannels, outChannels, kernel: 3, stride: stride, bias: false, rng: &rng)
         let fresh1 = Conv2d(inChannels, outChannels, kernel: 1, stride: stride, bias: false, rng: &rng)
         let initial = scales.initialKernel(w3: fresh3.weight, w1: fresh1.weight)
-        conv.weight.data.update(from: initial.data, count: initial.count)
+        withExtendedLifetime(initial) { conv.weight.data.update(from: initial.data, count: initial.count) }
         return scales.gradientMask(inChannels: inChannels)
     }
 

@@ -180,6 +180,11 @@ public struct YOLOv6Config: Codable, Equatable, Sendable {
     }
 
     func width(_ c: Int) -> Int { max(8, Int((Double(c) * widthMultiple / 8).rounded(.up)) * 8) }
+    /// The channel counts and repeats the multipliers give (what the layers are built with).
+    public var backboneWidths: [Int] { backboneChannels.map(width) }
+    public var backboneDepths: [Int] { backboneRepeats.map(depth) }
+    public var neckWidths: [Int] { neckChannels.map(width) }
+    public var neckDepths: [Int] { neckRepeats.map(depth) }
     func depth(_ n: Int) -> Int { n > 1 ? max(1, Int((Double(n) * depthMultiple).rounded())) : n }
     public static let strides = [8, 16, 32]
 }

@@ -65,7 +65,11 @@ struct Bench: ParsableCommand {
     @Flag(help: "Fewer sizes and rounds (a smoke run).") var quick = false
     @Flag(help: "Only the engine: FP32 graph vs INT8 plan on the full-size detector, batch 1 and 32.") var engine = false
     @Flag(help: "Only the GPU: our CUDA SGEMM and INT8 GEMM against cuBLAS on the same device (needs make cuda and a GPU).") var gpu = false
-    @Option(help: "With --gpu: also write the table as JSON here.") var json: String?
+    @Flag(help: "Only detector training and inference against PyTorch on the same model, weights, batch and threads (make bench-torch).") var torch = false
+    @Option(help: "With --torch: the Python with PyTorch and safetensors.") var torchPython = ".venv-torch/bin/python"
+    @Option(help: "Rep block of the --torch and --profile detector (repvgg, qarepvgg, repopt).") var block = "repvgg"
+    @Flag(help: "Only where our detector training step's time goes, op by op (convolutions by geometry).") var profile = false
+    @Option(help: "With --gpu or --torch: also write the measurements as JSON here.") var json: String?
     @Option(help: "Python with numpy for the OpenBLAS comparison.") var python = "python3"
 
     func run() throws {
@@ -79,6 +83,35 @@ struct Bench: ParsableCommand {
                 let encoder = JSONEncoder()
                 encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
                 try AtomicFile.write(try encoder.encode(rows), to: URL(fileURLWithPath: json))
+            }
+            return
+        }
+        if torch || profile {
+            guard let kind = BlockKind(rawValue: block), kind != .repoptSearch else {
+                throw ValidationError("--block must be repvgg, qarepvgg or repopt, got \(block)")
+            }
+            var bench = TrainingBenchmark()
+            bench.block = kind
+            if profile {
+                let entries = bench.profile(steps: quick ? 1 : 3)
+                let total = entries.reduce(0) { $0 + $1.seconds }
+                print(String(format: "one training step (%@, batch %d, %d px, %@): %.3f s profiled", block, bench.batch, bench.inputSize, Kernels.summary, total))
+                print("by kind of work:")
+                for (kind, s) in TrainingBenchmark.breakdown(entries) where s / total >= 0.002 {
+                    print(String(format: "  %6.1f ms  %5.1f%%  %@", 1e3 * s, 100 * s / total, kind))
+                }
+                print("slowest keys:")
+                for e in entries.prefix(30) { print(String(format: "  %6.1f ms  %5.1f%%  x%-3d %@", 1e3 * e.seconds, 100 * e.seconds / total, e.calls, e.key)) }
+                return
+            }
+            if quick { (bench.steps, bench.warmup, bench.rounds) = (3, 1, 1) }
+            let report = try bench.runAgainstTorch(python: torchPython)
+            print("\nsummary")
+            for line in TrainingBenchmark.summary(report) { print(line) }
+            if let json {
+                let encoder = JSONEncoder()
+                encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+                try AtomicFile.write(try encoder.encode(report), to: URL(fileURLWithPath: json))
             }
             return
         }

@@ -42,6 +42,53 @@ struct KernelTests {
         }
     }
 
+    /// The convolutions pack their weights once per call and reuse them for every image.
+    @Test("SGEMM with a pre-packed A: every fast ISA, both transposes, K over one slab, M over one block", arguments: [0, 1, 2, 3])
+    func sgemmPackedA(transposes: Int) throws {
+        let (tA, tB) = (Int32(transposes & 1), Int32(transposes >> 1))
+        var rng = SeededGenerator(seed: 23 + UInt64(transposes))
+        for isa in supportedISAs where isa != QL_ISA_REF {
+            for (mi, m) in (Self.awkward + [150]).enumerated() {
+                let n = Self.awkward[(mi + 2) % 5], k = Self.awkward[(mi + 3) % 5] + 513
+                let lda = (tA != 0 ? m : k) + 3, ldb = (tB != 0 ? k : n) + 5, ldc = n + 2
+                let a = randomFloats((tA != 0 ? k : m) * lda, &rng), b = randomFloats((tB != 0 ? n : k) * ldb, &rng)
+                let c0 = randomFloats(m * ldc, &rng)
+                var packed = [Float](repeating: .nan, count: ql_sgemm_packed_a_floats(isa, Int32(m), Int32(k)))
+                #expect(packed.count >= m * k)
+                #expect(ql_sgemm_pack_a(isa, tA, Int32(m), Int32(k), 0.75, a, Int32(lda), &packed) == 0)
+                var got = c0, want = c0
+                #expect(ql_sgemm_packed_a_serial(isa, Int32(m), Int32(n), Int32(k), packed, tB, b, Int32(ldb), -0.5, &got, Int32(ldc)) == 0)
+                #expect(ql_sgemm_ref(tA, tB, Int32(m), Int32(n), Int32(k), 0.75, a, Int32(lda), b, Int32(ldb), -0.5, &want, Int32(ldc)) == 0)
+                let mismatch = firstMismatch(got, want, atol: 1e-5 * Double(k), rtol: 1e-6)
+                #expect(mismatch == nil, "isa \(ql_isa_name(isa).map { String(cString: $0) } ?? "") \(m)x\(n)x\(k) tA \(tA) tB \(tB): \(mismatch ?? "")")
+            }
+        }
+        var dummy: Float = 0
+        #expect(ql_sgemm_pack_a(QL_ISA_REF, 0, 1, 1, 1, [1], 1, &dummy) == Int32(QL_EINVAL)) // no packed form for the reference
+        #expect(ql_sgemm_packed_a_floats(QL_ISA_REF, 4, 4) == 0)
+    }
+
+    /// Autograd writes an input's first gradient without zero-filling it (accumulate 0).
+    @Test("unary backward written (accumulate 0) over NaN-filled memory equals accumulating into zeros", arguments: [1, 7, 40_000])
+    func unaryBackwardInto(n: Int) {
+        var rng = SeededGenerator(seed: 31 + UInt64(n))
+        let x = randomFloats(n, &rng).map { abs($0) + 0.1 } // positive: log and sqrt are defined
+        let dy = randomFloats(n, &rng)
+        for raw in 0...9 {
+            let op = ql_unary_op(rawValue: UInt32(raw))
+            var y = [Float](repeating: 0, count: n)
+            ql_unary_fwd(op, &y, x, Int64(n))
+            var added = [Float](repeating: 0, count: n), written = [Float](repeating: .nan, count: n)
+            ql_unary_bwd(op, &added, dy, x, y, Int64(n))
+            ql_unary_bwd_into(op, &written, dy, x, y, Int64(n), 0)
+            #expect(written == added, "op \(raw), n \(n)")
+            var twice = written
+            ql_unary_bwd_into(op, &twice, dy, x, y, Int64(n), 1) // accumulate 1: added on top
+            ql_unary_bwd(op, &added, dy, x, y, Int64(n))
+            #expect(twice == added, "op \(raw), n \(n), accumulating")
+        }
+    }
+
     @Test("SGEMM with beta = 0 ignores NaNs already in C; K = 0 scales C")
     func sgemmBetaZero() {
         let a: [Float] = [1, 2, 3, 4], b: [Float] = [1, 0, 0, 1]
@@ -237,9 +284,12 @@ struct KernelTests {
         ql_conv_geom(N: 2, C: 5, H: 6, W: 6, K: 7, KH: 1, KW: 1, SH: 1, SW: 1, PH: 0, PW: 0, DH: 1, DW: 1, groups: 1),
         ql_conv_geom(N: 1, C: 6, H: 13, W: 10, K: 6, KH: 5, KW: 5, SH: 2, SW: 3, PH: 2, PW: 2, DH: 1, DW: 1, groups: 6),
         ql_conv_geom(N: 4, C: 2, H: 5, W: 5, K: 3, KH: 3, KW: 3, SH: 1, SW: 1, PH: 0, PW: 0, DH: 1, DW: 1, groups: 1),
+        // weights packed once for all images: 3x3 x 64 = 576 taps (over one K slab), 80
+        // output channels per group (over one M block), two groups, more images than threads
+        ql_conv_geom(N: 5, C: 128, H: 5, W: 4, K: 160, KH: 3, KW: 3, SH: 1, SW: 1, PH: 1, PW: 1, DH: 1, DW: 1, groups: 2),
     ]
 
-    @Test("Convolution drivers (im2col + SGEMM) match direct loops", arguments: Array(0..<5))
+    @Test("Convolution drivers (im2col + SGEMM) match direct loops", arguments: Array(0..<6))
     func convMatchesReference(index: Int) {
         var g = Self.convCases[index]
         var oh: Int32 = 0, ow: Int32 = 0

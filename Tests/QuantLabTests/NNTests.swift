@@ -5,9 +5,36 @@ import Testing
 @testable import QuantLabModels
 @testable import QuantLabQuant
 @testable import QuantLabReport
+import QuantLabBench
 
 @Suite("Modules, optimizers, schedules, EMA and end-to-end training")
 struct NNTests {
+    /// `qlab bench --profile` and issue #18's breakdown rest on this.
+    @Test("OpProfiler: convolutions keyed by geometry forward and backward, scoped keys, marks, and off outside measure")
+    func opProfiler() {
+        var rng = SeededGenerator(seed: 5)
+        let conv = Conv2d(3, 4, kernel: 3, padding: 1, rng: &rng)
+        let x = Tensor.uniform([2, 3, 6, 6], low: -1, high: 1, rng: &rng)
+        let (_, entries) = OpProfiler.measure {
+            let y = conv(x).relu()
+            let loss = OpProfiler.scoped("loss/") { (y * y).sum() }
+            OpProfiler.mark("before backward")
+            loss.backward()
+        }
+        let keys = Set(entries.map(\.key))
+        #expect(keys.contains("forward conv2d 3x3/1 3->4 6x6 n2"))
+        #expect(keys.contains("backward conv2d 3x3/1 3->4 6x6 n2"))
+        #expect(keys.contains("forward relu") && keys.contains("backward relu"))
+        #expect(keys.contains("forward loss/mul") && keys.contains("backward loss/mul"))
+        #expect(keys.contains("before backward"))
+        #expect(entries.allSatisfy { $0.seconds >= 0 && $0.calls >= 1 })
+        #expect(!OpProfiler.isActive)
+        // outside measure, node names are the plain op names
+        #expect(conv(x).node?.name == "conv2d")
+        let kinds = TrainingBenchmark.breakdown(entries).map(\.kind)
+        #expect(kinds.contains("backward conv2d") && kinds.contains("loss (assigner, targets, its ops fwd+bwd)"))
+    }
+
     @Test("dotted names for parameters and buffers, PyTorch-style")
     func dottedNames() {
         var rng = SeededGenerator(seed: 1)

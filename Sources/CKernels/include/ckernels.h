@@ -93,6 +93,17 @@ int ql_sgemm_isa(ql_isa isa, int transA, int transB, int M, int N, int K, float 
 int ql_sgemm_ref(int transA, int transB, int M, int N, int K, float alpha,
                  const float *A, int lda, const float *B, int ldb, float beta, float *C, int ldc);
 
+/* A packed once for many products with the same A (a convolution's weights, reused for
+ * every image of a batch): ql_sgemm_pack_a writes op(A) * alpha as the micro-kernel's panels
+ * for `isa` (avx2 or avx512, capped like ql_sgemm_isa; not ref: QL_EINVAL) into Ap, which
+ * holds ql_sgemm_packed_a_floats(isa, M, K) floats; ql_sgemm_packed_a_serial then computes
+ * C = [alpha op(A)] * op(B) + beta * C on the calling thread, with the same summation order,
+ * so the same bits, as ql_sgemm_isa on one thread. Pack and multiply with the same isa. */
+size_t ql_sgemm_packed_a_floats(ql_isa isa, int M, int K);
+int ql_sgemm_pack_a(ql_isa isa, int transA, int M, int K, float alpha, const float *A, int lda, float *Ap);
+int ql_sgemm_packed_a_serial(ql_isa isa, int M, int N, int K, const float *Ap, int transB, const float *B,
+                             int ldb, float beta, float *C, int ldc);
+
 /* ------------------------------------------------------------------------------------------
  * INT8 GEMM, u8 x s8 -> s32, with a per-output-channel epilogue
  *
@@ -295,6 +306,10 @@ void ql_unary_fwd(ql_unary_op op, float *y, const float *x, int64_t n);
  * (sigmoid, exp, sqrt, tanh) and may be NULL for the others. */
 void ql_unary_bwd(ql_unary_op op, float *restrict dx, const float *restrict dy,
                   const float *restrict x, const float *restrict y, int64_t n);
+/* The same with accumulate == 0: dx = dy * f'(x), its old contents neither read nor kept
+ * (a first gradient written without zero-filling it first). */
+void ql_unary_bwd_into(ql_unary_op op, float *restrict dx, const float *restrict dy,
+                       const float *restrict x, const float *restrict y, int64_t n, int accumulate);
 
 typedef enum {
     QL_BINARY_ADD = 0,

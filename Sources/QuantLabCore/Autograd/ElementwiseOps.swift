@@ -8,11 +8,15 @@ import CKernels
 extension Tensor {
     private func unary(_ op: ql_unary_op, _ name: String, needsOutput: Bool) -> Tensor {
         if device == .cuda { return CUDAOps.unary(op, name, self) }
-        let out = Tensor(zeros: shape)
+        let out = Tensor(uninitialized: shape)
         ql_unary_fwd(op, out.data, data, Int64(count))
         traceOp(op == QL_UNARY_RELU ? .relu : op == QL_UNARY_SIGMOID ? .sigmoid : op == QL_UNARY_SILU ? .silu : op == QL_UNARY_GELU ? .gelu : .unsupported(name), [self], out)
         return record(out, name, [self]) { [unowned out] g in
-            ql_unary_bwd(op, self.gradBuffer().data, g.data, self.data, needsOutput ? out.data : nil, Int64(self.count))
+            // the first gradient is written, not added to a zero-filled buffer
+            let first = self.grad == nil
+            let dx = first ? Tensor(uninitialized: self.shape) : self.grad!
+            ql_unary_bwd_into(op, dx.data, g.data, self.data, needsOutput ? out.data : nil, Int64(self.count), first ? 0 : 1)
+            if first { self.grad = dx }
         }
     }
 
@@ -32,7 +36,7 @@ extension Tensor {
     /// a * x + b with scalar a and b.
     public func scaled(by a: Float, plus b: Float = 0) -> Tensor {
         if device == .cuda { return CUDAOps.scaleShift(self, a, b) }
-        let out = Tensor(zeros: shape)
+        let out = Tensor(uninitialized: shape)
         ql_scale_shift(out.data, data, a, b, Int64(count))
         traceOp(.affine(scale: a, shift: b), [self], out)
         return record(out, "scale_shift", [self]) { g in
@@ -73,12 +77,19 @@ private func binary(_ op: ql_binary_op, _ name: String, _ a: Tensor, _ b: Tensor
     require(shape.count <= Int(QL_MAX_DIMS), "\(name): rank \(shape.count) > \(QL_MAX_DIMS)")
     let sa = broadcastStrides(a.shape, to: shape), sb = broadcastStrides(b.shape, to: shape)
     if a.device == .cuda || b.device == .cuda { return CUDAOps.binary(op, name, a, b, shape: shape, sa: sa, sb: sb) }
-    let out = Tensor(zeros: shape)
+    let out = Tensor(uninitialized: shape)
     let dims = shape.map { Int64($0) }
     let st = ql_binary_strided(op, out.data, a.data, sa, b.data, sb, dims, Int32(shape.count))
     require(st == 0, "\(name): kernel status \(st)")
     traceOp(op == QL_BINARY_ADD ? .add : op == QL_BINARY_SUB ? .sub : op == QL_BINARY_MUL ? .mul : op == QL_BINARY_DIV ? .div : .unsupported(name), [a, b], out)
     return record(out, name, [a, b]) { g in
+        // a sum of same-shape tensors (a Rep block's branches, a residual): each input's
+        // gradient is g itself, copied in on first use
+        if op == QL_BINARY_ADD && a.shape == shape && b.shape == shape {
+            if a.requiresGrad { a.accumulateGrad(g) }
+            if b.requiresGrad { b.accumulateGrad(g) }
+            return
+        }
         _ = ql_binary_strided_bwd(op, a.requiresGrad ? a.gradBuffer().data : nil, sa,
                                   b.requiresGrad ? b.gradBuffer().data : nil, sb,
                                   g.data, a.data, b.data, dims, Int32(shape.count))

@@ -68,11 +68,13 @@ public func conv2d(_ x: Tensor, weight: Tensor, bias: Tensor? = nil, options o: 
     if let b = bias { require(b.shape == [weight.shape[0]], "conv2d: bias \(b.shape) for \(weight.shape[0]) channels") }
     FLOPCounter.active?.add(x.shape[0] * weight.count * Int(oh) * Int(ow))
     if x.device == .cuda { return CUDAOps.conv2d(x, weight, bias, g, oh: Int(oh), ow: Int(ow)) }
-    let out = Tensor(zeros: [x.shape[0], weight.shape[0], Int(oh), Int(ow)])
+    let out = Tensor(uninitialized: [x.shape[0], weight.shape[0], Int(oh), Int(ow)])
     check(ql_conv2d_fwd(out.data, x.data, weight.data, bias?.data, &g), "conv2d")
     traceOp(.conv(o), [x, weight, bias], out)
     let parents = bias.map { [x, weight, $0] } ?? [x, weight]
-    return record(out, "conv2d", parents) { grad in
+    // the profiler keys convolutions by geometry: "conv2d 3x3/1 64->64 40x40 n32"
+    let name = OpProfiler.isActive ? "conv2d \(weight.shape[2])x\(weight.shape[3])/\(o.stride.0) \(x.shape[1])->\(weight.shape[0]) \(x.shape[2])x\(x.shape[3]) n\(x.shape[0])" : "conv2d"
+    return record(out, name, parents) { grad in
         var g = g
         if x.requiresGrad { check(ql_conv2d_bwd_data(x.gradBuffer().data, grad.data, weight.data, &g), "conv2d_bwd_data") }
         if weight.requiresGrad || (bias?.requiresGrad ?? false) {
@@ -156,7 +158,7 @@ public func batchNorm2d(_ x: Tensor, weight: Tensor?, bias: Tensor?, runningMean
             rstd.data[i] = 1 / (runningVar.data[i] + eps).squareRoot()
         }
     }
-    let out = Tensor(zeros: x.shape)
+    let out = Tensor(uninitialized: x.shape)
     ql_batch_norm_apply(out.data, x.data, mean.data, rstd.data, weight?.data, bias?.data, Int32(n), Int32(c), Int64(hw))
     traceOp(.unsupported(training ? "batch_norm (training)" : "batch_norm (fold it into the conv first: convertToDeployForm)"), [x], out)
     let parents = [x] + [weight, bias].compactMap { $0 }

@@ -25,14 +25,18 @@ public final class Storage {
     let address: UnsafeMutablePointer<Float>
     private let deviceBuffer: CUDABuffer<Float>?
 
-    public init(count: Int) {
+    public convenience init(count: Int) { self.init(count: count, zeroed: true) }
+
+    /// `zeroed: false` leaves the values unset: only for an op's output that its kernel then
+    /// writes in full (a memory pass saved per op, issue #18).
+    init(count: Int, zeroed: Bool) {
         require(count >= 0, "negative storage size \(count)")
         self.count = count
         device = .cpu
         deviceBuffer = nil
         let raw = UnsafeMutableRawPointer.allocate(byteCount: max(count, 1) * 4, alignment: 64)
         address = raw.bindMemory(to: Float.self, capacity: max(count, 1))
-        address.initialize(repeating: 0, count: max(count, 1))
+        if zeroed { address.initialize(repeating: 0, count: max(count, 1)) }
     }
 
     /// Zero-filled device memory; throws when there is no CUDA device.
@@ -92,6 +96,24 @@ public final class Tensor {
     /// Zero-filled tensor.
     public convenience init(zeros shape: [Int], requiresGrad: Bool = false) {
         self.init(shape: shape, storage: Storage(count: shape.reduce(1, *)), requiresGrad: requiresGrad)
+    }
+
+    /// A tensor whose values are not set: for an op's output that its kernel writes in full.
+    convenience init(uninitialized shape: [Int]) {
+        self.init(shape: shape, storage: Storage(count: shape.reduce(1, *), zeroed: false))
+    }
+
+    /// Adds `g` (same element count) into this tensor's gradient; the first contribution is
+    /// copied in, not added to zeros (a memory pass fewer for the common single-use tensor).
+    func accumulateGrad(_ g: Tensor) {
+        require(g.count == count, "gradient accumulation \(g.shape) into \(shape)")
+        if let existing = grad {
+            ql_axpy(existing.data, 1, g.data, Int64(count))
+        } else {
+            let fresh = Tensor(uninitialized: shape)
+            fresh.data.update(from: g.data, count: count)
+            grad = fresh
+        }
     }
 
     /// Tensor from values the code itself computed, in row-major order. A count that does not
