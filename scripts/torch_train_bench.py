@@ -306,10 +306,12 @@ class DetectionLoss:
         self.labels = [(torch.tensor([l["box"] for l in ls], dtype=torch.float64).reshape(-1, 4),
                         torch.tensor([l["class"] for l in ls], dtype=torch.long)) for ls in labels]
 
-    def assignments(self, cls_logits, distances):
-        """Per image (owner [A], target [A]) from the detached outputs."""
+    def assignments(self, cls_logits, distances, probs_all=None):
+        """Per image (owner [A], target [A]) from the detached outputs (`probs_all`: their
+        sigmoid in float64, when the caller has it)."""
         with torch.no_grad():
-            probs_all = torch.sigmoid(cls_logits).double()
+            if probs_all is None:
+                probs_all = torch.sigmoid(cls_logits).double()
             d = distances.double()
             s = self.strides[None, :, None]
             pts = self.points[None]
@@ -326,9 +328,10 @@ class DetectionLoss:
         weights = torch.zeros(b, a, nc)
         pos_rows, pos_gt, pos_w = [], [], []
         score_sum = 0.0
-        assigned = fixed if fixed is not None else self.assignments(cls_logits, distances)
         with torch.no_grad():
             probs_all = torch.sigmoid(cls_logits).double()
+        assigned = fixed if fixed is not None else self.assignments(cls_logits, distances, probs_all)
+        with torch.no_grad():
             for i in range(b):
                 gt_boxes, gt_classes = self.labels[i]
                 owner, target = assigned[i]

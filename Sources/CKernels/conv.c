@@ -179,10 +179,11 @@ static void pack_weights(conv_job *j, int transA) {
 }
 
 /* C = op(A) B + beta C for group grp, with the packed weights when there are. */
-static void gemm_w(const conv_job *j, int grp, int tA, int M, int N, int K, const float *A, const float *B, int ldb,
+static void gemm_w(conv_job *j, int grp, int tA, int M, int N, int K, const float *A, const float *B, int ldb,
                    float beta, float *C, int ldc) {
-    if (j->apack) ql_sgemm_packed_a_serial((ql_isa)j->isa, M, N, K, j->apack + grp * j->apack_group, 0, B, ldb, beta, C, ldc);
-    else gemm(j, tA, 0, M, N, K, A, tA ? M : K, B, ldb, beta, C, ldc);
+    if (!j->apack) gemm(j, tA, 0, M, N, K, A, tA ? M : K, B, ldb, beta, C, ldc);
+    else if (ql_sgemm_packed_a_serial((ql_isa)j->isa, M, N, K, j->apack + grp * j->apack_group, 0, B, ldb, beta, C, ldc))
+        atomic_store(&j->status, QL_ENOMEM); /* as when the col scratch cannot be had */
 }
 
 static void fwd_image(int n, void *p) {

@@ -222,10 +222,11 @@ static void scale_c(float *C, int ldc, int M, int N, float beta) {
 }
 
 /* The blocked loop. A comes either packed here per (ic, pc) block, or pre-packed by
- * ql_sgemm_pack_a (Apre != NULL: alpha is already folded in, transA and A are unused). */
-static void sgemm_blocked(int isa, int transA, int transB, int M, int N, int K, float alpha,
-                          const float *A, int lda, const float *Apre, const float *B, int ldb,
-                          float beta, float *C, int ldc) {
+ * ql_sgemm_pack_a (Apre != NULL: alpha is already folded in, transA and A are unused).
+ * Returns QL_ENOMEM, with C untouched, when the packing scratch cannot be had. */
+static int sgemm_blocked(int isa, int transA, int transB, int M, int N, int K, float alpha,
+                         const float *A, int lda, const float *Apre, const float *B, int ldb,
+                         float beta, float *C, int ldc) {
     int MR = isa == QL_ISA_AVX512 ? MR512 : MR256;
     int NR = isa == QL_ISA_AVX512 ? NR512 : NR256;
     ukr_fn ukr = isa == QL_ISA_AVX512 ? ukr_avx512 : ukr_avx2;
@@ -235,25 +236,7 @@ static void sgemm_blocked(int isa, int transA, int transB, int M, int N, int K, 
     size_t aneed = Apre ? 1 : (size_t)((mcmax + MR - 1) / MR * MR) * kcmax;
     float *Bp = (float *)ql_scratch_reserve(&tl_bpack, bneed * sizeof(float));
     float *Ap = (float *)ql_scratch_reserve(&tl_apack, aneed * sizeof(float));
-    if (!Ap || !Bp) { /* out of memory: fall back to the reference, never a wrong answer */
-        if (Apre) { /* the reference needs A itself: unpack the panels (alpha is folded in) */
-            for (int i = 0; i < M; i++) {
-                for (int j = 0; j < N; j++) {
-                    float acc = 0.0f;
-                    for (int k = 0; k < K; k++) {
-                        int pc = k / KC * KC, kc = ql_min_i(KC, K - pc);
-                        float a = Apre[mround * pc + (size_t)(i / MR * MR) * kc + (size_t)(k - pc) * MR + i % MR];
-                        acc += a * (transB ? B[(size_t)j * ldb + k] : B[(size_t)k * ldb + j]);
-                    }
-                    float *c = &C[(size_t)i * ldc + j];
-                    *c = beta == 0.0f ? acc : acc + beta * *c;
-                }
-            }
-        } else {
-            ql_sgemm_ref(transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
-        }
-        return;
-    }
+    if (!Ap || !Bp) return QL_ENOMEM;
     for (int jc = 0; jc < N; jc += NC) {
         int nc = ql_min_i(NC, N - jc);
         for (int pc = 0; pc < K; pc += KC) {
@@ -284,6 +267,7 @@ static void sgemm_blocked(int isa, int transA, int transB, int M, int N, int K, 
             }
         }
     }
+    return QL_OK;
 }
 
 void ql_sgemm_serial(int isa, int transA, int transB, int M, int N, int K, float alpha,
@@ -298,7 +282,9 @@ void ql_sgemm_serial(int isa, int transA, int transB, int M, int N, int K, float
         ql_sgemm_ref(transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
         return;
     }
-    sgemm_blocked(isa, transA, transB, M, N, K, alpha, A, lda, NULL, B, ldb, beta, C, ldc);
+    /* out of memory: fall back to the reference, never a wrong answer */
+    if (sgemm_blocked(isa, transA, transB, M, N, K, alpha, A, lda, NULL, B, ldb, beta, C, ldc))
+        ql_sgemm_ref(transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
 /* Pre-packed A: the panels sgemm_blocked packs per (ic, pc) block, all of them, laid out so
@@ -333,8 +319,7 @@ int ql_sgemm_packed_a_serial(ql_isa isa, int M, int N, int K, const float *Ap, i
         scale_c(C, ldc, M, N, beta);
         return QL_OK;
     }
-    sgemm_blocked(level, 0, transB, M, N, K, 1.0f, NULL, 0, Ap, B, ldb, beta, C, ldc);
-    return QL_OK;
+    return sgemm_blocked(level, 0, transB, M, N, K, 1.0f, NULL, 0, Ap, B, ldb, beta, C, ldc);
 }
 
 /* ---------------------------------------------------------------------------------------- */

@@ -115,14 +115,25 @@ public struct DetectionLoss: Sendable {
     /// The assigner's answer for each image of the batch, from the (detached) outputs: class
     /// probabilities and decoded boxes, as the loss uses them.
     public func assignments(_ model: YOLOv6, classLogits: Tensor, distances: Tensor, labels: [[ObjectLabel]]) -> [TaskAlignedAssigner.Assignment] {
-        let (batch, a, c) = (classLogits.shape[0], classLogits.shape[1], classLogits.shape[2])
-        require(labels.count == batch, "loss: \(labels.count) label lists for a batch of \(batch)")
+        let probs = probabilities(classLogits)
+        return assignments(model, probabilities: probs, distances: distances, labels: labels)
+    }
+
+    /// Per image, sigmoid of the class logits [A * C] (detached).
+    private func probabilities(_ classLogits: Tensor) -> [[Float]] {
+        let (batch, n) = (classLogits.shape[0], classLogits.shape[1] * classLogits.shape[2])
         return (0..<batch).map { b in
-            let logits = classLogits.data + b * a * c
-            var probs = [Float](repeating: 0, count: a * c)
-            for i in 0..<(a * c) { probs[i] = 1 / (1 + Foundation.exp(-logits[i])) }
+            let logits = classLogits.data + b * n
+            return (0..<n).map { 1 / (1 + Foundation.exp(-logits[$0])) }
+        }
+    }
+
+    private func assignments(_ model: YOLOv6, probabilities probs: [[Float]], distances: Tensor, labels: [[ObjectLabel]]) -> [TaskAlignedAssigner.Assignment] {
+        require(labels.count == probs.count, "loss: \(labels.count) label lists for a batch of \(probs.count)")
+        let (a, c) = (model.anchors.count, model.config.numClasses)
+        return probs.indices.map { b in
             let boxes = (0..<a).map { model.decode(distances, image: b, anchor: $0) }
-            return assigner.assign(scores: probs, classes: c, boxes: boxes, anchors: model.anchors, labels: labels[b])
+            return assigner.assign(scores: probs[b], classes: c, boxes: boxes, anchors: model.anchors, labels: labels[b])
         }
     }
 
@@ -130,22 +141,21 @@ public struct DetectionLoss: Sendable {
     public func callAsFunction(_ model: YOLOv6, classLogits: Tensor, distances: Tensor, labels: [[ObjectLabel]]) -> (Tensor, Parts) {
         let (batch, a, c) = (classLogits.shape[0], classLogits.shape[1], classLogits.shape[2])
         OpProfiler.mark("loss: before")
-        let assigned = assignments(model, classLogits: classLogits, distances: distances, labels: labels)
+        let probs = probabilities(classLogits)
+        let assigned = assignments(model, probabilities: probs, distances: distances, labels: labels)
         OpProfiler.mark("loss: assigner")
         let targets = Tensor(zeros: [batch, a, c]), weights = Tensor(zeros: [batch, a, c])
         var posRows: [Int] = [], gtBoxes: [Float] = [], anchorTerms: [Float] = [], strideTerms: [Float] = [], posWeights: [Float] = []
         var scoreSum = 0.0
         withNoGrad {
             for b in 0..<batch {
-                let logits = classLogits.data + b * a * c
-                var probs = [Float](repeating: 0, count: a * c)
-                for i in 0..<(a * c) { probs[i] = 1 / (1 + Foundation.exp(-logits[i])) }
+                let imageProbs = probs[b]
                 let objects = labels[b].filter { !$0.crowd }
                 let r = assigned[b]
                 for i in 0..<a {
                     let base = (b * a + i) * c
                     for k in 0..<c {
-                        let p = Double(probs[i * c + k])
+                        let p = Double(imageProbs[i * c + k])
                         var w = r.ignored[i] ? 0 : vflAlpha * Foundation.pow(p, vflGamma) // negatives
                         if r.gtIndex[i] >= 0 && objects[r.gtIndex[i]].classIndex == k {
                             targets.data[base + k] = Float(r.targetScore[i])

@@ -98,7 +98,8 @@ int ql_sgemm_ref(int transA, int transB, int M, int N, int K, float alpha,
  * for `isa` (avx2 or avx512, capped like ql_sgemm_isa; not ref: QL_EINVAL) into Ap, which
  * holds ql_sgemm_packed_a_floats(isa, M, K) floats; ql_sgemm_packed_a_serial then computes
  * C = [alpha op(A)] * op(B) + beta * C on the calling thread, with the same summation order,
- * so the same bits, as ql_sgemm_isa on one thread. Pack and multiply with the same isa. */
+ * so the same bits, as ql_sgemm_isa on one thread. Pack and multiply with the same isa.
+ * ql_sgemm_packed_a_serial returns QL_ENOMEM, C untouched, if its B scratch cannot be had. */
 size_t ql_sgemm_packed_a_floats(ql_isa isa, int M, int K);
 int ql_sgemm_pack_a(ql_isa isa, int transA, int M, int K, float alpha, const float *A, int lda, float *Ap);
 int ql_sgemm_packed_a_serial(ql_isa isa, int M, int N, int K, const float *Ap, int transB, const float *B,

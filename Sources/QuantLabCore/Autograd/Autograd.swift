@@ -31,8 +31,11 @@ public func withNoGrad<T>(_ body: () throws -> T) rethrows -> T {
 /// compute `out`, then record a backward that ADDS into each parent's `gradBuffer()`.
 @inline(__always)
 public func record(_ out: Tensor, _ name: String, _ parents: [Tensor], _ backward: @escaping (Tensor) -> Void) -> Tensor {
-    let name = OpProfiler.isActive ? OpProfiler.scope + name : name
-    if OpProfiler.isActive { OpProfiler.mark("forward " + name) }
+    var name = name
+    if OpProfiler.isActive {
+        name = OpProfiler.scope + name
+        OpProfiler.mark("forward " + name)
+    }
     if GradMode.isEnabled && parents.contains(where: { $0.requiresGrad }) {
         out.requiresGrad = true
         out.node = GradNode(name: name, parents: parents, backward: backward)
@@ -153,7 +156,7 @@ public final class OpProfiler: @unchecked Sendable {
 
     /// Charges the time since the previous op or mark to `key`.
     @inline(__always) public static func mark(_ key: @autoclosure () -> String) {
-        guard enabled, isActive, !inBackward else { return }
+        guard isActive, !inBackward else { return }
         let t = now()
         add(key(), Double(t - last) * 1e-9)
         last = t
@@ -166,7 +169,7 @@ public final class OpProfiler: @unchecked Sendable {
 
     /// Times one backward closure under "backward <name>".
     @inline(__always) static func backward(_ node: GradNode, _ g: Tensor) {
-        guard enabled, isActive else { node.backward(g); return }
+        guard isActive else { node.backward(g); return }
         inBackward = true
         let t0 = now()
         node.backward(g)
