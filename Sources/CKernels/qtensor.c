@@ -5,6 +5,7 @@
  * that layout, and the next conv's im2col reads each tap's channels as one contiguous run.
  * Codes follow TensorRT's symmetric convention, the fake quantizer's exactly:
  *   s = amax / qmax,  code = clamp(round_half_to_even(x / s), -qmax, qmax),  x' = code * s. */
+#include <immintrin.h>
 #include <math.h>
 #include <string.h>
 #include "internal.h"
@@ -16,11 +17,38 @@ typedef struct {
     float s, lim;
 } quantize_job;
 
+/* 8 codes of ql_code at once: the same IEEE division, round half to even (_mm256_round_ps
+ * with the nearest mode is nearbyintf's default), the same clamp; so the same bits. */
+__attribute__((target("avx2"))) static inline __m256i codes8_avx2(const float *x, __m256 s, __m256 lim) {
+    __m256 q = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(x), s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    q = _mm256_min_ps(_mm256_max_ps(q, _mm256_sub_ps(_mm256_setzero_ps(), lim)), lim);
+    return _mm256_cvtps_epi32(q);
+}
+
+/* One image, 8 pixels at a time: each channel's 8 codes, then written to their NHWC places. */
+__attribute__((target("avx2"))) static void quantize_image_avx2(const quantize_job *j, const float *x, int8_t *o) {
+    const __m256 s = _mm256_set1_ps(j->s), lim = _mm256_set1_ps(j->lim);
+    const int C = j->C, HW = j->HW;
+    int px = 0;
+    for (; px + 8 <= HW; px += 8)
+        for (int c = 0; c < C; c++) {
+            int32_t q[8];
+            _mm256_storeu_si256((__m256i *)q, codes8_avx2(x + (size_t)c * HW + px, s, lim));
+            for (int i = 0; i < 8; i++) o[(size_t)(px + i) * C + c] = (int8_t)q[i];
+        }
+    for (; px < HW; px++)
+        for (int c = 0; c < C; c++) o[(size_t)px * C + c] = (int8_t)ql_code(x[(size_t)c * HW + px], j->s, j->lim);
+}
+
 /* One image: pixel by pixel, its C channels (strided reads, contiguous writes). */
 static void quantize_image(int n, void *p) {
     const quantize_job *j = (const quantize_job *)p;
     const float *x = j->x + (size_t)n * j->C * j->HW;
     int8_t *o = j->out + (size_t)n * j->HW * j->C;
+    if (ql_resolve_isa(QL_ISA_BEST) >= QL_ISA_AVX2) {
+        quantize_image_avx2(j, x, o);
+        return;
+    }
     for (int px = 0; px < j->HW; px++)
         for (int c = 0; c < j->C; c++) o[(size_t)px * j->C + c] = (int8_t)ql_code(x[(size_t)c * j->HW + px], j->s, j->lim);
 }
@@ -38,13 +66,25 @@ void ql_quantize_nchw_to_nhwc_s8(int8_t *restrict out, const float *restrict x, 
         ql_parallel_for(N, quantize_image, &j);
 }
 
+__attribute__((target("avx2"))) static int64_t quantize_flat_avx2(int8_t *out, const float *x, int64_t n, float s, float lim) {
+    const __m256 vs = _mm256_set1_ps(s), vl = _mm256_set1_ps(lim);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256i q = codes8_avx2(x + i, vs, vl);
+        __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1)); /* |code| <= lim: no saturation */
+        _mm_storel_epi64((__m128i *)(out + i), _mm_packs_epi16(w, w));
+    }
+    return i;
+}
+
 void ql_quantize_s8(int8_t *restrict out, const float *restrict x, int64_t n, float amax, int qmax) {
     if (!(amax > 0.0f)) {
         memset(out, 0, (size_t)n);
         return;
     }
     float s = amax / (float)qmax, lim = (float)qmax;
-    for (int64_t i = 0; i < n; i++) out[i] = (int8_t)ql_code(x[i], s, lim);
+    int64_t i = ql_resolve_isa(QL_ISA_BEST) >= QL_ISA_AVX2 && qmax <= 127 ? quantize_flat_avx2(out, x, n, s, lim) : 0;
+    for (; i < n; i++) out[i] = (int8_t)ql_code(x[i], s, lim);
 }
 
 void ql_dequantize_nhwc_to_nchw_f32(float *restrict out, const int8_t *restrict q, int N, int C, int HW,
@@ -143,6 +183,21 @@ int ql_maxpool_nhwc_s8(int8_t *restrict out, const int8_t *restrict x, int N, in
                 }
             }
     return QL_OK;
+}
+
+void ql_pad_channels_nhwc_s8(int8_t *restrict out, const int8_t *restrict x, int64_t pixels, int C, int Cp) {
+    if (C == 3 && Cp == 4) { /* the image: one 32-bit word per pixel (the byte loop took longer than the conv) */
+        for (int64_t p = 0; p < pixels; p++) {
+            const uint8_t *s = (const uint8_t *)x + 3 * p;
+            uint32_t w = (uint32_t)s[0] | (uint32_t)s[1] << 8 | (uint32_t)s[2] << 16;
+            memcpy(out + 4 * p, &w, 4);
+        }
+        return;
+    }
+    for (int64_t p = 0; p < pixels; p++) {
+        memcpy(out + p * Cp, x + p * C, (size_t)C);
+        memset(out + p * Cp + C, 0, (size_t)(Cp - C));
+    }
 }
 
 void ql_concat_channels_nhwc_s8(int8_t *restrict out, const int8_t *const *inputs, const int *channels, int count, int64_t pixels) {

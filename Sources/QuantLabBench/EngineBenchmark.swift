@@ -43,27 +43,47 @@ public struct EngineBenchmark {
             let int8 = try Int8Plan(try Graph.trace(model, batch: b))
             sim.remove()
             let x = Tensor.uniform([b, 3, 160, 160], low: 0, high: 1, rng: &rng)
-            let runs = quick ? 5 : (b == 1 ? 40 : 8)
-            let (tf, tq) = (try fp32.medianLatency([x], runs: runs), try int8.medianLatency([x], runs: runs))
-            let line = String(format: "batch %d: FP32 graph %.1f img/s, INT8 plan %.1f img/s (%d integer convs, %d Reformat steps): INT8 %.2fx FP32",
-                              b, Double(b) / tf, Double(b) / tq, int8.int8ConvCount, int8.reformatCount, tf / tq)
+            // This VM's speed drifts 20-40% within a minute, and onnxruntime runs in its own
+            // process: so the timings come in rounds, ours (the two plans interleaved run by
+            // run) then onnxruntime's, and every ratio is taken within a round, from timings
+            // seconds apart; reported: the median over rounds and the range.
+            let rounds = quick ? 1 : 5, runs = quick ? 5 : (b == 1 ? 150 : 8)
+            var tf: [Double] = [], tq: [Double] = []
+            var peerRounds: [(fp32: OnnxRuntimePeer.Result, qdq: OnnxRuntimePeer.Result, own: OnnxRuntimePeer.Result)] = []
+            for _ in 0..<rounds {
+                let speeds = try timeInterleaved([fp32, int8], input: x, runs: runs)
+                tf.append(speeds[0].medianSeconds)
+                tq.append(speeds[1].medianSeconds)
+                if let peer, !quick || b == 1 {
+                    peerRounds.append((try peer.run(graph: fp32.graph, input: x, runs: runs), try peer.run(graph: int8.graph, input: x, runs: runs),
+                                       try peer.run(graph: fp32.graph, input: x, runs: runs, quantizeFirst: true)))
+                }
+            }
+            func median(_ v: [Double]) -> Double { v.sorted()[v.count / 2] }
+            func ratios(_ v: [Double]) -> String {
+                v.count == 1 ? String(format: "%.2fx", v[0]) : String(format: "%.2fx (rounds %.2f-%.2f)", median(v), v.min()!, v.max()!)
+            }
+            let line = String(format: "batch %d: FP32 graph %.1f img/s, INT8 plan %.1f img/s (%d integer convs, %d Reformat steps): INT8 %@ FP32",
+                              b, Double(b) / median(tf), Double(b) / median(tq), int8.int8ConvCount, int8.reformatCount,
+                              ratios(zip(tf, tq).map { $0 / $1 }))
             log("  " + line)
             summary.append("engine " + line)
-            if let peer, !quick || b == 1 {
-                let of = try peer.run(graph: fp32.graph, input: x, runs: runs)
-                let oq = try peer.run(graph: int8.graph, input: x, runs: runs)
-                let own = try peer.run(graph: fp32.graph, input: x, runs: runs, quantizeFirst: true)
-                let agree = zip(try int8.run([x]), oq.outputs).map { relativeMaxDifference($0, $1) }.max() ?? .infinity
-                let peerLine = String(format: "batch %d: onnxruntime %@ FP32 %.1f img/s; INT8 quantized its own way %.1f img/s (%d QLinearConv); our Q/DQ file %.1f img/s (%d QLinearConv). Ours / onnxruntime: FP32 %.2fx, INT8 %.2fx (vs its own INT8); our INT8 plan and onnxruntime on our Q/DQ file differ by %.1e of the outputs' scale",
-                                      b, oq.version, Double(b) / of.medianSeconds, Double(b) / own.medianSeconds, own.optimizedOps["QLinearConv"] ?? 0,
-                                      Double(b) / oq.medianSeconds, oq.optimizedOps["QLinearConv"] ?? 0, of.medianSeconds / tf, own.medianSeconds / tq, agree)
+            if let peer = peerRounds.first {
+                let agree = zip(try int8.run([x]), peer.qdq.outputs).map { relativeMaxDifference($0, $1) }.max() ?? .infinity
+                let of = median(peerRounds.map(\.fp32.medianSeconds)), own = median(peerRounds.map(\.own.medianSeconds))
+                let oq = median(peerRounds.map(\.qdq.medianSeconds))
+                let peerLine = String(format: "batch %d: onnxruntime %@ FP32 %.1f img/s; INT8 quantized its own way %.1f img/s (%d QLinearConv); our Q/DQ file %.1f img/s (%d QLinearConv). Ours / onnxruntime: FP32 %@, INT8 %@ (vs its own INT8); our INT8 plan and onnxruntime on our Q/DQ file differ by %.1e of the outputs' scale",
+                                      b, peer.qdq.version, Double(b) / of, Double(b) / own, peer.own.optimizedOps["QLinearConv"] ?? 0,
+                                      Double(b) / oq, peer.qdq.optimizedOps["QLinearConv"] ?? 0,
+                                      ratios(zip(peerRounds, tf).map { $0.fp32.medianSeconds / $1 }),
+                                      ratios(zip(peerRounds, tq).map { $0.own.medianSeconds / $1 }), agree)
                 log("  " + peerLine)
                 summary.append("engine " + peerLine)
             }
             if !quick {
                 int8.profile = true
                 for _ in 0..<3 { _ = try int8.run([x]) }
-                log(int8.profileReport(top: 5).split(separator: "\n").map { "    " + $0 }.joined(separator: "\n"))
+                log(int8.profileReport(top: 12).split(separator: "\n").map { "    " + $0 }.joined(separator: "\n"))
             }
         }
         return summary

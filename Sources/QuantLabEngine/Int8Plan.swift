@@ -18,7 +18,10 @@ import QuantLabQuant
 // absorbed is a Reformat step: Quantize (f32 -> int8 codes), Requantize (codes at another
 // scale), Dequantize (codes -> f32 for a float reader) or QDQ (a quantizer feeding float ops,
 // run as fake quantization). Activations in int8 are codes in NHWC order (qtensor.c); the fused
-// conv is an im2col plus one u8 x s8 GEMM with the requantization epilogue (igemm.c).
+// conv reads them in place with the direct kernel (iconv.c: per output pixel a pointer per
+// kernel tap, no column matrix) or, where that does not apply (AVX-512, whose VNNI GEMM is
+// the route there), copies them to an im2col matrix for one u8 x s8 GEMM (igemm.c); the same
+// requantization epilogue and the same bits either way.
 //
 // A transposed conv whose kernel equals its stride (the neck's upsampling) is the same GEMM with
 // KH*KW*K columns and a scatter. Gemm (linear) and MatMul of two quantized activations run on the
@@ -59,6 +62,18 @@ public final class Int8Conv {
     var gemmColumns: Int { scale.count }
     /// The im2col buffer, kept between runs (a plan runs one batch at a time).
     private var columns: [UInt8] = []
+    /// For a conv whose input channels are not a multiple of 4 (the 3-channel image): the
+    /// weights packed again with zero weights for the channels up to the next multiple of 4, so
+    /// that the direct kernel (iconv.c) runs on the input padded with zero channels; and that
+    /// padded input, kept between runs.
+    private let paddedPacked: [Int8]?
+    private var paddedInput: [Int8] = []
+    /// How the last run computed the product: "direct" (iconv.c, reading the codes in place),
+    /// "direct, channels padded to 4", or "im2col + GEMM" (igemm.c); nil before the first run.
+    /// It depends on the ISA and on the codes (signed or not), so it is known only by running.
+    public private(set) var route: String?
+    /// Integer operations (2 per multiply-add) of the last run, for rates in profiles.
+    public private(set) var lastOps: Double = 0
 
     /// `b`: the weight codes as the GEMM's B operand [depth][columns]; `scale` and `bias` per
     /// column, the output scale already folded in.
@@ -80,6 +95,17 @@ public final class Int8Conv {
         guard ql_igemm_pack_b(&packed, &sums, b, Int32(n), Int32(depth), Int32(n)) == 0 else { throw EngineError("\(name): weight packing failed") }
         self.packed = packed
         columnSums = sums
+        let c4 = (inChannels + 3) / 4 * 4
+        if !transposed && c4 != inChannels {
+            let taps = kernel.0 * kernel.1
+            var b4 = [Int8](repeating: 0, count: taps * c4 * n)
+            for t in 0..<taps { for ci in 0..<inChannels { for o in 0..<n { b4[(t * c4 + ci) * n + o] = b[(t * inChannels + ci) * n + o] } } }
+            var packed4 = [Int8](repeating: 0, count: ql_igemm_packed_size(Int32(taps * c4), Int32(n)))
+            guard ql_igemm_pack_b(&packed4, nil, b4, Int32(n), Int32(taps * c4), Int32(n)) == 0 else { throw EngineError("\(name): weight packing failed") }
+            paddedPacked = packed4
+        } else {
+            paddedPacked = nil
+        }
     }
 
     /// Weight [K, C, KH, KW] quantized per output channel with `weightAmax` (as the simulator's
@@ -163,48 +189,78 @@ public final class Int8Conv {
         var oh: Int32 = 0, ow: Int32 = 0
         guard ql_conv_out_size(&g, &oh, &ow) == 0 else { throw EngineError("\(name): input \(x.shape) does not fit the conv") }
         let m = n * Int(oh) * Int(ow), depth = kernel.0 * kernel.1 * c
-        // codes >= 0 (after a ReLU) are their own u8 view; otherwise shift by 128 and let the
-        // epilogue subtract 128 * sum_k w[k, o]
-        let offset: Int32 = ql_s8_min(x.codes, Int64(x.codes.count)) >= 0 ? 0 : 128
-        if columns.count < m * depth { columns = [UInt8](repeating: 0, count: m * depth) } // kept between runs
-        guard ql_im2col_nhwc_s8u8(&columns, x.codes, &g, offset) == 0 else { throw EngineError("\(name): im2col failed for input \(x.shape)") }
-        let col = columns
-        let offsets = offset == 0 ? nil : columnSums.map { -offset * $0 }
         let outShape = [n, outChannels, Int(oh), Int(ow)]
-        return try withEpilogue(offsets) { ep in
-            if let amax = outputAmax, activation == .silu {
-                var status: Int32 = 0
-                let floats = [Float](unsafeUninitializedCapacity: m * outChannels) { buffer, initialized in
-                    initialized = m * outChannels
-                    status = ql_igemm_u8s8_f32(Int32(m), Int32(outChannels), Int32(depth), col, Int32(depth), packed, &ep, buffer.baseAddress, Int32(outChannels))
+        lastOps = 2 * Double(m) * Double(depth) * Double(outChannels)
+        /// The product with its epilogue into `out` (NHWC rows, int8 codes or floats): the direct
+        /// kernel reads the codes in place (iconv.c; a 3-channel input padded to 4 first); where
+        /// it does not apply (AVX-512, a -128 weight under signed codes) the im2col route copies
+        /// them to a column matrix, shifted by 128 when some are negative (the epilogue then
+        /// subtracts 128 * sum_k w[k, o]), and runs the GEMM. Both give the same bits.
+        func product(s8 out8: UnsafeMutablePointer<Int8>?, f32 out32: UnsafeMutablePointer<Float>?) throws {
+            func runDirect(_ geometry: ql_conv_geom, _ codes: [Int8], _ weights: [Int8]) -> Int32 {
+                var geometry = geometry
+                return withEpilogue(nil) { ep in
+                    out8.map { ql_iconv_nhwc_s8_isa(QL_ISA_BEST, &geometry, codes, weights, &ep, $0) }
+                        ?? ql_iconv_nhwc_f32_isa(QL_ISA_BEST, &geometry, codes, weights, &ep, out32)
                 }
-                guard status == 0 else { throw EngineError("\(name): INT8 GEMM failed") }
-                var out = [Int8](repeating: 0, count: m * outChannels)
-                ql_quantize_s8(&out, floats, Int64(out.count), amax, 127)
-                return (QTensor(codes: out, shape: outShape, amax: amax), nil)
             }
-            if let amax = outputAmax {
-                var out = [Int8](repeating: 0, count: m * outChannels)
-                guard ql_igemm_u8s8_s8(Int32(m), Int32(outChannels), Int32(depth), col, Int32(depth), packed, &ep, &out, Int32(outChannels)) == 0 else {
-                    throw EngineError("\(name): INT8 GEMM failed")
-                }
-                return (QTensor(codes: out, shape: outShape, amax: amax), nil)
+            let direct: Int32
+            if let paddedPacked {
+                let c4 = (c + 3) / 4 * 4
+                if paddedInput.count != n * h * w * c4 { paddedInput = [Int8](repeating: 0, count: n * h * w * c4) }
+                ql_pad_channels_nhwc_s8(&paddedInput, x.codes, Int64(n * h * w), Int32(c), Int32(c4))
+                var g4 = g
+                g4.C = Int32(c4)
+                direct = runDirect(g4, paddedInput, paddedPacked)
+            } else {
+                direct = runDirect(g, x.codes, packed)
             }
-            let nhwc = Tensor(zeros: [n, Int(oh), Int(ow), outChannels])
-            guard ql_igemm_u8s8_f32(Int32(m), Int32(outChannels), Int32(depth), col, Int32(depth), packed, &ep, nhwc.data, Int32(outChannels)) == 0 else {
-                throw EngineError("\(name): INT8 GEMM failed")
+            if direct == 0 {
+                route = paddedPacked == nil ? "direct" : "direct, channels padded to 4"
+                return
             }
-            return (nil, nhwc.permuted([0, 3, 1, 2]))
+            guard direct == Int32(QL_EUNSUPPORTED) else { throw EngineError("\(name): INT8 conv failed (status \(direct)) for input \(x.shape)") }
+            let offset: Int32 = ql_s8_min(x.codes, Int64(x.codes.count)) >= 0 ? 0 : 128
+            if columns.count < m * depth { columns = [UInt8](repeating: 0, count: m * depth) } // kept between runs
+            guard ql_im2col_nhwc_s8u8(&columns, x.codes, &g, offset) == 0 else { throw EngineError("\(name): im2col failed for input \(x.shape)") }
+            let status = withEpilogue(offset == 0 ? nil : columnSums.map { -offset * $0 }) { ep in
+                out8.map { ql_igemm_u8s8_s8(Int32(m), Int32(outChannels), Int32(depth), columns, Int32(depth), packed, &ep, $0, Int32(outChannels)) }
+                    ?? ql_igemm_u8s8_f32(Int32(m), Int32(outChannels), Int32(depth), columns, Int32(depth), packed, &ep, out32, Int32(outChannels))
+            }
+            guard status == 0 else { throw EngineError("\(name): INT8 GEMM failed (status \(status)) for input \(x.shape)") }
+            route = "im2col + GEMM"
         }
+        if let amax = outputAmax, activation == .silu {
+            // SiLU does not commute with the output scale: floats first, then the quantizer
+            let floats = try [Float](unsafeUninitializedCapacity: m * outChannels) { buffer, initialized in
+                try product(s8: nil, f32: buffer.baseAddress)
+                initialized = m * outChannels
+            }
+            var out = [Int8](repeating: 0, count: m * outChannels)
+            ql_quantize_s8(&out, floats, Int64(out.count), amax, 127)
+            return (QTensor(codes: out, shape: outShape, amax: amax), nil)
+        }
+        if let amax = outputAmax {
+            let out = try [Int8](unsafeUninitializedCapacity: m * outChannels) { buffer, initialized in
+                try product(s8: buffer.baseAddress, f32: nil)
+                initialized = m * outChannels
+            }
+            return (QTensor(codes: out, shape: outShape, amax: amax), nil)
+        }
+        let nhwc = Tensor(zeros: [n, Int(oh), Int(ow), outChannels])
+        try product(s8: nil, f32: nhwc.data)
+        return (nil, nhwc.permuted([0, 3, 1, 2]))
     }
 
     /// The transposed conv: one GEMM [N*H*W, C] x [C, KH*KW*K] on the input codes (NHWC rows are
     /// the pixels: the im2col of a 1 x 1 kernel), then each pixel's KH x KW block of K values to
     /// its place in the NHWC output.
     private func runTransposed(_ x: QTensor) throws -> (QTensor?, Tensor?) {
+        route = "GEMM + scatter"
         let (n, c, h, w) = (x.shape[0], x.shape[1], x.shape[2], x.shape[3])
         let (kh, kw) = kernel, k = outChannels, cols = gemmColumns
         let (oh, ow) = (h * kh, w * kw), m = n * h * w
+        lastOps = 2 * Double(m) * Double(c) * Double(cols)
         var g = ql_conv_geom(N: Int32(n), C: Int32(c), H: Int32(h), W: Int32(w), K: Int32(cols), KH: 1, KW: 1,
                              SH: 1, SW: 1, PH: 0, PW: 0, DH: 1, DW: 1, groups: 1)
         let offset: Int32 = ql_s8_min(x.codes, Int64(x.codes.count)) >= 0 ? 0 : 128
@@ -516,7 +572,7 @@ public final class Int8Plan {
             case .requantize(_, _, let from, let to, let name): text = String(format: "%@  Requantize int8 -> int8 (amax %.4g -> %.4g)  [Reformat]", name, from, to)
             case .dequantize(_, let v, let name): text = "\(name)  Dequantize int8 -> f32 (\(graph.values[v].name))  [Reformat]"
             case .int8Conv(let c, _, _):
-                text = "\(c.name)  \(c.kindName) int8 -> \(c.outputAmax == nil ? "f32" : "int8")  fused: DQ(x), DQ(w), \(c.transposed ? "ConvTranspose" : "Conv"), bias\(c.activation == .relu ? ", ReLU" : c.activation == .silu ? ", SiLU" : "")\(c.outputAmax == nil ? "" : ", Q")"
+                text = "\(c.name)  \(c.kindName) int8 -> \(c.outputAmax == nil ? "f32" : "int8")  fused: DQ(x), DQ(w), \(c.transposed ? "ConvTranspose" : "Conv"), bias\(c.activation == .relu ? ", ReLU" : c.activation == .silu ? ", SiLU" : "")\(c.outputAmax == nil ? "" : ", Q")\(c.route.map { "  [\($0)]" } ?? "")"
             case .int8Op(let n, _, _, let a): text = String(format: "%@  %@ int8 (amax %.4g)", n.name, n.op.name, a)
             case .int8Gemm(let g, _, _): text = "\(g.name)  \(g.kindName) int8 -> f32  fused: Q(inputs), \(g.kind == .linear ? "DQ(w), Gemm, bias" : "MatMul")"
             }
@@ -575,7 +631,7 @@ public final class Int8Plan {
         func kind(_ s: PlanStep) -> String {
             if let r = reformatKind(of: s) { return "Reformat: \(r)" }
             switch s {
-            case .int8Conv(let c, _, _): return c.kindName
+            case .int8Conv(let c, _, _): return c.kindName + (c.route.map { " (\($0.hasPrefix("direct") ? "direct" : $0))" } ?? "")
             case .int8Op(let n, _, _, _): return "\(n.op.name) (int8)"
             case .int8Gemm(let g, _, _): return g.kindName
             case .float(let n): if case .quantizeDequantize = n.op { return "weight QDQ (float)" } else { return "\(n.op.name) (f32)" }
@@ -591,9 +647,21 @@ public final class Int8Plan {
         let reformat = zip(steps, stepSeconds).filter { kind($0.0).hasPrefix("Reformat") }
         lines.append(String(format: "Reformat steps: %d of %d (%.1f%% by count), %.1f%% of the time", reformat.count, steps.count,
                             100 * Double(reformat.count) / Double(max(steps.count, 1)), 100 * reformat.reduce(0) { $0 + $1.1 } / total))
-        lines.append("slowest steps:")
-        for (i, t) in stepSeconds.enumerated().sorted(by: { $0.element > $1.element }).prefix(top) {
-            lines.append(String(format: "  %5.1f%%  step %d  %@", 100 * t / total, i, name(of: steps[i])))
+        lines.append("slowest steps (integer convs: route and rate, from the median time):")
+        let medians = stepMedians
+        func rate(_ i: Int) -> (Int8Conv, Double)? {
+            guard case .int8Conv(let c, _, _) = steps[i], medians[i] > 0 else { return nil }
+            return (c, c.lastOps / medians[i] / 1e9)
+        }
+        func line(_ i: Int) -> String {
+            let detail = rate(i).map { String(format: "  %@, %.0f GOPS", $0.0.route ?? "not run", $0.1) } ?? ""
+            return String(format: "  %5.1f%%  step %d  %@%@", 100 * stepSeconds[i] / total, i, name(of: steps[i]), detail)
+        }
+        for (i, _) in stepSeconds.enumerated().sorted(by: { $0.element > $1.element }).prefix(top) { lines.append(line(i)) }
+        let slowestRates = steps.indices.compactMap { i in rate(i).map { (i, $0.1) } }.sorted { $0.1 < $1.1 }.prefix(min(top, 6))
+        if !slowestRates.isEmpty {
+            lines.append("lowest rates (integer convs):")
+            for (i, _) in slowestRates { lines.append(line(i)) }
         }
         return lines.joined(separator: "\n")
     }

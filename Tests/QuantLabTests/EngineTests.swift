@@ -187,6 +187,11 @@ struct EngineInt8Tests {
         let (logits, distances) = withNoGrad { model(x) }
         #expect(cosineSimilarity(out[0].values, logits.values) > 0.99 && cosineSimilarity(out[1].values, distances.values) > 0.99)
         #expect(plan.explain().contains("Int8Conv int8 -> int8"))
+        // the route each conv took: the direct kernel (the image's 3 channels padded to 4; the
+        // head's convs on signed codes after SiLU) except on AVX-512, where the VNNI GEMM is it
+        let routes = plan.steps.compactMap { s -> String? in if case .int8Conv(let c, _, _) = s, !c.transposed { return c.route ?? "none" } else { return nil } }
+        let want: Set<String> = Kernels.isa == .avx512 ? ["im2col + GEMM"] : ["direct", "direct, channels padded to 4"]
+        #expect(Set(routes) == want && routes.filter { $0.hasSuffix("padded to 4") }.count == (Kernels.isa == .avx512 ? 0 : 1), "\(routes)")
     }
 
     @Test("a transposed conv with kernel == stride runs as one GEMM and a scatter: int8 and f32 outputs, signed and non-negative inputs, within one code of the simulator; other transposed convs stay in float")

@@ -176,6 +176,96 @@ struct KernelTests {
         }
     }
 
+    /// The direct conv (no im2col) against its definition: im2col of the same codes, the
+    /// reference GEMM on the unpacked weights, the reference epilogue. Geometries: a partial
+    /// last panel, stride 2, dilation, 1 x 1, an odd pixel count, one that the threads split by
+    /// pixels and one (a 5 x 5 map, as the detector's deepest) that they split by panels; codes
+    /// post-ReLU (0..127), signed (the vpsignb kernel), and 3 or 6 channels padded to 4 or 8.
+    @Test("Direct INT8 conv on NHWC codes equals im2col + the reference GEMM + the reference epilogue", arguments: [
+        // N, C, H, W, K, KH/KW, stride, padding, dilation, codes (0: 0..127, 1: signed, 2: 0..127 with C padded to a multiple of 4)
+        [2, 4, 7, 6, 5, 3, 1, 1, 1, 0], [1, 8, 9, 9, 40, 3, 2, 1, 1, 0], [3, 12, 5, 5, 70, 3, 1, 2, 2, 1],
+        [2, 16, 11, 10, 33, 1, 1, 0, 1, 1], [1, 64, 20, 20, 64, 3, 1, 1, 1, 0], [1, 128, 5, 5, 96, 3, 1, 1, 1, 1],
+        [2, 3, 9, 8, 16, 3, 2, 1, 1, 2], [1, 6, 7, 7, 9, 3, 1, 1, 1, 2],
+    ])
+    func directConvExact(geometry v: [Int]) {
+        let (n, c, h, w, k, kk, mode) = (v[0], v[1], v[2], v[3], v[4], v[5], v[9])
+        var g = ql_conv_geom(N: Int32(n), C: Int32(c), H: Int32(h), W: Int32(w), K: Int32(k), KH: Int32(kk), KW: Int32(kk), SH: Int32(v[6]), SW: Int32(v[6]),
+                             PH: Int32(v[7]), PW: Int32(v[7]), DH: Int32(v[8]), DW: Int32(v[8]), groups: 1)
+        var oh: Int32 = 0, ow: Int32 = 0
+        #expect(ql_conv_out_size(&g, &oh, &ow) == 0)
+        let m = n * Int(oh) * Int(ow), depth = kk * kk * c
+        var rng = SeededGenerator(seed: UInt64(v.reduce(17) { $0 &* 31 &+ $1 }))
+        let x = (0..<(n * h * w * c)).map { _ in mode == 1 ? Int8(Int(rng.next() % 255) - 127) : Int8(rng.next() % 128) }
+        let b = (0..<(depth * k)).map { _ in Int8(Int(rng.next() % 255) - 127) }
+        let offset: Int32 = mode == 1 ? 128 : 0
+        var col = [UInt8](repeating: 0, count: m * depth), acc = [Int32](repeating: 0, count: m * k), colSum = [Int32](repeating: 0, count: k)
+        var packed = [Int8](repeating: 0, count: ql_igemm_packed_size(Int32(depth), Int32(k)))
+        _ = ql_igemm_pack_b(&packed, &colSum, b, Int32(k), Int32(depth), Int32(k))
+        #expect(ql_im2col_nhwc_s8u8(&col, x, &g, offset) == 0)
+        _ = ql_igemm_u8s8s32_ref(Int32(m), Int32(k), Int32(depth), col, Int32(depth), b, Int32(k), &acc, Int32(k))
+        for i in 0..<m { for o in 0..<k { acc[i * k + o] -= offset * colSum[o] } } // the s8 x s8 product
+        var input = x
+        if mode == 2 { // pad the channels to 4: zero codes, zero weights
+            let c4 = (c + 3) / 4 * 4, taps = kk * kk
+            input = [Int8](repeating: 1, count: n * h * w * c4)
+            ql_pad_channels_nhwc_s8(&input, x, Int64(n * h * w), Int32(c), Int32(c4))
+            var b4 = [Int8](repeating: 0, count: taps * c4 * k)
+            for t in 0..<taps { for ci in 0..<c { for o in 0..<k { b4[(t * c4 + ci) * k + o] = b[(t * c + ci) * k + o] } } }
+            packed = [Int8](repeating: 0, count: ql_igemm_packed_size(Int32(taps * c4), Int32(k)))
+            _ = ql_igemm_pack_b(&packed, nil, b4, Int32(k), Int32(taps * c4), Int32(k))
+            var sink = [Int8](repeating: 0, count: m * k)
+            let unpadded = withRequantParams(offsets: nil, scale: [Float](repeating: 1, count: k), bias: nil, relu: 0) { ql_iconv_nhwc_s8_isa(QL_ISA_REF, &g, x, packed, &$0, &sink) }
+            #expect(unpadded == Int32(QL_EUNSUPPORTED), "3 channels: not without padding")
+            g.C = Int32(c4)
+        }
+        let offsets = (0..<k).map { _ in Int32(rng.next() % 2001) - 1000 }
+        let scale = (0..<k).map { _ in 1e-5 + 1e-3 * rng.nextFloat() }, bias = randomFloats(k, &rng, low: -2, high: 2)
+        for relu: Int32 in [0, 1, 2] {
+            var wantS8 = [Int8](repeating: 0, count: m * k), wantF32 = [Float](repeating: 0, count: m * k)
+            _ = ql_requantize_s8_ref(Int32(m), Int32(k), &wantS8, Int32(k), acc, Int32(k), offsets, scale, bias, relu)
+            _ = ql_dequantize_f32_ref(Int32(m), Int32(k), &wantF32, Int32(k), acc, Int32(k), offsets, scale, bias, relu)
+            for isa in supportedISAs {
+                var gotS8 = [Int8](repeating: 99, count: m * k), gotF32 = [Float](repeating: .nan, count: m * k)
+                let (s8, f32) = withRequantParams(offsets: offsets, scale: scale, bias: bias, relu: relu) { ep in
+                    (ql_iconv_nhwc_s8_isa(isa, &g, input, packed, &ep, &gotS8), ql_iconv_nhwc_f32_isa(isa, &g, input, packed, &ep, &gotF32))
+                }
+                if isa == QL_ISA_AVX512 { // the VNNI GEMM is the route there
+                    #expect(s8 == Int32(QL_EUNSUPPORTED) && f32 == Int32(QL_EUNSUPPORTED))
+                    continue
+                }
+                #expect(s8 == 0 && f32 == 0)
+                #expect(gotS8 == wantS8, "s8 isa \(isa.rawValue) \(v) relu \(relu)")
+                #expect(gotF32 == wantF32, "f32 isa \(isa.rawValue) \(v) relu \(relu)")
+            }
+        }
+    }
+
+    @Test("Direct INT8 conv declines what it cannot compute exactly (a -128 weight under signed codes, C % 4 != 0, groups) and rejects a bad geometry")
+    func directConvDeclines() {
+        var g = ql_conv_geom(N: 1, C: 4, H: 3, W: 3, K: 2, KH: 3, KW: 3, SH: 1, SW: 1, PH: 1, PW: 1, DH: 1, DW: 1, groups: 1)
+        var weights = [Int8](repeating: 1, count: 36 * 2)
+        weights[5] = -128
+        var packed = [Int8](repeating: 0, count: ql_igemm_packed_size(36, 2))
+        _ = ql_igemm_pack_b(&packed, nil, weights, 2, 36, 2)
+        var out = [Int8](repeating: 7, count: 9 * 2)
+        var x = [Int8](repeating: 3, count: 36)
+        func run(_ isa: ql_isa = QL_ISA_REF) -> Int32 {
+            withRequantParams(offsets: nil, scale: [1, 1], bias: nil, relu: 0) { ql_iconv_nhwc_s8_isa(isa, &g, x, packed, &$0, &out) }
+        }
+        x[35] = -1
+        for isa in supportedISAs { #expect(run(isa) == Int32(QL_EUNSUPPORTED), "signed codes with a -128 weight, isa \(isa.rawValue)") }
+        #expect(out.allSatisfy { $0 == 7 }, "nothing written")
+        x[35] = 1
+        #expect(run() == 0, "non-negative codes: a -128 weight is exact")
+        #expect(out.allSatisfy { $0 != 7 })
+        g.C = 3
+        #expect(run() == Int32(QL_EUNSUPPORTED))
+        g.C = 4; g.groups = 2
+        #expect(run() == Int32(QL_EUNSUPPORTED))
+        g.groups = 1; g.KH = 7 // a 7-row window on 3 rows with padding 1: no output
+        #expect(run() == Int32(QL_EINVAL))
+    }
+
     @Test("Signed activations through u8 + 128 and the column-sum compensation give the s8 x s8 product")
     func igemmSignedCompensation() {
         var rng = SeededGenerator(seed: 5)
@@ -349,18 +439,22 @@ struct KernelTests {
         #expect(upsampleNearest(try Tensor(shape: [1, 1, 1, 2], values: [1, 2]), scale: 2).values == [1, 1, 2, 2, 1, 1, 2, 2])
     }
 
-    @Test("Thread count does not change SGEMM beyond rounding, and is restored")
+    /// Serial (this thread's kernels only, `ql_set_thread_serial`) against the pool. It used to
+    /// set the global thread count to 1 and back, which changed the split, so the summation
+    /// order, of every kernel that other tests were running at that moment — and a test that
+    /// compares two training runs bit for bit failed now and then.
+    @Test("Serial and pooled SGEMM agree beyond rounding, without touching the global thread count")
     func threadsAgree() {
         var rng = SeededGenerator(seed: 8)
         let (m, n, k) = (200, 300, 150)
         let a = randomFloats(m * k, &rng), b = randomFloats(k * n, &rng)
-        let saved = ql_get_num_threads()
-        defer { ql_set_num_threads(saved) }
+        let threads = ql_get_num_threads()
         var c1 = [Float](repeating: 0, count: m * n), c2 = c1
-        ql_set_num_threads(1)
+        ql_set_thread_serial(1)
         _ = ql_sgemm(0, 0, Int32(m), Int32(n), Int32(k), 1, a, Int32(k), b, Int32(n), 0, &c1, Int32(n))
-        ql_set_num_threads(2)
+        ql_set_thread_serial(0)
         _ = ql_sgemm(0, 0, Int32(m), Int32(n), Int32(k), 1, a, Int32(k), b, Int32(n), 0, &c2, Int32(n))
+        #expect(ql_get_num_threads() == threads)
         #expect(firstMismatch(c2, c1, atol: 1e-4, rtol: 1e-5) == nil)
     }
 }

@@ -106,3 +106,17 @@ func cosineSimilarity(_ a: [Float], _ b: [Float]) -> Double {
     for (x, y) in zip(a, b) { ab += Double(x) * Double(y); aa += Double(x) * Double(x); bb += Double(y) * Double(y) }
     return ab / (aa.squareRoot() * bb.squareRoot())
 }
+
+/// Epilogue parameters pointing into arrays for the duration of `body` (the struct holds
+/// pointers, which an array converted in its initializer would not keep valid).
+func withRequantParams<R>(offsets: [Int32]?, scale: [Float], bias: [Float]?, relu: Int32, _ body: (inout ql_requant_params) -> R) -> R {
+    (offsets ?? []).withUnsafeBufferPointer { off in
+        scale.withUnsafeBufferPointer { sc in
+            (bias ?? []).withUnsafeBufferPointer { bi in
+                var ep = ql_requant_params(col_offset: offsets == nil ? nil : off.baseAddress, scale: sc.baseAddress,
+                                           bias: bias == nil ? nil : bi.baseAddress, relu: relu)
+                return body(&ep)
+            }
+        }
+    }
+}

@@ -33,7 +33,7 @@ extern "C" {
 enum {
     QL_OK = 0,
     QL_EINVAL = -1,       /* a size or stride is negative or inconsistent */
-    QL_EUNSUPPORTED = -2, /* the requested ISA is not available on this CPU */
+    QL_EUNSUPPORTED = -2, /* the requested ISA is not available on this CPU (ql_iconv_*: the route does not apply) */
     QL_ENOMEM = -3,       /* scratch allocation failed */
 };
 
@@ -248,6 +248,23 @@ int ql_s8_min(const int8_t *x, int64_t n);
  * offset then subtracts offset * sum_k w). Outside the image: offset (the code 0). groups must
  * be 1. Returns QL_EINVAL for a bad geometry or offset. */
 int ql_im2col_nhwc_s8u8(uint8_t *restrict col, const int8_t *restrict x, const ql_conv_geom *g, int offset);
+/* Direct INT8 conv (iconv.c): out[(n, oh, ow), k] = epilogue(sum over (kh, kw, c) of
+ * x[n, ih, iw, c] * w) for NHWC s8 codes x (no offset: the codes themselves, signed or not),
+ * with the weights packed by ql_igemm_pack_b as the K = KH*KW*C x g->K operand in (kh, kw, c)
+ * order (the order of ql_im2col_nhwc_s8u8) and the epilogue of the INT8 GEMM (ep: g->K
+ * entries). Output NHWC [N*OH*OW, g->K]. Bit for bit ql_im2col_nhwc_s8u8 + ql_igemm_u8s8_s8/_f32
+ * on the same operands (with the 128 offset and its column compensation for signed codes),
+ * without the column matrix. Returns QL_EUNSUPPORTED, writing nothing, where this route does
+ * not apply and the caller should take the im2col one: C % 4 != 0 (pad the channels, below),
+ * groups != 1, more than 64 taps, signed codes with a weight of -128, or an ISA level without a direct kernel
+ * (AVX-512, which has the VNNI GEMM). QL_ISA_REF runs the scalar specification. */
+int ql_iconv_nhwc_s8_isa(ql_isa isa, const ql_conv_geom *g, const int8_t *x, const void *packed,
+                         const ql_requant_params *ep, int8_t *out);
+int ql_iconv_nhwc_f32_isa(ql_isa isa, const ql_conv_geom *g, const int8_t *x, const void *packed,
+                          const ql_requant_params *ep, float *out);
+/* NHWC codes with C channels to Cp >= C channels, the new ones 0 (a conv's input padded to a
+ * multiple of 4 channels for ql_iconv_nhwc_*, its weights padded with zeros to match). */
+void ql_pad_channels_nhwc_s8(int8_t *restrict out, const int8_t *restrict x, int64_t pixels, int C, int Cp);
 /* Codes at one scale to codes at another, as two quantizers in a row compute it:
  * out = clamp(RNE((in * scale_in) / (amax_out / qmax)), -qmax, qmax). */
 void ql_requantize_codes_s8(int8_t *restrict out, const int8_t *restrict in, int64_t n, float scale_in, float amax_out, int qmax);

@@ -1,0 +1,260 @@
+/* Direct INT8 convolution on NHWC codes: the engine's conv without im2col (contract in
+ * ckernels.h, ql_iconv_nhwc_*).
+ *
+ * The im2col route (qtensor.c + igemm.c) copies every input pixel KH*KW times into a column
+ * matrix, then copies that matrix again into the micro-kernel's row panels. On a 3x3 conv that
+ * is 18 bytes written and read per input byte before a single multiply, and on the detector it
+ * was more than half of the INT8 time. Here the micro-kernel reads A straight from the NHWC
+ * input: for a block of output pixels it computes, once, a pointer per pixel and kernel tap to
+ * that tap's C input bytes (or to a row of zeros where the tap falls in the padding), and the
+ * reduction runs tap by tap over those pointers, 4 channels (one int32 word) at a time. This
+ * is the "indirection buffer" of onnxruntime's MLAS ConvSym kernels, read here to understand
+ * and written our own way.
+ *
+ * The weights are the packed B operand of igemm.c for the depth KH*KW*C in (kh, kw, c) order,
+ * the order of the NHWC im2col, so one packing serves both routes. C % 4 == 0, so that a
+ * k-group of 4 bytes never straddles two taps (the engine pads a 3-channel image to 4).
+ *
+ * Two AVX2 kernels, both exact (every s16 pair sum of `vpmaddubsw` stays below 32767):
+ *   - codes >= 0 (post-ReLU): igemm.c's `vpmaddubsw` kernel; the codes are their own u8 view,
+ *     at most 127, so |a1*b1 + a2*b2| <= 2*127*128 = 32512.
+ *   - signed codes (e.g. after SiLU): a*b = |a| * (b * sign(a)), i.e. `vpmaddubsw` of
+ *     `vpabsb(a)` (u8, at most 128) with `vpsignb(b, a)`; exact while no weight is -128 (its
+ *     negation wraps), so the route checks the packed weights and declines if one is:
+ *     |pair| <= 2*128*127 = 32512. Five more instructions per 32 products than the first.
+ * Accumulation is exact int32 either way and the epilogue is igemm.c's, so the result is bit
+ * for bit the im2col route's.
+ *
+ * Not here: AVX-512 (VNNI's `vpdpbusd` takes full-range u8, and the im2col + VNNI GEMM is the
+ * route there until a direct VNNI kernel is written and run on such a machine), grouped convs,
+ * C % 4 != 0. Those return QL_EUNSUPPORTED and the caller takes the im2col route. */
+#include <immintrin.h>
+#include <stdatomic.h>
+#include <stddef.h>
+#include <string.h>
+#include "internal.h"
+
+#define NRI 32 /* the packed B panel width of igemm.c */
+#define MB 32  /* output pixels per block: their tap pointers are computed once per block */
+
+typedef void (*dk_fn)(const uint8_t *const *r0, const uint8_t *const *r1, int taps, int cq,
+                      const int8_t *b, int32_t *tile);
+
+/* Two output pixels x 32 columns of one B panel, over every tap and channel group; writes the
+ * int32 sums to tile rows 0 and 1 (stride NRI). The reference: scalar, codes as s8, reading the
+ * documented panel layout (byte (c*4 + r) of group q is B[4q + r, c]). */
+static void dk_ref(const uint8_t *const *r0, const uint8_t *const *r1, int taps, int cq,
+                   const int8_t *b, int32_t *tile) {
+    for (int i = 0; i < 2 * NRI; i++) tile[i] = 0;
+    for (int t = 0; t < taps; t++)
+        for (int q = 0; q < cq; q++, b += 128)
+            for (int c = 0; c < NRI; c++)
+                for (int r = 0; r < 4; r++) {
+                    tile[c] += (int32_t)(int8_t)r0[t][4 * q + r] * b[c * 4 + r];
+                    tile[NRI + c] += (int32_t)(int8_t)r1[t][4 * q + r] * b[c * 4 + r];
+                }
+}
+
+/* The two AVX2 kernels (see the top), 8 accumulators + 4 B + A and ones: for non-negative
+ * codes igemm.c's ukr_avx2_u7 with A's words read through the tap pointers instead of a packed
+ * panel; for signed codes (no weight -128) a*b = |a| * sign(b, a). `signed_codes` is a
+ * constant in each caller, so each gets its own loop. */
+__attribute__((target("avx2"), always_inline)) static inline void
+dk_avx2(const uint8_t *const *r0, const uint8_t *const *r1, int taps, int cq, const int8_t *b, int32_t *tile,
+        const int signed_codes) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i c0[4], c1[4];
+    for (int s = 0; s < 4; s++) c0[s] = c1[s] = _mm256_setzero_si256();
+    for (int t = 0; t < taps; t++) {
+        const uint8_t *a0 = r0[t], *a1 = r1[t];
+        for (int q = 0; q < cq; q++, b += 128) {
+            __m256i bs[4];
+            for (int s = 0; s < 4; s++) bs[s] = _mm256_loadu_si256((const __m256i *)(b + 32 * s));
+            int32_t w0, w1;
+            memcpy(&w0, a0 + 4 * q, 4);
+            memcpy(&w1, a1 + 4 * q, 4);
+            __m256i x0 = _mm256_set1_epi32(w0), x1 = _mm256_set1_epi32(w1);
+            if (signed_codes) {
+                __m256i u0 = _mm256_abs_epi8(x0), u1 = _mm256_abs_epi8(x1);
+                for (int s = 0; s < 4; s++) {
+                    c0[s] = _mm256_add_epi32(c0[s], _mm256_madd_epi16(_mm256_maddubs_epi16(u0, _mm256_sign_epi8(bs[s], x0)), ones));
+                    c1[s] = _mm256_add_epi32(c1[s], _mm256_madd_epi16(_mm256_maddubs_epi16(u1, _mm256_sign_epi8(bs[s], x1)), ones));
+                }
+            } else {
+                for (int s = 0; s < 4; s++) {
+                    c0[s] = _mm256_add_epi32(c0[s], _mm256_madd_epi16(_mm256_maddubs_epi16(x0, bs[s]), ones));
+                    c1[s] = _mm256_add_epi32(c1[s], _mm256_madd_epi16(_mm256_maddubs_epi16(x1, bs[s]), ones));
+                }
+            }
+        }
+    }
+    for (int s = 0; s < 4; s++) {
+        _mm256_storeu_si256((__m256i *)(tile + 8 * s), c0[s]);
+        _mm256_storeu_si256((__m256i *)(tile + NRI + 8 * s), c1[s]);
+    }
+}
+
+__attribute__((target("avx2"))) static void dk_avx2_u7(const uint8_t *const *r0, const uint8_t *const *r1, int taps, int cq,
+                                                      const int8_t *b, int32_t *tile) {
+    dk_avx2(r0, r1, taps, cq, b, tile, 0);
+}
+
+__attribute__((target("avx2"))) static void dk_avx2_s7(const uint8_t *const *r0, const uint8_t *const *r1, int taps, int cq,
+                                                      const int8_t *b, int32_t *tile) {
+    dk_avx2(r0, r1, taps, cq, b, tile, 1);
+}
+
+typedef struct {
+    const ql_conv_geom *g;
+    int OH, OW, M, panels, taps, cq, isa, to_s8, split_n, chunk;
+    dk_fn kernel;
+    const int8_t *x;
+    const int8_t *packed;
+    const ql_requant_params *ep;
+    void *out;
+    _Atomic int status;
+} iconv_job;
+
+static _Thread_local ql_scratch tl_ptrs, tl_tile, tl_zero;
+
+static void iconv_task(int t, void *p) {
+    iconv_job *j = (iconv_job *)p;
+    const ql_conv_geom *g = j->g;
+    int m0 = 0, m1 = j->M, p0 = 0, p1 = j->panels;
+    if (j->split_n) {
+        p0 = t * j->chunk;
+        p1 = ql_min_i(p0 + j->chunk, j->panels);
+    } else {
+        m0 = t * j->chunk;
+        m1 = ql_min_i(m0 + j->chunk, j->M);
+    }
+    if (m0 >= m1 || p0 >= p1) return;
+    const int taps = j->taps, C = g->C, K = g->K, Kq = taps * j->cq;
+    const uint8_t **ptrs = (const uint8_t **)ql_scratch_reserve(&tl_ptrs, sizeof(void *) * (size_t)MB * taps);
+    int32_t *tile = (int32_t *)ql_scratch_reserve(&tl_tile, sizeof(int32_t) * MB * NRI);
+    uint8_t *zero = (uint8_t *)ql_scratch_reserve(&tl_zero, (size_t)C);
+    if (!ptrs || !tile || !zero) {
+        atomic_store(&j->status, QL_ENOMEM);
+        return;
+    }
+    memset(zero, 0, (size_t)C);
+    ptrdiff_t tap_offset[64]; /* taps <= 64 (checked in iconv_run) */
+    for (int kh = 0, t = 0; kh < g->KH; kh++)
+        for (int kw = 0; kw < g->KW; kw++, t++) tap_offset[t] = ((ptrdiff_t)kh * g->DH * g->W + (ptrdiff_t)kw * g->DW) * C;
+    dk_fn kernel = j->kernel;
+    const ql_requant_params *ep = j->ep;
+    const uint8_t *x = (const uint8_t *)j->x; /* the kernels reinterpret the bytes */
+    for (int mb = m0; mb < m1; mb += MB) {
+        int rows = ql_min_i(MB, m1 - mb);
+        /* the block's first pixel by division, the others by stepping (a division per pixel
+         * was a tenth of the 3-channel stem's time) */
+        int n = mb / (j->OH * j->OW), oh = (mb / j->OW) % j->OH, ow = mb % j->OW;
+        for (int r = 0; r < rows; r++, ow++) {
+            if (ow == j->OW) {
+                ow = 0;
+                if (++oh == j->OH) oh = 0, n++;
+            }
+            const uint8_t **pr = ptrs + (size_t)r * taps;
+            int ih0 = oh * g->SH - g->PH, iw0 = ow * g->SW - g->PW;
+            if (ih0 >= 0 && ih0 + (g->KH - 1) * g->DH < g->H && iw0 >= 0 && iw0 + (g->KW - 1) * g->DW < g->W) {
+                /* the whole window inside the image: the window's first byte plus fixed offsets */
+                const uint8_t *base = x + (((size_t)n * g->H + ih0) * g->W + iw0) * C;
+                for (int t = 0; t < taps; t++) pr[t] = base + tap_offset[t];
+                continue;
+            }
+            for (int kh = 0; kh < g->KH; kh++) {
+                int ih = ih0 + kh * g->DH;
+                for (int kw = 0; kw < g->KW; kw++) {
+                    int iw = iw0 + kw * g->DW;
+                    *pr++ = (ih < 0 || ih >= g->H || iw < 0 || iw >= g->W)
+                                ? zero
+                                : x + (((size_t)n * g->H + ih) * g->W + iw) * C;
+                }
+            }
+        }
+        for (int pn = p0; pn < p1; pn++) {
+            const int8_t *bp = j->packed + (size_t)pn * Kq * 128;
+            /* an odd last pixel is computed twice (its pointers as both rows); tile has MB rows
+             * and MB is even, so row `rows` exists whenever rows is odd */
+            for (int r = 0; r < rows; r += 2) {
+                const uint8_t *const *ra = ptrs + (size_t)r * taps;
+                kernel(ra, r + 1 < rows ? ra + taps : ra, taps, j->cq, bp, tile + (size_t)r * NRI);
+            }
+            int n0 = pn * NRI, ncols = ql_min_i(NRI, K - n0);
+            const int32_t *off = ep->col_offset ? ep->col_offset + n0 : NULL;
+            const float *bias = ep->bias ? ep->bias + n0 : NULL;
+            int st;
+            if (j->to_s8)
+                st = ql_requantize_s8_isa((ql_isa)(j->isa == QL_ISA_REF ? QL_ISA_REF : QL_ISA_AVX2), rows, ncols,
+                                          (int8_t *)j->out + (size_t)mb * K + n0, K, tile, NRI, off,
+                                          ep->scale + n0, bias, ep->relu);
+            else
+                st = (j->isa == QL_ISA_REF ? ql_dequantize_f32_ref : ql_dequantize_f32)(
+                    rows, ncols, (float *)j->out + (size_t)mb * K + n0, K, tile, NRI, off, ep->scale + n0, bias, ep->relu);
+            if (st) {
+                atomic_store(&j->status, st);
+                return;
+            }
+        }
+    }
+}
+
+/* Whether no byte of x[0..n) has its top bit set (as codes: all >= 0). */
+static int no_top_bit(const int8_t *x, size_t n) {
+    uint64_t any = 0;
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        uint64_t w;
+        memcpy(&w, x + i, 8);
+        any |= w;
+    }
+    for (; i < n; i++) any |= (uint8_t)x[i];
+    return (any & 0x8080808080808080ull) == 0;
+}
+
+static int contains_minus_128(const int8_t *x, size_t n) {
+    int found = 0;
+    for (size_t i = 0; i < n; i++) found |= x[i] == -128;
+    return found;
+}
+
+static int iconv_run(ql_isa isa, const ql_conv_geom *g, const int8_t *x, const void *packed,
+                     const ql_requant_params *ep, int to_s8, void *out) {
+    int OH, OW;
+    if (!g || !x || !packed || !ep || !ep->scale || !out || ql_conv_out_size(g, &OH, &OW) != QL_OK) return QL_EINVAL;
+    int level = ql_resolve_isa(isa);
+    if (level < 0) return QL_EUNSUPPORTED;
+    if (g->groups != 1 || g->C % 4 != 0 || g->KH * g->KW > 64 || level == QL_ISA_AVX512) return QL_EUNSUPPORTED;
+    int depth = g->KH * g->KW * g->C;
+    if (depth > 65536) return QL_EINVAL; /* the int32 bound of the GEMM's contract */
+    dk_fn kernel = dk_avx2_u7;
+    if (!no_top_bit(x, (size_t)g->N * g->H * g->W * g->C)) {
+        if (contains_minus_128((const int8_t *)packed, ql_igemm_packed_size(depth, g->K))) return QL_EUNSUPPORTED;
+        kernel = dk_avx2_s7;
+    }
+    if (level == QL_ISA_REF) kernel = dk_ref;
+    int M = g->N * OH * OW;
+    if (M == 0 || g->K == 0) return QL_OK;
+    iconv_job j = {g, OH, OW, M, (g->K + NRI - 1) / NRI, g->KH * g->KW, g->C / 4, level, to_s8, 0, 0, kernel,
+                   x, (const int8_t *)packed, ep, out, QL_OK};
+    int threads = ql_get_num_threads();
+    double ops = 2.0 * M * g->K * (double)depth;
+    int tasks = (threads <= 1 || ops < 4e6) ? 1 : threads;
+    /* split the pixels unless there are too few of them to give each thread a few blocks */
+    j.split_n = tasks > 1 && M < 2 * MB * tasks && j.panels >= tasks;
+    int extent = j.split_n ? j.panels : M, align = j.split_n ? 1 : 2;
+    j.chunk = ((extent + tasks - 1) / tasks + align - 1) / align * align;
+    tasks = (extent + j.chunk - 1) / j.chunk;
+    ql_parallel_for(tasks, iconv_task, &j);
+    return atomic_load(&j.status);
+}
+
+int ql_iconv_nhwc_s8_isa(ql_isa isa, const ql_conv_geom *g, const int8_t *x, const void *packed,
+                         const ql_requant_params *ep, int8_t *out) {
+    return iconv_run(isa, g, x, packed, ep, 1, out);
+}
+
+int ql_iconv_nhwc_f32_isa(ql_isa isa, const ql_conv_geom *g, const int8_t *x, const void *packed,
+                          const ql_requant_params *ep, float *out) {
+    return iconv_run(isa, g, x, packed, ep, 0, out);
+}
