@@ -92,6 +92,35 @@ public struct KernelBenchmarks {
         return (flops / tf / 1e9, 2 * flops / tb / 1e9)
     }
 
+    /// The INT8 engine's two routes for one 3x3 conv on post-ReLU codes (NHWC, 0..127), GOPS
+    /// with the requantizing epilogue: the direct kernel (iconv.c) and im2col + the packed
+    /// GEMM. `direct` is nil where the direct kernel does not run (AVX-512: the VNNI GEMM is
+    /// the route there).
+    public func int8ConvRates(batch: Int, inChannels c: Int, outChannels k: Int, size: Int, stride: Int) -> (direct: Double?, im2col: Double) {
+        var rng = SeededGenerator(seed: UInt64(c * 1000 + size))
+        var g = ql_conv_geom(N: Int32(batch), C: Int32(c), H: Int32(size), W: Int32(size), K: Int32(k), KH: 3, KW: 3,
+                             SH: Int32(stride), SW: Int32(stride), PH: 1, PW: 1, DH: 1, DW: 1, groups: 1)
+        var oh: Int32 = 0, ow: Int32 = 0
+        _ = ql_conv_out_size(&g, &oh, &ow)
+        let m = batch * Int(oh) * Int(ow), depth = 9 * c
+        let x = (0..<(batch * size * size * c)).map { _ in Int8(rng.next() % 128) }
+        let b = (0..<(depth * k)).map { _ in Int8(Int(rng.next() % 255) - 127) }
+        var packed = [Int8](repeating: 0, count: ql_igemm_packed_size(Int32(depth), Int32(k)))
+        _ = ql_igemm_pack_b(&packed, nil, b, Int32(k), Int32(depth), Int32(k))
+        var out = [Int8](repeating: 0, count: m * k), col = [UInt8](repeating: 0, count: m * depth)
+        let scale = [Float](repeating: 1e-3, count: k), ops = 2 * Double(m) * Double(depth) * Double(k)
+        return scale.withUnsafeBufferPointer { sc in
+            var ep = ql_requant_params(col_offset: nil, scale: sc.baseAddress, bias: nil, relu: 1)
+            let direct: Double? = ql_iconv_nhwc_s8_isa(QL_ISA_BEST, &g, x, packed, &ep, &out) != 0 ? nil
+                : ops / bestSeconds(rounds: quick ? 2 : 5) { _ = ql_iconv_nhwc_s8_isa(QL_ISA_BEST, &g, x, packed, &ep, &out) } / 1e9
+            let t = bestSeconds(rounds: quick ? 2 : 5) {
+                _ = ql_im2col_nhwc_s8u8(&col, x, &g, 0)
+                _ = ql_igemm_u8s8_s8(Int32(m), Int32(k), Int32(depth), col, Int32(depth), packed, &ep, &out, Int32(k))
+            }
+            return (direct, ops / t / 1e9)
+        }
+    }
+
     /// numpy's `a @ b` (OpenBLAS SGEMM) GFLOP/s for each size, measured in a child process
     /// with the same thread count. The machine-wide OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE
     /// overrides (set for old OpenBLAS builds) slow a current one, so they are unset for
@@ -186,6 +215,19 @@ public struct KernelBenchmarks {
                 let (gops, withEpi) = igemmRate(n, activationMax: amax)
                 log(String(format: "  int8 gemm %4d, %@: %6.1f GOPS (%6.1f fused with requantization), fp32 %6.1f GFLOP/s", n, label, gops, withEpi, fp32))
                 summary.append(String(format: "int8 gemm %d, %@: %.2fx our sgemm (%.2fx fused with requantization)", n, label, gops / fp32, withEpi / fp32))
+            }
+        }
+        // the INT8 engine's conv routes on the detector's 3x3 shapes (batch 32, 160 px input)
+        let shapes = quick ? [(16, 32, 80, 2), (128, 128, 10, 1)]
+            : [(16, 32, 80, 2), (32, 32, 40, 1), (64, 64, 20, 1), (128, 128, 10, 1), (256, 256, 5, 1)]
+        for (c, k, size, stride) in shapes {
+            let (direct, im2col) = int8ConvRates(batch: 32, inChannels: c, outChannels: k, size: size, stride: stride)
+            let label = String(format: "int8 conv 3x3 %d->%d %dx%d stride %d batch 32", c, k, size, size, stride)
+            if let direct {
+                log(String(format: "  %@: direct %6.1f GOPS, im2col + GEMM %6.1f GOPS", label, direct, im2col))
+                summary.append(String(format: "%@: direct %.2fx im2col + GEMM", label, direct / im2col))
+            } else {
+                log(String(format: "  %@: im2col + GEMM %6.1f GOPS (no direct kernel at this ISA level)", label, im2col))
             }
         }
         let (fwd, bwd) = convRates()

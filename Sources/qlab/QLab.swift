@@ -60,7 +60,7 @@ struct Demo: ParsableCommand {
 struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Kernel benchmarks, reported as ratios measured in one run.",
-        discussion: "SGEMM against numpy's OpenBLAS (same threads), INT8 GEMM against our SGEMM, conv2d against our SGEMM rate.")
+        discussion: "SGEMM against numpy's OpenBLAS (same threads), INT8 GEMM against our SGEMM, the INT8 conv's direct kernel against im2col + GEMM, conv2d against our SGEMM rate.")
 
     @Flag(help: "Fewer sizes and rounds (a smoke run).") var quick = false
     @Flag(help: "Only the engine: FP32 graph vs INT8 plan on the full-size detector, batch 1 and 32.") var engine = false
