@@ -1,6 +1,8 @@
 /* Elementwise, strided, normalisation, pooling, loss and optimizer kernels (contracts in
- * ckernels.h). Memory-bound loops: one plain version each, vectorised by the compiler. */
+ * ckernels.h). Memory-bound loops: one plain version each, vectorised by the compiler — except
+ * ReLU's backward, which it compiled to a branch per element (relu_bwd_avx2 below). */
 #include <float.h>
+#include <immintrin.h>
 #include <math.h>
 #include <string.h>
 #include "internal.h"
@@ -577,9 +579,28 @@ static void unary_fwd_task(int t, void *p) {
     unary_fwd_serial((ql_unary_op)j->op, j->a + lo, j->b + lo, len);
 }
 
+/* ReLU's backward, 8 at a time: dx = [dx or +0] + (x > 0 ? dy : +0), the scalar loop's
+ * operations in the same order (so the same bits, -0 and NaN included). The scalar loop compiles
+ * to a branch per element, and half of them mispredict on a ReLU's inputs: it took 15x the
+ * forward's time in a training step. */
+__attribute__((target("avx2"))) static void relu_bwd_avx2(float *restrict dx, const float *restrict dy,
+                                                         const float *restrict x, int64_t n, int overwrite) {
+    const __m256 zero = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 pass = _mm256_and_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + i), zero, _CMP_GT_OQ), _mm256_loadu_ps(dy + i));
+        _mm256_storeu_ps(dx + i, _mm256_add_ps(overwrite ? zero : _mm256_loadu_ps(dx + i), pass));
+    }
+    for (; i < n; i++) dx[i] = (overwrite ? 0.0f : dx[i]) + (x[i] > 0.0f ? dy[i] : 0.0f);
+}
+
 static void unary_bwd_task(int t, void *p) {
     chunk_job *j = (chunk_job *)p;
     int64_t lo = (int64_t)t * CHUNK, len = j->n - lo < CHUNK ? j->n - lo : CHUNK;
+    if (j->op == QL_UNARY_RELU && ql_resolve_isa(QL_ISA_BEST) >= QL_ISA_AVX2) {
+        relu_bwd_avx2(j->a + lo, j->b + lo, j->c + lo, len, j->overwrite);
+        return;
+    }
     /* overwrite: zero the chunk here, where it is about to be used (in cache), rather than
      * in a separate pass over the whole array */
     if (j->overwrite) memset(j->a + lo, 0, sizeof(float) * (size_t)len);

@@ -89,6 +89,23 @@ struct KernelTests {
         }
     }
 
+    /// ReLU's backward has its own AVX2 loop (the scalar one branched per element); bit for bit
+    /// the scalar definition dx + (x > 0 ? dy : 0), on inputs with zeros, -0, NaN and infinities.
+    @Test("ReLU backward equals dx + (x > 0 ? dy : 0) bit for bit, written and accumulated", arguments: [1, 9, 40_003])
+    func reluBackwardExact(n: Int) {
+        var rng = SeededGenerator(seed: 77 + UInt64(n))
+        let specials: [Float] = [0, -0.0, .nan, .infinity, -.infinity, 1e-40]
+        func sample() -> Float { rng.next() % 5 == 0 ? specials[Int(rng.next() % 6)] : rng.nextFloat() * 4 - 2 }
+        let x = (0..<n).map { _ in sample() }, dy = (0..<n).map { _ in sample() }, start = (0..<n).map { _ in sample() }
+        func want(_ base: [Float]?) -> [Float] { (0..<n).map { i in (base?[i] ?? 0) + (x[i] > 0 ? dy[i] : 0) } }
+        var written = [Float](repeating: .nan, count: n), accumulated = start
+        ql_unary_bwd_into(QL_UNARY_RELU, &written, dy, x, nil, Int64(n), 0)
+        ql_unary_bwd_into(QL_UNARY_RELU, &accumulated, dy, x, nil, Int64(n), 1)
+        func bits(_ v: [Float]) -> [UInt32] { v.map(\.bitPattern) }
+        #expect(bits(written) == bits(want(nil)), "written, n \(n)")
+        #expect(bits(accumulated) == bits(want(start)), "accumulated, n \(n)")
+    }
+
     @Test("SGEMM with beta = 0 ignores NaNs already in C; K = 0 scales C")
     func sgemmBetaZero() {
         let a: [Float] = [1, 2, 3, 4], b: [Float] = [1, 0, 0, 1]
