@@ -43,6 +43,10 @@ static _Atomic unsigned long long claim_word = 0;
 static unsigned long long job_seq = 0; /* under pool_lock */
 static _Thread_local int in_task = 0;
 static _Thread_local int serial_thread = 0; /* ql_set_thread_serial */
+/* ql_pool_stress's thread count, for the jobs of its own thread only: changing the global count
+ * changed, mid-run, how many partial sums the kernels of concurrently running tests made (so
+ * their bits), and a test comparing two training runs bit for bit failed now and then. */
+static _Thread_local int stress_threads = 0;
 
 static void run_tasks(void) {
     in_task = 1;
@@ -121,12 +125,13 @@ int ql_get_num_threads(void) {
 void ql_parallel_for(int ntasks, ql_task_fn fn, void *ctx) {
     pthread_once(&pool_once, pool_init);
     if (ntasks <= 0) return;
-    if (ntasks == 1 || in_task || serial_thread || n_threads == 1) {
+    int threads = stress_threads ? stress_threads : n_threads;
+    if (ntasks == 1 || in_task || serial_thread || threads == 1) {
         for (int t = 0; t < ntasks; t++) fn(t, ctx);
         return;
     }
     pthread_mutex_lock(&pool_lock);
-    int helpers = ql_min_i(n_threads, ntasks) - 1;
+    int helpers = ql_min_i(threads, ntasks) - 1;
     ensure_workers(helpers);
     helpers = ql_min_i(helpers, n_workers);
     atomic_store(&job_fn, fn);
@@ -162,11 +167,10 @@ static void stress_task(int t, void *p) {
 
 long ql_pool_stress(int jobs, int threads) {
     if (jobs < 1) return 0;
-    int saved = ql_get_num_threads();
-    ql_set_num_threads(threads);
+    stress_threads = threads < 1 ? 1 : (threads > QL_MAX_THREADS ? QL_MAX_THREADS : threads);
     _Atomic int *arena = calloc((size_t)jobs * 64, sizeof(int));
     stress_job *ctx = calloc((size_t)jobs, sizeof(stress_job));
-    if (!arena || !ctx) { free(arena); free(ctx); ql_set_num_threads(saved); return -1; }
+    if (!arena || !ctx) { free(arena); free(ctx); stress_threads = 0; return -1; }
     static const int sizes[3] = {2, 9, 40};
     for (int j = 0; j < jobs; j++) {
         ctx[j].counts = arena + (size_t)j * 64;
@@ -178,6 +182,6 @@ long ql_pool_stress(int jobs, int threads) {
         for (int t = 0; t < 64; t++) if (atomic_load(&arena[(size_t)j * 64 + t]) != (t < ctx[j].n ? 1 : 0)) bad++;
     free(arena);
     free(ctx);
-    ql_set_num_threads(saved);
+    stress_threads = 0;
     return bad;
 }

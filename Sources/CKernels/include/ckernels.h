@@ -64,7 +64,8 @@ int ql_get_num_threads(void);
  * instance per thread, each serial, as onnxruntime sessions with intra_op_num_threads = 1. */
 void ql_set_thread_serial(int serial);
 /* The pool's own check: `jobs` consecutive jobs of alternating sizes (2, 9, 40 tasks) on
- * `threads` threads (more than the cores makes preemption likely); every task counts its runs
+ * `threads` threads (more than the cores makes preemption likely; for this call's jobs only, the
+ * global count that other threads' kernels read is untouched); every task counts its runs
  * in a slot that stays allocated. Returns the number of slots whose count is not exactly one
  * run per task of that job (0 when every task of every job ran once, in its own job). */
 long ql_pool_stress(int jobs, int threads);
