@@ -139,8 +139,8 @@ static void iconv_task(int t, void *p) {
     }
     memset(zero, 0, (size_t)C);
     ptrdiff_t tap_offset[64]; /* taps <= 64 (checked in iconv_run) */
-    for (int kh = 0, t = 0; kh < g->KH; kh++)
-        for (int kw = 0; kw < g->KW; kw++, t++) tap_offset[t] = ((ptrdiff_t)kh * g->DH * g->W + (ptrdiff_t)kw * g->DW) * C;
+    for (int kh = 0, tap = 0; kh < g->KH; kh++)
+        for (int kw = 0; kw < g->KW; kw++, tap++) tap_offset[tap] = ((ptrdiff_t)kh * g->DH * g->W + (ptrdiff_t)kw * g->DW) * C;
     dk_fn kernel = j->kernel;
     const ql_requant_params *ep = j->ep;
     const uint8_t *x = (const uint8_t *)j->x; /* the kernels reinterpret the bytes */
@@ -159,7 +159,7 @@ static void iconv_task(int t, void *p) {
             if (ih0 >= 0 && ih0 + (g->KH - 1) * g->DH < g->H && iw0 >= 0 && iw0 + (g->KW - 1) * g->DW < g->W) {
                 /* the whole window inside the image: the window's first byte plus fixed offsets */
                 const uint8_t *base = x + (((size_t)n * g->H + ih0) * g->W + iw0) * C;
-                for (int t = 0; t < taps; t++) pr[t] = base + tap_offset[t];
+                for (int tap = 0; tap < taps; tap++) pr[tap] = base + tap_offset[tap];
                 continue;
             }
             for (int kh = 0; kh < g->KH; kh++) {
@@ -180,17 +180,8 @@ static void iconv_task(int t, void *p) {
                 const uint8_t *const *ra = ptrs + (size_t)r * taps;
                 kernel(ra, r + 1 < rows ? ra + taps : ra, taps, j->cq, bp, tile + (size_t)r * NRI);
             }
-            int n0 = pn * NRI, ncols = ql_min_i(NRI, K - n0);
-            const int32_t *off = ep->col_offset ? ep->col_offset + n0 : NULL;
-            const float *bias = ep->bias ? ep->bias + n0 : NULL;
-            int st;
-            if (j->to_s8)
-                st = ql_requantize_s8_isa((ql_isa)(j->isa == QL_ISA_REF ? QL_ISA_REF : QL_ISA_AVX2), rows, ncols,
-                                          (int8_t *)j->out + (size_t)mb * K + n0, K, tile, NRI, off,
-                                          ep->scale + n0, bias, ep->relu);
-            else
-                st = (j->isa == QL_ISA_REF ? ql_dequantize_f32_ref : ql_dequantize_f32)(
-                    rows, ncols, (float *)j->out + (size_t)mb * K + n0, K, tile, NRI, off, ep->scale + n0, bias, ep->relu);
+            int n0 = pn * NRI;
+            int st = ql_epilogue_block(j->isa, j->to_s8, j->out, K, mb, n0, rows, ql_min_i(NRI, K - n0), tile, NRI, ep);
             if (st) {
                 atomic_store(&j->status, st);
                 return;

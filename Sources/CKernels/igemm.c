@@ -284,16 +284,15 @@ typedef struct {
     _Atomic int status;
 } igemm_job;
 
-static void epilogue_rows(const igemm_job *j, int rows, int n0, int ncols, const int32_t *acc, int ldacc, int m0) {
-    const ql_requant_params *ep = j->ep;
+int ql_epilogue_block(int isa, int to_s8, void *out, int ldo, int m0, int n0, int rows, int ncols,
+                      const int32_t *acc, int ldacc, const ql_requant_params *ep) {
     const int32_t *off = ep->col_offset ? ep->col_offset + n0 : NULL;
     const float *bias = ep->bias ? ep->bias + n0 : NULL;
-    if (j->kind == OUT_S8)
-        ql_requantize_s8_isa((ql_isa)j->isa, rows, ncols, (int8_t *)j->out + (size_t)m0 * j->ldo + n0, j->ldo, acc, ldacc,
-                             off, ep->scale + n0, bias, ep->relu);
-    else
-        ql_dequantize_f32(rows, ncols, (float *)j->out + (size_t)m0 * j->ldo + n0, j->ldo, acc, ldacc, off,
-                          ep->scale + n0, bias, ep->relu);
+    if (to_s8)
+        return ql_requantize_s8_isa((ql_isa)isa, rows, ncols, (int8_t *)out + (size_t)m0 * ldo + n0, ldo, acc, ldacc,
+                                    off, ep->scale + n0, bias, ep->relu);
+    return ql_dequantize_f32(rows, ncols, (float *)out + (size_t)m0 * ldo + n0, ldo, acc, ldacc, off,
+                             ep->scale + n0, bias, ep->relu);
 }
 
 /* Rows [m0, m0+M) x columns [n0, n0+N) of the product (n0 a multiple of NRI). Loop order:
@@ -332,7 +331,7 @@ static int igemm_block(const igemm_job *j, int m0, int M, int n0, int N) {
                         ql_min_i(MRI, mc - ir), nr);
             }
         }
-        if (j->kind != OUT_S32) epilogue_rows(j, mc, n0, N, Cb, ldc, m0 + ic);
+        if (j->kind != OUT_S32) ql_epilogue_block(j->isa, j->kind == OUT_S8, j->out, j->ldo, m0 + ic, n0, mc, N, Cb, ldc, j->ep);
     }
     return QL_OK;
 }

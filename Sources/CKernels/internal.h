@@ -29,6 +29,13 @@ void ql_sgemm_serial(int isa, int transA, int transB, int M, int N, int K, float
                      const float *A, int lda, const float *B, int ldb, float beta, float *C,
                      int ldc);
 
+/* The INT8 epilogue of a block of int32 accumulators (rows x ncols, row stride ldacc) for rows
+ * m0.. and columns n0.. of the output (int8 codes when to_s8, else floats; row stride ldo), with
+ * ep's per-column arrays read from n0: the one call the GEMM (igemm.c) and the direct conv
+ * (iconv.c) share. Returns the epilogue's status. */
+int ql_epilogue_block(int isa, int to_s8, void *out, int ldo, int m0, int n0, int rows, int ncols,
+                      const int32_t *acc, int ldacc, const ql_requant_params *ep);
+
 static inline int ql_min_i(int a, int b) { return a < b ? a : b; }
 
 #include <math.h>
