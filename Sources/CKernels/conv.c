@@ -139,7 +139,106 @@ typedef struct {
     _Atomic int status;
 } conv_job;
 
-static _Thread_local ql_scratch tl_col;
+static _Thread_local ql_scratch tl_col, tl_pad;
+
+/* ---------------------------------------------------------------------------------------- */
+/* Implicit GEMM: the im2col matrix packed straight from the image                           */
+/* ---------------------------------------------------------------------------------------- */
+/* The GEMM's packing step copies its operands into panels anyway; reading the image there,
+ * instead of an im2col matrix written just before, saves writing and re-reading that matrix
+ * (KH*KW times the image: it took a fifth of a 3x3 conv's forward time). The image is first
+ * copied with its padding as zeros (1/KH*KW of the matrix's size), so that every tap of every
+ * pixel is a plain load: col[(ci, kh, kw)][(oh, ow)] = xp[ci][oh*SH + kh*DH][ow*SW + kw*DW].
+ * The panels hold the same values as packing the im2col matrix would, so the products are the
+ * same bits. */
+typedef struct {
+    const float *xp; /* Cg planes of Hp x Wp: the image (group) with its padding as zeros */
+    int Hp, Wp, OW, KH, KW, SH, SW, DH, DW;
+    int col0; /* the output pixel of the GEMM's column 0 (a thread's share of the pixels) */
+} implicit_src;
+
+/* xp = x with PH rows and PW columns of zeros around each of the C planes. */
+static void pad_planes(float *restrict xp, const float *restrict x, int C, int H, int W, int PH, int PW) {
+    int Wp = W + 2 * PW;
+    for (int c = 0; c < C; c++) {
+        const float *src = x + (size_t)c * H * W;
+        float *dst = xp + (size_t)c * (H + 2 * PH) * Wp;
+        memset(dst, 0, sizeof(float) * (size_t)PH * Wp);
+        dst += (size_t)PH * Wp;
+        for (int h = 0; h < H; h++, dst += Wp) {
+            for (int w = 0; w < PW; w++) dst[w] = dst[PW + W + w] = 0.0f;
+            memcpy(dst + PW, src + (size_t)h * W, sizeof(float) * (size_t)W);
+        }
+        memset(dst, 0, sizeof(float) * (size_t)PH * Wp);
+    }
+}
+
+/* The source of one image group: the image itself when it has no padding, else a padded copy
+ * in `scratch`. NULL when the scratch cannot be had. */
+static const float *implicit_source(implicit_src *s, ql_scratch *scratch, const float *xg, int Cg, const ql_conv_geom *g, int OW) {
+    *s = (implicit_src){xg, g->H + 2 * g->PH, g->W + 2 * g->PW, OW, g->KH, g->KW, g->SH, g->SW, g->DH, g->DW, 0};
+    if (g->PH == 0 && g->PW == 0) return xg;
+    float *xp = (float *)ql_scratch_reserve(scratch, (size_t)Cg * s->Hp * s->Wp * sizeof(float));
+    if (!xp) return NULL;
+    pad_planes(xp, xg, Cg, g->H, g->W, g->PH, g->PW);
+    s->xp = xp;
+    return xp;
+}
+
+/* B = col (rows: taps (ci, kh, kw); columns: output pixels), for the forward. Each panel's
+ * pixel offsets are computed once; a panel of pixels adjacent in memory is one copy per row. */
+static void implicit_pack_b(const void *ctx, float *Bp, int NR, int j0, int nc, int k0, int kc) {
+    const implicit_src *s = (const implicit_src *)ctx;
+    size_t plane = (size_t)s->Hp * s->Wp;
+    int taps = s->KH * s->KW;
+    for (int p = 0; p < nc; p += NR) {
+        int cols = ql_min_i(NR, nc - p), off[32];
+        int j = s->col0 + j0 + p, oh = j / s->OW, ow = j % s->OW;
+        for (int c = 0; c < cols; c++) {
+            off[c] = oh * s->SH * s->Wp + ow * s->SW;
+            if (++ow == s->OW) { ow = 0; oh++; }
+        }
+        int adjacent = cols == NR && off[NR - 1] - off[0] == NR - 1;
+        float *dst = Bp + (size_t)p * kc;
+        int ci = k0 / taps, kh = k0 % taps / s->KW, kw = k0 % s->KW;
+        for (int k = 0; k < kc; k++) {
+            const float *src = s->xp + ci * plane + (size_t)kh * s->DH * s->Wp + (size_t)kw * s->DW;
+            float *d = dst + (size_t)k * NR;
+            if (adjacent) {
+                src += off[0];
+                for (int c = 0; c < NR; c++) d[c] = src[c];
+            } else {
+                for (int c = 0; c < cols; c++) d[c] = src[off[c]];
+                for (int c = cols; c < NR; c++) d[c] = 0.0f;
+            }
+            if (++kw == s->KW) { kw = 0; if (++kh == s->KH) { kh = 0; ci++; } }
+        }
+    }
+}
+
+/* A = col as the weight gradient's left operand (rows: taps; the depth: output pixels). */
+static void implicit_pack_a(const void *ctx, float *Ap, int MR, int i0, int mc, int k0, int kc) {
+    const implicit_src *s = (const implicit_src *)ctx;
+    size_t plane = (size_t)s->Hp * s->Wp;
+    int taps = s->KH * s->KW;
+    for (int p = 0; p < mc; p += MR) {
+        int rows = ql_min_i(MR, mc - p);
+        const float *src[16];
+        for (int r = 0; r < rows; r++) {
+            int i = i0 + p + r, t = i % taps;
+            src[r] = s->xp + (size_t)(i / taps) * plane + (size_t)(t / s->KW) * s->DH * s->Wp + (size_t)(t % s->KW) * s->DW;
+        }
+        float *dst = Ap + (size_t)p * kc;
+        int j = s->col0 + k0, oh = j / s->OW, ow = j % s->OW;
+        for (int k = 0; k < kc; k++) {
+            int o = oh * s->SH * s->Wp + ow * s->SW;
+            float *d = dst + (size_t)k * MR;
+            for (int r = 0; r < rows; r++) d[r] = src[r][o];
+            for (int r = rows; r < MR; r++) d[r] = 0.0f;
+            if (++ow == s->OW) { ow = 0; oh++; }
+        }
+    }
+}
 
 static float *col_scratch(size_t n) { return (float *)ql_scratch_reserve(&tl_col, n * sizeof(float)); }
 
@@ -164,7 +263,9 @@ static void pack_weights(conv_job *j, int transA) {
     int KK = j->Cg * g->KH * g->KW;
     int M = transA ? KK : j->Kg, K = transA ? j->Kg : KK;
     j->apack = NULL;
-    if (!j->per_image_parallel || j->isa == QL_ISA_REF || g->N < 2) return;
+    /* the forward packs them for any batch: its implicit GEMM needs them packed */
+    int implicit_fwd = !transA && !j->pointwise;
+    if (j->isa == QL_ISA_REF || (!implicit_fwd && (!j->per_image_parallel || g->N < 2))) return;
     j->apack_group = ql_sgemm_packed_a_floats((ql_isa)j->isa, M, K);
     if (!j->apack_group) return;
     float *ap = (float *)ql_aligned_alloc(j->apack_group * g->groups * sizeof(float));
@@ -186,17 +287,39 @@ static void gemm_w(conv_job *j, int grp, int tA, int M, int N, int K, const floa
         atomic_store(&j->status, QL_ENOMEM); /* as when the col scratch cannot be had */
 }
 
+/* One thread's share of an image's output pixels, for an implicit forward GEMM run by all
+ * threads on one image (batches smaller than the thread count). */
+typedef struct {
+    conv_job *j;
+    const implicit_src *src;
+    const float *apack;
+    float *y;
+    int P, chunk;
+} columns_job;
+
+static void fwd_columns_task(int t, void *p) {
+    const columns_job *c = (const columns_job *)p;
+    int lo = t * c->chunk, n = ql_min_i(c->chunk, c->P - lo);
+    if (n <= 0) return;
+    implicit_src s = *c->src;
+    s.col0 = lo;
+    ql_operand_packers pk = {implicit_pack_b, NULL, &s};
+    if (ql_sgemm_packers_serial(c->j->isa, c->j->Kg, n, c->j->Cg * s.KH * s.KW, c->apack, 0, NULL, 0, &pk,
+                                c->j->b ? 1.0f : 0.0f, c->y + lo, c->P))
+        atomic_store(&c->j->status, QL_ENOMEM);
+}
+
 static void fwd_image(int n, void *p) {
     conv_job *j = (conv_job *)p;
     const ql_conv_geom *g = j->g;
     int P = j->OH * j->OW, KK = j->Cg * g->KH * g->KW;
-    float *col = j->pointwise ? NULL : col_scratch((size_t)KK * P);
-    if (!j->pointwise && !col) { atomic_store(&j->status, QL_ENOMEM); return; }
+    /* implicit GEMM where the weights are packed (every level but the reference) */
+    int implicit = !j->pointwise && j->apack;
+    float *col = j->pointwise || implicit ? NULL : col_scratch((size_t)KK * P);
+    if (!j->pointwise && !implicit && !col) { atomic_store(&j->status, QL_ENOMEM); return; }
     for (int grp = 0; grp < g->groups; grp++) {
         const float *xg = j->x + ((size_t)n * g->C + (size_t)grp * j->Cg) * g->H * g->W;
         float *yg = j->y + ((size_t)n * g->K + (size_t)grp * j->Kg) * P;
-        if (!j->pointwise) ql_im2col(col, xg, j->Cg, g->H, g->W, g->KH, g->KW, g->SH, g->SW, g->PH, g->PW, g->DH, g->DW);
-        const float *B = j->pointwise ? xg : col;
         if (j->b) {
             for (int k = 0; k < j->Kg; k++) {
                 float bv = j->b[grp * j->Kg + k];
@@ -204,6 +327,24 @@ static void fwd_image(int n, void *p) {
                 for (int i = 0; i < P; i++) row[i] = bv;
             }
         }
+        if (implicit) {
+            implicit_src src;
+            if (!implicit_source(&src, &tl_pad, xg, j->Cg, g, j->OW)) { atomic_store(&j->status, QL_ENOMEM); return; }
+            const float *ap = j->apack + grp * j->apack_group;
+            if (j->per_image_parallel) {
+                ql_operand_packers pk = {implicit_pack_b, NULL, &src};
+                if (ql_sgemm_packers_serial(j->isa, j->Kg, P, KK, ap, 0, NULL, 0, &pk, j->b ? 1.0f : 0.0f, yg, P))
+                    atomic_store(&j->status, QL_ENOMEM);
+            } else {
+                /* one image on all threads: each takes a slice of the pixels (tile-aligned) */
+                int threads = ql_get_num_threads(), chunk = ((P + threads - 1) / threads + 31) / 32 * 32;
+                columns_job cj = {j, &src, ap, yg, P, chunk};
+                ql_parallel_for((P + chunk - 1) / chunk, fwd_columns_task, &cj);
+            }
+            continue;
+        }
+        if (!j->pointwise) ql_im2col(col, xg, j->Cg, g->H, g->W, g->KH, g->KW, g->SH, g->SW, g->PH, g->PW, g->DH, g->DW);
+        const float *B = j->pointwise ? xg : col;
         gemm_w(j, grp, 0, j->Kg, P, KK, j->w + (size_t)grp * j->Kg * KK, B, P, j->b ? 1.0f : 0.0f, yg, P);
     }
 }
@@ -234,17 +375,27 @@ static void bwd_weight_task(int t, void *p) {
     int P = j->OH * j->OW, KK = j->Cg * g->KH * g->KW;
     int n0 = (int)((long)t * g->N / j->tasks), n1 = (int)((long)(t + 1) * g->N / j->tasks);
     float *dw = j->dw_partials + (size_t)t * j->wsize;
-    float *col = j->pointwise ? NULL : col_scratch((size_t)KK * P);
-    if (!j->pointwise && !col) { atomic_store(&j->status, QL_ENOMEM); return; }
+    /* implicit where this task's GEMMs run serially (images in parallel) */
+    int implicit = !j->pointwise && j->per_image_parallel && j->isa != QL_ISA_REF;
+    float *col = j->pointwise || implicit ? NULL : col_scratch((size_t)KK * P);
+    if (!j->pointwise && !implicit && !col) { atomic_store(&j->status, QL_ENOMEM); return; }
     for (int n = n0; n < n1; n++)
         for (int grp = 0; grp < g->groups; grp++) {
             const float *xg = j->x + ((size_t)n * g->C + (size_t)grp * j->Cg) * g->H * g->W;
             const float *dyg = j->dy + ((size_t)n * g->K + (size_t)grp * j->Kg) * P;
-            if (!j->pointwise) ql_im2col(col, xg, j->Cg, g->H, g->W, g->KH, g->KW, g->SH, g->SW, g->PH, g->PW, g->DH, g->DW);
+            float beta = n == n0 ? 0.0f : 1.0f, *dwg = dw + (size_t)grp * j->Kg * KK;
             /* dW_g^T[KK, Kg] += col[KK, P] * dy_g^T[P, Kg]: the large operand (col) is packed
              * row-wise and only the small dy is transposed; transposed back in the reduction */
-            gemm(j, 0, 1, KK, j->Kg, P, j->pointwise ? xg : col, P, dyg, P, n == n0 ? 0.0f : 1.0f,
-                 dw + (size_t)grp * j->Kg * KK, j->Kg);
+            if (implicit) { /* col's panels packed from the image (see implicit_pack_a) */
+                implicit_src src;
+                if (!implicit_source(&src, &tl_pad, xg, j->Cg, g, j->OW)) { atomic_store(&j->status, QL_ENOMEM); return; }
+                ql_operand_packers pk = {NULL, implicit_pack_a, &src};
+                if (ql_sgemm_packers_serial(j->isa, KK, j->Kg, P, NULL, 1, dyg, P, &pk, beta, dwg, j->Kg))
+                    atomic_store(&j->status, QL_ENOMEM);
+                continue;
+            }
+            if (!j->pointwise) ql_im2col(col, xg, j->Cg, g->H, g->W, g->KH, g->KW, g->SH, g->SW, g->PH, g->PW, g->DH, g->DW);
+            gemm(j, 0, 1, KK, j->Kg, P, j->pointwise ? xg : col, P, dyg, P, beta, dwg, j->Kg);
         }
 }
 

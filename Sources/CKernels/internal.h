@@ -29,6 +29,25 @@ void ql_sgemm_serial(int isa, int transA, int transB, int M, int N, int K, float
                      const float *A, int lda, const float *B, int ldb, float beta, float *C,
                      int ldc);
 
+/* Operands that the caller packs into the micro-kernel's panels itself instead of having them
+ * read from a matrix in memory: a convolution's implicit GEMM (conv.c) packs panels of its
+ * im2col matrix straight from the image, so that matrix is never written. pack_b fills
+ * Bp[panel][k][c] = B[k0 + k][j0 + panel*NR + c] for c < nc - panel*NR, zero beyond (B as the
+ * K x N operand); pack_a fills Ap[panel][k][r] = A[i0 + panel*MR + r][k0 + k], zero rows
+ * beyond mc (A as the M x K operand). Either may be NULL (then that operand comes as usual). */
+typedef struct {
+    void (*pack_b)(const void *ctx, float *Bp, int NR, int j0, int nc, int k0, int kc);
+    void (*pack_a)(const void *ctx, float *Ap, int MR, int i0, int mc, int k0, int kc);
+    const void *ctx;
+} ql_operand_packers;
+
+/* C = A B + beta C on the calling thread (isa: a resolved level above ref), A pre-packed by
+ * ql_sgemm_pack_a (Ap) or, with Ap NULL, by pk->pack_a; B by pk->pack_b, or read from B as
+ * ql_sgemm_packed_a_serial does. The blocking and summation order are ql_sgemm_serial's, so
+ * the same operand values give the same bits. QL_ENOMEM (C untouched) without scratch. */
+int ql_sgemm_packers_serial(int isa, int M, int N, int K, const float *Ap, int transB, const float *B, int ldb,
+                            const ql_operand_packers *pk, float beta, float *C, int ldc);
+
 /* The INT8 epilogue of a block of int32 accumulators (rows x ncols, row stride ldacc) for rows
  * m0.. and columns n0.. of the output (int8 codes when to_s8, else floats; row stride ldo), with
  * ep's per-column arrays read from n0: the one call the GEMM (igemm.c) and the direct conv
@@ -48,12 +67,73 @@ static inline float ql_code(float x, float s, float lim) {
     return q > lim ? lim : (q < -lim ? -lim : q);
 }
 
-/* The logistic function without overflow for large |x|; SiLU is x * this (one definition for
- * the elementwise op and the INT8 epilogue, so that both compute the same floats). */
-static inline float sigmoidf_stable(float x) {
-    if (x >= 0.0f) return 1.0f / (1.0f + expf(-x));
-    float e = expf(x);
-    return e / (1.0f + e);
+/* exp(t) for t <= 0, the one exponential behind the logistic function (and so SiLU) in the
+ * elementwise ops and the INT8 epilogue. Written out rather than libm's expf so that the AVX2
+ * loops compute the same bits 8 at a time (ql_exp_nonpos8 below: the same operations, each a
+ * correctly rounded float operation, fmaf where it has an FMA). t = n ln2 + r, |r| <= ln2/2
+ * (ln2 in two parts, so r is exact); exp(r) by Cephes' degree-7 minimax form
+ * 1 + r + r^2 P(r); times 2^n built in the exponent bits. Within 2 ulp of exp over
+ * [-87, 0] (tested); t below -87 (and NaN) gives exp(-87) ~ 1.6e-38, which only the caller's
+ * NaN check and products can tell from exp(t). */
+#define QL_EXP_P0 1.9875691500e-4f
+#define QL_EXP_P1 1.3981999507e-3f
+#define QL_EXP_P2 8.3334519073e-3f
+#define QL_EXP_P3 4.1665795894e-2f
+#define QL_EXP_P4 1.6666665459e-1f
+#define QL_EXP_P5 5.0000001201e-1f
+#define QL_LOG2E 1.44269504088896341f
+#define QL_LN2_HI 0.693359375f
+#define QL_LN2_LO (-2.12194440e-4f)
+static inline float ql_exp_nonpos(float t) {
+    t = t > -87.0f ? t : -87.0f; /* NaN -> -87, as _mm256_max_ps(t, -87) */
+    float n = nearbyintf(t * QL_LOG2E);
+    float r = fmaf(n, -QL_LN2_HI, t);
+    r = fmaf(n, -QL_LN2_LO, r);
+    float p = fmaf(QL_EXP_P0, r, QL_EXP_P1);
+    p = fmaf(p, r, QL_EXP_P2);
+    p = fmaf(p, r, QL_EXP_P3);
+    p = fmaf(p, r, QL_EXP_P4);
+    p = fmaf(p, r, QL_EXP_P5);
+    float z = r * r;
+    p = fmaf(p, z, r);
+    p = p + 1.0f;
+    union { int32_t i; float f; } two_n = {((int32_t)n + 127) << 23}; /* n in [-126, 0] */
+    return p * two_n.f;
 }
+
+/* The logistic function without overflow for large |x|: e = exp(-|x|), then 1 / (1 + e) for
+ * x >= 0, e / (1 + e) below; NaN stays NaN. SiLU is x * this. */
+static inline float sigmoidf_stable(float x) {
+    float e = ql_exp_nonpos(-fabsf(x)), d = 1.0f + e;
+    float s = x >= 0.0f ? 1.0f / d : e / d;
+    return x != x ? x : s;
+}
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+/* The same, 8 lanes: bit for bit the scalar functions above (tested). */
+__attribute__((target("avx2,fma"))) static inline __m256 ql_exp_nonpos8(__m256 t) {
+    t = _mm256_max_ps(t, _mm256_set1_ps(-87.0f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(t, _mm256_set1_ps(QL_LOG2E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fmadd_ps(n, _mm256_set1_ps(-QL_LN2_HI), t);
+    r = _mm256_fmadd_ps(n, _mm256_set1_ps(-QL_LN2_LO), r);
+    __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(QL_EXP_P0), r, _mm256_set1_ps(QL_EXP_P1));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(QL_EXP_P2));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(QL_EXP_P3));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(QL_EXP_P4));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(QL_EXP_P5));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r);
+    p = _mm256_add_ps(p, _mm256_set1_ps(1.0f));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+__attribute__((target("avx2,fma"))) static inline __m256 ql_sigmoid8(__m256 x) {
+    const __m256 one = _mm256_set1_ps(1.0f);
+    __m256 e = ql_exp_nonpos8(_mm256_or_ps(x, _mm256_set1_ps(-0.0f))), d = _mm256_add_ps(one, e);
+    __m256 s = _mm256_blendv_ps(_mm256_div_ps(e, d), _mm256_div_ps(one, d), _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_GE_OQ));
+    return _mm256_blendv_ps(s, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+}
+#endif
 static inline int ql_max_i(int a, int b) { return a > b ? a : b; }
 #endif

@@ -226,7 +226,7 @@ static void scale_c(float *C, int ldc, int M, int N, float beta) {
  * Returns QL_ENOMEM, with C untouched, when the packing scratch cannot be had. */
 static int sgemm_blocked(int isa, int transA, int transB, int M, int N, int K, float alpha,
                          const float *A, int lda, const float *Apre, const float *B, int ldb,
-                         float beta, float *C, int ldc) {
+                         float beta, float *C, int ldc, const ql_operand_packers *pk) {
     int MR = isa == QL_ISA_AVX512 ? MR512 : MR256;
     int NR = isa == QL_ISA_AVX512 ? NR512 : NR256;
     ukr_fn ukr = isa == QL_ISA_AVX512 ? ukr_avx512 : ukr_avx2;
@@ -244,17 +244,22 @@ static int sgemm_blocked(int isa, int transA, int transB, int M, int N, int K, f
             float beta_eff = pc == 0 ? beta : 1.0f;
             /* With few rows, a packed B panel would be read only once or twice: read full
              * panels of a row-major B in place (row stride ldb) and pack only the ragged one. */
-            int direct = !transB && M <= 4 * MR;
+            int direct = !transB && M <= 4 * MR && !(pk && pk->pack_b);
             int full = direct ? nc / NR * NR : 0;
             if (direct) {
                 if (full < nc) pack_b(Bp + (size_t)full * kc, NR, transB, B, ldb, jc + full, nc - full, pc, kc);
+            } else if (pk && pk->pack_b) {
+                pk->pack_b(pk->ctx, Bp, NR, jc, nc, pc, kc);
             } else {
                 pack_b(Bp, NR, transB, B, ldb, jc, nc, pc, kc);
             }
             for (int ic = 0; ic < M; ic += MC) {
                 int mc = ql_min_i(MC, M - ic);
                 const float *a = Apre ? Apre + mround * pc + (size_t)ic * kc : Ap;
-                if (!Apre) pack_a(Ap, MR, transA, A, lda, ic, mc, pc, kc, alpha);
+                if (!Apre) {
+                    if (pk && pk->pack_a) pk->pack_a(pk->ctx, Ap, MR, ic, mc, pc, kc);
+                    else pack_a(Ap, MR, transA, A, lda, ic, mc, pc, kc, alpha);
+                }
                 for (int jr = 0; jr < nc; jr += NR) {
                     int nr = ql_min_i(NR, nc - jr);
                     const float *bp = jr < full ? B + (size_t)pc * ldb + jc + jr : Bp + (size_t)jr * kc;
@@ -283,7 +288,7 @@ void ql_sgemm_serial(int isa, int transA, int transB, int M, int N, int K, float
         return;
     }
     /* out of memory: fall back to the reference, never a wrong answer */
-    if (sgemm_blocked(isa, transA, transB, M, N, K, alpha, A, lda, NULL, B, ldb, beta, C, ldc))
+    if (sgemm_blocked(isa, transA, transB, M, N, K, alpha, A, lda, NULL, B, ldb, beta, C, ldc, NULL))
         ql_sgemm_ref(transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
@@ -319,7 +324,17 @@ int ql_sgemm_packed_a_serial(ql_isa isa, int M, int N, int K, const float *Ap, i
         scale_c(C, ldc, M, N, beta);
         return QL_OK;
     }
-    return sgemm_blocked(level, 0, transB, M, N, K, 1.0f, NULL, 0, Ap, B, ldb, beta, C, ldc);
+    return sgemm_blocked(level, 0, transB, M, N, K, 1.0f, NULL, 0, Ap, B, ldb, beta, C, ldc, NULL);
+}
+
+int ql_sgemm_packers_serial(int isa, int M, int N, int K, const float *Ap, int transB, const float *B, int ldb,
+                            const ql_operand_packers *pk, float beta, float *C, int ldc) {
+    if (M == 0 || N == 0) return QL_OK;
+    if (K == 0) {
+        scale_c(C, ldc, M, N, beta);
+        return QL_OK;
+    }
+    return sgemm_blocked(isa, 0, transB, M, N, K, 1.0f, NULL, 0, Ap, B, ldb, beta, C, ldc, pk);
 }
 
 /* ---------------------------------------------------------------------------------------- */

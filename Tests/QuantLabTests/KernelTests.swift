@@ -106,6 +106,90 @@ struct KernelTests {
         #expect(bits(accumulated) == bits(want(start)), "accumulated, n \(n)")
     }
 
+    /// Sigmoid and SiLU compute their exponential with the project's own polynomial (so that
+    /// the AVX2 loops and the INT8 epilogue give the scalar definition's bits): every level
+    /// against the scalar loops bit for bit, on specials (zeros, NaN, infinities, subnormals,
+    /// beyond exp's range) and tails; and the values against double precision.
+    @Test("sigmoid and SiLU: every ISA gives the scalar loops' bits, forward and SiLU's backward", arguments: [1, 8, 13, 40_007])
+    func logisticExact(n: Int) {
+        var rng = SeededGenerator(seed: 31 + UInt64(n))
+        let specials: [Float] = [0, -0.0, .nan, .infinity, -.infinity, .leastNonzeroMagnitude, -.leastNormalMagnitude, 87, -87, -87.5, 88.7, -104, 1e-8, -0.34657359]
+        func sample() -> Float { rng.next() % 4 == 0 ? specials[Int(rng.next() % UInt64(specials.count))] : (rng.nextFloat() * 2 - 1) * (rng.next() % 2 == 0 ? 6 : 100) }
+        let x = (0..<n).map { _ in sample() }, dy = (0..<n).map { _ in rng.nextFloat() * 2 - 1 }, start = (0..<n).map { _ in rng.nextFloat() * 2 - 1 }
+        func bits(_ v: [Float]) -> [UInt32] { v.map { $0.isNaN ? 0x7FC0_0000 : $0.bitPattern } } // any NaN is NaN
+        var reference: [[UInt32]] = []
+        for isa in supportedISAs {
+            var outputs: [[UInt32]] = []
+            for op in [QL_UNARY_SIGMOID, QL_UNARY_SILU] {
+                var y = [Float](repeating: 7, count: n)
+                #expect(ql_unary_fwd_isa(isa, op, &y, x, Int64(n)) == 0)
+                outputs.append(bits(y))
+            }
+            var written = [Float](repeating: .nan, count: n), accumulated = start
+            #expect(ql_unary_bwd_into_isa(isa, QL_UNARY_SILU, &written, dy, x, nil, Int64(n), 0) == 0)
+            #expect(ql_unary_bwd_into_isa(isa, QL_UNARY_SILU, &accumulated, dy, x, nil, Int64(n), 1) == 0)
+            outputs += [bits(written), bits(accumulated)]
+            if reference.isEmpty { reference = outputs }
+            for (k, name) in ["sigmoid", "silu", "silu backward written", "silu backward accumulated"].enumerated() {
+                #expect(outputs[k] == reference[k], "\(name), isa \(isa.rawValue), n \(n)")
+            }
+        }
+        // the values: within 4 float ulps of the logistic function in double (2 from the exponential,
+        // the rest from the division); NaN stays NaN
+        var sig = [Float](repeating: 0, count: n)
+        ql_unary_fwd(QL_UNARY_SIGMOID, &sig, x, Int64(n))
+        for (xi, si) in zip(x, sig) {
+            if xi.isNaN { #expect(si.isNaN); continue }
+            let want = 1 / (1 + exp(-Double(xi)))
+            #expect(abs(Double(si) - want) <= 4 * Double(Float(want).ulp) + 1e-37, "sigmoid(\(xi)) = \(si), want \(want)")
+        }
+    }
+
+    /// Batch norm's sums (statistics; backward's sum dy and sum dy * xhat) have AVX2 loops that
+    /// add in 8 double lanes: checked against the scalar chains and a double-precision
+    /// definition, on planes shorter than, equal to and longer than a vector, and on values far
+    /// from zero mean (where a float accumulation would lose digits).
+    @Test("batch norm statistics and backward: every ISA agrees with the scalar sums", arguments: [1, 7, 8, 29, 400])
+    func batchNormSums(hw: Int) {
+        var rng = SeededGenerator(seed: 900 + UInt64(hw))
+        let n = 3, c = 5, count = n * c * hw
+        let x = (0..<count).map { _ in 40 + rng.nextFloat() * 2 }, dy = (0..<count).map { _ in rng.nextFloat() - 0.3 }
+        let gamma = (0..<c).map { _ in 0.5 + rng.nextFloat() }
+        func plane(_ v: [Float], _ i: Int, _ ch: Int) -> ArraySlice<Float> { v[((i * c + ch) * hw)..<((i * c + ch + 1) * hw)] }
+        // the definition, in double
+        var wantMean = [Double](repeating: 0, count: c), wantVar = wantMean
+        for ch in 0..<c {
+            let vals = (0..<n).flatMap { plane(x, $0, ch) }.map(Double.init)
+            wantMean[ch] = vals.reduce(0, +) / Double(vals.count)
+            wantVar[ch] = vals.map { ($0 - wantMean[ch]) * ($0 - wantMean[ch]) }.reduce(0, +) / Double(vals.count)
+        }
+        var results: [(mean: [Float], dx: [Float], dgamma: [Float], dbeta: [Float])] = []
+        for isa in supportedISAs {
+            var mean = [Float](repeating: 0, count: c), variance = mean
+            #expect(ql_channel_stats_isa(isa, &mean, &variance, x, Int32(n), Int32(c), Int64(hw)) == 0)
+            for ch in 0..<c {
+                #expect(abs(Double(mean[ch]) - wantMean[ch]) <= 1e-6 * abs(wantMean[ch]), "isa \(isa), mean \(ch)")
+                #expect(abs(Double(variance[ch]) - wantVar[ch]) <= 1e-5 * wantVar[ch] + 1e-12, "isa \(isa), var \(ch)")
+            }
+            let rstd = variance.map { 1 / ($0 + 1e-5).squareRoot() }
+            var dx = [Float](repeating: 0, count: count), dgamma = [Float](repeating: 0, count: c), dbeta = dgamma
+            #expect(ql_batch_norm_bwd_isa(isa, &dx, &dgamma, &dbeta, dy, x, mean, rstd, gamma, Int32(n), Int32(c), Int64(hw)) == 0)
+            results.append((mean, dx, dgamma, dbeta))
+        }
+        // every level against the scalar specification: the float terms are the same, only the
+        // order of the double additions differs
+        let ref = results[0]
+        for (k, r) in results.enumerated().dropFirst() {
+            #expect(r.mean == ref.mean, "isa \(supportedISAs[k]): the means are exact in double and round alike")
+            for ch in 0..<c {
+                #expect(abs(r.dbeta[ch] - ref.dbeta[ch]) <= 1e-5 * max(1, abs(ref.dbeta[ch])), "isa \(supportedISAs[k]), dbeta \(ch)")
+                #expect(abs(r.dgamma[ch] - ref.dgamma[ch]) <= 1e-5 * max(1, abs(ref.dgamma[ch])), "isa \(supportedISAs[k]), dgamma \(ch)")
+            }
+            let scale = ref.dx.map { abs($0) }.max() ?? 1
+            #expect(zip(r.dx, ref.dx).allSatisfy { abs($0 - $1) <= 1e-4 * scale }, "isa \(supportedISAs[k]), dx")
+        }
+    }
+
     @Test("SGEMM with beta = 0 ignores NaNs already in C; K = 0 scales C")
     func sgemmBetaZero() {
         let a: [Float] = [1, 2, 3, 4], b: [Float] = [1, 0, 0, 1]
@@ -421,6 +505,67 @@ struct KernelTests {
         #expect(ql_conv2d_bwd_weight_ref(&dwRef, &dbRef, dy, x, &g) == 0)
         #expect(firstMismatch(dw, dwRef, atol: 1e-4, rtol: 1e-5) == nil, "bwd weight case \(index)")
         #expect(firstMismatch(db, dbRef, atol: 1e-4, rtol: 1e-5) == nil, "bwd bias case \(index)")
+    }
+
+    /// The forward and the weight gradient pack their GEMM's panels straight from the image
+    /// (implicit GEMM) instead of from an im2col matrix: the panels hold the same values, so
+    /// the results must be the bits of im2col + SGEMM, computed here from the public kernels in
+    /// the drivers' order (the weight gradient: one partial sum per task of consecutive
+    /// images, added in task order). The last cases cross a K slab (KK > 512) and an N block
+    /// (more than 3072 output pixels).
+    @Test("Convolution forward and weight gradient: the implicit GEMM gives im2col + SGEMM's bits",
+          arguments: Array(0..<8))
+    func convImplicitExact(index: Int) {
+        let extra = [ql_conv_geom(N: 3, C: 72, H: 9, W: 11, K: 40, KH: 3, KW: 3, SH: 1, SW: 1, PH: 1, PW: 1, DH: 1, DW: 1, groups: 1),
+                     ql_conv_geom(N: 1, C: 3, H: 122, W: 64, K: 16, KH: 3, KW: 3, SH: 1, SW: 1, PH: 1, PW: 1, DH: 1, DW: 1, groups: 1)]
+        var g = index < 6 ? Self.convCases[index] : extra[index - 6]
+        var oh: Int32 = 0, ow: Int32 = 0
+        #expect(ql_conv_out_size(&g, &oh, &ow) == 0)
+        var rng = SeededGenerator(seed: UInt64(700 + index))
+        let (n, groups) = (Int(g.N), Int(g.groups))
+        let (cg, kg, hw, p) = (Int(g.C) / groups, Int(g.K) / groups, Int(g.H) * Int(g.W), Int(oh) * Int(ow))
+        let kk = cg * Int(g.KH) * Int(g.KW)
+        let x = randomFloats(n * Int(g.C) * hw, &rng), w = randomFloats(Int(g.K) * kk, &rng), b = randomFloats(Int(g.K), &rng)
+        let dy = randomFloats(n * Int(g.K) * p, &rng), dw0 = randomFloats(Int(g.K) * kk, &rng)
+        var col = [Float](repeating: 0, count: kk * p)
+        func im2col(_ image: Int, _ grp: Int) {
+            x.withUnsafeBufferPointer { xs in
+                ql_im2col(&col, xs.baseAddress! + (image * Int(g.C) + grp * cg) * hw, Int32(cg), g.H, g.W, g.KH, g.KW, g.SH, g.SW, g.PH, g.PW, g.DH, g.DW)
+            }
+        }
+        // forward
+        var y = [Float](repeating: .nan, count: n * Int(g.K) * p), want = y
+        #expect(ql_conv2d_fwd(&y, x, w, b, &g) == 0)
+        for image in 0..<n {
+            for grp in 0..<groups {
+                let out = (image * Int(g.K) + grp * kg) * p
+                for k in 0..<kg { for i in 0..<p { want[out + k * p + i] = b[grp * kg + k] } }
+                im2col(image, grp)
+                want.withUnsafeMutableBufferPointer { ws in
+                    _ = ql_sgemm_isa(QL_ISA_BEST, 0, 0, Int32(kg), Int32(p), Int32(kk), 1, Array(w[(grp * kg * kk)...]), Int32(kk), col, Int32(p), 1, ws.baseAddress! + out, Int32(p))
+                }
+            }
+        }
+        func firstDifference(_ a: [Float], _ b: [Float]) -> Int? { a.indices.first { a[$0].bitPattern != b[$0].bitPattern } }
+        #expect(firstDifference(y, want) == nil, "forward, case \(index)")
+        // weight gradient
+        var dw = dw0, wantDW = dw0, db = [Float](repeating: 0, count: Int(g.K))
+        #expect(ql_conv2d_bwd_weight(&dw, &db, dy, x, &g) == 0)
+        let threads = Int(ql_get_num_threads()), tasks = n >= threads && threads > 1 ? min(threads, n) : 1
+        for t in 0..<tasks {
+            var partial = [Float](repeating: 0, count: Int(g.K) * kk) // per group [KK, Kg]
+            for image in (t * n / tasks)..<((t + 1) * n / tasks) {
+                for grp in 0..<groups {
+                    im2col(image, grp)
+                    partial.withUnsafeMutableBufferPointer { ps in
+                        _ = ql_sgemm_isa(QL_ISA_BEST, 0, 1, Int32(kk), Int32(kg), Int32(p), 1, col, Int32(p), Array(dy[((image * Int(g.K) + grp * kg) * p)...]), Int32(p),
+                                         image == t * n / tasks ? 0 : 1, ps.baseAddress! + grp * kg * kk, Int32(kg))
+                    }
+                }
+            }
+            for grp in 0..<groups { for k in 0..<kg { for i in 0..<kk { wantDW[grp * kg * kk + k * kk + i] += partial[grp * kg * kk + i * kg + k] } } }
+        }
+        #expect(firstDifference(dw, wantDW) == nil, "weight gradient, case \(index)")
     }
 
     @Test("col2im is the adjoint of im2col: <col2im(c), x> = <c, im2col(x)>")

@@ -122,7 +122,8 @@ int ql_sgemm_packed_a_serial(ql_isa isa, int M, int N, int K, const float *Ap, i
  *   K <= 2^16 keeps |C| < 2^31 for any u8/s8 inputs).
  * Step 3, epilogue (per output channel n, per row m):
  *   v = fmaf((float)(acc[m,n] + col_offset[n]), scale[n], bias[n])      (fmaf: one rounding)
- *   relu 1: v = max(v, 0); relu 2: v = v * sigmoid(v) (SiLU, the elementwise op's floats; scalar)
+ *   relu 1: v = max(v, 0); relu 2: v = v * sigmoid(v) (SiLU: the elementwise op's floats, bit
+ *   for bit, from the one exponential both use; 8 at a time from AVX2 on)
  *   ql_requantize_s8: out = (int8) clamp(round_half_to_even(v), -127, 127)
  *   ql_dequantize_f32: out = v
  *   col_offset and bias may be NULL (read as 0). Fast versions are BIT-EXACT against _ref.
@@ -329,6 +330,12 @@ void ql_unary_bwd(ql_unary_op op, float *restrict dx, const float *restrict dy,
  * (a first gradient written without zero-filling it first). */
 void ql_unary_bwd_into(ql_unary_op op, float *restrict dx, const float *restrict dy,
                        const float *restrict x, const float *restrict y, int64_t n, int accumulate);
+/* The same at a chosen level: QL_ISA_REF the scalar loops (the specification); from AVX2 on,
+ * ReLU's backward and sigmoid / SiLU (forward, and SiLU's backward) run 8 at a time with the
+ * same bits. QL_EUNSUPPORTED for a level this CPU lacks. */
+int ql_unary_fwd_isa(ql_isa isa, ql_unary_op op, float *y, const float *x, int64_t n);
+int ql_unary_bwd_into_isa(ql_isa isa, ql_unary_op op, float *restrict dx, const float *restrict dy,
+                          const float *restrict x, const float *restrict y, int64_t n, int accumulate);
 
 typedef enum {
     QL_BINARY_ADD = 0,
@@ -401,6 +408,12 @@ void ql_batch_norm_apply(float *y, const float *x, const float *mean, const floa
 void ql_batch_norm_bwd(float *dx, float *dgamma, float *dbeta, const float *dy, const float *x,
                        const float *mean, const float *rstd, const float *gamma, int N, int C,
                        int64_t HW);
+/* The same at a chosen level: QL_ISA_REF adds each sum's terms in one chain (the
+ * specification); AVX2 and above add the same float terms in 8 double lanes (the sums agree
+ * to the order of the additions). QL_EUNSUPPORTED for a level this CPU lacks. */
+int ql_channel_stats_isa(ql_isa isa, float *mean, float *var, const float *x, int N, int C, int64_t HW);
+int ql_batch_norm_bwd_isa(ql_isa isa, float *dx, float *dgamma, float *dbeta, const float *dy, const float *x,
+                          const float *mean, const float *rstd, const float *gamma, int N, int C, int64_t HW);
 
 /* Pooling on NCHW (planes = N*C). Windows follow the conv geometry; padding for max pooling
  * is -inf (never selected), for average pooling the divisor counts only in-image elements
