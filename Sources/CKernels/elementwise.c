@@ -100,6 +100,8 @@ static inline float binop(ql_binary_op op, float a, float b) {
     return 0.0f;
 }
 
+static void binary_dense(ql_binary_op op, float *out, const float *a, const float *b, int64_t n);
+
 int ql_binary_strided(ql_binary_op op, float *out, const float *a, const int64_t *a_strides,
                       const float *b, const int64_t *b_strides, const int64_t *shape, int ndim) {
     odometer o;
@@ -107,6 +109,15 @@ int ql_binary_strided(ql_binary_op op, float *out, const float *a, const int64_t
     if (odo_init(&o, shape, ndim, &total)) return QL_EINVAL;
     if (total == 0) return QL_OK;
     if (ndim == 0) { out[0] = binop(op, a[0], b[0]); return QL_OK; }
+    /* both operands dense in the output's shape (adding a block's branches, a residual): one
+     * flat loop, in chunks across the threads, instead of a row at a time */
+    int dense = 1;
+    for (int64_t d = ndim - 1, st = 1; d >= 0 && dense; st *= shape[d], d--)
+        dense = shape[d] == 1 || (a_strides[d] == st && b_strides[d] == st);
+    if (dense) {
+        binary_dense(op, out, a, b, total);
+        return QL_OK;
+    }
     int64_t inner = shape[ndim - 1], sa = a_strides[ndim - 1], sb = b_strides[ndim - 1];
     for (int64_t r = 0; r < total / inner; r++) {
         const float *ar = a + odo_offset(&o, a_strides), *br = b + odo_offset(&o, b_strides);
@@ -454,7 +465,7 @@ static void batch_norm_apply_range(float *y, const float *x, const float *mean, 
         }
 }
 
-static void batch_norm_bwd_range(int avx2, float *dx, float *dgamma, float *dbeta, const float *dy, const float *x,
+static void batch_norm_bwd_range(int avx2, int overwrite, float *dx, float *dgamma, float *dbeta, const float *dy, const float *x,
                                  const float *mean, const float *rstd, const float *gamma, int N, int C,
                                  int64_t HW, int c0, int c1) {
     double M = (double)N * HW;
@@ -475,7 +486,8 @@ static void batch_norm_bwd_range(int avx2, float *dx, float *dgamma, float *dbet
             int64_t off = ((int64_t)n * C + c) * HW;
             for (int64_t i = 0; i < HW; i++) {
                 float xhat = (x[off + i] - m) * rs;
-                dx[off + i] += k * (dy[off + i] - a - xhat * b);
+                /* written (overwrite): 0 + v, as adding to a zero-filled dx would give */
+                dx[off + i] = (overwrite ? 0.0f : dx[off + i]) + k * (dy[off + i] - a - xhat * b);
             }
         }
     }
@@ -486,10 +498,10 @@ static void batch_norm_bwd_range(int avx2, float *dx, float *dgamma, float *dbet
 /* ---------------------------------------------------------------------------------------- */
 static inline int pool_out(int H, int K, int S, int P) { return (H + 2 * P - K) / S + 1; }
 
-void ql_max_pool2d_fwd(float *y, int32_t *argmax, const float *x, int64_t planes, int H, int W,
-                       int KH, int KW, int SH, int SW, int PH, int PW) {
+static void max_pool_planes(float *y, int32_t *argmax, const float *x, int64_t p0, int64_t p1, int H, int W,
+                            int KH, int KW, int SH, int SW, int PH, int PW) {
     int OH = pool_out(H, KH, SH, PH), OW = pool_out(W, KW, SW, PW);
-    for (int64_t p = 0; p < planes; p++) {
+    for (int64_t p = p0; p < p1; p++) {
         const float *xp = x + p * H * W;
         for (int oh = 0; oh < OH; oh++)
             for (int ow = 0; ow < OW; ow++) {
@@ -510,6 +522,30 @@ void ql_max_pool2d_fwd(float *y, int32_t *argmax, const float *x, int64_t planes
                 if (argmax) argmax[o] = bi;
             }
     }
+}
+
+typedef struct {
+    float *y;
+    int32_t *argmax;
+    const float *x;
+    int64_t planes;
+    int H, W, KH, KW, SH, SW, PH, PW, tasks;
+} max_pool_job;
+
+static void max_pool_task(int t, void *p) {
+    const max_pool_job *j = (const max_pool_job *)p;
+    max_pool_planes(j->y, j->argmax, j->x, t * j->planes / j->tasks, (t + 1) * j->planes / j->tasks, j->H, j->W, j->KH,
+                    j->KW, j->SH, j->SW, j->PH, j->PW);
+}
+
+/* Planes split between the threads (each plane's windows are independent). */
+void ql_max_pool2d_fwd(float *y, int32_t *argmax, const float *x, int64_t planes, int H, int W,
+                       int KH, int KW, int SH, int SW, int PH, int PW) {
+    int64_t work = planes * H * W * KH * KW;
+    int tasks = work < (1 << 16) ? 1 : (int)(planes < 4 * ql_get_num_threads() ? planes : 4 * ql_get_num_threads());
+    if (tasks < 1) tasks = 1;
+    max_pool_job j = {y, argmax, x, planes, H, W, KH, KW, SH, SW, PH, PW, tasks};
+    ql_parallel_for(tasks, max_pool_task, &j);
 }
 
 void ql_max_pool2d_bwd(float *dx, const float *dy, const int32_t *argmax, int64_t planes, int H,
@@ -682,6 +718,30 @@ __attribute__((target("avx2,fma"))) static int64_t silu_bwd_avx2(float *dx, cons
 
 static int chunks_for(int64_t n) { return (int)((n + CHUNK - 1) / CHUNK); }
 
+typedef struct {
+    ql_binary_op op;
+    float *out;
+    const float *a, *b;
+    int64_t n;
+} dense_binary_job;
+
+static void dense_binary_task(int t, void *p) {
+    const dense_binary_job *j = (const dense_binary_job *)p;
+    int64_t lo = (int64_t)t * CHUNK, len = j->n - lo < CHUNK ? j->n - lo : CHUNK;
+    float *o = j->out + lo;
+    const float *a = j->a + lo, *b = j->b + lo;
+    switch (j->op) { /* the common cases as separate loops, so that they vectorise */
+    case QL_BINARY_ADD: for (int64_t i = 0; i < len; i++) o[i] = a[i] + b[i]; break;
+    case QL_BINARY_MUL: for (int64_t i = 0; i < len; i++) o[i] = a[i] * b[i]; break;
+    default: for (int64_t i = 0; i < len; i++) o[i] = binop(j->op, a[i], b[i]);
+    }
+}
+
+static void binary_dense(ql_binary_op op, float *out, const float *a, const float *b, int64_t n) {
+    dense_binary_job j = {op, out, a, b, n};
+    ql_parallel_for(chunks_for(n), dense_binary_task, &j);
+}
+
 static void unary_fwd_task(int t, void *p) {
     chunk_job *j = (chunk_job *)p;
     int64_t lo = (int64_t)t * CHUNK, len = j->n - lo < CHUNK ? j->n - lo : CHUNK;
@@ -760,7 +820,8 @@ typedef struct {
     const float *x, *dy, *mean, *rstd, *gamma, *beta;
     int N, C, tasks;
     int64_t HW;
-    int avx2; /* the sums' AVX2 loops (batch norm's statistics and backward) */
+    int avx2;      /* the sums' AVX2 loops (batch norm's statistics and backward) */
+    int overwrite; /* backward: dx is written, its old contents not read */
 } channel_job;
 
 static void channel_range(const channel_job *j, int t, int *c0, int *c1) {
@@ -792,7 +853,7 @@ static void bn_bwd_task(int t, void *p) {
     channel_job *j = (channel_job *)p;
     int c0, c1;
     channel_range(j, t, &c0, &c1);
-    batch_norm_bwd_range(j->avx2, j->o1, j->o2, j->o3, j->dy, j->x, j->mean, j->rstd, j->gamma, j->N, j->C, j->HW, c0, c1);
+    batch_norm_bwd_range(j->avx2, j->overwrite, j->o1, j->o2, j->o3, j->dy, j->x, j->mean, j->rstd, j->gamma, j->N, j->C, j->HW, c0, c1);
 }
 
 static int avx2_sums(ql_isa isa) { return ql_resolve_isa(isa) >= QL_ISA_AVX2; }
@@ -815,9 +876,10 @@ void ql_batch_norm_apply(float *y, const float *x, const float *mean, const floa
 }
 
 int ql_batch_norm_bwd_isa(ql_isa isa, float *dx, float *dgamma, float *dbeta, const float *dy, const float *x,
-                          const float *mean, const float *rstd, const float *gamma, int N, int C, int64_t HW) {
+                          const float *mean, const float *rstd, const float *gamma, int N, int C, int64_t HW,
+                          int accumulate) {
     if (ql_resolve_isa(isa) < 0) return QL_EUNSUPPORTED;
-    channel_job j = {dx, dgamma, dbeta, x, dy, mean, rstd, gamma, NULL, N, C, channel_tasks(C, N, HW), HW, avx2_sums(isa)};
+    channel_job j = {dx, dgamma, dbeta, x, dy, mean, rstd, gamma, NULL, N, C, channel_tasks(C, N, HW), HW, avx2_sums(isa), !accumulate};
     ql_parallel_for(j.tasks, bn_bwd_task, &j);
     return QL_OK;
 }
@@ -825,5 +887,5 @@ int ql_batch_norm_bwd_isa(ql_isa isa, float *dx, float *dgamma, float *dbeta, co
 void ql_batch_norm_bwd(float *dx, float *dgamma, float *dbeta, const float *dy, const float *x,
                        const float *mean, const float *rstd, const float *gamma, int N, int C,
                        int64_t HW) {
-    ql_batch_norm_bwd_isa(QL_ISA_BEST, dx, dgamma, dbeta, dy, x, mean, rstd, gamma, N, C, HW);
+    ql_batch_norm_bwd_isa(QL_ISA_BEST, dx, dgamma, dbeta, dy, x, mean, rstd, gamma, N, C, HW, 1);
 }

@@ -170,4 +170,41 @@ struct GradientTests {
         #expect(h.node == nil && h.grad == nil)
         #expect(firstMismatch(x.grad!.values, x.values.map { 2 * $0 }, atol: 1e-6, rtol: 1e-6) == nil)
     }
+
+    /// A sum's first input takes the incoming gradient's buffer instead of a copy when the
+    /// backward releases it: the gradients must be those of copies in every sharing pattern (an
+    /// input used again after the sum, sums of sums, an input added to itself), and with
+    /// retainGraph (no adoption) the retained gradient of a sum must stay its own.
+    @Test("sums pass their gradient on without a copy, and the gradients stay those of copies")
+    func sumGradientAdoption() {
+        var rng = SeededGenerator(seed: 13)
+        let a = tensor([2, 3], &rng), b = tensor([2, 3], &rng), w = tensor([2, 3], &rng)
+        for t in [a, b] { t.requiresGrad = true }
+        // v = (u + u) w + a b, u = s + a, s = a + b: v = (4a + 2b) w + a b
+        let wantA = zip(w.values, b.values).map { 4 * $0 + $1 }, wantB = zip(w.values, a.values).map { 2 * $0 + $1 }
+        for retain in [false, true] {
+            a.zeroGrad(); b.zeroGrad()
+            let s = a + b, u = s + a, v = (u + u) * w + a * b
+            v.sum().backward(retainGraph: retain)
+            #expect(firstMismatch(a.grad!.values, wantA, atol: 1e-5, rtol: 1e-5) == nil, "retain \(retain)")
+            #expect(firstMismatch(b.grad!.values, wantB, atol: 1e-5, rtol: 1e-5) == nil, "retain \(retain)")
+            if retain { // s's gradient is 2w, and a (which took more gradient after s) does not share it
+                #expect(firstMismatch(s.grad!.values, w.values.map { 2 * $0 }, atol: 1e-6, rtol: 1e-6) == nil)
+            }
+        }
+        // h takes gradient from the sum and from h * h, in either order: with retainGraph the
+        // sum's gradient must come out as w whichever reaches h first
+        for order in 0..<2 {
+            a.zeroGrad(); b.zeroGrad()
+            let h = a * Float(2), s = h + b
+            let v = order == 0 ? s * w + h * h : h * h + s * w
+            v.sum().backward(retainGraph: true)
+            #expect(firstMismatch(s.grad!.values, w.values, atol: 1e-6, rtol: 1e-6) == nil, "retained sum gradient, order \(order)")
+            #expect(firstMismatch(a.grad!.values, zip(w.values, a.values).map { 2 * ($0 + 4 * $1) }, atol: 1e-5, rtol: 1e-5) == nil, "order \(order)")
+        }
+        let x = tensor([2, 3], &rng)
+        x.requiresGrad = true
+        ((x + x) * w).sum().backward()
+        #expect(firstMismatch(x.grad!.values, w.values.map { 2 * $0 }, atol: 1e-6, rtol: 1e-6) == nil, "x + x")
+    }
 }

@@ -106,6 +106,32 @@ struct KernelTests {
         #expect(bits(accumulated) == bits(want(start)), "accumulated, n \(n)")
     }
 
+    /// Dense binary ops and max pooling split their work between the threads above a size:
+    /// the results must be those of the per-element definition (binary ops, over several
+    /// chunks and a ragged end) and of pooling each plane on its own (max pooling).
+    @Test("binary ops on dense operands and max pooling, split between threads, equal their definitions")
+    func splitElementwiseExact() {
+        var rng = SeededGenerator(seed: 404)
+        let n = 3 * 32_768 + 77
+        let a = randomFloats(n, &rng), b = randomFloats(n, &rng)
+        let k = Int64(n / 21), shape: [Int64] = [3, 7, k, 1], strides: [Int64] = [7 * k, k, 1, 1] // dense, a size-1 dim last
+        let m = Int(shape.reduce(1, *))
+        for (op, f) in [(QL_BINARY_ADD, { (x: Float, y: Float) in x + y }), (QL_BINARY_MUL, { $0 * $1 }), (QL_BINARY_SUB, { $0 - $1 })] {
+            var out = [Float](repeating: .nan, count: m)
+            #expect(ql_binary_strided(op, &out, a, strides, b, strides, shape, 4) == 0)
+            #expect(out == (0..<m).map { f(a[$0], b[$0]) }, "op \(op.rawValue)")
+        }
+        let (planes, h, w) = (24, 20, 20)
+        let x = randomFloats(planes * h * w, &rng)
+        var y = [Float](repeating: .nan, count: planes * h * w), arg = [Int32](repeating: -9, count: planes * h * w)
+        ql_max_pool2d_fwd(&y, &arg, x, Int64(planes), Int32(h), Int32(w), 5, 5, 1, 1, 2, 2)
+        for p in 0..<planes {
+            var yp = [Float](repeating: .nan, count: h * w), ap = [Int32](repeating: -9, count: h * w)
+            ql_max_pool2d_fwd(&yp, &ap, Array(x[(p * h * w)..<((p + 1) * h * w)]), 1, Int32(h), Int32(w), 5, 5, 1, 1, 2, 2)
+            #expect(Array(y[(p * h * w)..<((p + 1) * h * w)]) == yp && Array(arg[(p * h * w)..<((p + 1) * h * w)]) == ap, "plane \(p)")
+        }
+    }
+
     /// Sigmoid and SiLU compute their exponential with the project's own polynomial (so that
     /// the AVX2 loops and the INT8 epilogue give the scalar definition's bits): every level
     /// against the scalar loops bit for bit, on specials (zeros, NaN, infinities, subnormals,
@@ -173,7 +199,10 @@ struct KernelTests {
             }
             let rstd = variance.map { 1 / ($0 + 1e-5).squareRoot() }
             var dx = [Float](repeating: 0, count: count), dgamma = [Float](repeating: 0, count: c), dbeta = dgamma
-            #expect(ql_batch_norm_bwd_isa(isa, &dx, &dgamma, &dbeta, dy, x, mean, rstd, gamma, Int32(n), Int32(c), Int64(hw)) == 0)
+            #expect(ql_batch_norm_bwd_isa(isa, &dx, &dgamma, &dbeta, dy, x, mean, rstd, gamma, Int32(n), Int32(c), Int64(hw), 1) == 0)
+            var written = [Float](repeating: .nan, count: count) // accumulate 0: written, the NaNs never read
+            #expect(ql_batch_norm_bwd_isa(isa, &written, nil, nil, dy, x, mean, rstd, gamma, Int32(n), Int32(c), Int64(hw), 0) == 0)
+            #expect(written == dx, "isa \(isa): written = added to zeros")
             results.append((mean, dx, dgamma, dbeta))
         }
         // every level against the scalar specification: the float terms are the same, only the

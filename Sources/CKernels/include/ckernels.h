@@ -410,10 +410,13 @@ void ql_batch_norm_bwd(float *dx, float *dgamma, float *dbeta, const float *dy, 
                        int64_t HW);
 /* The same at a chosen level: QL_ISA_REF adds each sum's terms in one chain (the
  * specification); AVX2 and above add the same float terms in 8 double lanes (the sums agree
- * to the order of the additions). QL_EUNSUPPORTED for a level this CPU lacks. */
+ * to the order of the additions). QL_EUNSUPPORTED for a level this CPU lacks. With
+ * accumulate == 0 the backward writes dx (0 + its term) without reading it: a first gradient
+ * needs no zero-filled buffer. */
 int ql_channel_stats_isa(ql_isa isa, float *mean, float *var, const float *x, int N, int C, int64_t HW);
 int ql_batch_norm_bwd_isa(ql_isa isa, float *dx, float *dgamma, float *dbeta, const float *dy, const float *x,
-                          const float *mean, const float *rstd, const float *gamma, int N, int C, int64_t HW);
+                          const float *mean, const float *rstd, const float *gamma, int N, int C, int64_t HW,
+                          int accumulate);
 
 /* Pooling on NCHW (planes = N*C). Windows follow the conv geometry; padding for max pooling
  * is -inf (never selected), for average pooling the divisor counts only in-image elements

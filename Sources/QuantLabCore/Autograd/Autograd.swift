@@ -19,6 +19,10 @@ public final class GradNode {
 /// optimizer updates), where no node is built and no memory is kept for a backward pass.
 public enum GradMode {
     @TaskLocal public static var isEnabled = true
+    /// Inside a backward pass that releases each intermediate gradient once it is passed on
+    /// (`retainGraph` false): a node's incoming gradient is then read by that node only, and
+    /// may become an input's gradient without a copy (`Tensor.adoptOrAccumulateGrad`).
+    @TaskLocal static var consumesGradients = false
 }
 
 @discardableResult
@@ -77,7 +81,7 @@ extension Tensor {
             }
         }
         OpProfiler.mark("backward: graph walk")
-        withNoGrad {
+        GradMode.$consumesGradients.withValue(!retainGraph) { withNoGrad {
             for t in order.reversed() {
                 guard let node = t.node, let g = t.grad else { continue }
                 OpProfiler.backward(node, g)
@@ -86,7 +90,7 @@ extension Tensor {
                     t.grad = nil // intermediate: its gradient has been passed on
                 }
             }
-        }
+        } }
     }
 }
 

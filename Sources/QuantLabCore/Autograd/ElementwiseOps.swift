@@ -84,9 +84,10 @@ private func binary(_ op: ql_binary_op, _ name: String, _ a: Tensor, _ b: Tensor
     traceOp(op == QL_BINARY_ADD ? .add : op == QL_BINARY_SUB ? .sub : op == QL_BINARY_MUL ? .mul : op == QL_BINARY_DIV ? .div : .unsupported(name), [a, b], out)
     return record(out, name, [a, b]) { g in
         // a sum of same-shape tensors (a Rep block's branches, a residual): each input's
-        // gradient is g itself, copied in on first use
+        // gradient is g itself: the first input's may be g's buffer (the backward releases it
+        // after this node), the second's a copy
         if op == QL_BINARY_ADD && a.shape == shape && b.shape == shape {
-            if a.requiresGrad { a.accumulateGrad(g) }
+            if a.requiresGrad { a.adoptOrAccumulateGrad(g) }
             if b.requiresGrad { b.accumulateGrad(g) }
             return
         }

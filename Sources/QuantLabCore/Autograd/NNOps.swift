@@ -166,8 +166,12 @@ public func batchNorm2d(_ x: Tensor, weight: Tensor?, bias: Tensor?, runningMean
         let dgamma = (weight?.requiresGrad ?? false) ? weight!.gradBuffer().data : nil
         let dbeta = (bias?.requiresGrad ?? false) ? bias!.gradBuffer().data : nil
         if training {
-            ql_batch_norm_bwd(x.requiresGrad ? x.gradBuffer().data : nil, dgamma, dbeta, g.data, x.data,
-                              mean.data, rstd.data, weight?.data, Int32(n), Int32(c), Int64(hw))
+            // the first gradient of x is written, not added to a zero-filled buffer
+            let first = x.requiresGrad && x.grad == nil
+            let dx = x.requiresGrad ? (first ? Tensor(uninitialized: x.shape) : x.grad!) : nil
+            ql_batch_norm_bwd_isa(QL_ISA_BEST, dx?.data, dgamma, dbeta, g.data, x.data,
+                                  mean.data, rstd.data, weight?.data, Int32(n), Int32(c), Int64(hw), first ? 0 : 1)
+            if first { x.grad = dx }
         } else {
             // Eval mode: y = x * a + b per channel with constants a = gamma * rstd.
             if x.requiresGrad {

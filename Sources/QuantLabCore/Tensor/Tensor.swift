@@ -105,6 +105,19 @@ public final class Tensor {
 
     /// Adds `g` (same element count) into this tensor's gradient; the first contribution is
     /// copied in, not added to zeros (a memory pass fewer for the common single-use tensor).
+    /// `accumulateGrad`, except that a first gradient takes `g`'s buffer itself instead of a
+    /// copy when the running backward pass consumes gradients (GradMode.consumesGradients):
+    /// for `g` the incoming gradient of the node being processed, which nothing reads after
+    /// that node (its tensor's gradient is released). Give it to one input only: two inputs
+    /// adopting one buffer would add into each other's gradients.
+    func adoptOrAccumulateGrad(_ g: Tensor) {
+        if grad == nil && GradMode.consumesGradients && g.shape == shape && g.device == device {
+            grad = g
+        } else {
+            accumulateGrad(g)
+        }
+    }
+
     func accumulateGrad(_ g: Tensor) {
         require(g.count == count, "gradient accumulation \(g.shape) into \(shape)")
         if let existing = grad {
