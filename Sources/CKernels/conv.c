@@ -1,5 +1,6 @@
 /* im2col / col2im and the convolution drivers (contracts in ckernels.h). */
 #include <stdatomic.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 #include "internal.h"
@@ -136,6 +137,7 @@ typedef struct {
     float *apack;
     size_t apack_group;
     size_t wsize;
+    int images_per_gemm; /* forward, implicit: images side by side in one GEMM */
     _Atomic int status;
 } conv_job;
 
@@ -153,8 +155,9 @@ static _Thread_local ql_scratch tl_col, tl_pad;
  * same bits. */
 typedef struct {
     const float *xp; /* Cg planes of Hp x Wp: the image (group) with its padding as zeros */
-    int Hp, Wp, OW, KH, KW, SH, SW, DH, DW;
-    int col0; /* the output pixel of the GEMM's column 0 (a thread's share of the pixels) */
+    int Hp, Wp, OH, OW, KH, KW, SH, SW, DH, DW;
+    int col0;          /* the output pixel of the GEMM's column 0 (a thread's share of the pixels) */
+    size_t img_stride; /* columns past OH*OW are the next image's pixels, img_stride floats on */
 } implicit_src;
 
 /* xp = x with PH rows and PW columns of zeros around each of the C planes. */
@@ -173,16 +176,42 @@ static void pad_planes(float *restrict xp, const float *restrict x, int C, int H
     }
 }
 
-/* The source of one image group: the image itself when it has no padding, else a padded copy
- * in `scratch`. NULL when the scratch cannot be had. */
-static const float *implicit_source(implicit_src *s, ql_scratch *scratch, const float *xg, int Cg, const ql_conv_geom *g, int OW) {
-    *s = (implicit_src){xg, g->H + 2 * g->PH, g->W + 2 * g->PW, OW, g->KH, g->KW, g->SH, g->SW, g->DH, g->DW, 0};
+/* The source of `images` consecutive images' channel group (xg: the first one's, images
+ * C*H*W floats apart in x): the images themselves when there is no padding, else padded
+ * copies in `scratch`. NULL when the scratch cannot be had. */
+static const float *implicit_source(implicit_src *s, ql_scratch *scratch, const float *xg, int images, int Cg,
+                                    const ql_conv_geom *g, int OH, int OW) {
+    *s = (implicit_src){xg, g->H + 2 * g->PH, g->W + 2 * g->PW, OH, OW, g->KH, g->KW, g->SH, g->SW, g->DH, g->DW, 0,
+                        (size_t)g->C * g->H * g->W};
     if (g->PH == 0 && g->PW == 0) return xg;
-    float *xp = (float *)ql_scratch_reserve(scratch, (size_t)Cg * s->Hp * s->Wp * sizeof(float));
+    size_t padded = (size_t)Cg * s->Hp * s->Wp;
+    float *xp = (float *)ql_scratch_reserve(scratch, padded * images * sizeof(float));
     if (!xp) return NULL;
-    pad_planes(xp, xg, Cg, g->H, g->W, g->PH, g->PW);
+    for (int i = 0; i < images; i++) pad_planes(xp + i * padded, xg + i * s->img_stride, Cg, g->H, g->W, g->PH, g->PW);
     s->xp = xp;
+    s->img_stride = padded;
     return xp;
+}
+
+/* Column j of the GEMM (from col0): image j / (OH*OW), output pixel (oh, ow) of it. */
+typedef struct {
+    int n, oh, ow;
+} pixel_walk;
+
+static inline pixel_walk pixel_at(const implicit_src *s, int j) {
+    int per_image = s->OH * s->OW, r = j % per_image;
+    return (pixel_walk){j / per_image, r / s->OW, r % s->OW};
+}
+
+static inline ptrdiff_t pixel_offset(const implicit_src *s, pixel_walk w) {
+    return (ptrdiff_t)w.n * (ptrdiff_t)s->img_stride + (ptrdiff_t)w.oh * s->SH * s->Wp + (ptrdiff_t)w.ow * s->SW;
+}
+
+static inline void pixel_next(const implicit_src *s, pixel_walk *w) {
+    if (++w->ow == s->OW) {
+        w->ow = 0;
+        if (++w->oh == s->OH) { w->oh = 0; w->n++; }
+    }
 }
 
 /* B = col (rows: taps (ci, kh, kw); columns: output pixels), for the forward. Each panel's
@@ -192,12 +221,10 @@ static void implicit_pack_b(const void *ctx, float *Bp, int NR, int j0, int nc, 
     size_t plane = (size_t)s->Hp * s->Wp;
     int taps = s->KH * s->KW;
     for (int p = 0; p < nc; p += NR) {
-        int cols = ql_min_i(NR, nc - p), off[32];
-        int j = s->col0 + j0 + p, oh = j / s->OW, ow = j % s->OW;
-        for (int c = 0; c < cols; c++) {
-            off[c] = oh * s->SH * s->Wp + ow * s->SW;
-            if (++ow == s->OW) { ow = 0; oh++; }
-        }
+        int cols = ql_min_i(NR, nc - p);
+        ptrdiff_t off[32];
+        pixel_walk w = pixel_at(s, s->col0 + j0 + p);
+        for (int c = 0; c < cols; c++, pixel_next(s, &w)) off[c] = pixel_offset(s, w);
         int adjacent = cols == NR && off[NR - 1] - off[0] == NR - 1;
         float *dst = Bp + (size_t)p * kc;
         int ci = k0 / taps, kh = k0 % taps / s->KW, kw = k0 % s->KW;
@@ -229,13 +256,20 @@ static void implicit_pack_a(const void *ctx, float *Ap, int MR, int i0, int mc, 
             src[r] = s->xp + (size_t)(i / taps) * plane + (size_t)(t / s->KW) * s->DH * s->Wp + (size_t)(t % s->KW) * s->DW;
         }
         float *dst = Ap + (size_t)p * kc;
-        int j = s->col0 + k0, oh = j / s->OW, ow = j % s->OW;
+        pixel_walk w = pixel_at(s, s->col0 + k0);
+        ptrdiff_t o = pixel_offset(s, w), step = s->SW;
         for (int k = 0; k < kc; k++) {
-            int o = oh * s->SH * s->Wp + ow * s->SW;
             float *d = dst + (size_t)k * MR;
             for (int r = 0; r < rows; r++) d[r] = src[r][o];
             for (int r = rows; r < MR; r++) d[r] = 0.0f;
-            if (++ow == s->OW) { ow = 0; oh++; }
+            /* the next pixel: one stride on along the row, or the start of the next row */
+            if (w.ow + 1 < s->OW) {
+                w.ow++;
+                o += step;
+            } else {
+                pixel_next(s, &w);
+                o = pixel_offset(s, w);
+            }
         }
     }
 }
@@ -309,12 +343,71 @@ static void fwd_columns_task(int t, void *p) {
         atomic_store(&c->j->status, QL_ENOMEM);
 }
 
+static _Thread_local ql_scratch tl_cblock;
+
+/* Images [n0, n0 + count) in one implicit GEMM per group: their pixels side by side as its
+ * columns, so that maps whose pixel count is not a multiple of the tile width (10x10: 100
+ * pixels in 7 tiles of 16) fill whole tiles (4 images: 400 = 25 tiles); the product goes to a
+ * block buffer and from there to each image's output. Same sums, so the same bits. */
+static void fwd_images(conv_job *j, int n0, int count) {
+    const ql_conv_geom *g = j->g;
+    int P = j->OH * j->OW, KK = j->Cg * g->KH * g->KW, cols = count * P;
+    for (int grp = 0; grp < g->groups; grp++) {
+        const float *xg = j->x + ((size_t)n0 * g->C + (size_t)grp * j->Cg) * g->H * g->W;
+        float *yg = j->y + ((size_t)n0 * g->K + (size_t)grp * j->Kg) * P;
+        float *c = count == 1 ? yg : (float *)ql_scratch_reserve(&tl_cblock, (size_t)j->Kg * cols * sizeof(float));
+        implicit_src src;
+        if (!c || !implicit_source(&src, &tl_pad, xg, count, j->Cg, g, j->OH, j->OW)) {
+            atomic_store(&j->status, QL_ENOMEM);
+            return;
+        }
+        if (j->b)
+            for (int k = 0; k < j->Kg; k++) {
+                float bv = j->b[grp * j->Kg + k], *row = c + (size_t)k * cols;
+                for (int i = 0; i < cols; i++) row[i] = bv;
+            }
+        ql_operand_packers pk = {implicit_pack_b, NULL, &src};
+        if (ql_sgemm_packers_serial(j->isa, j->Kg, cols, KK, j->apack + grp * j->apack_group, 0, NULL, 0, &pk,
+                                    j->b ? 1.0f : 0.0f, c, cols)) {
+            atomic_store(&j->status, QL_ENOMEM);
+            return;
+        }
+        if (count > 1)
+            for (int i = 0; i < count; i++)
+                for (int k = 0; k < j->Kg; k++)
+                    memcpy(yg + ((size_t)i * g->K + k) * P, c + (size_t)k * cols + (size_t)i * P, sizeof(float) * (size_t)P);
+    }
+}
+
+static void fwd_images_task(int t, void *p) {
+    conv_job *j = (conv_job *)p;
+    int n0 = t * j->images_per_gemm;
+    fwd_images(j, n0, ql_min_i(j->images_per_gemm, j->g->N - n0));
+}
+
+/* How many images share one implicit GEMM: the fewest that fill the tiles to within 2%
+ * (up to as many as keep two tasks per thread), 1 when one image's pixels already do. */
+static int images_per_gemm(int P, int N, int NR, int threads) {
+    int cap = N / (2 * threads), best = 1;
+    double best_waste = 1.0;
+    for (int nb = 1; nb <= ql_max_i(cap, 1); nb++) {
+        double cols = (double)nb * P, waste = (ceil(cols / NR) * NR - cols) / cols;
+        if (waste < best_waste - 1e-12) { best = nb; best_waste = waste; }
+        if (best_waste <= 0.02) break;
+    }
+    return best;
+}
+
 static void fwd_image(int n, void *p) {
     conv_job *j = (conv_job *)p;
     const ql_conv_geom *g = j->g;
     int P = j->OH * j->OW, KK = j->Cg * g->KH * g->KW;
     /* implicit GEMM where the weights are packed (every level but the reference) */
     int implicit = !j->pointwise && j->apack;
+    if (implicit && j->per_image_parallel) {
+        fwd_images(j, n, 1);
+        return;
+    }
     float *col = j->pointwise || implicit ? NULL : col_scratch((size_t)KK * P);
     if (!j->pointwise && !implicit && !col) { atomic_store(&j->status, QL_ENOMEM); return; }
     for (int grp = 0; grp < g->groups; grp++) {
@@ -327,20 +420,12 @@ static void fwd_image(int n, void *p) {
                 for (int i = 0; i < P; i++) row[i] = bv;
             }
         }
-        if (implicit) {
+        if (implicit) { /* one image on all threads: each takes a slice of the pixels (tile-aligned) */
             implicit_src src;
-            if (!implicit_source(&src, &tl_pad, xg, j->Cg, g, j->OW)) { atomic_store(&j->status, QL_ENOMEM); return; }
-            const float *ap = j->apack + grp * j->apack_group;
-            if (j->per_image_parallel) {
-                ql_operand_packers pk = {implicit_pack_b, NULL, &src};
-                if (ql_sgemm_packers_serial(j->isa, j->Kg, P, KK, ap, 0, NULL, 0, &pk, j->b ? 1.0f : 0.0f, yg, P))
-                    atomic_store(&j->status, QL_ENOMEM);
-            } else {
-                /* one image on all threads: each takes a slice of the pixels (tile-aligned) */
-                int threads = ql_get_num_threads(), chunk = ((P + threads - 1) / threads + 31) / 32 * 32;
-                columns_job cj = {j, &src, ap, yg, P, chunk};
-                ql_parallel_for((P + chunk - 1) / chunk, fwd_columns_task, &cj);
-            }
+            if (!implicit_source(&src, &tl_pad, xg, 1, j->Cg, g, j->OH, j->OW)) { atomic_store(&j->status, QL_ENOMEM); return; }
+            int threads = ql_get_num_threads(), chunk = ((P + threads - 1) / threads + 31) / 32 * 32;
+            columns_job cj = {j, &src, j->apack + grp * j->apack_group, yg, P, chunk};
+            ql_parallel_for((P + chunk - 1) / chunk, fwd_columns_task, &cj);
             continue;
         }
         if (!j->pointwise) ql_im2col(col, xg, j->Cg, g->H, g->W, g->KH, g->KW, g->SH, g->SW, g->PH, g->PW, g->DH, g->DW);
@@ -388,7 +473,7 @@ static void bwd_weight_task(int t, void *p) {
              * row-wise and only the small dy is transposed; transposed back in the reduction */
             if (implicit) { /* col's panels packed from the image (see implicit_pack_a) */
                 implicit_src src;
-                if (!implicit_source(&src, &tl_pad, xg, j->Cg, g, j->OW)) { atomic_store(&j->status, QL_ENOMEM); return; }
+                if (!implicit_source(&src, &tl_pad, xg, 1, j->Cg, g, j->OH, j->OW)) { atomic_store(&j->status, QL_ENOMEM); return; }
                 ql_operand_packers pk = {NULL, implicit_pack_a, &src};
                 if (ql_sgemm_packers_serial(j->isa, KK, j->Kg, P, NULL, 1, dyg, P, &pk, beta, dwg, j->Kg))
                     atomic_store(&j->status, QL_ENOMEM);
@@ -418,8 +503,14 @@ int ql_conv2d_fwd(float *y, const float *x, const float *w, const float *b, cons
     if (setup(&j, g)) return QL_EINVAL;
     j.x = x; j.w = w; j.b = b; j.y = y;
     pack_weights(&j, 0);
-    if (j.per_image_parallel) ql_parallel_for(g->N, fwd_image, &j);
-    else for (int n = 0; n < g->N; n++) fwd_image(n, &j);
+    if (j.per_image_parallel && !j.pointwise && j.apack) {
+        j.images_per_gemm = images_per_gemm(j.OH * j.OW, g->N, ql_sgemm_panel_width(j.isa), ql_get_num_threads());
+        ql_parallel_for((g->N + j.images_per_gemm - 1) / j.images_per_gemm, fwd_images_task, &j);
+    } else if (j.per_image_parallel) {
+        ql_parallel_for(g->N, fwd_image, &j);
+    } else {
+        for (int n = 0; n < g->N; n++) fwd_image(n, &j);
+    }
     ql_aligned_free(j.apack);
     return atomic_load(&j.status);
 }

@@ -860,7 +860,7 @@ static int avx2_sums(ql_isa isa) { return ql_resolve_isa(isa) >= QL_ISA_AVX2; }
 
 int ql_channel_stats_isa(ql_isa isa, float *mean, float *var, const float *x, int N, int C, int64_t HW) {
     if (ql_resolve_isa(isa) < 0) return QL_EUNSUPPORTED;
-    channel_job j = {mean, var, NULL, x, NULL, NULL, NULL, NULL, NULL, N, C, channel_tasks(C, N, HW), HW, avx2_sums(isa)};
+    channel_job j = {mean, var, NULL, x, NULL, NULL, NULL, NULL, NULL, N, C, channel_tasks(C, N, HW), HW, avx2_sums(isa), 0};
     ql_parallel_for(j.tasks, stats_task, &j);
     return QL_OK;
 }
@@ -871,7 +871,7 @@ void ql_channel_stats(float *mean, float *var, const float *x, int N, int C, int
 
 void ql_batch_norm_apply(float *y, const float *x, const float *mean, const float *rstd,
                          const float *gamma, const float *beta, int N, int C, int64_t HW) {
-    channel_job j = {y, NULL, NULL, x, NULL, mean, rstd, gamma, beta, N, C, channel_tasks(C, N, HW), HW, 0};
+    channel_job j = {y, NULL, NULL, x, NULL, mean, rstd, gamma, beta, N, C, channel_tasks(C, N, HW), HW, 0, 0};
     ql_parallel_for(j.tasks, apply_task, &j);
 }
 

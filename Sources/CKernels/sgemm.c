@@ -295,6 +295,7 @@ void ql_sgemm_serial(int isa, int transA, int transB, int M, int N, int K, float
 /* Pre-packed A: the panels sgemm_blocked packs per (ic, pc) block, all of them, laid out so
  * that block (ic, pc) starts at mround * pc + ic * kc (MC is a multiple of MR). */
 static int packed_mr(int isa) { return isa == QL_ISA_AVX512 ? MR512 : MR256; }
+int ql_sgemm_panel_width(int isa) { return isa == QL_ISA_AVX512 ? NR512 : NR256; }
 
 size_t ql_sgemm_packed_a_floats(ql_isa isa, int M, int K) {
     int level = ql_resolve_isa(isa);

@@ -541,12 +541,16 @@ struct KernelTests {
     /// the results must be the bits of im2col + SGEMM, computed here from the public kernels in
     /// the drivers' order (the weight gradient: one partial sum per task of consecutive
     /// images, added in task order). The last cases cross a K slab (KK > 512) and an N block
-    /// (more than 3072 output pixels).
+    /// (more than 3072 output pixels); the last two put several images in one GEMM.
     @Test("Convolution forward and weight gradient: the implicit GEMM gives im2col + SGEMM's bits",
-          arguments: Array(0..<8))
+          arguments: Array(0..<10))
     func convImplicitExact(index: Int) {
         let extra = [ql_conv_geom(N: 3, C: 72, H: 9, W: 11, K: 40, KH: 3, KW: 3, SH: 1, SW: 1, PH: 1, PW: 1, DH: 1, DW: 1, groups: 1),
-                     ql_conv_geom(N: 1, C: 3, H: 122, W: 64, K: 16, KH: 3, KW: 3, SH: 1, SW: 1, PH: 1, PW: 1, DH: 1, DW: 1, groups: 1)]
+                     ql_conv_geom(N: 1, C: 3, H: 122, W: 64, K: 16, KH: 3, KW: 3, SH: 1, SW: 1, PH: 1, PW: 1, DH: 1, DW: 1, groups: 1),
+                     // small maps, many images: several images' pixels side by side in one GEMM
+                     // (5x5: 3 images fill 80-column tiles), the last group ragged; unpadded, grouped
+                     ql_conv_geom(N: 13, C: 16, H: 5, W: 5, K: 24, KH: 3, KW: 3, SH: 1, SW: 1, PH: 1, PW: 1, DH: 1, DW: 1, groups: 1),
+                     ql_conv_geom(N: 9, C: 8, H: 6, W: 7, K: 6, KH: 3, KW: 3, SH: 1, SW: 1, PH: 0, PW: 0, DH: 1, DW: 1, groups: 2)]
         var g = index < 6 ? Self.convCases[index] : extra[index - 6]
         var oh: Int32 = 0, ow: Int32 = 0
         #expect(ql_conv_out_size(&g, &oh, &ow) == 0)
