@@ -50,13 +50,14 @@ void ql_im2col(float *restrict col, const float *restrict x, int C, int H, int W
             }
 }
 
-void ql_col2im(float *restrict x, const float *restrict col, int C, int H, int W, int KH, int KW,
-               int SH, int SW, int PH, int PW, int DH, int DW) {
+/* col2im with col's rows ldcol floats apart (an image's share of a wider matrix) */
+static void col2im_ld(float *restrict x, const float *restrict col, size_t ldcol, int C, int H, int W, int KH, int KW,
+                      int SH, int SW, int PH, int PW, int DH, int DW) {
     int OH = out_dim(H, KH, SH, PH, DH), OW = out_dim(W, KW, SW, PW, DW);
     for (int c = 0; c < C; c++)
         for (int kh = 0; kh < KH; kh++)
             for (int kw = 0; kw < KW; kw++) {
-                const float *src = col + ((size_t)(c * KH + kh) * KW + kw) * OH * OW;
+                const float *src = col + ((size_t)(c * KH + kh) * KW + kw) * ldcol;
                 float *dst = x + (size_t)c * H * W;
                 int off = kw * DW - PW;
                 int ow_lo = off >= 0 ? 0 : (-off + SW - 1) / SW;
@@ -71,6 +72,12 @@ void ql_col2im(float *restrict x, const float *restrict col, int C, int H, int W
                     for (int ow = ow_lo; ow < ow_hi; ow++) d[ow * SW] += s[ow];
                 }
             }
+}
+
+void ql_col2im(float *restrict x, const float *restrict col, int C, int H, int W, int KH, int KW,
+               int SH, int SW, int PH, int PW, int DH, int DW) {
+    int OH = out_dim(H, KH, SH, PH, DH), OW = out_dim(W, KW, SW, PW, DW);
+    col2im_ld(x, col, (size_t)OH * OW, C, H, W, KH, KW, SH, SW, PH, PW, DH, DW);
 }
 
 /* ---------------------------------------------------------------------------------------- */
@@ -137,7 +144,7 @@ typedef struct {
     float *apack;
     size_t apack_group;
     size_t wsize;
-    int images_per_gemm; /* forward, implicit: images side by side in one GEMM */
+    int images_per_gemm; /* forward and data gradient: images side by side in one GEMM */
     _Atomic int status;
 } conv_job;
 
@@ -385,15 +392,16 @@ static void fwd_images_task(int t, void *p) {
     fwd_images(j, n0, ql_min_i(j->images_per_gemm, j->g->N - n0));
 }
 
-/* How many images share one implicit GEMM: the fewest that fill the tiles to within 2%
- * (up to as many as keep two tasks per thread), 1 when one image's pixels already do. */
+/* How many images share one GEMM: the count that minimises the columns the busiest thread
+ * computes, tiles rounded up (ceil(tasks / threads) rounds of ceil(nb * P / NR) tiles), the
+ * smallest on a tie; 1 where one image's pixels fill the tiles. At most 4096 columns. */
 static int images_per_gemm(int P, int N, int NR, int threads) {
-    int cap = N / (2 * threads), best = 1;
-    double best_waste = 1.0;
-    for (int nb = 1; nb <= ql_max_i(cap, 1); nb++) {
-        double cols = (double)nb * P, waste = (ceil(cols / NR) * NR - cols) / cols;
-        if (waste < best_waste - 1e-12) { best = nb; best_waste = waste; }
-        if (best_waste <= 0.02) break;
+    int best = 1;
+    double best_cost = INFINITY;
+    for (int nb = 1; nb <= N && (long)nb * P <= 4096; nb++) {
+        long tasks = (N + nb - 1) / nb, rounds = (tasks + threads - 1) / threads;
+        double cost = (double)rounds * (double)(((long)nb * P + NR - 1) / NR * NR);
+        if (cost < best_cost * (1 - 1e-9)) { best = nb; best_cost = cost; }
     }
     return best;
 }
@@ -432,6 +440,65 @@ static void fwd_image(int n, void *p) {
         const float *B = j->pointwise ? xg : col;
         gemm_w(j, grp, 0, j->Kg, P, KK, j->w + (size_t)grp * j->Kg * KK, B, P, j->b ? 1.0f : 0.0f, yg, P);
     }
+}
+
+/* The data gradient's B operand for several images side by side: B[k][j] = dy of image
+ * j / P, channel k of the group, pixel j % P. */
+typedef struct {
+    const float *dy; /* the first image's group */
+    size_t img_stride; /* K * P */
+    int P;
+} dy_src;
+
+static void dy_pack_b(const void *ctx, float *Bp, int NR, int j0, int nc, int k0, int kc) {
+    const dy_src *s = (const dy_src *)ctx;
+    for (int p = 0; p < nc; p += NR) {
+        int cols = ql_min_i(NR, nc - p);
+        ptrdiff_t off[32];
+        for (int c = 0; c < cols; c++) {
+            int j = j0 + p + c;
+            off[c] = (ptrdiff_t)(j / s->P) * (ptrdiff_t)s->img_stride + j % s->P;
+        }
+        int adjacent = cols == NR && off[NR - 1] - off[0] == NR - 1;
+        float *dst = Bp + (size_t)p * kc;
+        for (int k = 0; k < kc; k++) {
+            const float *src = s->dy + (size_t)(k0 + k) * s->P;
+            float *d = dst + (size_t)k * NR;
+            if (adjacent) {
+                src += off[0];
+                for (int c = 0; c < NR; c++) d[c] = src[c];
+            } else {
+                for (int c = 0; c < cols; c++) d[c] = src[off[c]];
+                for (int c = cols; c < NR; c++) d[c] = 0.0f;
+            }
+        }
+    }
+}
+
+/* Images [n0, n0 + count): col = W^T dy for all of them in one GEMM per group (their pixels
+ * side by side, as the forward), then each image's col2im from its columns. */
+static void bwd_data_images(conv_job *j, int n0, int count) {
+    const ql_conv_geom *g = j->g;
+    int P = j->OH * j->OW, KK = j->Cg * g->KH * g->KW, cols = count * P;
+    float *col = col_scratch((size_t)KK * cols);
+    if (!col) { atomic_store(&j->status, QL_ENOMEM); return; }
+    for (int grp = 0; grp < g->groups; grp++) {
+        dy_src src = {j->dy + ((size_t)n0 * g->K + (size_t)grp * j->Kg) * P, (size_t)g->K * P, P};
+        ql_operand_packers pk = {dy_pack_b, NULL, &src};
+        if (ql_sgemm_packers_serial(j->isa, KK, cols, j->Kg, j->apack + grp * j->apack_group, 0, NULL, 0, &pk, 0.0f, col, cols)) {
+            atomic_store(&j->status, QL_ENOMEM);
+            return;
+        }
+        for (int i = 0; i < count; i++)
+            col2im_ld(j->dx + ((size_t)(n0 + i) * g->C + (size_t)grp * j->Cg) * g->H * g->W, col + (size_t)i * P, (size_t)cols,
+                      j->Cg, g->H, g->W, g->KH, g->KW, g->SH, g->SW, g->PH, g->PW, g->DH, g->DW);
+    }
+}
+
+static void bwd_data_images_task(int t, void *p) {
+    conv_job *j = (conv_job *)p;
+    int n0 = t * j->images_per_gemm;
+    bwd_data_images(j, n0, ql_min_i(j->images_per_gemm, j->g->N - n0));
 }
 
 static void bwd_data_image(int n, void *p) {
@@ -520,8 +587,14 @@ int ql_conv2d_bwd_data(float *dx, const float *dy, const float *w, const ql_conv
     if (setup(&j, g)) return QL_EINVAL;
     j.dx = dx; j.dy = dy; j.w = w;
     pack_weights(&j, 1);
-    if (j.per_image_parallel) ql_parallel_for(g->N, bwd_data_image, &j);
-    else for (int n = 0; n < g->N; n++) bwd_data_image(n, &j);
+    if (j.per_image_parallel && !j.pointwise && j.apack) {
+        j.images_per_gemm = images_per_gemm(j.OH * j.OW, g->N, ql_sgemm_panel_width(j.isa), ql_get_num_threads());
+        ql_parallel_for((g->N + j.images_per_gemm - 1) / j.images_per_gemm, bwd_data_images_task, &j);
+    } else if (j.per_image_parallel) {
+        ql_parallel_for(g->N, bwd_data_image, &j);
+    } else {
+        for (int n = 0; n < g->N; n++) bwd_data_image(n, &j);
+    }
     ql_aligned_free(j.apack);
     return atomic_load(&j.status);
 }

@@ -542,7 +542,7 @@ struct KernelTests {
     /// the drivers' order (the weight gradient: one partial sum per task of consecutive
     /// images, added in task order). The last cases cross a K slab (KK > 512) and an N block
     /// (more than 3072 output pixels); the last two put several images in one GEMM.
-    @Test("Convolution forward and weight gradient: the implicit GEMM gives im2col + SGEMM's bits",
+    @Test("Convolution forward, data and weight gradients: the implicit and batched GEMMs give im2col + SGEMM's bits",
           arguments: Array(0..<10))
     func convImplicitExact(index: Int) {
         let extra = [ql_conv_geom(N: 3, C: 72, H: 9, W: 11, K: 40, KH: 3, KW: 3, SH: 1, SW: 1, PH: 1, PW: 1, DH: 1, DW: 1, groups: 1),
@@ -581,6 +581,21 @@ struct KernelTests {
         }
         func firstDifference(_ a: [Float], _ b: [Float]) -> Int? { a.indices.first { a[$0].bitPattern != b[$0].bitPattern } }
         #expect(firstDifference(y, want) == nil, "forward, case \(index)")
+        // data gradient: col = W_g^T dy_g, then col2im, image by image (the drivers batch the
+        // GEMM over images where the maps are small: the same sums)
+        let dx0 = randomFloats(n * Int(g.C) * hw, &rng)
+        var dx = dx0, wantDX = dx0
+        #expect(ql_conv2d_bwd_data(&dx, dy, w, &g) == 0)
+        for image in 0..<n {
+            for grp in 0..<groups {
+                _ = ql_sgemm_isa(QL_ISA_BEST, 1, 0, Int32(kk), Int32(p), Int32(kg), 1, Array(w[(grp * kg * kk)...]), Int32(kk),
+                                 Array(dy[((image * Int(g.K) + grp * kg) * p)...]), Int32(p), 0, &col, Int32(p))
+                wantDX.withUnsafeMutableBufferPointer { ds in
+                    ql_col2im(ds.baseAddress! + (image * Int(g.C) + grp * cg) * hw, col, Int32(cg), g.H, g.W, g.KH, g.KW, g.SH, g.SW, g.PH, g.PW, g.DH, g.DW)
+                }
+            }
+        }
+        #expect(firstDifference(dx, wantDX) == nil, "data gradient, case \(index)")
         // weight gradient
         var dw = dw0, wantDW = dw0, db = [Float](repeating: 0, count: Int(g.K))
         #expect(ql_conv2d_bwd_weight(&dw, &db, dy, x, &g) == 0)
