@@ -332,8 +332,8 @@ static void gemm_w(conv_job *j, int grp, int tA, int M, int N, int K, const floa
  * threads on one image (batches smaller than the thread count). */
 typedef struct {
     conv_job *j;
-    const implicit_src *src;
-    const float *apack;
+    const implicit_src *src; /* NULL for a pointwise conv: B is the image itself (x) */
+    const float *x, *apack;
     float *y;
     int P, chunk;
 } columns_job;
@@ -342,11 +342,15 @@ static void fwd_columns_task(int t, void *p) {
     const columns_job *c = (const columns_job *)p;
     int lo = t * c->chunk, n = ql_min_i(c->chunk, c->P - lo);
     if (n <= 0) return;
-    implicit_src s = *c->src;
-    s.col0 = lo;
+    const ql_conv_geom *g = c->j->g;
+    implicit_src s;
     ql_operand_packers pk = {implicit_pack_b, NULL, &s};
-    if (ql_sgemm_packers_serial(c->j->isa, c->j->Kg, n, c->j->Cg * s.KH * s.KW, c->apack, 0, NULL, 0, &pk,
-                                c->j->b ? 1.0f : 0.0f, c->y + lo, c->P))
+    if (c->src) {
+        s = *c->src;
+        s.col0 = lo;
+    }
+    if (ql_sgemm_packers_serial(c->j->isa, c->j->Kg, n, c->j->Cg * g->KH * g->KW, c->apack, 0, c->x + lo, c->P,
+                                c->src ? &pk : NULL, c->j->b ? 1.0f : 0.0f, c->y + lo, c->P))
         atomic_store(&c->j->status, QL_ENOMEM);
 }
 
@@ -428,11 +432,14 @@ static void fwd_image(int n, void *p) {
                 for (int i = 0; i < P; i++) row[i] = bv;
             }
         }
-        if (implicit) { /* one image on all threads: each takes a slice of the pixels (tile-aligned) */
+        if (j->apack && !j->per_image_parallel) {
+            /* one image on all threads, on the packed weights: each takes a slice of the pixels
+             * (whole tiles), read from the image (pointwise) or packed from it (implicit) */
             implicit_src src;
-            if (!implicit_source(&src, &tl_pad, xg, 1, j->Cg, g, j->OH, j->OW)) { atomic_store(&j->status, QL_ENOMEM); return; }
-            int threads = ql_get_num_threads(), chunk = ((P + threads - 1) / threads + 31) / 32 * 32;
-            columns_job cj = {j, &src, j->apack + grp * j->apack_group, yg, P, chunk};
+            if (implicit && !implicit_source(&src, &tl_pad, xg, 1, j->Cg, g, j->OH, j->OW)) { atomic_store(&j->status, QL_ENOMEM); return; }
+            int threads = ql_get_num_threads(), nr = ql_sgemm_panel_width(j->isa);
+            int chunk = ((P + threads - 1) / threads + nr - 1) / nr * nr;
+            columns_job cj = {j, implicit ? &src : NULL, xg, j->apack + grp * j->apack_group, yg, P, chunk};
             ql_parallel_for((P + chunk - 1) / chunk, fwd_columns_task, &cj);
             continue;
         }
@@ -565,11 +572,20 @@ static int setup(conv_job *j, const ql_conv_geom *g) {
     return QL_OK;
 }
 
-int ql_conv2d_fwd(float *y, const float *x, const float *w, const float *b, const ql_conv_geom *g) {
+/* The forward with the weights packed by the caller (prepacked, for level `level`), or
+ * packed here (prepacked NULL, or packed for another level). */
+static int conv_fwd(float *y, const float *x, const float *w, const float *b, const ql_conv_geom *g,
+                    const float *prepacked, int level) {
     conv_job j;
     if (setup(&j, g)) return QL_EINVAL;
     j.x = x; j.w = w; j.b = b; j.y = y;
-    pack_weights(&j, 0);
+    int own = !(prepacked && level == j.isa && j.isa != QL_ISA_REF);
+    if (own) {
+        pack_weights(&j, 0);
+    } else {
+        j.apack = (float *)prepacked;
+        j.apack_group = ql_sgemm_packed_a_floats((ql_isa)j.isa, j.Kg, j.Cg * g->KH * g->KW);
+    }
     if (j.per_image_parallel && !j.pointwise && j.apack) {
         j.images_per_gemm = images_per_gemm(j.OH * j.OW, g->N, ql_sgemm_panel_width(j.isa), ql_get_num_threads());
         ql_parallel_for((g->N + j.images_per_gemm - 1) / j.images_per_gemm, fwd_images_task, &j);
@@ -578,8 +594,36 @@ int ql_conv2d_fwd(float *y, const float *x, const float *w, const float *b, cons
     } else {
         for (int n = 0; n < g->N; n++) fwd_image(n, &j);
     }
-    ql_aligned_free(j.apack);
+    if (own) ql_aligned_free(j.apack);
     return atomic_load(&j.status);
+}
+
+int ql_conv2d_fwd(float *y, const float *x, const float *w, const float *b, const ql_conv_geom *g) {
+    return conv_fwd(y, x, w, b, g, NULL, -1);
+}
+
+size_t ql_conv2d_fwd_packed_floats(const ql_conv_geom *g) {
+    int OH, OW, level = ql_isa_best();
+    if (ql_conv_out_size(g, &OH, &OW) || level == QL_ISA_REF) return 0;
+    return ql_sgemm_packed_a_floats((ql_isa)level, g->K / g->groups, g->C / g->groups * g->KH * g->KW) * (size_t)g->groups;
+}
+
+int ql_conv2d_fwd_pack(float *packed, const float *w, const ql_conv_geom *g) {
+    int OH, OW, level = ql_isa_best();
+    if (ql_conv_out_size(g, &OH, &OW) || !packed || !w) return QL_EINVAL;
+    if (level == QL_ISA_REF) return QL_EUNSUPPORTED;
+    int Kg = g->K / g->groups, KK = g->C / g->groups * g->KH * g->KW;
+    size_t per_group = ql_sgemm_packed_a_floats((ql_isa)level, Kg, KK);
+    for (int grp = 0; grp < g->groups; grp++) {
+        int st = ql_sgemm_pack_a((ql_isa)level, 0, Kg, KK, 1.0f, w + (size_t)grp * Kg * KK, KK, packed + grp * per_group);
+        if (st) return st;
+    }
+    return level;
+}
+
+int ql_conv2d_fwd_prepacked(float *y, const float *x, const float *w, const float *packed, int level, const float *b,
+                            const ql_conv_geom *g) {
+    return conv_fwd(y, x, w, b, g, packed, level);
 }
 
 int ql_conv2d_bwd_data(float *dx, const float *dy, const float *w, const ql_conv_geom *g) {

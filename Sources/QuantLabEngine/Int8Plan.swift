@@ -536,7 +536,16 @@ public final class Int8Plan {
             haveFloat.insert(n.output)
         }
         for v in graph.outputs { needFloat(v, for: "output") }
+        // float convs on constant weights: packed once here, not on every run
+        for case .float(let n) in steps {
+            if case .conv(let o) = n.op, n.inputs.count > 1, let wid = n.inputs[1], let w = graph.constants[wid] {
+                packedConvs[n.output] = PackedConv2dWeights(weight: w, options: o)
+            }
+        }
     }
+
+    /// The float convs' weights, packed for their forward (by the node's output value).
+    private var packedConvs: [Int: PackedConv2dWeights] = [:]
 
     /// The kind of Reformat a step is, or nil: quantize, requantize, dequantize, or "qdq
     /// (float)" for a quantizer run as fake quantization — but not a quantizer of a constant (a
@@ -709,7 +718,12 @@ public final class Int8Plan {
                 defer { if profile { stepSamples[index].append(Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9) } }
                 switch step {
                 case .float(let n):
-                    f32[n.output] = try ReferenceExecutor.apply(n, n.inputs.map { try $0.map { try floatValue($0, for: n.name) } })
+                    let args = try n.inputs.map { try $0.map { try floatValue($0, for: n.name) } }
+                    if let packed = packedConvs[n.output], let x = args.first ?? nil {
+                        f32[n.output] = packed.forward(x, bias: args.count > 2 ? args[2] : nil)
+                    } else {
+                        f32[n.output] = try ReferenceExecutor.apply(n, args)
+                    }
                 case .quantize(let source, let s, let amax, let name):
                     let x = try floatValue(source, for: name)
                     guard x.rank == 4 else { throw EngineError("\(name): int8 activations are 4-D, got \(x.shape)") }

@@ -581,6 +581,19 @@ struct KernelTests {
         }
         func firstDifference(_ a: [Float], _ b: [Float]) -> Int? { a.indices.first { a[$0].bitPattern != b[$0].bitPattern } }
         #expect(firstDifference(y, want) == nil, "forward, case \(index)")
+        // the same with the weights packed once beforehand (the engine's float convs), and with
+        // a packing for another level (then packed anew)
+        let floats = ql_conv2d_fwd_packed_floats(&g)
+        if floats > 0 {
+            var packed = [Float](repeating: .nan, count: floats)
+            let level = ql_conv2d_fwd_pack(&packed, w, &g)
+            #expect(level >= 0)
+            for claimed in [level, level + 7] {
+                var yp = [Float](repeating: .nan, count: y.count)
+                #expect(ql_conv2d_fwd_prepacked(&yp, x, w, packed, claimed, b, &g) == 0)
+                #expect(firstDifference(yp, want) == nil, "forward on prepacked weights (level \(claimed)), case \(index)")
+            }
+        }
         // data gradient: col = W_g^T dy_g, then col2im, image by image (the drivers batch the
         // GEMM over images where the maps are small: the same sums)
         let dx0 = randomFloats(n * Int(g.C) * hw, &rng)

@@ -285,14 +285,27 @@ void ql_col2im(float *restrict x, const float *restrict col, int C, int H, int W
  *   fwd:         y[n,k,oh,ow] = b[k] + sum_{c in group(k), kh, kw} w[k,c,kh,kw] * x[n,c,ih,iw]
  *   bwd_data:    dx += dL/dx given dy            (the transposed convolution of dy)
  *   bwd_weight:  dw += dL/dw, db += dL/db (db may be NULL)
- * Implementation: im2col + SGEMM per image and group, images spread over the thread pool
- * (so im2col runs in parallel too); bwd_weight reduces per-thread partial sums in a fixed
- * order, so results are deterministic for a given thread count.
+ * Implementation: SGEMM per group with the weights packed once per call; fwd and bwd_weight
+ * pack the im2col matrix's panels straight from a zero-padded copy of the image (implicit
+ * GEMM), fwd and bwd_data put several small maps' pixels side by side in one GEMM; images
+ * spread over the thread pool, or one image's pixels when the batch is smaller than the
+ * thread count. The results are im2col + SGEMM's bits per image (tested); bwd_weight reduces
+ * per-thread partial sums in a fixed order, so results are deterministic for a thread count.
  * The _ref versions are direct loops over the definition above. Tolerance as SGEMM with
  * K = C/groups*KH*KW (fwd, bwd_weight over N*OH*OW terms, bwd_data over K/groups*KH*KW terms). */
 int ql_conv2d_fwd(float *y, const float *x, const float *w, const float *b, const ql_conv_geom *g);
 int ql_conv2d_bwd_data(float *dx, const float *dy, const float *w, const ql_conv_geom *g);
 int ql_conv2d_bwd_weight(float *dw, float *db, const float *dy, const float *x, const ql_conv_geom *g);
+/* The forward with its weights packed once for many calls (an engine's constant weights):
+ * ql_conv2d_fwd_packed_floats(g) floats (0 at the reference level: nothing to pack), filled
+ * by ql_conv2d_fwd_pack, which returns the level it packed for (>= 0) or an error (< 0);
+ * ql_conv2d_fwd_prepacked(y, x, w, packed, level, b, g) then computes ql_conv2d_fwd's bits
+ * without packing w again (w is still read where the packed form does not apply, and the
+ * weights are packed anew when `level` is not the level in force). */
+size_t ql_conv2d_fwd_packed_floats(const ql_conv_geom *g);
+int ql_conv2d_fwd_pack(float *packed, const float *w, const ql_conv_geom *g);
+int ql_conv2d_fwd_prepacked(float *y, const float *x, const float *w, const float *packed, int level, const float *b,
+                            const ql_conv_geom *g);
 int ql_conv2d_fwd_ref(float *y, const float *x, const float *w, const float *b, const ql_conv_geom *g);
 int ql_conv2d_bwd_data_ref(float *dx, const float *dy, const float *w, const ql_conv_geom *g);
 int ql_conv2d_bwd_weight_ref(float *dw, float *db, const float *dy, const float *x,

@@ -88,6 +88,52 @@ public func conv2d(_ x: Tensor, weight: Tensor, bias: Tensor? = nil, options o: 
     }
 }
 
+/// A conv's weights packed once for its forward, for weights that do not change (an engine's
+/// constants): `forward` computes `conv2d`'s bits without packing the weights on every call
+/// (at batch 1 that packing cost as much as the product of a 5x5 map). No gradient.
+public final class PackedConv2dWeights {
+    public let weight: Tensor
+    public let options: Conv2dOptions
+    private let packed: UnsafeMutablePointer<Float>?
+    private let level: Int32
+
+    public init(weight: Tensor, options o: Conv2dOptions) {
+        self.weight = weight
+        options = o
+        // the packed layout does not depend on the input's size: any input the kernel fits
+        let kh: Int = o.dilation.0 * (weight.shape[2] - 1) + 1, kw: Int = o.dilation.1 * (weight.shape[3] - 1) + 1
+        var g = geometry(input: [1, weight.shape[1] * o.groups, kh, kw], weight: weight.shape, o)
+        let floats = weight.device == .cpu ? ql_conv2d_fwd_packed_floats(&g) : 0
+        var buffer: UnsafeMutablePointer<Float>? = floats > 0 ? .allocate(capacity: floats) : nil
+        var level: Int32 = -1
+        if let b = buffer {
+            level = ql_conv2d_fwd_pack(b, weight.data, &g)
+            if level < 0 { b.deallocate(); buffer = nil } // conv2d packs per call then
+        }
+        packed = buffer
+        self.level = level
+    }
+
+    deinit { packed?.deallocate() }
+
+    /// conv2d(x, weight, bias, options), the same bits.
+    public func forward(_ x: Tensor, bias: Tensor?) -> Tensor {
+        guard let packed, x.device == .cpu, !(GradMode.isEnabled && (x.requiresGrad || weight.requiresGrad)) else {
+            return conv2d(x, weight: weight, bias: bias, options: options)
+        }
+        var g = geometry(input: x.shape, weight: weight.shape, options)
+        var oh: Int32 = 0, ow: Int32 = 0
+        require(ql_conv_out_size(&g, &oh, &ow) == 0 && weight.shape[1] * options.groups == x.shape[1],
+                "conv2d: input \(x.shape), weight \(weight.shape) do not fit")
+        if let b = bias { require(b.shape == [weight.shape[0]], "conv2d: bias \(b.shape) for \(weight.shape[0]) channels") }
+        FLOPCounter.active?.add(x.shape[0] * weight.count * Int(oh) * Int(ow))
+        let out = Tensor(uninitialized: [x.shape[0], weight.shape[0], Int(oh), Int(ow)])
+        check(ql_conv2d_fwd_prepacked(out.data, x.data, weight.data, packed, level, bias?.data, &g), "conv2d")
+        traceOp(.conv(options), [x, weight, bias], out)
+        return out
+    }
+}
+
 /// db[k] += sum over n, h, w of g[n, k, h, w].
 private func addChannelSums(_ db: UnsafeMutablePointer<Float>, _ g: Tensor) {
     let n = g.shape[0], k = g.shape[1], hw = g.count / max(n * k, 1)
