@@ -221,6 +221,18 @@ static inline void pixel_next(const implicit_src *s, pixel_walk *w) {
     }
 }
 
+/* One row of a B panel: NR floats from src at the panel's column offsets (one copy when the
+ * columns are adjacent in memory), zeros past `cols`. */
+static inline void gather_row(float *restrict d, const float *src, const ptrdiff_t *off, int cols, int NR, int adjacent) {
+    if (adjacent) {
+        src += off[0];
+        for (int c = 0; c < NR; c++) d[c] = src[c];
+    } else {
+        for (int c = 0; c < cols; c++) d[c] = src[off[c]];
+        for (int c = cols; c < NR; c++) d[c] = 0.0f;
+    }
+}
+
 /* B = col (rows: taps (ci, kh, kw); columns: output pixels), for the forward. Each panel's
  * pixel offsets are computed once; a panel of pixels adjacent in memory is one copy per row. */
 static void implicit_pack_b(const void *ctx, float *Bp, int NR, int j0, int nc, int k0, int kc) {
@@ -236,15 +248,8 @@ static void implicit_pack_b(const void *ctx, float *Bp, int NR, int j0, int nc, 
         float *dst = Bp + (size_t)p * kc;
         int ci = k0 / taps, kh = k0 % taps / s->KW, kw = k0 % s->KW;
         for (int k = 0; k < kc; k++) {
-            const float *src = s->xp + ci * plane + (size_t)kh * s->DH * s->Wp + (size_t)kw * s->DW;
-            float *d = dst + (size_t)k * NR;
-            if (adjacent) {
-                src += off[0];
-                for (int c = 0; c < NR; c++) d[c] = src[c];
-            } else {
-                for (int c = 0; c < cols; c++) d[c] = src[off[c]];
-                for (int c = cols; c < NR; c++) d[c] = 0.0f;
-            }
+            gather_row(dst + (size_t)k * NR, s->xp + ci * plane + (size_t)kh * s->DH * s->Wp + (size_t)kw * s->DW, off,
+                       cols, NR, adjacent);
             if (++kw == s->KW) { kw = 0; if (++kh == s->KH) { kh = 0; ci++; } }
         }
     }
@@ -468,17 +473,7 @@ static void dy_pack_b(const void *ctx, float *Bp, int NR, int j0, int nc, int k0
         }
         int adjacent = cols == NR && off[NR - 1] - off[0] == NR - 1;
         float *dst = Bp + (size_t)p * kc;
-        for (int k = 0; k < kc; k++) {
-            const float *src = s->dy + (size_t)(k0 + k) * s->P;
-            float *d = dst + (size_t)k * NR;
-            if (adjacent) {
-                src += off[0];
-                for (int c = 0; c < NR; c++) d[c] = src[c];
-            } else {
-                for (int c = 0; c < cols; c++) d[c] = src[off[c]];
-                for (int c = cols; c < NR; c++) d[c] = 0.0f;
-            }
-        }
+        for (int k = 0; k < kc; k++) gather_row(dst + (size_t)k * NR, s->dy + (size_t)(k0 + k) * s->P, off, cols, NR, adjacent);
     }
 }
 
@@ -572,6 +567,21 @@ static int setup(conv_job *j, const ql_conv_geom *g) {
     return QL_OK;
 }
 
+/* The images of a forward or data-gradient call: groups of images per GEMM on the pool where
+ * the weights are packed and the map is not pointwise (`batched`), else image by image
+ * (`single`), on the pool when the batch is at least the thread count. */
+static void run_images(conv_job *j, ql_task_fn batched, ql_task_fn single) {
+    int N = j->g->N;
+    if (j->per_image_parallel && !j->pointwise && j->apack) {
+        j->images_per_gemm = images_per_gemm(j->OH * j->OW, N, ql_sgemm_panel_width(j->isa), ql_get_num_threads());
+        ql_parallel_for((N + j->images_per_gemm - 1) / j->images_per_gemm, batched, j);
+    } else if (j->per_image_parallel) {
+        ql_parallel_for(N, single, j);
+    } else {
+        for (int n = 0; n < N; n++) single(n, j);
+    }
+}
+
 /* The forward with the weights packed by the caller (prepacked, for level `level`), or
  * packed here (prepacked NULL, or packed for another level). */
 static int conv_fwd(float *y, const float *x, const float *w, const float *b, const ql_conv_geom *g,
@@ -586,14 +596,7 @@ static int conv_fwd(float *y, const float *x, const float *w, const float *b, co
         j.apack = (float *)prepacked;
         j.apack_group = ql_sgemm_packed_a_floats((ql_isa)j.isa, j.Kg, j.Cg * g->KH * g->KW);
     }
-    if (j.per_image_parallel && !j.pointwise && j.apack) {
-        j.images_per_gemm = images_per_gemm(j.OH * j.OW, g->N, ql_sgemm_panel_width(j.isa), ql_get_num_threads());
-        ql_parallel_for((g->N + j.images_per_gemm - 1) / j.images_per_gemm, fwd_images_task, &j);
-    } else if (j.per_image_parallel) {
-        ql_parallel_for(g->N, fwd_image, &j);
-    } else {
-        for (int n = 0; n < g->N; n++) fwd_image(n, &j);
-    }
+    run_images(&j, fwd_images_task, fwd_image);
     if (own) ql_aligned_free(j.apack);
     return atomic_load(&j.status);
 }
@@ -631,14 +634,7 @@ int ql_conv2d_bwd_data(float *dx, const float *dy, const float *w, const ql_conv
     if (setup(&j, g)) return QL_EINVAL;
     j.dx = dx; j.dy = dy; j.w = w;
     pack_weights(&j, 1);
-    if (j.per_image_parallel && !j.pointwise && j.apack) {
-        j.images_per_gemm = images_per_gemm(j.OH * j.OW, g->N, ql_sgemm_panel_width(j.isa), ql_get_num_threads());
-        ql_parallel_for((g->N + j.images_per_gemm - 1) / j.images_per_gemm, bwd_data_images_task, &j);
-    } else if (j.per_image_parallel) {
-        ql_parallel_for(g->N, bwd_data_image, &j);
-    } else {
-        for (int n = 0; n < g->N; n++) bwd_data_image(n, &j);
-    }
+    run_images(&j, bwd_data_images_task, bwd_data_image);
     ql_aligned_free(j.apack);
     return atomic_load(&j.status);
 }

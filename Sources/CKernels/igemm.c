@@ -478,6 +478,17 @@ requant_avx512(int M, int N, int8_t *out, int ldo, const int32_t *acc, int ldacc
     }
 }
 
+/* epilogue_value's v for 8 columns from n: fmaf(acc + offset, scale, bias), then the activation */
+__attribute__((target("avx2,fma"))) static inline __m256 epilogue8(const int32_t *a, const int32_t *col_offset,
+                                                                   const float *scale, const float *bias, int n, int relu) {
+    __m256i v = _mm256_loadu_si256((const __m256i *)(a + n));
+    if (col_offset) v = _mm256_add_epi32(v, _mm256_loadu_si256((const __m256i *)(col_offset + n)));
+    __m256 b = bias ? _mm256_loadu_ps(bias + n) : _mm256_setzero_ps();
+    __m256 f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), _mm256_loadu_ps(scale + n), b);
+    if (relu == 2) return _mm256_mul_ps(f, ql_sigmoid8(f)); /* SiLU: v * sigmoid(v) */
+    return relu ? _mm256_max_ps(f, _mm256_setzero_ps()) : f;
+}
+
 __attribute__((target("avx2,fma"))) static void
 requant_avx2(int M, int N, int8_t *out, int ldo, const int32_t *acc, int ldacc,
              const int32_t *col_offset, const float *scale, const float *bias, int relu) {
@@ -487,14 +498,7 @@ requant_avx2(int M, int N, int8_t *out, int ldo, const int32_t *acc, int ldacc,
         const int32_t *a = acc + (size_t)i * ldacc;
         int8_t *o = out + (size_t)i * ldo;
         for (int n = 0; n < N8; n += 8) {
-            __m256i v = _mm256_loadu_si256((const __m256i *)(a + n));
-            if (col_offset) v = _mm256_add_epi32(v, _mm256_loadu_si256((const __m256i *)(col_offset + n)));
-            __m256 f = _mm256_cvtepi32_ps(v);
-            __m256 b = bias ? _mm256_loadu_ps(bias + n) : _mm256_setzero_ps();
-            f = _mm256_fmadd_ps(f, _mm256_loadu_ps(scale + n), b);
-            if (relu == 2) f = _mm256_mul_ps(f, ql_sigmoid8(f)); /* SiLU: epilogue_value's v * sigmoid(v) */
-            else if (relu) f = _mm256_max_ps(f, _mm256_setzero_ps());
-            __m256i q = _mm256_cvtps_epi32(f);
+            __m256i q = _mm256_cvtps_epi32(epilogue8(a, col_offset, scale, bias, n, relu));
             q = _mm256_min_epi32(_mm256_max_epi32(q, lo), hi);
             /* to 8 bytes: already within [-127, 127], so the saturating packs change nothing */
             __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
@@ -548,13 +552,7 @@ dequant_silu_avx2(int M, int N, float *out, int ldo, const int32_t *acc, int lda
     for (int i = 0; i < M; i++) {
         const int32_t *a = acc + (size_t)i * ldacc;
         float *o = out + (size_t)i * ldo;
-        for (int n = 0; n < N8; n += 8) {
-            __m256i v = _mm256_loadu_si256((const __m256i *)(a + n));
-            if (col_offset) v = _mm256_add_epi32(v, _mm256_loadu_si256((const __m256i *)(col_offset + n)));
-            __m256 b = bias ? _mm256_loadu_ps(bias + n) : _mm256_setzero_ps();
-            __m256 f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), _mm256_loadu_ps(scale + n), b);
-            _mm256_storeu_ps(o + n, _mm256_mul_ps(f, ql_sigmoid8(f)));
-        }
+        for (int n = 0; n < N8; n += 8) _mm256_storeu_ps(o + n, epilogue8(a, col_offset, scale, bias, n, 2));
         if (N8 < N)
             ql_dequantize_f32_ref(1, N - N8, o + N8, ldo, a + N8, ldacc, col_offset ? col_offset + N8 : NULL,
                                   scale + N8, bias ? bias + N8 : NULL, 2);

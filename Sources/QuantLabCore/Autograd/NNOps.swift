@@ -60,13 +60,19 @@ public final class FLOPCounter: @unchecked Sendable {
 }
 
 /// 2-D convolution. x [N, C, H, W], weight [K, C/groups, KH, KW], bias [K] or nil.
-public func conv2d(_ x: Tensor, weight: Tensor, bias: Tensor? = nil, options o: Conv2dOptions = .init()) -> Tensor {
+/// conv2d's geometry and output size, after checking that the shapes fit (and counting FLOPs).
+private func checkedConvGeometry(_ x: Tensor, _ weight: Tensor, _ bias: Tensor?, _ o: Conv2dOptions) -> (ql_conv_geom, oh: Int32, ow: Int32) {
     var g = geometry(input: x.shape, weight: weight.shape, o)
     var oh: Int32 = 0, ow: Int32 = 0
     require(ql_conv_out_size(&g, &oh, &ow) == 0 && weight.shape[1] * o.groups == x.shape[1],
                  "conv2d: input \(x.shape), weight \(weight.shape), stride \(o.stride), padding \(o.padding), groups \(o.groups) do not fit")
     if let b = bias { require(b.shape == [weight.shape[0]], "conv2d: bias \(b.shape) for \(weight.shape[0]) channels") }
     FLOPCounter.active?.add(x.shape[0] * weight.count * Int(oh) * Int(ow))
+    return (g, oh, ow)
+}
+
+public func conv2d(_ x: Tensor, weight: Tensor, bias: Tensor? = nil, options o: Conv2dOptions = .init()) -> Tensor {
+    var (g, oh, ow) = checkedConvGeometry(x, weight, bias, o)
     if x.device == .cuda { return CUDAOps.conv2d(x, weight, bias, g, oh: Int(oh), ow: Int(ow)) }
     let out = Tensor(uninitialized: [x.shape[0], weight.shape[0], Int(oh), Int(ow)])
     check(ql_conv2d_fwd(out.data, x.data, weight.data, bias?.data, &g), "conv2d")
@@ -121,12 +127,7 @@ public final class PackedConv2dWeights {
         guard let packed, x.device == .cpu, !(GradMode.isEnabled && (x.requiresGrad || weight.requiresGrad)) else {
             return conv2d(x, weight: weight, bias: bias, options: options)
         }
-        var g = geometry(input: x.shape, weight: weight.shape, options)
-        var oh: Int32 = 0, ow: Int32 = 0
-        require(ql_conv_out_size(&g, &oh, &ow) == 0 && weight.shape[1] * options.groups == x.shape[1],
-                "conv2d: input \(x.shape), weight \(weight.shape) do not fit")
-        if let b = bias { require(b.shape == [weight.shape[0]], "conv2d: bias \(b.shape) for \(weight.shape[0]) channels") }
-        FLOPCounter.active?.add(x.shape[0] * weight.count * Int(oh) * Int(ow))
+        var (g, oh, ow) = checkedConvGeometry(x, weight, bias, options)
         let out = Tensor(uninitialized: [x.shape[0], weight.shape[0], Int(oh), Int(ow)])
         check(ql_conv2d_fwd_prepacked(out.data, x.data, weight.data, packed, level, bias?.data, &g), "conv2d")
         traceOp(.conv(options), [x, weight, bias], out)
