@@ -349,7 +349,7 @@ static void fwd_columns_task(int t, void *p) {
     if (n <= 0) return;
     const ql_conv_geom *g = c->j->g;
     implicit_src s;
-    ql_operand_packers pk = {implicit_pack_b, NULL, &s};
+    ql_operand_packers pk = {implicit_pack_b, NULL, &s, NULL};
     if (c->src) {
         s = *c->src;
         s.col0 = lo;
@@ -382,7 +382,7 @@ static void fwd_images(conv_job *j, int n0, int count) {
                 float bv = j->b[grp * j->Kg + k], *row = c + (size_t)k * cols;
                 for (int i = 0; i < cols; i++) row[i] = bv;
             }
-        ql_operand_packers pk = {implicit_pack_b, NULL, &src};
+        ql_operand_packers pk = {implicit_pack_b, NULL, &src, NULL};
         if (ql_sgemm_packers_serial(j->isa, j->Kg, cols, KK, j->apack + grp * j->apack_group, 0, NULL, 0, &pk,
                                     j->b ? 1.0f : 0.0f, c, cols)) {
             atomic_store(&j->status, QL_ENOMEM);
@@ -486,7 +486,7 @@ static void bwd_data_images(conv_job *j, int n0, int count) {
     if (!col) { atomic_store(&j->status, QL_ENOMEM); return; }
     for (int grp = 0; grp < g->groups; grp++) {
         dy_src src = {j->dy + ((size_t)n0 * g->K + (size_t)grp * j->Kg) * P, (size_t)g->K * P, P};
-        ql_operand_packers pk = {dy_pack_b, NULL, &src};
+        ql_operand_packers pk = {dy_pack_b, NULL, &src, NULL};
         if (ql_sgemm_packers_serial(j->isa, KK, cols, j->Kg, j->apack + grp * j->apack_group, 0, NULL, 0, &pk, 0.0f, col, cols)) {
             atomic_store(&j->status, QL_ENOMEM);
             return;
@@ -522,6 +522,28 @@ static void bwd_data_image(int n, void *p) {
     }
 }
 
+/* B = dy^T for the weight gradient, several images: B[k][c] = dy of image k / P, channel c of
+ * the group, pixel k % P. */
+static void dyt_pack_b(const void *ctx, float *Bp, int NR, int j0, int nc, int k0, int kc) {
+    const dy_src *s = (const dy_src *)ctx;
+    for (int p = 0; p < nc; p += NR) {
+        int cols = ql_min_i(NR, nc - p), n = k0 / s->P, pix = k0 % s->P;
+        const float *chan[32];
+        for (int c = 0; c < cols; c++) chan[c] = s->dy + (size_t)(j0 + p + c) * s->P;
+        float *dst = Bp + (size_t)p * kc;
+        for (int k = 0; k < kc; k++) {
+            size_t o = (size_t)n * s->img_stride + (size_t)pix;
+            float *d = dst + (size_t)k * NR;
+            for (int c = 0; c < cols; c++) d[c] = chan[c][o];
+            for (int c = cols; c < NR; c++) d[c] = 0.0f;
+            if (++pix == s->P) { pix = 0; n++; }
+        }
+    }
+}
+
+/* Images per weight-gradient GEMM: enough for a depth of 2048 pixels (one image from 2048 on). */
+static int weight_grad_images(int P) { return ql_max_i(1, (2048 + P - 1) / P); }
+
 /* Task t handles images [t*N/T, (t+1)*N/T) and accumulates into its own partial dW. */
 static void bwd_weight_task(int t, void *p) {
     conv_job *j = (conv_job *)p;
@@ -533,24 +555,30 @@ static void bwd_weight_task(int t, void *p) {
     int implicit = !j->pointwise && j->per_image_parallel && j->isa != QL_ISA_REF;
     float *col = j->pointwise || implicit ? NULL : col_scratch((size_t)KK * P);
     if (!j->pointwise && !implicit && !col) { atomic_store(&j->status, QL_ENOMEM); return; }
-    for (int n = n0; n < n1; n++)
+    /* implicit: up to weight_grad_images(P) images per GEMM, their pixels one long depth, so
+     * that a small map's few pixels do not cost a pass over dW's block each */
+    int step = implicit ? ql_min_i(n1 - n0, weight_grad_images(P)) : 1;
+    for (int n = n0; n < n1; n += step) {
+        int count = ql_min_i(step, n1 - n);
         for (int grp = 0; grp < g->groups; grp++) {
             const float *xg = j->x + ((size_t)n * g->C + (size_t)grp * j->Cg) * g->H * g->W;
             const float *dyg = j->dy + ((size_t)n * g->K + (size_t)grp * j->Kg) * P;
             float beta = n == n0 ? 0.0f : 1.0f, *dwg = dw + (size_t)grp * j->Kg * KK;
             /* dW_g^T[KK, Kg] += col[KK, P] * dy_g^T[P, Kg]: the large operand (col) is packed
              * row-wise and only the small dy is transposed; transposed back in the reduction */
-            if (implicit) { /* col's panels packed from the image (see implicit_pack_a) */
+            if (implicit) { /* col's panels packed from the images (implicit_pack_a), dy^T's from dy */
                 implicit_src src;
-                if (!implicit_source(&src, &tl_pad, xg, 1, j->Cg, g, j->OH, j->OW)) { atomic_store(&j->status, QL_ENOMEM); return; }
-                ql_operand_packers pk = {NULL, implicit_pack_a, &src};
-                if (ql_sgemm_packers_serial(j->isa, KK, j->Kg, P, NULL, 1, dyg, P, &pk, beta, dwg, j->Kg))
+                if (!implicit_source(&src, &tl_pad, xg, count, j->Cg, g, j->OH, j->OW)) { atomic_store(&j->status, QL_ENOMEM); return; }
+                dy_src dys = {dyg, (size_t)g->K * P, P};
+                ql_operand_packers pk = {count > 1 ? dyt_pack_b : NULL, implicit_pack_a, &src, &dys};
+                if (ql_sgemm_packers_serial(j->isa, KK, j->Kg, count * P, NULL, 1, dyg, P, &pk, beta, dwg, j->Kg))
                     atomic_store(&j->status, QL_ENOMEM);
                 continue;
             }
             if (!j->pointwise) ql_im2col(col, xg, j->Cg, g->H, g->W, g->KH, g->KW, g->SH, g->SW, g->PH, g->PW, g->DH, g->DW);
             gemm(j, 0, 1, KK, j->Kg, P, j->pointwise ? xg : col, P, dyg, P, beta, dwg, j->Kg);
         }
+    }
 }
 
 static int setup(conv_job *j, const ql_conv_geom *g) {

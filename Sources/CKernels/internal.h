@@ -38,7 +38,8 @@ void ql_sgemm_serial(int isa, int transA, int transB, int M, int N, int K, float
 typedef struct {
     void (*pack_b)(const void *ctx, float *Bp, int NR, int j0, int nc, int k0, int kc);
     void (*pack_a)(const void *ctx, float *Ap, int MR, int i0, int mc, int k0, int kc);
-    const void *ctx;
+    const void *ctx;   /* pack_a's, and pack_b's when ctx_b is NULL */
+    const void *ctx_b; /* pack_b's own, where both operands are packed */
 } ql_operand_packers;
 
 /* C = A B + beta C on the calling thread (isa: a resolved level above ref), A pre-packed by

@@ -249,7 +249,7 @@ static int sgemm_blocked(int isa, int transA, int transB, int M, int N, int K, f
             if (direct) {
                 if (full < nc) pack_b(Bp + (size_t)full * kc, NR, transB, B, ldb, jc + full, nc - full, pc, kc);
             } else if (pk && pk->pack_b) {
-                pk->pack_b(pk->ctx, Bp, NR, jc, nc, pc, kc);
+                pk->pack_b(pk->ctx_b ? pk->ctx_b : pk->ctx, Bp, NR, jc, nc, pc, kc);
             } else {
                 pack_b(Bp, NR, transB, B, ldb, jc, nc, pc, kc);
             }

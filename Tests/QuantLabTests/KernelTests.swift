@@ -540,17 +540,19 @@ struct KernelTests {
     /// (implicit GEMM) instead of from an im2col matrix: the panels hold the same values, so
     /// the results must be the bits of im2col + SGEMM, computed here from the public kernels in
     /// the drivers' order (the weight gradient: one partial sum per task of consecutive
-    /// images, added in task order). The last cases cross a K slab (KK > 512) and an N block
+    /// images, each GEMM over several images' pixels, added in task order). The last cases cross a K slab (KK > 512) and an N block
     /// (more than 3072 output pixels); the last two put several images in one GEMM.
     @Test("Convolution forward, data and weight gradients: the implicit and batched GEMMs give im2col + SGEMM's bits",
-          arguments: Array(0..<10))
+          arguments: Array(0..<11))
     func convImplicitExact(index: Int) {
         let extra = [ql_conv_geom(N: 3, C: 72, H: 9, W: 11, K: 40, KH: 3, KW: 3, SH: 1, SW: 1, PH: 1, PW: 1, DH: 1, DW: 1, groups: 1),
                      ql_conv_geom(N: 1, C: 3, H: 122, W: 64, K: 16, KH: 3, KW: 3, SH: 1, SW: 1, PH: 1, PW: 1, DH: 1, DW: 1, groups: 1),
                      // small maps, many images: several images' pixels side by side in one GEMM
                      // (5x5: 3 images fill 80-column tiles), the last group ragged; unpadded, grouped
                      ql_conv_geom(N: 13, C: 16, H: 5, W: 5, K: 24, KH: 3, KW: 3, SH: 1, SW: 1, PH: 1, PW: 1, DH: 1, DW: 1, groups: 1),
-                     ql_conv_geom(N: 9, C: 8, H: 6, W: 7, K: 6, KH: 3, KW: 3, SH: 1, SW: 1, PH: 0, PW: 0, DH: 1, DW: 1, groups: 2)]
+                     ql_conv_geom(N: 9, C: 8, H: 6, W: 7, K: 6, KH: 3, KW: 3, SH: 1, SW: 1, PH: 0, PW: 0, DH: 1, DW: 1, groups: 2),
+                     // 400 pixels: the weight gradient's GEMMs take 6 images each (2048 pixels deep)
+                     ql_conv_geom(N: 14, C: 4, H: 20, W: 20, K: 8, KH: 3, KW: 3, SH: 1, SW: 1, PH: 1, PW: 1, DH: 1, DW: 1, groups: 1)]
         var g = index < 6 ? Self.convCases[index] : extra[index - 6]
         var oh: Int32 = 0, ow: Int32 = 0
         #expect(ql_conv_out_size(&g, &oh, &ow) == 0)
@@ -612,15 +614,26 @@ struct KernelTests {
         // weight gradient
         var dw = dw0, wantDW = dw0, db = [Float](repeating: 0, count: Int(g.K))
         #expect(ql_conv2d_bwd_weight(&dw, &db, dy, x, &g) == 0)
-        let threads = Int(ql_get_num_threads()), tasks = n >= threads && threads > 1 ? min(threads, n) : 1
+        let threads = Int(ql_get_num_threads()), parallel = n >= threads && threads > 1, tasks = parallel ? min(threads, n) : 1
+        // images per GEMM where the images run in parallel (the driver's weight_grad_images: a
+        // depth of 2048 pixels), their pixels side by side: col [KK, m*P] x dy^T [m*P, Kg]
+        let perGEMM = parallel && !(g.KH == 1 && g.KW == 1 && g.SH == 1 && g.SW == 1 && g.PH == 0 && g.PW == 0) && ql_isa_best() != QL_ISA_REF
+            ? max(1, (2048 + p - 1) / p) : 1
         for t in 0..<tasks {
             var partial = [Float](repeating: 0, count: Int(g.K) * kk) // per group [KK, Kg]
-            for image in (t * n / tasks)..<((t + 1) * n / tasks) {
+            let (n0, n1) = (t * n / tasks, (t + 1) * n / tasks)
+            for first in stride(from: n0, to: n1, by: perGEMM) {
+                let m = min(perGEMM, n1 - first), width = m * p
                 for grp in 0..<groups {
-                    im2col(image, grp)
+                    var cols = [Float](repeating: 0, count: kk * width), dys = [Float](repeating: 0, count: kg * width)
+                    for i in 0..<m {
+                        im2col(first + i, grp)
+                        for r in 0..<kk { for q in 0..<p { cols[r * width + i * p + q] = col[r * p + q] } }
+                        for c in 0..<kg { for q in 0..<p { dys[c * width + i * p + q] = dy[((first + i) * Int(g.K) + grp * kg + c) * p + q] } }
+                    }
                     partial.withUnsafeMutableBufferPointer { ps in
-                        _ = ql_sgemm_isa(QL_ISA_BEST, 0, 1, Int32(kk), Int32(kg), Int32(p), 1, col, Int32(p), Array(dy[((image * Int(g.K) + grp * kg) * p)...]), Int32(p),
-                                         image == t * n / tasks ? 0 : 1, ps.baseAddress! + grp * kg * kk, Int32(kg))
+                        _ = ql_sgemm_isa(QL_ISA_BEST, 0, 1, Int32(kk), Int32(kg), Int32(width), 1, cols, Int32(width), dys, Int32(width),
+                                         first == n0 ? 0 : 1, ps.baseAddress! + grp * kg * kk, Int32(kg))
                     }
                 }
             }

@@ -289,8 +289,9 @@ void ql_col2im(float *restrict x, const float *restrict col, int C, int H, int W
  * pack the im2col matrix's panels straight from a zero-padded copy of the image (implicit
  * GEMM), fwd and bwd_data put several small maps' pixels side by side in one GEMM; images
  * spread over the thread pool, or one image's pixels when the batch is smaller than the
- * thread count. The results are im2col + SGEMM's bits per image (tested); bwd_weight reduces
- * per-thread partial sums in a fixed order, so results are deterministic for a thread count.
+ * thread count. fwd and bwd_data give im2col + SGEMM's bits per image (tested); bwd_weight
+ * sums up to 2048 pixels of several images per GEMM and reduces per-thread partial sums in a
+ * fixed order, so its results are deterministic for a thread count (the test reproduces it).
  * The _ref versions are direct loops over the definition above. Tolerance as SGEMM with
  * K = C/groups*KH*KW (fwd, bwd_weight over N*OH*OW terms, bwd_data over K/groups*KH*KW terms). */
 int ql_conv2d_fwd(float *y, const float *x, const float *w, const float *b, const ql_conv_geom *g);
