@@ -139,8 +139,8 @@ typedef struct {
     int OH, OW, Cg, Kg, isa, pointwise, per_image_parallel, tasks;
     const float *x, *w, *b, *dy;
     float *y, *dx, *dw_partials;
-    /* per-image parallel: the weights as the GEMM's packed A, once per call for every image
-     * (per group, `apack_group` floats apart); NULL: each image's GEMM packs them itself */
+    /* the weights as the GEMM's packed A, once per call (or by the caller: prepacked) for every
+     * image (per group, `apack_group` floats apart); NULL: each GEMM packs them itself */
     float *apack;
     size_t apack_group;
     size_t wsize;
@@ -301,9 +301,10 @@ static void gemm(const conv_job *j, int tA, int tB, int M, int N, int K, const f
 }
 
 /* Packs each group's weights as A once: transA 0 for the forward (A = W_g, Kg x KK), 1 for
- * the data gradient (A = W_g^T, KK x Kg). Only where the images run in parallel (then every
- * image's GEMM would pack the same A again; for small feature maps that costs more than the
- * product). Leaves apack NULL where it does not apply or memory is short. */
+ * the data gradient (A = W_g^T, KK x Kg). Where the images run in parallel (every image's GEMM
+ * would pack the same A again; for small feature maps that costs more than the product), and
+ * for any batch in the forward of a conv that is not pointwise (its implicit GEMM reads packed
+ * weights). Leaves apack NULL where it does not apply or memory is short. */
 static void pack_weights(conv_job *j, int transA) {
     const ql_conv_geom *g = j->g;
     int KK = j->Cg * g->KH * g->KW;
