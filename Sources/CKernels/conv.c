@@ -300,6 +300,18 @@ static void gemm(const conv_job *j, int tA, int tB, int M, int N, int K, const f
     else ql_sgemm_isa((ql_isa)j->isa, tA, tB, M, N, K, 1.0f, A, lda, B, ldb, beta, C, ldc);
 }
 
+/* Each group's weights w_g (Kg x KK) as the SGEMM's packed A at `level`, op = transpose when
+ * transA, into ap (groups of per_group floats). Returns the first packing error, or QL_OK. */
+static int pack_groups(int level, int transA, const float *w, const ql_conv_geom *g, float *ap, size_t per_group) {
+    int Kg = g->K / g->groups, KK = g->C / g->groups * g->KH * g->KW;
+    for (int grp = 0; grp < g->groups; grp++) {
+        int st = ql_sgemm_pack_a((ql_isa)level, transA, transA ? KK : Kg, transA ? Kg : KK, 1.0f, w + (size_t)grp * Kg * KK, KK,
+                                 ap + grp * per_group);
+        if (st) return st;
+    }
+    return QL_OK;
+}
+
 /* Packs each group's weights as A once: transA 0 for the forward (A = W_g, Kg x KK), 1 for
  * the data gradient (A = W_g^T, KK x Kg). Where the images run in parallel (every image's GEMM
  * would pack the same A again; for small feature maps that costs more than the product), and
@@ -317,11 +329,9 @@ static void pack_weights(conv_job *j, int transA) {
     if (!j->apack_group) return;
     float *ap = (float *)ql_aligned_alloc(j->apack_group * g->groups * sizeof(float));
     if (!ap) return;
-    for (int grp = 0; grp < g->groups; grp++) {
-        if (ql_sgemm_pack_a((ql_isa)j->isa, transA, M, K, 1.0f, j->w + (size_t)grp * j->Kg * KK, KK, ap + grp * j->apack_group)) {
-            ql_aligned_free(ap);
-            return;
-        }
+    if (pack_groups(j->isa, transA, j->w, g, ap, j->apack_group)) {
+        ql_aligned_free(ap);
+        return;
     }
     j->apack = ap;
 }
@@ -362,6 +372,14 @@ static void fwd_columns_task(int t, void *p) {
 
 static _Thread_local ql_scratch tl_cblock;
 
+/* Rows k < K of C (cols floats each) set to b[k]: the bias the GEMM then adds to (beta 1). */
+static void fill_bias(float *c, int cols, const float *b, int K) {
+    for (int k = 0; k < K; k++) {
+        float *row = c + (size_t)k * cols;
+        for (int i = 0; i < cols; i++) row[i] = b[k];
+    }
+}
+
 /* Images [n0, n0 + count) in one implicit GEMM per group: their pixels side by side as its
  * columns, so that maps whose pixel count is not a multiple of the tile width (10x10: 100
  * pixels in 7 tiles of 16) fill whole tiles (4 images: 400 = 25 tiles); the product goes to a
@@ -378,11 +396,7 @@ static void fwd_images(conv_job *j, int n0, int count) {
             atomic_store(&j->status, QL_ENOMEM);
             return;
         }
-        if (j->b)
-            for (int k = 0; k < j->Kg; k++) {
-                float bv = j->b[grp * j->Kg + k], *row = c + (size_t)k * cols;
-                for (int i = 0; i < cols; i++) row[i] = bv;
-            }
+        if (j->b) fill_bias(c, cols, j->b + grp * j->Kg, j->Kg);
         ql_operand_packers pk = {implicit_pack_b, NULL, &src, NULL};
         if (ql_sgemm_packers_serial(j->isa, j->Kg, cols, KK, j->apack + grp * j->apack_group, 0, NULL, 0, &pk,
                                     j->b ? 1.0f : 0.0f, c, cols)) {
@@ -420,24 +434,16 @@ static void fwd_image(int n, void *p) {
     conv_job *j = (conv_job *)p;
     const ql_conv_geom *g = j->g;
     int P = j->OH * j->OW, KK = j->Cg * g->KH * g->KW;
-    /* implicit GEMM where the weights are packed (every level but the reference) */
+    /* implicit GEMM where the weights are packed (every level but the reference); with images
+     * in parallel run_images gives such convs to fwd_images, so here only one image at a time
+     * runs on all threads */
     int implicit = !j->pointwise && j->apack;
-    if (implicit && j->per_image_parallel) {
-        fwd_images(j, n, 1);
-        return;
-    }
     float *col = j->pointwise || implicit ? NULL : col_scratch((size_t)KK * P);
     if (!j->pointwise && !implicit && !col) { atomic_store(&j->status, QL_ENOMEM); return; }
     for (int grp = 0; grp < g->groups; grp++) {
         const float *xg = j->x + ((size_t)n * g->C + (size_t)grp * j->Cg) * g->H * g->W;
         float *yg = j->y + ((size_t)n * g->K + (size_t)grp * j->Kg) * P;
-        if (j->b) {
-            for (int k = 0; k < j->Kg; k++) {
-                float bv = j->b[grp * j->Kg + k];
-                float *row = yg + (size_t)k * P;
-                for (int i = 0; i < P; i++) row[i] = bv;
-            }
-        }
+        if (j->b) fill_bias(yg, P, j->b + grp * j->Kg, j->Kg);
         if (j->apack && !j->per_image_parallel) {
             /* one image on all threads, on the packed weights: each takes a slice of the pixels
              * (whole tiles), read from the image (pointwise) or packed from it (implicit) */
@@ -644,13 +650,9 @@ int ql_conv2d_fwd_pack(float *packed, const float *w, const ql_conv_geom *g) {
     int OH, OW, level = ql_isa_best();
     if (ql_conv_out_size(g, &OH, &OW) || !packed || !w) return QL_EINVAL;
     if (level == QL_ISA_REF) return QL_EUNSUPPORTED;
-    int Kg = g->K / g->groups, KK = g->C / g->groups * g->KH * g->KW;
-    size_t per_group = ql_sgemm_packed_a_floats((ql_isa)level, Kg, KK);
-    for (int grp = 0; grp < g->groups; grp++) {
-        int st = ql_sgemm_pack_a((ql_isa)level, 0, Kg, KK, 1.0f, w + (size_t)grp * Kg * KK, KK, packed + grp * per_group);
-        if (st) return st;
-    }
-    return level;
+    size_t per_group = ql_sgemm_packed_a_floats((ql_isa)level, g->K / g->groups, g->C / g->groups * g->KH * g->KW);
+    int st = pack_groups(level, 0, w, g, packed, per_group);
+    return st ? st : level;
 }
 
 int ql_conv2d_fwd_prepacked(float *y, const float *x, const float *w, const float *packed, int level, const float *b,

@@ -856,11 +856,10 @@ static void bn_bwd_task(int t, void *p) {
     batch_norm_bwd_range(j->avx2, j->overwrite, j->o1, j->o2, j->o3, j->dy, j->x, j->mean, j->rstd, j->gamma, j->N, j->C, j->HW, c0, c1);
 }
 
-static int avx2_sums(ql_isa isa) { return ql_resolve_isa(isa) >= QL_ISA_AVX2; }
-
 int ql_channel_stats_isa(ql_isa isa, float *mean, float *var, const float *x, int N, int C, int64_t HW) {
-    if (ql_resolve_isa(isa) < 0) return QL_EUNSUPPORTED;
-    channel_job j = {mean, var, NULL, x, NULL, NULL, NULL, NULL, NULL, N, C, channel_tasks(C, N, HW), HW, avx2_sums(isa), 0};
+    int level = ql_resolve_isa(isa);
+    if (level < 0) return QL_EUNSUPPORTED;
+    channel_job j = {mean, var, NULL, x, NULL, NULL, NULL, NULL, NULL, N, C, channel_tasks(C, N, HW), HW, level >= QL_ISA_AVX2, 0};
     ql_parallel_for(j.tasks, stats_task, &j);
     return QL_OK;
 }
@@ -878,8 +877,10 @@ void ql_batch_norm_apply(float *y, const float *x, const float *mean, const floa
 int ql_batch_norm_bwd_isa(ql_isa isa, float *dx, float *dgamma, float *dbeta, const float *dy, const float *x,
                           const float *mean, const float *rstd, const float *gamma, int N, int C, int64_t HW,
                           int accumulate) {
-    if (ql_resolve_isa(isa) < 0) return QL_EUNSUPPORTED;
-    channel_job j = {dx, dgamma, dbeta, x, dy, mean, rstd, gamma, NULL, N, C, channel_tasks(C, N, HW), HW, avx2_sums(isa), !accumulate};
+    int level = ql_resolve_isa(isa);
+    if (level < 0) return QL_EUNSUPPORTED;
+    channel_job j = {dx, dgamma, dbeta, x, dy, mean, rstd, gamma, NULL, N, C, channel_tasks(C, N, HW), HW, level >= QL_ISA_AVX2,
+                     !accumulate};
     ql_parallel_for(j.tasks, bn_bwd_task, &j);
     return QL_OK;
 }

@@ -42,12 +42,13 @@ typedef struct {
     const void *ctx_b; /* pack_b's own, where both operands are packed */
 } ql_operand_packers;
 
+/* The micro-kernel's tile width (columns of C) at a resolved level above ref. */
+int ql_sgemm_panel_width(int isa);
+
 /* C = A B + beta C on the calling thread (isa: a resolved level above ref), A pre-packed by
  * ql_sgemm_pack_a (Ap) or, with Ap NULL, by pk->pack_a; B by pk->pack_b, or read from B as
  * ql_sgemm_packed_a_serial does. The blocking and summation order are ql_sgemm_serial's, so
  * the same operand values give the same bits. QL_ENOMEM (C untouched) without scratch. */
-/* The micro-kernel's tile width (columns of C) at a resolved level above ref. */
-int ql_sgemm_panel_width(int isa);
 int ql_sgemm_packers_serial(int isa, int M, int N, int K, const float *Ap, int transB, const float *B, int ldb,
                             const ql_operand_packers *pk, float beta, float *C, int ldc);
 
