@@ -617,14 +617,32 @@ static void run_images(conv_job *j, ql_task_fn batched, ql_task_fn single) {
     }
 }
 
+/* y = max(y, 0) where y > 0 fails (NaN too): the engine's ReLU fused into the conv. */
+static void relu_inplace(float *y, size_t n) {
+    for (size_t i = 0; i < n; i++) y[i] = y[i] > 0.0f ? y[i] : 0.0f;
+}
+
+/* The direct kernel (conv_direct.c) takes the convs it applies to at the level in force,
+ * but not pointwise ones (their GEMM reads the image as it is; the direct kernel would first
+ * transpose it) */
+static int uses_direct(int level, const ql_conv_geom *g) { return !is_pointwise(g) && ql_conv_direct_applies(level, g); }
+
 /* The forward with the weights packed by the caller (prepacked, for level `level`), or
- * packed here (prepacked NULL, or packed for another level). */
+ * packed here (prepacked NULL, or packed for another level); act 1: ReLU on the output. */
 static int conv_fwd(float *y, const float *x, const float *w, const float *b, const ql_conv_geom *g,
-                    const float *prepacked, int level) {
+                    const float *prepacked, int level, int act) {
     conv_job j;
     if (setup(&j, g)) return QL_EINVAL;
-    j.x = x; j.w = w; j.b = b; j.y = y;
     int own = !(prepacked && level == j.isa && j.isa != QL_ISA_REF);
+    if (uses_direct(j.isa, g)) {
+        float *wp = own ? (float *)ql_aligned_alloc(ql_conv_direct_packed_floats(g) * sizeof(float)) : (float *)prepacked;
+        if (!wp) return QL_ENOMEM;
+        if (own) ql_conv_direct_pack(wp, w, g);
+        int st = ql_conv_direct_fwd(y, x, wp, b, g, act);
+        if (own) ql_aligned_free(wp);
+        return st;
+    }
+    j.x = x; j.w = w; j.b = b; j.y = y;
     if (own) {
         pack_weights(&j, 0);
     } else {
@@ -633,16 +651,18 @@ static int conv_fwd(float *y, const float *x, const float *w, const float *b, co
     }
     run_images(&j, fwd_images_task, fwd_image);
     if (own) ql_aligned_free(j.apack);
+    if (act) relu_inplace(y, (size_t)g->N * g->K * j.OH * j.OW);
     return atomic_load(&j.status);
 }
 
 int ql_conv2d_fwd(float *y, const float *x, const float *w, const float *b, const ql_conv_geom *g) {
-    return conv_fwd(y, x, w, b, g, NULL, -1);
+    return conv_fwd(y, x, w, b, g, NULL, -1, 0);
 }
 
 size_t ql_conv2d_fwd_packed_floats(const ql_conv_geom *g) {
     int OH, OW, level = ql_isa_best();
     if (ql_conv_out_size(g, &OH, &OW) || level == QL_ISA_REF) return 0;
+    if (uses_direct(level, g)) return ql_conv_direct_packed_floats(g);
     return ql_sgemm_packed_a_floats((ql_isa)level, g->K / g->groups, g->C / g->groups * g->KH * g->KW) * (size_t)g->groups;
 }
 
@@ -650,14 +670,19 @@ int ql_conv2d_fwd_pack(float *packed, const float *w, const ql_conv_geom *g) {
     int OH, OW, level = ql_isa_best();
     if (ql_conv_out_size(g, &OH, &OW) || !packed || !w) return QL_EINVAL;
     if (level == QL_ISA_REF) return QL_EUNSUPPORTED;
+    if (uses_direct(level, g)) {
+        ql_conv_direct_pack(packed, w, g);
+        return level;
+    }
     size_t per_group = ql_sgemm_packed_a_floats((ql_isa)level, g->K / g->groups, g->C / g->groups * g->KH * g->KW);
     int st = pack_groups(level, 0, w, g, packed, per_group);
     return st ? st : level;
 }
 
 int ql_conv2d_fwd_prepacked(float *y, const float *x, const float *w, const float *packed, int level, const float *b,
-                            const ql_conv_geom *g) {
-    return conv_fwd(y, x, w, b, g, packed, level);
+                            const ql_conv_geom *g, int act) {
+    if (act != 0 && act != 1) return QL_EINVAL;
+    return conv_fwd(y, x, w, b, g, packed, level, act);
 }
 
 int ql_conv2d_bwd_data(float *dx, const float *dy, const float *w, const ql_conv_geom *g) {

@@ -80,10 +80,13 @@ public struct EngineBenchmark {
                 log("  " + peerLine)
                 summary.append("engine " + peerLine)
             }
-            if !quick {
+            do { // where the time goes (cheap: three runs each), also with --quick
                 int8.profile = true
                 for _ in 0..<3 { _ = try int8.run([x]) }
                 log(int8.profileReport(top: 12).split(separator: "\n").map { "    " + $0 }.joined(separator: "\n"))
+                fp32.profile = true
+                for _ in 0..<3 { _ = try fp32.run([x]) }
+                log("    FP32 graph, " + fp32.profileReport(top: 12).split(separator: "\n").map { "    " + $0 }.joined(separator: "\n").dropFirst(4))
             }
         }
         return summary

@@ -536,16 +536,26 @@ public final class Int8Plan {
             haveFloat.insert(n.output)
         }
         for v in graph.outputs { needFloat(v, for: "output") }
-        // float convs on constant weights: packed once here, not on every run
+        // float convs on constant weights: packed once here, not on every run; a ReLU that is
+        // the conv's only reader runs as the conv writes its output (the ReLU step goes)
+        var fusedReLUSteps: Set<Int> = []
         for case .float(let n) in steps {
-            if case .conv(let o) = n.op, n.inputs.count > 1, let wid = n.inputs[1], let w = graph.constants[wid] {
-                packedConvs[n.output] = PackedConv2dWeights(weight: w, options: o)
+            guard case .conv(let o) = n.op, n.inputs.count > 1, let wid = n.inputs[1], let w = graph.constants[wid] else { continue }
+            packedConvs[n.output] = PackedConv2dWeights(weight: w, options: o)
+            if let users = consumers[n.output], users.count == 1, case .relu = nodes[users[0]].op, !graph.outputs.contains(n.output),
+               steps.contains(where: { if case .float(let r) = $0 { return r.output == nodes[users[0]].output } else { return false } }) {
+                floatConvReLU[n.output] = nodes[users[0]].output
+                fusedReLUSteps.insert(nodes[users[0]].output)
             }
         }
+        steps.removeAll { if case .float(let r) = $0, case .relu = r.op { return fusedReLUSteps.contains(r.output) } else { return false } }
     }
 
     /// The float convs' weights, packed for their forward (by the node's output value).
     private var packedConvs: [Int: PackedConv2dWeights] = [:]
+    /// Float convs with their ReLU fused: conv output value -> the ReLU's output value, which
+    /// the conv step writes.
+    private var floatConvReLU: [Int: Int] = [:]
 
     /// The kind of Reformat a step is, or nil: quantize, requantize, dequantize, or "qdq
     /// (float)" for a quantizer run as fake quantization — but not a quantizer of a constant (a
@@ -576,7 +586,7 @@ public final class Int8Plan {
         for (i, s) in steps.enumerated() {
             let text: String
             switch s {
-            case .float(let n): text = "\(n.name)  \(n.op.name) f32\(reformatKind(of: s) != nil ? "  [Reformat: QDQ in float]" : "")"
+            case .float(let n): text = "\(n.name)  \(n.op.name) f32\(floatConvReLU[n.output] != nil ? "  fused: bias, ReLU" : "")\(reformatKind(of: s) != nil ? "  [Reformat: QDQ in float]" : "")"
             case .quantize(_, _, let a, let name): text = String(format: "%@  Quantize f32 -> int8 (amax %.4g)  [Reformat]", name, a)
             case .requantize(_, _, let from, let to, let name): text = String(format: "%@  Requantize int8 -> int8 (amax %.4g -> %.4g)  [Reformat]", name, from, to)
             case .dequantize(_, let v, let name): text = "\(name)  Dequantize int8 -> f32 (\(graph.values[v].name))  [Reformat]"
@@ -643,7 +653,9 @@ public final class Int8Plan {
             case .int8Conv(let c, _, _): return c.kindName + (c.route.map { " (\($0.hasPrefix("direct") ? "direct" : $0))" } ?? "")
             case .int8Op(let n, _, _, _): return "\(n.op.name) (int8)"
             case .int8Gemm(let g, _, _): return g.kindName
-            case .float(let n): if case .quantizeDequantize = n.op { return "weight QDQ (float)" } else { return "\(n.op.name) (f32)" }
+            case .float(let n):
+                if case .quantizeDequantize = n.op { return "weight QDQ (float)" }
+                return "\(n.op.name)\(floatConvReLU[n.output] != nil ? " + ReLU" : "") (f32)"
             default: return "other"
             }
         }
@@ -656,20 +668,29 @@ public final class Int8Plan {
         let reformat = zip(steps, stepSeconds).filter { kind($0.0).hasPrefix("Reformat") }
         lines.append(String(format: "Reformat steps: %d of %d (%.1f%% by count), %.1f%% of the time", reformat.count, steps.count,
                             100 * Double(reformat.count) / Double(max(steps.count, 1)), 100 * reformat.reduce(0) { $0 + $1.1 } / total))
-        lines.append("slowest steps (integer convs: route and rate, from the median time):")
+        lines.append("slowest steps (convs: route and rate, from the median time):")
         let medians = stepMedians
         func rate(_ i: Int) -> (Int8Conv, Double)? {
             guard case .int8Conv(let c, _, _) = steps[i], medians[i] > 0 else { return nil }
             return (c, c.lastOps / medians[i] / 1e9)
         }
+        /// A float conv's GFLOP/s: 2 x output elements x (input channels per group x kernel area).
+        func floatRate(_ i: Int) -> Double? {
+            guard case .float(let n) = steps[i], case .conv = n.op, medians[i] > 0, let w = n.inputs.count > 1 ? n.inputs[1] : nil else { return nil }
+            let ws = graph.values[w].shape, outputs = graph.values[n.output].shape.reduce(1, *)
+            return 2 * Double(outputs) * Double(ws.dropFirst().reduce(1, *)) / medians[i] / 1e9
+        }
         func line(_ i: Int) -> String {
-            let detail = rate(i).map { String(format: "  %@, %.0f GOPS", $0.0.route ?? "not run", $0.1) } ?? ""
+            let detail = rate(i).map { String(format: "  %@, %.0f GOPS", $0.0.route ?? "not run", $0.1) }
+                ?? floatRate(i).map { String(format: "  %.0f GFLOP/s", $0) } ?? ""
             return String(format: "  %5.1f%%  step %d  %@%@", 100 * stepSeconds[i] / total, i, name(of: steps[i]), detail)
         }
         for (i, _) in stepSeconds.enumerated().sorted(by: { $0.element > $1.element }).prefix(top) { lines.append(line(i)) }
-        let slowestRates = steps.indices.compactMap { i in rate(i).map { (i, $0.1) } }.sorted { $0.1 < $1.1 }.prefix(min(top, 6))
+        let intRates = steps.indices.compactMap { i in rate(i).map { (i, $0.1) } }
+        let slowestRates = (intRates.isEmpty ? steps.indices.compactMap { i in floatRate(i).map { (i, $0) } } : intRates)
+            .sorted { $0.1 < $1.1 }.prefix(min(top, 6))
         if !slowestRates.isEmpty {
-            lines.append("lowest rates (integer convs):")
+            lines.append("lowest rates (\(intRates.isEmpty ? "float" : "integer") convs):")
             for (i, _) in slowestRates { lines.append(line(i)) }
         }
         return lines.joined(separator: "\n")
@@ -720,7 +741,8 @@ public final class Int8Plan {
                 case .float(let n):
                     let args = try n.inputs.map { try $0.map { try floatValue($0, for: n.name) } }
                     if let packed = packedConvs[n.output], let x = args.first ?? nil {
-                        f32[n.output] = packed.forward(x, bias: args.count > 2 ? args[2] : nil)
+                        let relu = floatConvReLU[n.output]
+                        f32[relu ?? n.output] = packed.forward(x, bias: args.count > 2 ? args[2] : nil, relu: relu != nil)
                     } else {
                         f32[n.output] = try ReferenceExecutor.apply(n, args)
                     }

@@ -194,6 +194,26 @@ struct EngineInt8Tests {
         #expect(Set(routes) == want && routes.filter { $0.hasSuffix("padded to 4") }.count == (Kernels.isa == .avx512 ? 0 : 1), "\(routes)")
     }
 
+    @Test("the FP32 plan (no quantizers): each ReLU that is a conv's only reader runs inside the conv; the outputs are the model's bits")
+    func floatPlanFusesReLU() throws {
+        let model = deployedDetector(seed: 29)
+        var rng = SeededGenerator(seed: 30)
+        let graph = try Graph.trace(model, batch: 2)
+        let plan = try Int8Plan(graph)
+        let consumers = graph.consumers
+        let fusable = graph.nodes.filter { n in
+            guard case .conv = n.op, let users = consumers[n.output], users.count == 1, !graph.outputs.contains(n.output) else { return false }
+            if case .relu = graph.nodes[users[0]].op { return true } else { return false }
+        }.count
+        let reluSteps = plan.steps.filter { if case .float(let n) = $0, case .relu = n.op { return true } else { return false } }.count
+        #expect(fusable > 10 && reluSteps == graph.opCounts["Relu", default: 0] - fusable, "\(fusable) fusable, \(reluSteps) ReLU steps left")
+        #expect(plan.explain().contains("fused: bias, ReLU"))
+        let x = Tensor.uniform([2, 3, 64, 64], low: 0, high: 1, rng: &rng)
+        let out = try plan.run([x]), want = withNoGrad { model(x) }
+        #expect(out[0].values == want.0.values && out[1].values == want.1.values)
+        #expect(try ReferenceExecutor(graph).run([x]).map(\.values) == out.map(\.values))
+    }
+
     @Test("a transposed conv with kernel == stride runs as one GEMM and a scatter: int8 and f32 outputs, signed and non-negative inputs, within one code of the simulator; other transposed convs stay in float")
     func transposedConv() throws {
         var rng = SeededGenerator(seed: 27)

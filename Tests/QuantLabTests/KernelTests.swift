@@ -537,13 +537,15 @@ struct KernelTests {
     }
 
     /// The forward and the weight gradient pack their GEMM's panels straight from the image
-    /// (implicit GEMM) instead of from an im2col matrix: the panels hold the same values, so
-    /// the results must be the bits of im2col + SGEMM, computed here from the public kernels in
-    /// the drivers' order (the weight gradient: one partial sum per task of consecutive
-    /// images, each GEMM over several images' pixels, added in task order). The last cases cross a K slab (KK > 512) and an N block
-    /// (more than 3072 output pixels); the last two put several images in one GEMM.
-    @Test("Convolution forward, data and weight gradients: the implicit and batched GEMMs give im2col + SGEMM's bits",
-          arguments: Array(0..<11))
+    /// (implicit GEMM) instead of from an im2col matrix, and on AVX2 a one-group forward reads
+    /// the image directly (conv_direct.c): the operands hold the same values and the sums run in
+    /// the same order, so the results must be the bits of im2col + SGEMM, computed here from the
+    /// public kernels in the drivers' order (the weight gradient: one partial sum per task of
+    /// consecutive images, each GEMM over several images' pixels, added in task order). Cases
+    /// cross a K slab (KK > 512) and an N block (more than 3072 output pixels), put several
+    /// images in one GEMM, and stride, dilate and pad unevenly with one group.
+    @Test("Convolution forward, data and weight gradients: the implicit, batched and direct kernels give im2col + SGEMM's bits",
+          arguments: Array(0..<13))
     func convImplicitExact(index: Int) {
         let extra = [ql_conv_geom(N: 3, C: 72, H: 9, W: 11, K: 40, KH: 3, KW: 3, SH: 1, SW: 1, PH: 1, PW: 1, DH: 1, DW: 1, groups: 1),
                      ql_conv_geom(N: 1, C: 3, H: 122, W: 64, K: 16, KH: 3, KW: 3, SH: 1, SW: 1, PH: 1, PW: 1, DH: 1, DW: 1, groups: 1),
@@ -552,7 +554,11 @@ struct KernelTests {
                      ql_conv_geom(N: 13, C: 16, H: 5, W: 5, K: 24, KH: 3, KW: 3, SH: 1, SW: 1, PH: 1, PW: 1, DH: 1, DW: 1, groups: 1),
                      ql_conv_geom(N: 9, C: 8, H: 6, W: 7, K: 6, KH: 3, KW: 3, SH: 1, SW: 1, PH: 0, PW: 0, DH: 1, DW: 1, groups: 2),
                      // 400 pixels: the weight gradient's GEMMs take 6 images each (2048 pixels deep)
-                     ql_conv_geom(N: 14, C: 4, H: 20, W: 20, K: 8, KH: 3, KW: 3, SH: 1, SW: 1, PH: 1, PW: 1, DH: 1, DW: 1, groups: 1)]
+                     ql_conv_geom(N: 14, C: 4, H: 20, W: 20, K: 8, KH: 3, KW: 3, SH: 1, SW: 1, PH: 1, PW: 1, DH: 1, DW: 1, groups: 1),
+                     // one group, so the direct kernel where it applies: strided, dilated, uneven
+                     // padding; and a stride-2 3x3 whose 25-pixel maps share tiles across images
+                     ql_conv_geom(N: 3, C: 20, H: 13, W: 11, K: 17, KH: 3, KW: 2, SH: 2, SW: 1, PH: 1, PW: 0, DH: 2, DW: 1, groups: 1),
+                     ql_conv_geom(N: 2, C: 40, H: 10, W: 10, K: 33, KH: 3, KW: 3, SH: 2, SW: 2, PH: 1, PW: 1, DH: 1, DW: 1, groups: 1)]
         var g = index < 6 ? Self.convCases[index] : extra[index - 6]
         var oh: Int32 = 0, ow: Int32 = 0
         #expect(ql_conv_out_size(&g, &oh, &ow) == 0)
@@ -590,11 +596,16 @@ struct KernelTests {
             var packed = [Float](repeating: .nan, count: floats)
             let level = ql_conv2d_fwd_pack(&packed, w, &g)
             #expect(level >= 0)
+            // act 1: the engine's ReLU fused in (the ReLU op's y > 0 ? y : 0 on the same sums)
+            let wantReLU = want.map { $0 > 0 ? $0 : 0 }
             for claimed in [level, level + 7] {
-                var yp = [Float](repeating: .nan, count: y.count)
-                #expect(ql_conv2d_fwd_prepacked(&yp, x, w, packed, claimed, b, &g) == 0)
-                #expect(firstDifference(yp, want) == nil, "forward on prepacked weights (level \(claimed)), case \(index)")
+                for act: Int32 in [0, 1] {
+                    var yp = [Float](repeating: .nan, count: y.count)
+                    #expect(ql_conv2d_fwd_prepacked(&yp, x, w, packed, claimed, b, &g, act) == 0)
+                    #expect(firstDifference(yp, act == 1 ? wantReLU : want) == nil, "forward on prepacked weights (level \(claimed), act \(act)), case \(index)")
+                }
             }
+            #expect(ql_conv2d_fwd_prepacked(&y, x, w, packed, level, b, &g, 2) == Int32(QL_EINVAL), "an unknown activation")
         }
         // data gradient: col = W_g^T dy_g, then col2im, image by image (the drivers batch the
         // GEMM over images where the maps are small: the same sums)

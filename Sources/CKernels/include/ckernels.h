@@ -300,13 +300,15 @@ int ql_conv2d_bwd_weight(float *dw, float *db, const float *dy, const float *x, 
 /* The forward with its weights packed once for many calls (an engine's constant weights):
  * ql_conv2d_fwd_packed_floats(g) floats (0 at the reference level: nothing to pack), filled
  * by ql_conv2d_fwd_pack, which returns the level it packed for (>= 0) or an error (< 0);
- * ql_conv2d_fwd_prepacked(y, x, w, packed, level, b, g) then computes ql_conv2d_fwd's bits
+ * ql_conv2d_fwd_prepacked(y, x, w, packed, level, b, g, act) then computes ql_conv2d_fwd's bits
  * without packing w again (w is still read where the packed form does not apply, and the
- * weights are packed anew when `level` is not the level in force). */
+ * weights are packed anew when `level` is not the level in force); act 1 applies ReLU
+ * (y > 0 ? y : 0) to the output as it is written, act 0 nothing. The packed layout depends on
+ * the level and on the kernel's size, stride and padding, not on the input's size. */
 size_t ql_conv2d_fwd_packed_floats(const ql_conv_geom *g);
 int ql_conv2d_fwd_pack(float *packed, const float *w, const ql_conv_geom *g);
 int ql_conv2d_fwd_prepacked(float *y, const float *x, const float *w, const float *packed, int level, const float *b,
-                            const ql_conv_geom *g);
+                            const ql_conv_geom *g, int act);
 int ql_conv2d_fwd_ref(float *y, const float *x, const float *w, const float *b, const ql_conv_geom *g);
 int ql_conv2d_bwd_data_ref(float *dx, const float *dy, const float *w, const ql_conv_geom *g);
 int ql_conv2d_bwd_weight_ref(float *dw, float *db, const float *dy, const float *x,

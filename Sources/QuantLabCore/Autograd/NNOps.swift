@@ -122,15 +122,24 @@ public final class PackedConv2dWeights {
 
     deinit { packed?.deallocate() }
 
-    /// conv2d(x, weight, bias, options), the same bits.
-    public func forward(_ x: Tensor, bias: Tensor?) -> Tensor {
+    /// conv2d(x, weight, bias, options), the same bits; with `relu`, that conv's `.relu()`
+    /// (the same bits too), applied as the output is written instead of in a pass of its own.
+    public func forward(_ x: Tensor, bias: Tensor?, relu: Bool = false) -> Tensor {
         guard let packed, x.device == .cpu, !(GradMode.isEnabled && (x.requiresGrad || weight.requiresGrad)) else {
-            return conv2d(x, weight: weight, bias: bias, options: options)
+            let y = conv2d(x, weight: weight, bias: bias, options: options)
+            return relu ? y.relu() : y
         }
         var (g, oh, ow) = checkedConvGeometry(x, weight, bias, options)
         let out = Tensor(uninitialized: [x.shape[0], weight.shape[0], Int(oh), Int(ow)])
-        check(ql_conv2d_fwd_prepacked(out.data, x.data, weight.data, packed, level, bias?.data, &g), "conv2d")
-        traceOp(.conv(options), [x, weight, bias], out)
+        check(ql_conv2d_fwd_prepacked(out.data, x.data, weight.data, packed, level, bias?.data, &g, relu ? 1 : 0), "conv2d")
+        if relu {
+            // a traced run sees the two ops it computed (no graph records a fused node)
+            let pre = Tensor(uninitialized: out.shape)
+            traceOp(.conv(options), [x, weight, bias], pre)
+            traceOp(.relu, [pre], out)
+        } else {
+            traceOp(.conv(options), [x, weight, bias], out)
+        }
         return out
     }
 }
