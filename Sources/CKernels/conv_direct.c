@@ -14,6 +14,7 @@
  * the bias, or as the first slab). So the output is the bits of conv.c's im2col + SGEMM path,
  * and conv.c uses this path where it applies (AVX2, one group), for any batch. */
 #include <immintrin.h>
+#include <stdatomic.h>
 #include <string.h>
 #include "internal.h"
 
@@ -80,96 +81,184 @@ typedef struct {
     float *y, *xp; /* xp: every image, padded, NHWC */
     const int *off;
     int OH, OW, Hp, Wp, KK, tiles, tiles_per_group, blocks, act;
+    _Atomic int status;
 } direct_job;
 
-/* Image n, NCHW -> xp: (H + 2PH) x (W + 2PW) pixels of C channels, zeros around. */
-static void pad_nhwc_task(int n, void *p) {
-    const direct_job *j = (const direct_job *)p;
-    const ql_conv_geom *g = j->g;
-    int C = g->C, H = g->H, W = g->W;
-    float *dst = j->xp + (size_t)n * j->Hp * j->Wp * C;
-    const float *src = j->x + (size_t)n * C * H * W;
-    memset(dst, 0, sizeof(float) * (size_t)g->PH * j->Wp * C);
-    for (int h = 0; h < H; h++) {
-        float *row = dst + (size_t)(h + g->PH) * j->Wp * C;
-        memset(row, 0, sizeof(float) * (size_t)g->PW * C);
-        memset(row + (size_t)(g->PW + W) * C, 0, sizeof(float) * (size_t)(j->Wp - g->PW - W) * C);
-        float *d = row + (size_t)g->PW * C;
-        for (int c = 0; c < C; c++) {
-            const float *s = src + ((size_t)c * H + h) * W;
-            for (int w = 0; w < W; w++) d[(size_t)w * C + c] = s[w];
-        }
-    }
-    size_t below = (size_t)(j->Hp - g->PH - H) * j->Wp * C;
-    memset(dst + (size_t)(g->PH + H) * j->Wp * C, 0, sizeof(float) * below);
+/* r[i] (row i of an 8 x 8 block) becomes column i. */
+__attribute__((target("avx2"))) static inline void transpose8(__m256 r[8]) {
+    __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+    __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+    __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+    __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+    __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xee);
+    __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xee);
+    __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xee);
+    __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xee);
+    r[0] = _mm256_permute2f128_ps(u0, u4, 0x20); r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+    r[2] = _mm256_permute2f128_ps(u2, u6, 0x20); r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+    r[4] = _mm256_permute2f128_ps(u0, u4, 0x31); r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+    r[6] = _mm256_permute2f128_ps(u2, u6, 0x31); r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
 }
 
-/* One unit: a run of tiles, one block of 16 output channels. The tiles number the pixels of
- * the whole batch (pixel q is image q / P's pixel q % P), so a small map's last tile goes on
- * into the next image instead of running partly empty (a 5x5 map: 25 pixels in 5 tiles of 6). */
-static void direct_task(int t, void *p) {
-    const direct_job *j = (const direct_job *)p;
+/* Row hp of image n's padded NHWC copy, into row: zeros, or image row hp - PH transposed (8
+ * channels x 8 pixels at a time) between PW pixels of zeros on either side. */
+__attribute__((target("avx2"))) static void pad_row(const direct_job *j, int n, int hp, float *row) {
     const ql_conv_geom *g = j->g;
-    int block = t % j->blocks, run = t / j->blocks;
+    int h = hp - g->PH, C = g->C, H = g->H, W = g->W;
+    if (h < 0 || h >= H) {
+        memset(row, 0, sizeof(float) * (size_t)j->Wp * C);
+        return;
+    }
+    memset(row, 0, sizeof(float) * (size_t)g->PW * C);
+    memset(row + (size_t)(g->PW + W) * C, 0, sizeof(float) * (size_t)(j->Wp - g->PW - W) * C);
+    float *d = row + (size_t)g->PW * C;
+    const float *src = j->x + ((size_t)n * C * H + h) * W; /* channel c's row: src + c * H * W */
+    size_t plane = (size_t)H * W;
+    int c = 0;
+    for (; c + 8 <= C; c += 8) {
+        int w = 0;
+        for (; w + 8 <= W; w += 8) {
+            __m256 r[8];
+            for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_ps(src + (c + i) * plane + w);
+            transpose8(r);
+            for (int i = 0; i < 8; i++) _mm256_storeu_ps(d + (size_t)(w + i) * C + c, r[i]);
+        }
+        for (; w < W; w++)
+            for (int i = 0; i < 8; i++) d[(size_t)w * C + c + i] = src[(c + i) * plane + w];
+    }
+    for (; c < C; c++)
+        for (int w = 0; w < W; w++) d[(size_t)w * C + c] = src[c * plane + w];
+}
+
+/* Task t: row t % Hp of image t / Hp, into the batch's padded copy. */
+static void pad_task(int t, void *p) {
+    const direct_job *j = (const direct_job *)p;
+    pad_row(j, t / j->Hp, t % j->Hp, j->xp + (size_t)t * j->Wp * j->g->C);
+}
+
+/* y[c * P + i] = tot[i][c] for i < rows, c < kn (ReLU'd when act): the tile's 6 pixels x 16
+ * channels turned into 16 runs of 6 adjacent pixels, 8 channels at a time. */
+__attribute__((target("avx2"))) static void store_rows(float *y, int P, const float *tot, int rows, int kn, int act) {
+    __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(rows), lanes);
+    __m256 zero = _mm256_setzero_ps();
+    for (int c0 = 0; c0 < kn; c0 += 8) {
+        __m256 r[8];
+        for (int i = 0; i < DR; i++) r[i] = _mm256_load_ps(tot + i * DN + c0);
+        r[6] = r[7] = zero;
+        transpose8(r);
+        for (int c = 0; c < 8 && c0 + c < kn; c++)
+            _mm256_maskstore_ps(y + (size_t)(c0 + c) * P, mask, act ? _mm256_max_ps(r[c], zero) : r[c]);
+    }
+}
+
+/* Tiles [t0, t1) of block `block` (16 output channels) over N images whose padded copies
+ * start at xp and outputs at y. The tiles number the pixels of all N images (pixel q is image
+ * q / P's pixel q % P), so a small map's last tile goes on into the next image instead of
+ * running partly empty (a 5x5 map: 25 pixels in 5 tiles of 6). */
+static void run_tiles(const direct_job *j, const float *xp, float *y, int N, long t0, long t1, int block) {
+    const ql_conv_geom *g = j->g;
     int P = j->OH * j->OW, k0 = block * DN, kn = ql_min_i(DN, g->K - k0);
-    long total = (long)g->N * P;
+    long total = (long)N * P;
     size_t image = (size_t)j->Hp * j->Wp * g->C;
     const float *wb = j->wp + (size_t)k0 * j->KK;
     float bias[DN] = {0};
     if (j->b) for (int c = 0; c < kn; c++) bias[c] = j->b[k0 + c];
     float tot[DR * DN] __attribute__((aligned(32)));
-    long t0 = (long)run * j->tiles_per_group, t1 = t0 + j->tiles_per_group < j->tiles ? t0 + j->tiles_per_group : j->tiles;
-    for (long tile = t0; tile < t1; tile++) {
-        long q0 = tile * DR;
+    /* the first pixel as (image, row, column), then walked one pixel at a time */
+    long q0 = t0 * DR;
+    int n = (int)(q0 / P), pix = (int)(q0 % P), oh = pix / j->OW, ow = pix % j->OW;
+    for (long tile = t0; tile < t1; tile++, q0 += DR) {
         int rows = (int)(total - q0 < DR ? total - q0 : DR);
         const float *px[DR];
         float *yp[DR];
-        for (int i = 0; i < DR; i++) {
-            long q = q0 + (i < rows ? i : 0);
-            int n = (int)(q / P), pix = (int)(q % P), oh = pix / j->OW, ow = pix % j->OW;
-            px[i] = j->xp + n * image + ((size_t)oh * g->SH * j->Wp + (size_t)ow * g->SW) * g->C;
-            yp[i] = j->y + ((size_t)n * g->K + k0) * P + pix;
+        for (int i = 0; i < rows; i++) {
+            px[i] = xp + n * image + ((size_t)oh * g->SH * j->Wp + (size_t)ow * g->SW) * g->C;
+            yp[i] = y + ((size_t)n * g->K + k0) * P + pix;
+            pix++;
+            if (++ow == j->OW) {
+                ow = 0;
+                if (++oh == j->OH) { oh = 0; pix = 0; n++; }
+            }
         }
+        for (int i = rows; i < DR; i++) px[i] = px[0], yp[i] = yp[0]; /* the last tile's empty rows: computed, not stored */
         for (int pc = 0; pc < j->KK; pc += DKC) {
             int kc = ql_min_i(DKC, j->KK - pc);
             tile_avx2(kc, px, j->off + pc, wb + (size_t)pc * DN, tot, bias, pc ? 2 : (j->b ? 1 : 0));
         }
-        for (int c = 0; c < kn; c++) {
-            size_t o = (size_t)c * P;
-            if (j->act) for (int i = 0; i < rows; i++) { float v = tot[i * DN + c]; yp[i][o] = v > 0.0f ? v : 0.0f; }
-            else for (int i = 0; i < rows; i++) yp[i][o] = tot[i * DN + c];
-        }
+        if (yp[rows - 1] == yp[0] + rows - 1) store_rows(yp[0], P, tot, rows, kn, j->act); /* one image's pixels */
+        else
+            for (int c = 0; c < kn; c++) {
+                size_t o = (size_t)c * P;
+                if (j->act) for (int i = 0; i < rows; i++) { float v = tot[i * DN + c]; yp[i][o] = v > 0.0f ? v : 0.0f; }
+                else for (int i = 0; i < rows; i++) yp[i][o] = tot[i * DN + c];
+            }
     }
+}
+
+/* Batch mode, one unit: a run of tiles of the whole batch, one block. */
+static void run_task(int t, void *p) {
+    const direct_job *j = (const direct_job *)p;
+    long t0 = (long)(t / j->blocks) * j->tiles_per_group;
+    run_tiles(j, j->xp, j->y, j->g->N, t0, t0 + j->tiles_per_group < j->tiles ? t0 + j->tiles_per_group : j->tiles, t % j->blocks);
+}
+
+static _Thread_local ql_scratch tl_image;
+
+/* Image mode, one unit: image n padded into the thread's own buffer (which stays in its
+ * cache), then all of its tiles for every block. */
+static void image_task(int n, void *p) {
+    direct_job *j = (direct_job *)p;
+    const ql_conv_geom *g = j->g;
+    float *xp = (float *)ql_scratch_reserve(&tl_image, sizeof(float) * (size_t)j->Hp * j->Wp * g->C);
+    if (!xp) {
+        atomic_store(&j->status, QL_ENOMEM);
+        return;
+    }
+    for (int hp = 0; hp < j->Hp; hp++) pad_row(j, n, hp, xp + (size_t)hp * j->Wp * g->C);
+    long tiles = ((long)j->OH * j->OW + DR - 1) / DR;
+    float *y = j->y + (size_t)n * g->K * j->OH * j->OW;
+    for (int block = 0; block < j->blocks; block++) run_tiles(j, xp, y, 1, 0, tiles, block);
 }
 
 static _Thread_local ql_scratch tl_xp, tl_off;
 
 int ql_conv_direct_fwd(float *y, const float *x, const float *wp, const float *b, const ql_conv_geom *g, int act) {
-    direct_job j = {g, x, wp, b, y, NULL, NULL, 0, 0, 0, 0, 0, 0, 0, 0, act};
+    direct_job j = {g, x, wp, b, y, NULL, NULL, 0, 0, 0, 0, 0, 0, 0, 0, act, QL_OK};
     if (ql_conv_out_size(g, &j.OH, &j.OW) || g->groups != 1) return QL_EINVAL;
     if (g->N == 0 || g->K == 0) return QL_OK;
     j.Hp = g->H + 2 * g->PH;
     j.Wp = g->W + 2 * g->PW;
     j.KK = g->C * g->KH * g->KW;
+    j.blocks = (g->K + DN - 1) / DN;
     int *off = (int *)ql_scratch_reserve(&tl_off, sizeof(int) * (size_t)j.KK);
-    j.xp = (float *)ql_scratch_reserve(&tl_xp, sizeof(float) * (size_t)g->N * j.Hp * j.Wp * g->C);
-    if (!off || !j.xp) return QL_ENOMEM;
+    if (!off) return QL_ENOMEM;
     /* k = (c, kh, kw), the weights' order: the GEMM's k */
     for (int c = 0, k = 0; c < g->C; c++)
         for (int kh = 0; kh < g->KH; kh++)
             for (int kw = 0; kw < g->KW; kw++) off[k++] = (kh * g->DH * j.Wp + kw * g->DW) * g->C + c;
     j.off = off;
-    ql_parallel_for(g->N, pad_nhwc_task, &j);
-    int threads = ql_get_num_threads();
-    long tiles = ((long)g->N * j.OH * j.OW + DR - 1) / DR;
+    int threads = ql_get_num_threads(), P = j.OH * j.OW;
+    /* Image mode where the images share out evenly between the threads and a map fills its
+     * tiles (96 pixels or more: at most 5 of them wasted): each image is padded and convolved
+     * by one thread while it sits in that thread's cache (a batch's padded copy would not fit:
+     * 32 images of 80 x 80 x 16 are 14 MB). Batch mode otherwise: the whole batch padded,
+     * then runs of tiles across images and blocks shared out. */
+    if (P >= 96 && g->N >= threads && (g->N % threads == 0 || g->N >= 4 * threads)) {
+        ql_parallel_for(g->N, image_task, &j);
+        return atomic_load(&j.status);
+    }
+    j.xp = (float *)ql_scratch_reserve(&tl_xp, sizeof(float) * (size_t)g->N * j.Hp * j.Wp * g->C);
+    if (!j.xp) return QL_ENOMEM;
+    ql_parallel_for(g->N * j.Hp, pad_task, &j);
+    long tiles = ((long)g->N * P + DR - 1) / DR;
     if (tiles > 0x7fffffffL / 16) return QL_EINVAL;
     j.tiles = (int)tiles;
-    j.blocks = (g->K + DN - 1) / DN;
     /* runs of up to 16 tiles (the block's weights are read once per run), shorter where that
      * would give the threads too few units to share out evenly */
     j.tiles_per_group = ql_min_i(16, j.tiles);
     while (j.tiles_per_group > 1 && (long)j.blocks * ((j.tiles + j.tiles_per_group - 1) / j.tiles_per_group) < 8L * threads)
         j.tiles_per_group = (j.tiles_per_group + 1) / 2;
-    ql_parallel_for(j.blocks * ((j.tiles + j.tiles_per_group - 1) / j.tiles_per_group), direct_task, &j);
+    ql_parallel_for(j.blocks * ((j.tiles + j.tiles_per_group - 1) / j.tiles_per_group), run_task, &j);
     return QL_OK;
 }

@@ -128,7 +128,7 @@ public final class RepVGGBlock: RepBlockBase, RepBlock {
     }
 
     public func callAsFunction(_ x: Tensor) -> Tensor {
-        if let r = reparam { return r(x).relu() }
+        if let r = reparam { return r.reluForward(x) }
         var y = rbrDense(x) + rbr1x1(x)
         if let id = rbrIdentity { y = y + id(x) }
         return y.relu()
@@ -166,7 +166,7 @@ public final class QARepVGGBlock: RepBlockBase, RepBlock {
     }
 
     public func callAsFunction(_ x: Tensor) -> Tensor {
-        if let r = reparam { return r(x).relu() }
+        if let r = reparam { return r.reluForward(x) }
         var y = rbrDense(x) + rbr1x1(x)
         if hasIdentity { y = y + x }
         return bn(y).relu()
@@ -223,7 +223,7 @@ public final class LinearAddBlock: RepBlockBase, RepBlock {
     }
 
     public func callAsFunction(_ x: Tensor) -> Tensor {
-        if let r = reparam { return r(x).relu() }
+        if let r = reparam { return r.reluForward(x) }
         var y = scaleConv(conv(x)) + scale1x1(conv1x1(x))
         if let s = scaleIdentity { y = y + s(x) }
         return bn(y).relu()
@@ -309,7 +309,7 @@ public final class RealVGGBlock: RepBlockBase, RepBlock {
     }
 
     public func callAsFunction(_ x: Tensor) -> Tensor {
-        if let r = reparam { return r(x).relu() }
+        if let r = reparam { return r.reluForward(x) }
         return bn(conv(x)).relu()
     }
 

@@ -6,6 +6,7 @@ import Testing
 @testable import QuantLabQuant
 @testable import QuantLabReport
 import QuantLabBench
+import QuantLabEngine
 
 @Suite("Modules, optimizers, schedules, EMA and end-to-end training")
 struct NNTests {
@@ -33,6 +34,28 @@ struct NNTests {
         #expect(conv(x).node?.name == "conv2d")
         let kinds = TrainingBenchmark.breakdown(entries).map(\.kind)
         #expect(kinds.contains("backward conv2d") && kinds.contains("loss (assigner, targets, its ops fwd+bwd)"))
+    }
+
+    @Test("conv2dReLU: conv2d(x).relu()'s bits with the ReLU fused where no gradient or tracer needs the two ops; the two ops otherwise")
+    func convReLUFused() throws {
+        var rng = SeededGenerator(seed: 8)
+        let conv = Conv2d(6, 20, kernel: 3, stride: 2, rng: &rng)
+        let x = Tensor.uniform([3, 6, 11, 9], low: -1, high: 1, rng: &rng)
+        let fused = withNoGrad { conv.reluForward(x) }, plain = withNoGrad { conv(x).relu() }
+        #expect(fused.shape == plain.shape && fused.values.map(\.bitPattern) == plain.values.map(\.bitPattern))
+        #expect(fused.values.contains(0) && fused.values.contains { $0 > 0 }, "both sides of the ReLU")
+        // with a gradient wanted: the recorded ops, and the same gradient as conv then relu
+        let y = conv.reluForward(x)
+        #expect(y.node?.name == "relu")
+        y.sum().backward()
+        let g1 = conv.weight.grad!.values
+        conv.zeroGrad()
+        conv(x).relu().sum().backward()
+        #expect(conv.weight.grad!.values == g1)
+        // traced: a Conv and a Relu node, as unfused
+        conv.eval()
+        let graph = try Graph.trace(conv, example: x) { input in [withNoGrad { conv.reluForward(input) }] }
+        #expect(graph.nodes.map(\.op.name) == ["Conv", "Relu"])
     }
 
     @Test("dotted names for parameters and buffers, PyTorch-style")

@@ -94,6 +94,19 @@ public func conv2d(_ x: Tensor, weight: Tensor, bias: Tensor? = nil, options o: 
     }
 }
 
+/// `conv2d(x, ...).relu()`, the same bits, with the ReLU applied as the conv writes its output
+/// instead of in a pass of its own: where no gradient is wanted and no tracer is watching (a
+/// traced graph sees the Conv and the Relu node it would see otherwise); else the two ops.
+public func conv2dReLU(_ x: Tensor, weight: Tensor, bias: Tensor? = nil, options o: Conv2dOptions = .init()) -> Tensor {
+    let wantsGradient = GradMode.isEnabled && (x.requiresGrad || weight.requiresGrad || (bias?.requiresGrad ?? false))
+    guard x.device == .cpu, !wantsGradient, Tracing.active == nil else { return conv2d(x, weight: weight, bias: bias, options: o).relu() }
+    var (g, oh, ow) = checkedConvGeometry(x, weight, bias, o)
+    let out = Tensor(uninitialized: [x.shape[0], weight.shape[0], Int(oh), Int(ow)])
+    check(ql_conv2d_fwd_prepacked(out.data, x.data, weight.data, nil, -1, bias?.data, &g, 1), "conv2d")
+    let name = OpProfiler.isActive ? "conv2d+relu \(weight.shape[2])x\(weight.shape[3])/\(o.stride.0) \(x.shape[1])->\(weight.shape[0]) \(x.shape[2])x\(x.shape[3]) n\(x.shape[0])" : "conv2d+relu"
+    return record(out, name, []) { _ in }
+}
+
 /// A conv's weights packed once for its forward, for weights that do not change (an engine's
 /// constants): `forward` computes `conv2d`'s bits without packing the weights on every call
 /// (at batch 1 that packing cost as much as the product of a 5x5 map). No gradient.
@@ -125,21 +138,15 @@ public final class PackedConv2dWeights {
     /// conv2d(x, weight, bias, options), the same bits; with `relu`, that conv's `.relu()`
     /// (the same bits too), applied as the output is written instead of in a pass of its own.
     public func forward(_ x: Tensor, bias: Tensor?, relu: Bool = false) -> Tensor {
-        guard let packed, x.device == .cpu, !(GradMode.isEnabled && (x.requiresGrad || weight.requiresGrad)) else {
+        // a traced run sees the ops it would see unfused (no graph records a fused node)
+        guard let packed, x.device == .cpu, !(GradMode.isEnabled && (x.requiresGrad || weight.requiresGrad)), !(relu && Tracing.active != nil) else {
             let y = conv2d(x, weight: weight, bias: bias, options: options)
             return relu ? y.relu() : y
         }
         var (g, oh, ow) = checkedConvGeometry(x, weight, bias, options)
         let out = Tensor(uninitialized: [x.shape[0], weight.shape[0], Int(oh), Int(ow)])
         check(ql_conv2d_fwd_prepacked(out.data, x.data, weight.data, packed, level, bias?.data, &g, relu ? 1 : 0), "conv2d")
-        if relu {
-            // a traced run sees the two ops it computed (no graph records a fused node)
-            let pre = Tensor(uninitialized: out.shape)
-            traceOp(.conv(options), [x, weight, bias], pre)
-            traceOp(.relu, [pre], out)
-        } else {
-            traceOp(.conv(options), [x, weight, bias], out)
-        }
+        if !relu { traceOp(.conv(options), [x, weight, bias], out) }
         return out
     }
 }

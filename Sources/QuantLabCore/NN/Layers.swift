@@ -99,6 +99,12 @@ public final class Conv2d: Module, WeightedLayer {
     public func callAsFunction(_ x: Tensor) -> Tensor {
         conv2d(hooks.input?(x) ?? x, weight: hooks.weight?(weight) ?? weight, bias: bias, options: options)
     }
+
+    /// `self(x).relu()`, the ReLU fused into the conv where nothing needs the two apart
+    /// (`conv2dReLU`): a deploy-form Rep block's forward.
+    public func reluForward(_ x: Tensor) -> Tensor {
+        conv2dReLU(hooks.input?(x) ?? x, weight: hooks.weight?(weight) ?? weight, bias: bias, options: options)
+    }
 }
 
 public final class ConvTranspose2d: Module, WeightedLayer {
