@@ -18,7 +18,7 @@
 #include <string.h>
 #include "internal.h"
 
-#define DR 6  /* pixels per tile (broadcasts) */
+#define DR 6  /* most pixels per tile (broadcasts) */
 #define DN 16 /* output channels per tile (two ymm) */
 #define DKC 512 /* slab depth: sgemm.c's KC, so the sums are the same */
 
@@ -39,28 +39,31 @@ void ql_conv_direct_pack(float *restrict wp, const float *restrict w, const ql_c
     }
 }
 
-/* acc[i][j] = sum over k < kc (fma from zero, increasing k) of px[i][off[k]] * w[k][j];
- * then tot = acc (mode 0), bias + acc (mode 1) or tot + acc (mode 2). */
-__attribute__((target("avx2,fma"))) static void tile_avx2(int kc, const float *const *px, const int *restrict off,
-                                                          const float *restrict w, float *restrict tot,
-                                                          const float *bias, int mode) {
+/* acc[i][j] = sum over k < kc (fma from zero, increasing k) of px[i][off[k]] * w[k][j] for
+ * i < R pixels; then tot = acc (mode 0), bias + acc (mode 1) or tot + acc (mode 2). R is a
+ * constant in each caller (6, or 5 where the pixel count is a multiple of 5 but not of 6:
+ * every map of the detector is), so the loops unroll and the pointers stay in registers. */
+__attribute__((target("avx2,fma"), always_inline)) static inline void tile_rows(int R, int kc, const float *const *px,
+                                                                                const int *restrict off, const float *restrict w,
+                                                                                float *restrict tot, const float *bias, int mode) {
     __m256 c[DR][2];
-    for (int i = 0; i < DR; i++) c[i][0] = c[i][1] = _mm256_setzero_ps();
-    const float *p0 = px[0], *p1 = px[1], *p2 = px[2], *p3 = px[3], *p4 = px[4], *p5 = px[5];
+    const float *pr[DR];
+#pragma clang loop unroll(full)
+    for (int i = 0; i < R; i++) c[i][0] = c[i][1] = _mm256_setzero_ps(), pr[i] = px[i];
     for (int k = 0; k < kc; k++) {
         __m256 b0 = _mm256_loadu_ps(w), b1 = _mm256_loadu_ps(w + 8);
         int o = off[k];
-        __m256 a;
-        a = _mm256_broadcast_ss(p0 + o); c[0][0] = _mm256_fmadd_ps(a, b0, c[0][0]); c[0][1] = _mm256_fmadd_ps(a, b1, c[0][1]);
-        a = _mm256_broadcast_ss(p1 + o); c[1][0] = _mm256_fmadd_ps(a, b0, c[1][0]); c[1][1] = _mm256_fmadd_ps(a, b1, c[1][1]);
-        a = _mm256_broadcast_ss(p2 + o); c[2][0] = _mm256_fmadd_ps(a, b0, c[2][0]); c[2][1] = _mm256_fmadd_ps(a, b1, c[2][1]);
-        a = _mm256_broadcast_ss(p3 + o); c[3][0] = _mm256_fmadd_ps(a, b0, c[3][0]); c[3][1] = _mm256_fmadd_ps(a, b1, c[3][1]);
-        a = _mm256_broadcast_ss(p4 + o); c[4][0] = _mm256_fmadd_ps(a, b0, c[4][0]); c[4][1] = _mm256_fmadd_ps(a, b1, c[4][1]);
-        a = _mm256_broadcast_ss(p5 + o); c[5][0] = _mm256_fmadd_ps(a, b0, c[5][0]); c[5][1] = _mm256_fmadd_ps(a, b1, c[5][1]);
+#pragma clang loop unroll(full)
+        for (int i = 0; i < R; i++) {
+            __m256 a = _mm256_broadcast_ss(pr[i] + o);
+            c[i][0] = _mm256_fmadd_ps(a, b0, c[i][0]);
+            c[i][1] = _mm256_fmadd_ps(a, b1, c[i][1]);
+        }
         w += DN;
     }
     __m256 s0 = mode == 1 ? _mm256_loadu_ps(bias) : _mm256_setzero_ps(), s1 = mode == 1 ? _mm256_loadu_ps(bias + 8) : s0;
-    for (int i = 0; i < DR; i++) {
+#pragma clang loop unroll(full)
+    for (int i = 0; i < R; i++) {
         float *t = tot + i * DN;
         if (mode == 0) {
             _mm256_store_ps(t, c[i][0]);
@@ -75,12 +78,23 @@ __attribute__((target("avx2,fma"))) static void tile_avx2(int kc, const float *c
     }
 }
 
+__attribute__((target("avx2,fma"))) static void tile6(int kc, const float *const *px, const int *off, const float *w, float *tot,
+                                                      const float *bias, int mode) {
+    tile_rows(6, kc, px, off, w, tot, bias, mode);
+}
+
+__attribute__((target("avx2,fma"))) static void tile5(int kc, const float *const *px, const int *off, const float *w, float *tot,
+                                                      const float *bias, int mode) {
+    tile_rows(5, kc, px, off, w, tot, bias, mode);
+}
+
 typedef struct {
     const ql_conv_geom *g;
     const float *x, *wp, *b;
     float *y, *xp; /* xp: every image, padded, NHWC */
     const int *off;
     int OH, OW, Hp, Wp, KK, tiles, tiles_per_group, blocks, act;
+    int R; /* pixels per tile: 6, or 5 */
     _Atomic int status;
 } direct_job;
 
@@ -144,8 +158,7 @@ __attribute__((target("avx2"))) static void store_rows(float *y, int P, const fl
     __m256 zero = _mm256_setzero_ps();
     for (int c0 = 0; c0 < kn; c0 += 8) {
         __m256 r[8];
-        for (int i = 0; i < DR; i++) r[i] = _mm256_load_ps(tot + i * DN + c0);
-        r[6] = r[7] = zero;
+        for (int i = 0; i < 8; i++) r[i] = i < rows ? _mm256_load_ps(tot + i * DN + c0) : zero;
         transpose8(r);
         for (int c = 0; c < 8 && c0 + c < kn; c++)
             _mm256_maskstore_ps(y + (size_t)(c0 + c) * P, mask, act ? _mm256_max_ps(r[c], zero) : r[c]);
@@ -166,10 +179,12 @@ static void run_tiles(const direct_job *j, const float *xp, float *y, int N, lon
     if (j->b) for (int c = 0; c < kn; c++) bias[c] = j->b[k0 + c];
     float tot[DR * DN] __attribute__((aligned(32)));
     /* the first pixel as (image, row, column), then walked one pixel at a time */
-    long q0 = t0 * DR;
+    int R = j->R;
+    void (*tile)(int, const float *const *, const int *, const float *, float *, const float *, int) = R == 5 ? tile5 : tile6;
+    long q0 = t0 * R;
     int n = (int)(q0 / P), pix = (int)(q0 % P), oh = pix / j->OW, ow = pix % j->OW;
-    for (long tile = t0; tile < t1; tile++, q0 += DR) {
-        int rows = (int)(total - q0 < DR ? total - q0 : DR);
+    for (long t = t0; t < t1; t++, q0 += R) {
+        int rows = (int)(total - q0 < R ? total - q0 : R);
         const float *px[DR];
         float *yp[DR];
         for (int i = 0; i < rows; i++) {
@@ -181,10 +196,10 @@ static void run_tiles(const direct_job *j, const float *xp, float *y, int N, lon
                 if (++oh == j->OH) { oh = 0; pix = 0; n++; }
             }
         }
-        for (int i = rows; i < DR; i++) px[i] = px[0], yp[i] = yp[0]; /* the last tile's empty rows: computed, not stored */
+        for (int i = rows; i < R; i++) px[i] = px[0], yp[i] = yp[0]; /* the last tile's empty rows: computed, not stored */
         for (int pc = 0; pc < j->KK; pc += DKC) {
             int kc = ql_min_i(DKC, j->KK - pc);
-            tile_avx2(kc, px, j->off + pc, wb + (size_t)pc * DN, tot, bias, pc ? 2 : (j->b ? 1 : 0));
+            tile(kc, px, j->off + pc, wb + (size_t)pc * DN, tot, bias, pc ? 2 : (j->b ? 1 : 0));
         }
         if (yp[rows - 1] == yp[0] + rows - 1) store_rows(yp[0], P, tot, rows, kn, j->act); /* one image's pixels */
         else
@@ -216,7 +231,7 @@ static void image_task(int n, void *p) {
         return;
     }
     for (int hp = 0; hp < j->Hp; hp++) pad_row(j, n, hp, xp + (size_t)hp * j->Wp * g->C);
-    long tiles = ((long)j->OH * j->OW + DR - 1) / DR;
+    long tiles = ((long)j->OH * j->OW + j->R - 1) / j->R;
     float *y = j->y + (size_t)n * g->K * j->OH * j->OW;
     for (int block = 0; block < j->blocks; block++) run_tiles(j, xp, y, 1, 0, tiles, block);
 }
@@ -224,7 +239,7 @@ static void image_task(int n, void *p) {
 static _Thread_local ql_scratch tl_xp, tl_off;
 
 int ql_conv_direct_fwd(float *y, const float *x, const float *wp, const float *b, const ql_conv_geom *g, int act) {
-    direct_job j = {g, x, wp, b, y, NULL, NULL, 0, 0, 0, 0, 0, 0, 0, 0, act, QL_OK};
+    direct_job j = {g, x, wp, b, y, NULL, NULL, 0, 0, 0, 0, 0, 0, 0, 0, act, 6, QL_OK};
     if (ql_conv_out_size(g, &j.OH, &j.OW) || g->groups != 1) return QL_EINVAL;
     if (g->N == 0 || g->K == 0) return QL_OK;
     j.Hp = g->H + 2 * g->PH;
@@ -244,14 +259,19 @@ int ql_conv_direct_fwd(float *y, const float *x, const float *wp, const float *b
      * by one thread while it sits in that thread's cache (a batch's padded copy would not fit:
      * 32 images of 80 x 80 x 16 are 14 MB). Batch mode otherwise: the whole batch padded,
      * then runs of tiles across images and blocks shared out. */
-    if (P >= 96 && g->N >= threads && (g->N % threads == 0 || g->N >= 4 * threads)) {
+    int image_mode = P >= 96 && g->N >= threads && (g->N % threads == 0 || g->N >= 4 * threads);
+    /* tiles of 5 pixels where they leave fewer empty rows than tiles of 6 (all FMA-bound
+     * alike: 10 sums a tap in 5 cycles or 12 in 6), e.g. a 5x5 map: 25 pixels, no tile part empty */
+    long pixels = image_mode ? P : (long)g->N * P;
+    j.R = (pixels + 4) / 5 * 5 < (pixels + 5) / 6 * 6 ? 5 : 6;
+    if (image_mode) {
         ql_parallel_for(g->N, image_task, &j);
         return atomic_load(&j.status);
     }
     j.xp = (float *)ql_scratch_reserve(&tl_xp, sizeof(float) * (size_t)g->N * j.Hp * j.Wp * g->C);
     if (!j.xp) return QL_ENOMEM;
     ql_parallel_for(g->N * j.Hp, pad_task, &j);
-    long tiles = ((long)g->N * P + DR - 1) / DR;
+    long tiles = ((long)g->N * P + j.R - 1) / j.R;
     if (tiles > 0x7fffffffL / 16) return QL_EINVAL;
     j.tiles = (int)tiles;
     /* runs of up to 16 tiles (the block's weights are read once per run), shorter where that

@@ -514,13 +514,60 @@ static void max_pool_planes(float *y, int32_t *argmax, const float *x, int64_t p
                         int iw = ow * SW - PW + kw;
                         if (iw < 0 || iw >= W) continue;
                         float v = xp[ih * W + iw];
-                        if (v > best || bi < 0) { best = v; bi = ih * W + iw; }
+                        if (bi < 0) bi = ih * W + iw;
+                        if (v > best) { best = v; bi = ih * W + iw; }
                     }
                 }
                 int64_t o = (p * OH + oh) * OW + ow;
                 y[o] = best;
                 if (argmax) argmax[o] = bi;
             }
+    }
+}
+
+/* The same maxima without their indices (inference): max over a window = max over its rows of
+ * the max along each row, so each input row is reduced along kw once for all the windows that
+ * read it, then kh rows of those are reduced per output row: KH + KW comparisons per output
+ * instead of KH * KW, in loops over adjacent outputs the compiler vectorizes. The rule is the
+ * indexed loop's (best = v > best ? v : best from -inf), which ignores NaN and is exact in any
+ * order, so the values are the same bits. */
+static _Thread_local ql_scratch tl_pool_rows;
+
+static void max_pool_planes_values(float *y, const float *x, int64_t p0, int64_t p1, int H, int W, int KH, int KW,
+                                   int SH, int SW, int PH, int PW) {
+    int OH = pool_out(H, KH, SH, PH), OW = pool_out(W, KW, SW, PW);
+    float *rows = (float *)ql_scratch_reserve(&tl_pool_rows, sizeof(float) * (size_t)H * OW);
+    if (!rows) {
+        max_pool_planes(y, NULL, x, p0, p1, H, W, KH, KW, SH, SW, PH, PW);
+        return;
+    }
+    for (int64_t p = p0; p < p1; p++) {
+        const float *xp = x + p * H * W;
+        for (int ih = 0; ih < H; ih++) {
+            const float *xr = xp + (size_t)ih * W;
+            float *r = rows + (size_t)ih * OW;
+            for (int ow = 0; ow < OW; ow++) r[ow] = -INFINITY;
+            for (int kw = 0; kw < KW; kw++) {
+                /* outputs whose tap kw falls inside the row: 0 <= ow*SW - PW + kw < W */
+                int last = W - 1 + PW - kw; /* ow * SW <= last */
+                int lo = ql_max_i(0, (PW - kw + SW - 1) / SW), hi = last < 0 ? 0 : ql_min_i(OW, last / SW + 1);
+                const float *src = xr + (ptrdiff_t)lo * SW - PW + kw;
+                if (SW == 1)
+                    for (int ow = lo; ow < hi; ow++) { float v = src[ow - lo]; r[ow] = v > r[ow] ? v : r[ow]; }
+                else
+                    for (int ow = lo; ow < hi; ow++) { float v = src[(ptrdiff_t)(ow - lo) * SW]; r[ow] = v > r[ow] ? v : r[ow]; }
+            }
+        }
+        for (int oh = 0; oh < OH; oh++) {
+            float *yo = y + (p * OH + oh) * OW;
+            for (int ow = 0; ow < OW; ow++) yo[ow] = -INFINITY;
+            for (int kh = 0; kh < KH; kh++) {
+                int ih = oh * SH - PH + kh;
+                if (ih < 0 || ih >= H) continue;
+                const float *r = rows + (size_t)ih * OW;
+                for (int ow = 0; ow < OW; ow++) yo[ow] = r[ow] > yo[ow] ? r[ow] : yo[ow];
+            }
+        }
     }
 }
 
@@ -534,8 +581,9 @@ typedef struct {
 
 static void max_pool_task(int t, void *p) {
     const max_pool_job *j = (const max_pool_job *)p;
-    max_pool_planes(j->y, j->argmax, j->x, t * j->planes / j->tasks, (t + 1) * j->planes / j->tasks, j->H, j->W, j->KH,
-                    j->KW, j->SH, j->SW, j->PH, j->PW);
+    int64_t p0 = t * j->planes / j->tasks, p1 = (t + 1) * j->planes / j->tasks;
+    if (j->argmax) max_pool_planes(j->y, j->argmax, j->x, p0, p1, j->H, j->W, j->KH, j->KW, j->SH, j->SW, j->PH, j->PW);
+    else max_pool_planes_values(j->y, j->x, p0, p1, j->H, j->W, j->KH, j->KW, j->SH, j->SW, j->PH, j->PW);
 }
 
 /* Planes split between the threads (each plane's windows are independent). */

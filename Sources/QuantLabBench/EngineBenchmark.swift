@@ -86,7 +86,7 @@ public struct EngineBenchmark {
                 log(int8.profileReport(top: 12).split(separator: "\n").map { "    " + $0 }.joined(separator: "\n"))
                 fp32.profile = true
                 for _ in 0..<3 { _ = try fp32.run([x]) }
-                log("    FP32 graph, " + fp32.profileReport(top: 12).split(separator: "\n").map { "    " + $0 }.joined(separator: "\n").dropFirst(4))
+                log("    FP32 graph, " + fp32.profileReport(top: 40).split(separator: "\n").map { "    " + $0 }.joined(separator: "\n").dropFirst(4))
             }
         }
         return summary

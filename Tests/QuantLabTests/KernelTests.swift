@@ -132,6 +132,30 @@ struct KernelTests {
         }
     }
 
+    /// Without indices max pooling takes a separable loop (rows, then columns): the values must
+    /// be the indexed loop's bits for any window, stride and padding, with NaN and infinities
+    /// in the input, and each the element its index names.
+    @Test("max pooling without indices (separable) gives the indexed loop's values; the indices name them", arguments: Array(0..<6))
+    func maxPoolSeparable(index: Int) {
+        let cases: [(h: Int32, w: Int32, kh: Int32, kw: Int32, sh: Int32, sw: Int32, ph: Int32, pw: Int32)] =
+            [(5, 5, 5, 5, 1, 1, 2, 2), (20, 17, 3, 3, 2, 2, 1, 1), (9, 12, 2, 3, 2, 3, 0, 1), (7, 6, 3, 2, 1, 2, 1, 0), (1, 8, 1, 4, 1, 3, 0, 2), (3, 2, 2, 6, 1, 3, 1, 2)]
+        let c = cases[index]
+        var rng = SeededGenerator(seed: UInt64(410 + index))
+        let planes = 5, hw = Int(c.h * c.w)
+        var x = randomFloats(planes * hw, &rng)
+        for i in stride(from: 3, to: x.count, by: 11) { x[i] = [Float.nan, -.infinity, .infinity][i % 3] }
+        let oh = Int((c.h + 2 * c.ph - c.kh) / c.sh + 1), ow = Int((c.w + 2 * c.pw - c.kw) / c.sw + 1)
+        var withIndex = [Float](repeating: 7, count: planes * oh * ow), values = withIndex, arg = [Int32](repeating: -9, count: withIndex.count)
+        ql_max_pool2d_fwd(&withIndex, &arg, x, Int64(planes), c.h, c.w, c.kh, c.kw, c.sh, c.sw, c.ph, c.pw)
+        ql_max_pool2d_fwd(&values, nil, x, Int64(planes), c.h, c.w, c.kh, c.kw, c.sh, c.sw, c.ph, c.pw)
+        #expect(values.map(\.bitPattern) == withIndex.map(\.bitPattern))
+        #expect(!values.contains { $0.isNaN })
+        for (o, a) in arg.enumerated() {
+            let v = x[(o / (oh * ow)) * hw + Int(a)]
+            #expect(a >= 0 && a < Int32(hw) && (v == values[o] || (v.isNaN && values[o] == -.infinity)), "output \(o)")
+        }
+    }
+
     /// Sigmoid and SiLU compute their exponential with the project's own polynomial (so that
     /// the AVX2 loops and the INT8 epilogue give the scalar definition's bits): every level
     /// against the scalar loops bit for bit, on specials (zeros, NaN, infinities, subnormals,

@@ -436,8 +436,10 @@ int ql_batch_norm_bwd_isa(ql_isa isa, float *dx, float *dgamma, float *dbeta, co
 
 /* Pooling on NCHW (planes = N*C). Windows follow the conv geometry; padding for max pooling
  * is -inf (never selected), for average pooling the divisor counts only in-image elements
- * when count_include_pad == 0. argmax (may be NULL in eval) receives the flat input index
- * within the plane of each max, first maximum on ties. */
+ * when count_include_pad == 0. Max pooling's value: the largest in-image element, NaN
+ * ignored (-inf for a window of NaNs); argmax (may be NULL in eval: then a faster separable
+ * loop, the same values) receives the flat input index within the plane of each max, first
+ * maximum on ties (the window's first in-image element when none is above -inf). */
 void ql_max_pool2d_fwd(float *y, int32_t *argmax, const float *x, int64_t planes, int H, int W,
                        int KH, int KW, int SH, int SW, int PH, int PW);
 void ql_max_pool2d_bwd(float *dx, const float *dy, const int32_t *argmax, int64_t planes, int H,

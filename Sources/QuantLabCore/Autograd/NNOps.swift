@@ -281,7 +281,14 @@ public func maxPool2d(_ x: Tensor, kernel: Int, stride: Int? = nil, padding: Int
     let (oh, ow) = (poolOut(h, kernel, s, padding), poolOut(w, kernel, s, padding))
     require(oh > 0 && ow > 0, "max_pool2d: input \(x.shape) smaller than kernel \(kernel)")
     let planes = x.shape[0] * x.shape[1]
-    let out = Tensor(zeros: [x.shape[0], x.shape[1], oh, ow])
+    let out = Tensor(uninitialized: [x.shape[0], x.shape[1], oh, ow])
+    // the indices only where a backward will read them
+    guard GradMode.isEnabled && x.requiresGrad else {
+        ql_max_pool2d_fwd(out.data, nil, x.data, Int64(planes), Int32(h), Int32(w), Int32(kernel), Int32(kernel),
+                          Int32(s), Int32(s), Int32(padding), Int32(padding))
+        traceOp(.maxPool(kernel: kernel, stride: stride ?? kernel, padding: padding), [x], out)
+        return record(out, "max_pool2d", []) { _ in }
+    }
     var argmax = [Int32](repeating: 0, count: out.count)
     ql_max_pool2d_fwd(out.data, &argmax, x.data, Int64(planes), Int32(h), Int32(w), Int32(kernel), Int32(kernel),
                       Int32(s), Int32(s), Int32(padding), Int32(padding))
