@@ -638,7 +638,7 @@ static int conv_fwd(float *y, const float *x, const float *w, const float *b, co
         float *wp = own ? (float *)ql_aligned_alloc(ql_conv_direct_packed_floats(g) * sizeof(float)) : (float *)prepacked;
         if (!wp) return QL_ENOMEM;
         if (own) ql_conv_direct_pack(wp, w, g);
-        int st = ql_conv_direct_fwd(y, x, wp, b, g, act);
+        int st = ql_conv_direct_fwd(y, x, wp, b, g, act, 0);
         if (own) ql_aligned_free(wp);
         return st;
     }
@@ -685,9 +685,42 @@ int ql_conv2d_fwd_prepacked(float *y, const float *x, const float *w, const floa
     return conv_fwd(y, x, w, b, g, packed, level, act);
 }
 
+/* The data gradient of a stride-1 conv is itself a stride-1 conv: dx = conv(dy) with the
+ * weights transposed (in and out channels swapped) and flipped, padding D*(KH-1) - PH (the
+ * adjoint's geometry, output H x W), so the direct kernel computes it without the col matrix
+ * and col2im's pass over it: dx += that conv, summed over (k, kh, kw) slabs as the forward
+ * sums. Where it applies: the direct kernel's level, one group, stride 1, not pointwise, and
+ * padding at most D*(K-1). Returns QL_EUNSUPPORTED where it does not. */
+static int bwd_data_direct(float *dx, const float *dy, const float *w, const ql_conv_geom *g, int level) {
+    ql_conv_geom t = {g->N, g->K, 0, 0, g->C, g->KH, g->KW, 1, 1, g->DH * (g->KH - 1) - g->PH, g->DW * (g->KW - 1) - g->PW,
+                      g->DH, g->DW, 1};
+    if (!uses_direct(level, g) || g->SH != 1 || g->SW != 1 || t.PH < 0 || t.PW < 0) return QL_EUNSUPPORTED;
+    int OH, OW;
+    if (ql_conv_out_size(g, &OH, &OW)) return QL_EINVAL;
+    t.H = OH;
+    t.W = OW;
+    size_t KK = (size_t)g->C * g->KH * g->KW, taps = (size_t)g->KH * g->KW;
+    float *wt = (float *)ql_aligned_alloc(KK * g->K * sizeof(float));
+    float *wp = (float *)ql_aligned_alloc(ql_conv_direct_packed_floats(&t) * sizeof(float));
+    int st = QL_ENOMEM;
+    if (wt && wp) {
+        /* wt[c][k][kh][kw] = w[k][c][KH-1-kh][KW-1-kw] */
+        for (int k = 0; k < g->K; k++)
+            for (int c = 0; c < g->C; c++)
+                for (size_t i = 0; i < taps; i++) wt[((size_t)c * g->K + k) * taps + i] = w[((size_t)k * g->C + c) * taps + taps - 1 - i];
+        ql_conv_direct_pack(wp, wt, &t);
+        st = ql_conv_direct_fwd(dx, dy, wp, NULL, &t, 0, 1);
+    }
+    ql_aligned_free(wt);
+    ql_aligned_free(wp);
+    return st;
+}
+
 int ql_conv2d_bwd_data(float *dx, const float *dy, const float *w, const ql_conv_geom *g) {
     conv_job j;
     if (setup(&j, g)) return QL_EINVAL;
+    int direct = bwd_data_direct(dx, dy, w, g, j.isa);
+    if (direct != QL_EUNSUPPORTED) return direct;
     j.dx = dx; j.dy = dy; j.w = w;
     pack_weights(&j, 1);
     run_images(&j, bwd_data_images_task, bwd_data_image);

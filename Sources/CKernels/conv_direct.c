@@ -95,6 +95,7 @@ typedef struct {
     const int *off;
     int OH, OW, Hp, Wp, KK, tiles, tiles_per_group, blocks, act;
     int R; /* pixels per tile: 6, or 5 */
+    int accumulate; /* y += the conv instead of y = */
     _Atomic int status;
 } direct_job;
 
@@ -150,9 +151,9 @@ static void pad_task(int t, void *p) {
     pad_row(j, t / j->Hp, t % j->Hp, j->xp + (size_t)t * j->Wp * j->g->C);
 }
 
-/* y[c * P + i] = tot[i][c] for i < rows, c < kn (ReLU'd when act): the tile's 6 pixels x 16
- * channels turned into 16 runs of 6 adjacent pixels, 8 channels at a time. */
-__attribute__((target("avx2"))) static void store_rows(float *y, int P, const float *tot, int rows, int kn, int act) {
+/* y[c * P + i] = tot[i][c] for i < rows, c < kn (ReLU'd when act; added to y when accumulate):
+ * the tile's pixels x 16 channels turned into 16 runs of adjacent pixels, 8 channels at a time. */
+__attribute__((target("avx2"))) static void store_rows(float *y, int P, const float *tot, int rows, int kn, int act, int accumulate) {
     __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(rows), lanes);
     __m256 zero = _mm256_setzero_ps();
@@ -160,8 +161,11 @@ __attribute__((target("avx2"))) static void store_rows(float *y, int P, const fl
         __m256 r[8];
         for (int i = 0; i < 8; i++) r[i] = i < rows ? _mm256_load_ps(tot + i * DN + c0) : zero;
         transpose8(r);
-        for (int c = 0; c < 8 && c0 + c < kn; c++)
-            _mm256_maskstore_ps(y + (size_t)(c0 + c) * P, mask, act ? _mm256_max_ps(r[c], zero) : r[c]);
+        for (int c = 0; c < 8 && c0 + c < kn; c++) {
+            float *yc = y + (size_t)(c0 + c) * P;
+            __m256 v = accumulate ? _mm256_add_ps(_mm256_maskload_ps(yc, mask), r[c]) : r[c];
+            _mm256_maskstore_ps(yc, mask, act ? _mm256_max_ps(v, zero) : v);
+        }
     }
 }
 
@@ -201,12 +205,14 @@ static void run_tiles(const direct_job *j, const float *xp, float *y, int N, lon
             int kc = ql_min_i(DKC, j->KK - pc);
             tile(kc, px, j->off + pc, wb + (size_t)pc * DN, tot, bias, pc ? 2 : (j->b ? 1 : 0));
         }
-        if (yp[rows - 1] == yp[0] + rows - 1) store_rows(yp[0], P, tot, rows, kn, j->act); /* one image's pixels */
+        if (yp[rows - 1] == yp[0] + rows - 1) store_rows(yp[0], P, tot, rows, kn, j->act, j->accumulate); /* one image's pixels */
         else
             for (int c = 0; c < kn; c++) {
                 size_t o = (size_t)c * P;
-                if (j->act) for (int i = 0; i < rows; i++) { float v = tot[i * DN + c]; yp[i][o] = v > 0.0f ? v : 0.0f; }
-                else for (int i = 0; i < rows; i++) yp[i][o] = tot[i * DN + c];
+                for (int i = 0; i < rows; i++) {
+                    float v = j->accumulate ? yp[i][o] + tot[i * DN + c] : tot[i * DN + c];
+                    yp[i][o] = j->act ? (v > 0.0f ? v : 0.0f) : v;
+                }
             }
     }
 }
@@ -238,8 +244,8 @@ static void image_task(int n, void *p) {
 
 static _Thread_local ql_scratch tl_xp, tl_off;
 
-int ql_conv_direct_fwd(float *y, const float *x, const float *wp, const float *b, const ql_conv_geom *g, int act) {
-    direct_job j = {g, x, wp, b, y, NULL, NULL, 0, 0, 0, 0, 0, 0, 0, 0, act, 6, QL_OK};
+int ql_conv_direct_fwd(float *y, const float *x, const float *wp, const float *b, const ql_conv_geom *g, int act, int accumulate) {
+    direct_job j = {g, x, wp, b, y, NULL, NULL, 0, 0, 0, 0, 0, 0, 0, 0, act, 6, accumulate, QL_OK};
     if (ql_conv_out_size(g, &j.OH, &j.OW) || g->groups != 1) return QL_EINVAL;
     if (g->N == 0 || g->K == 0) return QL_OK;
     j.Hp = g->H + 2 * g->PH;

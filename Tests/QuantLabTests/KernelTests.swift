@@ -632,16 +632,36 @@ struct KernelTests {
             #expect(ql_conv2d_fwd_prepacked(&y, x, w, packed, level, b, &g, 2) == Int32(QL_EINVAL), "an unknown activation")
         }
         // data gradient: col = W_g^T dy_g, then col2im, image by image (the drivers batch the
-        // GEMM over images where the maps are small: the same sums)
+        // GEMM over images where the maps are small: the same sums); or, where the direct
+        // kernel takes it (AVX2, one group, stride 1, not pointwise), the adjoint conv: dy
+        // convolved with the transposed, flipped weights at padding D*(K-1) - P, computed here
+        // as im2col of dy + SGEMM, then added to dx
         let dx0 = randomFloats(n * Int(g.C) * hw, &rng)
         var dx = dx0, wantDX = dx0
         #expect(ql_conv2d_bwd_data(&dx, dy, w, &g) == 0)
-        for image in 0..<n {
-            for grp in 0..<groups {
-                _ = ql_sgemm_isa(QL_ISA_BEST, 1, 0, Int32(kk), Int32(p), Int32(kg), 1, Array(w[(grp * kg * kk)...]), Int32(kk),
-                                 Array(dy[((image * Int(g.K) + grp * kg) * p)...]), Int32(p), 0, &col, Int32(p))
-                wantDX.withUnsafeMutableBufferPointer { ds in
-                    ql_col2im(ds.baseAddress! + (image * Int(g.C) + grp * cg) * hw, col, Int32(cg), g.H, g.W, g.KH, g.KW, g.SH, g.SW, g.PH, g.PW, g.DH, g.DW)
+        let (padH, padW) = (g.DH * (g.KH - 1) - g.PH, g.DW * (g.KW - 1) - g.PW)
+        let adjoint = ql_isa_best() == QL_ISA_AVX2 && groups == 1 && g.SH == 1 && g.SW == 1 && padH >= 0 && padW >= 0
+            && !(g.KH == 1 && g.KW == 1 && g.PH == 0 && g.PW == 0)
+        if adjoint {
+            let (c, k, taps) = (Int(g.C), Int(g.K), Int(g.KH * g.KW))
+            var flipped = [Float](repeating: 0, count: w.count) // [C][K][KH][KW]
+            for o in 0..<k { for i in 0..<c { for t in 0..<taps { flipped[(i * k + o) * taps + t] = w[(o * c + i) * taps + taps - 1 - t] } } }
+            var dycol = [Float](repeating: 0, count: k * taps * hw), conv = [Float](repeating: 0, count: c * hw)
+            for image in 0..<n {
+                dy.withUnsafeBufferPointer { d in
+                    ql_im2col(&dycol, d.baseAddress! + image * k * p, Int32(k), oh, ow, g.KH, g.KW, 1, 1, padH, padW, g.DH, g.DW)
+                }
+                _ = ql_sgemm_isa(QL_ISA_BEST, 0, 0, Int32(c), Int32(hw), Int32(k * taps), 1, flipped, Int32(k * taps), dycol, Int32(hw), 0, &conv, Int32(hw))
+                for i in 0..<(c * hw) { wantDX[image * c * hw + i] += conv[i] }
+            }
+        } else {
+            for image in 0..<n {
+                for grp in 0..<groups {
+                    _ = ql_sgemm_isa(QL_ISA_BEST, 1, 0, Int32(kk), Int32(p), Int32(kg), 1, Array(w[(grp * kg * kk)...]), Int32(kk),
+                                     Array(dy[((image * Int(g.K) + grp * kg) * p)...]), Int32(p), 0, &col, Int32(p))
+                    wantDX.withUnsafeMutableBufferPointer { ds in
+                        ql_col2im(ds.baseAddress! + (image * Int(g.C) + grp * cg) * hw, col, Int32(cg), g.H, g.W, g.KH, g.KW, g.SH, g.SW, g.PH, g.PW, g.DH, g.DW)
+                    }
                 }
             }
         }
