@@ -732,6 +732,15 @@ int ql_conv2d_bwd_weight(float *dw, float *db, const float *dy, const float *x, 
     conv_job j;
     if (setup(&j, g)) return QL_EINVAL;
     if (g->N == 0) return QL_OK;
+    if (uses_direct(j.isa, g)) {
+        int st = ql_conv_direct_bwd_weight(dw, dy, x, g);
+        if (st == QL_OK && db) {
+            int P = j.OH * j.OW;
+            for (int n = 0; n < g->N; n++)
+                for (int k = 0; k < g->K; k++) db[k] += (float)ql_sum(dy + ((size_t)n * g->K + k) * P, P);
+        }
+        return st;
+    }
     j.dy = dy; j.x = x;
     j.tasks = j.per_image_parallel ? ql_get_num_threads() : 1;
     if (j.tasks > g->N) j.tasks = g->N;

@@ -288,3 +288,130 @@ int ql_conv_direct_fwd(float *y, const float *x, const float *wp, const float *b
     ql_parallel_for(j.blocks * ((j.tiles + j.tiles_per_group - 1) / j.tiles_per_group), run_task, &j);
     return QL_OK;
 }
+
+/* ---------------------------------------------------------------------------------------- */
+/* Weight gradient                                                                           */
+/* ---------------------------------------------------------------------------------------- */
+/* dW[k][(c, kh, kw)] = sum over images and output pixels p of dy[k][p] * xp[c][p's tap (kh,
+ * kw)]: the same tile kernel with the roles of the forward's operands taken by other arrays.
+ * The 6 (or 5) broadcast rows are taps (c, kh, kw) of the zero-padded NCHW image, read at one
+ * pixel-offset table for all of them (row base: plane c, tap offset); the vector operand is
+ * dy transposed to [pixel][16 output channels]; the sum runs over the image's pixels, from
+ * zero, and is added to the task's partial dW (images in order); the partials of the tasks
+ * (consecutive images each) are then added to dW in task order. No im2col matrix, no packed
+ * panels. */
+typedef struct {
+    const ql_conv_geom *g;
+    const float *x, *dy;
+    float *partials; /* per task [K][KK] */
+    int OH, OW, Hp, Wp, KK, blocks, tasks, R;
+    _Atomic int status;
+} wgrad_job;
+
+static _Thread_local ql_scratch tl_wg_x, tl_wg_dy, tl_wg_off, tl_wg_rows;
+
+
+/* dst[p][j] = dy[k0 + j][p] for j < 16 (zero past K): one block of 16 channels of one image,
+ * 8 channels x 8 pixels at a time. */
+__attribute__((target("avx2"))) static void transpose_dy_block(float *dst, const float *dy, int K, int P, int k0) {
+    for (int h = 0; h < DN; h += 8) {
+        int kb = k0 + h, kn = ql_max_i(0, ql_min_i(8, K - kb));
+        int p = 0;
+        if (kn == 8)
+            for (; p + 8 <= P; p += 8) {
+                __m256 r[8];
+                for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_ps(dy + (size_t)(kb + i) * P + p);
+                transpose8(r);
+                for (int i = 0; i < 8; i++) _mm256_storeu_ps(dst + (size_t)(p + i) * DN + h, r[i]);
+            }
+        for (; p < P; p++)
+            for (int i = 0; i < 8; i++) dst[(size_t)p * DN + h + i] = i < kn ? dy[(size_t)(kb + i) * P + p] : 0.0f;
+    }
+}
+
+/* Images per kernel pass: their pixels run on in one sum (one offset table over all of them),
+ * up to 2048 pixels deep, so that small maps (25 pixels) do not pay a tile's setup and store
+ * per 25 steps. */
+static int wgrad_images(int P) { return ql_max_i(1, 2048 / P); }
+
+static void wgrad_task(int t, void *p) {
+    wgrad_job *j = (wgrad_job *)p;
+    const ql_conv_geom *g = j->g;
+    int P = j->OH * j->OW, C = g->C, K = g->K;
+    int n0 = (int)((long)t * g->N / j->tasks), n1 = (int)((long)(t + 1) * g->N / j->tasks);
+    int m = ql_min_i(wgrad_images(P), n1 - n0);
+    size_t plane = (size_t)j->Hp * j->Wp, image = plane * C;
+    float *xp = (float *)ql_scratch_reserve(&tl_wg_x, sizeof(float) * image * m);
+    float *dyt = (float *)ql_scratch_reserve(&tl_wg_dy, sizeof(float) * (size_t)j->blocks * DN * P * m);
+    int *off = (int *)ql_scratch_reserve(&tl_wg_off, sizeof(int) * (size_t)P * m);
+    const float **rowbase = (const float **)ql_scratch_reserve(&tl_wg_rows, sizeof(float *) * (size_t)j->KK);
+    if (!xp || !dyt || !off || !rowbase || (size_t)P * m * sizeof(float) > 0x7fffffff || image * m > 0x7fffffff) {
+        atomic_store(&j->status, QL_ENOMEM);
+        return;
+    }
+    /* pixel q of the pass: image q / P (its padded copy image floats on), pixel q % P */
+    for (int i = 0, q = 0; i < m; i++)
+        for (int oh = 0; oh < j->OH; oh++)
+            for (int ow = 0; ow < j->OW; ow++) off[q++] = (int)(i * image) + oh * g->SH * j->Wp + ow * g->SW;
+    for (int c = 0, k = 0; c < C; c++)
+        for (int kh = 0; kh < g->KH; kh++)
+            for (int kw = 0; kw < g->KW; kw++) rowbase[k++] = xp + c * plane + (size_t)kh * g->DH * j->Wp + (size_t)kw * g->DW;
+    float *partial = j->partials + (size_t)t * K * j->KK;
+    memset(partial, 0, sizeof(float) * (size_t)K * j->KK);
+    void (*tile)(int, const float *const *, const int *, const float *, float *, const float *, int) = j->R == 5 ? tile5 : tile6;
+    float tot[DR * DN] __attribute__((aligned(32)));
+    for (int first = n0; first < n1; first += m) {
+        int count = ql_min_i(m, n1 - first), depth = count * P;
+        /* the images with their padding as zeros (NCHW), dy transposed: dyt[block][q][16] */
+        memset(xp, 0, sizeof(float) * image * count);
+        for (int i = 0; i < count; i++) {
+            const float *xn = j->x + (size_t)(first + i) * C * g->H * g->W;
+            for (int c = 0; c < C; c++)
+                for (int h = 0; h < g->H; h++)
+                    memcpy(xp + i * image + c * plane + (size_t)(h + g->PH) * j->Wp + g->PW, xn + ((size_t)c * g->H + h) * g->W,
+                           sizeof(float) * g->W);
+        }
+        for (int b = 0; b < j->blocks; b++)
+            for (int i = 0; i < count; i++)
+                transpose_dy_block(dyt + ((size_t)b * depth + (size_t)i * P) * DN, j->dy + (size_t)(first + i) * K * P, K, P, b * DN);
+        for (int block = 0; block < j->blocks; block++) {
+            int k0 = block * DN, kn = ql_min_i(DN, K - k0);
+            const float *dyb = dyt + (size_t)block * depth * DN;
+            for (int r0 = 0; r0 < j->KK; r0 += j->R) {
+                int rows = ql_min_i(j->R, j->KK - r0);
+                const float *px[DR];
+                for (int i = 0; i < j->R; i++) px[i] = rowbase[r0 + (i < rows ? i : 0)];
+                tile(depth, px, off, dyb, tot, NULL, 0);
+                /* partial[k0 + c][r0 + i] += tot[i][c] */
+                store_rows(partial + (size_t)k0 * j->KK + r0, j->KK, tot, rows, kn, 0, 1);
+            }
+        }
+    }
+}
+
+int ql_conv_direct_bwd_weight(float *dw, const float *dy, const float *x, const ql_conv_geom *g) {
+    wgrad_job j = {g, x, dy, NULL, 0, 0, 0, 0, 0, 0, 0, 6, QL_OK};
+    if (ql_conv_out_size(g, &j.OH, &j.OW) || g->groups != 1) return QL_EINVAL;
+    if (g->N == 0 || g->K == 0) return QL_OK;
+    j.Hp = g->H + 2 * g->PH;
+    j.Wp = g->W + 2 * g->PW;
+    j.KK = g->C * g->KH * g->KW;
+    j.blocks = (g->K + DN - 1) / DN;
+    int threads = ql_get_num_threads();
+    j.tasks = g->N >= threads && threads > 1 ? threads : 1;
+    /* rows of 5 where the taps fill them better than rows of 6 (3x3 x 16 channels: 144 = 24 x 6) */
+    j.R = (j.KK + 4) / 5 * 5 < (j.KK + 5) / 6 * 6 ? 5 : 6;
+    j.partials = (float *)ql_aligned_alloc(sizeof(float) * (size_t)j.tasks * g->K * j.KK);
+    if (!j.partials) return QL_ENOMEM;
+    ql_parallel_for(j.tasks, wgrad_task, &j);
+    int st = atomic_load(&j.status);
+    if (st == QL_OK) {
+        size_t n = (size_t)g->K * j.KK;
+        for (int t = 0; t < j.tasks; t++) {
+            const float *src = j.partials + (size_t)t * n;
+            for (size_t i = 0; i < n; i++) dw[i] += src[i];
+        }
+    }
+    ql_aligned_free(j.partials);
+    return st;
+}

@@ -670,29 +670,56 @@ struct KernelTests {
         var dw = dw0, wantDW = dw0, db = [Float](repeating: 0, count: Int(g.K))
         #expect(ql_conv2d_bwd_weight(&dw, &db, dy, x, &g) == 0)
         let threads = Int(ql_get_num_threads()), parallel = n >= threads && threads > 1, tasks = parallel ? min(threads, n) : 1
-        // images per GEMM where the images run in parallel (the driver's weight_grad_images: a
-        // depth of 2048 pixels), their pixels side by side: col [KK, m*P] x dy^T [m*P, Kg]
-        let perGEMM = parallel && !(g.KH == 1 && g.KW == 1 && g.SH == 1 && g.SW == 1 && g.PH == 0 && g.PW == 0) && ql_isa_best() != QL_ISA_REF
-            ? max(1, (2048 + p - 1) / p) : 1
-        for t in 0..<tasks {
-            var partial = [Float](repeating: 0, count: Int(g.K) * kk) // per group [KK, Kg]
-            let (n0, n1) = (t * n / tasks, (t + 1) * n / tasks)
-            for first in stride(from: n0, to: n1, by: perGEMM) {
-                let m = min(perGEMM, n1 - first), width = m * p
-                for grp in 0..<groups {
-                    var cols = [Float](repeating: 0, count: kk * width), dys = [Float](repeating: 0, count: kg * width)
-                    for i in 0..<m {
-                        im2col(first + i, grp)
-                        for r in 0..<kk { for q in 0..<p { cols[r * width + i * p + q] = col[r * p + q] } }
-                        for c in 0..<kg { for q in 0..<p { dys[c * width + i * p + q] = dy[((first + i) * Int(g.K) + grp * kg + c) * p + q] } }
-                    }
-                    partial.withUnsafeMutableBufferPointer { ps in
-                        _ = ql_sgemm_isa(QL_ISA_BEST, 0, 1, Int32(kk), Int32(kg), Int32(width), 1, cols, Int32(width), dys, Int32(width),
-                                         first == n0 ? 0 : 1, ps.baseAddress! + grp * kg * kk, Int32(kg))
+        // the direct kernel's (AVX2, one group, not pointwise): per task of consecutive images a
+        // partial [K][KK], passes of up to 2048 / P images whose pixels run on in one sum (fused
+        // multiply-adds from zero in image, pixel order), each pass added to the partial; the
+        // partials added to dW in task order
+        let pointwise = g.KH == 1 && g.KW == 1 && g.SH == 1 && g.SW == 1 && g.PH == 0 && g.PW == 0
+        if ql_isa_best() == QL_ISA_AVX2 && groups == 1 && !pointwise {
+            let k = Int(g.K)
+            var cols: [[Float]] = []
+            for image in 0..<n { im2col(image, 0); cols.append(col) }
+            for t in 0..<tasks {
+                var partial = [Float](repeating: 0, count: k * kk)
+                let (n0, n1) = (t * n / tasks, (t + 1) * n / tasks)
+                let m = max(1, min(max(1, 2048 / p), n1 - n0))
+                for first in stride(from: n0, to: n1, by: m) {
+                    let count = min(m, n1 - first)
+                    for o in 0..<k {
+                        for r in 0..<kk {
+                            var acc: Float = 0
+                            for i in 0..<count { for q in 0..<p { acc.addProduct(cols[first + i][r * p + q], dy[((first + i) * k + o) * p + q]) } }
+                            partial[o * kk + r] += acc
+                        }
                     }
                 }
+                for i in 0..<(k * kk) { wantDW[i] += partial[i] }
             }
-            for grp in 0..<groups { for k in 0..<kg { for i in 0..<kk { wantDW[grp * kg * kk + k * kk + i] += partial[grp * kg * kk + i * kg + k] } } }
+        } else {
+            // images per GEMM where the images run in parallel (the driver's weight_grad_images: a
+            // depth of 2048 pixels), their pixels side by side: col [KK, m*P] x dy^T [m*P, Kg]
+            let perGEMM = parallel && !(g.KH == 1 && g.KW == 1 && g.SH == 1 && g.SW == 1 && g.PH == 0 && g.PW == 0) && ql_isa_best() != QL_ISA_REF
+                ? max(1, (2048 + p - 1) / p) : 1
+            for t in 0..<tasks {
+                var partial = [Float](repeating: 0, count: Int(g.K) * kk) // per group [KK, Kg]
+                let (n0, n1) = (t * n / tasks, (t + 1) * n / tasks)
+                for first in stride(from: n0, to: n1, by: perGEMM) {
+                    let m = min(perGEMM, n1 - first), width = m * p
+                    for grp in 0..<groups {
+                        var cols = [Float](repeating: 0, count: kk * width), dys = [Float](repeating: 0, count: kg * width)
+                        for i in 0..<m {
+                            im2col(first + i, grp)
+                            for r in 0..<kk { for q in 0..<p { cols[r * width + i * p + q] = col[r * p + q] } }
+                            for c in 0..<kg { for q in 0..<p { dys[c * width + i * p + q] = dy[((first + i) * Int(g.K) + grp * kg + c) * p + q] } }
+                        }
+                        partial.withUnsafeMutableBufferPointer { ps in
+                            _ = ql_sgemm_isa(QL_ISA_BEST, 0, 1, Int32(kk), Int32(kg), Int32(width), 1, cols, Int32(width), dys, Int32(width),
+                                             first == n0 ? 0 : 1, ps.baseAddress! + grp * kg * kk, Int32(kg))
+                        }
+                    }
+                }
+                for grp in 0..<groups { for k in 0..<kg { for i in 0..<kk { wantDW[grp * kg * kk + k * kk + i] += partial[grp * kg * kk + i * kg + k] } } }
+            }
         }
         #expect(firstDifference(dw, wantDW) == nil, "weight gradient, case \(index)")
     }
