@@ -12,7 +12,11 @@
  * Each element's sum is the GEMM's: over KC-deep slabs of k in increasing order, fused
  * multiply-adds from zero within a slab, the slab added to the running value (which starts as
  * the bias, or as the first slab). So the output is the bits of conv.c's im2col + SGEMM path,
- * and conv.c uses this path where it applies (AVX2, one group), for any batch. */
+ * and conv.c uses this path where it applies (AVX2, one group, not pointwise), for any batch.
+ *
+ * The same tile kernel serves the backward: the data gradient of a stride-1 conv is a stride-1
+ * conv of dy (conv.c's bwd_data_direct), and the weight gradient swaps the operands' roles
+ * (ql_conv_direct_bwd_weight, at the end of this file). */
 #include <immintrin.h>
 #include <stdatomic.h>
 #include <string.h>
@@ -242,16 +246,28 @@ static void image_task(int n, void *p) {
     for (int block = 0; block < j->blocks; block++) run_tiles(j, xp, y, 1, 0, tiles, block);
 }
 
+/* The geometry both drivers share: output size, padded input size, taps, blocks of 16 output
+ * channels. Returns QL_EINVAL for a bad geometry, 1 when there is nothing to compute, else 0. */
+static int direct_geometry(const ql_conv_geom *g, int *OH, int *OW, int *Hp, int *Wp, int *KK, int *blocks) {
+    if (ql_conv_out_size(g, OH, OW) || g->groups != 1) return QL_EINVAL;
+    if (g->N == 0 || g->K == 0) return 1;
+    *Hp = g->H + 2 * g->PH;
+    *Wp = g->W + 2 * g->PW;
+    *KK = g->C * g->KH * g->KW;
+    *blocks = (g->K + DN - 1) / DN;
+    return 0;
+}
+
+/* Rows of a tile for `count` rows in all: 5 where that leaves fewer empty rows than 6 (both are
+ * FMA-bound alike: 10 sums a step in 5 cycles, or 12 in 6), e.g. a 5x5 map: 25 pixels. */
+static int tile_rows_for(long count) { return (count + 4) / 5 * 5 < (count + 5) / 6 * 6 ? 5 : 6; }
+
 static _Thread_local ql_scratch tl_xp, tl_off;
 
 int ql_conv_direct_fwd(float *y, const float *x, const float *wp, const float *b, const ql_conv_geom *g, int act, int accumulate) {
     direct_job j = {g, x, wp, b, y, NULL, NULL, 0, 0, 0, 0, 0, 0, 0, 0, act, 6, accumulate, QL_OK};
-    if (ql_conv_out_size(g, &j.OH, &j.OW) || g->groups != 1) return QL_EINVAL;
-    if (g->N == 0 || g->K == 0) return QL_OK;
-    j.Hp = g->H + 2 * g->PH;
-    j.Wp = g->W + 2 * g->PW;
-    j.KK = g->C * g->KH * g->KW;
-    j.blocks = (g->K + DN - 1) / DN;
+    int geo = direct_geometry(g, &j.OH, &j.OW, &j.Hp, &j.Wp, &j.KK, &j.blocks);
+    if (geo) return geo < 0 ? geo : QL_OK;
     int *off = (int *)ql_scratch_reserve(&tl_off, sizeof(int) * (size_t)j.KK);
     if (!off) return QL_ENOMEM;
     /* k = (c, kh, kw), the weights' order: the GEMM's k */
@@ -266,10 +282,7 @@ int ql_conv_direct_fwd(float *y, const float *x, const float *wp, const float *b
      * 32 images of 80 x 80 x 16 are 14 MB). Batch mode otherwise: the whole batch padded,
      * then runs of tiles across images and blocks shared out. */
     int image_mode = P >= 96 && g->N >= threads && (g->N % threads == 0 || g->N >= 4 * threads);
-    /* tiles of 5 pixels where they leave fewer empty rows than tiles of 6 (all FMA-bound
-     * alike: 10 sums a tap in 5 cycles or 12 in 6), e.g. a 5x5 map: 25 pixels, no tile part empty */
-    long pixels = image_mode ? P : (long)g->N * P;
-    j.R = (pixels + 4) / 5 * 5 < (pixels + 5) / 6 * 6 ? 5 : 6;
+    j.R = tile_rows_for(image_mode ? P : (long)g->N * P);
     if (image_mode) {
         ql_parallel_for(g->N, image_task, &j);
         return atomic_load(&j.status);
@@ -391,16 +404,11 @@ static void wgrad_task(int t, void *p) {
 
 int ql_conv_direct_bwd_weight(float *dw, const float *dy, const float *x, const ql_conv_geom *g) {
     wgrad_job j = {g, x, dy, NULL, 0, 0, 0, 0, 0, 0, 0, 6, QL_OK};
-    if (ql_conv_out_size(g, &j.OH, &j.OW) || g->groups != 1) return QL_EINVAL;
-    if (g->N == 0 || g->K == 0) return QL_OK;
-    j.Hp = g->H + 2 * g->PH;
-    j.Wp = g->W + 2 * g->PW;
-    j.KK = g->C * g->KH * g->KW;
-    j.blocks = (g->K + DN - 1) / DN;
+    int geo = direct_geometry(g, &j.OH, &j.OW, &j.Hp, &j.Wp, &j.KK, &j.blocks);
+    if (geo) return geo < 0 ? geo : QL_OK;
     int threads = ql_get_num_threads();
     j.tasks = g->N >= threads && threads > 1 ? threads : 1;
-    /* rows of 5 where the taps fill them better than rows of 6 (3x3 x 16 channels: 144 = 24 x 6) */
-    j.R = (j.KK + 4) / 5 * 5 < (j.KK + 5) / 6 * 6 ? 5 : 6;
+    j.R = tile_rows_for(j.KK); /* the rows are taps here */
     j.partials = (float *)ql_aligned_alloc(sizeof(float) * (size_t)j.tasks * g->K * j.KK);
     if (!j.partials) return QL_ENOMEM;
     ql_parallel_for(j.tasks, wgrad_task, &j);
