@@ -728,40 +728,43 @@ int ql_conv2d_bwd_data(float *dx, const float *dy, const float *w, const ql_conv
     return atomic_load(&j.status);
 }
 
+static int bwd_weight_gemm(conv_job *j, float *dw, const float *dy, const float *x);
+
 int ql_conv2d_bwd_weight(float *dw, float *db, const float *dy, const float *x, const ql_conv_geom *g) {
     conv_job j;
     if (setup(&j, g)) return QL_EINVAL;
     if (g->N == 0) return QL_OK;
-    if (uses_direct(j.isa, g)) {
-        int st = ql_conv_direct_bwd_weight(dw, dy, x, g);
-        if (st == QL_OK && db) {
-            int P = j.OH * j.OW;
-            for (int n = 0; n < g->N; n++)
-                for (int k = 0; k < g->K; k++) db[k] += (float)ql_sum(dy + ((size_t)n * g->K + k) * P, P);
-        }
-        return st;
-    }
-    j.dy = dy; j.x = x;
-    j.tasks = j.per_image_parallel ? ql_get_num_threads() : 1;
-    if (j.tasks > g->N) j.tasks = g->N;
-    j.dw_partials = (float *)ql_aligned_alloc(j.wsize * j.tasks * sizeof(float));
-    if (!j.dw_partials) return QL_ENOMEM;
-    if (j.tasks > 1) ql_parallel_for(j.tasks, bwd_weight_task, &j);
-    else bwd_weight_task(0, &j);
-    /* Fixed-order reduction of the per-task dW^T blocks: deterministic for a thread count. */
-    int KK = j.Cg * g->KH * g->KW;
-    for (int t = 0; t < j.tasks; t++)
-        for (int grp = 0; grp < g->groups; grp++) {
-            const float *src = j.dw_partials + (size_t)t * j.wsize + (size_t)grp * j.Kg * KK; /* [KK, Kg] */
-            float *dst = dw + (size_t)grp * j.Kg * KK;                                         /* [Kg, KK] */
-            for (int k = 0; k < j.Kg; k++)
-                for (int i = 0; i < KK; i++) dst[(size_t)k * KK + i] += src[(size_t)i * j.Kg + k];
-        }
-    ql_aligned_free(j.dw_partials);
-    if (db) {
+    int st = uses_direct(j.isa, g) ? ql_conv_direct_bwd_weight(dw, dy, x, g) : QL_EUNSUPPORTED;
+    if (st == QL_EUNSUPPORTED) st = bwd_weight_gemm(&j, dw, dy, x);
+    /* db[k] += the sum of dy's channel k over images and pixels */
+    if (st == QL_OK && db) {
         int P = j.OH * j.OW;
         for (int n = 0; n < g->N; n++)
             for (int k = 0; k < g->K; k++) db[k] += (float)ql_sum(dy + ((size_t)n * g->K + k) * P, P);
     }
-    return atomic_load(&j.status);
+    return st;
+}
+
+/* The weight gradient through im2col (implicit) panels and SGEMM: each task's images into a
+ * dW^T partial, the partials added in task order. */
+static int bwd_weight_gemm(conv_job *j, float *dw, const float *dy, const float *x) {
+    const ql_conv_geom *g = j->g;
+    j->dy = dy; j->x = x;
+    j->tasks = j->per_image_parallel ? ql_get_num_threads() : 1;
+    if (j->tasks > g->N) j->tasks = g->N;
+    j->dw_partials = (float *)ql_aligned_alloc(j->wsize * j->tasks * sizeof(float));
+    if (!j->dw_partials) return QL_ENOMEM;
+    if (j->tasks > 1) ql_parallel_for(j->tasks, bwd_weight_task, j);
+    else bwd_weight_task(0, j);
+    /* Fixed-order reduction of the per-task dW^T blocks: deterministic for a thread count. */
+    int KK = j->Cg * g->KH * g->KW;
+    for (int t = 0; t < j->tasks; t++)
+        for (int grp = 0; grp < g->groups; grp++) {
+            const float *src = j->dw_partials + (size_t)t * j->wsize + (size_t)grp * j->Kg * KK; /* [KK, Kg] */
+            float *dst = dw + (size_t)grp * j->Kg * KK;                                         /* [Kg, KK] */
+            for (int k = 0; k < j->Kg; k++)
+                for (int i = 0; i < KK; i++) dst[(size_t)k * KK + i] += src[(size_t)i * j->Kg + k];
+        }
+    ql_aligned_free(j->dw_partials);
+    return atomic_load(&j->status);
 }

@@ -358,7 +358,7 @@ static void wgrad_task(int t, void *p) {
     float *dyt = (float *)ql_scratch_reserve(&tl_wg_dy, sizeof(float) * (size_t)j->blocks * DN * P * m);
     int *off = (int *)ql_scratch_reserve(&tl_wg_off, sizeof(int) * (size_t)P * m);
     const float **rowbase = (const float **)ql_scratch_reserve(&tl_wg_rows, sizeof(float *) * (size_t)j->KK);
-    if (!xp || !dyt || !off || !rowbase || (size_t)P * m * sizeof(float) > 0x7fffffff || image * m > 0x7fffffff) {
+    if (!xp || !dyt || !off || !rowbase) {
         atomic_store(&j->status, QL_ENOMEM);
         return;
     }
@@ -408,6 +408,9 @@ int ql_conv_direct_bwd_weight(float *dw, const float *dy, const float *x, const 
     if (geo) return geo < 0 ? geo : QL_OK;
     int threads = ql_get_num_threads();
     j.tasks = g->N >= threads && threads > 1 ? threads : 1;
+    /* the pixel offsets of a pass are ints: images whose pass would not fit go to the GEMM */
+    long pass = (long)ql_min_i(wgrad_images(j.OH * j.OW), g->N) * j.Hp * j.Wp * g->C;
+    if (pass > 0x7fffffffL) return QL_EUNSUPPORTED;
     j.R = tile_rows_for(j.KK); /* the rows are taps here */
     j.partials = (float *)ql_aligned_alloc(sizeof(float) * (size_t)j.tasks * g->K * j.KK);
     if (!j.partials) return QL_ENOMEM;

@@ -69,7 +69,8 @@ void ql_conv_direct_pack(float *restrict wp, const float *restrict w, const ql_c
 int ql_conv_direct_fwd(float *y, const float *x, const float *wp, const float *b, const ql_conv_geom *g, int act, int accumulate);
 /* dw += the weight gradient of a one-group conv (no bias), on the direct kernel: per task of
  * consecutive images a partial sum (each image's pixels summed from zero, then added), the
- * partials added to dw in task order. QL_ENOMEM (dw untouched) without scratch. */
+ * partials added to dw in task order. QL_ENOMEM (dw untouched) without scratch;
+ * QL_EUNSUPPORTED for images too large for its int offsets (the caller takes the GEMM). */
 int ql_conv_direct_bwd_weight(float *dw, const float *dy, const float *x, const ql_conv_geom *g);
 
 static inline int ql_min_i(int a, int b) { return a < b ? a : b; }
