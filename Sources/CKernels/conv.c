@@ -734,7 +734,9 @@ int ql_conv2d_bwd_weight(float *dw, float *db, const float *dy, const float *x, 
     conv_job j;
     if (setup(&j, g)) return QL_EINVAL;
     if (g->N == 0) return QL_OK;
-    int st = uses_direct(j.isa, g) ? ql_conv_direct_bwd_weight(dw, dy, x, g) : QL_EUNSUPPORTED;
+    /* the direct kernel for pointwise convs too (it reads the image without transposing it;
+     * 1x1 32->32 40x40 batch 32: 59 -> 76 GFLOP/s) */
+    int st = ql_conv_direct_applies(j.isa, g) ? ql_conv_direct_bwd_weight(dw, dy, x, g) : QL_EUNSUPPORTED;
     if (st == QL_EUNSUPPORTED) st = bwd_weight_gemm(&j, dw, dy, x);
     /* db[k] += the sum of dy's channel k over images and pixels */
     if (st == QL_OK && db) {

@@ -12,11 +12,13 @@
  * Each element's sum is the GEMM's: over KC-deep slabs of k in increasing order, fused
  * multiply-adds from zero within a slab, the slab added to the running value (which starts as
  * the bias, or as the first slab). So the output is the bits of conv.c's im2col + SGEMM path,
- * and conv.c uses this path where it applies (AVX2, one group, not pointwise), for any batch.
+ * and conv.c uses this path where it applies (AVX2, one group, not pointwise: a 1x1 conv's
+ * GEMM reads the image as it is), for any batch.
  *
  * The same tile kernel serves the backward: the data gradient of a stride-1 conv is a stride-1
  * conv of dy (conv.c's bwd_data_direct), and the weight gradient swaps the operands' roles
- * (ql_conv_direct_bwd_weight, at the end of this file). */
+ * (ql_conv_direct_bwd_weight, at the end of this file; pointwise convs too, since it reads
+ * the image in its own NCHW layout). */
 #include <immintrin.h>
 #include <stdatomic.h>
 #include <string.h>

@@ -670,12 +670,11 @@ struct KernelTests {
         var dw = dw0, wantDW = dw0, db = [Float](repeating: 0, count: Int(g.K))
         #expect(ql_conv2d_bwd_weight(&dw, &db, dy, x, &g) == 0)
         let threads = Int(ql_get_num_threads()), parallel = n >= threads && threads > 1, tasks = parallel ? min(threads, n) : 1
-        // the direct kernel's (AVX2, one group, not pointwise): per task of consecutive images a
+        // the direct kernel's (AVX2, one group, pointwise too): per task of consecutive images a
         // partial [K][KK], passes of up to 2048 / P images whose pixels run on in one sum (fused
         // multiply-adds from zero in image, pixel order), each pass added to the partial; the
         // partials added to dW in task order
-        let pointwise = g.KH == 1 && g.KW == 1 && g.SH == 1 && g.SW == 1 && g.PH == 0 && g.PW == 0
-        if ql_isa_best() == QL_ISA_AVX2 && groups == 1 && !pointwise {
+        if ql_isa_best() == QL_ISA_AVX2 && groups == 1 {
             let k = Int(g.K)
             var cols: [[Float]] = []
             for image in 0..<n { im2col(image, 0); cols.append(col) }

@@ -285,13 +285,19 @@ void ql_col2im(float *restrict x, const float *restrict col, int C, int H, int W
  *   fwd:         y[n,k,oh,ow] = b[k] + sum_{c in group(k), kh, kw} w[k,c,kh,kw] * x[n,c,ih,iw]
  *   bwd_data:    dx += dL/dx given dy            (the transposed convolution of dy)
  *   bwd_weight:  dw += dL/dw, db += dL/db (db may be NULL)
- * Implementation: SGEMM per group with the weights packed once per call; fwd and bwd_weight
- * pack the im2col matrix's panels straight from a zero-padded copy of the image (implicit
- * GEMM), fwd and bwd_data put several small maps' pixels side by side in one GEMM; images
- * spread over the thread pool, or one image's pixels when the batch is smaller than the
- * thread count. fwd and bwd_data give im2col + SGEMM's bits per image (tested); bwd_weight
- * sums up to 2048 pixels of several images per GEMM and reduces per-thread partial sums in a
- * fixed order, so its results are deterministic for a thread count (the test reproduces it).
+ * Implementation, AVX2 with one group (conv_direct.c): a direct kernel, 16 output channels x 6
+ * (or 5) pixels a tile, reading a zero-padded copy of the image through one offset table (no
+ * im2col matrix, no packed panels). fwd (not pointwise) sums as im2col + SGEMM does, so the
+ * same bits; bwd_data of a stride-1 conv (not pointwise) is the conv of dy with the
+ * transposed, flipped weights, added to dx; bwd_weight sums up to 2048 pixels of several
+ * images per pass into per-task partials added in task order. Elsewhere (AVX-512, groups,
+ * pointwise forward and data gradient, strided data gradient): SGEMM per group with the
+ * weights packed once per call; fwd and bwd_weight pack the im2col matrix's panels straight
+ * from a zero-padded copy of the image (implicit GEMM), fwd and bwd_data put several small
+ * maps' pixels side by side in one GEMM; images spread over the thread pool, or one image's
+ * pixels when the batch is smaller than the thread count; fwd and bwd_data give im2col +
+ * SGEMM's bits per image, bwd_weight reduces per-thread partial sums in a fixed order. Every
+ * route's results are deterministic for a thread count (the tests reproduce each order).
  * The _ref versions are direct loops over the definition above. Tolerance as SGEMM with
  * K = C/groups*KH*KW (fwd, bwd_weight over N*OH*OW terms, bwd_data over K/groups*KH*KW terms). */
 int ql_conv2d_fwd(float *y, const float *x, const float *w, const float *b, const ql_conv_geom *g);
