@@ -158,19 +158,40 @@ static void pad_task(int t, void *p) {
 }
 
 /* y[c * P + i] = tot[i][c] for i < rows, c < kn (ReLU'd when act; added to y when accumulate):
- * the tile's pixels x 16 channels turned into 16 runs of adjacent pixels, 8 channels at a time. */
+ * the tile's pixels x 16 channels turned into 16 runs of adjacent pixels, 8 channels at a
+ * time. A run of 6 or 5 is stored as 4 + 2 or 4 + 1 floats: AMD's masked stores (vmaskmovps)
+ * are microcoded, and 16 of them a tile cost more than the tile's transposes and stores. */
+__attribute__((target("avx2"))) static inline __m128 load_run(const float *y, int rows, __m128 *hi) {
+    *hi = rows == 6 ? _mm_castpd_ps(_mm_load_sd((const double *)(y + 4))) : _mm_load_ss(y + 4);
+    return _mm_loadu_ps(y);
+}
+
 __attribute__((target("avx2"))) static void store_rows(float *y, int P, const float *tot, int rows, int kn, int act, int accumulate) {
-    __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(rows), lanes);
     __m256 zero = _mm256_setzero_ps();
+    if (rows < 5) { /* the batch's last tile: element by element */
+        for (int c = 0; c < kn; c++)
+            for (int i = 0; i < rows; i++) {
+                float *o = y + (size_t)c * P + i, v = accumulate ? *o + tot[i * DN + c] : tot[i * DN + c];
+                *o = act ? (v > 0.0f ? v : 0.0f) : v;
+            }
+        return;
+    }
     for (int c0 = 0; c0 < kn; c0 += 8) {
         __m256 r[8];
         for (int i = 0; i < 8; i++) r[i] = i < rows ? _mm256_load_ps(tot + i * DN + c0) : zero;
         transpose8(r);
         for (int c = 0; c < 8 && c0 + c < kn; c++) {
             float *yc = y + (size_t)(c0 + c) * P;
-            __m256 v = accumulate ? _mm256_add_ps(_mm256_maskload_ps(yc, mask), r[c]) : r[c];
-            _mm256_maskstore_ps(yc, mask, act ? _mm256_max_ps(v, zero) : v);
+            __m256 v = r[c];
+            if (accumulate) {
+                __m128 hi, lo = load_run(yc, rows, &hi);
+                v = _mm256_add_ps(_mm256_set_m128(hi, lo), v);
+            }
+            if (act) v = _mm256_max_ps(v, zero);
+            _mm_storeu_ps(yc, _mm256_castps256_ps128(v));
+            __m128 h = _mm256_extractf128_ps(v, 1);
+            if (rows == 6) _mm_store_sd((double *)(yc + 4), _mm_castps_pd(h));
+            else _mm_store_ss(yc + 4, h);
         }
     }
 }
