@@ -1,4 +1,5 @@
-/* Direct FP32 convolution forward (AVX2): the conv's GEMM without packing the image.
+/* Direct FP32 convolution (AVX2): the conv's GEMM without packing the image, for the forward
+ * and both gradients.
  *
  * The implicit GEMM in conv.c computes y_g = W_g (Kg x KK) times the im2col matrix (KK x P),
  * packing 16-pixel panels of that matrix from the image for every slab: a copy of KK x P floats
