@@ -168,7 +168,7 @@ typedef struct {
 } implicit_src;
 
 /* xp = x with PH rows and PW columns of zeros around each of the C planes. */
-static void pad_planes(float *restrict xp, const float *restrict x, int C, int H, int W, int PH, int PW) {
+void ql_pad_planes(float *restrict xp, const float *restrict x, int C, int H, int W, int PH, int PW) {
     int Wp = W + 2 * PW;
     for (int c = 0; c < C; c++) {
         const float *src = x + (size_t)c * H * W;
@@ -194,7 +194,7 @@ static const float *implicit_source(implicit_src *s, ql_scratch *scratch, const 
     size_t padded = (size_t)Cg * s->Hp * s->Wp;
     float *xp = (float *)ql_scratch_reserve(scratch, padded * images * sizeof(float));
     if (!xp) return NULL;
-    for (int i = 0; i < images; i++) pad_planes(xp + i * padded, xg + i * s->img_stride, Cg, g->H, g->W, g->PH, g->PW);
+    for (int i = 0; i < images; i++) ql_pad_planes(xp + i * padded, xg + i * s->img_stride, Cg, g->H, g->W, g->PH, g->PW);
     s->xp = xp;
     s->img_stride = padded;
     return xp;
@@ -617,11 +617,6 @@ static void run_images(conv_job *j, ql_task_fn batched, ql_task_fn single) {
     }
 }
 
-/* y = max(y, 0) where y > 0 fails (NaN too): the engine's ReLU fused into the conv. */
-static void relu_inplace(float *y, size_t n) {
-    for (size_t i = 0; i < n; i++) y[i] = y[i] > 0.0f ? y[i] : 0.0f;
-}
-
 /* The direct kernel (conv_direct.c) takes the convs it applies to at the level in force,
  * but not pointwise ones (their GEMM reads the image as it is; the direct kernel would first
  * transpose it) */
@@ -651,7 +646,8 @@ static int conv_fwd(float *y, const float *x, const float *w, const float *b, co
     }
     run_images(&j, fwd_images_task, fwd_image);
     if (own) ql_aligned_free(j.apack);
-    if (act) relu_inplace(y, (size_t)g->N * g->K * j.OH * j.OW);
+    /* the ReLU op itself, in place (y > 0 ? y : 0), on the GEMM route's output */
+    if (act) ql_unary_fwd_isa((ql_isa)j.isa, QL_UNARY_RELU, y, y, (int64_t)g->N * g->K * j.OH * j.OW);
     return atomic_load(&j.status);
 }
 
@@ -691,14 +687,10 @@ int ql_conv2d_fwd_prepacked(float *y, const float *x, const float *w, const floa
  * and col2im's pass over it: dx += that conv, summed over (k, kh, kw) slabs as the forward
  * sums. Where it applies: the direct kernel's level, one group, stride 1, not pointwise, and
  * padding at most D*(K-1). Returns QL_EUNSUPPORTED where it does not. */
-static int bwd_data_direct(float *dx, const float *dy, const float *w, const ql_conv_geom *g, int level) {
-    ql_conv_geom t = {g->N, g->K, 0, 0, g->C, g->KH, g->KW, 1, 1, g->DH * (g->KH - 1) - g->PH, g->DW * (g->KW - 1) - g->PW,
+static int bwd_data_direct(float *dx, const float *dy, const float *w, const ql_conv_geom *g, int level, int OH, int OW) {
+    ql_conv_geom t = {g->N, g->K, OH, OW, g->C, g->KH, g->KW, 1, 1, g->DH * (g->KH - 1) - g->PH, g->DW * (g->KW - 1) - g->PW,
                       g->DH, g->DW, 1};
     if (!uses_direct(level, g) || g->SH != 1 || g->SW != 1 || t.PH < 0 || t.PW < 0) return QL_EUNSUPPORTED;
-    int OH, OW;
-    if (ql_conv_out_size(g, &OH, &OW)) return QL_EINVAL;
-    t.H = OH;
-    t.W = OW;
     size_t KK = (size_t)g->C * g->KH * g->KW, taps = (size_t)g->KH * g->KW;
     float *wt = (float *)ql_aligned_alloc(KK * g->K * sizeof(float));
     float *wp = (float *)ql_aligned_alloc(ql_conv_direct_packed_floats(&t) * sizeof(float));
@@ -719,7 +711,7 @@ static int bwd_data_direct(float *dx, const float *dy, const float *w, const ql_
 int ql_conv2d_bwd_data(float *dx, const float *dy, const float *w, const ql_conv_geom *g) {
     conv_job j;
     if (setup(&j, g)) return QL_EINVAL;
-    int direct = bwd_data_direct(dx, dy, w, g, j.isa);
+    int direct = bwd_data_direct(dx, dy, w, g, j.isa, j.OH, j.OW);
     if (direct != QL_EUNSUPPORTED) return direct;
     j.dx = dx; j.dy = dy; j.w = w;
     pack_weights(&j, 1);

@@ -347,7 +347,6 @@ typedef struct {
 
 static _Thread_local ql_scratch tl_wg_x, tl_wg_dy, tl_wg_off, tl_wg_rows;
 
-
 /* dst[p][j] = dy[k0 + j][p] for j < 16 (zero past K): one block of 16 channels of one image,
  * 8 channels x 8 pixels at a time. */
 __attribute__((target("avx2"))) static void transpose_dy_block(float *dst, const float *dy, int K, int P, int k0) {
@@ -400,14 +399,8 @@ static void wgrad_task(int t, void *p) {
     for (int first = n0; first < n1; first += m) {
         int count = ql_min_i(m, n1 - first), depth = count * P;
         /* the images with their padding as zeros (NCHW), dy transposed: dyt[block][q][16] */
-        memset(xp, 0, sizeof(float) * image * count);
-        for (int i = 0; i < count; i++) {
-            const float *xn = j->x + (size_t)(first + i) * C * g->H * g->W;
-            for (int c = 0; c < C; c++)
-                for (int h = 0; h < g->H; h++)
-                    memcpy(xp + i * image + c * plane + (size_t)(h + g->PH) * j->Wp + g->PW, xn + ((size_t)c * g->H + h) * g->W,
-                           sizeof(float) * g->W);
-        }
+        for (int i = 0; i < count; i++)
+            ql_pad_planes(xp + i * image, j->x + (size_t)(first + i) * C * g->H * g->W, C, g->H, g->W, g->PH, g->PW);
         for (int b = 0; b < j->blocks; b++)
             for (int i = 0; i < count; i++)
                 transpose_dy_block(dyt + ((size_t)b * depth + (size_t)i * P) * DN, j->dy + (size_t)(first + i) * K * P, K, P, b * DN);

@@ -72,6 +72,8 @@ int ql_conv_direct_fwd(float *y, const float *x, const float *wp, const float *b
  * partials added to dw in task order. QL_ENOMEM (dw untouched) without scratch;
  * QL_EUNSUPPORTED for images too large for its int offsets (the caller takes the GEMM). */
 int ql_conv_direct_bwd_weight(float *dw, const float *dy, const float *x, const ql_conv_geom *g);
+/* xp = x with PH rows and PW columns of zeros around each of its C planes of H x W (conv.c). */
+void ql_pad_planes(float *restrict xp, const float *restrict x, int C, int H, int W, int PH, int PW);
 
 static inline int ql_min_i(int a, int b) { return a < b ? a : b; }
 

@@ -539,11 +539,12 @@ public final class Int8Plan {
         // float convs on constant weights: packed once here, not on every run; a ReLU that is
         // the conv's only reader runs as the conv writes its output (the ReLU step goes)
         var fusedReLUSteps: Set<Int> = []
+        let floatOutputs = Set(steps.compactMap { step -> Int? in if case .float(let n) = step { return n.output } else { return nil } })
         for case .float(let n) in steps {
             guard case .conv(let o) = n.op, n.inputs.count > 1, let wid = n.inputs[1], let w = graph.constants[wid] else { continue }
             packedConvs[n.output] = PackedConv2dWeights(weight: w, options: o)
             if let users = consumers[n.output], users.count == 1, case .relu = nodes[users[0]].op, !graph.outputs.contains(n.output),
-               steps.contains(where: { if case .float(let r) = $0 { return r.output == nodes[users[0]].output } else { return false } }) {
+               floatOutputs.contains(nodes[users[0]].output) {
                 floatConvReLU[n.output] = nodes[users[0]].output
                 fusedReLUSteps.insert(nodes[users[0]].output)
             }

@@ -71,6 +71,11 @@ private func checkedConvGeometry(_ x: Tensor, _ weight: Tensor, _ bias: Tensor?,
     return (g, oh, ow)
 }
 
+/// The op's name; while the profiler runs, keyed by geometry: "conv2d 3x3/1 64->64 40x40 n32".
+private func convProfileKey(_ op: String, _ x: Tensor, _ weight: Tensor, _ o: Conv2dOptions) -> String {
+    OpProfiler.isActive ? "\(op) \(weight.shape[2])x\(weight.shape[3])/\(o.stride.0) \(x.shape[1])->\(weight.shape[0]) \(x.shape[2])x\(x.shape[3]) n\(x.shape[0])" : op
+}
+
 public func conv2d(_ x: Tensor, weight: Tensor, bias: Tensor? = nil, options o: Conv2dOptions = .init()) -> Tensor {
     var (g, oh, ow) = checkedConvGeometry(x, weight, bias, o)
     if x.device == .cuda { return CUDAOps.conv2d(x, weight, bias, g, oh: Int(oh), ow: Int(ow)) }
@@ -78,8 +83,7 @@ public func conv2d(_ x: Tensor, weight: Tensor, bias: Tensor? = nil, options o: 
     check(ql_conv2d_fwd(out.data, x.data, weight.data, bias?.data, &g), "conv2d")
     traceOp(.conv(o), [x, weight, bias], out)
     let parents = bias.map { [x, weight, $0] } ?? [x, weight]
-    // the profiler keys convolutions by geometry: "conv2d 3x3/1 64->64 40x40 n32"
-    let name = OpProfiler.isActive ? "conv2d \(weight.shape[2])x\(weight.shape[3])/\(o.stride.0) \(x.shape[1])->\(weight.shape[0]) \(x.shape[2])x\(x.shape[3]) n\(x.shape[0])" : "conv2d"
+    let name = convProfileKey("conv2d", x, weight, o)
     return record(out, name, parents) { grad in
         var g = g
         if x.requiresGrad { check(ql_conv2d_bwd_data(x.gradBuffer().data, grad.data, weight.data, &g), "conv2d_bwd_data") }
@@ -103,8 +107,7 @@ public func conv2dReLU(_ x: Tensor, weight: Tensor, bias: Tensor? = nil, options
     var (g, oh, ow) = checkedConvGeometry(x, weight, bias, o)
     let out = Tensor(uninitialized: [x.shape[0], weight.shape[0], Int(oh), Int(ow)])
     check(ql_conv2d_fwd_prepacked(out.data, x.data, weight.data, nil, -1, bias?.data, &g, 1), "conv2d")
-    let name = OpProfiler.isActive ? "conv2d+relu \(weight.shape[2])x\(weight.shape[3])/\(o.stride.0) \(x.shape[1])->\(weight.shape[0]) \(x.shape[2])x\(x.shape[3]) n\(x.shape[0])" : "conv2d+relu"
-    return record(out, name, []) { _ in }
+    return record(out, convProfileKey("conv2d+relu", x, weight, o), []) { _ in }
 }
 
 /// A conv's weights packed once for its forward, for weights that do not change (an engine's
