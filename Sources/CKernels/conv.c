@@ -681,6 +681,63 @@ int ql_conv2d_fwd_prepacked(float *y, const float *x, const float *w, const floa
     return conv_fwd(y, x, w, b, g, packed, level, act);
 }
 
+int ql_conv2d_fwd_direct(const ql_conv_geom *g) {
+    int OH, OW;
+    return !ql_conv_out_size(g, &OH, &OW) && uses_direct(ql_isa_best(), g);
+}
+
+void ql_nchw_to_nhwc(float *restrict dst, const float *restrict src, int N, int C, int H, int W, int ph, int pw) {
+    int Hp = H + 2 * ph, Wp = W + 2 * pw;
+    for (int n = 0; n < N; n++)
+        for (int hp = 0; hp < Hp; hp++)
+            for (int wp = 0; wp < Wp; wp++) {
+                float *d = dst + (((size_t)n * Hp + hp) * Wp + wp) * C;
+                int h = hp - ph, w = wp - pw, inside = h >= 0 && h < H && w >= 0 && w < W;
+                for (int c = 0; c < C; c++) d[c] = inside ? src[(((size_t)n * C + c) * H + h) * W + w] : 0.0f;
+            }
+}
+
+void ql_nhwc_to_nchw(float *restrict dst, const float *restrict src, int N, int C, int H, int W, int ph, int pw) {
+    int Hp = H + 2 * ph, Wp = W + 2 * pw;
+    for (int n = 0; n < N; n++)
+        for (int c = 0; c < C; c++)
+            for (int h = 0; h < H; h++)
+                for (int w = 0; w < W; w++)
+                    dst[(((size_t)n * C + c) * H + h) * W + w] = src[(((size_t)n * Hp + h + ph) * Wp + w + pw) * C + c];
+}
+
+int ql_conv2d_fwd_prepacked_layout(float *y, ql_layout ylay, const float *x, ql_layout xlay, const float *w, const float *packed,
+                                   int level, const float *b, const ql_conv_geom *g, int act) {
+    int OH, OW;
+    if (act != 0 && act != 1) return QL_EINVAL;
+    if (ql_conv_out_size(g, &OH, &OW) || (xlay.nhwc && (xlay.ph != g->PH || xlay.pw != g->PW)) || (ylay.nhwc && (ylay.ph < 0 || ylay.pw < 0)))
+        return QL_EINVAL;
+    if (!xlay.nhwc && !ylay.nhwc) return conv_fwd(y, x, w, b, g, packed, level, act);
+    int isa = ql_isa_best();
+    if (uses_direct(isa, g)) {
+        int own = !(packed && level == isa);
+        float *wp = own ? (float *)ql_aligned_alloc(ql_conv_direct_packed_floats(g) * sizeof(float)) : (float *)packed;
+        if (!wp) return QL_ENOMEM;
+        if (own) ql_conv_direct_pack(wp, w, g);
+        int st = ql_conv_direct_fwd_layout(y, ylay, x, xlay, wp, b, g, act, 0);
+        if (own) ql_aligned_free(wp);
+        return st;
+    }
+    /* another route: through NCHW copies */
+    size_t xn = (size_t)g->N * g->C * g->H * g->W, yn = (size_t)g->N * g->K * OH * OW;
+    float *xc = xlay.nhwc ? (float *)ql_aligned_alloc(sizeof(float) * (xn ? xn : 1)) : NULL;
+    float *yc = ylay.nhwc ? (float *)ql_aligned_alloc(sizeof(float) * (yn ? yn : 1)) : NULL;
+    int st = QL_ENOMEM;
+    if ((!xlay.nhwc || xc) && (!ylay.nhwc || yc)) {
+        if (xc) ql_nhwc_to_nchw(xc, x, g->N, g->C, g->H, g->W, g->PH, g->PW);
+        st = conv_fwd(yc ? yc : y, xc ? xc : x, w, b, g, packed, level, act);
+        if (yc && st == QL_OK) ql_nchw_to_nhwc(y, yc, g->N, g->K, OH, OW, ylay.ph, ylay.pw);
+    }
+    ql_aligned_free(xc);
+    ql_aligned_free(yc);
+    return st;
+}
+
 /* The data gradient of a stride-1 conv is itself a stride-1 conv: dx = conv(dy) with the
  * weights transposed (in and out channels swapped) and flipped, padding D*(KH-1) - PH (the
  * adjoint's geometry, output H x W), so the direct kernel computes it without the col matrix

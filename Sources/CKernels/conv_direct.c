@@ -98,9 +98,11 @@ __attribute__((target("avx2,fma"))) static void tile5(int kc, const float *const
 typedef struct {
     const ql_conv_geom *g;
     const float *x, *wp, *b;
-    float *y, *xp; /* xp: every image, padded, NHWC */
+    float *y, *xp; /* xp: every image, padded, NHWC (batch mode, an NCHW input: the copy) */
     const int *off;
     int OH, OW, Hp, Wp, KK, tiles, tiles_per_group, blocks, act;
+    int in_nhwc;               /* x is already padded NHWC (with the conv's own padding) */
+    int out_nhwc, qh, qw;      /* y is written NHWC with a zero border of qh rows, qw columns */
     int R; /* pixels per tile: 6, or 5 */
     int accumulate; /* y += the conv instead of y = */
     _Atomic int status;
@@ -197,6 +199,37 @@ __attribute__((target("avx2"))) static void store_rows(float *y, int P, const fl
     }
 }
 
+/* NHWC output: pixel i's 16 channels are adjacent, so a tile's row is stored as it is. */
+__attribute__((target("avx2"))) static void store_pixels(float *const *yp, const float *tot, int rows, int kn, int act) {
+    __m256 zero = _mm256_setzero_ps();
+    for (int i = 0; i < rows; i++) {
+        const float *t = tot + i * DN;
+        if (kn == DN) {
+            __m256 a = _mm256_load_ps(t), b = _mm256_load_ps(t + 8);
+            if (act) a = _mm256_max_ps(a, zero), b = _mm256_max_ps(b, zero);
+            _mm256_storeu_ps(yp[i], a);
+            _mm256_storeu_ps(yp[i] + 8, b);
+        } else {
+            for (int c = 0; c < kn; c++) yp[i][c] = act ? (t[c] > 0.0f ? t[c] : 0.0f) : t[c];
+        }
+    }
+}
+
+/* The zero border of padded NHWC images [N][H + 2ph][W + 2pw][C] (the interior is left as it is). */
+static void zero_border(float *y, int N, int C, int H, int W, int ph, int pw) {
+    size_t row = (size_t)(W + 2 * pw) * C, side = (size_t)pw * C;
+    for (int n = 0; n < N; n++) {
+        float *img = y + (size_t)n * (H + 2 * ph) * row;
+        memset(img, 0, sizeof(float) * row * ph);
+        memset(img + (size_t)(ph + H) * row, 0, sizeof(float) * row * ph);
+        if (side)
+            for (int h = ph; h < ph + H; h++) {
+                memset(img + h * row, 0, sizeof(float) * side);
+                memset(img + h * row + row - side, 0, sizeof(float) * side);
+            }
+    }
+}
+
 /* Tiles [t0, t1) of block `block` (16 output channels) over N images whose padded copies
  * start at xp and outputs at y. The tiles number the pixels of all N images (pixel q is image
  * q / P's pixel q % P), so a small map's last tile goes on into the next image instead of
@@ -206,6 +239,8 @@ static void run_tiles(const direct_job *j, const float *xp, float *y, int N, lon
     int P = j->OH * j->OW, k0 = block * DN, kn = ql_min_i(DN, g->K - k0);
     long total = (long)N * P;
     size_t image = (size_t)j->Hp * j->Wp * g->C;
+    int OWq = j->OW + 2 * j->qw;
+    size_t out_image = j->out_nhwc ? (size_t)(j->OH + 2 * j->qh) * OWq * g->K : (size_t)g->K * P;
     const float *wb = j->wp + (size_t)k0 * j->KK;
     float bias[DN] = {0};
     if (j->b) for (int c = 0; c < kn; c++) bias[c] = j->b[k0 + c];
@@ -221,7 +256,7 @@ static void run_tiles(const direct_job *j, const float *xp, float *y, int N, lon
         float *yp[DR];
         for (int i = 0; i < rows; i++) {
             px[i] = xp + n * image + ((size_t)oh * g->SH * j->Wp + (size_t)ow * g->SW) * g->C;
-            yp[i] = y + ((size_t)n * g->K + k0) * P + pix;
+            yp[i] = y + n * out_image + (j->out_nhwc ? ((size_t)(oh + j->qh) * OWq + ow + j->qw) * g->K + k0 : (size_t)k0 * P + pix);
             pix++;
             if (++ow == j->OW) {
                 ow = 0;
@@ -233,7 +268,8 @@ static void run_tiles(const direct_job *j, const float *xp, float *y, int N, lon
             int kc = ql_min_i(DKC, j->KK - pc);
             tile(kc, px, j->off + pc, wb + (size_t)pc * DN, tot, bias, pc ? 2 : (j->b ? 1 : 0));
         }
-        if (yp[rows - 1] == yp[0] + rows - 1) store_rows(yp[0], P, tot, rows, kn, j->act, j->accumulate); /* one image's pixels */
+        if (j->out_nhwc) store_pixels(yp, tot, rows, kn, j->act);
+        else if (yp[rows - 1] == yp[0] + rows - 1) store_rows(yp[0], P, tot, rows, kn, j->act, j->accumulate); /* one image's pixels */
         else
             for (int c = 0; c < kn; c++) {
                 size_t o = (size_t)c * P;
@@ -259,14 +295,20 @@ static _Thread_local ql_scratch tl_image;
 static void image_task(int n, void *p) {
     direct_job *j = (direct_job *)p;
     const ql_conv_geom *g = j->g;
-    float *xp = (float *)ql_scratch_reserve(&tl_image, sizeof(float) * (size_t)j->Hp * j->Wp * g->C);
-    if (!xp) {
-        atomic_store(&j->status, QL_ENOMEM);
-        return;
+    size_t image = (size_t)j->Hp * j->Wp * g->C;
+    const float *xp = j->x + n * image;
+    if (!j->in_nhwc) {
+        float *own = (float *)ql_scratch_reserve(&tl_image, sizeof(float) * image);
+        if (!own) {
+            atomic_store(&j->status, QL_ENOMEM);
+            return;
+        }
+        for (int hp = 0; hp < j->Hp; hp++) pad_row(j, n, hp, own + (size_t)hp * j->Wp * g->C);
+        xp = own;
     }
-    for (int hp = 0; hp < j->Hp; hp++) pad_row(j, n, hp, xp + (size_t)hp * j->Wp * g->C);
     long tiles = ((long)j->OH * j->OW + j->R - 1) / j->R;
-    float *y = j->y + (size_t)n * g->K * j->OH * j->OW;
+    float *y = j->y + (size_t)n * g->K * (j->OH + 2 * j->qh) * (j->OW + 2 * j->qw);
+    if (j->out_nhwc) zero_border(y, 1, g->K, j->OH, j->OW, j->qh, j->qw);
     for (int block = 0; block < j->blocks; block++) run_tiles(j, xp, y, 1, 0, tiles, block);
 }
 
@@ -289,9 +331,23 @@ static int tile_rows_for(long count) { return (count + 4) / 5 * 5 < (count + 5) 
 static _Thread_local ql_scratch tl_xp, tl_off;
 
 int ql_conv_direct_fwd(float *y, const float *x, const float *wp, const float *b, const ql_conv_geom *g, int act, int accumulate) {
-    direct_job j = {g, x, wp, b, y, NULL, NULL, 0, 0, 0, 0, 0, 0, 0, 0, act, 6, accumulate, QL_OK};
+    ql_layout nchw = {0, 0, 0};
+    return ql_conv_direct_fwd_layout(y, nchw, x, nchw, wp, b, g, act, accumulate);
+}
+
+int ql_conv_direct_fwd_layout(float *y, ql_layout ylay, const float *x, ql_layout xlay, const float *wp, const float *b,
+                              const ql_conv_geom *g, int act, int accumulate) {
+    direct_job j = {g, x, wp, b, y, NULL, NULL, 0, 0, 0, 0, 0, 0, 0, 0, act, 0, 0, 0, 0, 6, accumulate, QL_OK};
     int geo = direct_geometry(g, &j.OH, &j.OW, &j.Hp, &j.Wp, &j.KK, &j.blocks);
-    if (geo) return geo < 0 ? geo : QL_OK;
+    if (geo < 0) return geo;
+    /* a padded NHWC input carries the conv's own padding; an NHWC output is stored, not added */
+    if ((xlay.nhwc && (xlay.ph != g->PH || xlay.pw != g->PW)) || (ylay.nhwc && (accumulate || ylay.ph < 0 || ylay.pw < 0)))
+        return QL_EINVAL;
+    j.in_nhwc = xlay.nhwc != 0;
+    j.out_nhwc = ylay.nhwc != 0;
+    j.qh = j.out_nhwc ? ylay.ph : 0;
+    j.qw = j.out_nhwc ? ylay.pw : 0;
+    if (geo) return QL_OK; /* no images or no output channels */
     int *off = (int *)ql_scratch_reserve(&tl_off, sizeof(int) * (size_t)j.KK);
     if (!off) return QL_ENOMEM;
     /* k = (c, kh, kw), the weights' order: the GEMM's k */
@@ -311,9 +367,14 @@ int ql_conv_direct_fwd(float *y, const float *x, const float *wp, const float *b
         ql_parallel_for(g->N, image_task, &j);
         return atomic_load(&j.status);
     }
-    j.xp = (float *)ql_scratch_reserve(&tl_xp, sizeof(float) * (size_t)g->N * j.Hp * j.Wp * g->C);
-    if (!j.xp) return QL_ENOMEM;
-    ql_parallel_for(g->N * j.Hp, pad_task, &j);
+    if (j.in_nhwc) {
+        j.xp = (float *)x; /* read only */
+    } else {
+        j.xp = (float *)ql_scratch_reserve(&tl_xp, sizeof(float) * (size_t)g->N * j.Hp * j.Wp * g->C);
+        if (!j.xp) return QL_ENOMEM;
+        ql_parallel_for(g->N * j.Hp, pad_task, &j);
+    }
+    if (j.out_nhwc) zero_border(y, g->N, g->K, j.OH, j.OW, j.qh, j.qw);
     long tiles = ((long)g->N * P + j.R - 1) / j.R;
     if (tiles > 0x7fffffffL / 16) return QL_EINVAL;
     j.tiles = (int)tiles;
@@ -322,6 +383,10 @@ int ql_conv_direct_fwd(float *y, const float *x, const float *wp, const float *b
     j.tiles_per_group = ql_min_i(16, j.tiles);
     while (j.tiles_per_group > 1 && (long)j.blocks * ((j.tiles + j.tiles_per_group - 1) / j.tiles_per_group) < 8L * threads)
         j.tiles_per_group = (j.tiles_per_group + 1) / 2;
+    /* runs of equal length: 20 tiles as 10 + 10, not 16 + 4 (a thread that claims a long run
+     * last keeps the other one waiting) */
+    int runs = (j.tiles + j.tiles_per_group - 1) / j.tiles_per_group;
+    j.tiles_per_group = (j.tiles + runs - 1) / runs;
     ql_parallel_for(j.blocks * ((j.tiles + j.tiles_per_group - 1) / j.tiles_per_group), run_task, &j);
     return QL_OK;
 }

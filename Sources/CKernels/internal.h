@@ -67,6 +67,10 @@ int ql_conv_direct_applies(int level, const ql_conv_geom *g);
 size_t ql_conv_direct_packed_floats(const ql_conv_geom *g);
 void ql_conv_direct_pack(float *restrict wp, const float *restrict w, const ql_conv_geom *g);
 int ql_conv_direct_fwd(float *y, const float *x, const float *wp, const float *b, const ql_conv_geom *g, int act, int accumulate);
+/* The same with the input and output in either layout (ql_layout): a padded NHWC input must
+ * carry the conv's own padding, and an NHWC output cannot be accumulated into (QL_EINVAL). */
+int ql_conv_direct_fwd_layout(float *y, ql_layout ylay, const float *x, ql_layout xlay, const float *wp, const float *b,
+                              const ql_conv_geom *g, int act, int accumulate);
 /* dw += the weight gradient of a one-group conv (no bias), on the direct kernel: per task of
  * consecutive images a partial sum (each image's pixels summed from zero, then added), the
  * partials added to dw in task order. QL_ENOMEM (dw untouched) without scratch;

@@ -550,6 +550,37 @@ public final class Int8Plan {
             }
         }
         steps.removeAll { if case .float(let r) = $0, case .relu = r.op { return fusedReLUSteps.contains(r.output) } else { return false } }
+        chainFloatConvs()
+    }
+
+    /// Chains of float convs on the direct kernel (issue #12): a conv whose every reader is
+    /// such a conv, reading it as its input, all with the same padding, writes its output NHWC
+    /// with that padding as a zero border, the copy each reader would otherwise make of an
+    /// NCHW input (and a transpose of the output fewer). The values are the same; only
+    /// these convs see the layout.
+    private func chainFloatConvs() {
+        var readers: [Int: [Int]] = [:] // float value -> the steps that read it
+        for (i, s) in steps.enumerated() {
+            switch s {
+            case .float(let n): for case let v? in n.inputs { readers[v, default: []].append(i) }
+            case .quantize(let v, _, _, _): readers[v, default: []].append(i)
+            case .int8Gemm(_, let inputs, _): for v in inputs { readers[v, default: []].append(i) }
+            default: break
+            }
+        }
+        /// The padding of step i when it is a float conv on the direct kernel reading `v` as its input only.
+        func directPadding(_ i: Int, reading v: Int) -> [Int]? {
+            guard case .float(let n) = steps[i], case .conv(let o) = n.op, let packed = packedConvs[n.output],
+                  n.inputs.first == v, !n.inputs.dropFirst().contains(v), packed.runsDirect(input: graph.values[v].shape) else { return nil }
+            return [o.padding.0, o.padding.1]
+        }
+        for case .float(let n) in steps {
+            guard packedConvs[n.output] != nil, let x = n.inputs.first ?? nil, packedConvs[n.output]!.runsDirect(input: graph.values[x].shape) else { continue }
+            let out = floatConvReLU[n.output] ?? n.output
+            guard !graph.outputs.contains(out), let users = readers[out], !users.isEmpty else { continue }
+            let pads = users.map { directPadding($0, reading: out) }
+            if let first = pads[0], pads.allSatisfy({ $0 == first }) { nhwcOutputs[out] = (first[0], first[1]) }
+        }
     }
 
     /// The float convs' weights, packed for their forward (by the node's output value).
@@ -557,6 +588,9 @@ public final class Int8Plan {
     /// Float convs with their ReLU fused: conv output value -> the ReLU's output value, which
     /// the conv step writes.
     private var floatConvReLU: [Int: Int] = [:]
+    /// Float values that their conv writes NHWC with a zero border (rows, columns) for the
+    /// convs that read them (`chainFloatConvs`).
+    private var nhwcOutputs: [Int: (Int, Int)] = [:]
 
     /// The kind of Reformat a step is, or nil: quantize, requantize, dequantize, or "qdq
     /// (float)" for a quantizer run as fake quantization — but not a quantizer of a constant (a
@@ -587,7 +621,10 @@ public final class Int8Plan {
         for (i, s) in steps.enumerated() {
             let text: String
             switch s {
-            case .float(let n): text = "\(n.name)  \(n.op.name) f32\(floatConvReLU[n.output] != nil ? "  fused: bias, ReLU" : "")\(reformatKind(of: s) != nil ? "  [Reformat: QDQ in float]" : "")"
+            case .float(let n):
+                let out = floatConvReLU[n.output] ?? n.output
+                let layout = (nhwcOutputs[out] != nil ? "  out: NHWC padded" : "") + (n.inputs.first.flatMap { $0 }.map { nhwcOutputs[$0] != nil ? "  in: NHWC padded" : "" } ?? "")
+                text = "\(n.name)  \(n.op.name) f32\(floatConvReLU[n.output] != nil ? "  fused: bias, ReLU" : "")\(layout)\(reformatKind(of: s) != nil ? "  [Reformat: QDQ in float]" : "")"
             case .quantize(_, _, let a, let name): text = String(format: "%@  Quantize f32 -> int8 (amax %.4g)  [Reformat]", name, a)
             case .requantize(_, _, let from, let to, let name): text = String(format: "%@  Requantize int8 -> int8 (amax %.4g -> %.4g)  [Reformat]", name, from, to)
             case .dequantize(_, let v, let name): text = "\(name)  Dequantize int8 -> f32 (\(graph.values[v].name))  [Reformat]"
@@ -713,6 +750,7 @@ public final class Int8Plan {
     func runKeepingValues(_ inputs: [Tensor], inputCodes: [Int8]? = nil) throws -> (outputs: [Tensor], int8: [Int: QTensor]) {
         var f32: [Int: Tensor]
         var q8: [Int: QTensor] = [:]
+        var nhwc: [Int: Tensor] = [:] // float values in a conv chain's layout (nhwcOutputs)
         var first = 0
         if let inputCodes {
             guard let (slot, amax) = inputQuantizer else { throw EngineError("the plan does not start by quantizing its one input: it takes floats") }
@@ -740,11 +778,19 @@ public final class Int8Plan {
                 defer { if profile { stepSamples[index].append(Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9) } }
                 switch step {
                 case .float(let n):
-                    let args = try n.inputs.map { try $0.map { try floatValue($0, for: n.name) } }
-                    if let packed = packedConvs[n.output], let x = args.first ?? nil {
-                        let relu = floatConvReLU[n.output]
-                        f32[relu ?? n.output] = packed.forward(x, bias: args.count > 2 ? args[2] : nil, relu: relu != nil)
+                    if let packed = packedConvs[n.output], let xid = n.inputs.first ?? nil {
+                        let relu = floatConvReLU[n.output], out = relu ?? n.output
+                        let bias = try n.inputs.count > 2 ? n.inputs[2].map { try floatValue($0, for: n.name) } : nil
+                        let padded = nhwc[xid]
+                        if padded != nil || nhwcOutputs[out] != nil {
+                            let y = packed.forward(try padded ?? floatValue(xid, for: n.name), inputPadded: padded != nil, bias: bias,
+                                                   relu: relu != nil, outputPadding: nhwcOutputs[out])
+                            if nhwcOutputs[out] != nil { nhwc[out] = y } else { f32[out] = y }
+                        } else {
+                            f32[out] = packed.forward(try floatValue(xid, for: n.name), bias: bias, relu: relu != nil)
+                        }
                     } else {
+                        let args = try n.inputs.map { try $0.map { try floatValue($0, for: n.name) } }
                         f32[n.output] = try ReferenceExecutor.apply(n, args)
                     }
                 case .quantize(let source, let s, let amax, let name):

@@ -631,6 +631,38 @@ struct KernelTests {
             }
             #expect(ql_conv2d_fwd_prepacked(&y, x, w, packed, level, b, &g, 2) == Int32(QL_EINVAL), "an unknown activation")
         }
+        do { // chains of convs (the engine's FP32 plan), at every level (elsewhere than the direct kernel: through NCHW copies)
+            var packed = [Float](repeating: 0, count: max(floats, 1))
+            let level = floats > 0 ? ql_conv2d_fwd_pack(&packed, w, &g) : -1
+            let wantReLU = want.map { $0 > 0 ? $0 : 0 }
+            // the input padded NHWC with the conv's own padding and / or
+            // the output NHWC with a zero border, the same values; the border
+            // +0.0 although the buffer held NaNs; an input with another padding is refused
+            let (c, k) = (Int(g.C), Int(g.K))
+            var xh = [Float](repeating: .nan, count: n * c * (Int(g.H) + 2 * Int(g.PH)) * (Int(g.W) + 2 * Int(g.PW)))
+            ql_nchw_to_nhwc(&xh, x, g.N, g.C, g.H, g.W, g.PH, g.PW)
+            let (qh, qw) = (2, 1), outPadded = n * k * (Int(oh) + 2 * qh) * (Int(ow) + 2 * qw)
+            for (inNHWC, outNHWC) in [(true, false), (false, true), (true, true)] {
+                let xl = ql_layout(nhwc: inNHWC ? 1 : 0, ph: inNHWC ? g.PH : 0, pw: inNHWC ? g.PW : 0)
+                let yl = ql_layout(nhwc: outNHWC ? 1 : 0, ph: outNHWC ? Int32(qh) : 0, pw: outNHWC ? Int32(qw) : 0)
+                var out = [Float](repeating: .nan, count: outNHWC ? outPadded : y.count)
+                #expect(ql_conv2d_fwd_prepacked_layout(&out, yl, inNHWC ? xh : x, xl, w, packed, level, b, &g, 1) == 0)
+                var back = out
+                if outNHWC {
+                    back = [Float](repeating: .nan, count: y.count)
+                    ql_nhwc_to_nchw(&back, out, g.N, g.K, oh, ow, Int32(qh), Int32(qw))
+                    var border = 0, zeros = 0
+                    for i in 0..<n { for h in 0..<(Int(oh) + 2 * qh) { for wq in 0..<(Int(ow) + 2 * qw) where h < qh || h >= Int(oh) + qh || wq < qw || wq >= Int(ow) + qw {
+                        for ch in 0..<k { border += 1; zeros += out[((i * (Int(oh) + 2 * qh) + h) * (Int(ow) + 2 * qw) + wq) * k + ch].bitPattern == 0 ? 1 : 0 }
+                    } } }
+                    #expect(border > 0 && zeros == border, "NHWC output's border, case \(index)")
+                }
+                #expect(firstDifference(back, wantReLU) == nil, "forward in layouts (in NHWC \(inNHWC), out NHWC \(outNHWC)), case \(index)")
+            }
+            var out = [Float](repeating: 0, count: outPadded)
+            #expect(ql_conv2d_fwd_prepacked_layout(&out, ql_layout(nhwc: 1, ph: 0, pw: 0), xh, ql_layout(nhwc: 1, ph: g.PH + 1, pw: g.PW), w, packed, level, b, &g, 1)
+                    == Int32(QL_EINVAL), "an NHWC input padded otherwise than the conv")
+        }
         // data gradient: col = W_g^T dy_g, then col2im, image by image (the drivers batch the
         // GEMM over images where the maps are small: the same sums); or, where the direct
         // kernel takes it (AVX2, one group, stride 1, not pointwise), the adjoint conv: dy

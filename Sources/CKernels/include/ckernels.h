@@ -315,6 +315,26 @@ size_t ql_conv2d_fwd_packed_floats(const ql_conv_geom *g);
 int ql_conv2d_fwd_pack(float *packed, const float *w, const ql_conv_geom *g);
 int ql_conv2d_fwd_prepacked(float *y, const float *x, const float *w, const float *packed, int level, const float *b,
                             const ql_conv_geom *g, int act);
+/* Chains of convs without a layout pass between them (an engine's FP32 plan). A float tensor's
+ * layout: NCHW (nhwc 0, ph = pw = 0), or NHWC with a zero border of ph rows above and below
+ * and pw columns either side: [N][H + 2ph][W + 2pw][C], the copy the direct kernel makes of an
+ * NCHW input before it convolves it. ql_conv2d_fwd_prepacked_layout is
+ * ql_conv2d_fwd_prepacked with the input and the output in either layout; a padded NHWC input
+ * must carry the conv's own padding (PH, PW), else QL_EINVAL. An NHWC output gets its border
+ * zeroed and its interior written. The values are ql_conv2d_fwd_prepacked's bits in every
+ * layout. Where the direct kernel runs the forward (ql_conv2d_fwd_direct: AVX2, one group,
+ * not pointwise) it reads a padded NHWC input as it is and writes an NHWC output pixel by
+ * pixel, so a chain of such convs skips the NCHW -> NHWC copy of each input and the transpose
+ * of each output; elsewhere the layouts are converted around the NCHW forward (correct, no
+ * faster). ql_nchw_to_nhwc / ql_nhwc_to_nchw convert (the reference the tests use). */
+typedef struct {
+    int nhwc, ph, pw;
+} ql_layout;
+int ql_conv2d_fwd_direct(const ql_conv_geom *g);
+int ql_conv2d_fwd_prepacked_layout(float *y, ql_layout ylay, const float *x, ql_layout xlay, const float *w, const float *packed,
+                                   int level, const float *b, const ql_conv_geom *g, int act);
+void ql_nchw_to_nhwc(float *restrict dst, const float *restrict src, int N, int C, int H, int W, int ph, int pw);
+void ql_nhwc_to_nchw(float *restrict dst, const float *restrict src, int N, int C, int H, int W, int ph, int pw);
 int ql_conv2d_fwd_ref(float *y, const float *x, const float *w, const float *b, const ql_conv_geom *g);
 int ql_conv2d_bwd_data_ref(float *dx, const float *dy, const float *w, const ql_conv_geom *g);
 int ql_conv2d_bwd_weight_ref(float *dw, float *db, const float *dy, const float *x,

@@ -62,12 +62,17 @@ public final class FLOPCounter: @unchecked Sendable {
 /// 2-D convolution. x [N, C, H, W], weight [K, C/groups, KH, KW], bias [K] or nil.
 /// conv2d's geometry and output size, after checking that the shapes fit (and counting FLOPs).
 private func checkedConvGeometry(_ x: Tensor, _ weight: Tensor, _ bias: Tensor?, _ o: Conv2dOptions) -> (ql_conv_geom, oh: Int32, ow: Int32) {
-    var g = geometry(input: x.shape, weight: weight.shape, o)
+    checkedConvGeometry(input: x.shape, weight, bias, o)
+}
+
+/// The same for an input of NCHW shape `input` (an NHWC tensor's logical shape).
+private func checkedConvGeometry(input: [Int], _ weight: Tensor, _ bias: Tensor?, _ o: Conv2dOptions) -> (ql_conv_geom, oh: Int32, ow: Int32) {
+    var g = geometry(input: input, weight: weight.shape, o)
     var oh: Int32 = 0, ow: Int32 = 0
-    require(ql_conv_out_size(&g, &oh, &ow) == 0 && weight.shape[1] * o.groups == x.shape[1],
-                 "conv2d: input \(x.shape), weight \(weight.shape), stride \(o.stride), padding \(o.padding), groups \(o.groups) do not fit")
+    require(ql_conv_out_size(&g, &oh, &ow) == 0 && weight.shape[1] * o.groups == input[1],
+                 "conv2d: input \(input), weight \(weight.shape), stride \(o.stride), padding \(o.padding), groups \(o.groups) do not fit")
     if let b = bias { require(b.shape == [weight.shape[0]], "conv2d: bias \(b.shape) for \(weight.shape[0]) channels") }
-    FLOPCounter.active?.add(x.shape[0] * weight.count * Int(oh) * Int(ow))
+    FLOPCounter.active?.add(input[0] * weight.count * Int(oh) * Int(ow))
     return (g, oh, ow)
 }
 
@@ -150,6 +155,36 @@ public final class PackedConv2dWeights {
         let out = Tensor(uninitialized: [x.shape[0], weight.shape[0], Int(oh), Int(ow)])
         check(ql_conv2d_fwd_prepacked(out.data, x.data, weight.data, packed, level, bias?.data, &g, relu ? 1 : 0), "conv2d")
         if !relu { traceOp(.conv(options), [x, weight, bias], out) }
+        return out
+    }
+
+    /// Whether the forward on an NCHW input of shape `input` runs the direct kernel
+    /// (ql_conv2d_fwd_direct: AVX2, one group, not pointwise), the one that reads a padded NHWC
+    /// input and writes an NHWC output as they are. Elsewhere `forward(nhwc:...)` converts.
+    public func runsDirect(input: [Int]) -> Bool {
+        guard input.count == 4, weight.device == .cpu else { return false }
+        var g = geometry(input: input, weight: weight.shape, options)
+        return ql_conv2d_fwd_direct(&g) != 0
+    }
+
+    /// `forward` for a chain of convs (an engine's FP32 plan), the same values in other
+    /// layouts: with `inputPadded`, x is NHWC with this conv's own padding as a zero border
+    /// ([N, H + 2PH, W + 2PW, C]); with `outputPadding` (ph, pw), the output is NHWC with a
+    /// zero border of that size ([N, OH + 2ph, OW + 2pw, K]), ready for a next conv whose
+    /// padding it is. Nothing is traced (an engine's own steps).
+    public func forward(_ x: Tensor, inputPadded: Bool, bias: Tensor?, relu: Bool, outputPadding: (Int, Int)?) -> Tensor {
+        require(x.rank == 4 && x.device == .cpu, "conv2d (NHWC): input \(x.shape) must be a 4-D CPU tensor")
+        let (ph, pw) = (options.padding.0, options.padding.1)
+        let logical = inputPadded ? [x.shape[0], x.shape[3], x.shape[1] - 2 * ph, x.shape[2] - 2 * pw] : x.shape
+        var (g, oh, ow) = checkedConvGeometry(input: logical, weight, bias, options)
+        let (qh, qw) = outputPadding ?? (0, 0)
+        require(qh >= 0 && qw >= 0, "conv2d (NHWC): negative output padding \((qh, qw))")
+        let shape = outputPadding == nil ? [logical[0], weight.shape[0], Int(oh), Int(ow)]
+            : [logical[0], Int(oh) + 2 * qh, Int(ow) + 2 * qw, weight.shape[0]]
+        let out = Tensor(uninitialized: shape)
+        let xl = ql_layout(nhwc: inputPadded ? 1 : 0, ph: inputPadded ? Int32(ph) : 0, pw: inputPadded ? Int32(pw) : 0)
+        let yl = ql_layout(nhwc: outputPadding == nil ? 0 : 1, ph: Int32(qh), pw: Int32(qw))
+        check(ql_conv2d_fwd_prepacked_layout(out.data, yl, x.data, xl, weight.data, packed, level, bias?.data, &g, relu ? 1 : 0), "conv2d (NHWC)")
         return out
     }
 }
