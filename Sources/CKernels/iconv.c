@@ -190,10 +190,24 @@ static void iconv_task(int t, void *p) {
     }
 }
 
-/* Whether no byte of x[0..n) has its top bit set (as codes: all >= 0). */
+/* Whether no byte of x[0..n) has its top bit set (as codes: all >= 0). The caller's thread
+ * scans the whole input before the tasks start, so the scan is vectorised where it can be. */
+__attribute__((target("avx2"))) static int no_top_bit_avx2(const int8_t *x, size_t n, size_t *done) {
+    __m256i any = _mm256_setzero_si256();
+    size_t i = 0;
+    for (; i + 128 <= n; i += 128)
+        any = _mm256_or_si256(any, _mm256_or_si256(_mm256_or_si256(_mm256_loadu_si256((const __m256i *)(x + i)),
+                                                                    _mm256_loadu_si256((const __m256i *)(x + i + 32))),
+                                                    _mm256_or_si256(_mm256_loadu_si256((const __m256i *)(x + i + 64)),
+                                                                    _mm256_loadu_si256((const __m256i *)(x + i + 96)))));
+    *done = i;
+    return _mm256_movemask_epi8(any) == 0;
+}
+
 static int no_top_bit(const int8_t *x, size_t n) {
     uint64_t any = 0;
     size_t i = 0;
+    if (ql_isa_best() >= QL_ISA_AVX2 && !no_top_bit_avx2(x, n, &i)) return 0;
     for (; i + 8 <= n; i += 8) {
         uint64_t w;
         memcpy(&w, x + i, 8);
@@ -203,9 +217,22 @@ static int no_top_bit(const int8_t *x, size_t n) {
     return (any & 0x8080808080808080ull) == 0;
 }
 
+__attribute__((target("avx2"))) static int contains_minus_128_avx2(const int8_t *x, size_t n, size_t *done) {
+    const __m256i m128 = _mm256_set1_epi8(-128);
+    __m256i any = _mm256_setzero_si256();
+    size_t i = 0;
+    for (; i + 32 <= n; i += 32) any = _mm256_or_si256(any, _mm256_cmpeq_epi8(_mm256_loadu_si256((const __m256i *)(x + i)), m128));
+    *done = i;
+    return _mm256_movemask_epi8(any) != 0;
+}
+
+/* Whether a weight is -128 (the signed kernel cannot negate it); the packed weights of every
+ * call on signed codes are scanned, so vectorised where it can be. */
 static int contains_minus_128(const int8_t *x, size_t n) {
+    size_t i = 0;
+    if (ql_isa_best() >= QL_ISA_AVX2 && contains_minus_128_avx2(x, n, &i)) return 1;
     int found = 0;
-    for (size_t i = 0; i < n; i++) found |= x[i] == -128;
+    for (; i < n; i++) found |= x[i] == -128;
     return found;
 }
 
