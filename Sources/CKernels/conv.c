@@ -646,8 +646,8 @@ static int conv_fwd(float *y, const float *x, const float *w, const float *b, co
     }
     run_images(&j, fwd_images_task, fwd_image);
     if (own) ql_aligned_free(j.apack);
-    /* the ReLU op itself, in place (y > 0 ? y : 0), on the GEMM route's output */
-    if (act) ql_unary_fwd_isa((ql_isa)j.isa, QL_UNARY_RELU, y, y, (int64_t)g->N * g->K * j.OH * j.OW);
+    /* the activation op itself, in place, on the GEMM route's output */
+    if (act) ql_unary_fwd_isa((ql_isa)j.isa, act == 1 ? QL_UNARY_RELU : QL_UNARY_SILU, y, y, (int64_t)g->N * g->K * j.OH * j.OW);
     return atomic_load(&j.status);
 }
 
@@ -677,7 +677,7 @@ int ql_conv2d_fwd_pack(float *packed, const float *w, const ql_conv_geom *g) {
 
 int ql_conv2d_fwd_prepacked(float *y, const float *x, const float *w, const float *packed, int level, const float *b,
                             const ql_conv_geom *g, int act) {
-    if (act != 0 && act != 1) return QL_EINVAL;
+    if (act < 0 || act > 2) return QL_EINVAL;
     return conv_fwd(y, x, w, b, g, packed, level, act);
 }
 
@@ -709,7 +709,7 @@ void ql_nhwc_to_nchw(float *restrict dst, const float *restrict src, int N, int 
 int ql_conv2d_fwd_prepacked_layout(float *y, ql_layout ylay, const float *x, ql_layout xlay, const float *w, const float *packed,
                                    int level, const float *b, const ql_conv_geom *g, int act) {
     int OH, OW;
-    if (act != 0 && act != 1) return QL_EINVAL;
+    if (act < 0 || act > 2) return QL_EINVAL;
     if (ql_conv_out_size(g, &OH, &OW) || (xlay.nhwc && (xlay.ph != g->PH || xlay.pw != g->PW)) || (ylay.nhwc && (ylay.ph < 0 || ylay.pw < 0)))
         return QL_EINVAL;
     if (!xlay.nhwc && !ylay.nhwc) return conv_fwd(y, x, w, b, g, packed, level, act);

@@ -160,7 +160,21 @@ static void pad_task(int t, void *p) {
     pad_row(j, t / j->Hp, t % j->Hp, j->xp + (size_t)t * j->Wp * j->g->C);
 }
 
-/* y[c * P + i] = tot[i][c] for i < rows, c < kn (ReLU'd when act; added to y when accumulate):
+/* The activation a conv writes its output through: act 0 none, 1 ReLU (y > 0 ? y : 0), 2 SiLU
+ * (y * sigmoid(y), the SiLU op's bits: ql_sigmoid8 is its scalar function 8 lanes at a time). */
+__attribute__((target("avx2,fma"))) static inline __m256 activate8(__m256 v, int act) {
+    if (act == 1) return _mm256_max_ps(v, _mm256_setzero_ps());
+    if (act == 2) return _mm256_mul_ps(v, ql_sigmoid8(v));
+    return v;
+}
+
+static inline float activate1(float v, int act) {
+    if (act == 1) return v > 0.0f ? v : 0.0f;
+    if (act == 2) return v * sigmoidf_stable(v);
+    return v;
+}
+
+/* y[c * P + i] = tot[i][c] for i < rows, c < kn (through the activation act; added to y when accumulate):
  * the tile's pixels x 16 channels turned into 16 runs of adjacent pixels, 8 channels at a
  * time. A run of 6 or 5 is stored as 4 + 2 or 4 + 1 floats: AMD's masked stores (vmaskmovps)
  * are microcoded, and 16 of them a tile cost more than the tile's transposes and stores. */
@@ -169,13 +183,13 @@ __attribute__((target("avx2"))) static inline __m128 load_run(const float *y, in
     return _mm_loadu_ps(y);
 }
 
-__attribute__((target("avx2"))) static void store_rows(float *y, int P, const float *tot, int rows, int kn, int act, int accumulate) {
+__attribute__((target("avx2,fma"))) static void store_rows(float *y, int P, const float *tot, int rows, int kn, int act, int accumulate) {
     __m256 zero = _mm256_setzero_ps();
     if (rows < 5) { /* the batch's last tile: element by element */
         for (int c = 0; c < kn; c++)
             for (int i = 0; i < rows; i++) {
                 float *o = y + (size_t)c * P + i, v = accumulate ? *o + tot[i * DN + c] : tot[i * DN + c];
-                *o = act ? (v > 0.0f ? v : 0.0f) : v;
+                *o = activate1(v, act);
             }
         return;
     }
@@ -190,7 +204,7 @@ __attribute__((target("avx2"))) static void store_rows(float *y, int P, const fl
                 __m128 hi, lo = load_run(yc, rows, &hi);
                 v = _mm256_add_ps(_mm256_set_m128(hi, lo), v);
             }
-            if (act) v = _mm256_max_ps(v, zero);
+            v = activate8(v, act);
             _mm_storeu_ps(yc, _mm256_castps256_ps128(v));
             __m128 h = _mm256_extractf128_ps(v, 1);
             if (rows == 6) _mm_store_sd((double *)(yc + 4), _mm_castps_pd(h));
@@ -200,17 +214,14 @@ __attribute__((target("avx2"))) static void store_rows(float *y, int P, const fl
 }
 
 /* NHWC output: pixel i's 16 channels are adjacent, so a tile's row is stored as it is. */
-__attribute__((target("avx2"))) static void store_pixels(float *const *yp, const float *tot, int rows, int kn, int act) {
-    __m256 zero = _mm256_setzero_ps();
+__attribute__((target("avx2,fma"))) static void store_pixels(float *const *yp, const float *tot, int rows, int kn, int act) {
     for (int i = 0; i < rows; i++) {
         const float *t = tot + i * DN;
         if (kn == DN) {
-            __m256 a = _mm256_load_ps(t), b = _mm256_load_ps(t + 8);
-            if (act) a = _mm256_max_ps(a, zero), b = _mm256_max_ps(b, zero);
-            _mm256_storeu_ps(yp[i], a);
-            _mm256_storeu_ps(yp[i] + 8, b);
+            _mm256_storeu_ps(yp[i], activate8(_mm256_load_ps(t), act));
+            _mm256_storeu_ps(yp[i] + 8, activate8(_mm256_load_ps(t + 8), act));
         } else {
-            for (int c = 0; c < kn; c++) yp[i][c] = act ? (t[c] > 0.0f ? t[c] : 0.0f) : t[c];
+            for (int c = 0; c < kn; c++) yp[i][c] = activate1(t[c], act);
         }
     }
 }
@@ -275,7 +286,7 @@ static void run_tiles(const direct_job *j, const float *xp, float *y, int N, lon
                 size_t o = (size_t)c * P;
                 for (int i = 0; i < rows; i++) {
                     float v = j->accumulate ? yp[i][o] + tot[i * DN + c] : tot[i * DN + c];
-                    yp[i][o] = j->act ? (v > 0.0f ? v : 0.0f) : v;
+                    yp[i][o] = activate1(v, j->act);
                 }
             }
     }

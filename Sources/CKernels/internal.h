@@ -61,7 +61,7 @@ int ql_epilogue_block(int isa, int to_s8, void *out, int ldo, int m0, int n0, in
 
 /* The direct FP32 conv forward (conv_direct.c): whether it applies at a resolved level (AVX2,
  * one group), its packed weights' size and packing, and the forward on them: y = conv(x) (+ b),
- * ReLU when act is 1, ql_conv2d_fwd's bits; with accumulate, y = y + conv(x) (the sum as
+ * ReLU when act is 1, SiLU when 2, ql_conv2d_fwd's bits; with accumulate, y = y + conv(x) (the sum as
  * without, then added). QL_ENOMEM without scratch, QL_EINVAL for a bad geometry. */
 int ql_conv_direct_applies(int level, const ql_conv_geom *g);
 size_t ql_conv_direct_packed_floats(const ql_conv_geom *g);

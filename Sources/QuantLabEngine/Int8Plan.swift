@@ -536,20 +536,25 @@ public final class Int8Plan {
             haveFloat.insert(n.output)
         }
         for v in graph.outputs { needFloat(v, for: "output") }
-        // float convs on constant weights: packed once here, not on every run; a ReLU that is
-        // the conv's only reader runs as the conv writes its output (the ReLU step goes)
-        var fusedReLUSteps: Set<Int> = []
+        // float convs on constant weights: packed once here, not on every run; a ReLU or SiLU
+        // that is the conv's only reader runs as the conv writes its output (its step goes)
+        var fusedSteps: Set<Int> = []
         let floatOutputs = Set(steps.compactMap { step -> Int? in if case .float(let n) = step { return n.output } else { return nil } })
         for case .float(let n) in steps {
             guard case .conv(let o) = n.op, n.inputs.count > 1, let wid = n.inputs[1], let w = graph.constants[wid] else { continue }
             packedConvs[n.output] = PackedConv2dWeights(weight: w, options: o)
-            if let users = consumers[n.output], users.count == 1, case .relu = nodes[users[0]].op, !graph.outputs.contains(n.output),
-               floatOutputs.contains(nodes[users[0]].output) {
-                floatConvReLU[n.output] = nodes[users[0]].output
-                fusedReLUSteps.insert(nodes[users[0]].output)
+            guard let users = consumers[n.output], users.count == 1, !graph.outputs.contains(n.output) else { continue }
+            let user = nodes[users[0]]
+            let activation: ConvActivation? = switch user.op { case .relu: .relu; case .silu: .silu; default: nil }
+            if let activation, floatOutputs.contains(user.output) {
+                floatConvActivation[n.output] = (user.output, activation)
+                fusedSteps.insert(user.output)
             }
         }
-        steps.removeAll { if case .float(let r) = $0, case .relu = r.op { return fusedReLUSteps.contains(r.output) } else { return false } }
+        steps.removeAll { step in
+            guard case .float(let r) = step else { return false }
+            switch r.op { case .relu, .silu: return fusedSteps.contains(r.output); default: return false }
+        }
         chainFloatConvs()
     }
 
@@ -577,7 +582,7 @@ public final class Int8Plan {
         }
         for case .float(let n) in steps {
             guard packedConvs[n.output] != nil, let x = n.inputs.first ?? nil, packedConvs[n.output]!.runsDirect(input: graph.values[x].shape) else { continue }
-            let out = floatConvReLU[n.output] ?? n.output
+            let out = floatConvActivation[n.output]?.output ?? n.output
             guard !graph.outputs.contains(out), let users = readers[out], !users.isEmpty else { continue }
             let pads = users.map { directPadding($0, reading: out) }
             if let first = pads[0], pads.allSatisfy({ $0 == first }) { nhwcOutputs[out] = (first[0], first[1]) }
@@ -586,9 +591,13 @@ public final class Int8Plan {
 
     /// The float convs' weights, packed for their forward (by the node's output value).
     private var packedConvs: [Int: PackedConv2dWeights] = [:]
-    /// Float convs with their ReLU fused: conv output value -> the ReLU's output value, which
-    /// the conv step writes.
-    private var floatConvReLU: [Int: Int] = [:]
+    /// Float convs with their ReLU or SiLU fused: conv output value -> the activation's output
+    /// value, which the conv step writes, and the activation.
+    private var floatConvActivation: [Int: (output: Int, activation: ConvActivation)] = [:]
+    /// " + ReLU" or " + SiLU" for a float conv with its activation fused, else "".
+    private func fusedActivationName(_ n: GraphNode) -> String {
+        switch floatConvActivation[n.output]?.activation { case .relu?: " + ReLU"; case .silu?: " + SiLU"; default: "" }
+    }
     /// Float values that their conv writes NHWC with a zero border (rows, columns) for the
     /// convs that read them (`chainFloatConvs`).
     private var nhwcOutputs: [Int: (Int, Int)] = [:]
@@ -623,9 +632,10 @@ public final class Int8Plan {
             let text: String
             switch s {
             case .float(let n):
-                let out = floatConvReLU[n.output] ?? n.output
+                let out = floatConvActivation[n.output]?.output ?? n.output
                 let layout = (nhwcOutputs[out] != nil ? "  out: NHWC padded" : "") + (n.inputs.first.flatMap { $0 }.map { nhwcOutputs[$0] != nil ? "  in: NHWC padded" : "" } ?? "")
-                text = "\(n.name)  \(n.op.name) f32\(floatConvReLU[n.output] != nil ? "  fused: bias, ReLU" : "")\(layout)\(reformatKind(of: s) != nil ? "  [Reformat: QDQ in float]" : "")"
+                let fused = fusedActivationName(n).dropFirst(3)
+                text = "\(n.name)  \(n.op.name) f32\(fused.isEmpty ? "" : "  fused: bias, \(fused)")\(layout)\(reformatKind(of: s) != nil ? "  [Reformat: QDQ in float]" : "")"
             case .quantize(_, _, let a, let name): text = String(format: "%@  Quantize f32 -> int8 (amax %.4g)  [Reformat]", name, a)
             case .requantize(_, _, let from, let to, let name): text = String(format: "%@  Requantize int8 -> int8 (amax %.4g -> %.4g)  [Reformat]", name, from, to)
             case .dequantize(_, let v, let name): text = "\(name)  Dequantize int8 -> f32 (\(graph.values[v].name))  [Reformat]"
@@ -694,7 +704,7 @@ public final class Int8Plan {
             case .int8Gemm(let g, _, _): return g.kindName
             case .float(let n):
                 if case .quantizeDequantize = n.op { return "weight QDQ (float)" }
-                return "\(n.op.name)\(floatConvReLU[n.output] != nil ? " + ReLU" : "") (f32)"
+                return "\(n.op.name)\(fusedActivationName(n)) (f32)"
             default: return "other"
             }
         }
@@ -780,15 +790,15 @@ public final class Int8Plan {
                 switch step {
                 case .float(let n):
                     if let packed = packedConvs[n.output], let xid = n.inputs.first ?? nil {
-                        let relu = floatConvReLU[n.output], out = relu ?? n.output
+                        let fused = floatConvActivation[n.output], out = fused?.output ?? n.output, activation = fused?.activation ?? .none
                         let bias = try n.inputs.count > 2 ? n.inputs[2].map { try floatValue($0, for: n.name) } : nil
                         let padded = nhwc[xid]
                         if padded != nil || nhwcOutputs[out] != nil {
                             let y = packed.forward(try padded ?? floatValue(xid, for: n.name), inputPadded: padded != nil, bias: bias,
-                                                   relu: relu != nil, outputPadding: nhwcOutputs[out])
+                                                   activation: activation, outputPadding: nhwcOutputs[out])
                             if nhwcOutputs[out] != nil { nhwc[out] = y } else { f32[out] = y }
                         } else {
-                            f32[out] = packed.forward(try floatValue(xid, for: n.name), bias: bias, relu: relu != nil)
+                            f32[out] = packed.forward(try floatValue(xid, for: n.name), bias: bias, activation: activation)
                         }
                     } else {
                         let args = try n.inputs.map { try $0.map { try floatValue($0, for: n.name) } }

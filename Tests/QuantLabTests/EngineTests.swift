@@ -194,20 +194,23 @@ struct EngineInt8Tests {
         #expect(Set(routes) == want && routes.filter { $0.hasSuffix("padded to 4") }.count == (Kernels.isa == .avx512 ? 0 : 1), "\(routes)")
     }
 
-    @Test("the FP32 plan (no quantizers): each ReLU that is a conv's only reader runs inside the conv, chains of direct convs pass NHWC tensors; the outputs are the model's bits")
+    @Test("the FP32 plan (no quantizers): each ReLU or SiLU that is a conv's only reader runs inside the conv, chains of direct convs pass NHWC tensors; the outputs are the model's bits")
     func floatPlanFusesReLU() throws {
         let model = deployedDetector(seed: 29)
         var rng = SeededGenerator(seed: 30)
         let graph = try Graph.trace(model, batch: 2)
         let plan = try Int8Plan(graph)
         let consumers = graph.consumers
-        let fusable = graph.nodes.filter { n in
-            guard case .conv = n.op, let users = consumers[n.output], users.count == 1, !graph.outputs.contains(n.output) else { return false }
-            if case .relu = graph.nodes[users[0]].op { return true } else { return false }
-        }.count
-        let reluSteps = plan.steps.filter { if case .float(let n) = $0, case .relu = n.op { return true } else { return false } }.count
-        #expect(fusable > 10 && reluSteps == graph.opCounts["Relu", default: 0] - fusable, "\(fusable) fusable, \(reluSteps) ReLU steps left")
-        #expect(plan.explain().contains("fused: bias, ReLU"))
+        func fusable(_ op: String) -> Int {
+            graph.nodes.filter { n in
+                guard case .conv = n.op, let users = consumers[n.output], users.count == 1, !graph.outputs.contains(n.output) else { return false }
+                return graph.nodes[users[0]].op.name == op
+            }.count
+        }
+        func steps(_ op: String) -> Int { plan.steps.filter { if case .float(let n) = $0 { return n.op.name == op } else { return false } }.count }
+        #expect(fusable("Relu") > 10 && steps("Relu") == graph.opCounts["Relu", default: 0] - fusable("Relu"), "\(fusable("Relu")) fusable, \(steps("Relu")) ReLU steps left")
+        #expect(fusable("SiLU") >= 6 && steps("SiLU") == graph.opCounts["SiLU", default: 0] - fusable("SiLU"), "\(fusable("SiLU")) fusable, \(steps("SiLU")) SiLU steps left")
+        #expect(plan.explain().contains("fused: bias, ReLU") && plan.explain().contains("fused: bias, SiLU"))
         // on AVX2 the RepVGG stages' convs read their input as the previous conv wrote it
         // (padded NHWC); where the direct kernel does not run, every tensor stays NCHW
         let chained = plan.explain().components(separatedBy: "in: NHWC padded").count - 1

@@ -568,6 +568,14 @@ struct KernelTests {
     /// consecutive images, each GEMM over several images' pixels, added in task order). Cases
     /// cross a K slab (KK > 512) and an N block (more than 3072 output pixels), put several
     /// images in one GEMM, and stride, dilate and pad unevenly with one group.
+    /// y, and y through the ReLU and the SiLU ops (ql_unary_fwd): what a conv's act 0, 1, 2 write.
+    static func activated(_ y: [Float]) -> [[Float]] {
+        var relu = y, silu = y
+        ql_unary_fwd(QL_UNARY_RELU, &relu, y, Int64(y.count))
+        ql_unary_fwd(QL_UNARY_SILU, &silu, y, Int64(y.count))
+        return [y, relu, silu]
+    }
+
     @Test("Convolution forward, data and weight gradients: the implicit, batched and direct kernels give im2col + SGEMM's bits",
           arguments: Array(0..<13))
     func convImplicitExact(index: Int) {
@@ -620,21 +628,21 @@ struct KernelTests {
             var packed = [Float](repeating: .nan, count: floats)
             let level = ql_conv2d_fwd_pack(&packed, w, &g)
             #expect(level >= 0)
-            // act 1: the engine's ReLU fused in (the ReLU op's y > 0 ? y : 0 on the same sums)
-            let wantReLU = want.map { $0 > 0 ? $0 : 0 }
+            // act 1 / 2: the engine's ReLU / SiLU fused in (the op's bits on the same sums)
+            let activated = Self.activated(want)
             for claimed in [level, level + 7] {
-                for act: Int32 in [0, 1] {
+                for act: Int32 in [0, 1, 2] {
                     var yp = [Float](repeating: .nan, count: y.count)
                     #expect(ql_conv2d_fwd_prepacked(&yp, x, w, packed, claimed, b, &g, act) == 0)
-                    #expect(firstDifference(yp, act == 1 ? wantReLU : want) == nil, "forward on prepacked weights (level \(claimed), act \(act)), case \(index)")
+                    #expect(firstDifference(yp, activated[Int(act)]) == nil, "forward on prepacked weights (level \(claimed), act \(act)), case \(index)")
                 }
             }
-            #expect(ql_conv2d_fwd_prepacked(&y, x, w, packed, level, b, &g, 2) == Int32(QL_EINVAL), "an unknown activation")
+            #expect(ql_conv2d_fwd_prepacked(&y, x, w, packed, level, b, &g, 3) == Int32(QL_EINVAL), "an unknown activation")
         }
         do { // chains of convs (the engine's FP32 plan), at every level (elsewhere than the direct kernel: through NCHW copies)
             var packed = [Float](repeating: 0, count: max(floats, 1))
             let level = floats > 0 ? ql_conv2d_fwd_pack(&packed, w, &g) : -1
-            let wantReLU = want.map { $0 > 0 ? $0 : 0 }
+            let activated = Self.activated(want)
             // the input padded NHWC with the conv's own padding and / or
             // the output NHWC with a zero border, the same values; the border
             // +0.0 although the buffer held NaNs; an input with another padding is refused
@@ -642,11 +650,11 @@ struct KernelTests {
             var xh = [Float](repeating: .nan, count: n * c * (Int(g.H) + 2 * Int(g.PH)) * (Int(g.W) + 2 * Int(g.PW)))
             ql_nchw_to_nhwc(&xh, x, g.N, g.C, g.H, g.W, g.PH, g.PW)
             let (qh, qw) = (2, 1), outPadded = n * k * (Int(oh) + 2 * qh) * (Int(ow) + 2 * qw)
-            for (inNHWC, outNHWC) in [(true, false), (false, true), (true, true)] {
+            for (inNHWC, outNHWC, act) in [(true, false, Int32(1)), (false, true, 2), (true, true, 2), (true, true, 0)] {
                 let xl = ql_layout(nhwc: inNHWC ? 1 : 0, ph: inNHWC ? g.PH : 0, pw: inNHWC ? g.PW : 0)
                 let yl = ql_layout(nhwc: outNHWC ? 1 : 0, ph: outNHWC ? Int32(qh) : 0, pw: outNHWC ? Int32(qw) : 0)
                 var out = [Float](repeating: .nan, count: outNHWC ? outPadded : y.count)
-                #expect(ql_conv2d_fwd_prepacked_layout(&out, yl, inNHWC ? xh : x, xl, w, packed, level, b, &g, 1) == 0)
+                #expect(ql_conv2d_fwd_prepacked_layout(&out, yl, inNHWC ? xh : x, xl, w, packed, level, b, &g, act) == 0)
                 var back = out
                 if outNHWC {
                     back = [Float](repeating: .nan, count: y.count)
@@ -657,7 +665,7 @@ struct KernelTests {
                     } } }
                     #expect(border > 0 && zeros == border, "NHWC output's border, case \(index)")
                 }
-                #expect(firstDifference(back, wantReLU) == nil, "forward in layouts (in NHWC \(inNHWC), out NHWC \(outNHWC)), case \(index)")
+                #expect(firstDifference(back, activated[Int(act)]) == nil, "forward in layouts (in NHWC \(inNHWC), out NHWC \(outNHWC), act \(act)), case \(index)")
             }
             var out = [Float](repeating: 0, count: outPadded)
             #expect(ql_conv2d_fwd_prepacked_layout(&out, ql_layout(nhwc: 1, ph: 0, pw: 0), xh, ql_layout(nhwc: 1, ph: g.PH + 1, pw: g.PW), w, packed, level, b, &g, 1)

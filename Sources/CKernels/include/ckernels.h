@@ -309,7 +309,8 @@ int ql_conv2d_bwd_weight(float *dw, float *db, const float *dy, const float *x, 
  * ql_conv2d_fwd_prepacked(y, x, w, packed, level, b, g, act) then computes ql_conv2d_fwd's bits
  * without packing w again (w is still read where the packed form does not apply, and the
  * weights are packed anew when `level` is not the level in force); act 1 applies ReLU
- * (y > 0 ? y : 0) to the output as it is written, act 0 nothing. The packed layout depends on
+ * (y > 0 ? y : 0) to the output as it is written, act 2 SiLU (the SiLU op's bits: its
+ * function 8 lanes at a time, as ql_unary_fwd computes it), act 0 nothing. The packed layout depends on
  * the level and on the kernel's size, stride and padding, not on the input's size. */
 size_t ql_conv2d_fwd_packed_floats(const ql_conv_geom *g);
 int ql_conv2d_fwd_pack(float *packed, const float *w, const ql_conv_geom *g);

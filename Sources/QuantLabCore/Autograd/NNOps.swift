@@ -115,6 +115,21 @@ public func conv2dReLU(_ x: Tensor, weight: Tensor, bias: Tensor? = nil, options
     return record(out, convProfileKey("conv2d+relu", x, weight, o), []) { _ in }
 }
 
+/// An activation a conv can apply as it writes its output, with the op's own bits (the C
+/// kernels' `act`).
+public enum ConvActivation: Int32, Sendable {
+    case none = 0, relu = 1, silu = 2
+
+    /// The op, applied to a conv's output (the unfused path).
+    func apply(_ y: Tensor) -> Tensor {
+        switch self {
+        case .none: return y
+        case .relu: return y.relu()
+        case .silu: return y.silu()
+        }
+    }
+}
+
 /// A conv's weights packed once for its forward, for weights that do not change (an engine's
 /// constants): `forward` computes `conv2d`'s bits without packing the weights on every call
 /// (at batch 1 that packing cost as much as the product of a 5x5 map). No gradient.
@@ -143,24 +158,25 @@ public final class PackedConv2dWeights {
 
     deinit { packed?.deallocate() }
 
-    /// conv2d(x, weight, bias, options), the same bits; with `relu`, that conv's `.relu()`
-    /// (the same bits too), applied as the output is written instead of in a pass of its own.
-    public func forward(_ x: Tensor, bias: Tensor?, relu: Bool = false) -> Tensor {
+    /// conv2d(x, weight, bias, options), the same bits; with an `activation`, that conv's
+    /// `.relu()` or `.silu()` (the same bits too), applied as the output is written instead of
+    /// in a pass of its own.
+    public func forward(_ x: Tensor, bias: Tensor?, activation: ConvActivation = .none) -> Tensor {
         // a traced run sees the ops it would see unfused (no graph records a fused node)
-        guard let packed, x.device == .cpu, !(GradMode.isEnabled && (x.requiresGrad || weight.requiresGrad)), !(relu && Tracing.active != nil) else {
-            let y = conv2d(x, weight: weight, bias: bias, options: options)
-            return relu ? y.relu() : y
+        guard let packed, x.device == .cpu, !(GradMode.isEnabled && (x.requiresGrad || weight.requiresGrad)),
+              !(activation != .none && Tracing.active != nil) else {
+            return activation.apply(conv2d(x, weight: weight, bias: bias, options: options))
         }
         var (g, oh, ow) = checkedConvGeometry(x, weight, bias, options)
         let out = Tensor(uninitialized: [x.shape[0], weight.shape[0], Int(oh), Int(ow)])
-        check(ql_conv2d_fwd_prepacked(out.data, x.data, weight.data, packed, level, bias?.data, &g, relu ? 1 : 0), "conv2d")
-        if !relu { traceOp(.conv(options), [x, weight, bias], out) }
+        check(ql_conv2d_fwd_prepacked(out.data, x.data, weight.data, packed, level, bias?.data, &g, activation.rawValue), "conv2d")
+        if activation == .none { traceOp(.conv(options), [x, weight, bias], out) }
         return out
     }
 
     /// Whether the forward on an NCHW input of shape `input` runs the direct kernel
     /// (ql_conv2d_fwd_direct: AVX2, one group, not pointwise), the one that reads a padded NHWC
-    /// input and writes an NHWC output as they are. Elsewhere `forward(nhwc:...)` converts.
+    /// input and writes an NHWC output as they are. Elsewhere `forward(_:inputPadded:...)` converts.
     public func runsDirect(input: [Int]) -> Bool {
         guard input.count == 4, weight.device == .cpu else { return false }
         var g = geometry(input: input, weight: weight.shape, options)
@@ -172,7 +188,7 @@ public final class PackedConv2dWeights {
     /// ([N, H + 2PH, W + 2PW, C]); with `outputPadding` (ph, pw), the output is NHWC with a
     /// zero border of that size ([N, OH + 2ph, OW + 2pw, K]), ready for a next conv whose
     /// padding it is. Nothing is traced (an engine's own steps).
-    public func forward(_ x: Tensor, inputPadded: Bool, bias: Tensor?, relu: Bool, outputPadding: (Int, Int)?) -> Tensor {
+    public func forward(_ x: Tensor, inputPadded: Bool, bias: Tensor?, activation: ConvActivation, outputPadding: (Int, Int)?) -> Tensor {
         require(x.rank == 4 && x.device == .cpu, "conv2d (NHWC): input \(x.shape) must be a 4-D CPU tensor")
         let (ph, pw) = (options.padding.0, options.padding.1)
         let logical = inputPadded ? [x.shape[0], x.shape[3], x.shape[1] - 2 * ph, x.shape[2] - 2 * pw] : x.shape
@@ -184,7 +200,7 @@ public final class PackedConv2dWeights {
         let out = Tensor(uninitialized: shape)
         let xl = ql_layout(nhwc: inputPadded ? 1 : 0, ph: inputPadded ? Int32(ph) : 0, pw: inputPadded ? Int32(pw) : 0)
         let yl = ql_layout(nhwc: outputPadding == nil ? 0 : 1, ph: Int32(qh), pw: Int32(qw))
-        check(ql_conv2d_fwd_prepacked_layout(out.data, yl, x.data, xl, weight.data, packed, level, bias?.data, &g, relu ? 1 : 0), "conv2d (NHWC)")
+        check(ql_conv2d_fwd_prepacked_layout(out.data, yl, x.data, xl, weight.data, packed, level, bias?.data, &g, activation.rawValue), "conv2d (NHWC)")
         return out
     }
 }
