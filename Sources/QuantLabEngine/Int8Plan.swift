@@ -717,7 +717,7 @@ public final class Int8Plan {
         let reformat = zip(steps, stepSeconds).filter { kind($0.0).hasPrefix("Reformat") }
         lines.append(String(format: "Reformat steps: %d of %d (%.1f%% by count), %.1f%% of the time", reformat.count, steps.count,
                             100 * Double(reformat.count) / Double(max(steps.count, 1)), 100 * reformat.reduce(0) { $0 + $1.1 } / total))
-        lines.append("slowest steps (convs: route and rate, from the median time):")
+        lines.append("slowest steps (share of the time, median time of a run; convs: route and rate, from the median):")
         let medians = stepMedians
         func rate(_ i: Int) -> (Int8Conv, Double)? {
             guard case .int8Conv(let c, _, _) = steps[i], medians[i] > 0 else { return nil }
@@ -732,7 +732,7 @@ public final class Int8Plan {
         func line(_ i: Int) -> String {
             let detail = rate(i).map { String(format: "  %@, %.0f GOPS", $0.0.route ?? "not run", $0.1) }
                 ?? floatRate(i).map { String(format: "  %.0f GFLOP/s", $0) } ?? ""
-            return String(format: "  %5.1f%%  step %d  %@%@", 100 * stepSeconds[i] / total, i, name(of: steps[i]), detail)
+            return String(format: "  %5.1f%%  %7.1f us  step %d  %@%@", 100 * stepSeconds[i] / total, 1e6 * medians[i], i, name(of: steps[i]), detail)
         }
         for (i, _) in stepSeconds.enumerated().sorted(by: { $0.element > $1.element }).prefix(top) { lines.append(line(i)) }
         let intRates = steps.indices.compactMap { i in rate(i).map { (i, $0.1) } }

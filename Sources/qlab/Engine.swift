@@ -28,7 +28,7 @@ struct EngineCommand: ParsableCommand {
     @Option(help: "Timed runs.") var runs = 20
     @Flag(help: "Print the traced graph and the plan.") var explain = false
     @Flag(help: "Evaluate on the validation split of --data.") var eval = false
-    @Flag(help: "Time every step of the timed runs: where the time goes, Reformat steps' share.") var profile = false
+    @Flag(help: "Time every step of the timed runs: where the time goes, Reformat steps' share, every step's median time (slowest first).") var profile = false
     @Option(help: "Write the traced graph as ONNX here (with --int8: the Q/DQ graph, QuantizeLinear/DequantizeLinear pairs; with --unify-scales: after unification; with --onnx: the file's graph as the engine reads it).") var exportOnnx: String?
     @Flag(help: "Also run the same graph, exported to ONNX, with onnxruntime (CPU, same threads, same input): outputs compared, latency ratio.") var onnxruntime = false
     @Flag(help: "With --int8 or a Q/DQ --onnx file: give the quantizers that read one tensor (directly or through pools and concat) their group's largest amax, found from the graph (the article's scale fusion).") var unifyScales = false
@@ -139,7 +139,7 @@ struct EngineCommand: ParsableCommand {
         if profile {
             plan.profile = true
             for _ in 0..<runs { _ = try plan.run([x]) }
-            print(plan.profileReport())
+            print(plan.profileReport(top: plan.steps.count)) // every step: the slowest first
             plan.profile = false
         }
         return (x, median)
