@@ -58,56 +58,61 @@ static void dk_ref(const uint8_t *const *r0, const uint8_t *const *r1, int taps,
 /* The two AVX2 kernels (see the top), 8 accumulators + 4 B + A and ones: for non-negative
  * codes igemm.c's ukr_avx2_u7 with A's words read through the tap pointers instead of a packed
  * panel; for signed codes (no weight -128) a*b = |a| * sign(b, a). `signed_codes` is a
- * constant in each caller, so each gets its own loop. */
+ * constant in each caller, so each gets its own loop. `nv`, also a constant: the panel's
+ * first nv groups of 8 columns are computed (4: all 32; 2 or 1 for a conv of at most 16 or 8
+ * output channels, e.g. the 16-channel stem, whose panel is half zeros): the tile's other
+ * columns are left as they are, and the epilogue does not read them. */
 __attribute__((target("avx2"), always_inline)) static inline void
 dk_avx2(const uint8_t *const *r0, const uint8_t *const *r1, int taps, int cq, const int8_t *b, int32_t *tile,
-        const int signed_codes) {
+        const int signed_codes, const int nv) {
     const __m256i ones = _mm256_set1_epi16(1);
     __m256i c0[4], c1[4];
-    for (int s = 0; s < 4; s++) c0[s] = c1[s] = _mm256_setzero_si256();
+    for (int s = 0; s < nv; s++) c0[s] = c1[s] = _mm256_setzero_si256();
     for (int t = 0; t < taps; t++) {
         const uint8_t *a0 = r0[t], *a1 = r1[t];
         for (int q = 0; q < cq; q++, b += 128) {
             __m256i bs[4];
-            for (int s = 0; s < 4; s++) bs[s] = _mm256_loadu_si256((const __m256i *)(b + 32 * s));
+            for (int s = 0; s < nv; s++) bs[s] = _mm256_loadu_si256((const __m256i *)(b + 32 * s));
             int32_t w0, w1;
             memcpy(&w0, a0 + 4 * q, 4);
             memcpy(&w1, a1 + 4 * q, 4);
             __m256i x0 = _mm256_set1_epi32(w0), x1 = _mm256_set1_epi32(w1);
             if (signed_codes) {
                 __m256i u0 = _mm256_abs_epi8(x0), u1 = _mm256_abs_epi8(x1);
-                for (int s = 0; s < 4; s++) {
+                for (int s = 0; s < nv; s++) {
                     c0[s] = _mm256_add_epi32(c0[s], _mm256_madd_epi16(_mm256_maddubs_epi16(u0, _mm256_sign_epi8(bs[s], x0)), ones));
                     c1[s] = _mm256_add_epi32(c1[s], _mm256_madd_epi16(_mm256_maddubs_epi16(u1, _mm256_sign_epi8(bs[s], x1)), ones));
                 }
             } else {
-                for (int s = 0; s < 4; s++) {
+                for (int s = 0; s < nv; s++) {
                     c0[s] = _mm256_add_epi32(c0[s], _mm256_madd_epi16(_mm256_maddubs_epi16(x0, bs[s]), ones));
                     c1[s] = _mm256_add_epi32(c1[s], _mm256_madd_epi16(_mm256_maddubs_epi16(x1, bs[s]), ones));
                 }
             }
         }
     }
-    for (int s = 0; s < 4; s++) {
+    for (int s = 0; s < nv; s++) {
         _mm256_storeu_si256((__m256i *)(tile + 8 * s), c0[s]);
         _mm256_storeu_si256((__m256i *)(tile + NRI + 8 * s), c1[s]);
     }
 }
 
-__attribute__((target("avx2"))) static void dk_avx2_u7(const uint8_t *const *r0, const uint8_t *const *r1, int taps, int cq,
-                                                      const int8_t *b, int32_t *tile) {
-    dk_avx2(r0, r1, taps, cq, b, tile, 0);
-}
-
-__attribute__((target("avx2"))) static void dk_avx2_s7(const uint8_t *const *r0, const uint8_t *const *r1, int taps, int cq,
-                                                      const int8_t *b, int32_t *tile) {
-    dk_avx2(r0, r1, taps, cq, b, tile, 1);
-}
+#define DK_VARIANT(name, signed_codes, nv)                                                                         \
+    __attribute__((target("avx2"))) static void name(const uint8_t *const *r0, const uint8_t *const *r1, int taps, int cq, \
+                                                     const int8_t *b, int32_t *tile) {                                     \
+        dk_avx2(r0, r1, taps, cq, b, tile, signed_codes, nv);                                                              \
+    }
+DK_VARIANT(dk_avx2_u7, 0, 4)
+DK_VARIANT(dk_avx2_u7_16, 0, 2)
+DK_VARIANT(dk_avx2_u7_8, 0, 1)
+DK_VARIANT(dk_avx2_s7, 1, 4)
+DK_VARIANT(dk_avx2_s7_16, 1, 2)
+DK_VARIANT(dk_avx2_s7_8, 1, 1)
 
 typedef struct {
     const ql_conv_geom *g;
     int OH, OW, M, panels, taps, cq, isa, to_s8, split_n, chunk;
-    dk_fn kernel;
+    dk_fn kernel, kernel16, kernel8; /* all 32 columns of a panel; at most 16; at most 8 */
     const int8_t *x;
     const int8_t *packed;
     const ql_requant_params *ep;
@@ -141,7 +146,6 @@ static void iconv_task(int t, void *p) {
     ptrdiff_t tap_offset[64]; /* taps <= 64 (checked in iconv_run) */
     for (int kh = 0, tap = 0; kh < g->KH; kh++)
         for (int kw = 0; kw < g->KW; kw++, tap++) tap_offset[tap] = ((ptrdiff_t)kh * g->DH * g->W + (ptrdiff_t)kw * g->DW) * C;
-    dk_fn kernel = j->kernel;
     const ql_requant_params *ep = j->ep;
     const uint8_t *x = (const uint8_t *)j->x; /* the kernels reinterpret the bytes */
     for (int mb = m0; mb < m1; mb += MB) {
@@ -174,6 +178,8 @@ static void iconv_task(int t, void *p) {
         }
         for (int pn = p0; pn < p1; pn++) {
             const int8_t *bp = j->packed + (size_t)pn * Kq * 128;
+            int cols = ql_min_i(NRI, K - pn * NRI);
+            dk_fn kernel = cols <= 8 ? j->kernel8 : cols <= 16 ? j->kernel16 : j->kernel;
             /* an odd last pixel is computed twice (its pointers as both rows); tile has MB rows
              * and MB is even, so row `rows` exists whenever rows is odd */
             for (int r = 0; r < rows; r += 2) {
@@ -245,15 +251,15 @@ static int iconv_run(ql_isa isa, const ql_conv_geom *g, const int8_t *x, const v
     if (g->groups != 1 || g->C % 4 != 0 || g->KH * g->KW > 64 || level == QL_ISA_AVX512) return QL_EUNSUPPORTED;
     int depth = g->KH * g->KW * g->C;
     if (depth > 65536) return QL_EINVAL; /* the int32 bound of the GEMM's contract */
-    dk_fn kernel = dk_avx2_u7;
+    dk_fn kernel = dk_avx2_u7, kernel16 = dk_avx2_u7_16, kernel8 = dk_avx2_u7_8;
     if (!no_top_bit(x, (size_t)g->N * g->H * g->W * g->C)) {
         if (contains_minus_128((const int8_t *)packed, ql_igemm_packed_size(depth, g->K))) return QL_EUNSUPPORTED;
-        kernel = dk_avx2_s7;
+        kernel = dk_avx2_s7, kernel16 = dk_avx2_s7_16, kernel8 = dk_avx2_s7_8;
     }
-    if (level == QL_ISA_REF) kernel = dk_ref;
+    if (level == QL_ISA_REF) kernel = kernel16 = kernel8 = dk_ref;
     int M = g->N * OH * OW;
     if (M == 0 || g->K == 0) return QL_OK;
-    iconv_job j = {g, OH, OW, M, (g->K + NRI - 1) / NRI, g->KH * g->KW, g->C / 4, level, to_s8, 0, 0, kernel,
+    iconv_job j = {g, OH, OW, M, (g->K + NRI - 1) / NRI, g->KH * g->KW, g->C / 4, level, to_s8, 0, 0, kernel, kernel16, kernel8,
                    x, (const int8_t *)packed, ep, out, QL_OK};
     int threads = ql_get_num_threads();
     double ops = 2.0 * M * g->K * (double)depth;

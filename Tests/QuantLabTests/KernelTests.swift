@@ -334,12 +334,15 @@ struct KernelTests {
     /// reference GEMM on the unpacked weights, the reference epilogue. Geometries: a partial
     /// last panel, stride 2, dilation, 1 x 1, an odd pixel count, one that the threads split by
     /// pixels and one (a 5 x 5 map, as the detector's deepest) that they split by panels; codes
-    /// post-ReLU (0..127), signed (the vpsignb kernel), and 3 or 6 channels padded to 4 or 8.
+    /// post-ReLU (0..127), signed (the vpsignb kernel), and 3 or 6 channels padded to 4 or 8;
+    /// output channels filling a panel of 32, or at most 16 or 8 of it (the narrow kernels).
     @Test("Direct INT8 conv on NHWC codes equals im2col + the reference GEMM + the reference epilogue", arguments: [
         // N, C, H, W, K, KH/KW, stride, padding, dilation, codes (0: 0..127, 1: signed, 2: 0..127 with C padded to a multiple of 4)
         [2, 4, 7, 6, 5, 3, 1, 1, 1, 0], [1, 8, 9, 9, 40, 3, 2, 1, 1, 0], [3, 12, 5, 5, 70, 3, 1, 2, 2, 1],
         [2, 16, 11, 10, 33, 1, 1, 0, 1, 1], [1, 64, 20, 20, 64, 3, 1, 1, 1, 0], [1, 128, 5, 5, 96, 3, 1, 1, 1, 1],
         [2, 3, 9, 8, 16, 3, 2, 1, 1, 2], [1, 6, 7, 7, 9, 3, 1, 1, 1, 2],
+        // a last panel of 9-16 columns under signed codes (44 = 32 + 12, and 12); the others are above
+        [2, 8, 6, 7, 44, 3, 1, 1, 1, 1], [1, 4, 5, 6, 12, 3, 1, 1, 1, 1],
     ])
     func directConvExact(geometry v: [Int]) {
         let (n, c, h, w, k, kk, mode) = (v[0], v[1], v[2], v[3], v[4], v[5], v[9])
