@@ -19,7 +19,12 @@
  * The same tile kernel serves the backward: the data gradient of a stride-1 conv is a stride-1
  * conv of dy (conv.c's bwd_data_direct), and the weight gradient swaps the operands' roles
  * (ql_conv_direct_bwd_weight, at the end of this file; pointwise convs too, since it reads
- * the image in its own NCHW layout). */
+ * the image in its own NCHW layout).
+ *
+ * Chains of convs (an engine's FP32 plan, ql_conv2d_fwd_prepacked_layout): the input may come
+ * already as that padded NHWC copy (a previous conv wrote it so), and the output may be
+ * written as one, the tile's 16 channels of a pixel stored as they lie in the accumulators
+ * (no transpose) and the border zeroed: the next conv then skips its copy. */
 #include <immintrin.h>
 #include <stdatomic.h>
 #include <string.h>
@@ -307,7 +312,7 @@ static void image_task(int n, void *p) {
     direct_job *j = (direct_job *)p;
     const ql_conv_geom *g = j->g;
     size_t image = (size_t)j->Hp * j->Wp * g->C;
-    const float *xp = j->x + n * image;
+    const float *xp = j->in_nhwc ? j->x + n * image : NULL;
     if (!j->in_nhwc) {
         float *own = (float *)ql_scratch_reserve(&tl_image, sizeof(float) * image);
         if (!own) {
