@@ -564,7 +564,6 @@ public final class Int8Plan {
     /// NCHW input (and a transpose of the output fewer). The values are the same; only
     /// these convs see the layout.
     private func chainFloatConvs() {
-        if ProcessInfo.processInfo.environment["QL_NOCHAIN"] != nil { return }
         var readers: [Int: [Int]] = [:] // float value -> the steps that read it
         for (i, s) in steps.enumerated() {
             switch s {
