@@ -622,10 +622,17 @@ static void run_images(conv_job *j, ql_task_fn batched, ql_task_fn single) {
  * transpose it) */
 static int uses_direct(int level, const ql_conv_geom *g) { return !is_pointwise(g) && ql_conv_direct_applies(level, g); }
 
+static const ql_layout nchw_layout = {0, 0, 0};
+static int conv_fwd_through_nchw(float *y, ql_layout ylay, const float *x, ql_layout xlay, const float *w, const float *b,
+                                 const ql_conv_geom *g, const float *prepacked, int level, int act, int OH, int OW);
+
 /* The forward with the weights packed by the caller (prepacked, for level `level`), or
- * packed here (prepacked NULL, or packed for another level); act 1: ReLU on the output. */
-static int conv_fwd(float *y, const float *x, const float *w, const float *b, const ql_conv_geom *g,
-                    const float *prepacked, int level, int act) {
+ * packed here (prepacked NULL, or packed for another level); act 1: ReLU on the output, 2:
+ * SiLU. x and y in the layouts xlay and ylay (ql_conv2d_fwd_prepacked_layout; checked by the
+ * caller): the direct kernel reads and writes them as they are, the GEMM route through NCHW
+ * copies. */
+static int conv_fwd(float *y, ql_layout ylay, const float *x, ql_layout xlay, const float *w, const float *b,
+                    const ql_conv_geom *g, const float *prepacked, int level, int act) {
     conv_job j;
     if (setup(&j, g)) return QL_EINVAL;
     int own = !(prepacked && level == j.isa && j.isa != QL_ISA_REF);
@@ -633,10 +640,11 @@ static int conv_fwd(float *y, const float *x, const float *w, const float *b, co
         float *wp = own ? (float *)ql_aligned_alloc(ql_conv_direct_packed_floats(g) * sizeof(float)) : (float *)prepacked;
         if (!wp) return QL_ENOMEM;
         if (own) ql_conv_direct_pack(wp, w, g);
-        int st = ql_conv_direct_fwd(y, x, wp, b, g, act, 0);
+        int st = ql_conv_direct_fwd_layout(y, ylay, x, xlay, wp, b, g, act, 0);
         if (own) ql_aligned_free(wp);
         return st;
     }
+    if (xlay.nhwc || ylay.nhwc) return conv_fwd_through_nchw(y, ylay, x, xlay, w, b, g, prepacked, level, act, j.OH, j.OW);
     j.x = x; j.w = w; j.b = b; j.y = y;
     if (own) {
         pack_weights(&j, 0);
@@ -652,7 +660,7 @@ static int conv_fwd(float *y, const float *x, const float *w, const float *b, co
 }
 
 int ql_conv2d_fwd(float *y, const float *x, const float *w, const float *b, const ql_conv_geom *g) {
-    return conv_fwd(y, x, w, b, g, NULL, -1, 0);
+    return conv_fwd(y, nchw_layout, x, nchw_layout, w, b, g, NULL, -1, 0);
 }
 
 size_t ql_conv2d_fwd_packed_floats(const ql_conv_geom *g) {
@@ -678,7 +686,7 @@ int ql_conv2d_fwd_pack(float *packed, const float *w, const ql_conv_geom *g) {
 int ql_conv2d_fwd_prepacked(float *y, const float *x, const float *w, const float *packed, int level, const float *b,
                             const ql_conv_geom *g, int act) {
     if (act < 0 || act > 2) return QL_EINVAL;
-    return conv_fwd(y, x, w, b, g, packed, level, act);
+    return conv_fwd(y, nchw_layout, x, nchw_layout, w, b, g, packed, level, act);
 }
 
 int ql_conv2d_fwd_direct(const ql_conv_geom *g) {
@@ -708,29 +716,21 @@ void ql_nhwc_to_nchw(float *restrict dst, const float *restrict src, int N, int 
 
 int ql_conv2d_fwd_prepacked_layout(float *y, ql_layout ylay, const float *x, ql_layout xlay, const float *w, const float *packed,
                                    int level, const float *b, const ql_conv_geom *g, int act) {
-    int OH, OW;
-    if (act < 0 || act > 2) return QL_EINVAL;
-    if (ql_conv_out_size(g, &OH, &OW) || (xlay.nhwc && (xlay.ph != g->PH || xlay.pw != g->PW)) || (ylay.nhwc && (ylay.ph < 0 || ylay.pw < 0)))
+    if (act < 0 || act > 2 || (xlay.nhwc && (xlay.ph != g->PH || xlay.pw != g->PW)) || (ylay.nhwc && (ylay.ph < 0 || ylay.pw < 0)))
         return QL_EINVAL;
-    if (!xlay.nhwc && !ylay.nhwc) return conv_fwd(y, x, w, b, g, packed, level, act);
-    int isa = ql_isa_best();
-    if (uses_direct(isa, g)) {
-        int own = !(packed && level == isa);
-        float *wp = own ? (float *)ql_aligned_alloc(ql_conv_direct_packed_floats(g) * sizeof(float)) : (float *)packed;
-        if (!wp) return QL_ENOMEM;
-        if (own) ql_conv_direct_pack(wp, w, g);
-        int st = ql_conv_direct_fwd_layout(y, ylay, x, xlay, wp, b, g, act, 0);
-        if (own) ql_aligned_free(wp);
-        return st;
-    }
-    /* another route: through NCHW copies */
+    return conv_fwd(y, ylay, x, xlay, w, b, g, packed, level, act);
+}
+
+/* conv_fwd on a route that takes NCHW only: the NHWC operands converted to NCHW copies and back. */
+static int conv_fwd_through_nchw(float *y, ql_layout ylay, const float *x, ql_layout xlay, const float *w, const float *b,
+                                 const ql_conv_geom *g, const float *prepacked, int level, int act, int OH, int OW) {
     size_t xn = (size_t)g->N * g->C * g->H * g->W, yn = (size_t)g->N * g->K * OH * OW;
     float *xc = xlay.nhwc ? (float *)ql_aligned_alloc(sizeof(float) * (xn ? xn : 1)) : NULL;
     float *yc = ylay.nhwc ? (float *)ql_aligned_alloc(sizeof(float) * (yn ? yn : 1)) : NULL;
     int st = QL_ENOMEM;
     if ((!xlay.nhwc || xc) && (!ylay.nhwc || yc)) {
         if (xc) ql_nhwc_to_nchw(xc, x, g->N, g->C, g->H, g->W, g->PH, g->PW);
-        st = conv_fwd(yc ? yc : y, xc ? xc : x, w, b, g, packed, level, act);
+        st = conv_fwd(yc ? yc : y, nchw_layout, xc ? xc : x, nchw_layout, w, b, g, prepacked, level, act);
         if (yc && st == QL_OK) ql_nchw_to_nhwc(y, yc, g->N, g->K, OH, OW, ylay.ph, ylay.pw);
     }
     ql_aligned_free(xc);

@@ -580,7 +580,7 @@ public final class Int8Plan {
             return [o.padding.0, o.padding.1]
         }
         for case .float(let n) in steps {
-            guard packedConvs[n.output] != nil, let x = n.inputs.first ?? nil, packedConvs[n.output]!.runsDirect(input: graph.values[x].shape) else { continue }
+            guard let packed = packedConvs[n.output], let x = n.inputs.first ?? nil, packed.runsDirect(input: graph.values[x].shape) else { continue }
             let out = floatConvActivation[n.output]?.output ?? n.output
             guard !graph.outputs.contains(out), let users = readers[out], !users.isEmpty else { continue }
             let pads = users.map { directPadding($0, reading: out) }
@@ -792,13 +792,9 @@ public final class Int8Plan {
                         let fused = floatConvActivation[n.output], out = fused?.output ?? n.output, activation = fused?.activation ?? .none
                         let bias = try n.inputs.count > 2 ? n.inputs[2].map { try floatValue($0, for: n.name) } : nil
                         let padded = nhwc[xid]
-                        if padded != nil || nhwcOutputs[out] != nil {
-                            let y = packed.forward(try padded ?? floatValue(xid, for: n.name), inputPadded: padded != nil, bias: bias,
-                                                   activation: activation, outputPadding: nhwcOutputs[out])
-                            if nhwcOutputs[out] != nil { nhwc[out] = y } else { f32[out] = y }
-                        } else {
-                            f32[out] = packed.forward(try floatValue(xid, for: n.name), bias: bias, activation: activation)
-                        }
+                        let y = packed.forward(try padded ?? floatValue(xid, for: n.name), inputPadded: padded != nil, bias: bias,
+                                               activation: activation, outputPadding: nhwcOutputs[out])
+                        if nhwcOutputs[out] != nil { nhwc[out] = y } else { f32[out] = y }
                     } else {
                         let args = try n.inputs.map { try $0.map { try floatValue($0, for: n.name) } }
                         f32[n.output] = try ReferenceExecutor.apply(n, args)

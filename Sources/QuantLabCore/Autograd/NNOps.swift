@@ -161,35 +161,22 @@ public final class PackedConv2dWeights {
     /// conv2d(x, weight, bias, options), the same bits; with an `activation`, that conv's
     /// `.relu()` or `.silu()` (the same bits too), applied as the output is written instead of
     /// in a pass of its own.
-    public func forward(_ x: Tensor, bias: Tensor?, activation: ConvActivation = .none) -> Tensor {
-        // a traced run sees the ops it would see unfused (no graph records a fused node)
-        guard let packed, x.device == .cpu, !(GradMode.isEnabled && (x.requiresGrad || weight.requiresGrad)),
-              !(activation != .none && Tracing.active != nil) else {
+    ///
+    /// For a chain of convs (an engine's FP32 plan) the same values in other layouts: with
+    /// `inputPadded`, x is NHWC with this conv's own padding as a zero border ([N, H + 2PH,
+    /// W + 2PW, C]); with `outputPadding` (ph, pw), the output is NHWC with a zero border of that
+    /// size ([N, OH + 2ph, OW + 2pw, K]), ready for a next conv whose padding it is. In NCHW a
+    /// run that wants a gradient, or a traced run of a fused activation, takes the ops
+    /// themselves (a graph never records a fused node); other layouts are an engine's own steps
+    /// and are not traced.
+    public func forward(_ x: Tensor, inputPadded: Bool = false, bias: Tensor?, activation: ConvActivation = .none,
+                        outputPadding: (Int, Int)? = nil) -> Tensor {
+        let nchw = !inputPadded && outputPadding == nil
+        if nchw, packed == nil || x.device != .cpu || (GradMode.isEnabled && (x.requiresGrad || weight.requiresGrad))
+            || (activation != .none && Tracing.active != nil) {
             return activation.apply(conv2d(x, weight: weight, bias: bias, options: options))
         }
-        var (g, oh, ow) = checkedConvGeometry(x, weight, bias, options)
-        let out = Tensor(uninitialized: [x.shape[0], weight.shape[0], Int(oh), Int(ow)])
-        check(ql_conv2d_fwd_prepacked(out.data, x.data, weight.data, packed, level, bias?.data, &g, activation.rawValue), "conv2d")
-        if activation == .none { traceOp(.conv(options), [x, weight, bias], out) }
-        return out
-    }
-
-    /// Whether the forward on an NCHW input of shape `input` runs the direct kernel
-    /// (ql_conv2d_fwd_direct: AVX2, one group, not pointwise), the one that reads a padded NHWC
-    /// input and writes an NHWC output as they are. Elsewhere `forward(_:inputPadded:...)` converts.
-    public func runsDirect(input: [Int]) -> Bool {
-        guard input.count == 4, weight.device == .cpu else { return false }
-        var g = geometry(input: input, weight: weight.shape, options)
-        return ql_conv2d_fwd_direct(&g) != 0
-    }
-
-    /// `forward` for a chain of convs (an engine's FP32 plan), the same values in other
-    /// layouts: with `inputPadded`, x is NHWC with this conv's own padding as a zero border
-    /// ([N, H + 2PH, W + 2PW, C]); with `outputPadding` (ph, pw), the output is NHWC with a
-    /// zero border of that size ([N, OH + 2ph, OW + 2pw, K]), ready for a next conv whose
-    /// padding it is. Nothing is traced (an engine's own steps).
-    public func forward(_ x: Tensor, inputPadded: Bool, bias: Tensor?, activation: ConvActivation, outputPadding: (Int, Int)?) -> Tensor {
-        require(x.rank == 4 && x.device == .cpu, "conv2d (NHWC): input \(x.shape) must be a 4-D CPU tensor")
+        require(nchw || (x.rank == 4 && x.device == .cpu), "conv2d (NHWC): input \(x.shape) must be a 4-D CPU tensor")
         let (ph, pw) = (options.padding.0, options.padding.1)
         let logical = inputPadded ? [x.shape[0], x.shape[3], x.shape[1] - 2 * ph, x.shape[2] - 2 * pw] : x.shape
         var (g, oh, ow) = checkedConvGeometry(input: logical, weight, bias, options)
@@ -200,8 +187,19 @@ public final class PackedConv2dWeights {
         let out = Tensor(uninitialized: shape)
         let xl = ql_layout(nhwc: inputPadded ? 1 : 0, ph: inputPadded ? Int32(ph) : 0, pw: inputPadded ? Int32(pw) : 0)
         let yl = ql_layout(nhwc: outputPadding == nil ? 0 : 1, ph: Int32(qh), pw: Int32(qw))
-        check(ql_conv2d_fwd_prepacked_layout(out.data, yl, x.data, xl, weight.data, packed, level, bias?.data, &g, activation.rawValue), "conv2d (NHWC)")
+        check(ql_conv2d_fwd_prepacked_layout(out.data, yl, x.data, xl, weight.data, packed, level, bias?.data, &g, activation.rawValue), "conv2d")
+        if nchw && activation == .none { traceOp(.conv(options), [x, weight, bias], out) }
         return out
+    }
+
+    /// Whether the forward on an NCHW input of shape `input` runs the direct kernel
+    /// (ql_conv2d_fwd_direct: AVX2, one group, not pointwise), the one that reads a padded NHWC
+    /// input and writes an NHWC output as they are. Elsewhere `forward` converts around the
+    /// NCHW conv for the other layouts.
+    public func runsDirect(input: [Int]) -> Bool {
+        guard input.count == 4, weight.device == .cpu else { return false }
+        var g = geometry(input: input, weight: weight.shape, options)
+        return ql_conv2d_fwd_direct(&g) != 0
     }
 }
 
