@@ -54,25 +54,57 @@ void ql_conv_direct_pack(float *restrict wp, const float *restrict w, const ql_c
 /* acc[i][j] = sum over k < kc (fma from zero, increasing k) of px[i][off[k]] * w[k][j] for
  * i < R pixels; then tot = acc (mode 0), bias + acc (mode 1) or tot + acc (mode 2). R is a
  * constant in each caller (6, or 5 where the pixel count is a multiple of 5 but not of 6:
- * every map of the detector is), so the loops unroll and the pointers stay in registers. */
+ * every map of the detector is), so the loops unroll and the pointers stay in registers.
+ *
+ * With skip, a border row's tile (see kernel_rows_inside): the sum takes only the taps k whose
+ * place (k + phase) % S, in the period of S = KH * KW taps that each channel has, lies in
+ * [ka, kb), the kernel rows its pixels read inside the image. */
 __attribute__((target("avx2,fma"), always_inline)) static inline void tile_rows(int R, int kc, const float *const *px,
                                                                                 const int *restrict off, const float *restrict w,
-                                                                                float *restrict tot, const float *bias, int mode) {
+                                                                                float *restrict tot, const float *bias, int mode,
+                                                                                int skip, int phase, int S, int ka, int kb) {
     __m256 c[DR][2];
     const float *pr[DR];
 #pragma clang loop unroll(full)
     for (int i = 0; i < R; i++) c[i][0] = c[i][1] = _mm256_setzero_ps(), pr[i] = px[i];
-    for (int k = 0; k < kc; k++) {
-        __m256 b0 = _mm256_loadu_ps(w), b1 = _mm256_loadu_ps(w + 8);
-        int o = off[k];
-#pragma clang loop unroll(full)
-        for (int i = 0; i < R; i++) {
-            __m256 a = _mm256_broadcast_ss(pr[i] + o);
-            c[i][0] = _mm256_fmadd_ps(a, b0, c[i][0]);
-            c[i][1] = _mm256_fmadd_ps(a, b1, c[i][1]);
+#define DIRECT_STEP(wk, o)                                                   \
+    do {                                                                     \
+        __m256 b0 = _mm256_loadu_ps(wk), b1 = _mm256_loadu_ps((wk) + 8);     \
+        _Pragma("clang loop unroll(full)") for (int i = 0; i < R; i++) {     \
+            __m256 a = _mm256_broadcast_ss(pr[i] + (o));                     \
+            c[i][0] = _mm256_fmadd_ps(a, b0, c[i][0]);                       \
+            c[i][1] = _mm256_fmadd_ps(a, b1, c[i][1]);                       \
+        }                                                                    \
+    } while (0)
+    if (!skip) {
+        for (int k = 0; k < kc; k++, w += DN) DIRECT_STEP(w, off[k]);
+    } else {
+        /* period by period: the period that starts at slab index p reads [p + ka, p + kb) */
+#define DIRECT_PERIOD(p)                                                             \
+    do {                                                                             \
+        int a_ = ql_max_i((p) + ka, 0), b_ = ql_min_i((p) + kb, kc);                 \
+        for (int t = a_; t < b_; t++) DIRECT_STEP(w + (size_t)t * DN, off[t]);       \
+    } while (0)
+        int p = -phase;
+        if (p < 0) { /* the slab starts within a period */
+            DIRECT_PERIOD(p);
+            p += S;
         }
-        w += DN;
+        if (kb - ka == 6) /* two rows of a 3 x 3 kernel, unrolled */
+            for (; p + kb <= kc; p += S) {
+                const float *wp = w + (size_t)(p + ka) * DN;
+                const int *op = off + p + ka;
+                DIRECT_STEP(wp, op[0]);
+                DIRECT_STEP(wp + DN, op[1]);
+                DIRECT_STEP(wp + 2 * DN, op[2]);
+                DIRECT_STEP(wp + 3 * DN, op[3]);
+                DIRECT_STEP(wp + 4 * DN, op[4]);
+                DIRECT_STEP(wp + 5 * DN, op[5]);
+            }
+        for (; p < kc; p += S) DIRECT_PERIOD(p);
+#undef DIRECT_PERIOD
     }
+#undef DIRECT_STEP
     __m256 s0 = mode == 1 ? _mm256_loadu_ps(bias) : _mm256_setzero_ps(), s1 = mode == 1 ? _mm256_loadu_ps(bias + 8) : s0;
 #pragma clang loop unroll(full)
     for (int i = 0; i < R; i++) {
@@ -92,12 +124,25 @@ __attribute__((target("avx2,fma"), always_inline)) static inline void tile_rows(
 
 __attribute__((target("avx2,fma"))) static void tile6(int kc, const float *const *px, const int *off, const float *w, float *tot,
                                                       const float *bias, int mode) {
-    tile_rows(6, kc, px, off, w, tot, bias, mode);
+    tile_rows(6, kc, px, off, w, tot, bias, mode, 0, 0, 0, 0, 0);
 }
 
 __attribute__((target("avx2,fma"))) static void tile5(int kc, const float *const *px, const int *off, const float *w, float *tot,
                                                       const float *bias, int mode) {
-    tile_rows(5, kc, px, off, w, tot, bias, mode);
+    tile_rows(5, kc, px, off, w, tot, bias, mode, 0, 0, 0, 0, 0);
+}
+
+typedef void (*border_tile_fn)(int kc, const float *const *px, const int *off, const float *w, float *tot, const float *bias,
+                               int mode, int phase, int S, int ka, int kb);
+
+__attribute__((target("avx2,fma"))) static void tile6_border(int kc, const float *const *px, const int *off, const float *w,
+                                                             float *tot, const float *bias, int mode, int phase, int S, int ka, int kb) {
+    tile_rows(6, kc, px, off, w, tot, bias, mode, 1, phase, S, ka, kb);
+}
+
+__attribute__((target("avx2,fma"))) static void tile5_border(int kc, const float *const *px, const int *off, const float *w,
+                                                             float *tot, const float *bias, int mode, int phase, int S, int ka, int kb) {
+    tile_rows(5, kc, px, off, w, tot, bias, mode, 1, phase, S, ka, kb);
 }
 
 typedef struct {
@@ -110,6 +155,8 @@ typedef struct {
     int out_nhwc, qh, qw;      /* y is written NHWC with a zero border of qh rows, qw columns */
     int R; /* pixels per tile: 6, or 5 */
     int accumulate; /* y += the conv instead of y = */
+    int inner0, inner1; /* the output rows that read every kernel row inside the image */
+    int span;           /* the most output rows a tile's pixels lie in */
     _Atomic int status;
 } direct_job;
 
@@ -246,6 +293,21 @@ static void zero_border(float *y, int N, int C, int H, int W, int ph, int pw) {
     }
 }
 
+/* Border rows. An output row at the top or bottom edge reads, at some kernel rows kh, only the
+ * zero rows of the padding: those taps add 0 x w to each of its sums. For a finite weight that
+ * is +0 or -0, and a sum that starts at +0 never becomes -0 under round to nearest (x + -x is
+ * +0), so adding it changes no bit: a tile whose pixels all lie in such rows skips those taps
+ * (the kernel's [ka, kb) range), and its sums are still the GEMM's. On a 10 x 10 map with 3 x 3
+ * taps the top and bottom rows skip a third of their taps, 1/15 of the conv; on a 5 x 5 map
+ * 2/15. (A weight of inf or NaN would make 0 x w NaN; a model's weights are finite.)
+ * [*lo, *hi): the kernel rows that output row oh reads inside the image. */
+static inline void kernel_rows_inside(const ql_conv_geom *g, int oh, int *lo, int *hi) {
+    int ih = oh * g->SH - g->PH, a = 0, b = g->KH;
+    while (a < b && ih + a * g->DH < 0) a++;
+    while (b > a && ih + (b - 1) * g->DH >= g->H) b--;
+    *lo = a, *hi = b;
+}
+
 /* Tiles [t0, t1) of block `block` (16 output channels) over N images whose padded copies
  * start at xp and outputs at y. The tiles number the pixels of all N images (pixel q is image
  * q / P's pixel q % P), so a small map's last tile goes on into the next image instead of
@@ -262,14 +324,16 @@ static void run_tiles(const direct_job *j, const float *xp, float *y, int N, lon
     if (j->b) for (int c = 0; c < kn; c++) bias[c] = j->b[k0 + c];
     float tot[DR * DN] __attribute__((aligned(32)));
     /* the first pixel as (image, row, column), then walked one pixel at a time */
-    int R = j->R;
+    int R = j->R, S = g->KH * g->KW;
     void (*tile)(int, const float *const *, const int *, const float *, float *, const float *, int) = R == 5 ? tile5 : tile6;
+    border_tile_fn tile_border = R == 5 ? tile5_border : tile6_border;
     long q0 = t0 * R;
     int n = (int)(q0 / P), pix = (int)(q0 % P), oh = pix / j->OW, ow = pix % j->OW;
     for (long t = t0; t < t1; t++, q0 += R) {
         int rows = (int)(total - q0 < R ? total - q0 : R);
         const float *px[DR];
         float *yp[DR];
+        int oh0 = oh; /* the first pixel's row */
         for (int i = 0; i < rows; i++) {
             px[i] = xp + n * image + ((size_t)oh * g->SH * j->Wp + (size_t)ow * g->SW) * g->C;
             yp[i] = y + n * out_image + (j->out_nhwc ? ((size_t)(oh + j->qh) * OWq + ow + j->qw) * g->K + k0 : (size_t)k0 * P + pix);
@@ -280,9 +344,25 @@ static void run_tiles(const direct_job *j, const float *xp, float *y, int N, lon
             }
         }
         for (int i = rows; i < R; i++) px[i] = px[0], yp[i] = yp[0]; /* the last tile's empty rows: computed, not stored */
+        /* A tile near the border rows (it touches at most j->span rows from oh0): the kernel rows
+         * its pixels read inside the image, when they are all in one image. */
+        int border = 0, kh0 = 0, kh1 = g->KH;
+        if (oh0 < j->inner0 || oh0 + j->span > j->inner1) {
+            long first = q0 % P, last = first + rows - 1;
+            if (last < P) {
+                kh0 = g->KH, kh1 = 0;
+                for (long r = first / j->OW; r <= last / j->OW; r++) {
+                    int lo, hi;
+                    kernel_rows_inside(g, (int)r, &lo, &hi);
+                    kh0 = ql_min_i(kh0, lo), kh1 = ql_max_i(kh1, hi);
+                }
+                border = kh0 > 0 || kh1 < g->KH;
+            }
+        }
         for (int pc = 0; pc < j->KK; pc += DKC) {
-            int kc = ql_min_i(DKC, j->KK - pc);
-            tile(kc, px, j->off + pc, wb + (size_t)pc * DN, tot, bias, pc ? 2 : (j->b ? 1 : 0));
+            int kc = ql_min_i(DKC, j->KK - pc), mode = pc ? 2 : (j->b ? 1 : 0);
+            if (border) tile_border(kc, px, j->off + pc, wb + (size_t)pc * DN, tot, bias, mode, pc % S, S, kh0 * g->KW, kh1 * g->KW);
+            else tile(kc, px, j->off + pc, wb + (size_t)pc * DN, tot, bias, mode);
         }
         if (j->out_nhwc) store_pixels(yp, tot, rows, kn, j->act);
         else if (yp[rows - 1] == yp[0] + rows - 1) store_rows(yp[0], P, tot, rows, kn, j->act, j->accumulate); /* one image's pixels */
@@ -353,7 +433,7 @@ int ql_conv_direct_fwd(float *y, const float *x, const float *wp, const float *b
 
 int ql_conv_direct_fwd_layout(float *y, ql_layout ylay, const float *x, ql_layout xlay, const float *wp, const float *b,
                               const ql_conv_geom *g, int act, int accumulate) {
-    direct_job j = {g, x, wp, b, y, NULL, NULL, 0, 0, 0, 0, 0, 0, 0, 0, act, 0, 0, 0, 0, 6, accumulate, QL_OK};
+    direct_job j = {g, x, wp, b, y, NULL, NULL, 0, 0, 0, 0, 0, 0, 0, 0, act, 0, 0, 0, 0, 6, accumulate, 0, 0, 0, QL_OK};
     int geo = direct_geometry(g, &j.OH, &j.OW, &j.Hp, &j.Wp, &j.KK, &j.blocks);
     if (geo < 0) return geo;
     /* a padded NHWC input carries the conv's own padding; an NHWC output is stored, not added */
@@ -371,6 +451,17 @@ int ql_conv_direct_fwd_layout(float *y, ql_layout ylay, const float *x, ql_layou
         for (int kh = 0; kh < g->KH; kh++)
             for (int kw = 0; kw < g->KW; kw++) off[k++] = (kh * g->DH * j.Wp + kw * g->DW) * g->C + c;
     j.off = off;
+    /* the output rows that read every kernel row inside the image: [inner0, inner1) */
+    for (j.inner0 = 0; j.inner0 < j.OH; j.inner0++) {
+        int lo, hi;
+        kernel_rows_inside(g, j.inner0, &lo, &hi);
+        if (lo == 0 && hi == g->KH) break;
+    }
+    for (j.inner1 = j.OH; j.inner1 > j.inner0; j.inner1--) {
+        int lo, hi;
+        kernel_rows_inside(g, j.inner1 - 1, &lo, &hi);
+        if (lo == 0 && hi == g->KH) break;
+    }
     int threads = ql_get_num_threads(), P = j.OH * j.OW;
     /* Image mode where the images share out evenly between the threads and a map fills its
      * tiles (96 pixels or more: at most 5 of them wasted): each image is padded and convolved
@@ -379,6 +470,7 @@ int ql_conv_direct_fwd_layout(float *y, ql_layout ylay, const float *x, ql_layou
      * then runs of tiles across images and blocks shared out. */
     int image_mode = P >= 96 && g->N >= threads && (g->N % threads == 0 || g->N >= 4 * threads);
     j.R = tile_rows_for(image_mode ? P : (long)g->N * P);
+    j.span = 1 + (j.R - 1 + j.OW - 1) / j.OW;
     if (image_mode) {
         ql_parallel_for(g->N, image_task, &j);
         return atomic_load(&j.status);

@@ -580,7 +580,7 @@ struct KernelTests {
     }
 
     @Test("Convolution forward, data and weight gradients: the implicit, batched and direct kernels give im2col + SGEMM's bits",
-          arguments: Array(0..<13))
+          arguments: Array(0..<15))
     func convImplicitExact(index: Int) {
         let extra = [ql_conv_geom(N: 3, C: 72, H: 9, W: 11, K: 40, KH: 3, KW: 3, SH: 1, SW: 1, PH: 1, PW: 1, DH: 1, DW: 1, groups: 1),
                      ql_conv_geom(N: 1, C: 3, H: 122, W: 64, K: 16, KH: 3, KW: 3, SH: 1, SW: 1, PH: 1, PW: 1, DH: 1, DW: 1, groups: 1),
@@ -593,7 +593,12 @@ struct KernelTests {
                      // one group, so the direct kernel where it applies: strided, dilated, uneven
                      // padding; and a stride-2 3x3 whose 25-pixel maps share tiles across images
                      ql_conv_geom(N: 3, C: 20, H: 13, W: 11, K: 17, KH: 3, KW: 2, SH: 2, SW: 1, PH: 1, PW: 0, DH: 2, DW: 1, groups: 1),
-                     ql_conv_geom(N: 2, C: 40, H: 10, W: 10, K: 33, KH: 3, KW: 3, SH: 2, SW: 2, PH: 1, PW: 1, DH: 1, DW: 1, groups: 1)]
+                     ql_conv_geom(N: 2, C: 40, H: 10, W: 10, K: 33, KH: 3, KW: 3, SH: 2, SW: 2, PH: 1, PW: 1, DH: 1, DW: 1, groups: 1),
+                     // maps shorter than the kernel: every row a border row (the direct kernel skips the
+                     // taps a row reads in the padding), tiles across rows and images, depth past one
+                     // 512-slab so a slab starts mid-channel; a 5-row kernel on 4 rows
+                     ql_conv_geom(N: 2, C: 60, H: 2, W: 7, K: 20, KH: 3, KW: 3, SH: 1, SW: 1, PH: 1, PW: 1, DH: 1, DW: 1, groups: 1),
+                     ql_conv_geom(N: 3, C: 24, H: 4, W: 9, K: 18, KH: 5, KW: 3, SH: 1, SW: 1, PH: 2, PW: 1, DH: 1, DW: 1, groups: 1)]
         var g = index < 6 ? Self.convCases[index] : extra[index - 6]
         var oh: Int32 = 0, ow: Int32 = 0
         #expect(ql_conv_out_size(&g, &oh, &ow) == 0)
