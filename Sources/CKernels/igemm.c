@@ -478,7 +478,8 @@ requant_avx512(int M, int N, int8_t *out, int ldo, const int32_t *acc, int ldacc
     }
 }
 
-/* epilogue_value's v for 8 columns from n: fmaf(acc + offset, scale, bias), then the activation */
+/* epilogue_value's v for 8 columns from n: fmaf(acc + offset, scale, bias), then the activation
+ * (ReLU as the scalar writes it, v < 0 ? 0 : v, which keeps a -0 or a NaN as it is) */
 __attribute__((target("avx2,fma"))) static inline __m256 epilogue8(const int32_t *a, const int32_t *col_offset,
                                                                    const float *scale, const float *bias, int n, int relu) {
     __m256i v = _mm256_loadu_si256((const __m256i *)(a + n));
@@ -486,7 +487,24 @@ __attribute__((target("avx2,fma"))) static inline __m256 epilogue8(const int32_t
     __m256 b = bias ? _mm256_loadu_ps(bias + n) : _mm256_setzero_ps();
     __m256 f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), _mm256_loadu_ps(scale + n), b);
     if (relu == 2) return _mm256_mul_ps(f, ql_sigmoid8(f)); /* SiLU: v * sigmoid(v) */
-    return relu ? _mm256_max_ps(f, _mm256_setzero_ps()) : f;
+    return relu ? _mm256_andnot_ps(_mm256_cmp_ps(f, _mm256_setzero_ps(), _CMP_LT_OQ), f) : f;
+}
+
+/* epilogue8 for the last count < 8 columns from n, through 8-wide copies (zero past count; an
+ * absent offset or bias is the 0 it stands for), so they get the same instructions as the rest:
+ * the scalar reference's fmaf is a call into libm where the C file is not built for FMA. */
+__attribute__((target("avx2,fma"))) static inline __m256 epilogue8_tail(const int32_t *a, const int32_t *col_offset,
+                                                                        const float *scale, const float *bias, int n, int count,
+                                                                        int relu) {
+    int32_t ta[8] = {0}, to[8] = {0};
+    float ts[8] = {0}, tb[8] = {0};
+    for (int i = 0; i < count; i++) {
+        ta[i] = a[n + i];
+        to[i] = col_offset ? col_offset[n + i] : 0;
+        ts[i] = scale[n + i];
+        tb[i] = bias ? bias[n + i] : 0.0f;
+    }
+    return epilogue8(ta, to, ts, tb, 0, relu);
 }
 
 __attribute__((target("avx2,fma"))) static void
@@ -497,16 +515,20 @@ requant_avx2(int M, int N, int8_t *out, int ldo, const int32_t *acc, int ldacc,
     for (int i = 0; i < M; i++) {
         const int32_t *a = acc + (size_t)i * ldacc;
         int8_t *o = out + (size_t)i * ldo;
-        for (int n = 0; n < N8; n += 8) {
-            __m256i q = _mm256_cvtps_epi32(epilogue8(a, col_offset, scale, bias, n, relu));
+        for (int n = 0; n < N; n += 8) {
+            __m256 f = n < N8 ? epilogue8(a, col_offset, scale, bias, n, relu) : epilogue8_tail(a, col_offset, scale, bias, n, N - n, relu);
+            __m256i q = _mm256_cvtps_epi32(f);
             q = _mm256_min_epi32(_mm256_max_epi32(q, lo), hi);
             /* to 8 bytes: already within [-127, 127], so the saturating packs change nothing */
             __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
-            _mm_storel_epi64((__m128i *)(o + n), _mm_packs_epi16(w, w));
+            w = _mm_packs_epi16(w, w);
+            if (n < N8) _mm_storel_epi64((__m128i *)(o + n), w);
+            else {
+                int8_t t[16];
+                _mm_storeu_si128((__m128i *)t, w);
+                memcpy(o + n, t, (size_t)(N - n));
+            }
         }
-        if (N8 < N)
-            ql_requantize_s8_ref(1, N - N8, o + N8, ldo, a + N8, ldacc, col_offset ? col_offset + N8 : NULL,
-                                 scale + N8, bias ? bias + N8 : NULL, relu);
     }
 }
 
@@ -543,28 +565,29 @@ int ql_dequantize_f32_ref(int M, int N, float *restrict out, int ldo, const int3
     return QL_OK;
 }
 
-/* SiLU's float epilogue 8 at a time (the others: one fmaf per element, which the compiler
- * vectorises in the reference loop). */
+/* The float epilogue 8 columns at a time (the last N % 8 through epilogue8_tail). */
 __attribute__((target("avx2,fma"))) static void
-dequant_silu_avx2(int M, int N, float *out, int ldo, const int32_t *acc, int ldacc, const int32_t *col_offset,
-                  const float *scale, const float *bias) {
+dequant_avx2(int M, int N, float *out, int ldo, const int32_t *acc, int ldacc, const int32_t *col_offset,
+             const float *scale, const float *bias, int relu) {
     int N8 = N & ~7;
     for (int i = 0; i < M; i++) {
         const int32_t *a = acc + (size_t)i * ldacc;
         float *o = out + (size_t)i * ldo;
-        for (int n = 0; n < N8; n += 8) _mm256_storeu_ps(o + n, epilogue8(a, col_offset, scale, bias, n, 2));
-        if (N8 < N)
-            ql_dequantize_f32_ref(1, N - N8, o + N8, ldo, a + N8, ldacc, col_offset ? col_offset + N8 : NULL,
-                                  scale + N8, bias ? bias + N8 : NULL, 2);
+        for (int n = 0; n < N8; n += 8) _mm256_storeu_ps(o + n, epilogue8(a, col_offset, scale, bias, n, relu));
+        if (N8 < N) {
+            float t[8];
+            _mm256_storeu_ps(t, epilogue8_tail(a, col_offset, scale, bias, N8, N - N8, relu));
+            memcpy(o + N8, t, sizeof(float) * (size_t)(N - N8));
+        }
     }
 }
 
 static int dequantize_f32_level(int level, int M, int N, float *out, int ldo, const int32_t *acc, int ldacc,
                                 const int32_t *col_offset, const float *scale, const float *bias, int relu) {
-    if (relu == 2 && level >= QL_ISA_AVX2) {
+    if (level >= QL_ISA_AVX2) {
         int st = check_epilogue(M, N, ldo, ldacc, scale);
         if (st) return st;
-        dequant_silu_avx2(M, N, out, ldo, acc, ldacc, col_offset, scale, bias);
+        dequant_avx2(M, N, out, ldo, acc, ldacc, col_offset, scale, bias, relu);
         return QL_OK;
     }
     return ql_dequantize_f32_ref(M, N, out, ldo, acc, ldacc, col_offset, scale, bias, relu);

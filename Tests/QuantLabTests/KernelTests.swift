@@ -294,7 +294,7 @@ struct KernelTests {
         }
     }
 
-    @Test("Fused INT8 GEMM + epilogue equals the reference GEMM followed by the reference epilogue", arguments: [
+    @Test("Fused INT8 GEMM + epilogue (no activation, ReLU, SiLU; s8 and f32 out, column counts not a multiple of 8) equals the reference GEMM followed by the reference epilogue", arguments: [
         (1, 1, 3), (37, 45, 70), (250, 33, 1030), (300, 64, 96), (5, 200, 17),
     ], AOperand.allCases)
     func fusedIgemmExact(shape: (Int, Int, Int), operand: AOperand) {
@@ -309,7 +309,7 @@ struct KernelTests {
         let scale = (0..<n).map { _ in 1e-5 + 1e-3 * rng.nextFloat() }, bias = randomFloats(n, &rng, low: -2, high: 2)
         var acc = [Int32](repeating: 0, count: m * n)
         _ = ql_igemm_u8s8s32_ref(Int32(m), Int32(n), Int32(k), a, Int32(k), b, Int32(n), &acc, Int32(n))
-        for relu: Int32 in [0, 1] {
+        for relu: Int32 in [0, 1, 2] { // none, ReLU, SiLU
             var wantS8 = [Int8](repeating: 0, count: m * n), wantF32 = [Float](repeating: 0, count: m * n)
             _ = ql_requantize_s8_ref(Int32(m), Int32(n), &wantS8, Int32(n), acc, Int32(n), offsets, scale, bias, relu)
             _ = ql_dequantize_f32_ref(Int32(m), Int32(n), &wantF32, Int32(n), acc, Int32(n), offsets, scale, bias, relu)
@@ -469,7 +469,7 @@ struct KernelTests {
         let offsets = (0..<n).map { _ in Int32(truncatingIfNeeded: rng.next() % 2001) - 1000 }
         let scale = (0..<n).map { _ in 1e-4 + 2e-3 * rng.nextFloat() }
         let bias = randomFloats(n, &rng, low: -3, high: 3)
-        for relu: Int32 in [0, 1] {
+        for relu: Int32 in [0, 1, 2] { // none, ReLU, SiLU
             var want = [Int8](repeating: 0, count: m * n)
             _ = ql_requantize_s8_ref(Int32(m), Int32(n), &want, Int32(n), acc, Int32(n), offsets, scale, bias, relu)
             for isa in supportedISAs {
