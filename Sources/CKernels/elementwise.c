@@ -271,8 +271,8 @@ static float row_max(const float *x, int cols) {
     return m;
 }
 
-void ql_softmax_rows(float *y, const float *x, int64_t rows, int cols) {
-    for (int64_t r = 0; r < rows; r++) {
+static void softmax_rows_range(float *y, const float *x, int64_t r0, int64_t r1, int cols) {
+    for (int64_t r = r0; r < r1; r++) {
         const float *xr = x + r * cols;
         float *yr = y + r * cols;
         float m = row_max(xr, cols);
@@ -281,6 +281,29 @@ void ql_softmax_rows(float *y, const float *x, int64_t rows, int cols) {
         float inv = (float)(1.0 / s);
         for (int c = 0; c < cols; c++) yr[c] *= inv;
     }
+}
+
+typedef struct {
+    float *y;
+    const float *x;
+    int64_t rows;
+    int cols, tasks;
+} softmax_job;
+
+static void softmax_task(int t, void *p) {
+    const softmax_job *j = (const softmax_job *)p;
+    softmax_rows_range(j->y, j->x, t * j->rows / j->tasks, (t + 1) * j->rows / j->tasks, j->cols);
+}
+
+/* Rows split between the threads where there are enough elements (each row is computed as it
+ * would be alone: the same bits at any thread count); an attention's softmax over a few
+ * thousand keys is a scalar expf per element. */
+void ql_softmax_rows(float *y, const float *x, int64_t rows, int cols) {
+    int64_t threads = ql_get_num_threads();
+    int tasks = rows * cols < 8192 || rows < 2 ? 1 : (int)(rows < 4 * threads ? rows : 4 * threads);
+    softmax_job j = {y, x, rows, cols, tasks};
+    if (tasks == 1) softmax_rows_range(y, x, 0, rows, cols);
+    else ql_parallel_for(tasks, softmax_task, &j);
 }
 
 void ql_log_softmax_rows(float *y, const float *x, int64_t rows, int cols) {

@@ -447,6 +447,23 @@ struct KernelTests {
         }
     }
 
+    @Test("Softmax rows: against a double-precision reference, and split between threads with each row's bits as when computed alone")
+    func softmaxRowsSplit() {
+        var rng = SeededGenerator(seed: 91)
+        let (rows, cols) = (60, 189) // an attention's queries x keys: past the threshold where rows are shared out
+        let x = randomFloats(rows * cols, &rng, low: -8, high: 8)
+        var y = [Float](repeating: 0, count: rows * cols)
+        ql_softmax_rows(&y, x, Int64(rows), Int32(cols))
+        for r in 0..<rows {
+            var alone = [Float](repeating: 0, count: cols)
+            x.withUnsafeBufferPointer { ql_softmax_rows(&alone, $0.baseAddress! + r * cols, 1, Int32(cols)) }
+            #expect(Array(y[(r * cols)..<((r + 1) * cols)]) == alone, "row \(r)")
+            let row = x[(r * cols)..<((r + 1) * cols)].map(Double.init), m = row.max()!
+            let e = row.map { Foundation.exp($0 - m) }, s = e.reduce(0, +)
+            for c in 0..<cols { #expect(abs(Double(y[r * cols + c]) - e[c] / s) <= 1e-6 * (e[c] / s) + 1e-9) }
+        }
+    }
+
     @Test("Requantization: round half to even, clamp to [-127, 127], hand-computed")
     func requantizeHandCases() {
         // v = acc * 0.5: ties at every odd acc
