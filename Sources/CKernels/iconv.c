@@ -247,9 +247,9 @@ __attribute__((target("avx2"))) static int contains_minus_128_avx2(const int8_t 
     return _mm256_movemask_epi8(any) != 0;
 }
 
-/* Whether a weight is -128 (the signed kernel cannot negate it); the packed weights of every
- * call on signed codes are scanned, so vectorised where it can be. */
-static int contains_minus_128(const int8_t *x, size_t n) {
+/* Whether a weight is -128 (the signed kernels, here and in igemm.c, cannot negate it); the
+ * packed weights of every call on signed codes are scanned, so vectorised where it can be. */
+int ql_contains_minus_128(const int8_t *x, size_t n) {
     size_t i = 0;
     if (ql_isa_best() >= QL_ISA_AVX2 && contains_minus_128_avx2(x, n, &i)) return 1;
     int found = 0;
@@ -268,7 +268,7 @@ static int iconv_run(ql_isa isa, const ql_conv_geom *g, const int8_t *x, const v
     if (depth > 65536) return QL_EINVAL; /* the int32 bound of the GEMM's contract */
     dk_fn kernel = dk_avx2_u7, kernel16 = dk_avx2_u7_16, kernel8 = dk_avx2_u7_8;
     if (!no_top_bit(x, (size_t)g->N * g->H * g->W * g->C)) {
-        if (contains_minus_128((const int8_t *)packed, ql_igemm_packed_size(depth, g->K))) return QL_EUNSUPPORTED;
+        if (ql_contains_minus_128((const int8_t *)packed, ql_igemm_packed_size(depth, g->K))) return QL_EUNSUPPORTED;
         kernel = dk_avx2_s7, kernel16 = dk_avx2_s7_16, kernel8 = dk_avx2_s7_8;
     }
     if (level == QL_ISA_REF) kernel = kernel16 = kernel8 = dk_ref;

@@ -218,10 +218,9 @@ __attribute__((target("avx2,fma"))) static void ukr_avx2_i8(int kq, const int32_
  * by ones adds each column's two pairs into its own int32 lane: lane c of strip s is column
  * 8s + c, so no reordering is needed at the end. 8 accumulators + 4 B + A + ones + 1 temp =
  * 15 of the 16 ymm registers. */
-__attribute__((target("avx2,fma"))) static void ukr_avx2_u7(int kq, const int32_t *restrict a,
-                                                            const int8_t *restrict b, int32_t *C,
-                                                            int ldc, int accumulate, int mr,
-                                                            int nr) {
+__attribute__((target("avx2,fma"), always_inline)) static inline void ukr_avx2_pairs(int kq, const int32_t *restrict a,
+                                                                                   const int8_t *restrict b, int32_t *C, int ldc,
+                                                                                   int accumulate, int mr, int nr, const int signed_a) {
     const __m256i ones = _mm256_set1_epi16(1);
     int32_t tile[2 * NRI] __attribute__((aligned(32)));
     for (int r0 = 0; r0 < mr; r0 += 2) {
@@ -232,16 +231,19 @@ __attribute__((target("avx2,fma"))) static void ukr_avx2_u7(int kq, const int32_
         for (int q = 0; q < kq; q++) {
             __m256i b0 = _mm256_loadu_si256((const __m256i *)bq), b1 = _mm256_loadu_si256((const __m256i *)(bq + 32));
             __m256i b2 = _mm256_loadu_si256((const __m256i *)(bq + 64)), b3 = _mm256_loadu_si256((const __m256i *)(bq + 96));
-            __m256i a0 = _mm256_set1_epi32(aq[0]);
-            c0[0] = _mm256_add_epi32(c0[0], _mm256_madd_epi16(_mm256_maddubs_epi16(a0, b0), ones));
-            c0[1] = _mm256_add_epi32(c0[1], _mm256_madd_epi16(_mm256_maddubs_epi16(a0, b1), ones));
-            c0[2] = _mm256_add_epi32(c0[2], _mm256_madd_epi16(_mm256_maddubs_epi16(a0, b2), ones));
-            c0[3] = _mm256_add_epi32(c0[3], _mm256_madd_epi16(_mm256_maddubs_epi16(a0, b3), ones));
-            __m256i a1 = _mm256_set1_epi32(aq[1]);
-            c1[0] = _mm256_add_epi32(c1[0], _mm256_madd_epi16(_mm256_maddubs_epi16(a1, b0), ones));
-            c1[1] = _mm256_add_epi32(c1[1], _mm256_madd_epi16(_mm256_maddubs_epi16(a1, b1), ones));
-            c1[2] = _mm256_add_epi32(c1[2], _mm256_madd_epi16(_mm256_maddubs_epi16(a1, b2), ones));
-            c1[3] = _mm256_add_epi32(c1[3], _mm256_madd_epi16(_mm256_maddubs_epi16(a1, b3), ones));
+            __m256i a0 = _mm256_set1_epi32(aq[0]), a1 = _mm256_set1_epi32(aq[1]);
+            /* signed codes: a * b = |a| * (b with a's sign), u8 x s8 again */
+#define PAIR(acc, av, bv) \
+    acc = _mm256_add_epi32(acc, _mm256_madd_epi16(signed_a ? _mm256_maddubs_epi16(_mm256_abs_epi8(av), _mm256_sign_epi8(bv, av)) : _mm256_maddubs_epi16(av, bv), ones))
+            PAIR(c0[0], a0, b0);
+            PAIR(c0[1], a0, b1);
+            PAIR(c0[2], a0, b2);
+            PAIR(c0[3], a0, b3);
+            PAIR(c1[0], a1, b0);
+            PAIR(c1[1], a1, b1);
+            PAIR(c1[2], a1, b2);
+            PAIR(c1[3], a1, b3);
+#undef PAIR
             aq += MRI;
             bq += 128;
         }
@@ -266,6 +268,20 @@ __attribute__((target("avx2,fma"))) static void ukr_avx2_u7(int kq, const int32_
     }
 }
 
+__attribute__((target("avx2,fma"))) static void ukr_avx2_u7(int kq, const int32_t *restrict a, const int8_t *restrict b,
+                                                            int32_t *C, int ldc, int accumulate, int mr, int nr) {
+    ukr_avx2_pairs(kq, a, b, C, ldc, accumulate, mr, nr, 0);
+}
+
+/* A's bytes are signed codes in [-127, 127] and B has no -128 (so that sign(b, a) can negate
+ * it): |a| is at most 127, and vpmaddubsw's pair sums are exact as for ukr_avx2_u7. Two more
+ * instructions per 32 products; the engine's linear and attention products, whose codes are
+ * signed, no longer go through the sign-extending kernel. */
+__attribute__((target("avx2,fma"))) static void ukr_avx2_s7(int kq, const int32_t *restrict a, const int8_t *restrict b,
+                                                            int32_t *C, int ldc, int accumulate, int mr, int nr) {
+    ukr_avx2_pairs(kq, a, b, C, ldc, accumulate, mr, nr, 1);
+}
+
 typedef void (*ukr_i8_fn)(int, const int32_t *, const int8_t *, int32_t *, int, int, int, int);
 
 static _Thread_local ql_scratch tl_apack, tl_cblock;
@@ -275,6 +291,7 @@ typedef enum { OUT_S32 = 0, OUT_S8 = 1, OUT_F32 = 2 } out_kind;
 
 typedef struct {
     int isa, M, N, K, lda, split_n, chunk;
+    int a_signed; /* A holds signed codes (ql_igemm_s8s8_f32) */
     const uint8_t *A;
     const int8_t *packed;
     out_kind kind;
@@ -325,7 +342,7 @@ static int igemm_block(const igemm_job *j, int m0, int M, int n0, int N) {
         for (int pc = 0; pc < K; pc += KCI) {
             int kc = ql_min_i(KCI, K - pc), kq = (kc + 3) / 4;
             uint8_t any = pack_a_u8(apack_buf, j->A + (size_t)m0 * j->lda, j->lda, ic, mc, pc, kc, K);
-            ukr_i8_fn ukr = vnni ? ukr_vnni : (any & 0x80) ? ukr_avx2_i8 : ukr_avx2_u7;
+            ukr_i8_fn ukr = j->a_signed ? ukr_avx2_s7 : vnni ? ukr_vnni : (any & 0x80) ? ukr_avx2_i8 : ukr_avx2_u7;
             for (int jr = 0; jr < N; jr += NRI) {
                 int nr = ql_min_i(NRI, N - jr);
                 const int8_t *bp = j->packed + ((size_t)((n0 + jr) / NRI) * Kq + pc / 4) * 128;
@@ -354,12 +371,15 @@ static void igemm_task(int t, void *p) {
     if (st) atomic_store(&j->status, st);
 }
 
-static int igemm_run(ql_isa isa, int M, int N, int K, const uint8_t *A, int lda, const void *packed,
-                     out_kind kind, void *out, int ldo, const ql_requant_params *ep) {
+static int igemm_run_signed(ql_isa isa, int M, int N, int K, const uint8_t *A, int lda, const void *packed,
+                            out_kind kind, void *out, int ldo, const ql_requant_params *ep, int a_signed) {
     if (M < 0 || N < 0 || K < 0 || lda < ql_max_i(K, 1) || ldo < ql_max_i(N, 1) || !packed || !out) return QL_EINVAL;
     if (kind != OUT_S32 && (!ep || !ep->scale)) return QL_EINVAL;
     int level = ql_resolve_isa(isa);
     if (level < 0) return QL_EUNSUPPORTED;
+    /* signed codes take the AVX2 |a| * sign(b, a) kernel on every SIMD level (VNNI's vpdpbusd
+     * wants unsigned A), and need B without -128 (refused on every level alike) */
+    if (a_signed && ql_contains_minus_128((const int8_t *)packed, ql_igemm_packed_size(K, N))) return QL_EUNSUPPORTED;
     if (M == 0 || N == 0) return QL_OK;
     if (level == QL_ISA_REF) {
         /* the reference on the packed operand: read B back through the documented layout */
@@ -372,7 +392,7 @@ static int igemm_run(ql_isa isa, int M, int N, int K, const uint8_t *A, int lda,
             for (int n = 0; n < N; n++) {
                 int32_t acc = 0;
                 for (int k = 0; k < K; k++)
-                    acc += (int32_t)A[(size_t)i * lda + k] *
+                    acc += (a_signed ? (int32_t)(int8_t)A[(size_t)i * lda + k] : (int32_t)A[(size_t)i * lda + k]) *
                            (int32_t)bp[((size_t)(n / NRI) * Kq + k / 4) * 128 + (n % NRI) * 4 + k % 4];
                 C[(size_t)i * ldc + n] = acc;
             }
@@ -382,7 +402,7 @@ static int igemm_run(ql_isa isa, int M, int N, int K, const uint8_t *A, int lda,
         if (kind != OUT_S32) ql_aligned_free(C);
         return st;
     }
-    igemm_job j = {level, M, N, K, lda, 0, 0, A, (const int8_t *)packed, kind, out, ldo, ep, QL_OK};
+    igemm_job j = {level, M, N, K, lda, 0, 0, a_signed, A, (const int8_t *)packed, kind, out, ldo, ep, QL_OK};
     int threads = ql_get_num_threads();
     double ops = 2.0 * M * N * (double)K;
     j.split_n = N > M;
@@ -392,6 +412,21 @@ static int igemm_run(ql_isa isa, int M, int N, int K, const uint8_t *A, int lda,
     tasks = (extent + j.chunk - 1) / j.chunk;
     ql_parallel_for(tasks, igemm_task, &j);
     return atomic_load(&j.status);
+}
+
+static int igemm_run(ql_isa isa, int M, int N, int K, const uint8_t *A, int lda, const void *packed,
+                     out_kind kind, void *out, int ldo, const ql_requant_params *ep) {
+    return igemm_run_signed(isa, M, N, K, A, lda, packed, kind, out, ldo, ep, 0);
+}
+
+int ql_igemm_s8s8_f32_isa(ql_isa isa, int M, int N, int K, const int8_t *A, int lda, const void *packed,
+                          const ql_requant_params *ep, float *out, int ldo) {
+    return igemm_run_signed(isa, M, N, K, (const uint8_t *)A, lda, packed, OUT_F32, out, ldo, ep, 1);
+}
+
+int ql_igemm_s8s8_f32(int M, int N, int K, const int8_t *A, int lda, const void *packed,
+                      const ql_requant_params *ep, float *out, int ldo) {
+    return ql_igemm_s8s8_f32_isa(QL_ISA_BEST, M, N, K, A, lda, packed, ep, out, ldo);
 }
 
 int ql_igemm_u8s8s32_isa(ql_isa isa, int M, int N, int K, const uint8_t *A, int lda,

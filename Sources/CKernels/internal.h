@@ -58,6 +58,9 @@ int ql_sgemm_packers_serial(int isa, int M, int N, int K, const float *Ap, int t
  * (iconv.c) share. Returns the epilogue's status. */
 int ql_epilogue_block(int isa, int to_s8, void *out, int ldo, int m0, int n0, int rows, int ncols,
                       const int32_t *acc, int ldacc, const ql_requant_params *ep);
+/* Whether any of n bytes is -128 (iconv.c): the kernels on signed codes need weights in
+ * [-127, 127] (|a| * sign(b, a) negates b). */
+int ql_contains_minus_128(const int8_t *x, size_t n);
 
 /* The direct FP32 conv forward (conv_direct.c): whether it applies at a resolved level (AVX2,
  * one group), its packed weights' size and packing, and the forward on them: y = conv(x) (+ b),

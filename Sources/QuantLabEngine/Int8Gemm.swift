@@ -11,9 +11,11 @@ import QuantLabCore
 ///       both operands activations (attention's Q.K^T and A.V), b packed at every run.
 ///
 /// The node takes the floats its quantizers read and quantizes them itself (the quantizers'
-/// own rounding, `ql_quantize_s8`), as u8 = code + 128 with the column-sum compensation of the
-/// igemm kernels. acc is exact; y differs from the fake-quantized float product only by float
-/// rounding.
+/// own rounding, `ql_quantize_s8`, clamped to +-127) and multiplies the signed codes
+/// (`ql_igemm_s8s8_f32`: on AVX2 |a| * (b with a's sign), u8 x s8 again, at the rate of the
+/// ReLU convs' kernel; before, code + 128 with a column-sum offset went through the kernel that
+/// sign-extends to 16 bits, at half that rate). acc is exact; y differs from the fake-quantized
+/// float product only by float rounding.
 public final class Int8Gemm {
     public let name: String
     public enum Kind: Sendable { case linear, matmul }
@@ -21,14 +23,13 @@ public final class Int8Gemm {
     let amaxA: Float
     /// matmul: the second operand's amax.
     let amaxB: Float?
-    // linear: the packed weight, its column sums, per-column scale and bias
+    // linear: the packed weight, per-column scale and bias
     let outFeatures: Int, inFeatures: Int
     let packed: [Int8]
-    let columnSums: [Int32]
     let scale: [Float]
     let bias: [Float]?
-    /// The quantized rows of A, kept between runs.
-    private var rows: [UInt8] = []
+    /// The quantized rows of A (signed codes), kept between runs.
+    private var rows: [Int8] = []
 
     /// Gemm: weight [out, in] quantized per output channel with `weightAmax`.
     init(linear name: String, weight: Tensor, bias: Tensor?, inputAmax: Float, weightAmax: [Float]) throws {
@@ -49,7 +50,6 @@ public final class Int8Gemm {
         var sums = [Int32](repeating: 0, count: outF)
         guard ql_igemm_pack_b(&packed, &sums, b, Int32(outF), Int32(inF), Int32(outF)) == 0 else { throw EngineError("\(name): weight packing failed") }
         self.packed = packed
-        columnSums = sums.map { -128 * $0 }
         scale = weightAmax.map { (inputAmax / 127) * ($0 / 127) }
         self.bias = bias.map(\.values)
     }
@@ -62,22 +62,25 @@ public final class Int8Gemm {
         self.amaxB = amaxB
         (outFeatures, inFeatures) = (0, 0)
         packed = []
-        columnSums = []
         scale = []
         bias = nil
     }
 
     public var kindName: String { kind == .linear ? "Int8Gemm" : "Int8MatMul" }
 
-    /// u8 codes (code + 128) of `count` floats.
+    /// The codes of `count` floats.
     private func quantizeRows(_ x: UnsafePointer<Float>, _ count: Int, amax: Float) {
-        if rows.count < count { rows = [UInt8](repeating: 0, count: count) }
-        rows.withUnsafeMutableBufferPointer { out in
-            out.baseAddress!.withMemoryRebound(to: Int8.self, capacity: count) { s8 in
-                ql_quantize_s8(s8, x, Int64(count), amax, 127)
-                for i in 0..<count { s8[i] = Int8(bitPattern: UInt8(bitPattern: s8[i]) ^ 0x80) } // +128 as u8
-            }
-        }
+        if rows.count < count { rows = [Int8](repeating: 0, count: count) }
+        rows.withUnsafeMutableBufferPointer { ql_quantize_s8($0.baseAddress!, x, Int64(count), amax, 127) }
+    }
+
+    /// y [m, n] = the epilogue of a [m, k] codes x packed [k, n]. Both operands' codes come from
+    /// `ql_quantize_s8` with a bound of 127, so no -128 reaches the signed kernel.
+    private func product(m: Int, n: Int, k: Int, a: UnsafePointer<Int8>, packed: UnsafeRawPointer, scale: UnsafePointer<Float>,
+                         bias: UnsafePointer<Float>?, out: UnsafeMutablePointer<Float>) throws {
+        var ep = ql_requant_params(col_offset: nil, scale: scale, bias: bias, relu: 0)
+        let status = ql_igemm_s8s8_f32(Int32(m), Int32(n), Int32(k), a, Int32(k), packed, &ep, out, Int32(n))
+        guard status == 0 else { throw EngineError("\(name): INT8 GEMM failed (status \(status))") }
     }
 
     /// x [..., in] -> [..., out].
@@ -86,15 +89,16 @@ public final class Int8Gemm {
         let m = x.count / max(inFeatures, 1)
         quantizeRows(x.data, x.count, amax: amaxA)
         let out = Tensor(zeros: Array(x.shape.dropLast()) + [outFeatures])
-        let status = scale.withUnsafeBufferPointer { sc in
-            columnSums.withUnsafeBufferPointer { off in
-                (bias ?? []).withUnsafeBufferPointer { bi in
-                    var ep = ql_requant_params(col_offset: off.baseAddress, scale: sc.baseAddress, bias: bias == nil ? nil : bi.baseAddress, relu: 0)
-                    return ql_igemm_u8s8_f32(Int32(m), Int32(outFeatures), Int32(inFeatures), rows, Int32(inFeatures), packed, &ep, out.data, Int32(outFeatures))
+        try scale.withUnsafeBufferPointer { sc in
+            try (bias ?? []).withUnsafeBufferPointer { bi in
+                try rows.withUnsafeBufferPointer { r in
+                    try packed.withUnsafeBytes { p in
+                        try product(m: m, n: outFeatures, k: inFeatures, a: r.baseAddress!, packed: p.baseAddress!,
+                                    scale: sc.baseAddress!, bias: bias == nil ? nil : bi.baseAddress, out: out.data)
+                    }
                 }
             }
         }
-        guard status == 0 else { throw EngineError("\(name): INT8 GEMM failed") }
         return out
     }
 
@@ -116,16 +120,14 @@ public final class Int8Gemm {
                 ql_igemm_pack_b(&packedB, &sums, src.baseAddress! + i * k * n, Int32(n), Int32(k), Int32(n)) == 0
             }
             guard ok else { throw EngineError("\(name): packing operand b failed") }
-            for j in 0..<n { sums[j] *= -128 }
-            let status = rows.withUnsafeBufferPointer { r in
-                scales.withUnsafeBufferPointer { sc in
-                    sums.withUnsafeBufferPointer { off in
-                        var ep = ql_requant_params(col_offset: off.baseAddress, scale: sc.baseAddress, bias: nil, relu: 0)
-                        return ql_igemm_u8s8_f32(Int32(m), Int32(n), Int32(k), r.baseAddress! + i * m * k, Int32(k), packedB, &ep, out.data + i * m * n, Int32(n))
+            try rows.withUnsafeBufferPointer { r in
+                try scales.withUnsafeBufferPointer { sc in
+                    try packedB.withUnsafeBytes { p in
+                        try product(m: m, n: n, k: k, a: r.baseAddress! + i * m * k, packed: p.baseAddress!,
+                                    scale: sc.baseAddress!, bias: nil, out: out.data + i * m * n)
                     }
                 }
             }
-            guard status == 0 else { throw EngineError("\(name): INT8 GEMM failed") }
         }
         return out
     }

@@ -464,6 +464,46 @@ struct KernelTests {
         }
     }
 
+    @Test("INT8 GEMM on signed codes (s8 x s8, f32 out) equals the exact integer product through the reference epilogue; a -128 in B is refused", arguments: [
+        (1, 1, 3), (7, 45, 70), (30, 189, 8), (30, 8, 189), (65, 33, 1030),
+    ])
+    func signedIgemmExact(shape: (Int, Int, Int)) {
+        let (m, n, k) = shape
+        var rng = SeededGenerator(seed: UInt64(11 * m + n + k))
+        let a = (0..<(m * k)).map { _ in Int8(truncatingIfNeeded: rng.next()) } // every s8 value, -128 too
+        let b = (0..<(k * n)).map { _ in Int8(Int(rng.next() % 255) - 127) }
+        var packed = [Int8](repeating: 0, count: ql_igemm_packed_size(Int32(k), Int32(n)))
+        var colSum = [Int32](repeating: 0, count: n)
+        _ = ql_igemm_pack_b(&packed, &colSum, b, Int32(n), Int32(k), Int32(n))
+        var acc = [Int32](repeating: 0, count: m * n)
+        for i in 0..<m { for j in 0..<n { acc[i * n + j] = Int32((0..<k).reduce(0) { $0 + Int(a[i * k + $1]) * Int(b[$1 * n + j]) }) } }
+        let scale = (0..<n).map { _ in 1e-5 + 1e-3 * rng.nextFloat() }, bias = randomFloats(n, &rng, low: -2, high: 2)
+        for relu: Int32 in [0, 1, 2] {
+            var want = [Float](repeating: 0, count: m * n)
+            _ = ql_dequantize_f32_ref(Int32(m), Int32(n), &want, Int32(n), acc, Int32(n), nil, scale, bias, relu)
+            scale.withUnsafeBufferPointer { sc in
+                bias.withUnsafeBufferPointer { bi in
+                    var ep = ql_requant_params(col_offset: nil, scale: sc.baseAddress, bias: bi.baseAddress, relu: relu)
+                    for isa in supportedISAs {
+                        var got = [Float](repeating: 0, count: m * n)
+                        #expect(ql_igemm_s8s8_f32_isa(isa, Int32(m), Int32(n), Int32(k), a, Int32(k), packed, &ep, &got, Int32(n)) == 0)
+                        #expect(got == want, "isa \(isa.rawValue) \(m)x\(n)x\(k) relu \(relu)")
+                    }
+                }
+            }
+        }
+        var withMinus128 = b
+        withMinus128[b.count / 2] = -128
+        _ = ql_igemm_pack_b(&packed, &colSum, withMinus128, Int32(n), Int32(k), Int32(n))
+        scale.withUnsafeBufferPointer { sc in
+            var ep = ql_requant_params(col_offset: nil, scale: sc.baseAddress, bias: nil, relu: 0)
+            var out = [Float](repeating: 0, count: m * n)
+            for isa in supportedISAs {
+                #expect(ql_igemm_s8s8_f32_isa(isa, Int32(m), Int32(n), Int32(k), a, Int32(k), packed, &ep, &out, Int32(n)) == Int32(QL_EUNSUPPORTED))
+            }
+        }
+    }
+
     @Test("Requantization: round half to even, clamp to [-127, 127], hand-computed")
     func requantizeHandCases() {
         // v = acc * 0.5: ties at every odd acc

@@ -156,6 +156,15 @@ int ql_igemm_u8s8_f32(int M, int N, int K, const uint8_t *A, int lda, const void
                       const ql_requant_params *ep, float *out, int ldo);
 int ql_igemm_u8s8_f32_isa(ql_isa isa, int M, int N, int K, const uint8_t *A, int lda,
                           const void *packed, const ql_requant_params *ep, float *out, int ldo);
+/* The same with A as signed codes (int8; symmetric quantization needs no + 128 and no
+ * column-sum offset, though ep->col_offset is applied if given). B must have no -128 (the
+ * AVX2 kernel forms a * b as |a| * (b with a's sign)): QL_EUNSUPPORTED otherwise, on every
+ * ISA, and the caller takes the u8 route. Bit-exact against the s8 x s8 product followed by
+ * ql_dequantize_f32_ref. */
+int ql_igemm_s8s8_f32(int M, int N, int K, const int8_t *A, int lda, const void *packed,
+                      const ql_requant_params *ep, float *out, int ldo);
+int ql_igemm_s8s8_f32_isa(ql_isa isa, int M, int N, int K, const int8_t *A, int lda,
+                          const void *packed, const ql_requant_params *ep, float *out, int ldo);
 
 int ql_requantize_s8(int M, int N, int8_t *restrict out, int ldo, const int32_t *restrict acc,
                      int ldacc, const int32_t *col_offset, const float *scale, const float *bias,
