@@ -308,6 +308,12 @@ static inline void kernel_rows_inside(const ql_conv_geom *g, int oh, int *lo, in
     *lo = a, *hi = b;
 }
 
+static int reads_every_kernel_row(const ql_conv_geom *g, int oh) {
+    int lo, hi;
+    kernel_rows_inside(g, oh, &lo, &hi);
+    return lo == 0 && hi == g->KH;
+}
+
 /* Tiles [t0, t1) of block `block` (16 output channels) over N images whose padded copies
  * start at xp and outputs at y. The tiles number the pixels of all N images (pixel q is image
  * q / P's pixel q % P), so a small map's last tile goes on into the next image instead of
@@ -452,16 +458,8 @@ int ql_conv_direct_fwd_layout(float *y, ql_layout ylay, const float *x, ql_layou
             for (int kw = 0; kw < g->KW; kw++) off[k++] = (kh * g->DH * j.Wp + kw * g->DW) * g->C + c;
     j.off = off;
     /* the output rows that read every kernel row inside the image: [inner0, inner1) */
-    for (j.inner0 = 0; j.inner0 < j.OH; j.inner0++) {
-        int lo, hi;
-        kernel_rows_inside(g, j.inner0, &lo, &hi);
-        if (lo == 0 && hi == g->KH) break;
-    }
-    for (j.inner1 = j.OH; j.inner1 > j.inner0; j.inner1--) {
-        int lo, hi;
-        kernel_rows_inside(g, j.inner1 - 1, &lo, &hi);
-        if (lo == 0 && hi == g->KH) break;
-    }
+    for (j.inner0 = 0; j.inner0 < j.OH && !reads_every_kernel_row(g, j.inner0); j.inner0++) {}
+    for (j.inner1 = j.OH; j.inner1 > j.inner0 && !reads_every_kernel_row(g, j.inner1 - 1); j.inner1--) {}
     int threads = ql_get_num_threads(), P = j.OH * j.OW;
     /* Image mode where the images share out evenly between the threads and a map fills its
      * tiles (96 pixels or more: at most 5 of them wasted): each image is padded and convolved

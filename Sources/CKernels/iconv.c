@@ -69,7 +69,6 @@ static void dk_ref(const uint8_t *const *r0, const uint8_t *const *r1, int taps,
 __attribute__((target("avx2"), always_inline)) static inline void
 dk_avx2(const uint8_t *const *r0, const uint8_t *const *r1, int taps, int cq, const int8_t *b, int32_t *tile,
         const uint8_t *zero, const int signed_codes, const int nv) {
-    const __m256i ones = _mm256_set1_epi16(1);
     __m256i c0[4], c1[4];
     for (int s = 0; s < nv; s++) c0[s] = c1[s] = _mm256_setzero_si256();
     for (int t = 0; t < taps; t++) {
@@ -85,17 +84,9 @@ dk_avx2(const uint8_t *const *r0, const uint8_t *const *r1, int taps, int cq, co
             memcpy(&w0, a0 + 4 * q, 4);
             memcpy(&w1, a1 + 4 * q, 4);
             __m256i x0 = _mm256_set1_epi32(w0), x1 = _mm256_set1_epi32(w1);
-            if (signed_codes) {
-                __m256i u0 = _mm256_abs_epi8(x0), u1 = _mm256_abs_epi8(x1);
-                for (int s = 0; s < nv; s++) {
-                    c0[s] = _mm256_add_epi32(c0[s], _mm256_madd_epi16(_mm256_maddubs_epi16(u0, _mm256_sign_epi8(bs[s], x0)), ones));
-                    c1[s] = _mm256_add_epi32(c1[s], _mm256_madd_epi16(_mm256_maddubs_epi16(u1, _mm256_sign_epi8(bs[s], x1)), ones));
-                }
-            } else {
-                for (int s = 0; s < nv; s++) {
-                    c0[s] = _mm256_add_epi32(c0[s], _mm256_madd_epi16(_mm256_maddubs_epi16(x0, bs[s]), ones));
-                    c1[s] = _mm256_add_epi32(c1[s], _mm256_madd_epi16(_mm256_maddubs_epi16(x1, bs[s]), ones));
-                }
+            for (int s = 0; s < nv; s++) {
+                c0[s] = _mm256_add_epi32(c0[s], ql_dot4_u8s8(x0, bs[s], signed_codes));
+                c1[s] = _mm256_add_epi32(c1[s], ql_dot4_u8s8(x1, bs[s], signed_codes));
             }
         }
     }
@@ -105,6 +96,8 @@ dk_avx2(const uint8_t *const *r0, const uint8_t *const *r1, int taps, int cq, co
     }
 }
 
+/* Each variant has two loops: one for pairs with an edge pixel (zero given: the test per tap)
+ * and one, the common case, with the test compiled out (zero NULL). */
 #define DK_VARIANT(name, signed_codes, nv)                                                                         \
     __attribute__((target("avx2"))) static void name(const uint8_t *const *r0, const uint8_t *const *r1, int taps, int cq, \
                                                      const int8_t *b, int32_t *tile, const uint8_t *zero) {                \
@@ -162,7 +155,7 @@ static void iconv_task(int t, void *p) {
         /* the block's first pixel by division, the others by stepping (a division per pixel
          * was a tenth of the 3-channel stem's time) */
         int n = mb / (j->OH * j->OW), oh = (mb / j->OW) % j->OH, ow = mb % j->OW;
-        unsigned char edge[MB + 1]; /* pixel r's window reaches into the padding */
+        unsigned char edge[MB]; /* pixel r's window reaches into the padding */
         for (int r = 0; r < rows; r++, ow++) {
             if (ow == j->OW) {
                 ow = 0;

@@ -221,7 +221,6 @@ __attribute__((target("avx2,fma"))) static void ukr_avx2_i8(int kq, const int32_
 __attribute__((target("avx2,fma"), always_inline)) static inline void ukr_avx2_pairs(int kq, const int32_t *restrict a,
                                                                                    const int8_t *restrict b, int32_t *C, int ldc,
                                                                                    int accumulate, int mr, int nr, const int signed_a) {
-    const __m256i ones = _mm256_set1_epi16(1);
     int32_t tile[2 * NRI] __attribute__((aligned(32)));
     for (int r0 = 0; r0 < mr; r0 += 2) {
         __m256i c0[4], c1[4];
@@ -232,18 +231,14 @@ __attribute__((target("avx2,fma"), always_inline)) static inline void ukr_avx2_p
             __m256i b0 = _mm256_loadu_si256((const __m256i *)bq), b1 = _mm256_loadu_si256((const __m256i *)(bq + 32));
             __m256i b2 = _mm256_loadu_si256((const __m256i *)(bq + 64)), b3 = _mm256_loadu_si256((const __m256i *)(bq + 96));
             __m256i a0 = _mm256_set1_epi32(aq[0]), a1 = _mm256_set1_epi32(aq[1]);
-            /* signed codes: a * b = |a| * (b with a's sign), u8 x s8 again */
-#define PAIR(acc, av, bv) \
-    acc = _mm256_add_epi32(acc, _mm256_madd_epi16(signed_a ? _mm256_maddubs_epi16(_mm256_abs_epi8(av), _mm256_sign_epi8(bv, av)) : _mm256_maddubs_epi16(av, bv), ones))
-            PAIR(c0[0], a0, b0);
-            PAIR(c0[1], a0, b1);
-            PAIR(c0[2], a0, b2);
-            PAIR(c0[3], a0, b3);
-            PAIR(c1[0], a1, b0);
-            PAIR(c1[1], a1, b1);
-            PAIR(c1[2], a1, b2);
-            PAIR(c1[3], a1, b3);
-#undef PAIR
+            c0[0] = _mm256_add_epi32(c0[0], ql_dot4_u8s8(a0, b0, signed_a));
+            c0[1] = _mm256_add_epi32(c0[1], ql_dot4_u8s8(a0, b1, signed_a));
+            c0[2] = _mm256_add_epi32(c0[2], ql_dot4_u8s8(a0, b2, signed_a));
+            c0[3] = _mm256_add_epi32(c0[3], ql_dot4_u8s8(a0, b3, signed_a));
+            c1[0] = _mm256_add_epi32(c1[0], ql_dot4_u8s8(a1, b0, signed_a));
+            c1[1] = _mm256_add_epi32(c1[1], ql_dot4_u8s8(a1, b1, signed_a));
+            c1[2] = _mm256_add_epi32(c1[2], ql_dot4_u8s8(a1, b2, signed_a));
+            c1[3] = _mm256_add_epi32(c1[3], ql_dot4_u8s8(a1, b3, signed_a));
             aq += MRI;
             bq += 128;
         }
@@ -273,10 +268,9 @@ __attribute__((target("avx2,fma"))) static void ukr_avx2_u7(int kq, const int32_
     ukr_avx2_pairs(kq, a, b, C, ldc, accumulate, mr, nr, 0);
 }
 
-/* A's bytes are signed codes in [-127, 127] and B has no -128 (so that sign(b, a) can negate
- * it): |a| is at most 127, and vpmaddubsw's pair sums are exact as for ukr_avx2_u7. Two more
- * instructions per 32 products; the engine's linear and attention products, whose codes are
- * signed, no longer go through the sign-extending kernel. */
+/* A's bytes are signed codes and B has no -128 (ql_dot4_u8s8's signed form): exact as
+ * ukr_avx2_u7, two more instructions per 32 products; the engine's linear and attention
+ * products, whose codes are signed, no longer go through the sign-extending kernel. */
 __attribute__((target("avx2,fma"))) static void ukr_avx2_s7(int kq, const int32_t *restrict a, const int8_t *restrict b,
                                                             int32_t *C, int ldc, int accumulate, int mr, int nr) {
     ukr_avx2_pairs(kq, a, b, C, ldc, accumulate, mr, nr, 1);

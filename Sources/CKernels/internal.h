@@ -155,6 +155,17 @@ __attribute__((target("avx2,fma"))) static inline __m256 ql_exp_nonpos8(__m256 t
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
+/* One k-group of a u8 x s8 `vpmaddubsw` kernel (igemm.c, iconv.c): per int32 lane, the sum of
+ * the 4 byte products of a (A's 4 bytes, in every lane) with a strip of packed B, s16 pair
+ * sums added by `vpmaddwd` with ones. Unsigned A: every byte at most 127, so |a1*b1 + a2*b2|
+ * <= 2*127*128 = 32512 never saturates. signed_a: A's bytes are signed codes, multiplied as
+ * |a| * (b with a's sign), u8 x s8 again (|-128| read as u8 is 128: 2*128*127 = 32512), exact
+ * while B has no -128 (its negation wraps; the callers check with ql_contains_minus_128). */
+__attribute__((target("avx2"))) static inline __m256i ql_dot4_u8s8(__m256i a, __m256i b, int signed_a) {
+    __m256i pairs = signed_a ? _mm256_maddubs_epi16(_mm256_abs_epi8(a), _mm256_sign_epi8(b, a)) : _mm256_maddubs_epi16(a, b);
+    return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+}
+
 __attribute__((target("avx2,fma"))) static inline __m256 ql_sigmoid8(__m256 x) {
     const __m256 one = _mm256_set1_ps(1.0f);
     __m256 e = ql_exp_nonpos8(_mm256_or_ps(x, _mm256_set1_ps(-0.0f))), d = _mm256_add_ps(one, e);

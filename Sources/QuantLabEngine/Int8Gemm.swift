@@ -47,8 +47,7 @@ public final class Int8Gemm {
         var b = [Int8](repeating: 0, count: weight.count) // B[i][o] = W[o][i]
         for o in 0..<outF { for i in 0..<inF { b[i * outF + o] = codes[o * inF + i] } }
         var packed = [Int8](repeating: 0, count: ql_igemm_packed_size(Int32(inF), Int32(outF)))
-        var sums = [Int32](repeating: 0, count: outF)
-        guard ql_igemm_pack_b(&packed, &sums, b, Int32(outF), Int32(inF), Int32(outF)) == 0 else { throw EngineError("\(name): weight packing failed") }
+        guard ql_igemm_pack_b(&packed, nil, b, Int32(outF), Int32(inF), Int32(outF)) == 0 else { throw EngineError("\(name): weight packing failed") }
         self.packed = packed
         scale = weightAmax.map { (inputAmax / 127) * ($0 / 127) }
         self.bias = bias.map(\.values)
@@ -112,12 +111,11 @@ public final class Int8Gemm {
         var bCodes = [Int8](repeating: 0, count: b.count)
         ql_quantize_s8(&bCodes, b.data, Int64(b.count), amaxB, 127)
         var packedB = [Int8](repeating: 0, count: ql_igemm_packed_size(Int32(k), Int32(n)))
-        var sums = [Int32](repeating: 0, count: n)
         let scales = [Float](repeating: (amaxA / 127) * (amaxB / 127), count: n)
         let out = Tensor(zeros: Array(a.shape.dropLast()) + [n])
         for i in 0..<batch {
             let ok = bCodes.withUnsafeBufferPointer { src in
-                ql_igemm_pack_b(&packedB, &sums, src.baseAddress! + i * k * n, Int32(n), Int32(k), Int32(n)) == 0
+                ql_igemm_pack_b(&packedB, nil, src.baseAddress! + i * k * n, Int32(n), Int32(k), Int32(n)) == 0
             }
             guard ok else { throw EngineError("\(name): packing operand b failed") }
             try rows.withUnsafeBufferPointer { r in
