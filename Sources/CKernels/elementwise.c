@@ -271,15 +271,66 @@ static float row_max(const float *x, int cols) {
     return m;
 }
 
-static void softmax_rows_range(float *y, const float *x, int64_t r0, int64_t r1, int cols) {
+/* exp(t) for a softmax's t = x - max <= 0: ql_exp_nonpos, 0 below -87 (where it would give
+ * exp(-87) ~ 1.6e-38; the true value is below that, so a masked -inf key weighs 0 as it should)
+ * and NaN kept (an inf or NaN input makes its row NaN, as libm's expf did). */
+static inline float softmax_exp(float t) { return t >= -87.0f ? ql_exp_nonpos(t) : (t != t ? t : 0.0f); }
+
+/* One row. The order of operations is the specification both paths follow, so they give the
+ * same bits: the max and the sum run over 8 lanes, element c in lane c % 8 (the sum in
+ * double), and the lanes are combined as ((l0+l4) + (l2+l6)) + ((l1+l5) + (l3+l7)) (for the
+ * max any order gives the same value); then each exponential is scaled by 1 / sum. */
+static void softmax_row_ref(float *y, const float *x, int cols) {
+    float m8[8];
+    for (int l = 0; l < 8; l++) m8[l] = -INFINITY;
+    for (int c = 0; c < cols; c++) m8[c % 8] = x[c] > m8[c % 8] ? x[c] : m8[c % 8];
+    float m = m8[0];
+    for (int l = 1; l < 8; l++) m = m8[l] > m ? m8[l] : m;
+    double s8[8] = {0};
+    for (int c = 0; c < cols; c++) { y[c] = softmax_exp(x[c] - m); s8[c % 8] += y[c]; }
+    double s = ((s8[0] + s8[4]) + (s8[2] + s8[6])) + ((s8[1] + s8[5]) + (s8[3] + s8[7]));
+    float inv = (float)(1.0 / s);
+    for (int c = 0; c < cols; c++) y[c] *= inv;
+}
+
+#if defined(__x86_64__) || defined(__i386__)
+__attribute__((target("avx2,fma"))) static void softmax_row_avx2(float *y, const float *x, int cols) {
+    int c8 = cols & ~7, c;
+    __m256 vm = _mm256_set1_ps(-INFINITY);
+    for (c = 0; c < c8; c += 8) vm = _mm256_max_ps(_mm256_loadu_ps(x + c), vm); /* x > m ? x : m */
+    float m8[8];
+    _mm256_storeu_ps(m8, vm);
+    for (; c < cols; c++) m8[c % 8] = x[c] > m8[c % 8] ? x[c] : m8[c % 8];
+    float m = m8[0];
+    for (int l = 1; l < 8; l++) m = m8[l] > m ? m8[l] : m;
+    const __m256 lim = _mm256_set1_ps(-87.0f);
+    __m256d lo = _mm256_setzero_pd(), hi = _mm256_setzero_pd();
+    vm = _mm256_set1_ps(m);
+    for (c = 0; c < c8; c += 8) {
+        __m256 t = _mm256_sub_ps(_mm256_loadu_ps(x + c), vm);
+        __m256 e = _mm256_and_ps(ql_exp_nonpos8(t), _mm256_cmp_ps(t, lim, _CMP_GE_OQ));
+        e = _mm256_blendv_ps(e, t, _mm256_cmp_ps(t, t, _CMP_UNORD_Q));
+        _mm256_storeu_ps(y + c, e);
+        lo = _mm256_add_pd(lo, _mm256_cvtps_pd(_mm256_castps256_ps128(e)));
+        hi = _mm256_add_pd(hi, _mm256_cvtps_pd(_mm256_extractf128_ps(e, 1)));
+    }
+    double s8[8];
+    _mm256_storeu_pd(s8, lo);
+    _mm256_storeu_pd(s8 + 4, hi);
+    for (; c < cols; c++) { y[c] = softmax_exp(x[c] - m); s8[c % 8] += y[c]; }
+    double s = ((s8[0] + s8[4]) + (s8[2] + s8[6])) + ((s8[1] + s8[5]) + (s8[3] + s8[7]));
+    __m256 inv = _mm256_set1_ps((float)(1.0 / s));
+    for (c = 0; c < c8; c += 8) _mm256_storeu_ps(y + c, _mm256_mul_ps(_mm256_loadu_ps(y + c), inv));
+    for (; c < cols; c++) y[c] *= (float)(1.0 / s);
+}
+#endif
+
+static void softmax_rows_range(int avx2, float *y, const float *x, int64_t r0, int64_t r1, int cols) {
     for (int64_t r = r0; r < r1; r++) {
-        const float *xr = x + r * cols;
-        float *yr = y + r * cols;
-        float m = row_max(xr, cols);
-        double s = 0;
-        for (int c = 0; c < cols; c++) { yr[c] = expf(xr[c] - m); s += yr[c]; }
-        float inv = (float)(1.0 / s);
-        for (int c = 0; c < cols; c++) yr[c] *= inv;
+#if defined(__x86_64__) || defined(__i386__)
+        if (avx2) { softmax_row_avx2(y + r * cols, x + r * cols, cols); continue; }
+#endif
+        softmax_row_ref(y + r * cols, x + r * cols, cols);
     }
 }
 
@@ -287,24 +338,28 @@ typedef struct {
     float *y;
     const float *x;
     int64_t rows;
-    int cols, tasks;
+    int cols, tasks, avx2;
 } softmax_job;
 
 static void softmax_task(int t, void *p) {
     const softmax_job *j = (const softmax_job *)p;
-    softmax_rows_range(j->y, j->x, t * j->rows / j->tasks, (t + 1) * j->rows / j->tasks, j->cols);
+    softmax_rows_range(j->avx2, j->y, j->x, t * j->rows / j->tasks, (t + 1) * j->rows / j->tasks, j->cols);
 }
 
 /* Rows split between the threads where there are enough elements (each row is computed as it
- * would be alone: the same bits at any thread count); an attention's softmax over a few
- * thousand keys is a scalar expf per element. */
-void ql_softmax_rows(float *y, const float *x, int64_t rows, int cols) {
+ * would be alone: the same bits at any thread count, and on either path). */
+int ql_softmax_rows_isa(ql_isa isa, float *y, const float *x, int64_t rows, int cols) {
+    int level = ql_resolve_isa(isa);
+    if (level < 0) return QL_EUNSUPPORTED;
     int64_t threads = ql_get_num_threads();
     int tasks = rows * cols < 8192 || rows < 2 ? 1 : (int)(rows < 4 * threads ? rows : 4 * threads);
-    softmax_job j = {y, x, rows, cols, tasks};
-    if (tasks == 1) softmax_rows_range(y, x, 0, rows, cols);
+    softmax_job j = {y, x, rows, cols, tasks, level >= QL_ISA_AVX2};
+    if (tasks == 1) softmax_rows_range(j.avx2, y, x, 0, rows, cols);
     else ql_parallel_for(tasks, softmax_task, &j);
+    return QL_OK;
 }
+
+void ql_softmax_rows(float *y, const float *x, int64_t rows, int cols) { ql_softmax_rows_isa(QL_ISA_BEST, y, x, rows, cols); }
 
 void ql_log_softmax_rows(float *y, const float *x, int64_t rows, int cols) {
     for (int64_t r = 0; r < rows; r++) {

@@ -79,46 +79,45 @@ int ql_igemm_u8s8s32_ref(int M, int N, int K, const uint8_t *A, int lda, const i
     return QL_OK;
 }
 
-/* Ap[panel][q][r] = 4 bytes A[i0 + panel*MRI + r, k0 + 4q .. +3] as one int32 word.
- * Returns the OR of all packed bytes: bit 7 clear means every byte is at most 127. */
+/* Ap[panel][q][r] = 4 bytes A[i0 + panel*MRI + r, k0 + 4q .. +3] as one int32 word, zero
+ * past K and past the last row. Returns the OR of all packed bytes: bit 7 clear means every
+ * byte is at most 127. Whole words are one 4-byte copy each (a byte loop here was a sixth of
+ * the engine's INT8 time before the direct conv, and still most of an attention product's
+ * packing, whose K, the number of keys, is rarely a multiple of 4); only a last partial word
+ * goes byte by byte. */
 static uint8_t pack_a_u8(int32_t *restrict Ap, const uint8_t *A, int lda, int i0, int mc, int k0,
                          int kc, int K) {
-    int kq = (kc + 3) / 4;
-    uint8_t any = 0;
+    int kq = (kc + 3) / 4, kv = ql_min_i(kc, K - k0); /* bytes of each row that exist */
+    int whole = kv / 4;
+    uint32_t seen = 0;
     for (int p = 0; p < mc; p += MRI) {
         int rows = ql_min_i(MRI, mc - p);
         int32_t *dst = Ap + (size_t)p * kq;
-        if (rows == MRI && kc % 4 == 0 && k0 + kc <= K) {
-            /* a whole panel of whole words: one 4-byte copy per word (the byte loop below was a
-             * sixth of the engine's INT8 time before the direct conv) */
-            uint32_t seen = 0;
-            for (int r = 0; r < MRI; r++) {
-                const uint8_t *src = A + (size_t)(i0 + p + r) * lda + k0;
-                for (int q = 0; q < kq; q++) {
-                    uint32_t w;
-                    memcpy(&w, src + 4 * q, 4);
-                    seen |= w;
-                    dst[(size_t)q * MRI + r] = (int32_t)w;
-                }
-            }
-            any |= (uint8_t)(seen | seen >> 8 | seen >> 16 | seen >> 24);
-            continue;
-        }
         for (int r = 0; r < MRI; r++) {
-            const uint8_t *src = r < rows ? A + (size_t)(i0 + p + r) * lda + k0 : NULL;
-            for (int q = 0; q < kq; q++) {
+            if (r >= rows) {
+                for (int q = 0; q < kq; q++) dst[(size_t)q * MRI + r] = 0;
+                continue;
+            }
+            const uint8_t *src = A + (size_t)(i0 + p + r) * lda + k0;
+            int q = 0;
+            for (; q < whole; q++) {
+                uint32_t w;
+                memcpy(&w, src + 4 * q, 4);
+                seen |= w;
+                dst[(size_t)q * MRI + r] = (int32_t)w;
+            }
+            for (; q < kq; q++) {
                 uint8_t b[4] = {0, 0, 0, 0};
-                if (src)
-                    for (int t = 0; t < 4; t++)
-                        if (k0 + 4 * q + t < K && 4 * q + t < kc) b[t] = src[4 * q + t];
-                any |= (uint8_t)(b[0] | b[1] | b[2] | b[3]);
-                int32_t w;
+                for (int t = 0; t < 4; t++)
+                    if (4 * q + t < kv) b[t] = src[4 * q + t];
+                uint32_t w;
                 memcpy(&w, b, 4);
-                dst[(size_t)q * MRI + r] = w;
+                seen |= w;
+                dst[(size_t)q * MRI + r] = (int32_t)w;
             }
         }
     }
-    return any;
+    return (uint8_t)(seen | seen >> 8 | seen >> 16 | seen >> 24);
 }
 
 /* Tile (mr x nr) of C: C = acc (first slab) or C += acc. */

@@ -87,7 +87,7 @@ public final class Int8Gemm {
         guard x.shape.last == inFeatures else { throw EngineError("\(name): input \(x.shape) for \(inFeatures) features") }
         let m = x.count / max(inFeatures, 1)
         quantizeRows(x.data, x.count, amax: amaxA)
-        let out = Tensor(zeros: Array(x.shape.dropLast()) + [outFeatures])
+        let out = Tensor(uninitialized: Array(x.shape.dropLast()) + [outFeatures]) // the epilogue writes every element
         try scale.withUnsafeBufferPointer { sc in
             try (bias ?? []).withUnsafeBufferPointer { bi in
                 try rows.withUnsafeBufferPointer { r in
@@ -101,6 +101,9 @@ public final class Int8Gemm {
         return out
     }
 
+    /// b's codes and one batch entry's packed b, kept between runs.
+    private var bCodes: [Int8] = [], packedB: [Int8] = []
+
     /// a [..., M, K] x b [..., K, N] (same batch dims) -> [..., M, N].
     func run(matmul a: Tensor, _ b: Tensor) throws -> Tensor {
         guard a.rank >= 2, b.rank == a.rank, Array(a.shape.dropLast(2)) == Array(b.shape.dropLast(2)), a.shape[a.rank - 1] == b.shape[b.rank - 2],
@@ -108,14 +111,15 @@ public final class Int8Gemm {
         let (m, k, n) = (a.shape[a.rank - 2], a.shape[a.rank - 1], b.shape[b.rank - 1])
         let batch = a.count / max(m * k, 1)
         quantizeRows(a.data, a.count, amax: amaxA)
-        var bCodes = [Int8](repeating: 0, count: b.count)
-        ql_quantize_s8(&bCodes, b.data, Int64(b.count), amaxB, 127)
-        var packedB = [Int8](repeating: 0, count: ql_igemm_packed_size(Int32(k), Int32(n)))
+        if bCodes.count < b.count { bCodes = [Int8](repeating: 0, count: b.count) }
+        bCodes.withUnsafeMutableBufferPointer { ql_quantize_s8($0.baseAddress!, b.data, Int64(b.count), amaxB, 127) }
+        let packedCount = ql_igemm_packed_size(Int32(k), Int32(n))
+        if packedB.count < packedCount { packedB = [Int8](repeating: 0, count: packedCount) }
         let scales = [Float](repeating: (amaxA / 127) * (amaxB / 127), count: n)
-        let out = Tensor(zeros: Array(a.shape.dropLast()) + [n])
+        let out = Tensor(uninitialized: Array(a.shape.dropLast()) + [n]) // the epilogue writes every element
         for i in 0..<batch {
             let ok = bCodes.withUnsafeBufferPointer { src in
-                ql_igemm_pack_b(&packedB, nil, src.baseAddress! + i * k * n, Int32(n), Int32(k), Int32(n)) == 0
+                packedB.withUnsafeMutableBytes { ql_igemm_pack_b($0.baseAddress!, nil, src.baseAddress! + i * k * n, Int32(n), Int32(k), Int32(n)) == 0 }
             }
             guard ok else { throw EngineError("\(name): packing operand b failed") }
             try rows.withUnsafeBufferPointer { r in

@@ -247,7 +247,7 @@ public final class Int8Conv {
             }
             return (QTensor(codes: out, shape: outShape, amax: amax), nil)
         }
-        let nhwc = Tensor(zeros: [n, Int(oh), Int(ow), outChannels])
+        let nhwc = Tensor(uninitialized: [n, Int(oh), Int(ow), outChannels]) // the epilogue writes every element
         try product(s8: nil, f32: nhwc.data)
         return (nil, nhwc.permuted([0, 3, 1, 2]))
     }
@@ -812,7 +812,7 @@ public final class Int8Plan {
                     q8[s] = QTensor(codes: c, shape: x.shape, amax: to)
                 case .dequantize(let s, let v, let name):
                     let q = try codes(s, for: name)
-                    let out = Tensor(zeros: q.shape)
+                    let out = Tensor(uninitialized: q.shape)
                     ql_dequantize_nhwc_to_nchw_f32(out.data, q.codes, Int32(q.shape[0]), Int32(q.shape[1]), Int32(q.shape[2] * q.shape[3]), q.amax / 127)
                     f32[v] = out
                 case .int8Conv(let conv, let input, let output):

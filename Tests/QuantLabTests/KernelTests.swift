@@ -464,6 +464,31 @@ struct KernelTests {
         }
     }
 
+    @Test("Softmax rows: every ISA gives the reference's bits (lane tails, -inf keys, inf and NaN rows)", arguments: [1, 7, 8, 13, 64, 525])
+    func softmaxRowsISAs(cols: Int) {
+        var rng = SeededGenerator(seed: 92 &+ UInt64(cols))
+        let rows = 6
+        var x = randomFloats(rows * cols, &rng, low: -30, high: 30)
+        x[cols - 1] = -.infinity                          // row 0: a masked key weighs 0
+        x[cols + cols / 2] = .nan                          // row 1: NaN
+        x[2 * cols] = .infinity                            // row 2: +inf
+        for c in 0..<cols { x[3 * cols + c] = -.infinity } // row 3: every key masked
+        x[4 * cols] = 200                                  // row 4: the others below exp's range
+        var want = [Float](repeating: 0, count: rows * cols)
+        #expect(ql_softmax_rows_isa(QL_ISA_REF, &want, x, Int64(rows), Int32(cols)) == 0)
+        for isa in supportedISAs where isa != QL_ISA_REF {
+            var got = [Float](repeating: 1, count: rows * cols)
+            #expect(ql_softmax_rows_isa(isa, &got, x, Int64(rows), Int32(cols)) == 0)
+            #expect(got.map(\.bitPattern) == want.map(\.bitPattern), "isa \(isa)")
+        }
+        if cols > 1 { #expect(want[cols - 1] == 0) }
+        let nanRows = want[cols..<(4 * cols)].allSatisfy { $0.isNaN }, oneHot = want[(4 * cols + 1)..<(5 * cols)].allSatisfy { $0 == 0 }
+        #expect(nanRows)
+        #expect(want[4 * cols] == 1 && oneHot)
+        let sum = want[(5 * cols)..<(6 * cols)].reduce(Double(0)) { $0 + Double($1) }
+        #expect(abs(sum - 1) < 1e-5)
+    }
+
     @Test("INT8 GEMM on signed codes (s8 x s8, f32 out) equals the exact integer product through the reference epilogue; a -128 in B is refused", arguments: [
         (1, 1, 3), (7, 45, 70), (30, 189, 8), (30, 8, 189), (65, 33, 1030),
     ])

@@ -430,8 +430,11 @@ int64_t ql_first_nonfinite(const float *x, int64_t n);
 /* Smallest and largest of n elements (+inf and -inf for n == 0); NaNs are skipped. */
 void ql_minmax(const float *x, int64_t n, float *lo, float *hi);
 
-/* Row-wise softmax / log-softmax over the last dim: x is rows x cols. Max-subtracted. */
+/* Row-wise softmax / log-softmax over the last dim: x is rows x cols. Max-subtracted.
+ * softmax: the exponential is ql_exp_nonpos's (within 2 ulp; 0 below -87), the sum in double
+ * in a fixed order, so the reference and AVX2 paths give the same bits; _isa as for the GEMMs. */
 void ql_softmax_rows(float *y, const float *x, int64_t rows, int cols);
+int ql_softmax_rows_isa(ql_isa isa, float *y, const float *x, int64_t rows, int cols);
 void ql_log_softmax_rows(float *y, const float *x, int64_t rows, int cols);
 /* softmax:     dx += y * (dy - sum_j dy_j y_j)
  * log-softmax: dx += dy - exp(y) * sum_j dy_j          (y is the forward output) */

@@ -98,8 +98,9 @@ public final class Tensor {
         self.init(shape: shape, storage: Storage(count: shape.reduce(1, *)), requiresGrad: requiresGrad)
     }
 
-    /// A tensor whose values are not set: for an op's output that its kernel writes in full.
-    convenience init(uninitialized shape: [Int]) {
+    /// A tensor whose values are not set: for an op's output that its kernel writes in full
+    /// (the package's engine included).
+    package convenience init(uninitialized shape: [Int]) {
         self.init(shape: shape, storage: Storage(count: shape.reduce(1, *), zeroed: false))
     }
 
