@@ -57,7 +57,7 @@ struct Exp07Report {
         md += "\n## B3: what the engine ran\n\n"
         md += "INT8 plan: \(r.int8ConvSteps) convs fused to integer kernels, \(r.int8GemmSteps) linears and attention products on the integer GEMM (Int8Gemm: the inputs quantized in the node, f32 out); \(r.reformatSteps) Reformat steps (Quantize / Requantize / Dequantize, or fake quantization in float before an op without an integer kernel). LayerNorm, softmax, GELU, the residual adds and the query selection run in FP32. "
         md += "The INT8 file stores every quantized weight as int8 with per-channel scales; biases, LayerNorm and the few unquantized tensors stay FP32.\n"
-        md += "\nWhere the time goes, batch 1, 10 profiled runs (`Int8Plan.profileReport`):\n\n```\nFP32 plan\n\(r.profileFP32)\n\nINT8 plan\n\(r.profileINT8)\n```\n"
+        md += "\nWhere the time goes, batch 1, 50 profiled runs (`Int8Plan.profileReport`):\n\n```\nFP32 plan\n\(r.profileFP32)\n\nINT8 plan\n\(r.profileINT8)\n```\n"
 
         md += "\n## B1: distributions, medians over layers of each kind\n\n"
         md += markdownTable(["kind", "layers", "act kurtosis", "act >3σ", "act max / p99.99", "weight kurtosis", "weight >3σ", "weight SQNR/ch dB"], r.analysis.map { k in

@@ -40,7 +40,7 @@ struct Exp07: ParsableCommand {
     @Flag(help: "Tiny model and data, results to results/quick/.") var quick = false
     @Option(help: "ACT iterations (default 300, 30 with --quick).") var iterations: Int?
     @Option(help: "ACT learning rate (cosine to 0).") var lr: Float = ACTConfig().learningRate
-    @Option(help: "Timed engine runs per latency.") var runs = 30
+    @Option(help: "Timed engine runs per latency (each plan, interleaved).") var runs = 200
     @Option(help: "Where datasets live.") var dataRoot = "data"
     @Option(help: "Where trained baselines are cached.") var modelsRoot = "data/models"
 
@@ -151,9 +151,11 @@ struct Exp07: ParsableCommand {
         r.reformatSteps = int8Plan.steps.filter { int8Plan.reformatKind(of: $0) != nil }.count
         var rng = SeededGenerator(seed: 0)
         let x = Tensor.uniform([1, 3, size, size], low: 0, high: 1, rng: &rng)
-        r.latencyFP32Ms = 1000 * (try fp32Plan.medianLatency([x], runs: runs))
-        r.latencyINT8Ms = 1000 * (try int8Plan.medianLatency([x], runs: runs))
-        // where the time goes: per-step timers over 10 runs; ms per run by kind from the step medians
+        // the two plans run in turn, run by run, so the VM's drifts hit both alike
+        let speeds = try timeInterleaved([fp32Plan, int8Plan], input: x, runs: runs)
+        (r.latencyFP32Ms, r.latencyINT8Ms) = (1000 * speeds[0].medianSeconds, 1000 * speeds[1].medianSeconds)
+        (r.kernelISA, r.latencyDrift) = (Kernels.isa.description, speeds.map(\.drift).max())
+        // where the time goes: per-step timers over 50 runs; ms per run by kind from the step medians
         func isConv(_ s: PlanStep) -> Bool {
             switch s { case .int8Conv: return true; case .float(let n): if case .conv = n.op { return true } else { return false }; default: return false }
         }
@@ -167,7 +169,7 @@ struct Exp07: ParsableCommand {
         func profiled(_ plan: Int8Plan) throws -> (report: String, conv: Double, products: Double, reformat: Double) {
             plan.profile = true
             defer { plan.profile = false }
-            for _ in 0..<10 { _ = try plan.run([x]) }
+            for _ in 0..<50 { _ = try plan.run([x]) }
             func ms(_ include: (PlanStep) -> Bool) -> Double { 1000 * zip(plan.steps, plan.stepMedians).filter { include($0.0) }.reduce(0) { $0 + $1.1 } }
             return (plan.profileReport(top: 6), ms(isConv), ms(isProduct), ms { plan.reformatKind(of: $0) != nil })
         }
