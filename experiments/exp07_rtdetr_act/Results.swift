@@ -217,7 +217,7 @@ private func latencyExplanation(_ r: Exp07Results) -> String {
         text += " At these widths (16-128 channels) and batch 1 the integer convs are no faster than the FP32 ones on this ISA (issue #12)."
     }
     if r.kernelISA == "avx2" {
-        text += " Without VNNI (this run's kernels: avx2) 32 u8 x s8 products take three instructions (vpmaddubsw, vpmaddwd, vpaddd; five for the signed codes of the linears and attention products) where 32 FP32 products take four FMAs: at most about 1.33x per instruction, not the several-fold of INT8 tensor cores."
+        text += " Without VNNI (this run's kernels: avx2) 32 u8 x s8 products take two multiplies (vpmaddubsw, then vpmaddwd to widen the pair sums) where 32 FP32 products take four FMAs: at most 2x, the ceiling `make bench` measures for the INT8 GEMM against our SGEMM, and less at these small shapes, where packing, quantizing the inputs and the float epilogue weigh more; not the several-fold of INT8 tensor cores."
     }
     return text
 }
