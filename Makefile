@@ -12,7 +12,7 @@ SWIFT_FLAGS := --explicit-target-dependency-import-check error
 EXPERIMENTS := $(sort $(notdir $(wildcard experiments/exp*)))
 
 .DEFAULT_GOAL := help
-.PHONY: results help build release test check-layers kill-resume gpu-bundle fuzz bench-engine bench-torch bench demo smoke crosscheck venv clean info data cuda models
+.PHONY: results help build release test check-layers check-class-sizes kill-resume gpu-bundle fuzz bench-engine bench-torch bench demo smoke crosscheck venv clean info data cuda models
 
 help: ## list the targets
 	@echo "QuantLab — INT8 quantization of object detectors, reproduced from scratch"
@@ -33,6 +33,9 @@ test: ## run the test suites (kernels vs references, gradients vs finite differe
 
 check-layers: ## every import is a declared dependency (C modules included) and the library targets form a stack
 	$(PYTHON) scripts/check_layers.py --self-test
+
+check-class-sizes: release ## no Swift class is allocated with two sizes in the release binaries (a Swift 6.3 cross-module-optimisation bug dropped private stored properties: scripts/check_class_sizes.py)
+	$(PYTHON) scripts/check_class_sizes.py $$(find $(RELEASE_BIN)/ -maxdepth 1 -type f -perm -u+x \( -name qlab -o -name 'exp*' \))
 
 kill-resume: release ## SIGKILL qlab train at random moments, resume each time: the final weights must equal an uninterrupted run's
 	@[ -d data/shapes-tiny ] || $(RELEASE_BIN)/qlab make-data --preset shapes-tiny --root data

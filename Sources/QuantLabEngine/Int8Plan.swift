@@ -588,18 +588,25 @@ public final class Int8Plan {
         }
     }
 
+    // The stored properties below are internal, not private, on purpose: with Swift 6.3's
+    // default cross-module optimisation (release builds), a module that inlined
+    // `Int8Plan(graph)` allocated the object without its private stored properties (41 of 65
+    // bytes), and the initialiser then wrote past the allocation: heap corruption that crashed
+    // exp05 and exp08 in release builds only (debug and ASan builds were fine). Keep any stored
+    // property of this class internal or public; scripts/check_class_sizes.py checks the
+    // release binaries for a class allocated with two sizes.
     /// The float convs' weights, packed for their forward (by the node's output value).
-    private var packedConvs: [Int: PackedConv2dWeights] = [:]
+    var packedConvs: [Int: PackedConv2dWeights] = [:]
     /// Float convs with their ReLU or SiLU fused: conv output value -> the activation's output
     /// value, which the conv step writes, and the activation.
-    private var floatConvActivation: [Int: (output: Int, activation: ConvActivation)] = [:]
+    var floatConvActivation: [Int: (output: Int, activation: ConvActivation)] = [:]
     /// " + ReLU" or " + SiLU" for a float conv with its activation fused, else "".
     private func fusedActivationName(_ n: GraphNode) -> String {
         switch floatConvActivation[n.output]?.activation { case .relu?: " + ReLU"; case .silu?: " + SiLU"; default: "" }
     }
     /// Float values that their conv writes NHWC with a zero border (rows, columns) for the
     /// convs that read them (`chainFloatConvs`).
-    private var nhwcOutputs: [Int: (Int, Int)] = [:]
+    var nhwcOutputs: [Int: (Int, Int)] = [:]
 
     /// The kind of Reformat a step is, or nil: quantize, requantize, dequantize, or "qdq
     /// (float)" for a quantizer run as fake quantization — but not a quantizer of a constant (a
