@@ -249,46 +249,149 @@ public struct AbsHistogram: Sendable {
     /// amax = left edge of bin i for the last i with the smallest divergence. As in the
     /// reference, bin 0 is first replaced by bin 1 (after ReLU bin 0 holds all the zeros,
     /// which would otherwise dominate the divergence).
+    ///
+    /// `entropyAmaxReference` evaluates that sum bin by bin for every candidate: O(bins^2),
+    /// seconds for a histogram that grew to 16k bins, and most of a model's calibration time.
+    /// Here each candidate costs O(levels) instead. Within one group q is constant, so
+    ///   sum_j (p_j / T) log(p_j / q_j) = (1/T) (sum_j b_j log b_j - sum_g S_g log q_g),
+    /// with the first sum a prefix sum over bins (bins[j] log bins[j]) and S_g, the group's
+    /// mass and its count of non-empty bins differences of prefix sums (of integers: exact).
+    /// Those sums round differently from the bin-by-bin ones, so two candidates whose
+    /// divergences differ by less than the rounding could come out in the other order. So
+    /// every candidate within a bound on that rounding of the smallest one is evaluated
+    /// again bin by bin, and the choice among those is the reference's: the same amax, bit
+    /// for bit, as `entropyAmaxReference` (tests: QuantizationTests "entropy ... reference").
     public func entropyAmax(bits: Int = 8, startBin: Int = 128, stride: Int = 1) -> Float? {
+        guard let k = EntropyCandidates(counts: counts, bits: bits, startBin: startBin) else { return counts.isEmpty ? nil : edge(counts.count) }
+        let candidates = Array(Swift.stride(from: startBin, through: k.n, by: stride))
+        var fast = [Double](repeating: .infinity, count: candidates.count)
+        var scale = 0.0
+        for (c, i) in candidates.enumerated() {
+            let (d, magnitude) = k.prefixDivergence(i)
+            fast[c] = d
+            if d.isFinite { scale = Swift.max(scale, magnitude) }
+        }
+        guard let least = fast.min(), least.isFinite else { return edge(candidates.last!) } // every one infinite: the last (as `<=` picks)
+        // rounding: each prefix sum carries at most (terms) x eps of its terms' magnitude, the
+        // 2^(bits-1) group terms a few eps each, the reference the same again; 16x to spare
+        let bound = 16 * Double(k.n + 4 * k.levels) * Double.ulpOfOne * scale
+        var bestDivergence = Double.infinity, bestBin = k.n
+        for (c, i) in candidates.enumerated() where fast[c] <= least + 2 * bound {
+            let d = k.referenceDivergence(i)
+            if d <= bestDivergence { bestDivergence = d; bestBin = i }
+        }
+        return edge(bestBin)
+    }
+
+    /// The same choice, every candidate's divergence summed bin by bin (the specification
+    /// `entropyAmax` is tested against).
+    public func entropyAmaxReference(bits: Int = 8, startBin: Int = 128, stride: Int = 1) -> Float? {
+        guard let k = EntropyCandidates(counts: counts, bits: bits, startBin: startBin) else { return counts.isEmpty ? nil : edge(counts.count) }
+        var bestDivergence = Double.infinity, bestBin = k.n
+        for i in Swift.stride(from: startBin, through: k.n, by: stride) {
+            let d = k.referenceDivergence(i)
+            if d <= bestDivergence { bestDivergence = d; bestBin = i }
+        }
+        return edge(bestBin)
+    }
+}
+
+/// What the entropy calibrator's candidates share: the bins (bin 0 replaced by bin 1), their
+/// suffix sums, and prefix sums for the O(levels) divergence.
+private struct EntropyCandidates {
+    let bins: [Double]
+    let n: Int, levels: Int
+    let suffix: [Double]      // suffix[i] = sum bins[i...]
+    let prefix: [Double]      // prefix[i] = sum bins[..<i] (integers: exact)
+    let nonEmpty: [Int]       // nonEmpty[i] = count of non-zero bins[..<i]
+    let binEntropy: [Double]  // binEntropy[i] = sum over bins[..<i] > 0 of b log b
+    let total: Double
+
+    /// nil when there is no candidate (no bins, or fewer than startBin).
+    init?(counts: [Int64], bits: Int, startBin: Int) {
         guard !counts.isEmpty else { return nil }
         var bins = counts.map(Double.init)
         if bins.count > 1 { bins[0] = bins[1] }
-        let n = bins.count
-        guard n >= startBin else { return edge(n) }
-        let levels = 1 << (bits - 1)
-        var suffix = [Double](repeating: 0, count: n + 1) // suffix[i] = sum bins[i...]
+        n = bins.count
+        guard n >= startBin else { return nil }
+        levels = 1 << (bits - 1)
+        var suffix = [Double](repeating: 0, count: n + 1)
         for i in Swift.stride(from: n - 1, through: 0, by: -1) { suffix[i] = suffix[i + 1] + bins[i] }
-        let total = suffix[0]
-        var bestDivergence = Double.infinity, bestBin = n
-        var groupSum = [Double](repeating: 0, count: levels), groupNonEmpty = [Int](repeating: 0, count: levels)
-        var group = [Int](repeating: 0, count: n)
-        for i in Swift.stride(from: startBin, through: n, by: stride) {
-            // group of bin j: the g with g*step <= j < (g+1)*step, step = i / levels (numpy's
-            // digitize over linspace(0, i, levels + 1))
-            let step = Double(i) / Double(levels)
-            for g in 0..<levels { groupSum[g] = 0; groupNonEmpty[g] = 0 }
-            for j in 0..<i {
-                var g = Swift.min(Int(Double(j) / step), levels - 1)
-                while g + 1 < levels && Double(g + 1) * step <= Double(j) { g += 1 }
-                while g > 0 && Double(g) * step > Double(j) { g -= 1 }
-                group[j] = g
-                if bins[j] != 0 { groupSum[g] += bins[j]; groupNonEmpty[g] += 1 }
-            }
-            // KL(P || Q), each normalised to sum 1 (scipy.stats.entropy): P = bins[0..<i] with
-            // the clipped mass added to its last bin sums to `total`; Q sums to the unclipped
-            // mass sum(bins[0..<i]) = total - suffix[i]. So KL = sum (p/P) log(p/q) + log(Q/P).
-            let unclipped = total - suffix[i]
-            var divergence = unclipped > 0 ? Foundation.log(unclipped / total) : .infinity
-            for j in 0..<i where divergence.isFinite {
-                let p = j == i - 1 ? bins[j] + suffix[i] : bins[j]
-                guard p > 0 else { continue }
-                let q = bins[j] != 0 ? groupSum[group[j]] / Double(groupNonEmpty[group[j]]) : 0
-                if q == 0 { divergence = .infinity; break }
-                divergence += (p / total) * Foundation.log(p / q)
-            }
-            if divergence <= bestDivergence { bestDivergence = divergence; bestBin = i }
+        var prefix = [Double](repeating: 0, count: n + 1), nonEmpty = [Int](repeating: 0, count: n + 1)
+        var binEntropy = [Double](repeating: 0, count: n + 1)
+        for j in 0..<n {
+            let b = bins[j]
+            prefix[j + 1] = prefix[j] + b
+            nonEmpty[j + 1] = nonEmpty[j] + (b != 0 ? 1 : 0)
+            binEntropy[j + 1] = binEntropy[j] + (b > 0 ? b * Foundation.log(b) : 0)
         }
-        return edge(bestBin)
+        self.bins = bins
+        self.suffix = suffix
+        self.prefix = prefix
+        self.nonEmpty = nonEmpty
+        self.binEntropy = binEntropy
+        total = suffix[0]
+    }
+
+    /// First bin of group g for i bins: the least j with g * step <= j, step = i / levels
+    /// (numpy's digitize over linspace(0, i, levels + 1)); j is an integer, so that is the
+    /// ceiling of the product as the reference computes it.
+    @inline(__always) func groupStart(_ g: Int, step: Double) -> Int { Int((Double(g) * step).rounded(.up)) }
+
+    /// KL(P || Q) for i bins from the prefix sums, and the magnitude of the terms it adds
+    /// (for the rounding bound).
+    func prefixDivergence(_ i: Int) -> (divergence: Double, magnitude: Double) {
+        let unclipped = total - suffix[i]
+        guard unclipped > 0 else { return (.infinity, 0) }
+        let last = i - 1, lastBin = bins[last], p = lastBin + suffix[i]
+        if p > 0 && lastBin == 0 { return (.infinity, 0) } // clipped mass on a bin Q leaves empty
+        let step = Double(i) / Double(levels)
+        var groupTerms = 0.0, groupMagnitude = 0.0, lastQ = 0.0
+        var lo = 0
+        for g in 0..<levels {
+            let hi = g + 1 < levels ? Swift.min(groupStart(g + 1, step: step), i) : i
+            defer { lo = hi }
+            let members = nonEmpty[hi] - nonEmpty[lo]
+            guard members > 0 else { continue }
+            let mass = prefix[hi] - prefix[lo], q = mass / Double(members)
+            // the last bin's own term is added below, with its clipped mass
+            let counted = hi == i ? mass - lastBin : mass
+            if hi == i { lastQ = q }
+            let t = counted * Foundation.log(q)
+            groupTerms += t
+            groupMagnitude += Swift.abs(t)
+        }
+        let lastTerm = p > 0 ? p * Foundation.log(p / lastQ) : 0
+        let head = Foundation.log(unclipped / total)
+        let d = head + (binEntropy[last] - groupTerms + lastTerm) / total
+        return (d, Swift.abs(head) + (Swift.abs(binEntropy[last]) + groupMagnitude + Swift.abs(lastTerm)) / total)
+    }
+
+    /// KL(P || Q) for i bins, bin by bin in increasing order (each normalised to sum 1, as
+    /// scipy.stats.entropy: P = bins[0..<i] with the clipped mass added to its last bin sums
+    /// to `total`; Q sums to the unclipped mass sum(bins[0..<i]) = total - suffix[i]; so
+    /// KL = sum (p/P) log(p/q) + log(Q/P)).
+    func referenceDivergence(_ i: Int) -> Double {
+        let step = Double(i) / Double(levels)
+        var groupSum = [Double](repeating: 0, count: levels), groupNonEmpty = [Int](repeating: 0, count: levels)
+        var group = [Int](repeating: 0, count: i)
+        for j in 0..<i {
+            var g = Swift.min(Int(Double(j) / step), levels - 1)
+            while g + 1 < levels && Double(g + 1) * step <= Double(j) { g += 1 }
+            while g > 0 && Double(g) * step > Double(j) { g -= 1 }
+            group[j] = g
+            if bins[j] != 0 { groupSum[g] += bins[j]; groupNonEmpty[g] += 1 }
+        }
+        let unclipped = total - suffix[i]
+        var divergence = unclipped > 0 ? Foundation.log(unclipped / total) : .infinity
+        for j in 0..<i where divergence.isFinite {
+            let p = j == i - 1 ? bins[j] + suffix[i] : bins[j]
+            guard p > 0 else { continue }
+            let q = bins[j] != 0 ? groupSum[group[j]] / Double(groupNonEmpty[group[j]]) : 0
+            if q == 0 { divergence = .infinity; break }
+            divergence += (p / total) * Foundation.log(p / q)
+        }
+        return divergence
     }
 }
 

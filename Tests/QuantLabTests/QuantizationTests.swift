@@ -140,6 +140,41 @@ struct QuantizationTests {
         #expect(a >= 128 && a < 1000, "entropy amax \(a)")
     }
 
+    @Test("entropy: the O(levels) candidates pick the reference's bin, bit for bit, on histograms of every kind (ties included)")
+    func entropyMatchesReference() {
+        var rng = SeededGenerator(seed: 23)
+        func histogram(_ n: Int, _ count: (Int) -> Double) -> AbsHistogram {
+            AbsHistogram(counts: (0..<n).map { Int64(Swift.max(0, count($0)).rounded()) }, binWidth: 0.25)
+        }
+        var cases: [(String, AbsHistogram)] = [
+            // KL exactly 0 at 128 and 129 bins: a tie the last candidate must win
+            ("exact at 128 bins", histogram(600) { $0 < 128 ? Double(1 + $0 % 3) : 0 }),
+            ("flat", histogram(700) { _ in 5 }),
+            ("flat then empty", histogram(900) { $0 < 400 ? 7 : 0 }),
+            ("bell with a far outlier", histogram(2048) { $0 == 2047 ? 1 : 1000 * Foundation.exp(-Double($0 * $0) / 20000) + 1 }),
+            ("bin 0 and 1 only", histogram(300) { $0 < 2 ? 1000 : 0 }),
+            // the last bin empty with mass beyond it: infinite divergence for those candidates
+            ("gaps", histogram(800) { $0 % 5 == 0 ? 0 : Double(900 - $0) }),
+            ("sparse spikes", histogram(1000) { $0 % 37 == 3 ? Double(50 + $0) : 0 }),
+            ("one large count", histogram(400) { $0 == 10 ? 3e9 : ($0 < 300 ? 1 : 0) }),
+        ]
+        for shape in 0..<12 { // seeded: ReLU'd normals, heavy tails, grown (non-2048) bin counts
+            let n = [300, 513, 1024, 1500][shape % 4]
+            let width = 1 + Double(shape % 3) * 40, tail = Double(shape % 4 + 1) * 0.001
+            let noise = (0..<n).map { _ in Double(Float.random(in: 0..<1, using: &rng)) }
+            cases.append(("seeded \(shape)", histogram(n) {
+                1e5 * Foundation.exp(-Double($0 * $0) / (2 * width * width)) + 1e5 * tail * Foundation.exp(-Double($0) / 200) * noise[$0]
+            }))
+        }
+        for (name, h) in cases {
+            #expect(h.entropyAmax() == h.entropyAmaxReference(), "\(name): \(h.entropyAmax()!) vs \(h.entropyAmaxReference()!)")
+            #expect(h.entropyAmax(bits: 6, startBin: 64, stride: 3) == h.entropyAmaxReference(bits: 6, startBin: 64, stride: 3), "\(name), 6 bits")
+        }
+        // fewer bins than the first candidate, and an empty histogram
+        #expect(histogram(100) { _ in 1 }.entropyAmax() == 25)
+        #expect(AbsHistogram().entropyAmax() == nil)
+    }
+
     @Test("calibration method names parse back; a bad one is an error naming it")
     func methodNames() throws {
         for m: CalibrationMethod in [.max, .entropy, .mse, .percentile(99.99), .percentile(99.9), .movingAverage(rate: 0.9), .movingAverage(rate: 0.95)] {
