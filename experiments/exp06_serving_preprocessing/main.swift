@@ -19,8 +19,8 @@
 // Files: main.swift (the pipeline), Results.swift (what is measured, the verdicts), Report.swift
 // (results/exp06.md).
 //
-// Run: `make exp06` (~2 min on 2 AVX2 cores once the RepOpt baseline exists), `make exp06 QUICK=1`
-// (tiny model, ~30 s).
+// Run: `make exp06` (~5 min on 2 AVX2 cores once the RepOpt baseline exists: 5 rounds), `make exp06 QUICK=1`
+// (tiny model, 2 rounds, ~30 s).
 import ArgumentParser
 import Foundation
 import QuantLab
@@ -31,17 +31,19 @@ struct Exp06: ParsableCommand {
 
     @Flag(help: "Tiny model, fewer images served, results to results/quick/.") var quick = false
     @Option(help: "Images per serving run (default 600, 60 with --quick).") var count: Int?
+    @Option(help: "Rounds: every configuration runs once per round; ratios are taken within a round, medians over rounds (default 5, 2 with --quick).") var rounds: Int?
     @Option(help: "Where datasets live.") var dataRoot = "data"
     @Option(help: "Where trained baselines are cached.") var modelsRoot = "data/models"
 
     func validate() throws {
         if let c = count, !(10...1_000_000).contains(c) { throw ValidationError("--count must be in 10...1000000, got \(c)") }
+        if let r = rounds, !(1...100).contains(r) { throw ValidationError("--rounds must be in 1...100, got \(r)") }
     }
 
     func run() throws {
         let start = Date()
         let plan = Baselines.Plan(quick: quick, dataRoot: URL(fileURLWithPath: dataRoot), modelsRoot: URL(fileURLWithPath: modelsRoot))
-        let images = count ?? (quick ? 60 : 600)
+        let images = count ?? (quick ? 60 : 600), rounds = self.rounds ?? (quick ? 2 : 5)
 
         // MARK: - 1 Data: the serving set (and the training set, for calibration)
         let servingRoot = try SyntheticShapes(.serving).write(root: plan.dataRoot)
@@ -54,7 +56,7 @@ struct Exp06: ParsableCommand {
         let (model, _, _) = try Baselines.detector(.repopt, plan: plan)
         let size = model.config.inputSize
         let fused = ServingPreprocessor(.fused, size: size), baseline = ServingPreprocessor(.baseline, size: size)
-        var results = Exp06Results(servingImages: files.count, averageKiB: Double(files.reduce(0) { $0 + $1.data.count }) / Double(files.count) / 1024,
+        var results = Exp06Results(rounds: rounds, servingImages: files.count, averageKiB: Double(files.reduce(0) { $0 + $1.data.count }) / Double(files.count) / 1024,
                                    inputSize: size, scaleDenominator: fused.scaleDenominator(width: servingSet.images[0].width, height: servingSet.images[0].height))
 
         // MARK: - 3 Accuracy through each pipeline (FP32)
@@ -63,21 +65,26 @@ struct Exp06: ParsableCommand {
 
         // MARK: - 4 Preprocessing alone, and OpenCV on the same files and threads
         let cores = Kernels.threads
-        for workers in Set([1, cores]).sorted() {
-            for (name, p, codes) in [("baseline", baseline, false), ("fused", fused, false), ("fused, int8 codes", fused, true)] {
-                var c = ServingConfig()
-                (c.workers, c.instances, c.images, c.codesIn) = (workers, 0, images, codes)
-                let r = try serve(files: files, preprocessor: p, instances: [], config: c)
-                results.alone.append(.init(pipeline: name, workers: workers, imagesPerSecond: r.imagesPerSecond, decodeMs: r.msPerImage.decode, transformMs: r.msPerImage.transform))
-                print(String(format: "alone, %d worker(s), %@: %.1f img/s", workers, name, r.imagesPerSecond))
-            }
-            if let peer = OpenCVPeer.locate(), peer.isAvailable {
-                let o = try peer.run(folder: folder, size: size, images: images, threads: workers)
-                results.opencvVersion = o.opencv
-                results.opencv.append(.init(pipeline: "OpenCV", workers: workers, imagesPerSecond: o.img_per_s, decodeMs: .nan, transformMs: .nan))
-                print(String(format: "alone, %d worker(s), OpenCV: %.1f img/s", workers, o.img_per_s))
-            } else {
-                print("OpenCV: no Python with cv2 (make venv installs it); the peer row is left out")
+        var openCVMissing = false
+        for round in 0..<rounds {
+            for workers in Set([1, cores]).sorted() {
+                for (name, p, codes) in [("baseline", baseline, false), ("fused", fused, false), ("fused, int8 codes", fused, true)] {
+                    var c = ServingConfig()
+                    (c.workers, c.instances, c.images, c.codesIn) = (workers, 0, images, codes)
+                    let r = try serve(files: files, preprocessor: p, instances: [], config: c)
+                    results.alone.append(.init(pipeline: name, workers: workers, round: round, imagesPerSecond: r.imagesPerSecond,
+                                               decodeMs: r.msPerImage.decode, transformMs: r.msPerImage.transform))
+                    print(String(format: "round %d/%d, alone, %d worker(s), %@: %.1f img/s", round + 1, rounds, workers, name, r.imagesPerSecond))
+                }
+                if let peer = OpenCVPeer.locate(), peer.isAvailable {
+                    let o = try peer.run(folder: folder, size: size, images: images, threads: workers)
+                    results.opencvVersion = o.opencv
+                    results.opencv.append(.init(pipeline: "OpenCV", workers: workers, round: round, imagesPerSecond: o.img_per_s, decodeMs: .nan, transformMs: .nan))
+                    print(String(format: "round %d/%d, alone, %d worker(s), OpenCV: %.1f img/s", round + 1, rounds, workers, o.img_per_s))
+                } else if !openCVMissing {
+                    openCVMissing = true
+                    print("OpenCV: no Python with cv2 (make venv installs it); the peer row is left out")
+                }
             }
         }
 
@@ -88,16 +95,19 @@ struct Exp06: ParsableCommand {
         let sim = try prepareDetectorPTQ(model, train: train, method: .entropy, calibration: CalibrationPlan(batches: 4, batchSize: 32, seed: 0))
         let int8 = try servingInstances(model, count: 1, maxBatch: 8)
         sim.remove()
-        for batch in [1, 8] {
-            for (engine, instances) in [("FP32", fp32), ("INT8", int8)] {
-                let pipelines: [(String, ServingPreprocessor, Bool)] = engine == "INT8"
-                    ? [("baseline", baseline, false), ("fused, int8 codes", fused, true)] : [("baseline", baseline, false), ("fused", fused, false)]
-                for (name, p, codes) in pipelines {
-                    var c = ServingConfig()
-                    (c.workers, c.instances, c.maxBatch, c.images, c.codesIn) = (1, 1, batch, images, codes)
-                    let r = try serve(files: files, preprocessor: p, instances: instances, config: c, progressLabel: "\(engine) \(name) b\(batch)")
-                    print("\(engine): " + r.summary)
-                    results.runs.append(.init(engine: engine, pipeline: name, report: r))
+        for round in 0..<rounds {
+            for batch in [1, 8] {
+                for (engine, instances) in [("FP32", fp32), ("INT8", int8)] {
+                    let pipelines: [(String, ServingPreprocessor, Bool)] = engine == "INT8"
+                        ? [("baseline", baseline, false), ("fused, int8 codes", fused, true)] : [("baseline", baseline, false), ("fused", fused, false)]
+                    for (name, p, codes) in pipelines {
+                        var c = ServingConfig()
+                        (c.workers, c.instances, c.maxBatch, c.images, c.codesIn) = (1, 1, batch, images, codes)
+                        let r = try serve(files: files, preprocessor: p, instances: instances, config: c,
+                                          progressLabel: "round \(round + 1)/\(rounds) \(engine) \(name) b\(batch)")
+                        print("round \(round + 1)/\(rounds) \(engine): " + r.summary)
+                        results.runs.append(.init(engine: engine, pipeline: name, round: round, report: r))
+                    }
                 }
             }
         }
@@ -106,14 +116,15 @@ struct Exp06: ParsableCommand {
         (results.verdicts, results.claims) = exp06Verdicts(results, quick: quick)
         var provenance = Provenance.current()
         provenance.seeds = ["calibration images": 0]
-        provenance.config = ["quick": String(quick), "images per run": String(images), "serving set": SyntheticShapes.Config.serving.name,
+        provenance.config = ["quick": String(quick), "images per run": String(images), "rounds": String(rounds), "serving set": SyntheticShapes.Config.serving.name,
                              "isa": "\(Kernels.isa)", "threads": String(cores)]
         provenance.wallSeconds = Date().timeIntervalSince(start)
         results.provenance = provenance.summary
         let report = Exp06Report(results: results, quick: quick, kernels: Kernels.summary, provenance: provenance)
         let path = try writeResults(name: "exp06", quick: quick, markdown: report.markdown, results: results)
-        let bars = results.runs.filter { $0.report.config.maxBatch == 1 }.map { run in
-            (label: "\(run.engine), \(run.pipeline)", segments: [run.report.msPerImage.decode, run.report.msPerImage.transform, run.report.msPerImage.engine])
+        let configurations = [("FP32", "baseline"), ("FP32", "fused"), ("INT8", "baseline"), ("INT8", "fused, int8 codes")]
+        let bars = configurations.compactMap { engine, pipeline in results.run(engine, pipeline, batch: 1).map { (engine, pipeline, $0) } }.map { engine, pipeline, run in
+            (label: "\(engine), \(pipeline)", segments: [run.msPerImage.decode, run.msPerImage.transform, run.msPerImage.engine])
         }
         let svg = SVG.stackedBars(bars, segmentNames: ["decode", "resize + normalise", "engine"], title: "CPU ms per image by stage (batch 1)", yLabel: "ms per image")
         let figures = path.deletingLastPathComponent().appendingPathComponent("exp06")

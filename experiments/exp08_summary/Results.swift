@@ -140,10 +140,12 @@ struct Exp06Numbers: Decodable {
     }
     var runs: [Run]
 
-    /// End-to-end img/s of one engine with the baseline or a fused pipeline, batch-1 instances.
+    /// End-to-end img/s of one engine with the baseline or a fused pipeline, batch-1 instances:
+    /// the median over exp06's rounds (the lower middle one for an even count, as exp06 shows).
     func imagesPerSecond(engine: String, fused: Bool) -> Double? {
-        runs.first { $0.engine == engine && $0.report.config.maxBatch == 1 && $0.pipeline.hasPrefix(fused ? "fused" : "baseline") }
-            .map { Double($0.report.served) / $0.report.wallSeconds }
+        let rates = runs.filter { $0.engine == engine && $0.report.config.maxBatch == 1 && $0.pipeline.hasPrefix(fused ? "fused" : "baseline") }
+            .map { Double($0.report.served) / $0.report.wallSeconds }.sorted()
+        return rates.isEmpty ? nil : rates[(rates.count - 1) / 2]
     }
 }
 
