@@ -262,7 +262,7 @@ public struct AbsHistogram: Sendable {
     /// again bin by bin, and the choice among those is the reference's: the same amax, bit
     /// for bit, as `entropyAmaxReference` (tests: QuantizationTests "entropy ... reference").
     public func entropyAmax(bits: Int = 8, startBin: Int = 128, stride: Int = 1) -> Float? {
-        guard let k = EntropyCandidates(counts: counts, bits: bits, startBin: startBin) else { return counts.isEmpty ? nil : edge(counts.count) }
+        guard let k = EntropyCandidates(counts: counts, bits: bits, startBin: startBin, stride: stride) else { return counts.isEmpty ? nil : edge(counts.count) }
         let candidates = Array(Swift.stride(from: startBin, through: k.n, by: stride))
         var fast = [Double](repeating: .infinity, count: candidates.count)
         var scale = 0.0
@@ -286,7 +286,7 @@ public struct AbsHistogram: Sendable {
     /// The same choice, every candidate's divergence summed bin by bin (the specification
     /// `entropyAmax` is tested against).
     public func entropyAmaxReference(bits: Int = 8, startBin: Int = 128, stride: Int = 1) -> Float? {
-        guard let k = EntropyCandidates(counts: counts, bits: bits, startBin: startBin) else { return counts.isEmpty ? nil : edge(counts.count) }
+        guard let k = EntropyCandidates(counts: counts, bits: bits, startBin: startBin, stride: stride) else { return counts.isEmpty ? nil : edge(counts.count) }
         var bestDivergence = Double.infinity, bestBin = k.n
         for i in Swift.stride(from: startBin, through: k.n, by: stride) {
             let d = k.referenceDivergence(i)
@@ -308,7 +308,9 @@ private struct EntropyCandidates {
     let total: Double
 
     /// nil when there is no candidate (no bins, or fewer than startBin).
-    init?(counts: [Int64], bits: Int, startBin: Int) {
+    init?(counts: [Int64], bits: Int, startBin: Int, stride: Int) {
+        require((2...16).contains(bits) && startBin >= 1 && stride >= 1,
+                "entropy calibration: bits must be in 2...16, startBin and stride at least 1 (got \(bits), \(startBin), \(stride))")
         guard !counts.isEmpty else { return nil }
         var bins = counts.map(Double.init)
         if bins.count > 1 { bins[0] = bins[1] }
