@@ -21,6 +21,13 @@ public enum Statistics {
 
     public static func mean(_ v: [Double]) -> Double { v.isEmpty ? .nan : v.reduce(0, +) / Double(v.count) }
 
+    /// The element with the median key, the lower of the two middle ones for an even count (an
+    /// element that was measured, never an average of two): exp06 shows that run of each
+    /// configuration, and exp08 reads the same one. nil for no elements.
+    public static func lowerMedian<T>(_ xs: [T], by key: (T) -> Double) -> T? {
+        xs.isEmpty ? nil : xs.sorted { key($0) < key($1) }[(xs.count - 1) / 2]
+    }
+
     /// Sample standard deviation (n - 1); 0 for fewer than two values.
     public static func standardDeviation(_ v: [Double]) -> Double {
         guard v.count > 1 else { return 0 }

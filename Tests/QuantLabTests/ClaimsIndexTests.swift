@@ -107,4 +107,13 @@ struct ClaimsIndexTests {
         #expect(Statistics.paretoFront(cost: [1, 1], value: [2, 2]) == [0, 1])
         #expect(Statistics.paretoFront(cost: [], value: []) == [])
     }
+
+    @Test("lower median: the measured element with the middle key, the lower middle one for an even count")
+    func lowerMedian() {
+        #expect(Statistics.lowerMedian([5.0, 1, 3]) { $0 } == 3)
+        #expect(Statistics.lowerMedian([4.0, 1, 3, 2]) { $0 } == 2)
+        let runs = [(round: 0, rate: 9.0), (round: 1, rate: 7.0), (round: 2, rate: 8.0)]
+        #expect(Statistics.lowerMedian(runs, by: \.rate)?.round == 2)
+        #expect(Statistics.lowerMedian([Double]()) { $0 } == nil)
+    }
 }

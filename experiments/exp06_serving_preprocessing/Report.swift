@@ -36,19 +36,18 @@ struct Exp06Report {
         func range(_ xs: [Double]) -> String { xs.count < 2 ? "—" : f1(xs.min()!) + "-" + f1(xs.max()!) }
         md += "\n## Preprocessing alone (no engine), same files\n\n"
         md += "img/s: the median of \(r.rounds) round\(r.rounds == 1 ? "" : "s") (range beside it); the stage times are that median round's.\n\n"
-        let configurations = Set((r.alone + r.opencv).map { "\($0.workers)\t\($0.pipeline)" }).sorted().map { $0.split(separator: "\t").map(String.init) }
-        md += markdownTable(["pipeline", "workers", "img/s", "range over rounds", "decode ms/img", "transform ms/img"], configurations.compactMap { key in
-            let workers = Int(key[0])!, all = r.alones(key[1], workers: workers)
-            guard let m = r.alone(key[1], workers: workers) else { return nil }
-            return [m.pipeline, "\(workers)", f1(m.imagesPerSecond), range(all.map(\.imagesPerSecond)),
+        // every round runs every configuration: round 0's entries name them
+        let configurations = (r.alone + r.opencv).filter { $0.round == 0 }.sorted { ($0.workers, $0.pipeline) < ($1.workers, $1.pipeline) }
+        md += markdownTable(["pipeline", "workers", "img/s", "range over rounds", "decode ms/img", "transform ms/img"], configurations.compactMap { c in
+            guard let m = r.alone(c.pipeline, workers: c.workers) else { return nil }
+            return [m.pipeline, "\(c.workers)", f1(m.imagesPerSecond), range(r.alones(c.pipeline, workers: c.workers).map(\.imagesPerSecond)),
                     m.decodeMs.isFinite ? f2(m.decodeMs) : "—", m.transformMs.isFinite ? f2(m.transformMs) : "—"]
         })
         if let v = r.opencvVersion { md += "\nOpenCV \(v): `cv2.imdecode`, `cv2.resize` (INTER_LINEAR), `cv2.copyMakeBorder`, BGR→RGB, CHW, /255 (scripts/opencv_preprocess.py), Python threads with `cv2.setNumThreads(1)`.\n" }
         md += "\n## End to end: workers → bounded queue → engine instances\n\n"
         md += "Busy shares are a stage's busy time over wall time × its threads; the busier stage sets the pace. CPU is getrusage user+system over wall (100% = one core).\n\n"
         md += "img/s: the median of \(r.rounds) round\(r.rounds == 1 ? "" : "s") (range beside it); every other column is that median round's.\n\n"
-        var seen = Set<String>()
-        let served = r.runs.filter { seen.insert("\($0.engine)|\($0.pipeline)|\($0.report.config.maxBatch)").inserted }
+        let served = r.runs.filter { $0.round == 0 }
         md += markdownTable(["engine", "pipeline", "max batch", "img/s", "range over rounds", "mean batch", "decode ms", "transform ms", "engine ms", "preprocessing busy", "engine busy", "CPU", "bottleneck"],
                             served.compactMap { first in
             let batch = first.report.config.maxBatch

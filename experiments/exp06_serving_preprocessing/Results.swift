@@ -64,23 +64,19 @@ struct Exp06Results: Codable {
     /// The round with the median img/s (the lower of the two middle ones for an even count):
     /// the run a table shows for a configuration, every column from that one run.
     func run(_ engine: String, _ pipeline: String, batch: Int) -> ServingReport? {
-        medianElement(runs(engine, pipeline, batch: batch), by: \.imagesPerSecond)
+        Statistics.lowerMedian(runs(engine, pipeline, batch: batch), by: \.imagesPerSecond)
     }
     func alones(_ pipeline: String, workers: Int) -> [Alone] {
         (alone + opencv).filter { $0.pipeline == pipeline && $0.workers == workers }.sorted { $0.round < $1.round }
     }
-    func alone(_ pipeline: String, workers: Int) -> Alone? { medianElement(alones(pipeline, workers: workers), by: \.imagesPerSecond) }
-}
-
-func medianElement<T>(_ xs: [T], by key: (T) -> Double) -> T? {
-    xs.isEmpty ? nil : xs.sorted { key($0) < key($1) }[(xs.count - 1) / 2]
+    func alone(_ pipeline: String, workers: Int) -> Alone? { Statistics.lowerMedian(alones(pipeline, workers: workers), by: \.imagesPerSecond) }
 }
 
 /// a / b within each round (rounds both have), as the median over rounds and the range.
 struct RoundRatio {
     var values: [Double]
     init(_ a: [Double], _ b: [Double]) { values = zip(a, b).map { $0 / $1 } }
-    var median: Double { medianElement(values) { $0 } ?? .nan }
+    var median: Double { Statistics.lowerMedian(values) { $0 } ?? .nan }
     var text: String {
         values.count < 2 ? String(format: "%.2fx", median) : String(format: "%.2fx (rounds %.2f-%.2f)", median, values.min()!, values.max()!)
     }

@@ -65,7 +65,8 @@ struct Exp06: ParsableCommand {
 
         // MARK: - 4 Preprocessing alone, and OpenCV on the same files and threads
         let cores = Kernels.threads
-        var openCVMissing = false
+        let openCV = OpenCVPeer.locate().flatMap { $0.isAvailable ? $0 : nil } // starts Python: once, not every round
+        if openCV == nil { print("OpenCV: no Python with cv2 (make venv installs it); the peer row is left out") }
         for round in 0..<rounds {
             for workers in Set([1, cores]).sorted() {
                 for (name, p, codes) in [("baseline", baseline, false), ("fused", fused, false), ("fused, int8 codes", fused, true)] {
@@ -76,14 +77,11 @@ struct Exp06: ParsableCommand {
                                                decodeMs: r.msPerImage.decode, transformMs: r.msPerImage.transform))
                     print(String(format: "round %d/%d, alone, %d worker(s), %@: %.1f img/s", round + 1, rounds, workers, name, r.imagesPerSecond))
                 }
-                if let peer = OpenCVPeer.locate(), peer.isAvailable {
+                if let peer = openCV {
                     let o = try peer.run(folder: folder, size: size, images: images, threads: workers)
                     results.opencvVersion = o.opencv
                     results.opencv.append(.init(pipeline: "OpenCV", workers: workers, round: round, imagesPerSecond: o.img_per_s, decodeMs: .nan, transformMs: .nan))
                     print(String(format: "round %d/%d, alone, %d worker(s), OpenCV: %.1f img/s", round + 1, rounds, workers, o.img_per_s))
-                } else if !openCVMissing {
-                    openCVMissing = true
-                    print("OpenCV: no Python with cv2 (make venv installs it); the peer row is left out")
                 }
             }
         }

@@ -144,8 +144,8 @@ struct Exp06Numbers: Decodable {
     /// the median over exp06's rounds (the lower middle one for an even count, as exp06 shows).
     func imagesPerSecond(engine: String, fused: Bool) -> Double? {
         let rates = runs.filter { $0.engine == engine && $0.report.config.maxBatch == 1 && $0.pipeline.hasPrefix(fused ? "fused" : "baseline") }
-            .map { Double($0.report.served) / $0.report.wallSeconds }.sorted()
-        return rates.isEmpty ? nil : rates[(rates.count - 1) / 2]
+            .map { Double($0.report.served) / $0.report.wallSeconds }
+        return Statistics.lowerMedian(rates) { $0 }
     }
 }
 
