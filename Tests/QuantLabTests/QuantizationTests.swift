@@ -140,11 +140,13 @@ struct QuantizationTests {
         #expect(a >= 128 && a < 1000, "entropy amax \(a)")
     }
 
-    @Test("entropy: the O(levels) candidates pick the reference's bin, bit for bit, on histograms of every kind (ties included)")
-    func entropyMatchesReference() {
+    /// Histograms of every kind for the fast calibrators against their references: exact ties,
+    /// flat, gaps, infinite-divergence candidates, sparse spikes, huge counts, and 12 seeded
+    /// shapes (ReLU'd normals, heavy tails, grown non-2048 bin counts).
+    private static func calibrationHistograms(binWidth: Float) -> [(String, AbsHistogram)] {
         var rng = SeededGenerator(seed: 23)
         func histogram(_ n: Int, _ count: (Int) -> Double) -> AbsHistogram {
-            AbsHistogram(counts: (0..<n).map { Int64(Swift.max(0, count($0)).rounded()) }, binWidth: 0.25)
+            AbsHistogram(counts: (0..<n).map { Int64(Swift.max(0, count($0)).rounded()) }, binWidth: binWidth)
         }
         var cases: [(String, AbsHistogram)] = [
             // KL exactly 0 at 128 and 129 bins: a tie the last candidate must win
@@ -152,13 +154,14 @@ struct QuantizationTests {
             ("flat", histogram(700) { _ in 5 }),
             ("flat then empty", histogram(900) { $0 < 400 ? 7 : 0 }),
             ("bell with a far outlier", histogram(2048) { $0 == 2047 ? 1 : 1000 * Foundation.exp(-Double($0 * $0) / 20000) + 1 }),
+            // MSE: every candidate rounds both bins to level 0, the same error: the first must win
             ("bin 0 and 1 only", histogram(300) { $0 < 2 ? 1000 : 0 }),
             // the last bin empty with mass beyond it: infinite divergence for those candidates
             ("gaps", histogram(800) { $0 % 5 == 0 ? 0 : Double(900 - $0) }),
             ("sparse spikes", histogram(1000) { $0 % 37 == 3 ? Double(50 + $0) : 0 }),
             ("one large count", histogram(400) { $0 == 10 ? 3e9 : ($0 < 300 ? 1 : 0) }),
         ]
-        for shape in 0..<12 { // seeded: ReLU'd normals, heavy tails, grown (non-2048) bin counts
+        for shape in 0..<12 {
             let n = [300, 513, 1024, 1500][shape % 4]
             let width = 1 + Double(shape % 3) * 40, tail = Double(shape % 4 + 1) * 0.001
             let noise = (0..<n).map { _ in Double(Float.random(in: 0..<1, using: &rng)) }
@@ -166,13 +169,54 @@ struct QuantizationTests {
                 1e5 * Foundation.exp(-Double($0 * $0) / (2 * width * width)) + 1e5 * tail * Foundation.exp(-Double($0) / 200) * noise[$0]
             }))
         }
-        for (name, h) in cases {
+        return cases
+    }
+
+    @Test("entropy: the O(levels) candidates pick the reference's bin, bit for bit, on histograms of every kind (ties included)")
+    func entropyMatchesReference() {
+        for (name, h) in Self.calibrationHistograms(binWidth: 0.25) {
             #expect(h.entropyAmax() == h.entropyAmaxReference(), "\(name): \(h.entropyAmax()!) vs \(h.entropyAmaxReference()!)")
             #expect(h.entropyAmax(bits: 6, startBin: 64, stride: 3) == h.entropyAmaxReference(bits: 6, startBin: 64, stride: 3), "\(name), 6 bits")
         }
         // fewer bins than the first candidate, and an empty histogram
-        #expect(histogram(100) { _ in 1 }.entropyAmax() == 25)
+        #expect(AbsHistogram(counts: [Int64](repeating: 1, count: 100), binWidth: 0.25).entropyAmax() == 25)
         #expect(AbsHistogram().entropyAmax() == nil)
+    }
+
+    @Test("MSE: each candidate's O(levels) error is within its stated bound of the bin-by-bin one, and the choice is the reference's, bit for bit (ties: the first)")
+    func mseMatchesReference() throws {
+        var differed = 0
+        for (binWidth, bits, startBin, stride) in [(Float(0.25), 8, 128, 1), (0.0037, 8, 128, 1), (3.1e-6, 4, 7, 3)] {
+            for (name, h) in Self.calibrationHistograms(binWidth: binWidth) {
+                let k = try #require(MSECandidates(h, bits: bits, startBin: startBin, stride: stride))
+                var best = (error: Double.infinity, bin: startBin)
+                for i in Swift.stride(from: startBin, to: h.counts.count, by: stride) {
+                    let fast = k.prefixError(i), reference = k.referenceError(i)
+                    if fast.error != reference { differed += 1 }
+                    #expect(Swift.abs(fast.error - reference) <= k.bound(fast), "\(name), width \(binWidth), bin \(i): \(fast.error) vs \(reference)")
+                    if reference < best.error { best = (reference, i) }
+                }
+                #expect(h.mseAmax(bits: bits, startBin: startBin, stride: stride) == h.centre(best.bin), "\(name), width \(binWidth)")
+                #expect(h.mseAmaxReference(bits: bits, startBin: startBin, stride: stride) == h.centre(best.bin), "\(name), width \(binWidth)")
+            }
+        }
+        #expect(differed > 1000) // the rounding the bound covers is there: the check above is not vacuous
+        // 65536 bins: the exact ratio c / s comes within the Float rounding of a level's
+        // half-way point, where only the quantizer's own arithmetic decides the level
+        let wide = AbsHistogram(counts: [Int64](repeating: 1, count: 65536), binWidth: 0.0037)
+        let k = try #require(MSECandidates(wide, bits: 8, startBin: 128, stride: 1))
+        for i in Swift.stride(from: 32768, to: 65536, by: 677) {
+            let s = wide.centre(i) / 127
+            var lo = 0
+            for q in 0...127 {
+                let hi = k.runEnd(level: q, from: lo, step: s)
+                #expect((lo..<hi).allSatisfy { k.level($0, s) == Float(q) } && (hi == 65536 || k.level(hi, s) > Float(q)), "candidate \(i), level \(q)")
+                lo = hi
+            }
+        }
+        let few = AbsHistogram(counts: [Int64](repeating: 1, count: 100), binWidth: 0.25)
+        #expect(few.mseAmax() == few.centre(99))
+        #expect(AbsHistogram().mseAmax() == nil)
     }
 
     @Test("calibration method names parse back; a bad one is an error naming it")
