@@ -25,9 +25,7 @@ struct Analyze: ParsableCommand {
     }
 
     func run() throws {
-        let url = URL(fileURLWithPath: model)
-        guard FileManager.default.fileExists(atPath: url.path) else { throw ValidationError("--model: no file at \(url.path)") }
-        let saved = try SavedModel.load(url)
+        let (url, saved) = try loadSavedModel(model)
         let module = saved.module
         if !trainForm { module.convertToDeployForm() }
         let plan = CalibrationPlan(batches: batches, batchSize: batchSize, seed: seed)

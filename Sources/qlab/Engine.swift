@@ -47,9 +47,7 @@ struct EngineCommand: ParsableCommand {
 
     func run() throws {
         if let onnx { return try runONNX(onnx) }
-        let url = URL(fileURLWithPath: model!)
-        guard FileManager.default.fileExists(atPath: url.path) else { throw ValidationError("--model: no file at \(url.path)") }
-        let saved = try SavedModel.load(url)
+        let (_, saved) = try loadSavedModel(model!)
         let defaultData = { if case .classifier = saved { return "data/shapes-cls" } else { return "data/shapes" } }()
         let dataRoot = URL(fileURLWithPath: data ?? defaultData)
         let module = saved.module

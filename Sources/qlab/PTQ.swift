@@ -33,9 +33,7 @@ struct PTQCommand: ParsableCommand {
     }
 
     func run() throws {
-        let url = URL(fileURLWithPath: model)
-        guard FileManager.default.fileExists(atPath: url.path) else { throw ValidationError("--model: no file at \(url.path)") }
-        let saved = try SavedModel.load(url)
+        let (_, saved) = try loadSavedModel(model)
         let methodList = try CalibrationMethod.parseList(methods)
         let defaultData = { if case .detector = saved { return "data/shapes" } else { return "data/shapes-cls" } }()
         let subject = try PTQSubject.saved(saved, data: URL(fileURLWithPath: data ?? defaultData), label: saved.kindName)

@@ -33,9 +33,8 @@ struct QATCommand: ParsableCommand {
     }
 
     func run() throws {
-        let url = URL(fileURLWithPath: model)
-        guard FileManager.default.fileExists(atPath: url.path) else { throw ValidationError("--model: no file at \(url.path)") }
-        guard case .detector(let student) = try SavedModel.load(url) else { throw ValidationError("--model: qat runs detectors; \(url.path) is a classifier") }
+        let (url, saved) = try loadSavedModel(model)
+        guard case .detector(let student) = saved else { throw ValidationError("--model: qat runs detectors; \(url.path) is a classifier") }
         let root = URL(fileURLWithPath: data)
         let (train, val) = (try DetectionDataset(root: root, split: "train2017"), try DetectionDataset(root: root, split: "val2017"))
         let fp32 = try evaluateDetector(student, on: val, progressLabel: "FP32").0.mAP

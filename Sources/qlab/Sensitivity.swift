@@ -43,9 +43,8 @@ struct SensitivityRun: ParsableCommand {
     }
 
     func run() throws {
-        let url = URL(fileURLWithPath: model)
-        guard FileManager.default.fileExists(atPath: url.path) else { throw ValidationError("--model: no file at \(url.path)") }
-        guard case .detector(let detector) = try SavedModel.load(url) else { throw ValidationError("--model: \(url.path) is not a detector") }
+        let (url, saved) = try loadSavedModel(model)
+        guard case .detector(let detector) = saved else { throw ValidationError("--model: \(url.path) is not a detector") }
         let train = try DetectionDataset(root: URL(fileURLWithPath: data), split: "train2017")
         let calibrationMethod = try CalibrationMethod(parsing: method)
         let outputKind = try DetectorOutputs(parsing: outputs)

@@ -38,9 +38,8 @@ struct ServeBench: ParsableCommand {
     }
 
     func run() throws {
-        let url = URL(fileURLWithPath: model)
-        guard FileManager.default.fileExists(atPath: url.path) else { throw ValidationError("--model: no file at \(url.path) (make models trains it)") }
-        guard case .detector(let detector) = try SavedModel.load(url) else { throw ValidationError("--model: serve-bench serves detectors") }
+        let (_, saved) = try loadSavedModel(model, missingHint: " (make models trains it)")
+        guard case .detector(let detector) = saved else { throw ValidationError("--model: serve-bench serves detectors") }
         let folder = URL(fileURLWithPath: images)
         let files = try readServingImages(folder)
         let size = detector.config.inputSize
