@@ -296,24 +296,14 @@ public struct AbsHistogram: Sendable {
         // rounding: each prefix sum carries at most (terms) x eps of its terms' magnitude, the
         // 2^(bits-1) group terms a few eps each, the reference the same again; 16x to spare
         let bound = 16 * Double(k.n + 4 * k.levels) * Double.ulpOfOne * scale
-        var bestDivergence = Double.infinity, bestBin = k.n
-        for (c, i) in candidates.enumerated() where fast[c] <= least + 2 * bound {
-            let d = k.referenceDivergence(i)
-            if d <= bestDivergence { bestDivergence = d; bestBin = i }
-        }
-        return edge(bestBin)
+        return edge(k.lastLeast(candidates.indices.filter { fast[$0] <= least + 2 * bound }.map { candidates[$0] }))
     }
 
     /// The same choice, every candidate's divergence summed bin by bin (the specification
     /// `entropyAmax` is tested against).
     public func entropyAmaxReference(bits: Int = 8, startBin: Int = 128, stride: Int = 1) -> Float? {
         guard let k = EntropyCandidates(counts: counts, bits: bits, startBin: startBin, stride: stride) else { return counts.isEmpty ? nil : edge(counts.count) }
-        var bestDivergence = Double.infinity, bestBin = k.n
-        for i in Swift.stride(from: startBin, through: k.n, by: stride) {
-            let d = k.referenceDivergence(i)
-            if d <= bestDivergence { bestDivergence = d; bestBin = i }
-        }
-        return edge(bestBin)
+        return edge(k.lastLeast(Array(Swift.stride(from: startBin, through: k.n, by: stride))))
     }
 }
 
@@ -442,7 +432,6 @@ private struct EntropyCandidates {
     let bins: [Double]
     let n: Int, levels: Int
     let suffix: [Double]      // suffix[i] = sum bins[i...]
-    let prefix: [Double]      // prefix[i] = sum bins[..<i] (integers: exact)
     let nonEmpty: [Int]       // nonEmpty[i] = count of non-zero bins[..<i]
     let binEntropy: [Double]  // binEntropy[i] = sum over bins[..<i] > 0 of b log b
     let total: Double
@@ -459,17 +448,15 @@ private struct EntropyCandidates {
         levels = 1 << (bits - 1)
         var suffix = [Double](repeating: 0, count: n + 1)
         for i in Swift.stride(from: n - 1, through: 0, by: -1) { suffix[i] = suffix[i + 1] + bins[i] }
-        var prefix = [Double](repeating: 0, count: n + 1), nonEmpty = [Int](repeating: 0, count: n + 1)
+        var nonEmpty = [Int](repeating: 0, count: n + 1)
         var binEntropy = [Double](repeating: 0, count: n + 1)
         for j in 0..<n {
             let b = bins[j]
-            prefix[j + 1] = prefix[j] + b
             nonEmpty[j + 1] = nonEmpty[j] + (b != 0 ? 1 : 0)
             binEntropy[j + 1] = binEntropy[j] + (b > 0 ? b * Foundation.log(b) : 0)
         }
         self.bins = bins
         self.suffix = suffix
-        self.prefix = prefix
         self.nonEmpty = nonEmpty
         self.binEntropy = binEntropy
         total = suffix[0]
@@ -495,7 +482,7 @@ private struct EntropyCandidates {
             defer { lo = hi }
             let members = nonEmpty[hi] - nonEmpty[lo]
             guard members > 0 else { continue }
-            let mass = prefix[hi] - prefix[lo], q = mass / Double(members)
+            let mass = suffix[lo] - suffix[hi], q = mass / Double(members) // sums of integers: exact
             // the last bin's own term is added below, with its clipped mass
             let counted = hi == i ? mass - lastBin : mass
             if hi == i { lastQ = q }
@@ -507,6 +494,17 @@ private struct EntropyCandidates {
         let head = Foundation.log(unclipped / total)
         let d = head + (binEntropy[last] - groupTerms + lastTerm) / total
         return (d, Swift.abs(head) + (Swift.abs(binEntropy[last]) + groupMagnitude + Swift.abs(lastTerm)) / total)
+    }
+
+    /// Of `bins` (in increasing order), the last with the least `referenceDivergence`: the
+    /// reference's choice (n when every one is infinite).
+    func lastLeast(_ bins: [Int]) -> Int {
+        var bestDivergence = Double.infinity, bestBin = n
+        for i in bins {
+            let d = referenceDivergence(i)
+            if d <= bestDivergence { bestDivergence = d; bestBin = i }
+        }
+        return bestBin
     }
 
     /// KL(P || Q) for i bins, bin by bin in increasing order (each normalised to sum 1, as
