@@ -157,6 +157,7 @@ typedef struct {
     int accumulate; /* y += the conv instead of y = */
     int inner0, inner1; /* the output rows that read every kernel row inside the image */
     int span;           /* the most output rows a tile's pixels lie in */
+    int pad_rows;       /* rows of the padded copy a pad task writes */
     _Atomic int status;
 } direct_job;
 
@@ -206,10 +207,13 @@ __attribute__((target("avx2"))) static void pad_row(const direct_job *j, int n, 
         for (int w = 0; w < W; w++) d[(size_t)w * C + c] = src[c * plane + w];
 }
 
-/* Task t: row t % Hp of image t / Hp, into the batch's padded copy. */
+/* Task t: rows [t * pad_rows, (t + 1) * pad_rows) of the batch's padded copy (row r: row
+ * r % Hp of image r / Hp). Several rows a task: a row of a 3-channel input is a few hundred
+ * floats, less work than claiming a task costs. */
 static void pad_task(int t, void *p) {
     const direct_job *j = (const direct_job *)p;
-    pad_row(j, t / j->Hp, t % j->Hp, j->xp + (size_t)t * j->Wp * j->g->C);
+    int rows = j->g->N * j->Hp, r1 = ql_min_i(rows, (t + 1) * j->pad_rows);
+    for (int r = t * j->pad_rows; r < r1; r++) pad_row(j, r / j->Hp, r % j->Hp, j->xp + (size_t)r * j->Wp * j->g->C);
 }
 
 /* The activation a conv writes its output through: act 0 none, 1 ReLU (y > 0 ? y : 0), 2 SiLU
@@ -439,7 +443,7 @@ int ql_conv_direct_fwd(float *y, const float *x, const float *wp, const float *b
 
 int ql_conv_direct_fwd_layout(float *y, ql_layout ylay, const float *x, ql_layout xlay, const float *wp, const float *b,
                               const ql_conv_geom *g, int act, int accumulate) {
-    direct_job j = {g, x, wp, b, y, NULL, NULL, 0, 0, 0, 0, 0, 0, 0, 0, act, 0, 0, 0, 0, 6, accumulate, 0, 0, 0, QL_OK};
+    direct_job j = {g, x, wp, b, y, NULL, NULL, 0, 0, 0, 0, 0, 0, 0, 0, act, 0, 0, 0, 0, 6, accumulate, 0, 0, 0, 1, QL_OK};
     int geo = direct_geometry(g, &j.OH, &j.OW, &j.Hp, &j.Wp, &j.KK, &j.blocks);
     if (geo < 0) return geo;
     /* a padded NHWC input carries the conv's own padding; an NHWC output is stored, not added */
@@ -478,7 +482,9 @@ int ql_conv_direct_fwd_layout(float *y, ql_layout ylay, const float *x, ql_layou
     } else {
         j.xp = (float *)ql_scratch_reserve(&tl_xp, sizeof(float) * (size_t)g->N * j.Hp * j.Wp * g->C);
         if (!j.xp) return QL_ENOMEM;
-        ql_parallel_for(g->N * j.Hp, pad_task, &j);
+        int rows = g->N * j.Hp;
+        j.pad_rows = ql_max_i(1, (rows + 4 * threads - 1) / (4 * threads)); /* 4 tasks a thread */
+        ql_parallel_for((rows + j.pad_rows - 1) / j.pad_rows, pad_task, &j);
     }
     if (j.out_nhwc) zero_border(y, g->N, g->K, j.OH, j.OW, j.qh, j.qw);
     long tiles = ((long)g->N * P + j.R - 1) / j.R;

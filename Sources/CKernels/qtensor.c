@@ -14,6 +14,7 @@ typedef struct {
     int8_t *out;
     const float *x;
     int C, HW;
+    int chunk, chunks; /* pixels a task quantizes (a multiple of 8), tasks per image */
     float s, lim;
 } quantize_job;
 
@@ -25,31 +26,33 @@ __attribute__((target("avx2"))) static inline __m256i codes8_avx2(const float *x
     return _mm256_cvtps_epi32(q);
 }
 
-/* One image, 8 pixels at a time: each channel's 8 codes, then written to their NHWC places. */
-__attribute__((target("avx2"))) static void quantize_image_avx2(const quantize_job *j, const float *x, int8_t *o) {
+/* Pixels [px, end) of one image, 8 at a time: each channel's 8 codes, then written to their
+ * NHWC places. */
+__attribute__((target("avx2"))) static void quantize_pixels_avx2(const quantize_job *j, const float *x, int8_t *o, int px, int end) {
     const __m256 s = _mm256_set1_ps(j->s), lim = _mm256_set1_ps(j->lim);
     const int C = j->C, HW = j->HW;
-    int px = 0;
-    for (; px + 8 <= HW; px += 8)
+    for (; px + 8 <= end; px += 8)
         for (int c = 0; c < C; c++) {
             int32_t q[8];
             _mm256_storeu_si256((__m256i *)q, codes8_avx2(x + (size_t)c * HW + px, s, lim));
             for (int i = 0; i < 8; i++) o[(size_t)(px + i) * C + c] = (int8_t)q[i];
         }
-    for (; px < HW; px++)
+    for (; px < end; px++)
         for (int c = 0; c < C; c++) o[(size_t)px * C + c] = (int8_t)ql_code(x[(size_t)c * HW + px], j->s, j->lim);
 }
 
-/* One image: pixel by pixel, its C channels (strided reads, contiguous writes). */
-static void quantize_image(int n, void *p) {
+/* Task t: pixels [chunk * (t % chunks), ...) of image t / chunks, pixel by pixel, their C
+ * channels (strided reads, contiguous writes). */
+static void quantize_task(int t, void *p) {
     const quantize_job *j = (const quantize_job *)p;
+    int n = t / j->chunks, px = (t % j->chunks) * j->chunk, end = ql_min_i(j->HW, px + j->chunk);
     const float *x = j->x + (size_t)n * j->C * j->HW;
     int8_t *o = j->out + (size_t)n * j->HW * j->C;
     if (ql_resolve_isa(QL_ISA_BEST) >= QL_ISA_AVX2) {
-        quantize_image_avx2(j, x, o);
+        quantize_pixels_avx2(j, x, o, px, end);
         return;
     }
-    for (int px = 0; px < j->HW; px++)
+    for (; px < end; px++)
         for (int c = 0; c < j->C; c++) o[(size_t)px * j->C + c] = (int8_t)ql_code(x[(size_t)c * j->HW + px], j->s, j->lim);
 }
 
@@ -59,11 +62,18 @@ void ql_quantize_nchw_to_nhwc_s8(int8_t *restrict out, const float *restrict x, 
         memset(out, 0, (size_t)N * C * HW);
         return;
     }
-    quantize_job j = {out, x, C, HW, amax / (float)qmax, (float)qmax};
+    /* tasks of at least 2^15 values; one image split between the threads when the batch is
+     * smaller than their number (a batch-1 input: the stem's quantize step) */
+    int threads = ql_get_num_threads();
+    long values = (long)C * HW;
+    int chunks = N >= threads ? 1 : (int)ql_max_i(1, ql_min_i((threads + N - 1) / N * 2, (int)(values >> 15)));
+    int chunk = (HW + chunks - 1) / chunks;
+    chunk = (chunk + 7) / 8 * 8;
+    quantize_job j = {out, x, C, HW, chunk, (HW + chunk - 1) / chunk, amax / (float)qmax, (float)qmax};
     if ((size_t)N * C * HW < (1 << 16))
-        for (int n = 0; n < N; n++) quantize_image(n, &j);
+        for (int t = 0; t < N * j.chunks; t++) quantize_task(t, &j);
     else
-        ql_parallel_for(N, quantize_image, &j);
+        ql_parallel_for(N * j.chunks, quantize_task, &j);
 }
 
 __attribute__((target("avx2"))) static int64_t quantize_flat_avx2(int8_t *out, const float *x, int64_t n, float s, float lim) {

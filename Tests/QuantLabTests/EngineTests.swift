@@ -373,6 +373,24 @@ struct EngineRulesTests {
         #expect(codes.map { Float($0) * (1.3 / 127) } == fq)
     }
 
+    @Test("NCHW floats to NHWC int8 codes: the fake quantizer's codes, one image split between threads or a batch by images")
+    func quantizeToNHWC() {
+        var rng = SeededGenerator(seed: 35)
+        // a batch-1 stem input (two tasks of one image), an odd pixel count, a batch, a tiny map
+        for (n, c, h, w) in [(1, 3, 160, 160), (1, 3, 161, 163), (3, 5, 61, 67), (2, 3, 5, 7)] {
+            let x = Tensor.uniform([n, c, h, w], low: -2, high: 2, rng: &rng)
+            var got = [Int8](repeating: 0, count: x.count)
+            ql_quantize_nchw_to_nhwc_s8(&got, x.data, Int32(n), Int32(c), Int32(h * w), 1.7, 127)
+            let fq = withNoGrad { fakeQuantize(x, amax: [1.7], spec: .int8PerTensor) }.values
+            var want = [Int8](repeating: 0, count: x.count)
+            for i in 0..<n { for ch in 0..<c { for p in 0..<(h * w) {
+                want[(i * h * w + p) * c + ch] = Int8((fq[(i * c + ch) * h * w + p] / (1.7 / 127)).rounded())
+            } } }
+            let wrong = zip(got, want).filter { $0 != $1 }.count
+            #expect(wrong == 0, "\([n, c, h, w]): \(wrong) of \(got.count) codes differ")
+        }
+    }
+
     @Test("int8 max pool and channel concat kernels equal quantizing the float results")
     func int8OpsCommute() throws {
         var rng = SeededGenerator(seed: 33)
