@@ -137,7 +137,7 @@ public struct AbsHistogram: Sendable {
 
     /// A histogram with given counts (tests, and histograms read back from a file).
     public init(counts: [Int64], binWidth: Float) {
-        require(binWidth > 0 && counts.count >= 2, "AbsHistogram: need >= 2 bins and a positive width")
+        require(binWidth > 0 && counts.count >= 2 && counts.allSatisfy { $0 >= 0 }, "AbsHistogram: need >= 2 bins, non-negative counts and a positive width")
         initialBins = counts.count
         maxBins = Swift.max(counts.count, 2048 * 32)
         self.counts = counts
@@ -228,7 +228,7 @@ public struct AbsHistogram: Sendable {
     /// O(levels): the bins that round to one level q form a run (round(c / s) rises with c), found
     /// with the quantizer's own Float arithmetic, and the run's error is
     ///   sum n (qs - c)^2 = N (qs)^2 - qs w A1 + (w^2 / 4) A2,  c = (2k + 1) w / 2,
-    /// with N, A1 = sum n (2k + 1) and A2 = sum n (2k + 1)^2 exact integer prefix sums. That
+    /// with N, A1 = sum n (2k + 1) and A2 = sum n (2k + 1)^2 exact integer prefix sums (128-bit). That
     /// differs from the reference's sum by the Float rounding of its terms and the cancellation
     /// here, both bounded (`MSECandidates.bound`); every candidate whose error could be the
     /// least under those bounds is summed again bin by bin, and the choice among them is the
@@ -307,6 +307,30 @@ public struct AbsHistogram: Sendable {
     }
 }
 
+/// An exact sum of non-negative integers below 2^128, in two words (the standard library's
+/// Int128 needs macOS 15, and its conversion to Double takes a generic path that made the
+/// candidate loop 14x slower).
+struct WideSum {
+    var high: UInt64 = 0, low: UInt64 = 0
+
+    init() {}
+    init(high: UInt64, low: UInt64) { self.high = high; self.low = low }
+    /// a * b, exactly.
+    init(_ a: UInt64, times b: UInt64) { (high, low) = a.multipliedFullWidth(by: b) }
+
+    static func + (a: WideSum, b: WideSum) -> WideSum {
+        let (low, carry) = a.low.addingReportingOverflow(b.low)
+        return WideSum(high: a.high &+ b.high &+ (carry ? 1 : 0), low: low)
+    }
+    /// a - b for a >= b (prefix sums: a later one minus an earlier one).
+    static func - (a: WideSum, b: WideSum) -> WideSum {
+        let (low, borrow) = a.low.subtractingReportingOverflow(b.low)
+        return WideSum(high: a.high &- b.high &- (borrow ? 1 : 0), low: low)
+    }
+    /// As a Double, within 2 roundings.
+    var value: Double { Double(high) * 0x1p64 + Double(low) }
+}
+
 /// What the MSE calibrator's candidates share: the histogram, its non-empty bins, and exact
 /// integer prefix sums of n, n (2k + 1) and n (2k + 1)^2 over the bins k.
 struct MSECandidates {
@@ -315,8 +339,8 @@ struct MSECandidates {
     let nonEmpty: [Int]
     let lastNonEmpty: Int
     let count: [Int64]     // count[k] = sum n[..<k]
-    let first: [Int128]    // first[k] = sum n_j (2j + 1) over j < k
-    let second: [Int128]   // second[k] = sum n_j (2j + 1)^2 over j < k
+    let first: [WideSum]   // first[k] = sum n_j (2j + 1) over j < k
+    let second: [WideSum]  // second[k] = sum n_j (2j + 1)^2 over j < k
     let squares: Double    // sum n c^2 over all bins
 
     /// nil when there is no candidate (fewer bins than startBin + 1).
@@ -327,12 +351,12 @@ struct MSECandidates {
         histogram = h
         qmax = Float((1 << (bits - 1)) - 1)
         let n = h.counts.count
-        var count = [Int64](repeating: 0, count: n + 1), first = [Int128](repeating: 0, count: n + 1), second = first
+        var count = [Int64](repeating: 0, count: n + 1), first = [WideSum](repeating: WideSum(), count: n + 1), second = first
         for k in 0..<n {
-            let c = Int128(h.counts[k]), odd = Int128(2 * k + 1)
+            let c = UInt64(h.counts[k]), odd = UInt64(2 * k + 1)
             count[k + 1] = count[k] + h.counts[k]
-            first[k + 1] = first[k] + c * odd
-            second[k + 1] = second[k] + c * odd * odd
+            first[k + 1] = first[k] + WideSum(c, times: odd)
+            second[k + 1] = second[k] + WideSum(c, times: odd * odd)
         }
         nonEmpty = h.counts.indices.filter { h.counts[$0] > 0 }
         lastNonEmpty = nonEmpty.last ?? -1
@@ -340,7 +364,7 @@ struct MSECandidates {
         self.first = first
         self.second = second
         let w = Double(h.binWidth)
-        squares = w * w / 4 * Self.double(second[n])
+        squares = w * w / 4 * second[n].value
     }
 
     /// The level bin k rounds to at step s, as the quantizer computes it (c >= 0).
@@ -359,8 +383,8 @@ struct MSECandidates {
             defer { lo = hi }
             guard hi > lo, count[hi] > count[lo] else { continue }
             let qs = Double(Float(q) * s) // the Float product the quantizer forms
-            let a = Double(count[hi] - count[lo]) * qs * qs, b = qs * w * Self.double(first[hi] - first[lo])
-            let c = w * w / 4 * Self.double(second[hi] - second[lo])
+            let a = Double(count[hi] - count[lo]) * qs * qs, b = qs * w * (first[hi] - first[lo]).value
+            let c = w * w / 4 * (second[hi] - second[lo]).value
             error += a - b + c
             magnitude += a + b + c
         }
@@ -386,12 +410,6 @@ struct MSECandidates {
             while hi < bins && level(hi, s) < next { hi += 1 }
         }
         return hi
-    }
-
-    /// A non-negative Int128 as a Double, within 2 roundings (the standard library's
-    /// conversion takes a generic path, 20x slower than the whole candidate loop without it).
-    @inline(__always) static func double(_ x: Int128) -> Double {
-        Double(Int64(truncatingIfNeeded: x >> 64)) * 0x1p64 + Double(UInt64(truncatingIfNeeded: x))
     }
 
     /// A bound on |prefixError - referenceError| for one candidate:
