@@ -240,25 +240,15 @@ public struct AbsHistogram: Sendable {
         let fast = candidates.map { k.prefixError($0) }
         let slack = fast.map { k.bound($0) }
         let least = fast.indices.min { fast[$0].error < fast[$1].error }!
-        let ceiling = fast[least].error + slack[least]
-        var best = (error: Double.infinity, bin: candidates[least])
-        for (c, i) in candidates.enumerated() where fast[c].error - slack[c] <= ceiling {
-            let e = k.referenceError(i)
-            if e < best.error { best = (e, i) }
-        }
-        return centre(best.bin)
+        let ceiling = fast[least].error + slack[least] // the least one itself is always within it
+        return centre(k.firstLeast(candidates.indices.filter { fast[$0].error - slack[$0] <= ceiling }.map { candidates[$0] }))
     }
 
     /// The same choice, every candidate's error summed bin by bin (the specification `mseAmax`
     /// is tested against).
     public func mseAmaxReference(bits: Int = 8, startBin: Int = 128, stride: Int = 1) -> Float? {
         guard let k = MSECandidates(self, bits: bits, startBin: startBin, stride: stride) else { return counts.isEmpty ? nil : centre(counts.count - 1) }
-        var best = (error: Double.infinity, bin: startBin)
-        for i in Swift.stride(from: startBin, to: counts.count, by: stride) {
-            let e = k.referenceError(i)
-            if e < best.error { best = (e, i) }
-        }
-        return centre(best.bin)
+        return centre(k.firstLeast(Array(Swift.stride(from: startBin, to: counts.count, by: stride))))
     }
 
     /// TensorRT's entropy calibration as pytorch-quantization implements it. For every
@@ -426,6 +416,17 @@ struct MSECandidates {
         let e = Swift.max(0, fast.error) + own
         let reference = 2.01 * u * ((squares * e).squareRoot() + e) + 2.02 * u * u * (squares + e) + Double(nonEmpty.count + 3) * eps * e
         return 2 * (own + reference)
+    }
+
+    /// Of `bins` (in increasing order, at least one), the first with the least `referenceError`:
+    /// the reference's choice.
+    func firstLeast(_ bins: [Int]) -> Int {
+        var best = (error: Double.infinity, bin: bins[0])
+        for i in bins {
+            let e = referenceError(i)
+            if e < best.error { best = (e, i) }
+        }
+        return best.bin
     }
 
     /// The error of candidate i bin by bin over the non-empty bins, in Float as the quantizer
