@@ -12,7 +12,7 @@ SWIFT_FLAGS := --explicit-target-dependency-import-check error
 EXPERIMENTS := $(sort $(notdir $(wildcard experiments/exp*)))
 
 .DEFAULT_GOAL := help
-.PHONY: results help build release test check-layers check-class-sizes kill-resume gpu-bundle fuzz bench-engine bench-torch bench demo smoke crosscheck venv clean info data cuda models
+.PHONY: results help build release test check-layers check-class-sizes kill-resume gpu-emulated gpu-bundle fuzz bench-engine bench-torch bench demo smoke crosscheck venv clean info data cuda models
 
 help: ## list the targets
 	@echo "QuantLab — INT8 quantization of object detectors, reproduced from scratch"
@@ -102,6 +102,14 @@ cuda: ## build the CUDA plugin .build/cuda/libqlcuda.so (installs nvcc into .ven
 fuzz: ## libFuzzer on the readers of outside input (COCO JSON, detections, safetensors, JPEG, model files), 60 s each; FUZZ_SECONDS to change
 	scripts/fuzz.sh --self-test
 	scripts/fuzz.sh $(or $(FUZZ_SECONDS),60)
+
+# tests that use only the entries cuda/check/host_plugin.cpp emulates
+GPU_EMULATED_TESTS := engineActivations|int8PlanOnDevice|tensorDispatch
+HOST_PLUGIN := .build/cuda/host-check/libqlcuda-host.so
+$(HOST_PLUGIN):
+	scripts/build_cuda.sh
+gpu-emulated: $(HOST_PLUGIN) ## the GPU engine's Swift side (CUDAPlan, CUDAOps) against the plugin's ABI emulated on the CPU (no GPU needed; make cuda builds it)
+	QL_CUDA_PLUGIN=$(CURDIR)/$(HOST_PLUGIN) $(SWIFT) test $(SWIFT_FLAGS) --filter "$(GPU_EMULATED_TESTS)"
 
 gpu-bundle: cuda ## pack the tests, qlab, the plugin and the Swift runtime into .build/gpu-bundle.tar.xz for a CUDA machine without Swift
 	scripts/gpu_bundle.sh

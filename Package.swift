@@ -88,7 +88,7 @@ let package = Package(
         .target(name: "QuantLabData", dependencies: ["QuantLabCore", "CKernels", "CImageIO"]),
         .target(name: "QuantLabModels", dependencies: ["QuantLabCore", "QuantLabData"]),
         .target(name: "QuantLabQuant", dependencies: ["QuantLabCore", "QuantLabData", "QuantLabModels", "CKernels"]),
-        .target(name: "QuantLabEngine", dependencies: ["QuantLabCore", "QuantLabData", "QuantLabModels", "QuantLabQuant", "CKernels",
+        .target(name: "QuantLabEngine", dependencies: ["QuantLabCore", "QuantLabData", "QuantLabModels", "QuantLabQuant", "CKernels", "CQLCuda",
                                                       .product(name: "SwiftProtobuf", package: "swift-protobuf")]),
         .target(name: "QuantLabReport", dependencies: ["QuantLabCore", "QuantLabData", "QuantLabModels", "QuantLabQuant", "QuantLabEngine"]),
         .target(name: "QuantLabBench", dependencies: ["QuantLabCore", "QuantLabData", "QuantLabModels", "QuantLabQuant", "QuantLabEngine", "CKernels", "CQLCuda"]),

@@ -32,3 +32,4 @@ void qlc_fill_cublas_peer(qlc_api *api);
 void qlc_fill_conv_quant(qlc_api *api);
 void qlc_fill_elementwise(qlc_api *api);
 void qlc_fill_preprocess(qlc_api *api);
+void qlc_fill_engine(qlc_api *api);

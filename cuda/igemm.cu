@@ -15,10 +15,11 @@
 //          Shared rows are 80 bytes: 16-byte aligned for cp.async, and the fragment loads of
 //          a warp (8 rows x 4 words) land in 32 different banks. When A's rows are not 16-byte
 //          aligned or K is not a multiple of 16, A is staged through registers instead.
-// Epilogue (both): int32 out, or fmaf(acc + col_offset, scale, bias) [ReLU] to float, or that
+// Epilogue (both): int32 out, or fmaf(acc + col_offset, scale, bias) [ReLU or SiLU] to float, or that
 // rounded half-to-even (__float2int_rn) and clamped to [-127, 127] -- the CPU's arithmetic.
 #include <string.h>
 #include "common.cuh"
+#include "engine_ops.cuh"
 
 #define TILE 64
 #define TKQ 8 // int32 words of k per dp4a tile step (32 k)
@@ -71,10 +72,10 @@ __device__ __forceinline__ int dp4a_us(uint32_t a, int32_t b, int32_t c) {
     return d;
 }
 
+// fmaf(acc + offset, scale, bias), then ReLU or SiLU (p.relu 1 or 2): engine_ops.cuh, the CPU's
+// operations one for one
 __device__ __forceinline__ float epilogue_value(int32_t acc, int n, const qlc_requant_params &p) {
-    int32_t off = p.col_offset ? p.col_offset[n] : 0;
-    float v = fmaf(__int2float_rn(acc + off), p.scale[n], p.bias ? p.bias[n] : 0.0f);
-    return p.relu && v < 0.0f ? 0.0f : v;
+    return qlc_epilogue_value(acc, p.col_offset ? p.col_offset[n] : 0, p.scale[n], p.bias ? p.bias[n] : 0.0f, p.relu);
 }
 
 __device__ __forceinline__ int8_t requant(float v) {

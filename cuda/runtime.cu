@@ -11,6 +11,8 @@
 //   elementwise.cu  unary fwd/bwd, strided broadcasting binary, axpy, scale_shift,
 //                   softmax rows, SGD and AdamW updates
 //   preprocess.cu   bilinear resize, normalise + HWC->CHW (+flip), nvJPEG decode
+//   engine.cu       the INT8 engine's activations: quantize, requantize, dequantize, int8
+//                   im2col, max pooling, concat, scatter, NHWC -> NCHW (CUDAPlan.swift)
 #include <stdarg.h>
 #include <string.h>
 #include "common.cuh"
@@ -106,6 +108,7 @@ extern "C" __attribute__((visibility("default"))) const qlc_api *qlc_get_api(int
         qlc_fill_conv_quant(&api);
         qlc_fill_elementwise(&api);
         qlc_fill_preprocess(&api);
+        qlc_fill_engine(&api);
         filled = true;
     }
     return &api;

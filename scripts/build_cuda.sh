@@ -3,7 +3,8 @@
 # Uses nvcc from PATH if there is one; otherwise installs the CUDA 13 compiler wheels from
 # PyPI into the git-ignored .venv-cuda (about 130 MB, seconds). Fat binary for
 # sm_75/80/86/89/90 plus PTX for newer GPUs, static CUDA runtime, so the plugin needs only
-# the driver at run time. Prints a check mark or a cross for nvcc and for a device.
+# the driver at run time. Prints a check mark or a cross for nvcc and for a device. Then checks
+# the engine kernels' element functions on the host (cuda/check/engine_ops_host.cpp).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=.build/cuda
@@ -31,6 +32,19 @@ mv "$OUT/libqlcuda.so.tmp" "$OUT/libqlcuda.so"
 # nvJPEG is opened at run time; keep the wheel's copy beside the plugin as a fallback
 if [ -f "$LIB/libnvjpeg.so.13" ]; then cp -f "$LIB/libnvjpeg.so.13" "$OUT/"; fi
 echo "✓ plugin: $OUT/libqlcuda.so ($(nm -D --defined-only "$OUT/libqlcuda.so" | grep -c ' T qlc_') exported symbol)"
+
+# The engine kernels' element functions (cuda/engine_ops.cuh), compiled for the host against
+# the C kernels they must equal: checks their index arithmetic and rounding without a GPU.
+mkdir -p "$OUT/host-check"
+for f in Sources/CKernels/*.c; do cc -O2 -std=c11 -fno-strict-aliasing -fPIC -fvisibility=hidden -ISources/CKernels/include -c "$f" -o "$OUT/host-check/$(basename "$f" .c).o" & done
+wait
+c++ -O2 -std=c++17 -ffp-contract=off -Drestrict=__restrict -Icuda -Icuda/include -ISources/CKernels/include cuda/check/engine_ops_host.cpp \
+  "$OUT"/host-check/*.o -lpthread -lm -o "$OUT/host-check/engine_ops_host"
+"$OUT/host-check/engine_ops_host"
+# The plugin's ABI on the CPU (cuda/check/host_plugin.cpp), for `make gpu-emulated`: the Swift
+# side of the GPU path tested without a GPU.
+c++ -O2 -std=c++17 -fPIC -shared -fvisibility=hidden -ffp-contract=off -Drestrict=__restrict -Icuda -Icuda/include \
+  -ISources/CKernels/include cuda/check/host_plugin.cpp "$OUT"/host-check/*.o -lpthread -lm -o "$OUT/host-check/libqlcuda-host.so"
 
 cc -O2 -Icuda/include cuda/probe.c -o "$OUT/probe" -ldl
 "$OUT/probe" "$OUT/libqlcuda.so"

@@ -88,6 +88,21 @@ public struct EngineBenchmark {
                 for _ in 0..<3 { _ = try fp32.run([x]) }
                 log("    FP32 graph, " + fp32.profileReport(top: 40).split(separator: "\n").map { "    " + $0 }.joined(separator: "\n").dropFirst(4))
             }
+            if CUDA.shared.isReady { // the same two plans on the GPU (issue #21)
+                let (gq, gf) = (try CUDAPlan(int8), try CUDAPlan(fp32))
+                let agree = zip(try gq.run([x]), try int8.run([x])).map { relativeMaxDifference($0, $1) }.max() ?? .infinity
+                let runs = quick ? 5 : (b == 1 ? 200 : 20)
+                var gpuQ: [Double] = [], gpuF: [Double] = []
+                for _ in 0..<(quick ? 1 : 3) { // interleaved rounds, as on the CPU
+                    gpuQ.append(try gq.medianLatency([x], runs: runs))
+                    gpuF.append(try gf.medianLatency([x], runs: runs))
+                }
+                let line = String(format: "batch %d: on the GPU (%@): INT8 plan %.1f img/s, FP32 graph %.1f img/s: INT8 %@ FP32 there, GPU INT8 %.2fx the CPU INT8 plan; input copied in and outputs out per run; INT8 plan: %@; its outputs differ from the CPU plan's by %.1e of their scale",
+                                  b, CUDA.shared.notice, Double(b) / median(gpuQ), Double(b) / median(gpuF), ratios(zip(gpuF, gpuQ).map { $0 / $1 }),
+                                  median(tq) / median(gpuQ), gq.summary, agree)
+                log("  " + line)
+                summary.append("engine " + line)
+            }
         }
         return summary
     }

@@ -56,6 +56,10 @@ public final class Int8Conv {
     public let outputAmax: Float?
     let packed: [Int8]
     let columnSums: [Int32]
+    /// The GEMM's B operand as it was before packing, [depth][columns] (the GPU packs its own
+    /// layout from it), and its depth.
+    let weightCodes: [Int8]
+    let depth: Int
     /// "Int8Conv" or "Int8ConvTranspose", in plans and profiles.
     public var kindName: String { transposed ? "Int8ConvTranspose" : "Int8Conv" }
     /// The GEMM's columns: K for a conv, KH * KW * K for a transposed conv.
@@ -95,6 +99,8 @@ public final class Int8Conv {
         guard ql_igemm_pack_b(&packed, &sums, b, Int32(n), Int32(depth), Int32(n)) == 0 else { throw EngineError("\(name): weight packing failed") }
         self.packed = packed
         columnSums = sums
+        weightCodes = b
+        self.depth = depth
         let c4 = (inChannels + 3) / 4 * 4
         if !transposed && c4 != inChannels {
             let taps = kernel.0 * kernel.1
@@ -865,20 +871,16 @@ extension Int8Plan {
     /// Median wall time of `runs` runs on `inputs`, after 3 warm-up runs (page faults, packing
     /// buffers, thread start): the latency `qlab engine` and `make bench-engine` report.
     public func medianLatency(_ inputs: [Tensor], runs: Int) throws -> Double {
-        for _ in 0..<3 { _ = try run(inputs) }
-        var times: [Double] = []
-        for _ in 0..<max(runs, 1) {
-            let t0 = DispatchTime.now().uptimeNanoseconds
-            _ = try run(inputs)
-            times.append(Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e9)
-        }
-        return times.sorted()[times.count / 2]
+        try medianWallTime(runs: runs) { _ = try run(inputs) }
     }
 
     /// Runs on a batch of any size: the graph's shapes are fixed at trace time (as a TensorRT
     /// engine's are), so a larger batch runs in chunks of the traced size and a smaller one (the
     /// last of a dataset, say) is padded with zeros; the outputs are cut back and joined.
-    public func runBatch(_ images: Tensor) throws -> [Tensor] {
+    public func runBatch(_ images: Tensor) throws -> [Tensor] { try Self.inChunks(images, graph: graph, run) }
+
+    /// `run` on a batch of any size, in chunks of the graph's traced batch (runBatch).
+    static func inChunks(_ images: Tensor, graph: Graph, _ run: ([Tensor]) throws -> [Tensor]) throws -> [Tensor] {
         guard graph.inputs.count == 1 else { throw EngineError("runBatch needs a graph with one input") }
         let traced = graph.values[graph.inputs[0]].shape
         let (b, chunk) = (images.shape[0], traced[0])

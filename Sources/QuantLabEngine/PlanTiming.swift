@@ -37,6 +37,19 @@ public func timeInterleaved(_ plans: [Int8Plan], input: Tensor, runs: Int, warmu
     }
 }
 
+/// Median wall time of `runs` calls of `body` (at least one), after 3 warm-up calls (page
+/// faults, packing buffers, thread start, a GPU's module load).
+func medianWallTime(runs: Int, _ body: () throws -> Void) rethrows -> Double {
+    for _ in 0..<3 { try body() }
+    var times: [Double] = []
+    for _ in 0..<max(runs, 1) {
+        let t0 = DispatchTime.now().uptimeNanoseconds
+        try body()
+        times.append(Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e9)
+    }
+    return times.sorted()[times.count / 2]
+}
+
 /// Val mAP of a detector's INT8 (or FP32) plan; the plan's batch sets the evaluation batch
 /// (the last batch is padded). `model` supplies the decoding of the outputs.
 public func evaluateDetector(_ plan: Int8Plan, model: YOLOv6, on val: DetectionDataset, batchSize: Int = 32, progressLabel: String? = nil) throws -> Double {

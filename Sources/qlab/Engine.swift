@@ -31,6 +31,7 @@ struct EngineCommand: ParsableCommand {
     @Flag(help: "Time every step of the timed runs: where the time goes, Reformat steps' share, every step's median time (slowest first).") var profile = false
     @Option(help: "Write the traced graph as ONNX here (with --int8: the Q/DQ graph, QuantizeLinear/DequantizeLinear pairs; with --unify-scales: after unification; with --onnx: the file's graph as the engine reads it).") var exportOnnx: String?
     @Flag(help: "Also run the same graph, exported to ONNX, with onnxruntime (CPU, same threads, same input): outputs compared, latency ratio.") var onnxruntime = false
+    @Option(help: "Where the plan runs: cpu, or cuda (the GPU: integer convs, Reformat steps and the float ops the device has kernels for; the rest on the CPU, named; needs make cuda and a GPU).") var device = "cpu"
     @Flag(help: "With --int8 or a Q/DQ --onnx file: give the quantizers that read one tensor (directly or through pools and concat) their group's largest amax, found from the graph (the article's scale fusion).") var unifyScales = false
 
     func validate() throws {
@@ -43,6 +44,19 @@ struct EngineCommand: ParsableCommand {
         guard calibrationBatches >= 1 else { throw ValidationError("--calibration-batches must be at least 1") }
         guard !unifyScales || int8 || onnx != nil else { throw ValidationError("--unify-scales needs --int8 or a Q/DQ --onnx file (it changes the quantizers' scales)") }
         do { _ = try CalibrationMethod(parsing: calibrator) } catch { throw ValidationError("--calibrator: \(error)") }
+        guard device == "cpu" || device == "cuda" else { throw ValidationError("--device must be cpu or cuda, got \(device)") }
+        guard device == "cpu" || (!profile && !onnxruntime) else {
+            throw ValidationError("--device cuda: --profile and --onnxruntime time the CPU plan; run them without --device")
+        }
+    }
+
+    /// The plan on the GPU with --device cuda (nil on the CPU); a clear error without a device.
+    func gpuPlan(_ plan: Int8Plan) throws -> CUDAPlan? {
+        guard device == "cuda" else { return nil }
+        guard CUDA.shared.isReady else { throw ValidationError("--device cuda: \(CUDA.shared.notice)") }
+        let gpu = try CUDAPlan(plan)
+        print("GPU plan (\(CUDA.shared.notice)): \(gpu.summary)")
+        return gpu
     }
 
     func run() throws {
@@ -81,7 +95,8 @@ struct EngineCommand: ParsableCommand {
         if explain { print(graph.explain() + "\n\n" + plan.explain() + "\n") }
         print("\(saved.kindName), \(int8 ? "INT8 plan (\(plan.int8ConvCount) integer convs, \(plan.int8GemmCount) integer Gemm/MatMul, \(plan.reformatCount) Reformat steps)" : "FP32 graph"), batch \(batch); \(Kernels.summary)")
 
-        let (x, median) = try timeAndProfile(plan)
+        let gpu = try gpuPlan(plan)
+        let (x, median) = try timeAndProfile(plan, gpu: gpu)
         if onnxruntime {
             try compareWithOnnxRuntime(graph: graph, plan: plan, input: x, median: median)
             if int8 {
@@ -98,18 +113,18 @@ struct EngineCommand: ParsableCommand {
             case .detector(let m):
                 let val = try DetectionDataset(root: dataRoot, split: "val2017")
                 let (result, _) = try evaluateDetector(m, on: val, batchSize: batch, progressLabel: "engine eval") { images in
-                    let out = try plan.runBatch(images)
+                    let out = try gpu?.runBatch(images) ?? plan.runBatch(images)
                     return (out[0], out[1])
                 }
                 print(String(format: "mAP@[.5:.95] %.4f, mAP@.5 %.4f on %d val images", result.stats[0], result.stats[1], val.count))
             case .classifier(let m):
                 let val = try ClassificationDataset(root: dataRoot, split: "val2017")
-                let accuracy = try top1(m, on: val, batchSize: batch) { try plan.runBatch($0)[0] }
+                let accuracy = try top1(m, on: val, batchSize: batch) { try (gpu?.runBatch($0) ?? plan.runBatch($0))[0] }
                 print(String(format: "top-1 %.4f on %d val images", accuracy, val.count))
             case .rtdetr(let m):
                 let val = try DetectionDataset(root: dataRoot, split: "val2017")
                 let (result, _) = try evaluateRTDETR(m, on: val, batchSize: batch, progressLabel: "engine eval") { images in
-                    let out = try plan.runBatch(images)
+                    let out = try gpu?.runBatch(images) ?? plan.runBatch(images)
                     return (out[0], out[1])
                 }
                 print(String(format: "mAP@[.5:.95] %.4f, mAP@.5 %.4f on %d val images", result.stats[0], result.stats[1], val.count))
@@ -127,13 +142,19 @@ struct EngineCommand: ParsableCommand {
     }
 
     /// Latency: the median of --runs timed runs after warm-up, on a fixed input of the graph's
-    /// shape; with --profile, where the time goes. Returns the input and the median.
-    func timeAndProfile(_ plan: Int8Plan) throws -> (Tensor, Double) {
+    /// shape; with --profile, where the time goes; with --device cuda, the GPU plan's latency
+    /// (the input copied in, the outputs out) and how far its outputs are from the CPU
+    /// plan's. Returns the input and the median.
+    func timeAndProfile(_ plan: Int8Plan, gpu: CUDAPlan? = nil) throws -> (Tensor, Double) {
         var rng = SeededGenerator(seed: 0)
         let shape = plan.graph.values[plan.graph.inputs[0]].shape
         let x = Tensor.uniform(shape, low: 0, high: 1, rng: &rng)
-        let median = try plan.medianLatency([x], runs: runs)
-        print(String(format: "latency %.2f ms (median of %d), %.1f img/s", 1000 * median, runs, Double(shape[0]) / median))
+        let median = try gpu?.medianLatency([x], runs: runs) ?? plan.medianLatency([x], runs: runs)
+        print(String(format: "latency %.2f ms (median of %d), %.1f img/s%@", 1000 * median, runs, Double(shape[0]) / median, gpu == nil ? "" : " on the GPU"))
+        if let gpu {
+            let agree = zip(try gpu.run([x]), try plan.run([x])).map { relativeMaxDifference($0, $1) }.max() ?? .infinity
+            print(String(format: "GPU plan vs CPU plan: outputs differ by %.1e (max |diff| / max |output|)", agree))
+        }
         if profile {
             plan.profile = true
             for _ in 0..<runs { _ = try plan.run([x]) }
@@ -178,8 +199,9 @@ struct EngineCommand: ParsableCommand {
         }
         let plan = try Int8Plan(graph)
         if explain { print(graph.explain() + "\n\n" + plan.explain() + "\n") }
+        let gpu = try gpuPlan(plan)
         print("\(path): input \(graph.values[graph.inputs[0]].shape), \(graph.nodes.count) ops, \(graph.opCounts["QDQ"] == nil ? "FP32 graph" : "INT8 plan (\(plan.int8ConvCount) integer convs, \(plan.int8GemmCount) integer Gemm/MatMul, \(plan.reformatCount) Reformat steps)"); \(Kernels.summary)")
-        let (x, median) = try timeAndProfile(plan)
+        let (x, median) = try timeAndProfile(plan, gpu: gpu)
         if onnxruntime { try compareWithOnnxRuntime(graph: graph, plan: plan, input: x, median: median) }
     }
 }

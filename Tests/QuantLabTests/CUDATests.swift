@@ -4,6 +4,7 @@ import Foundation
 import Testing
 @testable import QuantLabCore
 @testable import QuantLabData
+@testable import QuantLabEngine
 @testable import QuantLabModels
 @testable import QuantLabQuant
 @testable import QuantLabReport
@@ -27,6 +28,16 @@ struct CUDAPluginTests {
             #expect(throws: DeviceError.self) { try Tensor(zeros: [2]).to(.cuda) }
             #expect(throws: DeviceError.self) { try CUDABuffer<Float>(count: 4) }
         }
+    }
+
+    @Test("without a device, the engine's GPU plan is a clear error, not a crash", .enabled(if: !CUDA.shared.isReady))
+    func gpuPlanNeedsDevice() throws {
+        var rng = SeededGenerator(seed: 3)
+        let model = Sequential([Conv2d(3, 4, kernel: 3, rng: &rng), Lambda.relu()])
+        model.eval()
+        let x = Tensor.uniform([1, 3, 8, 8], low: 0, high: 1, rng: &rng)
+        let plan = try Int8Plan(try Graph.trace(model, example: x) { [model($0)] })
+        #expect(throws: DeviceError.self) { try CUDAPlan(plan) }
     }
 
     @Test("a built plugin loads through dlopen and answers the device probe",
@@ -121,6 +132,20 @@ struct CUDAConformanceTests {
             #expect(try dS8.download() == wantS8, "\(name) int8")
             #expect(try dF.download() == wantF32, "\(name) float")
         }
+        // SiLU in the epilogue (relu = 2): the CPU's logistic function, operation for operation
+        _ = ql_requantize_s8_ref(Int32(m), Int32(n), &wantS8, Int32(n), acc, Int32(n), offsets, scale, bias, 2)
+        _ = ql_dequantize_f32_ref(Int32(m), Int32(n), &wantF32, Int32(n), acc, Int32(n), offsets, scale, bias, 2)
+        p.relu = 2
+        for (kernel, name) in Self.igemmKernels {
+            try CUDA.shared.check(api.igemm_ex(nil, kernel, Int32(QLC_OUT_S8), Int32(m), Int32(n), Int32(k), dA.typed, Int32(lda), packed.pointer,
+                                               &p, dS8.pointer, Int32(n)), "igemm s8 SiLU \(name)")
+            try CUDA.shared.check(api.igemm_ex(nil, kernel, Int32(QLC_OUT_F32), Int32(m), Int32(n), Int32(k), dA.typed, Int32(lda), packed.pointer,
+                                               &p, dF.pointer, Int32(n)), "igemm f32 SiLU \(name)")
+            #expect(try dS8.download() == wantS8, "\(name) int8, SiLU")
+            #expect(try dF.download() == wantF32, "\(name) float, SiLU")
+        }
+        p.relu = 1
+        _ = ql_requantize_s8_ref(Int32(m), Int32(n), &wantS8, Int32(n), acc, Int32(n), offsets, scale, bias, 1)
         if lda == k {
             // the plain entry points (AUTO) and the separate epilogue
             try CUDA.shared.check(api.igemm_u8s8s32(nil, Int32(m), Int32(n), Int32(k), dA.typed, Int32(k), packed.pointer, dC.typed, Int32(n)), "igemm")
@@ -284,6 +309,130 @@ struct CUDAConformanceTests {
         }
         var gw: Int32 = 0, gh: Int32 = 0
         #expect(api.jpeg_decode(decoder, nil, [1, 2, 3, 4], 4, dRGB.typed, dRGB.count, &gw, &gh) != QLC_OK)
+    }
+
+    @Test("engine activations: quantize, requantize, dequantize, int8 im2col, max pooling, concat, scatter and NHWC -> NCHW give qtensor.c's bits")
+    func engineActivations() throws {
+        var rng = SeededGenerator(seed: 8)
+        let (n, c, h, w) = (2, 5, 7, 9), hw = h * w, count = n * c * h * w
+        // values on and near the half-way points of the code grid, and beyond amax (clamped)
+        let amax: Float = 1.5, s = amax / 127
+        let x = (0..<count).map { i -> Float in i % 3 == 0 ? (Float(Int(rng.next() % 301) - 150) + 0.5) * s : 2 * amax * (rng.nextFloat() - 0.5) }
+        var want = [Int8](repeating: 0, count: count)
+        ql_quantize_nchw_to_nhwc_s8(&want, x, Int32(n), Int32(c), Int32(hw), amax, 127)
+        let dX = try CUDABuffer(x), dQ = try CUDABuffer<Int8>(count: count)
+        try CUDA.shared.check(api.q8_quantize_nchw_to_nhwc(nil, dQ.typed, dX.typed, Int32(n), Int32(c), Int64(hw), amax), "quantize")
+        #expect(try dQ.download() == want, "quantize")
+        try CUDA.shared.check(api.q8_quantize_nchw_to_nhwc(nil, dQ.typed, dX.typed, Int32(n), Int32(c), Int64(hw), 0), "quantize, amax 0")
+        #expect(try dQ.download().allSatisfy { $0 == 0 }, "amax 0 gives zeros")
+
+        var requant = [Int8](repeating: 0, count: count)
+        ql_requantize_codes_s8(&requant, want, Int64(count), s, 0.8, 127)
+        let dR = try CUDABuffer<Int8>(count: count)
+        try dQ.upload(want)
+        try CUDA.shared.check(api.q8_requantize(nil, dR.typed, dQ.typed, Int64(count), s, 0.8), "requantize")
+        #expect(try dR.download() == requant, "requantize")
+
+        var back = [Float](repeating: 0, count: count)
+        ql_dequantize_nhwc_to_nchw_f32(&back, want, Int32(n), Int32(c), Int32(hw), s)
+        let dF = try CUDABuffer<Float>(count: count)
+        try CUDA.shared.check(api.q8_dequantize_nhwc_to_nchw(nil, dF.typed, dQ.typed, Int32(n), Int32(c), Int64(hw), s), "dequantize")
+        #expect(try dF.download() == back, "dequantize")
+
+        // im2col, both offsets, a strided dilated geometry and a 1 x 1 one
+        for (kh, stride, pad, dil) in [(3, 2, 1, 1), (3, 1, 2, 2), (1, 1, 0, 1)] {
+            for offset: Int32 in [0, 128] {
+                var g = ql_conv_geom(N: Int32(n), C: Int32(c), H: Int32(h), W: Int32(w), K: 4, KH: Int32(kh), KW: Int32(kh), SH: Int32(stride), SW: Int32(stride),
+                                     PH: Int32(pad), PW: Int32(pad), DH: Int32(dil), DW: Int32(dil), groups: 1)
+                var oh: Int32 = 0, ow: Int32 = 0
+                _ = ql_conv_out_size(&g, &oh, &ow)
+                let size = n * Int(oh * ow) * kh * kh * c
+                let codes = offset == 0 ? want.map { Swift.max($0, 0) } : want // offset 0 is for non-negative codes
+                var cpu = [UInt8](repeating: 0, count: size)
+                #expect(ql_im2col_nhwc_s8u8(&cpu, codes, &g, offset) == 0)
+                try dQ.upload(codes)
+                let dCol = try CUDABuffer<UInt8>(count: size)
+                var gg = qlc_conv_geom(N: g.N, C: g.C, H: g.H, W: g.W, K: g.K, KH: g.KH, KW: g.KW, SH: g.SH, SW: g.SW, PH: g.PH, PW: g.PW, DH: g.DH, DW: g.DW, groups: 1)
+                try CUDA.shared.check(api.q8_im2col_nhwc(nil, dCol.typed, dQ.typed, &gg, offset), "im2col")
+                #expect(try dCol.download() == cpu, "im2col k\(kh) s\(stride) p\(pad) d\(dil) offset \(offset)")
+            }
+        }
+        try dQ.upload(want)
+        for (k, stride, pad) in [(5, 1, 2), (3, 2, 1), (2, 2, 0)] {
+            let oh = (h + 2 * pad - k) / stride + 1, ow = (w + 2 * pad - k) / stride + 1
+            var cpu = [Int8](repeating: 0, count: n * oh * ow * c)
+            #expect(ql_maxpool_nhwc_s8(&cpu, want, Int32(n), Int32(h), Int32(w), Int32(c), Int32(k), Int32(stride), Int32(pad)) == 0)
+            let dP = try CUDABuffer<Int8>(count: cpu.count)
+            try CUDA.shared.check(api.q8_maxpool_nhwc(nil, dP.typed, dQ.typed, Int32(n), Int32(h), Int32(w), Int32(c), Int32(k), Int32(stride), Int32(pad)), "max pool")
+            #expect(try dP.download() == cpu, "max pool k\(k) s\(stride) p\(pad)")
+        }
+        #expect(api.q8_maxpool_nhwc(nil, dQ.typed, dQ.typed, 1, 4, 4, 1, 3, 1, 2) == QLC_EINVAL, "pad > k / 2")
+
+        // concat of three inputs of 5, 3 and 8 channels
+        let pixels = n * hw, parts = [5, 3, 8].map { ch in (0..<(pixels * ch)).map { _ in Int8(truncatingIfNeeded: rng.next()) } }
+        var joined = [Int8](repeating: 0, count: pixels * 16)
+        var offsetC = 0
+        for (i, ch) in [5, 3, 8].enumerated() {
+            for p in 0..<pixels { for j in 0..<ch { joined[p * 16 + offsetC + j] = parts[i][p * ch + j] } }
+            offsetC += ch
+        }
+        let dParts = try parts.map { try CUDABuffer($0) }, dJ = try CUDABuffer<Int8>(count: joined.count)
+        var pointers: [UnsafePointer<Int8>?] = dParts.map { UnsafePointer($0.typed) }
+        try CUDA.shared.check(api.q8_concat_channels_nhwc(nil, dJ.typed, &pointers, [5, 3, 8], 3, Int64(pixels)), "concat")
+        #expect(try dJ.download() == joined, "concat")
+
+        // scatter: rows [pixel][(i, j, k)] of a 2 x 2 transposed conv, floats and bytes
+        let (kk, blk) = (3, 2), rows = (0..<(pixels * blk * blk * kk)).map { _ in rng.nextFloat() }
+        var scattered = [Float](repeating: 0, count: rows.count)
+        for b in 0..<n { for y in 0..<h { for xx in 0..<w { for i in 0..<blk { for j in 0..<blk { for k in 0..<kk {
+            scattered[((b * h * blk + y * blk + i) * w * blk + xx * blk + j) * kk + k] = rows[((b * h + y) * w + xx) * blk * blk * kk + (i * blk + j) * kk + k]
+        } } } } } }
+        let dRows = try CUDABuffer(rows), dS = try CUDABuffer<Float>(count: rows.count)
+        try CUDA.shared.check(api.scatter_blocks_nhwc(nil, dS.pointer, dRows.pointer, 4, Int32(n), Int32(h), Int32(w), Int32(blk), Int32(blk), Int32(kk)), "scatter")
+        #expect(try dS.download() == scattered, "scatter f32")
+        let bytes = rows.map { Int8(Int($0 * 200) - 100) }, dB = try CUDABuffer(bytes), dSB = try CUDABuffer<Int8>(count: bytes.count)
+        try CUDA.shared.check(api.scatter_blocks_nhwc(nil, dSB.pointer, dB.pointer, 1, Int32(n), Int32(h), Int32(w), Int32(blk), Int32(blk), Int32(kk)), "scatter s8")
+        let wantBytes = scattered.map { Int8(Int($0 * 200) - 100) }
+        #expect(try dSB.download() == wantBytes, "scatter s8")
+
+        // NHWC floats to NCHW
+        let nhwc = randomFloats(count, &rng), dN = try CUDABuffer(nhwc), dO = try CUDABuffer<Float>(count: count)
+        try CUDA.shared.check(api.nhwc_to_nchw_f32(nil, dO.typed, dN.typed, Int32(n), Int64(hw), Int32(c)), "to nchw")
+        let nchw = (0..<count).map { t in nhwc[((t / (c * hw)) * hw + t % hw) * c + (t / hw) % c] }
+        #expect(try dO.download() == nchw, "NHWC -> NCHW")
+    }
+
+    @Test("the detector's INT8 plan on the GPU: every int8 slot the CPU plan's bits, the outputs within float rounding")
+    func int8PlanOnDevice() throws {
+        let model = deployedDetector(seed: 31)
+        var rng = SeededGenerator(seed: 32)
+        let sim = try QuantizationSimulator(model)
+        defer { sim.remove() }
+        sim.calibrate(on: [Tensor.uniform([2, 3, 64, 64], low: 0, high: 1, rng: &rng)]) { _ = model($0) }
+        try sim.applyCalibration(.max)
+        let plan = try Int8Plan(try Graph.trace(model, batch: 2))
+        let gpu = try CUDAPlan(plan)
+        print("GPU plan: \(gpu.summary)")
+        #expect(plan.steps.indices.allSatisfy { i in
+            if case .int8Conv = plan.steps[i] { return gpu.placements[i] == .device } else { return true }
+        })
+        for input in [Tensor.uniform([2, 3, 64, 64], low: 0, high: 1, rng: &rng), Tensor.uniform([2, 3, 64, 64], low: -1, high: 1, rng: &rng)] {
+            let cpu = try plan.runKeepingValues([input]), dev = try gpu.runKeepingValues([input])
+            #expect(Set(dev.int8.keys) == Set(cpu.int8.keys))
+            var differing: [String] = []
+            for (slot, q) in cpu.int8.sorted(by: { $0.key < $1.key }) {
+                guard let d = dev.int8[slot] else { continue }
+                #expect(d.shape == q.shape && d.amax == q.amax)
+                let off = zip(d.codes, q.codes).filter { $0 != $1 }.count
+                if off > 0 { differing.append("\(slot < plan.graph.values.count ? plan.graph.values[slot].name : "slot \(slot)"): \(off) of \(q.codes.count)") }
+            }
+            #expect(differing.isEmpty, "int8 slots that differ from the CPU plan: \(differing.joined(separator: "; "))")
+            for (a, b) in zip(dev.outputs, cpu.outputs) {
+                #expect(a.shape == b.shape)
+                let top = b.values.map(Swift.abs).max() ?? 1
+                #expect(firstMismatch(a.values, b.values, atol: 1e-5 * Double(top), rtol: 1e-4) == nil)
+            }
+        }
     }
 
     @Test("tensor ops dispatch on the device of their inputs and agree with the CPU")

@@ -26,7 +26,7 @@
 extern "C" {
 #endif
 
-#define QLC_ABI_VERSION 2
+#define QLC_ABI_VERSION 3
 
 enum {
     QLC_OK = 0,
@@ -68,6 +68,11 @@ typedef struct {
     const float *bias;         /* N or NULL */
     int relu;
 } qlc_requant_params;
+
+/* A convolution's geometry, as ckernels.h's ql_conv_geom (host memory). */
+typedef struct {
+    int N, C, H, W, K, KH, KW, SH, SW, PH, PW, DH, DW, groups;
+} qlc_conv_geom;
 
 #define QLC_MAX_DIMS 8
 
@@ -178,6 +183,30 @@ typedef struct {
     /* Row-major C (M x N, int32) = A (M x K, s8) Bt^T, Bt (N x K, s8): cublasGemmEx with
      * 32-bit integer compute; K and N multiples of 4. */
     int (*cublas_igemm)(qlc_stream s, int M, int N, int K, const int8_t *A, const int8_t *Bt, int32_t *C);
+
+    /* ---- the INT8 engine's activations (engine.cu; twins of qtensor.c, bit-exact) ---------- */
+    /* NHWC int8 codes at scale amax / 127: code = clamp(round_half_to_even(x / s), -127, 127),
+     * all zeros when amax <= 0. From N images of C x HW floats (NCHW); C = 1, N = 1 quantizes
+     * a flat array. */
+    int (*q8_quantize_nchw_to_nhwc)(qlc_stream s, int8_t *out, const float *x, int N, int C, int64_t HW, float amax);
+    /* out = code(in * scale_in) at amax_out: the simulator's value, quantized again. */
+    int (*q8_requantize)(qlc_stream s, int8_t *out, const int8_t *in, int64_t n, float scale_in, float amax_out);
+    /* NHWC codes to NCHW floats code * scale. */
+    int (*q8_dequantize_nhwc_to_nchw)(qlc_stream s, float *out, const int8_t *q, int N, int C, int64_t HW, float scale);
+    /* The im2col of NHWC codes: one row per output pixel, (kh, kw, c) along it, each byte
+     * code + offset (offset 0 or 128; padding is the code 0, so `offset`). g: HOST, groups 1. */
+    int (*q8_im2col_nhwc)(qlc_stream s, uint8_t *col, const int8_t *x, const qlc_conv_geom *g, int offset);
+    /* Max pooling of NHWC codes (padding never wins), pad <= k / 2. */
+    int (*q8_maxpool_nhwc)(qlc_stream s, int8_t *out, const int8_t *x, int N, int H, int W, int C, int k, int stride, int pad);
+    /* Concatenation along channels of NHWC codes; inputs (device pointers) and channels: HOST
+     * arrays of count. */
+    int (*q8_concat_channels_nhwc)(qlc_stream s, int8_t *out, const int8_t *const *inputs, const int *channels, int count,
+                                   int64_t pixels);
+    /* A transposed conv's GEMM rows [pixel (n, h, w)][(i, j, k)] (elements of elem_size 1 or
+     * 4 bytes) to NHWC [N, H*KH, W*KW, K]: each pixel's KH x KW block to its place. */
+    int (*scatter_blocks_nhwc)(qlc_stream s, void *out, const void *gemm, int elem_size, int N, int H, int W, int KH, int KW, int K);
+    /* Floats NHWC [N, HW, C] to NCHW [N, C, HW]. */
+    int (*nhwc_to_nchw_f32)(qlc_stream s, float *out, const float *in, int N, int64_t HW, int C);
 } qlc_api;
 
 /* The plugin's only exported symbol. */

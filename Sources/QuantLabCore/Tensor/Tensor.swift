@@ -79,7 +79,7 @@ public final class Tensor {
     /// Host data of a CPU tensor (stops with a clear message for a CUDA tensor).
     public var data: UnsafeMutablePointer<Float> { storage.pointer }
     /// Device address of a CUDA tensor, for the plugin's kernels.
-    var deviceData: UnsafeMutablePointer<Float> {
+    package var deviceData: UnsafeMutablePointer<Float> {
         require(device == .cuda, "deviceData of a \(device) tensor")
         return storage.address
     }
