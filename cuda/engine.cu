@@ -1,7 +1,8 @@
 // engine.cu — the INT8 engine's activation kernels, for a plan run on the GPU
 // (Sources/QuantLabEngine/CUDAPlan.swift): NHWC int8 codes from and to floats, requantization,
-// the int8 im2col, max pooling, channel concatenation, a transposed conv's scatter, and
-// NHWC -> NCHW. GPU twins of qtensor.c, bit-exact: each thread computes one output element
+// the int8 im2col, max pooling, a transposed conv's scatter, NHWC -> NCHW; and two copies
+// that tensors on the device use too: concatenation (codes along channels, floats along any
+// axis) and the strided copy behind permute and slice. GPU twins of qtensor.c, bit-exact: each thread computes one output element
 // with engine_ops.cuh, which cuda/check/engine_ops_host.cpp also runs on the host against
 // the C kernels.
 //
@@ -76,19 +77,46 @@ static int q8_maxpool_nhwc(qlc_stream st, int8_t *out, const int8_t *x, int N, i
     return qlc_check_launch("q8_maxpool");
 }
 
-// Each input's pixels are rows of channels[i] bytes, copied to its offset in rows of the total.
-static int q8_concat_channels_nhwc(qlc_stream st, int8_t *out, const int8_t *const *inputs, const int *channels, int count, int64_t pixels) {
-    if (!inputs || !channels || count < 1 || pixels < 0) return qlc_fail(QLC_EINVAL, "q8_concat: bad arguments");
-    int total = 0;
+// Each input's rows copied to its offset in rows of the total: one strided 2-D copy per input.
+static int concat_rows(qlc_stream st, void *out, const void *const *inputs, const int64_t *row_bytes, int count, int64_t rows) {
+    if (!inputs || !row_bytes || count < 1 || rows < 0) return qlc_fail(QLC_EINVAL, "concat_rows: bad arguments");
+    int64_t total = 0;
     for (int i = 0; i < count; i++) {
-        if (channels[i] <= 0) return qlc_fail(QLC_EINVAL, "q8_concat: input %d has %d channels", i, channels[i]);
-        total += channels[i];
+        if (row_bytes[i] < 0) return qlc_fail(QLC_EINVAL, "concat_rows: input %d has rows of %lld bytes", i, (long long)row_bytes[i]);
+        total += row_bytes[i];
     }
-    if (pixels == 0) return QLC_OK;
-    for (int i = 0, at = 0; i < count; at += channels[i], i++)
-        QLC_TRY(cudaMemcpy2DAsync(out + at, (size_t)total, inputs[i], (size_t)channels[i], (size_t)channels[i], (size_t)pixels,
-                                  cudaMemcpyDeviceToDevice, as_stream(st)));
+    if (rows == 0 || total == 0) return QLC_OK;
+    int64_t at = 0;
+    for (int i = 0; i < count; at += row_bytes[i], i++)
+        if (row_bytes[i] > 0)
+            QLC_TRY(cudaMemcpy2DAsync((char *)out + at, (size_t)total, inputs[i], (size_t)row_bytes[i], (size_t)row_bytes[i], (size_t)rows,
+                                      cudaMemcpyDeviceToDevice, as_stream(st)));
     return QLC_OK;
+}
+
+struct StridedView {
+    int ndim;
+    int64_t strides[QLC_MAX_DIMS], shape[QLC_MAX_DIMS];
+};
+
+__global__ void copy_strided_kernel(float *out, const float *in, StridedView v, int64_t total) {
+    FOR_EACH_ELEMENT(t, total) out[t] = in[qlc_strided_source(t, v.strides, v.shape, v.ndim)];
+}
+
+static int copy_strided(qlc_stream st, float *out, const float *in, const int64_t *in_strides, const int64_t *shape, int ndim) {
+    if (ndim < 0 || ndim > QLC_MAX_DIMS || (ndim > 0 && (!in_strides || !shape))) return qlc_fail(QLC_EINVAL, "copy_strided: ndim %d", ndim);
+    StridedView v;
+    v.ndim = ndim;
+    int64_t total = 1;
+    for (int d = 0; d < ndim; d++) {
+        if (shape[d] < 0) return qlc_fail(QLC_EINVAL, "copy_strided: negative dim");
+        v.shape[d] = shape[d];
+        v.strides[d] = in_strides[d];
+        total *= shape[d];
+    }
+    if (total == 0) return QLC_OK;
+    copy_strided_kernel<<<grid(total), 256, 0, as_stream(st)>>>(out, in, v, total);
+    return qlc_check_launch("copy_strided");
 }
 
 template <typename T>
@@ -126,7 +154,8 @@ void qlc_fill_engine(qlc_api *api) {
     api->q8_dequantize_nhwc_to_nchw = q8_dequantize_nhwc_to_nchw;
     api->q8_im2col_nhwc = q8_im2col_nhwc;
     api->q8_maxpool_nhwc = q8_maxpool_nhwc;
-    api->q8_concat_channels_nhwc = q8_concat_channels_nhwc;
+    api->concat_rows = concat_rows;
+    api->copy_strided = copy_strided;
     api->scatter_blocks_nhwc = scatter_blocks_nhwc;
     api->nhwc_to_nchw_f32 = nhwc_to_nchw_f32;
 }

@@ -156,6 +156,16 @@ QLC_HD int64_t qlc_scatter_source(int64_t t, int H, int W, int KH, int KW, int K
     return ((n * H + y) * W + x) * ((int64_t)KH * KW * K) + (int64_t)(i * KW + j) * K + k;
 }
 
+// For element t of a dense tensor of `shape`: its index in a tensor read with `strides`.
+QLC_HD int64_t qlc_strided_source(int64_t t, const int64_t *strides, const int64_t *shape, int ndim) {
+    int64_t at = 0;
+    for (int d = ndim - 1; d >= 0; d--) {
+        at += t % shape[d] * strides[d];
+        t /= shape[d];
+    }
+    return at;
+}
+
 // For element t of NCHW [N, C, HW]: its index in NHWC [N, HW, C].
 QLC_HD int64_t qlc_nhwc_source(int64_t t, int64_t HW, int C) {
     int64_t p = t % HW, c = t / HW % C, n = t / HW / C;

@@ -15,7 +15,7 @@ import QuantLabCore
 /// - Quantize, Requantize, Dequantize, max pooling and concatenation in int8 have device
 ///   kernels with the CPU's arithmetic (cuda/engine.cu).
 /// - A float step runs on the device when its op has a device kernel (conv, linear, matmul,
-///   the elementwise ops, softmax, reshape); the others (and the integer Gemm/MatMul of
+///   the elementwise ops, softmax, reshape, transpose, slice, concat); the others (and the integer Gemm/MatMul of
 ///   transformer layers) run on the CPU, their inputs copied over. `hostSteps` names them;
 ///   a float step's result is within rounding of the CPU's (a different summation order),
 ///   not bit-exact.
@@ -78,7 +78,8 @@ public final class CUDAPlan {
     /// Float ops the library runs on CUDA tensors (CUDAOps).
     static func hasDeviceKernel(_ op: OpKind) -> Bool {
         switch op {
-        case .conv, .linear, .matmul, .add, .sub, .mul, .div, .affine, .relu, .sigmoid, .silu, .gelu, .softmax, .reshape: return true
+        case .conv, .linear, .matmul, .add, .sub, .mul, .div, .affine, .relu, .sigmoid, .silu, .gelu, .softmax, .reshape, .transpose, .slice, .concat:
+            return true
         default: return false
         }
     }
@@ -189,10 +190,9 @@ public final class CUDAPlan {
                         let x = xs[0]
                         try check(api.q8_maxpool_nhwc(nil, buffer.typed, x.buffer.typed, Int32(x.shape[0]), Int32(x.shape[2]), Int32(x.shape[3]),
                                                       Int32(x.shape[1]), Int32(k), Int32(stride), Int32(pad)), "\(n.name): max pooling")
-                    case .concat:
-                        var pointers: [UnsafePointer<Int8>?] = xs.map { UnsafePointer($0.buffer.typed) }
-                        let channels = xs.map { Int32($0.shape[1]) }
-                        try check(api.q8_concat_channels_nhwc(nil, buffer.typed, &pointers, channels, Int32(xs.count), Int64(shape[0] * shape[2] * shape[3])),
+                    case .concat: // NHWC: each pixel's channels, input after input
+                        let pointers: [UnsafeRawPointer?] = xs.map { UnsafeRawPointer($0.buffer.pointer) }
+                        try check(api.concat_rows(nil, buffer.pointer, pointers, xs.map { Int64($0.shape[1]) }, Int32(xs.count), Int64(shape[0] * shape[2] * shape[3])),
                                   "\(n.name): concat")
                     default: throw EngineError("\(n.name): \(n.op.name) has no int8 kernel")
                     }

@@ -377,8 +377,8 @@ struct CUDAConformanceTests {
             offsetC += ch
         }
         let dParts = try parts.map { try CUDABuffer($0) }, dJ = try CUDABuffer<Int8>(count: joined.count)
-        var pointers: [UnsafePointer<Int8>?] = dParts.map { UnsafePointer($0.typed) }
-        try CUDA.shared.check(api.q8_concat_channels_nhwc(nil, dJ.typed, &pointers, [5, 3, 8], 3, Int64(pixels)), "concat")
+        let pointers: [UnsafeRawPointer?] = dParts.map { UnsafeRawPointer($0.pointer) }
+        try CUDA.shared.check(api.concat_rows(nil, dJ.pointer, pointers, [5, 3, 8], 3, Int64(pixels)), "concat")
         #expect(try dJ.download() == joined, "concat")
 
         // scatter: rows [pixel][(i, j, k)] of a 2 x 2 transposed conv, floats and bytes
@@ -451,6 +451,12 @@ struct CUDAConformanceTests {
         #expect(firstMismatch(try gpu.to(.cpu).values, cpu.values, atol: 1e-5, rtol: 1e-4) == nil)
         withNoGrad {
             #expect(firstMismatch(((try? (gx + gx * 2).to(.cpu))?.values) ?? [], (x + x * 2).values, atol: 1e-6, rtol: 1e-6) == nil)
+            // copies: permute, slice, concat along an inner and the outer axis (exact)
+            #expect(gx.permuted([0, 2, 3, 1]).shape == [2, 9, 8, 3] && gx.permuted([0, 2, 3, 1]).values == x.permuted([0, 2, 3, 1]).values)
+            #expect(gx.slice(dim: 2, start: 3, end: 7).values == x.slice(dim: 2, start: 3, end: 7).values)
+            let (gy, y) = (gx.slice(dim: 1, start: 1, end: 3), x.slice(dim: 1, start: 1, end: 3))
+            #expect(concat([gx, gy], dim: 1).device == .cuda && concat([gx, gy], dim: 1).values == concat([x, y], dim: 1).values)
+            #expect(concat([gx, gx], dim: 0).values == concat([x, x], dim: 0).values)
         }
     }
 }

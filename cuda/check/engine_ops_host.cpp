@@ -114,6 +114,22 @@ int main() {
             ok = ok && qlc_nhwc_source(((int64_t)n * C + c) * HW + p, HW, C) == ((int64_t)n * HW + p) * C + c;
         check(ok, "NHWC -> NCHW");
     }
+    // the strided copy behind permute and slice, against ql_copy_strided
+    {
+        std::vector<float> in(2 * 3 * 4 * 5);
+        for (auto &v : in) v = uniform(-1, 1);
+        int64_t perm_shape[4] = {2, 4, 5, 3}, perm_strides[4] = {60, 5, 1, 20}; // [N, C, H, W] -> [N, H, W, C]
+        int64_t slice_shape[4] = {2, 3, 2, 5}, slice_strides[4] = {60, 20, 5, 1}; // H in [1, 3), from in + 5
+        for (int which = 0; which < 2; which++) {
+            const int64_t *shape = which ? slice_shape : perm_shape, *strides = which ? slice_strides : perm_strides;
+            const float *src = in.data() + (which ? 5 : 0);
+            size_t total = (size_t)(shape[0] * shape[1] * shape[2] * shape[3]);
+            std::vector<float> want(total), got(total);
+            ql_copy_strided(want.data(), src, strides, shape, 4);
+            for (size_t t = 0; t < total; t++) got[t] = src[qlc_strided_source((int64_t)t, strides, shape, 4)];
+            check(same_bits(want.data(), got.data(), total), which ? "strided copy (slice)" : "strided copy (permute)");
+        }
+    }
     // the epilogue: none, ReLU and SiLU, to int8 (round half to even, clamp) and to float,
     // over accumulators whose values span SiLU's whole range (exp underflow included)
     {
@@ -138,6 +154,6 @@ int main() {
         }
     }
     if (failures) return 1;
-    printf("✓ engine_ops on the host: quantize, requantize, dequantize, int8 im2col, max pooling, scatter, NHWC -> NCHW and the epilogue (ReLU, SiLU) equal the CPU kernels bit for bit\n");
+    printf("✓ engine_ops on the host: quantize, requantize, dequantize, int8 im2col, max pooling, scatter, NHWC -> NCHW, the strided copy and the epilogue (ReLU, SiLU) equal the CPU kernels bit for bit\n");
     return 0;
 }

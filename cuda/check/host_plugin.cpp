@@ -132,15 +132,25 @@ static int q8_maxpool(qlc_stream, int8_t *out, const int8_t *x, int N, int H, in
     for (int64_t t = 0, total = (int64_t)N * OH * OW * C; t < total; t++) out[t] = qlc_maxpool_element(t, x, H, W, C, k, stride, pad, OH, OW);
     return QLC_OK;
 }
-static int q8_concat(qlc_stream, int8_t *out, const int8_t *const *inputs, const int *channels, int count, int64_t pixels) {
-    if (!inputs || !channels || count < 1 || pixels < 0) return fail(QLC_EINVAL, "q8_concat: bad arguments");
-    int total = 0;
+static int concat_rows(qlc_stream, void *out, const void *const *inputs, const int64_t *row_bytes, int count, int64_t rows) {
+    if (!inputs || !row_bytes || count < 1 || rows < 0) return fail(QLC_EINVAL, "concat_rows: bad arguments");
+    int64_t total = 0;
     for (int i = 0; i < count; i++) {
-        if (channels[i] <= 0) return fail(QLC_EINVAL, "q8_concat: input %d has %d channels", i, channels[i]);
-        total += channels[i];
+        if (row_bytes[i] < 0) return fail(QLC_EINVAL, "concat_rows: input %d has rows of %lld bytes", i, (long long)row_bytes[i]);
+        total += row_bytes[i];
     }
-    for (int64_t p = 0; p < pixels; p++)
-        for (int i = 0, at = 0; i < count; at += channels[i], i++) memcpy(out + p * total + at, inputs[i] + p * channels[i], (size_t)channels[i]);
+    for (int64_t r = 0; r < rows; r++) {
+        int64_t at = 0;
+        for (int i = 0; i < count; at += row_bytes[i], i++)
+            memcpy((char *)out + r * total + at, (const char *)inputs[i] + r * row_bytes[i], (size_t)row_bytes[i]);
+    }
+    return QLC_OK;
+}
+static int copy_strided(qlc_stream, float *out, const float *in, const int64_t *in_strides, const int64_t *shape, int ndim) {
+    if (ndim < 0 || ndim > QLC_MAX_DIMS) return fail(QLC_EINVAL, "copy_strided: ndim %d", ndim);
+    int64_t total = 1;
+    for (int d = 0; d < ndim; d++) total *= shape[d];
+    for (int64_t t = 0; t < total; t++) out[t] = in[qlc_strided_source(t, in_strides, shape, ndim)];
     return QLC_OK;
 }
 static int scatter_blocks(qlc_stream, void *out, const void *gemm, int elem, int N, int H, int W, int KH, int KW, int K) {
@@ -190,7 +200,8 @@ extern "C" __attribute__((visibility("default"))) const qlc_api *qlc_get_api(int
         api.q8_dequantize_nhwc_to_nchw = q8_dequantize;
         api.q8_im2col_nhwc = q8_im2col;
         api.q8_maxpool_nhwc = q8_maxpool;
-        api.q8_concat_channels_nhwc = q8_concat;
+        api.concat_rows = concat_rows;
+        api.copy_strided = copy_strided;
         api.scatter_blocks_nhwc = scatter_blocks;
         api.nhwc_to_nchw_f32 = nhwc_to_nchw;
         filled = true;

@@ -198,10 +198,14 @@ typedef struct {
     int (*q8_im2col_nhwc)(qlc_stream s, uint8_t *col, const int8_t *x, const qlc_conv_geom *g, int offset);
     /* Max pooling of NHWC codes (padding never wins), pad <= k / 2. */
     int (*q8_maxpool_nhwc)(qlc_stream s, int8_t *out, const int8_t *x, int N, int H, int W, int C, int k, int stride, int pad);
-    /* Concatenation along channels of NHWC codes; inputs (device pointers) and channels: HOST
-     * arrays of count. */
-    int (*q8_concat_channels_nhwc)(qlc_stream s, int8_t *out, const int8_t *const *inputs, const int *channels, int count,
-                                   int64_t pixels);
+    /* Rows side by side: input i is `rows` rows of row_bytes[i] bytes each; output row r is the
+     * inputs' rows r one after another. The concatenation of NHWC codes along channels (rows =
+     * pixels) and of float tensors along any axis (rows = the product of the dims before it).
+     * inputs (device pointers) and row_bytes: HOST arrays of count. */
+    int (*concat_rows)(qlc_stream s, void *out, const void *const *inputs, const int64_t *row_bytes, int count, int64_t rows);
+    /* out[dense index over shape] = in[strided index], as ql_copy_strided: permute, slice.
+     * in_strides, shape: HOST arrays of ndim <= QLC_MAX_DIMS. */
+    int (*copy_strided)(qlc_stream s, float *out, const float *in, const int64_t *in_strides, const int64_t *shape, int ndim);
     /* A transposed conv's GEMM rows [pixel (n, h, w)][(i, j, k)] (elements of elem_size 1 or
      * 4 bytes) to NHWC [N, H*KH, W*KW, K]: each pixel's KH x KW block to its place. */
     int (*scatter_blocks_nhwc)(qlc_stream s, void *out, const void *gemm, int elem_size, int N, int H, int W, int KH, int KW, int K);

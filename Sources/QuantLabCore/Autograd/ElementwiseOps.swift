@@ -135,6 +135,7 @@ extension Tensor {
         let outShape = order.map { shape[$0] }
         let inStrides = Tensor.contiguousStrides(shape)
         let readStrides = order.map { Int64(inStrides[$0]) }
+        if device == .cuda { return CUDAOps.copyStrided("permute", self, strides: readStrides, shape: outShape) }
         let out = Tensor(zeros: outShape)
         let dims = outShape.map { Int64($0) }
         _ = ql_copy_strided(out.data, data, readStrides, dims, Int32(rank))
@@ -158,6 +159,7 @@ extension Tensor {
         outShape[dim] = end - start
         let strides = Tensor.contiguousStrides(shape).map { Int64($0) }
         let offset = start * Int(strides[dim])
+        if device == .cuda { return CUDAOps.copyStrided("slice", self, offset: offset, strides: strides, shape: outShape) }
         let out = Tensor(zeros: outShape)
         let dims = outShape.map { Int64($0) }
         _ = ql_copy_strided(out.data, data + offset, strides, dims, Int32(rank))
@@ -191,8 +193,9 @@ public func concat(_ tensors: [Tensor], dim: Int) -> Tensor {
     }
     var outShape = first
     outShape[dim] = tensors.map { $0.shape[dim] }.reduce(0, +)
-    let out = Tensor(zeros: outShape)
     let outer = first[..<dim].reduce(1, *), inner = first[(dim + 1)...].reduce(1, *)
+    if tensors[0].device == .cuda { return CUDAOps.concat(tensors, outShape: outShape, dim: dim, outer: outer, inner: inner) }
+    let out = Tensor(zeros: outShape)
     let outRow = outShape[dim] * inner
     var offset = 0
     var offsets: [Int] = []

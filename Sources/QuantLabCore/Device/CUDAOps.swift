@@ -80,6 +80,23 @@ enum CUDAOps {
         return out
     }
 
+    /// out[dense index over `shape`] = x[offset + strided index]: permute and slice.
+    static func copyStrided(_ name: String, _ x: Tensor, offset: Int = 0, strides: [Int64], shape: [Int]) -> Tensor {
+        noGraph(name, [x])
+        let out = empty(shape)
+        check(api().copy_strided(nil, out.deviceData, x.deviceData + offset, strides, shape.map { Int64($0) }, Int32(shape.count)), name)
+        return out
+    }
+
+    /// Concatenation along `dim`: each input is `outer` rows of shape[dim] * inner floats.
+    static func concat(_ tensors: [Tensor], outShape: [Int], dim: Int, outer: Int, inner: Int) -> Tensor {
+        noGraph("concat", tensors)
+        let out = empty(outShape)
+        let pointers: [UnsafeRawPointer?] = tensors.map { UnsafeRawPointer($0.deviceData) }
+        check(api().concat_rows(nil, out.deviceData, pointers, tensors.map { Int64($0.shape[dim] * inner * 4) }, Int32(tensors.count), Int64(outer)), "concat")
+        return out
+    }
+
     /// conv2d as im2col + SGEMM per image and group, bias added by a broadcast.
     static func conv2d(_ x: Tensor, _ w: Tensor, _ b: Tensor?, _ g: ql_conv_geom, oh: Int, ow: Int) -> Tensor {
         noGraph("conv2d", [x, w] + (b.map { [$0] } ?? []))
