@@ -13,10 +13,12 @@ import QuantLabCore
 ///   CPU's exactly and the epilogue (fmaf, round half to even, the same SiLU operations) gives
 ///   the CPU plan's codes bit for bit. A transposed conv is the same GEMM and a scatter.
 /// - Quantize, Requantize, Dequantize, max pooling and concatenation in int8 have device
-///   kernels with the CPU's arithmetic (cuda/engine.cu).
+///   kernels with the CPU's arithmetic (cuda/engine.cu). An integer Gemm (a linear layer)
+///   quantizes its input and runs the same GEMM; an integer MatMul of two activations
+///   (attention's products) runs on the CPU for now.
 /// - A float step runs on the device when its op has a device kernel (conv, linear, matmul,
-///   the elementwise ops, softmax, reshape, transpose, slice, concat); the others (and the integer Gemm/MatMul of
-///   transformer layers) run on the CPU, their inputs copied over. `hostSteps` names them;
+///   the elementwise ops, softmax, reshape, transpose, slice, concat); the others run on the
+///   CPU, their inputs copied over. `hostSteps` names them;
 ///   a float step's result is within rounding of the CPU's (a different summation order),
 ///   not bit-exact.
 public final class CUDAPlan {
@@ -53,7 +55,30 @@ public final class CUDAPlan {
         }
     }
 
+    /// The device state of an integer Gemm (a linear layer): the weight packed in the GPU
+    /// layout, the epilogue's scale, bias and offset, and the input's codes, signed and
+    /// shifted by 128 (kept between runs).
+    final class DeviceGemm {
+        let packed: CUDABuffer<Int8>
+        let scale: CUDABuffer<Float>
+        let bias: CUDABuffer<Float>?
+        let offsets: CUDABuffer<Int32>
+        var codes: CUDABuffer<Int8>?
+        var shifted: CUDABuffer<UInt8>?
+
+        init(_ g: Int8Gemm, api: qlc_api) throws {
+            let (k, n) = (g.inFeatures, g.outFeatures)
+            let b = try CUDABuffer(g.weightCodes)
+            packed = try CUDABuffer<Int8>(count: api.igemm_packed_size(Int32(k), Int32(n)))
+            try CUDA.shared.check(api.igemm_pack_b(nil, packed.pointer, nil, b.typed, Int32(n), Int32(k), Int32(n)), "\(g.name): weight packing")
+            scale = try CUDABuffer(g.scale)
+            bias = try g.bias.map { try CUDABuffer($0) }
+            offsets = try CUDABuffer((0..<n).map { o in -128 * (0..<k).reduce(Int32(0)) { $0 + Int32(g.weightCodes[$1 * n + o]) } })
+        }
+    }
+
     var convs: [ObjectIdentifier: DeviceConv] = [:]
+    var gemms: [ObjectIdentifier: DeviceGemm] = [:]
     /// Device buffers of the int8 slots, by slot id.
     var slots: [Int: CUDABuffer<Int8>] = [:]
     /// Device copies of the graph's constants that device steps read.
@@ -66,12 +91,13 @@ public final class CUDAPlan {
         placements = plan.steps.map { step in
             switch step {
             case .float(let n): return Self.hasDeviceKernel(n.op) ? .device : .host
-            case .int8Gemm: return .host
+            case .int8Gemm(let g, _, _): return g.kind == .linear ? .device : .host // MatMul of two activations: not yet
             case .quantize, .requantize, .dequantize, .int8Conv, .int8Op: return .device
             }
         }
-        for case .int8Conv(let conv, _, _) in plan.steps where convs[ObjectIdentifier(conv)] == nil {
-            convs[ObjectIdentifier(conv)] = try DeviceConv(conv, api: api)
+        for step in plan.steps {
+            if case .int8Conv(let conv, _, _) = step, convs[ObjectIdentifier(conv)] == nil { convs[ObjectIdentifier(conv)] = try DeviceConv(conv, api: api) }
+            if case .int8Gemm(let g, _, _) = step, g.kind == .linear, gemms[ObjectIdentifier(g)] == nil { gemms[ObjectIdentifier(g)] = try DeviceGemm(g, api: api) }
         }
     }
 
@@ -179,8 +205,12 @@ public final class CUDAPlan {
                     let (q, t) = try runConv(conv, x, slot: output)
                     if let q { q8[output] = q } else { f32[output] = t }
                 case .int8Gemm(let g, let inputs, let output):
-                    let xs = try inputs.map { try floatValue($0, on: .cpu, for: g.name) }
-                    f32[output] = g.kind == .linear ? try g.run(linear: xs[0]) : try g.run(matmul: xs[0], xs[1])
+                    if g.kind == .linear {
+                        f32[output] = try runLinear(g, try floatValue(inputs[0], on: .cuda, for: g.name))
+                    } else {
+                        let xs = try inputs.map { try floatValue($0, on: .cpu, for: g.name) }
+                        f32[output] = try g.run(matmul: xs[0], xs[1])
+                    }
                 case .int8Op(let n, let inputs, let output, let amax):
                     let xs = try inputs.map { try codes($0, for: n.name) }
                     let shape = graph.values[n.output].shape
@@ -211,6 +241,25 @@ public final class CUDAPlan {
         var out = [Int8](repeating: 0, count: count)
         try out.withUnsafeMutableBytes { raw in try CUDA.shared.check(api.memcpy_d2h(raw.baseAddress, q.buffer.pointer, count, nil), "download") }
         try CUDA.shared.check(api.stream_synchronize(nil), "synchronize")
+        return out
+    }
+
+    /// An integer Gemm on the device: the input quantized (the quantizer's rounding), its codes
+    /// shifted by 128 (a 1 x 1 int8 im2col), the GEMM with -128 * sum_k w[k, o] as the
+    /// epilogue's offset: the CPU's exact accumulator, so the CPU's floats.
+    func runLinear(_ g: Int8Gemm, _ x: Tensor) throws -> Tensor {
+        guard let dev = gemms[ObjectIdentifier(g)] else { throw EngineError("\(g.name): not prepared for the device") }
+        guard x.shape.last == g.inFeatures else { throw EngineError("\(g.name): input \(x.shape) for \(g.inFeatures) features") }
+        let (k, n) = (g.inFeatures, g.outFeatures), m = x.count / max(k, 1)
+        if (dev.codes?.count ?? -1) < x.count { (dev.codes, dev.shifted) = (try CUDABuffer<Int8>(count: x.count), try CUDABuffer<UInt8>(count: x.count)) }
+        let (codes, shifted) = (dev.codes!, dev.shifted!)
+        try CUDA.shared.check(api.q8_quantize_nchw_to_nhwc(nil, codes.typed, x.deviceData, 1, 1, Int64(x.count), g.amaxA), "\(g.name): quantize")
+        var rows = qlc_conv_geom(N: 1, C: Int32(k), H: Int32(m), W: 1, K: Int32(n), KH: 1, KW: 1, SH: 1, SW: 1, PH: 0, PW: 0, DH: 1, DW: 1, groups: 1)
+        try CUDA.shared.check(api.q8_im2col_nhwc(nil, shifted.typed, codes.typed, &rows, 128), "\(g.name): shift")
+        let out = try Tensor(shape: Array(x.shape.dropLast()) + [n], storage: Storage(cudaCount: m * n))
+        var p = qlc_requant_params(col_offset: dev.offsets.typed, scale: dev.scale.typed, bias: dev.bias?.typed, relu: 0)
+        try CUDA.shared.check(api.igemm_ex(nil, Int32(QLC_KERNEL_AUTO), Int32(QLC_OUT_F32), Int32(m), Int32(n), Int32(k), shifted.typed, Int32(k),
+                                           dev.packed.pointer, &p, out.deviceData, Int32(n)), "\(g.name): int8 GEMM")
         return out
     }
 

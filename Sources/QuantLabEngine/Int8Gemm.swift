@@ -26,6 +26,8 @@ public final class Int8Gemm {
     // linear: the packed weight, per-column scale and bias
     let outFeatures: Int, inFeatures: Int
     let packed: [Int8]
+    /// linear: the weight's codes before packing, [in][out] (the GPU packs its own layout).
+    let weightCodes: [Int8]
     let scale: [Float]
     let bias: [Float]?
     /// The quantized rows of A (signed codes), kept between runs.
@@ -49,6 +51,7 @@ public final class Int8Gemm {
         var packed = [Int8](repeating: 0, count: ql_igemm_packed_size(Int32(inF), Int32(outF)))
         guard ql_igemm_pack_b(&packed, nil, b, Int32(outF), Int32(inF), Int32(outF)) == 0 else { throw EngineError("\(name): weight packing failed") }
         self.packed = packed
+        weightCodes = b
         scale = weightAmax.map { (inputAmax / 127) * ($0 / 127) }
         self.bias = bias.map(\.values)
     }
@@ -61,6 +64,7 @@ public final class Int8Gemm {
         self.amaxB = amaxB
         (outFeatures, inFeatures) = (0, 0)
         packed = []
+        weightCodes = []
         scale = []
         bias = nil
     }

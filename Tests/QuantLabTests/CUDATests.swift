@@ -435,6 +435,28 @@ struct CUDAConformanceTests {
         }
     }
 
+    @Test("an attention module's INT8 plan on the GPU: its linears on the device give the CPU plan's output within float rounding")
+    func attentionPlanOnDevice() throws {
+        var rng = SeededGenerator(seed: 33)
+        let m = MultiHeadAttention(dim: 16, heads: 2, rng: &rng)
+        m.eval()
+        let x = Tensor.uniform([2, 5, 16], low: -2, high: 2, rng: &rng)
+        var options = QuantizationOptions()
+        options.quantizeMatMul = true
+        let sim = try QuantizationSimulator(m, options: options)
+        defer { sim.remove() }
+        sim.calibrate { _ = m(query: x, key: x, value: x) }
+        try sim.applyCalibration(.max)
+        let plan = try Int8Plan(try Graph.trace(m, example: x) { [m(query: $0, key: $0, value: $0)] })
+        let gpu = try CUDAPlan(plan)
+        print("GPU plan: \(gpu.summary)")
+        let linears = plan.steps.indices.filter { if case .int8Gemm(let g, _, _) = plan.steps[$0] { return g.kind == .linear } else { return false } }
+        #expect(linears.count == 4 && linears.allSatisfy { gpu.placements[$0] == .device })
+        let cpu = try plan.run([x])[0], dev = try gpu.run([x])[0]
+        let top = Double(cpu.absMax())
+        #expect(dev.shape == cpu.shape && firstMismatch(dev.values, cpu.values, atol: 1e-5 * top, rtol: 1e-4) == nil)
+    }
+
     @Test("tensor ops dispatch on the device of their inputs and agree with the CPU")
     func tensorDispatch() throws {
         var rng = SeededGenerator(seed: 7)
