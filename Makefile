@@ -104,7 +104,7 @@ fuzz: ## libFuzzer on the readers of outside input (COCO JSON, detections, safet
 	scripts/fuzz.sh $(or $(FUZZ_SECONDS),60)
 
 # tests that use only the entries cuda/check/host_plugin.cpp emulates
-GPU_EMULATED_TESTS := engineActivations|int8PlanOnDevice|attentionPlanOnDevice|tensorDispatch
+GPU_EMULATED_TESTS := engineActivations|int8PlanOnDevice|attentionPlanOnDevice|deviceMemoryReuse|tensorDispatch
 HOST_PLUGIN := .build/cuda/host-check/libqlcuda-host.so
 $(HOST_PLUGIN):
 	scripts/build_cuda.sh

@@ -196,7 +196,7 @@ public final class CUDAPlan {
                     q8[s] = DeviceCodes(buffer: buffer, shape: x.shape, amax: to)
                 case .dequantize(let s, let v, let name):
                     let q = try codes(s, for: name)
-                    let out = try Tensor(shape: q.shape, storage: Storage(cudaCount: q.shape.reduce(1, *)))
+                    let out = try Tensor(shape: q.shape, storage: Storage(cudaCount: q.shape.reduce(1, *), zeroed: false))
                     try check(api.q8_dequantize_nhwc_to_nchw(nil, out.deviceData, q.buffer.typed, Int32(q.shape[0]), Int32(q.shape[1]),
                                                              Int64(q.shape[2] * q.shape[3]), q.amax / 127), "\(name): dequantize")
                     f32[v] = out
@@ -256,7 +256,7 @@ public final class CUDAPlan {
         try CUDA.shared.check(api.q8_quantize_nchw_to_nhwc(nil, codes.typed, x.deviceData, 1, 1, Int64(x.count), g.amaxA), "\(g.name): quantize")
         var rows = qlc_conv_geom(N: 1, C: Int32(k), H: Int32(m), W: 1, K: Int32(n), KH: 1, KW: 1, SH: 1, SW: 1, PH: 0, PW: 0, DH: 1, DW: 1, groups: 1)
         try CUDA.shared.check(api.q8_im2col_nhwc(nil, shifted.typed, codes.typed, &rows, 128), "\(g.name): shift")
-        let out = try Tensor(shape: Array(x.shape.dropLast()) + [n], storage: Storage(cudaCount: m * n))
+        let out = try Tensor(shape: Array(x.shape.dropLast()) + [n], storage: Storage(cudaCount: m * n, zeroed: false))
         var p = qlc_requant_params(col_offset: dev.offsets.typed, scale: dev.scale.typed, bias: dev.bias?.typed, relu: 0)
         try CUDA.shared.check(api.igemm_ex(nil, Int32(QLC_KERNEL_AUTO), Int32(QLC_OUT_F32), Int32(m), Int32(n), Int32(k), shifted.typed, Int32(k),
                                            dev.packed.pointer, &p, out.deviceData, Int32(n)), "\(g.name): int8 GEMM")
@@ -321,7 +321,7 @@ public final class CUDAPlan {
                                                           Int32(conv.kernel.0), Int32(conv.kernel.1), Int32(k)), "\(conv.name): scatter")
             nhwc = scattered
         }
-        let out = try Tensor(shape: outShape, storage: Storage(cudaCount: outCount))
+        let out = try Tensor(shape: outShape, storage: Storage(cudaCount: outCount, zeroed: false))
         try CUDA.shared.check(api.nhwc_to_nchw_f32(nil, out.deviceData, nhwc.typed, Int32(n), Int64(outH * outW), Int32(k)), "\(conv.name): to NCHW")
         return (nil, out)
     }

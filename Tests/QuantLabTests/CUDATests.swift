@@ -40,6 +40,11 @@ struct CUDAPluginTests {
         #expect(throws: DeviceError.self) { try CUDAPlan(plan) }
     }
 
+    @Test("device memory size classes: powers of two from 256 floats")
+    func poolSizeClasses() {
+        #expect([0, 1, 256, 257, 1000, 1024, 1025, 1 << 20].map(DeviceMemoryPool.sizeClass) == [256, 256, 256, 512, 1024, 1024, 2048, 1 << 20])
+    }
+
     @Test("a built plugin loads through dlopen and answers the device probe",
           .enabled(if: CUDA.shared.pluginPath != nil, "the plugin is not built: run `make cuda`"))
     func pluginLoads() {
@@ -52,7 +57,9 @@ struct CUDAPluginTests {
 /// Every CUDA kernel against its CPU reference on the same inputs:
 /// |gpu - ref| <= atol + rtol*|ref| for float kernels, bit-exact for integer ones.
 @Suite("GPU conformance: CUDA kernels vs CPU references",
-       .enabled(if: CUDA.shared.isReady, "no CUDA device (\(CUDA.shared.notice))"))
+       .enabled(if: CUDA.shared.isReady, "no CUDA device (\(CUDA.shared.notice))"),
+       .serialized) // one at a time: deviceMemoryReuse counts the shared pool's buffers
+
 struct CUDAConformanceTests {
     let api: qlc_api
 
@@ -455,6 +462,16 @@ struct CUDAConformanceTests {
         let cpu = try plan.run([x])[0], dev = try gpu.run([x])[0]
         let top = Double(cpu.absMax())
         #expect(dev.shape == cpu.shape && firstMismatch(dev.values, cpu.values, atol: 1e-5 * top, rtol: 1e-4) == nil)
+    }
+
+    @Test("a dead device tensor's buffer serves the next one of its size class, zero-filled again where asked")
+    func deviceMemoryReuse() throws {
+        let pool = DeviceMemoryPool.shared
+        do { _ = try Tensor(zeros: [300]).scaled(by: 1, plus: 5).to(.cuda) } // a device tensor of 300 floats (class 512), dead at once
+        let (made, reused) = (pool.allocated, pool.reused)
+        let t = try Tensor(shape: [20, 20], storage: Storage(cudaCount: 400)) // class 512 again
+        #expect(pool.allocated == made && pool.reused == reused + 1)
+        #expect(t.values == [Float](repeating: 0, count: 400), "Storage(cudaCount:) is zero-filled, a reused buffer too")
     }
 
     @Test("tensor ops dispatch on the device of their inputs and agree with the CPU")

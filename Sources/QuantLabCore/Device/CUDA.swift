@@ -108,6 +108,42 @@ public final class CUDA: @unchecked Sendable { // immutable after init
     }
 }
 
+/// Device memory of tensors, kept for reuse (as PyTorch's caching allocator): cudaMalloc is
+/// slow and cudaFree waits for the whole device, so a tensor's buffer goes back to a free list
+/// by size when the tensor dies and the next tensor of that size class takes it, instead of a
+/// free and a malloc per op. Every kernel runs on the one default stream, so a buffer handed
+/// out again is written only after the kernels that read it before, in stream order. Sizes are
+/// rounded up to a power of two (at least 256 floats), so a buffer serves a range of sizes.
+/// Memory held: the peak of live tensors per size class; it is not returned before exit.
+public final class DeviceMemoryPool: @unchecked Sendable { // state under `lock`
+    public static let shared = DeviceMemoryPool()
+    private let lock = NSLock()
+    private var free: [Int: [CUDABuffer<Float>]] = [:]
+    /// Buffers made, and buffers handed out again (tests and reports).
+    public private(set) var allocated = 0, reused = 0
+
+    static func sizeClass(_ count: Int) -> Int { max(256, 1 << (Int.bitWidth - (max(count, 1) - 1).leadingZeroBitCount)) }
+
+    func take(_ count: Int) throws -> CUDABuffer<Float> {
+        let size = Self.sizeClass(count)
+        lock.lock()
+        if let b = free[size]?.popLast() {
+            reused += 1
+            lock.unlock()
+            return b
+        }
+        allocated += 1
+        lock.unlock()
+        return try CUDABuffer<Float>(count: size)
+    }
+
+    func give(_ buffer: CUDABuffer<Float>) {
+        lock.lock()
+        free[buffer.count, default: []].append(buffer)
+        lock.unlock()
+    }
+}
+
 /// A typed buffer in device memory, freed with its owner.
 public final class CUDABuffer<Element>: @unchecked Sendable {
     public let pointer: UnsafeMutableRawPointer

@@ -14,8 +14,9 @@ enum CUDAOps {
         do { try CUDA.shared.check(status, what) } catch { fatalError("\(error)") }
     }
 
-    static func empty(_ shape: [Int]) -> Tensor {
-        do { return Tensor(shape: shape, storage: try Storage(cudaCount: shape.reduce(1, *))) } catch {
+    /// An op's output; `zeroed` only where the op accumulates into it.
+    static func empty(_ shape: [Int], zeroed: Bool = false) -> Tensor {
+        do { return Tensor(shape: shape, storage: try Storage(cudaCount: shape.reduce(1, *), zeroed: zeroed)) } catch {
             fatalError("\(error)")
         }
     }
@@ -60,7 +61,7 @@ enum CUDAOps {
     static func linear(_ x: Tensor, _ w: Tensor, _ b: Tensor?) -> Tensor {
         noGraph("linear", [x, w] + (b.map { [$0] } ?? []))
         let (outF, inF) = (w.shape[0], w.shape[1]), rows = x.count / max(inF, 1)
-        let out = empty(Array(x.shape.dropLast()) + [outF])
+        let out = empty(Array(x.shape.dropLast()) + [outF], zeroed: b != nil) // out = 0 + b, then += x W^T
         if let b { // broadcast the bias into every row, then accumulate the product (beta = 1)
             check(api().binary_strided(nil, Int32(QL_BINARY_ADD.rawValue), out.deviceData, out.deviceData, [Int64(outF), 1],
                                        b.deviceData, [0, 1], [Int64(rows), Int64(outF)], 2), "linear bias")

@@ -40,9 +40,13 @@ public final class Storage {
     }
 
     /// Zero-filled device memory; throws when there is no CUDA device.
-    public init(cudaCount count: Int) throws {
-        let buffer = try CUDABuffer<Float>(count: count)
-        try CUDA.shared.check(CUDA.shared.requireDevice().memset(buffer.pointer, 0, max(count, 1) * 4, nil), "memset")
+    public convenience init(cudaCount count: Int) throws { try self.init(cudaCount: count, zeroed: true) }
+
+    /// Device memory from `DeviceMemoryPool` (`zeroed: false`: for an op's output that its
+    /// kernel writes in full, as on the CPU).
+    package init(cudaCount count: Int, zeroed: Bool) throws {
+        let buffer = try DeviceMemoryPool.shared.take(count)
+        if zeroed { try CUDA.shared.check(CUDA.shared.requireDevice().memset(buffer.pointer, 0, max(count, 1) * 4, nil), "memset") }
         self.count = count
         device = .cuda
         deviceBuffer = buffer
@@ -55,7 +59,9 @@ public final class Storage {
         return address
     }
 
-    deinit { if device == .cpu { address.deallocate() } }
+    deinit {
+        if device == .cpu { address.deallocate() } else if let deviceBuffer { DeviceMemoryPool.shared.give(deviceBuffer) }
+    }
 }
 
 /// A contiguous row-major float32 tensor (NCHW for images) that can take part in autograd.
