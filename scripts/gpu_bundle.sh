@@ -9,6 +9,7 @@
 #   gpu-bundle/run.sh test "Engine"                            # any other suite, by name
 #   gpu-bundle/run.sh bench                                    # qlab bench --gpu: our GEMMs vs cuBLAS
 #   gpu-bundle/run.sh qlab info                                # qlab, with the plugin found
+#   gpu-bundle/run.sh all OUT                                  # all of it, each command's output a file in OUT
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=.build/gpu-bundle
@@ -33,7 +34,7 @@ for bin in "$out/QuantLabPackageTests.xctest" "$out/qlab"; do
 done
 cat > "$out/run.sh" <<'RUN'
 #!/usr/bin/env bash
-# run.sh test [suite filter] | run.sh bench [qlab bench flags] | run.sh qlab <arguments>
+# run.sh test [suite filter] | run.sh bench [qlab bench flags] | run.sh qlab <arguments> | run.sh all OUT
 here=$(cd "$(dirname "$0")" && pwd)
 export LD_LIBRARY_PATH="$here/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" QL_CUDA_PLUGIN="$here/libqlcuda.so"
 # cuBLAS (the GPU bench's peer): the system's, or a pip wheel's (PyTorch ships one)
@@ -47,7 +48,17 @@ case "${1:-test}" in
   test) exec "$here/QuantLabPackageTests.xctest" --testing-library swift-testing --filter "${2:-CUDA|GPU}" ;;
   bench) shift; exec "$here/qlab" bench --gpu "$@" ;;
   qlab) shift; exec "$here/qlab" "$@" ;;
-  *) echo "usage: run.sh test [filter] | run.sh bench [--quick] [--json FILE] | run.sh qlab <arguments>"; exit 2 ;;
+  all) # what a session lent a GPU for a few minutes should run, in order of value; one file per command in OUT
+    out=${2:?usage: run.sh all OUT}; mkdir -p "$out"
+    { nvidia-smi; lscpu; } > "$out/machine.txt" 2>&1
+    "$here/qlab" info > "$out/info.txt" 2>&1
+    run() { local name=$1 limit=$2; shift 2; timeout "$limit" "$@" > "$out/$name.txt" 2>&1; echo "exit $?" >> "$out/$name.txt"; }
+    run gpu-tests 300 "$here/QuantLabPackageTests.xctest" --testing-library swift-testing --filter "CUDA|GPU"
+    run bench-gpu 300 "$here/qlab" bench --gpu --json "$out/bench-gpu.json"
+    run bench-engine 400 "$here/qlab" bench --engine
+    run all-tests 600 "$here/QuantLabPackageTests.xctest" --testing-library swift-testing
+    grep -h -E "passed after|failed after|exit [0-9]+$" "$out"/gpu-tests.txt "$out"/all-tests.txt | grep -E "Test run|exit" ;;
+  *) echo "usage: run.sh test [filter] | run.sh bench [--quick] [--json FILE] | run.sh qlab <arguments> | run.sh all OUT"; exit 2 ;;
 esac
 RUN
 chmod +x "$out/run.sh"
