@@ -44,15 +44,17 @@ __global__ void pack_b_kernel(int32_t *packed, const int8_t *B, int ldb, int K, 
     packed[t] = (int32_t)w;
 }
 
-__global__ void col_sum_kernel(int32_t *col_sum, const int8_t *B, int ldb, int K, int N) {
+// col_sum[n] = factor * sum_k B[k, n]: the sums (factor 1), or the epilogue's offsets for A
+// stored with a zero point (factor -zero_point).
+__global__ void col_sum_kernel(int32_t *col_sum, const int8_t *B, int ldb, int K, int N, int factor) {
     int n = blockIdx.x * blockDim.x + threadIdx.x;
     if (n >= N) return;
     int32_t s = 0;
     for (int k = 0; k < K; k++) s += B[(size_t)k * ldb + n];
-    col_sum[n] = s;
+    col_sum[n] = factor * s;
 }
 
-static int igemm_pack_b(qlc_stream s, void *packed, int32_t *col_sum, const int8_t *B, int ldb, int K, int N) {
+static int pack_b(qlc_stream s, void *packed, int32_t *col_sum, const int8_t *B, int ldb, int K, int N, int factor) {
     if (K < 0 || N < 0 || ldb < (N > 1 ? N : 1)) return qlc_fail(QLC_EINVAL, "igemm_pack_b: inconsistent sizes");
     int64_t words = (int64_t)N * kquads(K);
     if (words > 0) {
@@ -60,10 +62,18 @@ static int igemm_pack_b(qlc_stream s, void *packed, int32_t *col_sum, const int8
         if (int st = qlc_check_launch("pack_b")) return st;
     }
     if (col_sum && N > 0) {
-        col_sum_kernel<<<blocks_for(N, 256), 256, 0, as_stream(s)>>>(col_sum, B, ldb, K, N);
+        col_sum_kernel<<<blocks_for(N, 256), 256, 0, as_stream(s)>>>(col_sum, B, ldb, K, N, factor);
         return qlc_check_launch("col_sum");
     }
     return QLC_OK;
+}
+
+static int igemm_pack_b(qlc_stream s, void *packed, int32_t *col_sum, const int8_t *B, int ldb, int K, int N) {
+    return pack_b(s, packed, col_sum, B, ldb, K, N, 1);
+}
+
+static int igemm_pack_b_offsets(qlc_stream s, void *packed, int32_t *col_offset, const int8_t *B, int ldb, int K, int N, int zero_point) {
+    return pack_b(s, packed, col_offset, B, ldb, K, N, -zero_point);
 }
 
 __device__ __forceinline__ int dp4a_us(uint32_t a, int32_t b, int32_t c) {
@@ -374,6 +384,7 @@ void qlc_fill_igemm(qlc_api *api) {
     api->igemm_ex = igemm_ex;
     api->igemm_packed_size = igemm_packed_size;
     api->igemm_pack_b = igemm_pack_b;
+    api->igemm_pack_b_offsets = igemm_pack_b_offsets;
     api->igemm_u8s8s32 = igemm_s32;
     api->igemm_u8s8_s8 = igemm_s8;
     api->igemm_u8s8_f32 = igemm_f32;

@@ -15,7 +15,7 @@ import QuantLabCore
 /// - Quantize, Requantize, Dequantize, max pooling and concatenation in int8 have device
 ///   kernels with the CPU's arithmetic (cuda/engine.cu). An integer Gemm (a linear layer)
 ///   quantizes its input and runs the same GEMM; an integer MatMul of two activations
-///   (attention's products) runs on the CPU for now.
+///   (attention's products) quantizes both and packs b at every run.
 /// - A float step runs on the device when its op has a device kernel (conv, linear, matmul,
 ///   the elementwise ops, softmax, reshape, transpose, slice, concat); the others run on the
 ///   CPU, their inputs copied over. `hostSteps` names them;
@@ -57,14 +57,20 @@ public final class CUDAPlan {
 
     /// The device state of an integer Gemm (a linear layer): the weight packed in the GPU
     /// layout, the epilogue's scale, bias and offset, and the input's codes, signed and
-    /// shifted by 128 (kept between runs).
+    /// shifted by 128 (kept between runs). A MatMul of two activations keeps only the buffers
+    /// (its b is packed at every run).
     final class DeviceGemm {
-        let packed: CUDABuffer<Int8>
-        let scale: CUDABuffer<Float>
+        var packed: CUDABuffer<Int8>
+        var scale: CUDABuffer<Float>
         let bias: CUDABuffer<Float>?
-        let offsets: CUDABuffer<Int32>
+        var offsets: CUDABuffer<Int32>
         var codes: CUDABuffer<Int8>?
         var shifted: CUDABuffer<UInt8>?
+        var codesB: CUDABuffer<Int8>?
+
+        init(matmul: ()) throws {
+            (packed, scale, bias, offsets) = (try CUDABuffer<Int8>(count: 16), try CUDABuffer<Float>(count: 1), nil, try CUDABuffer<Int32>(count: 1))
+        }
 
         init(_ g: Int8Gemm, api: qlc_api) throws {
             let (k, n) = (g.inFeatures, g.outFeatures)
@@ -91,13 +97,15 @@ public final class CUDAPlan {
         placements = plan.steps.map { step in
             switch step {
             case .float(let n): return Self.hasDeviceKernel(n.op) ? .device : .host
-            case .int8Gemm(let g, _, _): return g.kind == .linear ? .device : .host // MatMul of two activations: not yet
+            case .int8Gemm: return .device
             case .quantize, .requantize, .dequantize, .int8Conv, .int8Op: return .device
             }
         }
         for step in plan.steps {
             if case .int8Conv(let conv, _, _) = step, convs[ObjectIdentifier(conv)] == nil { convs[ObjectIdentifier(conv)] = try DeviceConv(conv, api: api) }
-            if case .int8Gemm(let g, _, _) = step, g.kind == .linear, gemms[ObjectIdentifier(g)] == nil { gemms[ObjectIdentifier(g)] = try DeviceGemm(g, api: api) }
+            if case .int8Gemm(let g, _, _) = step, gemms[ObjectIdentifier(g)] == nil {
+                gemms[ObjectIdentifier(g)] = g.kind == .linear ? try DeviceGemm(g, api: api) : try DeviceGemm(matmul: ())
+            }
         }
     }
 
@@ -205,12 +213,8 @@ public final class CUDAPlan {
                     let (q, t) = try runConv(conv, x, slot: output)
                     if let q { q8[output] = q } else { f32[output] = t }
                 case .int8Gemm(let g, let inputs, let output):
-                    if g.kind == .linear {
-                        f32[output] = try runLinear(g, try floatValue(inputs[0], on: .cuda, for: g.name))
-                    } else {
-                        let xs = try inputs.map { try floatValue($0, on: .cpu, for: g.name) }
-                        f32[output] = try g.run(matmul: xs[0], xs[1])
-                    }
+                    let xs = try inputs.map { try floatValue($0, on: .cuda, for: g.name) }
+                    f32[output] = g.kind == .linear ? try runLinear(g, xs[0]) : try runMatMul(g, xs[0], xs[1])
                 case .int8Op(let n, let inputs, let output, let amax):
                     let xs = try inputs.map { try codes($0, for: n.name) }
                     let shape = graph.values[n.output].shape
@@ -260,6 +264,37 @@ public final class CUDAPlan {
         var p = qlc_requant_params(col_offset: dev.offsets.typed, scale: dev.scale.typed, bias: dev.bias?.typed, relu: 0)
         try CUDA.shared.check(api.igemm_ex(nil, Int32(QLC_KERNEL_AUTO), Int32(QLC_OUT_F32), Int32(m), Int32(n), Int32(k), shifted.typed, Int32(k),
                                            dev.packed.pointer, &p, out.deviceData, Int32(n)), "\(g.name): int8 GEMM")
+        return out
+    }
+
+    /// a [..., M, K] x b [..., K, N] of two activations on the device: both quantized, a's codes
+    /// shifted by 128, each batch entry's b packed with -128 * its column sums as the offsets.
+    func runMatMul(_ g: Int8Gemm, _ a: Tensor, _ b: Tensor) throws -> Tensor {
+        guard let dev = gemms[ObjectIdentifier(g)], let amaxB = g.amaxB else { throw EngineError("\(g.name): not prepared for the device") }
+        guard a.rank >= 2, b.rank == a.rank, Array(a.shape.dropLast(2)) == Array(b.shape.dropLast(2)), a.shape[a.rank - 1] == b.shape[b.rank - 2] else {
+            throw EngineError("\(g.name): \(a.shape) x \(b.shape) do not multiply")
+        }
+        let (m, k, n) = (a.shape[a.rank - 2], a.shape[a.rank - 1], b.shape[b.rank - 1])
+        let batch = a.count / max(m * k, 1)
+        if (dev.codes?.count ?? -1) < a.count { (dev.codes, dev.shifted) = (try CUDABuffer<Int8>(count: a.count), try CUDABuffer<UInt8>(count: a.count)) }
+        if (dev.codesB?.count ?? -1) < b.count { dev.codesB = try CUDABuffer<Int8>(count: b.count) }
+        let packedCount = api.igemm_packed_size(Int32(k), Int32(n))
+        if dev.packed.count < packedCount { dev.packed = try CUDABuffer<Int8>(count: packedCount) }
+        if dev.offsets.count < n { dev.offsets = try CUDABuffer<Int32>(count: n) }
+        if dev.scale.count != n { dev.scale = try CUDABuffer([Float](repeating: (g.amaxA / 127) * (amaxB / 127), count: n)) }
+        let (codes, shifted, codesB) = (dev.codes!, dev.shifted!, dev.codesB!)
+        try CUDA.shared.check(api.q8_quantize_nchw_to_nhwc(nil, codes.typed, a.deviceData, 1, 1, Int64(a.count), g.amaxA), "\(g.name): quantize a")
+        var rows = qlc_conv_geom(N: 1, C: Int32(k), H: Int32(batch * m), W: 1, K: Int32(n), KH: 1, KW: 1, SH: 1, SW: 1, PH: 0, PW: 0, DH: 1, DW: 1, groups: 1)
+        try CUDA.shared.check(api.q8_im2col_nhwc(nil, shifted.typed, codes.typed, &rows, 128), "\(g.name): shift")
+        try CUDA.shared.check(api.q8_quantize_nchw_to_nhwc(nil, codesB.typed, b.deviceData, 1, 1, Int64(b.count), amaxB), "\(g.name): quantize b")
+        let out = try Tensor(shape: Array(a.shape.dropLast()) + [n], storage: Storage(cudaCount: batch * m * n, zeroed: false))
+        var p = qlc_requant_params(col_offset: dev.offsets.typed, scale: dev.scale.typed, bias: nil, relu: 0)
+        for i in 0..<batch { // one packed b at a time: the stream runs them in order
+            try CUDA.shared.check(api.igemm_pack_b_offsets(nil, dev.packed.pointer, dev.offsets.typed, codesB.typed + i * k * n, Int32(n), Int32(k), Int32(n), 128),
+                                  "\(g.name): pack b")
+            try CUDA.shared.check(api.igemm_ex(nil, Int32(QLC_KERNEL_AUTO), Int32(QLC_OUT_F32), Int32(m), Int32(n), Int32(k), shifted.typed + i * m * k, Int32(k),
+                                               dev.packed.pointer, &p, out.deviceData + i * m * n, Int32(n)), "\(g.name): int8 GEMM")
+        }
         return out
     }
 

@@ -123,6 +123,8 @@ struct CUDAConformanceTests {
         let dA = try CUDABuffer(a), dB = try CUDABuffer(b)
         let packed = try CUDABuffer<Int8>(count: api.igemm_packed_size(Int32(k), Int32(n)))
         let dSum = try CUDABuffer<Int32>(count: n)
+        try CUDA.shared.check(api.igemm_pack_b_offsets(nil, packed.pointer, dSum.typed, dB.typed, Int32(n), Int32(k), Int32(n), 128), "pack, offsets")
+        #expect(try dSum.download() == colSum.map { -128 * $0 }, "offsets for a zero point of 128")
         try CUDA.shared.check(api.igemm_pack_b(nil, packed.pointer, dSum.typed, dB.typed, Int32(n), Int32(k), Int32(n)), "pack")
         #expect(try dSum.download() == colSum)
         let dOff = try CUDABuffer(offsets), dScale = try CUDABuffer(scale), dBias = try CUDABuffer(bias)
@@ -442,7 +444,7 @@ struct CUDAConformanceTests {
         }
     }
 
-    @Test("an attention module's INT8 plan on the GPU: its linears on the device give the CPU plan's output within float rounding")
+    @Test("an attention module's INT8 plan on the GPU: its linears and Q.K^T, A.V products on the device give the CPU plan's output within float rounding")
     func attentionPlanOnDevice() throws {
         var rng = SeededGenerator(seed: 33)
         let m = MultiHeadAttention(dim: 16, heads: 2, rng: &rng)
@@ -457,8 +459,8 @@ struct CUDAConformanceTests {
         let plan = try Int8Plan(try Graph.trace(m, example: x) { [m(query: $0, key: $0, value: $0)] })
         let gpu = try CUDAPlan(plan)
         print("GPU plan: \(gpu.summary)")
-        let linears = plan.steps.indices.filter { if case .int8Gemm(let g, _, _) = plan.steps[$0] { return g.kind == .linear } else { return false } }
-        #expect(linears.count == 4 && linears.allSatisfy { gpu.placements[$0] == .device })
+        let gemms = plan.steps.indices.filter { if case .int8Gemm = plan.steps[$0] { return true } else { return false } }
+        #expect(gemms.count == 6 && gemms.allSatisfy { gpu.placements[$0] == .device } && gpu.hostSteps.isEmpty, "\(gpu.summary)")
         let cpu = try plan.run([x])[0], dev = try gpu.run([x])[0]
         let top = Double(cpu.absMax())
         #expect(dev.shape == cpu.shape && firstMismatch(dev.values, cpu.values, atol: 1e-5 * top, rtol: 1e-4) == nil)

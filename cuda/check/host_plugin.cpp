@@ -63,6 +63,12 @@ static int igemm_pack_b(qlc_stream, void *packed, int32_t *col_sum, const int8_t
         }
     return QLC_OK;
 }
+static int igemm_pack_b_offsets(qlc_stream s, void *packed, int32_t *col_offset, const int8_t *B, int ldb, int K, int N, int zero_point) {
+    int st = igemm_pack_b(s, packed, col_offset, B, ldb, K, N);
+    if (st == QLC_OK && col_offset)
+        for (int n = 0; n < N; n++) col_offset[n] *= -zero_point;
+    return st;
+}
 static int igemm_ex(qlc_stream, int kernel, int mode, int M, int N, int K, const uint8_t *A, int lda, const void *packed,
                     const qlc_requant_params *hp, void *out, int ldo) {
     if (M < 0 || N < 0 || K < 0 || lda < (K > 1 ? K : 1) || ldo < (N > 1 ? N : 1)) return fail(QLC_EINVAL, "igemm: inconsistent sizes");
@@ -186,6 +192,7 @@ extern "C" __attribute__((visibility("default"))) const qlc_api *qlc_get_api(int
         api.sgemm_ex = sgemm_ex;
         api.igemm_packed_size = igemm_packed_size;
         api.igemm_pack_b = igemm_pack_b;
+        api.igemm_pack_b_offsets = igemm_pack_b_offsets;
         api.igemm_u8s8s32 = igemm_s32;
         api.igemm_u8s8_s8 = igemm_s8;
         api.igemm_u8s8_f32 = igemm_f32;

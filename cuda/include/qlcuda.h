@@ -209,6 +209,10 @@ typedef struct {
     /* A transposed conv's GEMM rows [pixel (n, h, w)][(i, j, k)] (elements of elem_size 1 or
      * 4 bytes) to NHWC [N, H*KH, W*KW, K]: each pixel's KH x KW block to its place. */
     int (*scatter_blocks_nhwc)(qlc_stream s, void *out, const void *gemm, int elem_size, int N, int H, int W, int KH, int KW, int K);
+    /* igemm_pack_b with col_offset[n] = -zero_point * sum_k B[k, n] (device, N) in place of
+     * the sums: the epilogue's offsets when A holds codes + zero_point as u8 (operand B an
+     * activation, packed at every run: attention's products). */
+    int (*igemm_pack_b_offsets)(qlc_stream s, void *packed, int32_t *col_offset, const int8_t *B, int ldb, int K, int N, int zero_point);
     /* Floats NHWC [N, HW, C] to NCHW [N, C, HW]. */
     int (*nhwc_to_nchw_f32)(qlc_stream s, float *out, const float *in, int N, int64_t HW, int C);
 } qlc_api;
