@@ -446,16 +446,8 @@ struct CUDAConformanceTests {
 
     @Test("an attention module's INT8 plan on the GPU: its linears and Q.K^T, A.V products on the device give the CPU plan's output within float rounding")
     func attentionPlanOnDevice() throws {
-        var rng = SeededGenerator(seed: 33)
-        let m = MultiHeadAttention(dim: 16, heads: 2, rng: &rng)
-        m.eval()
-        let x = Tensor.uniform([2, 5, 16], low: -2, high: 2, rng: &rng)
-        var options = QuantizationOptions()
-        options.quantizeMatMul = true
-        let sim = try QuantizationSimulator(m, options: options)
+        let (m, x, sim) = try quantizedAttention(seed: 33)
         defer { sim.remove() }
-        sim.calibrate { _ = m(query: x, key: x, value: x) }
-        try sim.applyCalibration(.max)
         let plan = try Int8Plan(try Graph.trace(m, example: x) { [m(query: $0, key: $0, value: $0)] })
         let gpu = try CUDAPlan(plan)
         print("GPU plan: \(gpu.summary)")

@@ -8,6 +8,21 @@ import Testing
 @testable import QuantLabQuant
 
 /// A tiny RT-DETR (64 px, hidden 16) from its own seed.
+/// A self-attention module with Q/DQ at its linears and at both operands of its products,
+/// calibrated (max) on its input x [2, 5, 16]; the caller removes the simulator.
+func quantizedAttention(seed: UInt64) throws -> (MultiHeadAttention, Tensor, QuantizationSimulator) {
+    var rng = SeededGenerator(seed: seed)
+    let m = MultiHeadAttention(dim: 16, heads: 2, rng: &rng)
+    m.eval()
+    let x = Tensor.uniform([2, 5, 16], low: -2, high: 2, rng: &rng)
+    var options = QuantizationOptions()
+    options.quantizeMatMul = true
+    let sim = try QuantizationSimulator(m, options: options)
+    sim.calibrate { _ = m(query: x, key: x, value: x) }
+    try sim.applyCalibration(.max)
+    return (m, x, sim)
+}
+
 func tinyRTDETR(seed: UInt64 = 0, classes: Int = 3) -> RTDETR {
     var rng = SeededGenerator(seed: seed)
     let c = RTDETRConfig(inputSize: 64, numClasses: classes, backboneChannels: [4, 4, 8, 8, 16], backboneDepths: [1, 1, 1, 1],
@@ -235,16 +250,8 @@ struct RTDETRTests {
 
     @Test("Int8Gemm: a quantized attention module's linears and Q.K^T, A.V products on the integer GEMM equal fake quantization up to float rounding")
     func int8GemmMatchesFakeQuantization() throws {
-        var rng = SeededGenerator(seed: 31)
-        let m = MultiHeadAttention(dim: 16, heads: 2, rng: &rng)
-        m.eval()
-        let x = Tensor.uniform([2, 5, 16], low: -2, high: 2, rng: &rng)
-        var options = QuantizationOptions()
-        options.quantizeMatMul = true
-        let sim = try QuantizationSimulator(m, options: options)
+        let (m, x, sim) = try quantizedAttention(seed: 31)
         defer { sim.remove() }
-        sim.calibrate { _ = m(query: x, key: x, value: x) }
-        try sim.applyCalibration(.max)
         let graph = try Graph.trace(m, example: x) { [m(query: $0, key: $0, value: $0)] }
         let plan = try Int8Plan(graph)
         // 4 linears and 2 products, every one on the integer GEMM; no quantizer left to run in float
