@@ -33,60 +33,71 @@ public final class CUDAPlan {
         zip(plan.steps, placements).compactMap { step, place in place == .host ? Self.stepName(step) : nil }
     }
 
-    /// The device state of one INT8 conv: its weights packed in the GPU layout, the epilogue's
-    /// per-column scale, bias and offset, and the column matrix (kept between runs).
-    final class DeviceConv {
+    /// A GEMM's B operand in the GPU layout with its epilogue's per-column scale, bias and
+    /// offsets, -128 * sum_k B[k, o] (the A operand holds codes + 128, unsigned), from one
+    /// `igemm_pack_b_offsets`. Weights are packed once; attention's b is packed again into
+    /// the same buffers for every batch entry.
+    final class DeviceWeights {
+        let depth: Int, columns: Int
         let packed: CUDABuffer<Int8>
+        let offsets: CUDABuffer<Int32>
         let scale: CUDABuffer<Float>
         let bias: CUDABuffer<Float>?
-        let offsets: CUDABuffer<Int32>
-        var columns: CUDABuffer<UInt8>?
-        var floats: CUDABuffer<Float>?
-        var gemm8: CUDABuffer<Int8>?
 
-        init(_ conv: Int8Conv, api: qlc_api) throws {
-            let (depth, n) = (conv.depth, conv.gemmColumns)
-            let b = try CUDABuffer(conv.weightCodes)
-            packed = try CUDABuffer<Int8>(count: api.igemm_packed_size(Int32(depth), Int32(n)))
-            try CUDA.shared.check(api.igemm_pack_b(nil, packed.pointer, nil, b.typed, Int32(n), Int32(depth), Int32(n)), "\(conv.name): weight packing")
-            scale = try CUDABuffer(conv.scale)
-            bias = try conv.bias.map { try CUDABuffer($0) }
-            offsets = try CUDABuffer(conv.columnSums.map { -128 * $0 })
+        init(depth: Int, columns: Int, scale: [Float], bias: [Float]?, api: qlc_api) throws {
+            (self.depth, self.columns) = (depth, columns)
+            packed = try CUDABuffer<Int8>(count: api.igemm_packed_size(Int32(depth), Int32(columns)))
+            offsets = try CUDABuffer<Int32>(count: columns)
+            self.scale = try CUDABuffer(scale)
+            self.bias = try bias.map { try CUDABuffer($0) }
+        }
+
+        /// Weights: codes [depth][columns] packed once.
+        convenience init(_ name: String, codes: [Int8], depth: Int, scale: [Float], bias: [Float]?, api: qlc_api) throws {
+            try self.init(depth: depth, columns: scale.count, scale: scale, bias: bias, api: api)
+            let b = try CUDABuffer(codes)
+            try pack(b.typed, api: api, name)
+        }
+
+        /// Packs B [depth][columns] (device codes) and its offsets.
+        func pack(_ b: UnsafePointer<Int8>, api: qlc_api, _ name: String) throws {
+            try CUDA.shared.check(api.igemm_pack_b_offsets(nil, packed.pointer, offsets.typed, b, Int32(columns), Int32(depth), Int32(columns), 128),
+                                  "\(name): packing")
+        }
+
+        /// A [m][depth] (codes + 128, rows `lda` apart) x B, through the epilogue (activation:
+        /// 0 none, 1 ReLU, 2 SiLU) into `out` [m][columns] as `mode` (QLC_OUT_S8 or _F32).
+        func gemm(_ a: UnsafePointer<UInt8>, rows m: Int, lda: Int, activation: Int32 = 0, mode: Int32, into out: UnsafeMutableRawPointer,
+                  api: qlc_api, _ name: String) throws {
+            var p = qlc_requant_params(col_offset: offsets.typed, scale: scale.typed, bias: bias?.typed, relu: activation)
+            try CUDA.shared.check(api.igemm_ex(nil, Int32(QLC_KERNEL_AUTO), mode, Int32(m), Int32(columns), Int32(depth), a, Int32(lda),
+                                               packed.pointer, &p, out, Int32(columns)), "\(name): int8 GEMM")
         }
     }
 
-    /// The device state of an integer Gemm (a linear layer): the weight packed in the GPU
-    /// layout, the epilogue's scale, bias and offset, and the input's codes, signed and
-    /// shifted by 128 (kept between runs). A MatMul of two activations keeps only the buffers
-    /// (its b is packed at every run).
-    final class DeviceGemm {
-        var packed: CUDABuffer<Int8>
-        var scale: CUDABuffer<Float>
-        let bias: CUDABuffer<Float>?
-        var offsets: CUDABuffer<Int32>
-        var codes: CUDABuffer<Int8>?
-        var shifted: CUDABuffer<UInt8>?
-        var codesB: CUDABuffer<Int8>?
-
-        init(matmul: ()) throws {
-            (packed, scale, bias, offsets) = (try CUDABuffer<Int8>(count: 16), try CUDABuffer<Float>(count: 1), nil, try CUDABuffer<Int32>(count: 1))
-        }
-
-        init(_ g: Int8Gemm, api: qlc_api) throws {
-            let (k, n) = (g.inFeatures, g.outFeatures)
-            let b = try CUDABuffer(g.weightCodes)
-            packed = try CUDABuffer<Int8>(count: api.igemm_packed_size(Int32(k), Int32(n)))
-            try CUDA.shared.check(api.igemm_pack_b(nil, packed.pointer, nil, b.typed, Int32(n), Int32(k), Int32(n)), "\(g.name): weight packing")
-            scale = try CUDABuffer(g.scale)
-            bias = try g.bias.map { try CUDABuffer($0) }
-            offsets = try CUDABuffer((0..<n).map { o in -128 * (0..<k).reduce(Int32(0)) { $0 + Int32(g.weightCodes[$1 * n + o]) } })
+    /// Buffers a step reuses from run to run (grown when a larger one is needed).
+    final class Scratch {
+        var buffers: [AnyHashable: AnyObject] = [:]
+        func buffer<T>(_ key: AnyHashable, _ count: Int, _: T.Type) throws -> CUDABuffer<T> {
+            if let b = buffers[key] as? CUDABuffer<T>, b.count >= count { return b }
+            let b = try CUDABuffer<T>(count: count)
+            buffers[key] = b
+            return b
         }
     }
 
-    var convs: [ObjectIdentifier: DeviceConv] = [:]
-    var gemms: [ObjectIdentifier: DeviceGemm] = [:]
+    /// The device state of one INT8 conv or integer Gemm/MatMul: its weights (a MatMul's b:
+    /// made at its first run, packed at every run) and its scratch buffers.
+    final class DeviceStep {
+        var weights: DeviceWeights?
+        let scratch = Scratch()
+        init(weights: DeviceWeights?) { self.weights = weights }
+    }
+
+    /// The INT8 convs' and the integer Gemm/MatMul nodes' device state, by object.
+    var devices: [ObjectIdentifier: DeviceStep] = [:]
     /// Device buffers of the int8 slots, by slot id.
-    var slots: [Int: CUDABuffer<Int8>] = [:]
+    let slots = Scratch()
     /// Device copies of the graph's constants that device steps read.
     var deviceConstants: [Int: Tensor] = [:]
 
@@ -97,14 +108,16 @@ public final class CUDAPlan {
         placements = plan.steps.map { step in
             switch step {
             case .float(let n): return Self.hasDeviceKernel(n.op) ? .device : .host
-            case .int8Gemm: return .device
-            case .quantize, .requantize, .dequantize, .int8Conv, .int8Op: return .device
+            case .quantize, .requantize, .dequantize, .int8Conv, .int8Op, .int8Gemm: return .device
             }
         }
         for step in plan.steps {
-            if case .int8Conv(let conv, _, _) = step, convs[ObjectIdentifier(conv)] == nil { convs[ObjectIdentifier(conv)] = try DeviceConv(conv, api: api) }
-            if case .int8Gemm(let g, _, _) = step, gemms[ObjectIdentifier(g)] == nil {
-                gemms[ObjectIdentifier(g)] = g.kind == .linear ? try DeviceGemm(g, api: api) : try DeviceGemm(matmul: ())
+            if case .int8Conv(let c, _, _) = step, devices[ObjectIdentifier(c)] == nil {
+                devices[ObjectIdentifier(c)] = DeviceStep(weights: try DeviceWeights(c.name, codes: c.weightCodes, depth: c.depth, scale: c.scale, bias: c.bias, api: api))
+            }
+            if case .int8Gemm(let g, _, _) = step, devices[ObjectIdentifier(g)] == nil {
+                devices[ObjectIdentifier(g)] = DeviceStep(weights: g.kind == .matmul ? nil
+                    : try DeviceWeights(g.name, codes: g.weightCodes, depth: g.inFeatures, scale: g.scale, bias: g.bias, api: api))
             }
         }
     }
@@ -146,11 +159,11 @@ public final class CUDAPlan {
         try medianWallTime(runs: runs) { _ = try run(inputs) }
     }
 
-    func slot(_ id: Int, count: Int) throws -> CUDABuffer<Int8> {
-        if let b = slots[id], b.count >= count { return b }
-        let b = try CUDABuffer<Int8>(count: count)
-        slots[id] = b
-        return b
+    func slot(_ id: Int, count: Int) throws -> CUDABuffer<Int8> { try slots.buffer(id, count, Int8.self) }
+
+    func device(_ object: AnyObject, _ name: String) throws -> DeviceStep {
+        guard let d = devices[ObjectIdentifier(object)] else { throw EngineError("\(name): not prepared for the device") }
+        return d
     }
 
     struct DeviceCodes { let buffer: CUDABuffer<Int8>; let shape: [Int]; let amax: Float }
@@ -248,52 +261,50 @@ public final class CUDAPlan {
         return out
     }
 
-    /// An integer Gemm on the device: the input quantized (the quantizer's rounding), its codes
-    /// shifted by 128 (a 1 x 1 int8 im2col), the GEMM with -128 * sum_k w[k, o] as the
-    /// epilogue's offset: the CPU's exact accumulator, so the CPU's floats.
+    /// x [rows][k] quantized at amax (the quantizer's rounding) and shifted by 128 (a 1 x 1
+    /// int8 im2col): the A operand of the GEMM, in `dev`'s scratch.
+    func quantizedRows(_ x: Tensor, k: Int, amax: Float, _ dev: DeviceStep, _ name: String) throws -> CUDABuffer<UInt8> {
+        let codes = try dev.scratch.buffer("codes", x.count, Int8.self), shifted = try dev.scratch.buffer("shifted", x.count, UInt8.self)
+        try CUDA.shared.check(api.q8_quantize_nchw_to_nhwc(nil, codes.typed, x.deviceData, 1, 1, Int64(x.count), amax), "\(name): quantize")
+        var rows = qlc_conv_geom(N: 1, C: Int32(k), H: Int32(x.count / max(k, 1)), W: 1, K: 1, KH: 1, KW: 1, SH: 1, SW: 1, PH: 0, PW: 0, DH: 1, DW: 1, groups: 1)
+        try CUDA.shared.check(api.q8_im2col_nhwc(nil, shifted.typed, codes.typed, &rows, 128), "\(name): shift")
+        return shifted
+    }
+
+    /// An integer Gemm on the device: the input's rows quantized and shifted, the GEMM with
+    /// -128 * sum_k w[k, o] as the epilogue's offset: the CPU's exact accumulator, so the CPU's
+    /// floats.
     func runLinear(_ g: Int8Gemm, _ x: Tensor) throws -> Tensor {
-        guard let dev = gemms[ObjectIdentifier(g)] else { throw EngineError("\(g.name): not prepared for the device") }
-        guard x.shape.last == g.inFeatures else { throw EngineError("\(g.name): input \(x.shape) for \(g.inFeatures) features") }
-        let (k, n) = (g.inFeatures, g.outFeatures), m = x.count / max(k, 1)
-        if (dev.codes?.count ?? -1) < x.count { (dev.codes, dev.shifted) = (try CUDABuffer<Int8>(count: x.count), try CUDABuffer<UInt8>(count: x.count)) }
-        let (codes, shifted) = (dev.codes!, dev.shifted!)
-        try CUDA.shared.check(api.q8_quantize_nchw_to_nhwc(nil, codes.typed, x.deviceData, 1, 1, Int64(x.count), g.amaxA), "\(g.name): quantize")
-        var rows = qlc_conv_geom(N: 1, C: Int32(k), H: Int32(m), W: 1, K: Int32(n), KH: 1, KW: 1, SH: 1, SW: 1, PH: 0, PW: 0, DH: 1, DW: 1, groups: 1)
-        try CUDA.shared.check(api.q8_im2col_nhwc(nil, shifted.typed, codes.typed, &rows, 128), "\(g.name): shift")
-        let out = try Tensor(shape: Array(x.shape.dropLast()) + [n], storage: Storage(cudaCount: m * n, zeroed: false))
-        var p = qlc_requant_params(col_offset: dev.offsets.typed, scale: dev.scale.typed, bias: dev.bias?.typed, relu: 0)
-        try CUDA.shared.check(api.igemm_ex(nil, Int32(QLC_KERNEL_AUTO), Int32(QLC_OUT_F32), Int32(m), Int32(n), Int32(k), shifted.typed, Int32(k),
-                                           dev.packed.pointer, &p, out.deviceData, Int32(n)), "\(g.name): int8 GEMM")
+        let dev = try device(g, g.name)
+        guard let weights = dev.weights, x.shape.last == g.inFeatures else { throw EngineError("\(g.name): input \(x.shape) for \(g.inFeatures) features") }
+        let m = x.count / max(g.inFeatures, 1)
+        let a = try quantizedRows(x, k: g.inFeatures, amax: g.amaxA, dev, g.name)
+        let out = try Tensor(shape: Array(x.shape.dropLast()) + [g.outFeatures], storage: Storage(cudaCount: m * g.outFeatures, zeroed: false))
+        try weights.gemm(a.typed, rows: m, lda: g.inFeatures, mode: Int32(QLC_OUT_F32), into: out.deviceData, api: api, g.name)
         return out
     }
 
-    /// a [..., M, K] x b [..., K, N] of two activations on the device: both quantized, a's codes
-    /// shifted by 128, each batch entry's b packed with -128 * its column sums as the offsets.
+    /// a [..., M, K] x b [..., K, N] of two activations on the device: both quantized, a's rows
+    /// shifted, each batch entry's b packed with its offsets.
     func runMatMul(_ g: Int8Gemm, _ a: Tensor, _ b: Tensor) throws -> Tensor {
-        guard let dev = gemms[ObjectIdentifier(g)], let amaxB = g.amaxB else { throw EngineError("\(g.name): not prepared for the device") }
-        guard a.rank >= 2, b.rank == a.rank, Array(a.shape.dropLast(2)) == Array(b.shape.dropLast(2)), a.shape[a.rank - 1] == b.shape[b.rank - 2] else {
+        let dev = try device(g, g.name)
+        guard let amaxB = g.amaxB, a.rank >= 2, b.rank == a.rank, Array(a.shape.dropLast(2)) == Array(b.shape.dropLast(2)),
+              a.shape[a.rank - 1] == b.shape[b.rank - 2] else {
             throw EngineError("\(g.name): \(a.shape) x \(b.shape) do not multiply")
         }
         let (m, k, n) = (a.shape[a.rank - 2], a.shape[a.rank - 1], b.shape[b.rank - 1])
         let batch = a.count / max(m * k, 1)
-        if (dev.codes?.count ?? -1) < a.count { (dev.codes, dev.shifted) = (try CUDABuffer<Int8>(count: a.count), try CUDABuffer<UInt8>(count: a.count)) }
-        if (dev.codesB?.count ?? -1) < b.count { dev.codesB = try CUDABuffer<Int8>(count: b.count) }
-        let packedCount = api.igemm_packed_size(Int32(k), Int32(n))
-        if dev.packed.count < packedCount { dev.packed = try CUDABuffer<Int8>(count: packedCount) }
-        if dev.offsets.count < n { dev.offsets = try CUDABuffer<Int32>(count: n) }
-        if dev.scale.count != n { dev.scale = try CUDABuffer([Float](repeating: (g.amaxA / 127) * (amaxB / 127), count: n)) }
-        let (codes, shifted, codesB) = (dev.codes!, dev.shifted!, dev.codesB!)
-        try CUDA.shared.check(api.q8_quantize_nchw_to_nhwc(nil, codes.typed, a.deviceData, 1, 1, Int64(a.count), g.amaxA), "\(g.name): quantize a")
-        var rows = qlc_conv_geom(N: 1, C: Int32(k), H: Int32(batch * m), W: 1, K: Int32(n), KH: 1, KW: 1, SH: 1, SW: 1, PH: 0, PW: 0, DH: 1, DW: 1, groups: 1)
-        try CUDA.shared.check(api.q8_im2col_nhwc(nil, shifted.typed, codes.typed, &rows, 128), "\(g.name): shift")
+        if dev.weights.map({ $0.depth != k || $0.columns != n }) ?? true {
+            dev.weights = try DeviceWeights(depth: k, columns: n, scale: [Float](repeating: (g.amaxA / 127) * (amaxB / 127), count: n), bias: nil, api: api)
+        }
+        let weights = dev.weights!
+        let rows = try quantizedRows(a, k: k, amax: g.amaxA, dev, g.name)
+        let codesB = try dev.scratch.buffer("b", b.count, Int8.self)
         try CUDA.shared.check(api.q8_quantize_nchw_to_nhwc(nil, codesB.typed, b.deviceData, 1, 1, Int64(b.count), amaxB), "\(g.name): quantize b")
         let out = try Tensor(shape: Array(a.shape.dropLast()) + [n], storage: Storage(cudaCount: batch * m * n, zeroed: false))
-        var p = qlc_requant_params(col_offset: dev.offsets.typed, scale: dev.scale.typed, bias: nil, relu: 0)
         for i in 0..<batch { // one packed b at a time: the stream runs them in order
-            try CUDA.shared.check(api.igemm_pack_b_offsets(nil, dev.packed.pointer, dev.offsets.typed, codesB.typed + i * k * n, Int32(n), Int32(k), Int32(n), 128),
-                                  "\(g.name): pack b")
-            try CUDA.shared.check(api.igemm_ex(nil, Int32(QLC_KERNEL_AUTO), Int32(QLC_OUT_F32), Int32(m), Int32(n), Int32(k), shifted.typed + i * m * k, Int32(k),
-                                               dev.packed.pointer, &p, out.deviceData + i * m * n, Int32(n)), "\(g.name): int8 GEMM")
+            try weights.pack(codesB.typed + i * k * n, api: api, g.name)
+            try weights.gemm(rows.typed + i * m * k, rows: m, lda: k, mode: Int32(QLC_OUT_F32), into: out.deviceData + i * m * n, api: api, g.name)
         }
         return out
     }
@@ -301,59 +312,46 @@ public final class CUDAPlan {
     /// An INT8 conv on the device: int8 codes out (into `slot`'s buffer) or an NCHW float
     /// tensor.
     func runConv(_ conv: Int8Conv, _ x: DeviceCodes, slot output: Int) throws -> (DeviceCodes?, Tensor?) {
-        guard let dev = convs[ObjectIdentifier(conv)] else { throw EngineError("\(conv.name): not prepared for the device") }
-        let (n, c, h, w) = (x.shape[0], x.shape[1], x.shape[2], x.shape[3])
-        guard c == conv.inChannels else { throw EngineError("\(conv.name): input has \(c) channels, the conv \(conv.inChannels)") }
-        let o = conv.options, cols = conv.gemmColumns, k = conv.outChannels
-        // the transposed conv's GEMM reads the input pixels as they are: a 1 x 1 im2col
-        var g = conv.transposed
-            ? qlc_conv_geom(N: Int32(n), C: Int32(c), H: Int32(h), W: Int32(w), K: Int32(cols), KH: 1, KW: 1, SH: 1, SW: 1, PH: 0, PW: 0, DH: 1, DW: 1, groups: 1)
-            : qlc_conv_geom(N: Int32(n), C: Int32(c), H: Int32(h), W: Int32(w), K: Int32(k), KH: Int32(conv.kernel.0), KW: Int32(conv.kernel.1),
-                            SH: Int32(o.stride.0), SW: Int32(o.stride.1), PH: Int32(o.padding.0), PW: Int32(o.padding.1),
-                            DH: Int32(o.dilation.0), DW: Int32(o.dilation.1), groups: 1)
-        let taps = conv.transposed ? 1 : conv.kernel.0 * conv.kernel.1
-        let oh = conv.transposed ? h : (h + 2 * o.padding.0 - o.dilation.0 * (conv.kernel.0 - 1) - 1) / o.stride.0 + 1
-        let ow = conv.transposed ? w : (w + 2 * o.padding.1 - o.dilation.1 * (conv.kernel.1 - 1) - 1) / o.stride.1 + 1
-        guard oh > 0, ow > 0 else { throw EngineError("\(conv.name): input \(x.shape) does not fit the conv") }
-        let m = n * oh * ow, depth = taps * c
+        let dev = try device(conv, conv.name)
+        guard let weights = dev.weights else { throw EngineError("\(conv.name): not prepared for the device") }
+        let (geometry, oh, ow) = try conv.gemmGeometry(x.shape)
+        let (n, h, w) = (x.shape[0], x.shape[2], x.shape[3]), k = conv.outChannels
+        let m = n * oh * ow, depth = Int(geometry.KH * geometry.KW * geometry.C), cols = conv.gemmColumns
         guard depth == conv.depth else { throw EngineError("\(conv.name): GEMM depth \(depth), weights \(conv.depth)") }
-        if (dev.columns?.count ?? -1) < m * depth { dev.columns = try CUDABuffer<UInt8>(count: m * depth) }
-        let columns = dev.columns!
+        let columns = try dev.scratch.buffer("columns", m * depth, UInt8.self)
+        var g = qlc_conv_geom(N: geometry.N, C: geometry.C, H: geometry.H, W: geometry.W, K: geometry.K, KH: geometry.KH, KW: geometry.KW, SH: geometry.SH,
+                              SW: geometry.SW, PH: geometry.PH, PW: geometry.PW, DH: geometry.DH, DW: geometry.DW, groups: geometry.groups)
         try CUDA.shared.check(api.q8_im2col_nhwc(nil, columns.typed, x.buffer.typed, &g, 128), "\(conv.name): im2col")
         let (outH, outW) = conv.transposed ? (h * conv.kernel.0, w * conv.kernel.1) : (oh, ow)
         let outShape = [n, k, outH, outW], outCount = m * cols
-        var p = qlc_requant_params(col_offset: dev.offsets.typed, scale: dev.scale.typed, bias: dev.bias?.typed, relu: conv.activation.rawValue)
         func gemm(_ mode: Int32, _ out: UnsafeMutableRawPointer) throws {
-            try CUDA.shared.check(api.igemm_ex(nil, Int32(QLC_KERNEL_AUTO), mode, Int32(m), Int32(cols), Int32(depth), columns.typed, Int32(depth),
-                                               dev.packed.pointer, &p, out, Int32(cols)), "\(conv.name): int8 GEMM")
+            try weights.gemm(columns.typed, rows: m, lda: depth, activation: conv.activation.rawValue, mode: mode, into: out, api: api, conv.name)
         }
-        func floats() throws -> CUDABuffer<Float> {
-            if (dev.floats?.count ?? -1) < outCount { dev.floats = try CUDABuffer<Float>(count: outCount) }
-            return dev.floats!
+        /// GEMM rows [pixel][(i, j, k)] to NHWC [N, OH, OW, K] (a transposed conv).
+        func scatter(_ from: UnsafeRawPointer, _ to: UnsafeMutableRawPointer, bytes: Int32) throws {
+            try CUDA.shared.check(api.scatter_blocks_nhwc(nil, to, from, bytes, Int32(n), Int32(h), Int32(w), Int32(conv.kernel.0), Int32(conv.kernel.1), Int32(k)),
+                                  "\(conv.name): scatter")
         }
         if let amax = conv.outputAmax {
             let buffer = try slot(output, count: outCount)
             if conv.activation == .silu { // SiLU does not commute with the output scale: floats, then the quantizer
-                let f = try floats()
+                let f = try dev.scratch.buffer("floats", outCount, Float.self)
                 try gemm(Int32(QLC_OUT_F32), f.pointer)
                 try CUDA.shared.check(api.q8_quantize_nchw_to_nhwc(nil, buffer.typed, f.typed, 1, 1, Int64(outCount), amax), "\(conv.name): quantize")
             } else if conv.transposed {
-                if (dev.gemm8?.count ?? -1) < outCount { dev.gemm8 = try CUDABuffer<Int8>(count: outCount) }
-                try gemm(Int32(QLC_OUT_S8), dev.gemm8!.pointer)
-                try CUDA.shared.check(api.scatter_blocks_nhwc(nil, buffer.pointer, dev.gemm8!.pointer, 1, Int32(n), Int32(h), Int32(w),
-                                                              Int32(conv.kernel.0), Int32(conv.kernel.1), Int32(k)), "\(conv.name): scatter")
+                let rows = try dev.scratch.buffer("rows", outCount, Int8.self)
+                try gemm(Int32(QLC_OUT_S8), rows.pointer)
+                try scatter(rows.pointer, buffer.pointer, bytes: 1)
             } else {
                 try gemm(Int32(QLC_OUT_S8), buffer.pointer)
             }
             return (DeviceCodes(buffer: buffer, shape: outShape, amax: amax), nil)
         }
-        let f = try floats()
-        try gemm(Int32(QLC_OUT_F32), f.pointer)
-        var nhwc = f
+        var nhwc = try dev.scratch.buffer("floats", outCount, Float.self)
+        try gemm(Int32(QLC_OUT_F32), nhwc.pointer)
         if conv.transposed {
-            let scattered = try CUDABuffer<Float>(count: outCount)
-            try CUDA.shared.check(api.scatter_blocks_nhwc(nil, scattered.pointer, f.pointer, 4, Int32(n), Int32(h), Int32(w),
-                                                          Int32(conv.kernel.0), Int32(conv.kernel.1), Int32(k)), "\(conv.name): scatter")
+            let scattered = try dev.scratch.buffer("scattered", outCount, Float.self)
+            try scatter(nhwc.pointer, scattered.pointer, bytes: 4)
             nhwc = scattered
         }
         let out = try Tensor(shape: outShape, storage: Storage(cudaCount: outCount, zeroed: false))

@@ -184,18 +184,31 @@ public final class Int8Conv {
                       scale: scale, bias: columnBias, activation: .none, outputAmax: outputAmax)
     }
 
+    /// The im2col geometry of the GEMM on an input [N, C, H, W], and the output map (oh, ow)
+    /// its rows cover: a conv's, or for a transposed conv the input pixels as they are (a
+    /// 1 x 1 im2col, its GEMM's columns KH * KW * K). Shared by the CPU run and the GPU's
+    /// (CUDAPlan); throws when the input does not fit.
+    func gemmGeometry(_ shape: [Int]) throws -> (geometry: ql_conv_geom, oh: Int, ow: Int) {
+        let (n, c, h, w) = (shape[0], shape[1], shape[2], shape[3])
+        guard c == inChannels else { throw EngineError("\(name): input has \(c) channels, the conv \(inChannels)") }
+        var g = transposed
+            ? ql_conv_geom(N: Int32(n), C: Int32(c), H: Int32(h), W: Int32(w), K: Int32(gemmColumns), KH: 1, KW: 1, SH: 1, SW: 1, PH: 0, PW: 0, DH: 1, DW: 1, groups: 1)
+            : ql_conv_geom(N: Int32(n), C: Int32(c), H: Int32(h), W: Int32(w), K: Int32(outChannels), KH: Int32(kernel.0), KW: Int32(kernel.1),
+                           SH: Int32(options.stride.0), SW: Int32(options.stride.1), PH: Int32(options.padding.0), PW: Int32(options.padding.1),
+                           DH: Int32(options.dilation.0), DW: Int32(options.dilation.1), groups: 1)
+        var oh: Int32 = 0, ow: Int32 = 0
+        guard ql_conv_out_size(&g, &oh, &ow) == 0 else { throw EngineError("\(name): input \(shape) does not fit the conv") }
+        return (g, Int(oh), Int(ow))
+    }
+
     /// Runs on input codes; returns int8 codes (outputAmax set) or an NCHW float tensor.
     func run(_ x: QTensor) throws -> (QTensor?, Tensor?) {
         let (n, c, h, w) = (x.shape[0], x.shape[1], x.shape[2], x.shape[3])
-        guard c == inChannels else { throw EngineError("\(name): input has \(c) channels, the conv \(inChannels)") }
-        if transposed { return try runTransposed(x) }
-        var g = ql_conv_geom(N: Int32(n), C: Int32(c), H: Int32(h), W: Int32(w), K: Int32(outChannels), KH: Int32(kernel.0), KW: Int32(kernel.1),
-                             SH: Int32(options.stride.0), SW: Int32(options.stride.1), PH: Int32(options.padding.0), PW: Int32(options.padding.1),
-                             DH: Int32(options.dilation.0), DW: Int32(options.dilation.1), groups: 1)
-        var oh: Int32 = 0, ow: Int32 = 0
-        guard ql_conv_out_size(&g, &oh, &ow) == 0 else { throw EngineError("\(name): input \(x.shape) does not fit the conv") }
-        let m = n * Int(oh) * Int(ow), depth = kernel.0 * kernel.1 * c
-        let outShape = [n, outChannels, Int(oh), Int(ow)]
+        let (geometry, oh, ow) = try gemmGeometry(x.shape)
+        var g = geometry
+        if transposed { return try runTransposed(x, geometry: &g) }
+        let m = n * oh * ow, depth = kernel.0 * kernel.1 * c
+        let outShape = [n, outChannels, oh, ow]
         lastOps = 2 * Double(m) * Double(depth) * Double(outChannels)
         /// The product with its epilogue into `out` (NHWC rows, int8 codes or floats): the direct
         /// kernel reads the codes in place (iconv.c; a 3-channel input padded to 4 first); where
@@ -253,7 +266,7 @@ public final class Int8Conv {
             }
             return (QTensor(codes: out, shape: outShape, amax: amax), nil)
         }
-        let nhwc = Tensor(uninitialized: [n, Int(oh), Int(ow), outChannels]) // the epilogue writes every element
+        let nhwc = Tensor(uninitialized: [n, oh, ow, outChannels]) // the epilogue writes every element
         try product(s8: nil, f32: nhwc.data)
         return (nil, nhwc.permuted([0, 3, 1, 2]))
     }
@@ -261,14 +274,12 @@ public final class Int8Conv {
     /// The transposed conv: one GEMM [N*H*W, C] x [C, KH*KW*K] on the input codes (NHWC rows are
     /// the pixels: the im2col of a 1 x 1 kernel), then each pixel's KH x KW block of K values to
     /// its place in the NHWC output.
-    private func runTransposed(_ x: QTensor) throws -> (QTensor?, Tensor?) {
+    private func runTransposed(_ x: QTensor, geometry g: inout ql_conv_geom) throws -> (QTensor?, Tensor?) {
         route = "GEMM + scatter"
         let (n, c, h, w) = (x.shape[0], x.shape[1], x.shape[2], x.shape[3])
         let (kh, kw) = kernel, k = outChannels, cols = gemmColumns
         let (oh, ow) = (h * kh, w * kw), m = n * h * w
         lastOps = 2 * Double(m) * Double(c) * Double(cols)
-        var g = ql_conv_geom(N: Int32(n), C: Int32(c), H: Int32(h), W: Int32(w), K: Int32(cols), KH: 1, KW: 1,
-                             SH: 1, SW: 1, PH: 0, PW: 0, DH: 1, DW: 1, groups: 1)
         let offset: Int32 = ql_s8_min(x.codes, Int64(x.codes.count)) >= 0 ? 0 : 128
         if columns.count < m * c { columns = [UInt8](repeating: 0, count: m * c) }
         guard ql_im2col_nhwc_s8u8(&columns, x.codes, &g, offset) == 0 else { throw EngineError("\(name): input copy failed for \(x.shape)") }

@@ -109,22 +109,23 @@ struct EngineCommand: ParsableCommand {
         }
 
         if eval {
+            let runBatch = { (images: Tensor) throws -> [Tensor] in try gpu?.runBatch(images) ?? plan.runBatch(images) } // the plan timed above
             switch saved {
             case .detector(let m):
                 let val = try DetectionDataset(root: dataRoot, split: "val2017")
                 let (result, _) = try evaluateDetector(m, on: val, batchSize: batch, progressLabel: "engine eval") { images in
-                    let out = try gpu?.runBatch(images) ?? plan.runBatch(images)
+                    let out = try runBatch(images)
                     return (out[0], out[1])
                 }
                 print(String(format: "mAP@[.5:.95] %.4f, mAP@.5 %.4f on %d val images", result.stats[0], result.stats[1], val.count))
             case .classifier(let m):
                 let val = try ClassificationDataset(root: dataRoot, split: "val2017")
-                let accuracy = try top1(m, on: val, batchSize: batch) { try (gpu?.runBatch($0) ?? plan.runBatch($0))[0] }
+                let accuracy = try top1(m, on: val, batchSize: batch) { try runBatch($0)[0] }
                 print(String(format: "top-1 %.4f on %d val images", accuracy, val.count))
             case .rtdetr(let m):
                 let val = try DetectionDataset(root: dataRoot, split: "val2017")
                 let (result, _) = try evaluateRTDETR(m, on: val, batchSize: batch, progressLabel: "engine eval") { images in
-                    let out = try gpu?.runBatch(images) ?? plan.runBatch(images)
+                    let out = try runBatch(images)
                     return (out[0], out[1])
                 }
                 print(String(format: "mAP@[.5:.95] %.4f, mAP@.5 %.4f on %d val images", result.stats[0], result.stats[1], val.count))
