@@ -27,9 +27,14 @@
  * bottom rows of a map: a third of a 3x3 window) adds only zeros and is skipped: on a 10x10 map
  * that is 1/15 of the conv's multiplies, on a 5x5 map 2/15.
  *
- * Not here: AVX-512 (VNNI's `vpdpbusd` takes full-range u8, and the im2col + VNNI GEMM is the
- * route there until a direct VNNI kernel is written and run on such a machine), grouped convs,
- * C % 4 != 0. Those return QL_EUNSUPPORTED and the caller takes the im2col route. */
+ * On an AVX-512 machine the AVX2 kernels run as they are (every AVX-512 CPU has AVX2); there
+ * is no direct VNNI (`vpdpbusd`) kernel yet. Whether they beat the im2col + VNNI GEMM there
+ * depends on the layer (the GEMM multiplies 2-4x faster; im2col costs most on narrow convs and
+ * small maps), so the engine times both routes on the machine and keeps the faster per conv
+ * (Int8Conv's route choice), as TensorRT's builder times its tactics.
+ *
+ * Not here: grouped convs, C % 4 != 0. Those return QL_EUNSUPPORTED and the caller takes the
+ * im2col route. */
 #include <immintrin.h>
 #include <stdatomic.h>
 #include <stddef.h>
@@ -256,7 +261,7 @@ static int iconv_run(ql_isa isa, const ql_conv_geom *g, const int8_t *x, const v
     if (!g || !x || !packed || !ep || !ep->scale || !out || ql_conv_out_size(g, &OH, &OW) != QL_OK) return QL_EINVAL;
     int level = ql_resolve_isa(isa);
     if (level < 0) return QL_EUNSUPPORTED;
-    if (g->groups != 1 || g->C % 4 != 0 || g->KH * g->KW > 64 || level == QL_ISA_AVX512) return QL_EUNSUPPORTED;
+    if (g->groups != 1 || g->C % 4 != 0 || g->KH * g->KW > 64) return QL_EUNSUPPORTED;
     int depth = g->KH * g->KW * g->C;
     if (depth > 65536) return QL_EINVAL; /* the int32 bound of the GEMM's contract */
     dk_fn kernel = dk_avx2_u7, kernel16 = dk_avx2_u7_16, kernel8 = dk_avx2_u7_8;

@@ -94,8 +94,8 @@ public struct KernelBenchmarks {
 
     /// The INT8 engine's two routes for one 3x3 conv on post-ReLU codes (NHWC, 0..127), GOPS
     /// with the requantizing epilogue: the direct kernel (iconv.c) and im2col + the packed
-    /// GEMM. `direct` is nil where the direct kernel does not run (AVX-512: the VNNI GEMM is
-    /// the route there).
+    /// GEMM (on AVX-512: the direct kernel's AVX2 code against the VNNI GEMM). `direct` is nil
+    /// where the direct kernel declines.
     public func int8ConvRates(batch: Int, inChannels c: Int, outChannels k: Int, size: Int, stride: Int) -> (direct: Double?, im2col: Double) {
         var rng = SeededGenerator(seed: UInt64(c * 1000 + size))
         var g = ql_conv_geom(N: Int32(batch), C: Int32(c), H: Int32(size), W: Int32(size), K: Int32(k), KH: 3, KW: 3,
@@ -227,7 +227,7 @@ public struct KernelBenchmarks {
                 log(String(format: "  %@: direct %6.1f GOPS, im2col + GEMM %6.1f GOPS", label, direct, im2col))
                 summary.append(String(format: "%@: direct %.2fx im2col + GEMM", label, direct / im2col))
             } else {
-                log(String(format: "  %@: im2col + GEMM %6.1f GOPS (no direct kernel at this ISA level)", label, im2col))
+                log(String(format: "  %@: im2col + GEMM %6.1f GOPS (the direct kernel declined)", label, im2col))
             }
         }
         let (fwd, bwd) = convRates()

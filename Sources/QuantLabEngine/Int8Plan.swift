@@ -19,9 +19,9 @@ import QuantLabQuant
 // scale), Dequantize (codes -> f32 for a float reader) or QDQ (a quantizer feeding float ops,
 // run as fake quantization). Activations in int8 are codes in NHWC order (qtensor.c); the fused
 // conv reads them in place with the direct kernel (iconv.c: per output pixel a pointer per
-// kernel tap, no column matrix) or, where that does not apply (AVX-512, whose VNNI GEMM is
-// the route there), copies them to an im2col matrix for one u8 x s8 GEMM (igemm.c); the same
-// requantization epilogue and the same bits either way.
+// kernel tap, no column matrix) or copies them to an im2col matrix for one u8 x s8 GEMM
+// (igemm.c); the same requantization epilogue and the same bits either way, so each conv
+// times both on its first run and keeps the faster (Int8Conv.RouteChoice).
 //
 // A transposed conv whose kernel equals its stride (the neck's upsampling) is the same GEMM with
 // KH*KW*K columns and a scatter. Gemm (linear) and MatMul of two quantized activations run on the
@@ -74,8 +74,46 @@ public final class Int8Conv {
     private var paddedInput: [Int8] = []
     /// How the last run computed the product: "direct" (iconv.c, reading the codes in place),
     /// "direct, channels padded to 4", or "im2col + GEMM" (igemm.c); nil before the first run.
-    /// It depends on the ISA and on the codes (signed or not), so it is known only by running.
+    /// It depends on `routeChoice`, on the timing and on the codes (the direct kernel declines
+    /// signed codes when a weight is -128), so it is known only by running.
     public private(set) var route: String?
+    /// Which route runs where both apply (the direct kernel and im2col + GEMM give the same
+    /// bits, so this is a choice of speed only).
+    public enum RouteChoice: String, Sendable, CaseIterable {
+        /// The first run at each input shape runs both routes, interleaved, three times each,
+        /// and keeps the faster for that shape, as TensorRT's builder times its tactics: which
+        /// one wins depends on the CPU (on AVX-512 the VNNI GEMM multiplies 2-4x faster than
+        /// the direct kernel's AVX2 code, but im2col costs most on narrow convs and small maps).
+        case timed
+        /// Always the direct kernel where it applies, else im2col + GEMM.
+        case direct
+        /// Always im2col + GEMM.
+        case im2col
+
+        /// `QL_CONV_ROUTE` (timed, direct or im2col); timed when unset.
+        public static func fromEnvironment() throws -> RouteChoice {
+            guard let text = ProcessInfo.processInfo.environment["QL_CONV_ROUTE"], !text.isEmpty else { return .timed }
+            guard let choice = RouteChoice(rawValue: text) else {
+                throw EngineError("QL_CONV_ROUTE=\(text): expected one of \(allCases.map(\.rawValue).joined(separator: ", "))")
+            }
+            return choice
+        }
+    }
+    /// Set by the plan (`Int8Plan.convRouteChoice`).
+    public var routeChoice = RouteChoice.timed {
+        didSet { timedRoutes = [:] }
+    }
+    /// `.timed`: per input shape, whether the direct kernel won.
+    private var timedRoutes: [[Int]: Bool] = [:]
+    /// `.timed`: the best of three times (seconds) of each route at the shape timed last; nil
+    /// before a timing, or where only one route applied.
+    public private(set) var routeTimes: (direct: Double, im2col: Double)?
+    /// `route`, with the times that chose it where it was timed.
+    public var routeSummary: String? {
+        guard let route else { return nil }
+        guard let t = routeTimes else { return route }
+        return String(format: "%@; timed: direct %.0f us, im2col + GEMM %.0f us", route, t.direct * 1e6, t.im2col * 1e6)
+    }
     /// Integer operations (2 per multiply-add) of the last run, for rates in profiles.
     public private(set) var lastOps: Double = 0
 
@@ -211,43 +249,75 @@ public final class Int8Conv {
         let outShape = [n, outChannels, oh, ow]
         lastOps = 2 * Double(m) * Double(depth) * Double(outChannels)
         /// The product with its epilogue into `out` (NHWC rows, int8 codes or floats): the direct
-        /// kernel reads the codes in place (iconv.c; a 3-channel input padded to 4 first); where
-        /// it does not apply (AVX-512, a -128 weight under signed codes) the im2col route copies
-        /// them to a column matrix, shifted by 128 when some are negative (the epilogue then
-        /// subtracts 128 * sum_k w[k, o]), and runs the GEMM. Both give the same bits.
+        /// kernel reads the codes in place (iconv.c; a 3-channel input padded to 4 first); the
+        /// im2col route copies them to a column matrix, shifted by 128 when some are negative
+        /// (the epilogue then subtracts 128 * sum_k w[k, o]), and runs the GEMM. Both give the
+        /// same bits; `routeChoice` picks one where both apply.
         func product(s8 out8: UnsafeMutablePointer<Int8>?, f32 out32: UnsafeMutablePointer<Float>?) throws {
-            func runDirect(_ geometry: ql_conv_geom, _ codes: [Int8], _ weights: [Int8]) -> Int32 {
-                var geometry = geometry
-                return withEpilogue(nil) { ep in
-                    out8.map { ql_iconv_nhwc_s8_isa(QL_ISA_BEST, &geometry, codes, weights, &ep, $0) }
-                        ?? ql_iconv_nhwc_f32_isa(QL_ISA_BEST, &geometry, codes, weights, &ep, out32)
+            let directRoute = paddedPacked == nil ? "direct" : "direct, channels padded to 4"
+            /// 0, or QL_EUNSUPPORTED where the direct kernel declines (a -128 weight under signed codes)
+            func runDirect() throws -> Int32 {
+                func run(_ geometry: ql_conv_geom, _ codes: [Int8], _ weights: [Int8]) -> Int32 {
+                    var geometry = geometry
+                    return withEpilogue(nil) { ep in
+                        out8.map { ql_iconv_nhwc_s8_isa(QL_ISA_BEST, &geometry, codes, weights, &ep, $0) }
+                            ?? ql_iconv_nhwc_f32_isa(QL_ISA_BEST, &geometry, codes, weights, &ep, out32)
+                    }
                 }
+                let status: Int32
+                if let paddedPacked {
+                    let c4 = (c + 3) / 4 * 4
+                    if paddedInput.count != n * h * w * c4 { paddedInput = [Int8](repeating: 0, count: n * h * w * c4) }
+                    ql_pad_channels_nhwc_s8(&paddedInput, x.codes, Int64(n * h * w), Int32(c), Int32(c4))
+                    var g4 = g
+                    g4.C = Int32(c4)
+                    status = run(g4, paddedInput, paddedPacked)
+                } else {
+                    status = run(g, x.codes, packed)
+                }
+                guard status == 0 || status == Int32(QL_EUNSUPPORTED) else { throw EngineError("\(name): INT8 conv failed (status \(status)) for input \(x.shape)") }
+                if status == 0 { route = directRoute }
+                return status
             }
-            let direct: Int32
-            if let paddedPacked {
-                let c4 = (c + 3) / 4 * 4
-                if paddedInput.count != n * h * w * c4 { paddedInput = [Int8](repeating: 0, count: n * h * w * c4) }
-                ql_pad_channels_nhwc_s8(&paddedInput, x.codes, Int64(n * h * w), Int32(c), Int32(c4))
-                var g4 = g
-                g4.C = Int32(c4)
-                direct = runDirect(g4, paddedInput, paddedPacked)
-            } else {
-                direct = runDirect(g, x.codes, packed)
+            func runIm2col() throws {
+                let offset: Int32 = ql_s8_min(x.codes, Int64(x.codes.count)) >= 0 ? 0 : 128
+                if columns.count < m * depth { columns = [UInt8](repeating: 0, count: m * depth) } // kept between runs
+                guard ql_im2col_nhwc_s8u8(&columns, x.codes, &g, offset) == 0 else { throw EngineError("\(name): im2col failed for input \(x.shape)") }
+                let status = withEpilogue(offset == 0 ? nil : columnSums.map { -offset * $0 }) { ep in
+                    out8.map { ql_igemm_u8s8_s8(Int32(m), Int32(outChannels), Int32(depth), columns, Int32(depth), packed, &ep, $0, Int32(outChannels)) }
+                        ?? ql_igemm_u8s8_f32(Int32(m), Int32(outChannels), Int32(depth), columns, Int32(depth), packed, &ep, out32, Int32(outChannels))
+                }
+                guard status == 0 else { throw EngineError("\(name): INT8 GEMM failed (status \(status)) for input \(x.shape)") }
+                route = "im2col + GEMM"
             }
-            if direct == 0 {
-                route = paddedPacked == nil ? "direct" : "direct, channels padded to 4"
-                return
+            switch routeChoice {
+            case .direct:
+                if try runDirect() != 0 { try runIm2col() }
+            case .im2col:
+                try runIm2col()
+            case .timed:
+                if let direct = timedRoutes[x.shape] {
+                    if try !direct || runDirect() != 0 { try runIm2col() }
+                    return
+                }
+                // both routes write the same bits to `out`, so timing them there is harmless
+                var best = (direct: Double.infinity, im2col: Double.infinity)
+                for _ in 0..<3 {
+                    let t0 = DispatchTime.now().uptimeNanoseconds
+                    guard try runDirect() == 0 else { // declined: im2col at this shape from now on
+                        timedRoutes[x.shape] = false
+                        try runIm2col()
+                        return
+                    }
+                    let t1 = DispatchTime.now().uptimeNanoseconds
+                    try runIm2col()
+                    let t2 = DispatchTime.now().uptimeNanoseconds
+                    best = (min(best.direct, Double(t1 - t0) / 1e9), min(best.im2col, Double(t2 - t1) / 1e9))
+                }
+                routeTimes = best
+                timedRoutes[x.shape] = best.direct <= best.im2col
+                if best.direct <= best.im2col { route = directRoute } // the one kept, not the one run last
             }
-            guard direct == Int32(QL_EUNSUPPORTED) else { throw EngineError("\(name): INT8 conv failed (status \(direct)) for input \(x.shape)") }
-            let offset: Int32 = ql_s8_min(x.codes, Int64(x.codes.count)) >= 0 ? 0 : 128
-            if columns.count < m * depth { columns = [UInt8](repeating: 0, count: m * depth) } // kept between runs
-            guard ql_im2col_nhwc_s8u8(&columns, x.codes, &g, offset) == 0 else { throw EngineError("\(name): im2col failed for input \(x.shape)") }
-            let status = withEpilogue(offset == 0 ? nil : columnSums.map { -offset * $0 }) { ep in
-                out8.map { ql_igemm_u8s8_s8(Int32(m), Int32(outChannels), Int32(depth), columns, Int32(depth), packed, &ep, $0, Int32(outChannels)) }
-                    ?? ql_igemm_u8s8_f32(Int32(m), Int32(outChannels), Int32(depth), columns, Int32(depth), packed, &ep, out32, Int32(outChannels))
-            }
-            guard status == 0 else { throw EngineError("\(name): INT8 GEMM failed (status \(status)) for input \(x.shape)") }
-            route = "im2col + GEMM"
         }
         if let amax = outputAmax, activation == .silu {
             // SiLU does not commute with the output scale: floats first, then the quantizer
@@ -573,7 +643,17 @@ public final class Int8Plan {
             switch r.op { case .relu, .silu: return fusedSteps.contains(r.output); default: return false }
         }
         chainFloatConvs()
+        convRouteChoice = try Int8Conv.RouteChoice.fromEnvironment()
+        for conv in int8Convs { conv.routeChoice = convRouteChoice }
     }
+
+    /// The INT8 convs' choice between the direct kernel and im2col + GEMM where both apply
+    /// (`Int8Conv.RouteChoice`): `QL_CONV_ROUTE` at build, timed when unset.
+    public var convRouteChoice = Int8Conv.RouteChoice.timed {
+        didSet { for conv in int8Convs { conv.routeChoice = convRouteChoice } }
+    }
+    /// The plan's fused convs, in step order.
+    public var int8Convs: [Int8Conv] { steps.compactMap { if case .int8Conv(let c, _, _) = $0 { c } else { nil } } }
 
     /// Chains of float convs on the direct kernel (issue #12): a conv whose every reader is
     /// such a conv, reading it as its input, all with the same padding, writes its output NHWC
@@ -644,7 +724,7 @@ public final class Int8Plan {
     public var reformats: [String: Int] { steps.reduce(into: [:]) { r, s in if let k = reformatKind(of: s) { r[k, default: 0] += 1 } } }
     /// All Reformat steps.
     public var reformatCount: Int { steps.reduce(0) { $0 + (reformatKind(of: $1) == nil ? 0 : 1) } }
-    public var int8ConvCount: Int { steps.filter { if case .int8Conv = $0 { return true } else { return false } }.count }
+    public var int8ConvCount: Int { int8Convs.count }
     /// Gemm and MatMul nodes on the integer GEMM.
     public var int8GemmCount: Int { steps.filter { if case .int8Gemm = $0 { return true } else { return false } }.count }
 
@@ -663,7 +743,7 @@ public final class Int8Plan {
             case .requantize(_, _, let from, let to, let name): text = String(format: "%@  Requantize int8 -> int8 (amax %.4g -> %.4g)  [Reformat]", name, from, to)
             case .dequantize(_, let v, let name): text = "\(name)  Dequantize int8 -> f32 (\(graph.values[v].name))  [Reformat]"
             case .int8Conv(let c, _, _):
-                text = "\(c.name)  \(c.kindName) int8 -> \(c.outputAmax == nil ? "f32" : "int8")  fused: DQ(x), DQ(w), \(c.transposed ? "ConvTranspose" : "Conv"), bias\(c.activation == .relu ? ", ReLU" : c.activation == .silu ? ", SiLU" : "")\(c.outputAmax == nil ? "" : ", Q")\(c.route.map { "  [\($0)]" } ?? "")"
+                text = "\(c.name)  \(c.kindName) int8 -> \(c.outputAmax == nil ? "f32" : "int8")  fused: DQ(x), DQ(w), \(c.transposed ? "ConvTranspose" : "Conv"), bias\(c.activation == .relu ? ", ReLU" : c.activation == .silu ? ", SiLU" : "")\(c.outputAmax == nil ? "" : ", Q")\(c.routeSummary.map { "  [\($0)]" } ?? "")"
             case .int8Op(let n, _, _, let a): text = String(format: "%@  %@ int8 (amax %.4g)", n.name, n.op.name, a)
             case .int8Gemm(let g, _, _): text = "\(g.name)  \(g.kindName) int8 -> f32  fused: Q(inputs), \(g.kind == .linear ? "DQ(w), Gemm, bias" : "MatMul")"
             }
@@ -753,7 +833,7 @@ public final class Int8Plan {
             return 2 * Double(outputs) * Double(ws.dropFirst().reduce(1, *)) / medians[i] / 1e9
         }
         func line(_ i: Int) -> String {
-            let detail = rate(i).map { String(format: "  %@, %.0f GOPS", $0.0.route ?? "not run", $0.1) }
+            let detail = rate(i).map { String(format: "  %@, %.0f GOPS", $0.0.routeSummary ?? "not run", $0.1) }
                 ?? floatRate(i).map { String(format: "  %.0f GFLOP/s", $0) } ?? ""
             return String(format: "  %5.1f%%  %7.1f us  step %d  %@%@", 100 * stepSeconds[i] / total, 1e6 * medians[i], i, name(of: steps[i]), detail)
         }

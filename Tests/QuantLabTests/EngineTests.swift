@@ -178,6 +178,7 @@ struct EngineInt8Tests {
         try sim.applyCalibration(.max)
         let graph = try Graph.trace(model, batch: 2)
         let plan = try Int8Plan(graph)
+        plan.convRouteChoice = .direct // the routes checked below, not the timing's choice
         #expect(plan.int8ConvCount == graph.opCounts["Conv"]! + graph.opCounts["ConvTranspose"]!, "the upsampling transposed convs run in int8 too")
         #expect((plan.reformats["quantize"] ?? 0) >= 1)
         let x = Tensor.uniform([2, 3, 64, 64], low: 0, high: 1, rng: &rng)
@@ -188,10 +189,40 @@ struct EngineInt8Tests {
         #expect(cosineSimilarity(out[0].values, logits.values) > 0.99 && cosineSimilarity(out[1].values, distances.values) > 0.99)
         #expect(plan.explain().contains("Int8Conv int8 -> int8"))
         // the route each conv took: the direct kernel (the image's 3 channels padded to 4; the
-        // head's convs on signed codes after SiLU) except on AVX-512, where the VNNI GEMM is it
-        let routes = plan.steps.compactMap { s -> String? in if case .int8Conv(let c, _, _) = s, !c.transposed { return c.route ?? "none" } else { return nil } }
-        let want: Set<String> = Kernels.isa == .avx512 ? ["im2col + GEMM"] : ["direct", "direct, channels padded to 4"]
-        #expect(Set(routes) == want && routes.filter { $0.hasSuffix("padded to 4") }.count == (Kernels.isa == .avx512 ? 0 : 1), "\(routes)")
+        // head's convs on signed codes after SiLU), on every ISA (AVX-512 runs its AVX2 code)
+        let routes = plan.int8Convs.filter { !$0.transposed }.map { $0.route ?? "none" }
+        #expect(Set(routes) == ["direct", "direct, channels padded to 4"] && routes.filter { $0.hasSuffix("padded to 4") }.count == 1, "\(routes)")
+    }
+
+    @Test("the convs' route choice: direct, im2col + GEMM and timed give the plan's outputs bit for bit; timed keeps the faster route at each shape")
+    func convRouteChoice() throws {
+        let model = deployedDetector(seed: 31)
+        var rng = SeededGenerator(seed: 32)
+        let sim = try QuantizationSimulator(model)
+        defer { sim.remove() }
+        sim.calibrate(on: [Tensor.uniform([2, 3, 64, 64], low: 0, high: 1, rng: &rng)]) { _ = model($0) }
+        try sim.applyCalibration(.max)
+        let plan = try Int8Plan(try Graph.trace(model, batch: 2))
+        let convs = plan.int8Convs.filter { !$0.transposed }
+        let x = Tensor.uniform([2, 3, 64, 64], low: 0, high: 1, rng: &rng)
+        var outputs: [Int8Conv.RouteChoice: [[Float]]] = [:]
+        var routes: [Int8Conv.RouteChoice: [String]] = [:]
+        for choice in [Int8Conv.RouteChoice.direct, .im2col, .timed] {
+            plan.convRouteChoice = choice
+            outputs[choice] = try plan.run([x]).map(\.values)
+            routes[choice] = convs.map { $0.route ?? "none" }
+        }
+        #expect(routes[.direct]!.allSatisfy { $0.hasPrefix("direct") } && routes[.im2col]!.allSatisfy { $0 == "im2col + GEMM" }, "\(routes)")
+        #expect(outputs[.direct] == outputs[.im2col] && outputs[.timed] == outputs[.direct], "the routes' bits differ")
+        // every conv timed both routes (none declines here) and names the faster
+        for conv in convs {
+            let times = try #require(conv.routeTimes, "\(conv.name) was not timed")
+            #expect(times.direct > 0 && times.im2col > 0)
+            #expect(conv.route!.hasPrefix("direct") == (times.direct <= times.im2col), "\(conv.name): \(conv.routeSummary!)")
+        }
+        // the choice is kept per shape: a second run takes the same routes
+        let kept = convs.map(\.route)
+        #expect(try plan.run([x]).map(\.values) == outputs[.direct] && convs.map(\.route) == kept)
     }
 
     @Test("the FP32 plan (no quantizers): each ReLU or SiLU that is a conv's only reader runs inside the conv, chains of direct convs pass NHWC tensors; the outputs are the model's bits")

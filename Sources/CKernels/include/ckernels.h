@@ -267,8 +267,8 @@ int ql_im2col_nhwc_s8u8(uint8_t *restrict col, const int8_t *restrict x, const q
  * on the same operands (with the 128 offset and its column compensation for signed codes),
  * without the column matrix. Returns QL_EUNSUPPORTED, writing nothing, where this route does
  * not apply and the caller should take the im2col one: C % 4 != 0 (pad the channels, below),
- * groups != 1, more than 64 taps, signed codes with a weight of -128, or an ISA level without a direct kernel
- * (AVX-512, which has the VNNI GEMM). QL_ISA_REF runs the scalar specification. */
+ * groups != 1, more than 64 taps, or signed codes with a weight of -128. QL_ISA_REF runs the
+ * scalar specification; AVX2 and AVX-512 run the AVX2 kernels (no VNNI kernel here yet). */
 int ql_iconv_nhwc_s8_isa(ql_isa isa, const ql_conv_geom *g, const int8_t *x, const void *packed,
                          const ql_requant_params *ep, int8_t *out);
 int ql_iconv_nhwc_f32_isa(ql_isa isa, const ql_conv_geom *g, const int8_t *x, const void *packed,
