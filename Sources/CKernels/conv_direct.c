@@ -216,20 +216,6 @@ static void pad_task(int t, void *p) {
     for (int r = t * j->pad_rows; r < r1; r++) pad_row(j, r / j->Hp, r % j->Hp, j->xp + (size_t)r * j->Wp * j->g->C);
 }
 
-/* The activation a conv writes its output through: act 0 none, 1 ReLU (y > 0 ? y : 0), 2 SiLU
- * (y * sigmoid(y), the SiLU op's bits: ql_sigmoid8 is its scalar function 8 lanes at a time). */
-__attribute__((target("avx2,fma"))) static inline __m256 activate8(__m256 v, int act) {
-    if (act == 1) return _mm256_max_ps(v, _mm256_setzero_ps());
-    if (act == 2) return _mm256_mul_ps(v, ql_sigmoid8(v));
-    return v;
-}
-
-static inline float activate1(float v, int act) {
-    if (act == 1) return v > 0.0f ? v : 0.0f;
-    if (act == 2) return v * sigmoidf_stable(v);
-    return v;
-}
-
 /* y[c * P + i] = tot[i][c] for i < rows, c < kn (through the activation act; added to y when accumulate):
  * the tile's pixels x 16 channels turned into 16 runs of adjacent pixels, 8 channels at a
  * time. A run of 6 or 5 is stored as 4 + 2 or 4 + 1 floats: AMD's masked stores (vmaskmovps)
@@ -245,7 +231,7 @@ __attribute__((target("avx2,fma"))) static void store_rows(float *y, int P, cons
         for (int c = 0; c < kn; c++)
             for (int i = 0; i < rows; i++) {
                 float *o = y + (size_t)c * P + i, v = accumulate ? *o + tot[i * DN + c] : tot[i * DN + c];
-                *o = activate1(v, act);
+                *o = ql_activate1(v, act);
             }
         return;
     }
@@ -260,7 +246,7 @@ __attribute__((target("avx2,fma"))) static void store_rows(float *y, int P, cons
                 __m128 hi, lo = load_run(yc, rows, &hi);
                 v = _mm256_add_ps(_mm256_set_m128(hi, lo), v);
             }
-            v = activate8(v, act);
+            v = ql_activate8(v, act);
             _mm_storeu_ps(yc, _mm256_castps256_ps128(v));
             __m128 h = _mm256_extractf128_ps(v, 1);
             if (rows == 6) _mm_store_sd((double *)(yc + 4), _mm_castps_pd(h));
@@ -274,10 +260,10 @@ __attribute__((target("avx2,fma"))) static void store_pixels(float *const *yp, c
     for (int i = 0; i < rows; i++) {
         const float *t = tot + i * DN;
         if (kn == DN) {
-            _mm256_storeu_ps(yp[i], activate8(_mm256_load_ps(t), act));
-            _mm256_storeu_ps(yp[i] + 8, activate8(_mm256_load_ps(t + 8), act));
+            _mm256_storeu_ps(yp[i], ql_activate8(_mm256_load_ps(t), act));
+            _mm256_storeu_ps(yp[i] + 8, ql_activate8(_mm256_load_ps(t + 8), act));
         } else {
-            for (int c = 0; c < kn; c++) yp[i][c] = activate1(t[c], act);
+            for (int c = 0; c < kn; c++) yp[i][c] = ql_activate1(t[c], act);
         }
     }
 }
@@ -381,7 +367,7 @@ static void run_tiles(const direct_job *j, const float *xp, float *y, int N, lon
                 size_t o = (size_t)c * P;
                 for (int i = 0; i < rows; i++) {
                     float v = j->accumulate ? yp[i][o] + tot[i * DN + c] : tot[i * DN + c];
-                    yp[i][o] = activate1(v, j->act);
+                    yp[i][o] = ql_activate1(v, j->act);
                 }
             }
     }

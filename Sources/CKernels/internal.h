@@ -172,6 +172,18 @@ __attribute__((target("avx2,fma"))) static inline __m256 ql_sigmoid8(__m256 x) {
     __m256 s = _mm256_blendv_ps(_mm256_div_ps(e, d), _mm256_div_ps(one, d), _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_GE_OQ));
     return _mm256_blendv_ps(s, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
 }
+/* The activation a conv writes its output through: act 0 none, 1 ReLU (y > 0 ? y : 0), 2 SiLU
+ * (y * sigmoid(y), the SiLU op's bits: ql_sigmoid8 is its scalar function 8 lanes at a time). */
+__attribute__((target("avx2,fma"))) static inline __m256 ql_activate8(__m256 v, int act) {
+    if (act == 1) return _mm256_max_ps(v, _mm256_setzero_ps());
+    if (act == 2) return _mm256_mul_ps(v, ql_sigmoid8(v));
+    return v;
+}
 #endif
+static inline float ql_activate1(float v, int act) {
+    if (act == 1) return v > 0.0f ? v : 0.0f;
+    if (act == 2) return v * sigmoidf_stable(v);
+    return v;
+}
 static inline int ql_max_i(int a, int b) { return a > b ? a : b; }
 #endif

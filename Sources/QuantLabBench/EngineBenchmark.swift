@@ -37,6 +37,9 @@ public struct EngineBenchmark {
         var summary: [String] = []
         for b in batches {
             let fp32 = try Int8Plan(try Graph.trace(model, batch: b))
+            // the same graph on the model's own convs only (the default times Winograd against them)
+            let fp32Conv2d = try Int8Plan(fp32.graph)
+            fp32Conv2d.floatConvRoute = .conv2d
             let sim = try QuantizationSimulator(model)
             sim.calibrate(on: [Tensor.uniform([8, 3, 160, 160], low: 0, high: 1, rng: &rng)]) { _ = model($0) }
             try sim.applyCalibration(.max)
@@ -48,12 +51,13 @@ public struct EngineBenchmark {
             // run) then onnxruntime's, and every ratio is taken within a round, from timings
             // seconds apart; reported: the median over rounds and the range.
             let rounds = quick ? 1 : 5, runs = quick ? 5 : (b == 1 ? 150 : 8)
-            var tf: [Double] = [], tq: [Double] = []
+            var tf: [Double] = [], tq: [Double] = [], tc: [Double] = []
             var peerRounds: [(fp32: OnnxRuntimePeer.Result, qdq: OnnxRuntimePeer.Result, own: OnnxRuntimePeer.Result)] = []
             for _ in 0..<rounds {
-                let speeds = try timeInterleaved([fp32, int8], input: x, runs: runs)
+                let speeds = try timeInterleaved([fp32, int8, fp32Conv2d], input: x, runs: runs)
                 tf.append(speeds[0].medianSeconds)
                 tq.append(speeds[1].medianSeconds)
+                tc.append(speeds[2].medianSeconds)
                 if let peer, !quick || b == 1 {
                     peerRounds.append((try peer.run(graph: fp32.graph, input: x, runs: runs), try peer.run(graph: int8.graph, input: x, runs: runs),
                                        try peer.run(graph: fp32.graph, input: x, runs: runs, quantizeFirst: true)))
@@ -68,14 +72,20 @@ public struct EngineBenchmark {
                               ratios(zip(tf, tq).map { $0 / $1 }))
             log("  " + line)
             summary.append("engine " + line)
+            let use = fp32.winogradUse
+            let winogradLine = String(format: "batch %d: FP32 graph with Winograd where it timed faster (%d of %d 3x3 stride-1 convs) %@ the model's convs alone (%.1f img/s)",
+                                      b, use.running, use.candidates, ratios(zip(tc, tf).map { $0 / $1 }), Double(b) / median(tc))
+            log("  " + winogradLine)
+            summary.append("engine " + winogradLine)
             if let peer = peerRounds.first {
                 let agree = zip(try int8.run([x]), peer.qdq.outputs).map { relativeMaxDifference($0, $1) }.max() ?? .infinity
                 let of = median(peerRounds.map(\.fp32.medianSeconds)), own = median(peerRounds.map(\.own.medianSeconds))
                 let oq = median(peerRounds.map(\.qdq.medianSeconds))
-                let peerLine = String(format: "batch %d: onnxruntime %@ FP32 %.1f img/s; INT8 quantized its own way %.1f img/s (%d QLinearConv); our Q/DQ file %.1f img/s (%d QLinearConv). Ours / onnxruntime: FP32 %@, INT8 %@ (vs its own INT8); our INT8 plan and onnxruntime on our Q/DQ file differ by %.1e of the outputs' scale",
+                let peerLine = String(format: "batch %d: onnxruntime %@ FP32 %.1f img/s; INT8 quantized its own way %.1f img/s (%d QLinearConv); our Q/DQ file %.1f img/s (%d QLinearConv). Ours / onnxruntime: FP32 %@ (the model's convs alone %@), INT8 %@ (vs its own INT8); our INT8 plan and onnxruntime on our Q/DQ file differ by %.1e of the outputs' scale",
                                       b, peer.qdq.version, Double(b) / of, Double(b) / own, peer.own.optimizedOps["QLinearConv"] ?? 0,
                                       Double(b) / oq, peer.qdq.optimizedOps["QLinearConv"] ?? 0,
                                       ratios(zip(peerRounds, tf).map { $0.fp32.medianSeconds / $1 }),
+                                      ratios(zip(peerRounds, tc).map { $0.fp32.medianSeconds / $1 }),
                                       ratios(zip(peerRounds, tq).map { $0.own.medianSeconds / $1 }), agree)
                 log("  " + peerLine)
                 summary.append("engine " + peerLine)

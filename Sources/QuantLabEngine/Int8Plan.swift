@@ -630,6 +630,7 @@ public final class Int8Plan {
         for case .float(let n) in steps {
             guard case .conv(let o) = n.op, n.inputs.count > 1, let wid = n.inputs[1], let w = graph.constants[wid] else { continue }
             packedConvs[n.output] = PackedConv2dWeights(weight: w, options: o)
+            winogradConvs[n.output] = WinogradConv(weight: w, options: o)
             guard let users = consumers[n.output], users.count == 1, !graph.outputs.contains(n.output) else { continue }
             let user = nodes[users[0]]
             let activation: ConvActivation? = switch user.op { case .relu: .relu; case .silu: .silu; default: nil }
@@ -645,6 +646,22 @@ public final class Int8Plan {
         chainFloatConvs()
         convRouteChoice = try Int8Conv.RouteChoice.fromEnvironment()
         for conv in int8Convs { conv.routeChoice = convRouteChoice }
+        let integer = steps.contains { if case .float = $0 { false } else { true } }
+        floatConvRoute = try FloatConvRoute.fromEnvironment() ?? (integer ? .conv2d : .timed)
+    }
+
+    /// The float 3x3 stride-1 convs' kernel (`FloatConvRoute`): `QL_FLOAT_CONV_ROUTE` at build;
+    /// when unset, timed between the model's conv and Winograd in an all-float plan (the FP32
+    /// baseline), and the model's conv (its bits) in a plan with integer steps, where the
+    /// engine must equal the simulator.
+    public var floatConvRoute = FloatConvRoute.conv2d {
+        didSet { for w in winogradConvs.values { w.resetTimings() } }
+    }
+    /// The float convs that Winograd F(2x2, 3x3) can run, by output value.
+    var winogradConvs: [Int: WinogradConv] = [:]
+    /// Of the float convs Winograd can run, how many took it in their last run.
+    public var winogradUse: (running: Int, candidates: Int) {
+        (winogradConvs.values.filter { $0.ranWinograd == true }.count, winogradConvs.count)
     }
 
     /// The INT8 convs' choice between the direct kernel and im2col + GEMM where both apply
@@ -738,7 +755,8 @@ public final class Int8Plan {
                 let out = floatConvActivation[n.output]?.output ?? n.output
                 let layout = (nhwcOutputs[out] != nil ? "  out: NHWC padded" : "") + (n.inputs.first.flatMap { $0 }.map { nhwcOutputs[$0] != nil ? "  in: NHWC padded" : "" } ?? "")
                 let fused = fusedActivationName(n).dropFirst(3)
-                text = "\(n.name)  \(n.op.name) f32\(fused.isEmpty ? "" : "  fused: bias, \(fused)")\(layout)\(reformatKind(of: s) != nil ? "  [Reformat: QDQ in float]" : "")"
+                let route = winogradConvs[n.output].map { w in "  [\(w.summary ?? (floatConvRoute == .timed ? "timed: conv2d or Winograd" : floatConvRoute == .winograd ? "Winograd" : "conv2d"))]" } ?? ""
+                text = "\(n.name)  \(n.op.name) f32\(fused.isEmpty ? "" : "  fused: bias, \(fused)")\(layout)\(route)\(reformatKind(of: s) != nil ? "  [Reformat: QDQ in float]" : "")"
             case .quantize(_, _, let a, let name): text = String(format: "%@  Quantize f32 -> int8 (amax %.4g)  [Reformat]", name, a)
             case .requantize(_, _, let from, let to, let name): text = String(format: "%@  Requantize int8 -> int8 (amax %.4g -> %.4g)  [Reformat]", name, from, to)
             case .dequantize(_, let v, let name): text = "\(name)  Dequantize int8 -> f32 (\(graph.values[v].name))  [Reformat]"
@@ -807,7 +825,7 @@ public final class Int8Plan {
             case .int8Gemm(let g, _, _): return g.kindName
             case .float(let n):
                 if case .quantizeDequantize = n.op { return "weight QDQ (float)" }
-                return "\(n.op.name)\(fusedActivationName(n)) (f32)"
+                return "\(n.op.name)\(fusedActivationName(n)) (f32\(winogradConvs[n.output]?.ranWinograd == true ? ", Winograd" : ""))"
             default: return "other"
             }
         }
@@ -834,7 +852,10 @@ public final class Int8Plan {
         }
         func line(_ i: Int) -> String {
             let detail = rate(i).map { String(format: "  %@, %.0f GOPS", $0.0.routeSummary ?? "not run", $0.1) }
-                ?? floatRate(i).map { String(format: "  %.0f GFLOP/s", $0) } ?? ""
+                ?? floatRate(i).map { rate in
+                    let route = stepNode(i).flatMap { winogradConvs[$0.output]?.summary }.map { "  \($0)," } ?? ""
+                    return String(format: "%@  %.0f GFLOP/s", route, rate)
+                } ?? ""
             return String(format: "  %5.1f%%  %7.1f us  step %d  %@%@", 100 * stepSeconds[i] / total, 1e6 * medians[i], i, name(of: steps[i]), detail)
         }
         for (i, _) in stepSeconds.enumerated().sorted(by: { $0.element > $1.element }).prefix(top) { lines.append(line(i)) }
@@ -847,6 +868,8 @@ public final class Int8Plan {
         }
         return lines.joined(separator: "\n")
     }
+
+    private func stepNode(_ i: Int) -> GraphNode? { if case .float(let n) = steps[i] { n } else { nil } }
 
     private func name(of s: PlanStep) -> String {
         switch s {
@@ -895,9 +918,14 @@ public final class Int8Plan {
                     if let packed = packedConvs[n.output], let xid = n.inputs.first ?? nil {
                         let fused = floatConvActivation[n.output], out = fused?.output ?? n.output, activation = fused?.activation ?? .none
                         let bias = try n.inputs.count > 2 ? n.inputs[2].map { try floatValue($0, for: n.name) } : nil
-                        let padded = nhwc[xid]
-                        let y = packed.forward(try padded ?? floatValue(xid, for: n.name), inputPadded: padded != nil, bias: bias,
-                                               activation: activation, outputPadding: nhwcOutputs[out])
+                        let padded = nhwc[xid], x = try padded ?? floatValue(xid, for: n.name)
+                        func conv2d() -> Tensor {
+                            packed.forward(x, inputPadded: padded != nil, bias: bias, activation: activation, outputPadding: nhwcOutputs[out])
+                        }
+                        let y = try winogradConvs[n.output].map {
+                            try $0.run(floatConvRoute, x, inputPadded: padded != nil, bias: bias, activation: activation,
+                                       outputPadding: nhwcOutputs[out], conv2d: conv2d)
+                        } ?? conv2d()
                         if nhwcOutputs[out] != nil { nhwc[out] = y } else { f32[out] = y }
                     } else {
                         let args = try n.inputs.map { try $0.map { try floatValue($0, for: n.name) } }

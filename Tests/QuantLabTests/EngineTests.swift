@@ -1,6 +1,7 @@
 import CKernels
 import Foundation
 import Testing
+import QuantLabBench
 @testable import QuantLabCore
 @testable import QuantLabEngine
 @testable import QuantLabModels
@@ -231,6 +232,8 @@ struct EngineInt8Tests {
         var rng = SeededGenerator(seed: 30)
         let graph = try Graph.trace(model, batch: 2)
         let plan = try Int8Plan(graph)
+        #expect(plan.floatConvRoute == .timed, "an all-float plan times Winograd by default")
+        plan.floatConvRoute = .conv2d // the model's bits, checked below
         let consumers = graph.consumers
         func fusable(_ op: String) -> Int {
             graph.nodes.filter { n in
@@ -250,6 +253,39 @@ struct EngineInt8Tests {
         let out = try plan.run([x]), want = withNoGrad { model(x) }
         #expect(out[0].values == want.0.values && out[1].values == want.1.values)
         #expect(try ReferenceExecutor(graph).run([x]).map(\.values) == out.map(\.values))
+    }
+
+    @Test("the FP32 plan's 3x3 stride-1 convs on Winograd F(2x2, 3x3): the model's values within a few units in the last place, in chains too; timed keeps the faster; a plan with integer steps keeps the model's convs")
+    func floatPlanWinograd() throws {
+        let model = deployedDetector(seed: 33)
+        var rng = SeededGenerator(seed: 34)
+        let plan = try Int8Plan(try Graph.trace(model, batch: 2))
+        let x = Tensor.uniform([2, 3, 64, 64], low: 0, high: 1, rng: &rng)
+        let want = withNoGrad { model(x) }
+        plan.floatConvRoute = .winograd
+        let out = try plan.run([x])
+        let use = plan.winogradUse
+        #expect(use.candidates >= 10 && use.running == use.candidates, "\(use)")
+        #expect(plan.explain().contains("[Winograd]") && plan.explain().contains("in: NHWC padded") == (Kernels.isa == .avx2))
+        // close, not equal: each output within 1e-4 of the outputs' scale, and not the same bits
+        for (got, ref) in zip(out, [want.0, want.1]) {
+            #expect(relativeMaxDifference(got, ref) < 1e-4, "\(relativeMaxDifference(got, ref))")
+        }
+        #expect(out[1].values != want.1.values, "Winograd gave the direct conv's bits: did it run?")
+        // timed: every candidate timed both at this shape and runs the faster
+        plan.floatConvRoute = .timed
+        let timed = try plan.run([x])
+        #expect(zip(timed, [want.0, want.1]).allSatisfy { relativeMaxDifference($0, $1) < 1e-4 })
+        for conv in plan.winogradConvs.values {
+            let t = try #require(conv.times)
+            #expect(conv.ranWinograd == (t.winograd < t.conv2d), "\(conv.summary ?? "")")
+        }
+        // with quantizers the float convs keep the model's bits (the engine equals the simulator)
+        let sim = try QuantizationSimulator(model)
+        defer { sim.remove() }
+        sim.calibrate(on: [x]) { _ = model($0) }
+        try sim.applyCalibration(.max)
+        #expect(try Int8Plan(try Graph.trace(model, batch: 2)).floatConvRoute == .conv2d)
     }
 
     @Test("a transposed conv with kernel == stride runs as one GEMM and a scatter: int8 and f32 outputs, signed and non-negative inputs, within one code of the simulator; other transposed convs stay in float")

@@ -657,6 +657,74 @@ struct KernelTests {
         return [y, relu, silu]
     }
 
+    @Test("Winograd F(2x2, 3x3) equals the reference conv within its error bound, every ISA, layout and activation; declines what is not 3x3 stride 1",
+          arguments: Array(0..<5))
+    func winogradConv(index: Int) {
+        // odd and even maps (a last tile half outside), padding 0 and 1, channels not a multiple
+        // of 8 (the vector loops' tails), one tile, many tiles past one block, batch > 1
+        let cases = [ql_conv_geom(N: 2, C: 16, H: 10, W: 10, K: 32, KH: 3, KW: 3, SH: 1, SW: 1, PH: 1, PW: 1, DH: 1, DW: 1, groups: 1),
+                     ql_conv_geom(N: 1, C: 13, H: 7, W: 9, K: 11, KH: 3, KW: 3, SH: 1, SW: 1, PH: 1, PW: 1, DH: 1, DW: 1, groups: 1),
+                     ql_conv_geom(N: 3, C: 8, H: 6, W: 5, K: 24, KH: 3, KW: 3, SH: 1, SW: 1, PH: 0, PW: 0, DH: 1, DW: 1, groups: 1),
+                     ql_conv_geom(N: 1, C: 40, H: 2, W: 2, K: 9, KH: 3, KW: 3, SH: 1, SW: 1, PH: 1, PW: 1, DH: 1, DW: 1, groups: 1),
+                     ql_conv_geom(N: 2, C: 24, H: 41, W: 38, K: 40, KH: 3, KW: 3, SH: 1, SW: 1, PH: 1, PW: 1, DH: 1, DW: 1, groups: 1)]
+        var g = cases[index]
+        var oh: Int32 = 0, ow: Int32 = 0
+        #expect(ql_conv_out_size(&g, &oh, &ow) == 0 && ql_winograd_f23_applies(&g) != 0)
+        var rng = SeededGenerator(seed: UInt64(900 + index))
+        let (n, c, k, h, w) = (Int(g.N), Int(g.C), Int(g.K), Int(g.H), Int(g.W)), p = Int(oh) * Int(ow)
+        let x = randomFloats(n * c * h * w, &rng), wt = randomFloats(k * c * 9, &rng), b = randomFloats(k, &rng)
+        var want = [Float](repeating: 0, count: n * k * p), bound = want
+        #expect(ql_conv2d_fwd_ref(&want, x, wt, b, &g) == 0)
+        // the error bound: a few units in the last place of sum |x| |w| + |b| (F(2, 3)'s
+        // transforms add at most 4 terms of that size per product)
+        #expect(ql_conv2d_fwd_ref(&bound, x.map(abs), wt.map(abs), b.map(abs), &g) == 0)
+        let activated = Self.activated(want)
+        let (ph, pw) = (Int(g.PH), Int(g.PW))
+        var xPadded = [Float](repeating: .nan, count: n * (h + 2 * ph) * (w + 2 * pw) * c)
+        ql_nchw_to_nhwc(&xPadded, x, g.N, g.C, g.H, g.W, g.PH, g.PW)
+        var worst: Float = 0
+        for isa in supportedISAs {
+            var packed = [Float](repeating: .nan, count: ql_winograd_f23_packed_floats(isa, &g))
+            #expect(ql_winograd_f23_pack(isa, &packed, wt, &g) == 0)
+            for act: Int32 in [0, 1, 2] {
+                for (xNHWC, yBorder) in [(false, -1), (true, -1), (true, 1), (false, 0)] {
+                    let xl = ql_layout(nhwc: xNHWC ? 1 : 0, ph: xNHWC ? g.PH : 0, pw: xNHWC ? g.PW : 0)
+                    let q = max(yBorder, 0), yl = ql_layout(nhwc: yBorder >= 0 ? 1 : 0, ph: Int32(q), pw: Int32(q))
+                    let (yh, yw) = (Int(oh) + 2 * q, Int(ow) + 2 * q)
+                    var y = [Float](repeating: .nan, count: n * k * yh * yw)
+                    let status = ql_winograd_f23_fwd_layout(isa, &y, yl, xNHWC ? xPadded : x, xl, packed, b, &g, act)
+                    #expect(status == 0, "isa \(isa.rawValue)")
+                    var nchw = y
+                    if yBorder >= 0 { ql_nhwc_to_nchw(&nchw, y, g.N, g.K, oh, ow, Int32(q), Int32(q)) }
+                    for i in 0..<(n * k * p) {
+                        let err = abs(nchw[i] - activated[Int(act)][i]), tol = 1e-5 * (bound[i] + 1)
+                        worst = max(worst, err / tol)
+                        if !(err <= tol) {
+                            Issue.record("case \(index) isa \(isa.rawValue) act \(act) x NHWC \(xNHWC) y border \(yBorder): element \(i) \(nchw[i]) vs \(activated[Int(act)][i])")
+                            return
+                        }
+                    }
+                    if yBorder > 0 { // the border is zeroed
+                        var border = 0
+                        for img in 0..<n { for r in 0..<yh { for col in 0..<yw where r < q || r >= yh - q || col < q || col >= yw - q {
+                            border += (0..<k).filter { y[((img * yh + r) * yw + col) * k + $0] != 0 }.count } } }
+                        #expect(border == 0, "case \(index): \(border) border values not zero")
+                    }
+                }
+            }
+        }
+        // the bound is not loose: the worst error is a visible part of it
+        #expect(worst > 1e-3, "worst error \(worst) of the bound")
+        // not 3x3 stride 1: declined
+        for (kh, sh) in [(Int32(1), Int32(1)), (3, 2), (5, 1)] {
+            var other = g
+            (other.KH, other.KW, other.SH, other.SW) = (kh, kh, sh, sh)
+            var packed = [Float](repeating: 0, count: 16 * Int(g.C * g.K))
+            #expect(ql_winograd_f23_applies(&other) == 0 && ql_winograd_f23_packed_floats(QL_ISA_REF, &other) == 0
+                    && ql_winograd_f23_pack(QL_ISA_REF, &packed, wt, &other) == Int32(QL_EINVAL))
+        }
+    }
+
     @Test("Convolution forward, data and weight gradients: the implicit, batched and direct kernels give im2col + SGEMM's bits",
           arguments: Array(0..<15))
     func convImplicitExact(index: Int) {

@@ -345,6 +345,20 @@ int ql_conv2d_fwd_prepacked_layout(float *y, ql_layout ylay, const float *x, ql_
                                    int level, const float *b, const ql_conv_geom *g, int act);
 void ql_nchw_to_nhwc(float *restrict dst, const float *restrict src, int N, int C, int H, int W, int ph, int pw);
 void ql_nhwc_to_nchw(float *restrict dst, const float *restrict src, int N, int C, int H, int W, int ph, int pw);
+/* Winograd F(2x2, 3x3) forward (conv_winograd.c) for a 3x3 stride-1 undilated conv of one
+ * group (ql_winograd_f23_applies), any padding: y = act(conv(x, w) + b) with the weights
+ * transformed once by ql_winograd_f23_pack into W (ql_winograd_f23_packed_floats(isa, g)
+ * floats: 16 matrices K x C, as the SGEMM's packed A for isa; pack and run with one isa). x and y in the layouts of ql_conv2d_fwd_prepacked_layout (a padded NHWC
+ * input carries the conv's padding; an NHWC output gets its border zeroed). NOT the direct
+ * conv's bits: 2.25x fewer multiplies, the sums in another order (error within a few units in
+ * the last place of sum |x| |w|, tested). act 0 none, 1 ReLU, 2 SiLU (the ops' functions).
+ * isa ref runs the scalar transforms and the reference GEMM. QL_EINVAL for a bad geometry or
+ * layout, QL_ENOMEM without scratch. */
+int ql_winograd_f23_applies(const ql_conv_geom *g);
+size_t ql_winograd_f23_packed_floats(ql_isa isa, const ql_conv_geom *g);
+int ql_winograd_f23_pack(ql_isa isa, float *W, const float *w, const ql_conv_geom *g);
+int ql_winograd_f23_fwd_layout(ql_isa isa, float *y, ql_layout ylay, const float *x, ql_layout xlay, const float *W,
+                               const float *b, const ql_conv_geom *g, int act);
 int ql_conv2d_fwd_ref(float *y, const float *x, const float *w, const float *b, const ql_conv_geom *g);
 int ql_conv2d_bwd_data_ref(float *dx, const float *dy, const float *w, const ql_conv_geom *g);
 int ql_conv2d_bwd_weight_ref(float *dw, float *db, const float *dy, const float *x,
