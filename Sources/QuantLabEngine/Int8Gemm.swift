@@ -26,8 +26,9 @@ public final class Int8Gemm {
     // linear: the packed weight, per-column scale and bias
     let outFeatures: Int, inFeatures: Int
     let packed: [Int8]
-    /// linear: the weight's codes before packing, [in][out] (the GPU packs its own layout).
-    let weightCodes: [Int8]
+    /// linear: the weight's codes before packing, [in][out] (the GPU packs its own layout),
+    /// read back from the packing rather than kept twice.
+    var weightCodes: [Int8] { unpackedB(packed, depth: inFeatures, columns: outFeatures) }
     let scale: [Float]
     let bias: [Float]?
     /// The quantized rows of A (signed codes), kept between runs.
@@ -51,7 +52,6 @@ public final class Int8Gemm {
         var packed = [Int8](repeating: 0, count: ql_igemm_packed_size(Int32(inF), Int32(outF)))
         guard ql_igemm_pack_b(&packed, nil, b, Int32(outF), Int32(inF), Int32(outF)) == 0 else { throw EngineError("\(name): weight packing failed") }
         self.packed = packed
-        weightCodes = b
         scale = weightAmax.map { (inputAmax / 127) * ($0 / 127) }
         self.bias = bias.map(\.values)
     }
@@ -64,7 +64,6 @@ public final class Int8Gemm {
         self.amaxB = amaxB
         (outFeatures, inFeatures) = (0, 0)
         packed = []
-        weightCodes = []
         scale = []
         bias = nil
     }
@@ -137,4 +136,17 @@ public final class Int8Gemm {
         }
         return out
     }
+}
+
+/// The B operand [depth][columns] that `ql_igemm_pack_b` packed, read back from its documented
+/// layout (igemm.c: byte c * 4 + r of k-group q in panel p is B[4q + r, 32p + c]); for the GPU,
+/// which packs its own layout, so the host keeps one copy of the weights.
+func unpackedB(_ packed: [Int8], depth: Int, columns: Int) -> [Int8] {
+    let groups = (depth + 3) / 4
+    var b = [Int8](repeating: 0, count: depth * columns)
+    for n in 0..<columns {
+        let (panel, c) = (n / 32, n % 32)
+        for k in 0..<depth { b[k * columns + n] = packed[(panel * groups + k / 4) * 128 + c * 4 + k % 4] }
+    }
+    return b
 }

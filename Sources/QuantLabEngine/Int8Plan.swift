@@ -57,8 +57,8 @@ public final class Int8Conv {
     let packed: [Int8]
     let columnSums: [Int32]
     /// The GEMM's B operand as it was before packing, [depth][columns] (the GPU packs its own
-    /// layout from it), and its depth.
-    let weightCodes: [Int8]
+    /// layout from it; read back from the packing rather than kept twice), and its depth.
+    var weightCodes: [Int8] { unpackedB(packed, depth: depth, columns: gemmColumns) }
     let depth: Int
     /// "Int8Conv" or "Int8ConvTranspose", in plans and profiles.
     public var kindName: String { transposed ? "Int8ConvTranspose" : "Int8Conv" }
@@ -137,7 +137,6 @@ public final class Int8Conv {
         guard ql_igemm_pack_b(&packed, &sums, b, Int32(n), Int32(depth), Int32(n)) == 0 else { throw EngineError("\(name): weight packing failed") }
         self.packed = packed
         columnSums = sums
-        weightCodes = b
         self.depth = depth
         let c4 = (inChannels + 3) / 4 * 4
         if !transposed && c4 != inChannels {

@@ -53,7 +53,7 @@ struct EngineCommand: ParsableCommand {
     /// The plan on the GPU with --device cuda (nil on the CPU); a clear error without a device.
     func gpuPlan(_ plan: Int8Plan) throws -> CUDAPlan? {
         guard device == "cuda" else { return nil }
-        guard CUDA.shared.isReady else { throw ValidationError("--device cuda: \(CUDA.shared.notice)") }
+        if let why = CUDA.shared.unavailableReason { throw ValidationError("--device cuda: \(why); run without --device for the CPU") }
         let gpu = try CUDAPlan(plan)
         print("GPU plan (\(CUDA.shared.notice)): \(gpu.summary)")
         return gpu

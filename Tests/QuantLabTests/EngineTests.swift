@@ -195,6 +195,17 @@ struct EngineInt8Tests {
         #expect(Set(routes) == ["direct", "direct, channels padded to 4"] && routes.filter { $0.hasSuffix("padded to 4") }.count == 1, "\(routes)")
     }
 
+    @Test("unpackedB reads ql_igemm_pack_b's layout back: depths not a multiple of 4, columns across panels")
+    func unpackedWeights() {
+        var rng = SeededGenerator(seed: 35)
+        for (depth, columns) in [(1, 1), (7, 33), (36, 64), (27, 16), (130, 70)] {
+            let b = (0..<(depth * columns)).map { _ in Int8(truncatingIfNeeded: rng.next()) }
+            var packed = [Int8](repeating: 0, count: ql_igemm_packed_size(Int32(depth), Int32(columns)))
+            #expect(ql_igemm_pack_b(&packed, nil, b, Int32(columns), Int32(depth), Int32(columns)) == 0)
+            #expect(unpackedB(packed, depth: depth, columns: columns) == b, "\(depth) x \(columns)")
+        }
+    }
+
     @Test("the convs' route choice: direct, im2col + GEMM and timed give the plan's outputs bit for bit; timed keeps the faster route at each shape")
     func convRouteChoice() throws {
         let model = deployedDetector(seed: 31)

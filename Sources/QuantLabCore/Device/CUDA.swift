@@ -40,14 +40,21 @@ public final class CUDA: @unchecked Sendable { // immutable after init
     /// The device's compute capability as major*10 + minor (90 for an H100), nil without one.
     public var computeCapability: Int? { if case .ready(_, _, _, let cc) = status { return Int(cc) } else { return nil } }
 
-    public var notice: String {
+    /// Why there is no usable device, nil when there is one.
+    public var unavailableReason: String? {
         switch status {
-        case .pluginNotBuilt: return "cuda: plugin not built (make cuda); running on CPU"
-        case .pluginUnusable(let why): return "cuda: plugin unusable (\(why)); running on CPU"
-        case .noDevice(let why): return "cuda: no device (\(why)); running on CPU"
-        case .ready(let name, let sms, let mem, let cc):
-            return "cuda: \(name), \(sms) SMs, sm_\(cc), \(String(format: "%.1f", Double(mem) / 1_073_741_824)) GiB"
+        case .pluginNotBuilt: return "plugin not built (make cuda)"
+        case .pluginUnusable(let why): return "plugin unusable (\(why))"
+        case .noDevice(let why): return "no device (\(why))"
+        case .ready: return nil
         }
+    }
+
+    /// One line for logs: the device, or why there is none and that work runs on the CPU.
+    public var notice: String {
+        if let unavailableReason { return "cuda: \(unavailableReason); running on CPU" }
+        guard case .ready(let name, let sms, let mem, let cc) = status else { return "cuda: unknown state" }
+        return "cuda: \(name), \(sms) SMs, sm_\(cc), \(String(format: "%.1f", Double(mem) / 1_073_741_824)) GiB"
     }
 
     static func candidatePaths() -> [String] {
