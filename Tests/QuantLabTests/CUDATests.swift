@@ -413,12 +413,9 @@ struct CUDAConformanceTests {
 
     @Test("the detector's INT8 plan on the GPU: every int8 slot the CPU plan's bits, the outputs within float rounding")
     func int8PlanOnDevice() throws {
-        let model = deployedDetector(seed: 31)
         var rng = SeededGenerator(seed: 32)
-        let sim = try QuantizationSimulator(model)
+        let (model, sim) = try calibratedDeployedDetector(seed: 31, rng: &rng)
         defer { sim.remove() }
-        sim.calibrate(on: [Tensor.uniform([2, 3, 64, 64], low: 0, high: 1, rng: &rng)]) { _ = model($0) }
-        try sim.applyCalibration(.max)
         let plan = try Int8Plan(try Graph.trace(model, batch: 2))
         let gpu = try CUDAPlan(plan)
         print("GPU plan: \(gpu.summary)")

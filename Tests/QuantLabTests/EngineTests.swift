@@ -22,6 +22,16 @@ func deployedDetector(seed: UInt64, inputSize: Int = 64, classes: Int = 3) -> YO
     return model
 }
 
+/// `deployedDetector(seed:)` with the simulator installed and max-calibrated on one batch
+/// [2, 3, 64, 64] drawn from `rng`; the caller removes the simulator.
+func calibratedDeployedDetector(seed: UInt64, rng: inout SeededGenerator) throws -> (YOLOv6, QuantizationSimulator) {
+    let model = deployedDetector(seed: seed)
+    let sim = try QuantizationSimulator(model)
+    sim.calibrate(on: [Tensor.uniform([2, 3, 64, 64], low: 0, high: 1, rng: &rng)]) { _ = model($0) }
+    try sim.applyCalibration(.max)
+    return (model, sim)
+}
+
 @Suite("Engine graph: tracing a model and running the graph")
 struct EngineGraphTests {
     @Test("a small net traces to Conv, Relu, MaxPool, GlobalAveragePool, Gemm named by layer; the graph recomputes it on another input")
@@ -62,12 +72,9 @@ struct EngineGraphTests {
 
     @Test("with the simulator installed the graph carries its Q/DQ: named per layer, weights per channel, the simulator's amax; equal to the fake-quantized model")
     func quantizedDetector() throws {
-        let model = deployedDetector(seed: 7)
         var rng = SeededGenerator(seed: 8)
-        let sim = try QuantizationSimulator(model)
+        let (model, sim) = try calibratedDeployedDetector(seed: 7, rng: &rng)
         defer { sim.remove() }
-        sim.calibrate(on: [Tensor.uniform([2, 3, 64, 64], low: 0, high: 1, rng: &rng)]) { _ = model($0) }
-        try sim.applyCalibration(.max)
         let graph = try Graph.trace(model, batch: 2)
         let qdq = graph.nodes.filter { if case .quantizeDequantize = $0.op { return true } else { return false } }
         #expect(qdq.count == 2 * sim.layers.count, "one input and one weight quantizer per conv / transposed conv")
@@ -171,12 +178,9 @@ struct EngineInt8Tests {
 
     @Test("the detector: every conv fuses; Reformat steps are counted; layer by layer within one code of the simulator; outputs close end to end")
     func detector() throws {
-        let model = deployedDetector(seed: 23)
         var rng = SeededGenerator(seed: 24)
-        let sim = try QuantizationSimulator(model)
+        let (model, sim) = try calibratedDeployedDetector(seed: 23, rng: &rng)
         defer { sim.remove() }
-        sim.calibrate(on: [Tensor.uniform([2, 3, 64, 64], low: 0, high: 1, rng: &rng)]) { _ = model($0) }
-        try sim.applyCalibration(.max)
         let graph = try Graph.trace(model, batch: 2)
         let plan = try Int8Plan(graph)
         plan.convRouteChoice = .direct // the routes checked below, not the timing's choice
@@ -208,12 +212,9 @@ struct EngineInt8Tests {
 
     @Test("the convs' route choice: direct, im2col + GEMM and timed give the plan's outputs bit for bit; timed keeps the faster route at each shape")
     func convRouteChoice() throws {
-        let model = deployedDetector(seed: 31)
         var rng = SeededGenerator(seed: 32)
-        let sim = try QuantizationSimulator(model)
+        let (model, sim) = try calibratedDeployedDetector(seed: 31, rng: &rng)
         defer { sim.remove() }
-        sim.calibrate(on: [Tensor.uniform([2, 3, 64, 64], low: 0, high: 1, rng: &rng)]) { _ = model($0) }
-        try sim.applyCalibration(.max)
         let plan = try Int8Plan(try Graph.trace(model, batch: 2))
         let convs = plan.int8Convs.filter { !$0.transposed }
         let x = Tensor.uniform([2, 3, 64, 64], low: 0, high: 1, rng: &rng)

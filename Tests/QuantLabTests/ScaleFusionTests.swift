@@ -46,12 +46,9 @@ struct ScaleFusionTests {
 
     @Test("the detector: the pass finds the article's case and every group of YOLOv6's hand-written list that exists in our placement, and names the ones the list misses")
     func detectorGroups() throws {
-        let model = deployedDetector(seed: 43)
         var rng = SeededGenerator(seed: 44)
-        let sim = try QuantizationSimulator(model)
+        let (model, sim) = try calibratedDeployedDetector(seed: 43, rng: &rng)
         defer { sim.remove() }
-        sim.calibrate(on: [Tensor.uniform([2, 3, 64, 64], low: 0, high: 1, rng: &rng)]) { _ = model($0) }
-        try sim.applyCalibration(.max)
         let graph = try Graph.trace(model, batch: 1)
         let groups = scaleGroups(graph)
         // the article's case: reduce_layer1's output read by upsample1 and, through the concat, Rep_n3.conv1
