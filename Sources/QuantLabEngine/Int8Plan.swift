@@ -101,13 +101,13 @@ public final class Int8Conv {
     }
     /// Set by the plan (`Int8Plan.convRouteChoice`).
     public var routeChoice = RouteChoice.timed {
-        didSet { timedRoutes = [:] }
+        didSet { timing.reset() }
     }
-    /// `.timed`: per input shape, whether the direct kernel won.
-    private var timedRoutes: [[Int]: Bool] = [:]
+    /// `.timed`: per input shape, whether the direct kernel (first) won.
+    private var timing = TimedChoice()
     /// `.timed`: the best of three times (seconds) of each route at the shape timed last; nil
     /// before a timing, or where only one route applied.
-    public private(set) var routeTimes: (direct: Double, im2col: Double)?
+    public var routeTimes: (direct: Double, im2col: Double)? { timing.times.map { ($0.first, $0.second) } }
     /// `route`, with the times that chose it where it was timed.
     public var routeSummary: String? {
         guard let route else { return nil }
@@ -295,27 +295,15 @@ public final class Int8Conv {
             case .im2col:
                 try runIm2col()
             case .timed:
-                if let direct = timedRoutes[x.shape] {
+                if let direct = timing.kept(at: x.shape) {
                     if try !direct || runDirect() != 0 { try runIm2col() }
                     return
                 }
-                // both routes write the same bits to `out`, so timing them there is harmless
-                var best = (direct: Double.infinity, im2col: Double.infinity)
-                for _ in 0..<3 {
-                    let t0 = DispatchTime.now().uptimeNanoseconds
-                    guard try runDirect() == 0 else { // declined: im2col at this shape from now on
-                        timedRoutes[x.shape] = false
-                        try runIm2col()
-                        return
-                    }
-                    let t1 = DispatchTime.now().uptimeNanoseconds
-                    try runIm2col()
-                    let t2 = DispatchTime.now().uptimeNanoseconds
-                    best = (min(best.direct, Double(t1 - t0) / 1e9), min(best.im2col, Double(t2 - t1) / 1e9))
+                // both routes write the same bits to `out`, so timing them there is harmless; a
+                // direct kernel that declines leaves im2col at this shape from now on
+                if try timing.time(at: x.shape, first: { try runDirect() == 0 }, second: runIm2col) {
+                    route = directRoute // the one kept, not the one run last
                 }
-                routeTimes = best
-                timedRoutes[x.shape] = best.direct <= best.im2col
-                if best.direct <= best.im2col { route = directRoute } // the one kept, not the one run last
             }
         }
         if let amax = outputAmax, activation == .silu {

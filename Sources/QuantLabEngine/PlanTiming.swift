@@ -58,3 +58,44 @@ public func evaluateDetector(_ plan: Int8Plan, model: YOLOv6, on val: DetectionD
         return (out[0], out[1])
     }.0.mAP
 }
+
+/// A choice between two ways of computing the same step, made per input shape by timing, as
+/// TensorRT's builder times its tactics: the first run at a shape runs both three times each,
+/// interleaved, and the faster is kept for that shape (`first`, the default route, on a tie).
+/// Used by the INT8 convs (direct kernel or im2col + GEMM) and the float convs (the model's
+/// conv or Winograd).
+struct TimedChoice {
+    /// Per input shape: whether `first` was kept.
+    private var firstKept: [[Int]: Bool] = [:]
+    /// The best of three times (seconds) of each at the shape timed last; nil before a timing,
+    /// or where `first` declined.
+    private(set) var times: (first: Double, second: Double)?
+
+    /// Whether `first` was kept at this shape; nil if the shape was not timed yet.
+    func kept(at shape: [Int]) -> Bool? { firstKept[shape] }
+
+    /// Times both at `shape` and returns whether `first` is kept. `first` returns false when
+    /// it declines the input: then `second` runs once and is kept for the shape. Whichever ran
+    /// last left its result; the caller knows which one it wants.
+    mutating func time(at shape: [Int], first: () throws -> Bool, second: () throws -> Void) rethrows -> Bool {
+        var best = (first: Double.infinity, second: Double.infinity)
+        for _ in 0..<3 {
+            let t0 = DispatchTime.now().uptimeNanoseconds
+            guard try first() else {
+                firstKept[shape] = false
+                try second()
+                return false
+            }
+            let t1 = DispatchTime.now().uptimeNanoseconds
+            try second()
+            let t2 = DispatchTime.now().uptimeNanoseconds
+            best = (min(best.first, Double(t1 - t0) / 1e9), min(best.second, Double(t2 - t1) / 1e9))
+        }
+        times = best
+        firstKept[shape] = best.first <= best.second
+        return best.first <= best.second
+    }
+
+    /// Forgets every timing (a new route setting).
+    mutating func reset() { self = TimedChoice() }
+}

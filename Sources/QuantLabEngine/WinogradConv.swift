@@ -23,16 +23,20 @@ public enum FloatConvRoute: String, Sendable, CaseIterable {
     }
 }
 
-/// A float conv's weights transformed once for Winograd F(2x2, 3x3), with the route it took
-/// per input shape. Only 3x3, stride 1, undilated, one group (nil otherwise).
+/// A float conv's weights transformed once for Winograd F(2x2, 3x3) (at its first Winograd
+/// run: a plan that keeps the model's convs never pays for it), with the route it took per
+/// input shape. Only 3x3, stride 1, undilated, one group (nil otherwise).
 final class WinogradConv {
     let weight: Tensor
     let options: Conv2dOptions
-    private let packed: [Float]
-    /// Per input shape: whether Winograd won the timing.
-    private var timedRoutes: [[Int]: Bool] = [:]
+    /// The conv's geometry for the weight transform (any input size).
+    private var geometry: ql_conv_geom
+    /// The transformed weights, nil before the first Winograd run.
+    private var packed: [Float]?
+    /// `.timed`: per input shape, whether the model's conv (first) won.
+    private var timing = TimedChoice()
     /// The best of three times (seconds) of each route at the shape timed last.
-    private(set) var times: (conv2d: Double, winograd: Double)?
+    var times: (conv2d: Double, winograd: Double)? { timing.times.map { ($0.first, $0.second) } }
     /// Whether the last run took Winograd (nil before one).
     private(set) var ranWinograd: Bool?
 
@@ -42,11 +46,19 @@ final class WinogradConv {
                              KW: Int32(weight.shape[3]), SH: Int32(o.stride.0), SW: Int32(o.stride.1), PH: Int32(o.padding.0),
                              PW: Int32(o.padding.1), DH: Int32(o.dilation.0), DW: Int32(o.dilation.1), groups: Int32(o.groups))
         guard ql_winograd_f23_applies(&g) != 0 else { return nil }
-        var packed = [Float](repeating: 0, count: ql_winograd_f23_packed_floats(QL_ISA_BEST, &g))
-        guard ql_winograd_f23_pack(QL_ISA_BEST, &packed, weight.data, &g) == 0 else { return nil }
         self.weight = weight
         options = o
-        self.packed = packed
+        geometry = g
+    }
+
+    /// The transformed weights, made on first use.
+    private func packedWeights() throws -> [Float] {
+        if let packed { return packed }
+        var w = [Float](repeating: 0, count: ql_winograd_f23_packed_floats(QL_ISA_BEST, &geometry))
+        let status = ql_winograd_f23_pack(QL_ISA_BEST, &w, weight.data, &geometry)
+        guard status == 0 else { throw EngineError("Winograd conv: weight transform failed (status \(status)) for weight \(weight.shape)") }
+        packed = w
+        return w
     }
 
     /// The route's summary for profiles: "Winograd" or "conv2d", with the times that chose it.
@@ -69,24 +81,13 @@ final class WinogradConv {
         case .conv2d: useWinograd = false
         case .winograd: useWinograd = true
         case .timed:
-            if let won = timedRoutes[x.shape] {
-                useWinograd = won
+            if let conv2dKept = timing.kept(at: x.shape) {
+                useWinograd = !conv2dKept
             } else {
-                var best = (conv2d: Double.infinity, winograd: Double.infinity)
                 var last = (conv2d: Tensor?.none, winograd: Tensor?.none)
-                for _ in 0..<3 {
-                    let t0 = DispatchTime.now().uptimeNanoseconds
-                    last.conv2d = conv2d()
-                    let t1 = DispatchTime.now().uptimeNanoseconds
-                    last.winograd = try winograd()
-                    let t2 = DispatchTime.now().uptimeNanoseconds
-                    best = (min(best.conv2d, Double(t1 - t0) / 1e9), min(best.winograd, Double(t2 - t1) / 1e9))
-                }
-                times = best
-                let won = best.winograd < best.conv2d
-                timedRoutes[x.shape] = won
-                ranWinograd = won
-                return won ? last.winograd! : last.conv2d!
+                let conv2dKept = try timing.time(at: x.shape, first: { last.conv2d = conv2d(); return true }, second: { last.winograd = try winograd() })
+                ranWinograd = !conv2dKept
+                return conv2dKept ? last.conv2d! : last.winograd!
             }
         }
         ranWinograd = useWinograd
@@ -95,8 +96,7 @@ final class WinogradConv {
 
     /// Forgets the timings (a new route setting).
     func resetTimings() {
-        timedRoutes = [:]
-        times = nil
+        timing.reset()
         ranWinograd = nil
     }
 
@@ -115,7 +115,7 @@ final class WinogradConv {
         let out = Tensor(uninitialized: outputPadding == nil ? [logical[0], k, Int(oh), Int(ow)] : [logical[0], Int(oh) + 2 * qh, Int(ow) + 2 * qw, k])
         let xl = ql_layout(nhwc: inputPadded ? 1 : 0, ph: inputPadded ? Int32(ph) : 0, pw: inputPadded ? Int32(pw) : 0)
         let yl = ql_layout(nhwc: outputPadding == nil ? 0 : 1, ph: Int32(qh), pw: Int32(qw))
-        let status = ql_winograd_f23_fwd_layout(QL_ISA_BEST, out.data, yl, x.data, xl, packed, bias?.data, &g, activation.rawValue)
+        let status = ql_winograd_f23_fwd_layout(QL_ISA_BEST, out.data, yl, x.data, xl, try packedWeights(), bias?.data, &g, activation.rawValue)
         guard status == 0 else { throw EngineError("Winograd conv failed (status \(status)) for input \(x.shape)") }
         return out
     }
