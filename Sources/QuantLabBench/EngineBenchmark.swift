@@ -32,6 +32,7 @@ public struct EngineBenchmark {
             try p.copyValues(from: Tensor.uniform(p.shape, low: -0.3, high: 0.3, rng: &rng))
         }
         log("engine: YOLOv6-N-like RepVGG detector, 160 px, deploy form; \(Kernels.summary)")
+        if let peak = try Kernels.peakRates() { log("  " + peak.summary) } // what INT8 can gain over FP32 per multiply here
         let peer = OnnxRuntimePeer.locate().flatMap { $0.isAvailable ? $0 : nil }
         if peer == nil { log("  onnxruntime: not available (run `make venv` from the repository root); ours only") }
         var summary: [String] = []

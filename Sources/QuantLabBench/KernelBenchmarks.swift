@@ -191,6 +191,11 @@ public struct KernelBenchmarks {
     public func run() -> [String] {
         let threads = Int(ql_get_num_threads())
         log("cpu: \(String(cString: ql_isa_name(QL_ISA_BEST))) kernels, \(threads) threads")
+        var summary: [String] = []
+        if let peak = try? Kernels.peakRates() { // the ceiling the INT8 / FP32 ratios below are read against
+            log("  " + peak.summary)
+            summary.append(String(format: "peak int8/fp32 per multiply: %.2fx", peak.int8OverFP32))
+        }
         let sizes = quick ? [256, 1024] : self.sizes
         var ours: [Int: Double] = [:]
         for n in sizes {
@@ -201,7 +206,6 @@ public struct KernelBenchmarks {
         // measure ours again after numpy and keep the better, so drift on the VM during the
         // comparison does not favour either side
         for n in sizes { ours[n] = max(ours[n]!, sgemmRate(n)) }
-        var summary: [String] = []
         for n in sizes {
             if let t = theirs[n] {
                 log(String(format: "  sgemm %4d: ours %6.1f, numpy/OpenBLAS %6.1f GFLOP/s", n, ours[n]!, t))

@@ -24,6 +24,7 @@ struct Info: ParsableCommand {
         let levels = Kernels.ISA.allCases.map { "\($0)=\($0.isSupported ? "yes" : "no")" }
         print("kernels: \(Kernels.isa) (supported: \(levels.joined(separator: ", ")); QL_ISA to cap)")
         print("threads: \(Kernels.threads) (QL_NUM_THREADS to change)")
+        do { if let peak = try Kernels.peakRates() { print(peak.summary) } } catch { print("peak probe failed: \(error)") }
         print(CUDA.shared.notice)
     }
 }

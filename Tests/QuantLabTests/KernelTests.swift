@@ -20,6 +20,33 @@ struct KernelTests {
         #expect(ql_pool_stress(200_000, 8) == 0)
     }
 
+    /// The peak probes (peak.c) compute a known value: their accumulators end at a closed form
+    /// (the reference), so a wrong instruction, operand order or a loop the compiler shortened
+    /// shows. The rates themselves are not checked (a loaded machine gives any value).
+    @Test("peak-rate probes: the closed-form result on every fast ISA, the multiply-add count, refusals")
+    func peakProbe() throws {
+        for isa in supportedISAs where isa != QL_ISA_REF {
+            for kind in [Int32(QL_PEAK_FP32), Int32(QL_PEAK_INT8)] {
+                for iters in [0, 1, 3, 1_000_003] {
+                    var macs = -1.0, check: UInt32 = 0
+                    #expect(ql_peak_probe(isa, kind, iters, &macs, &check) == 0)
+                    #expect(check == ql_peak_expected(isa, kind, iters), "isa \(isa.rawValue) kind \(kind) iters \(iters)")
+                    let lanes = isa == QL_ISA_AVX512 ? 16.0 : 8.0, chains = kind == QL_PEAK_INT8 && isa != QL_ISA_AVX512 ? 6.0 : 10.0
+                    #expect(macs == (kind == QL_PEAK_INT8 ? 4 : 2) * chains * lanes * Double(iters))
+                }
+            }
+        }
+        var macs = 0.0, check: UInt32 = 0
+        #expect(ql_peak_probe(QL_ISA_REF, Int32(QL_PEAK_FP32), 1, &macs, &check) == Int32(QL_EUNSUPPORTED))
+        #expect(ql_peak_probe(QL_ISA_BEST, 7, 1, &macs, &check) == Int32(QL_EINVAL))
+        #expect(ql_peak_probe(QL_ISA_BEST, Int32(QL_PEAK_INT8), -1, &macs, &check) == Int32(QL_EINVAL))
+        if Kernels.isa != .reference { // QL_ISA=ref: no vector level to probe
+            let peak = try #require(try Kernels.peakRates(seconds: 0.005, rounds: 1))
+            #expect(peak.fp32 > 0 && peak.int8 > 0 && peak.summary.contains("INT8 / FP32"))
+        }
+        #expect(try Kernels.peakRates(isa: .reference) == nil)
+    }
+
     static let awkward = [1, 7, 17, 63, 129]
 
     @Test("SGEMM: every ISA, transpose, alpha/beta and padded leading dims", arguments: [0, 1, 2, 3])

@@ -566,6 +566,19 @@ void ql_adamw_update(float *restrict p, float *restrict m, float *restrict v,
                      const float *restrict grad, int64_t n, float lr, float beta1, float beta2,
                      float eps, float weight_decay, int64_t step);
 
+/* ------------------------------------------------------------------------------------------
+ * Peak-rate probes (peak.c): one core's FP32 and INT8 multiply-add throughput with the
+ * instructions the kernels use (AVX2: vfmadd231ps, and vpmaddubsw + vpmaddwd + vpaddd;
+ * AVX-512: vfmadd231ps zmm, and VNNI vpdpbusd zmm). Their ratio bounds what INT8 can gain over
+ * FP32 on this CPU per multiply. ql_peak_probe runs `iters` iterations on the calling thread
+ * (the caller times it), sets *macs to the multiply-adds done and *check to the accumulators'
+ * closed-form result, which ql_peak_expected gives (the reference). QL_EUNSUPPORTED for
+ * QL_ISA_REF (no vector peak) or a level the CPU lacks.
+ * ---------------------------------------------------------------------------------------- */
+enum { QL_PEAK_FP32 = 0, QL_PEAK_INT8 = 1 };
+int ql_peak_probe(ql_isa isa, int kind, long iters, double *macs, uint32_t *check);
+uint32_t ql_peak_expected(ql_isa isa, int kind, long iters);
+
 #ifdef __cplusplus
 }
 #endif

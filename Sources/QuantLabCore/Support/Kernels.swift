@@ -1,4 +1,5 @@
 import CKernels
+import Dispatch
 
 /// The C kernels' run-time settings, for code above the layers that call kernels.
 ///
@@ -32,6 +33,57 @@ public enum Kernels {
         ql_set_thread_serial(1)
         defer { ql_set_thread_serial(0) }
         return try body()
+    }
+
+    /// One core's peak multiply-add rates at a SIMD level, measured with the instructions the
+    /// kernels use (FP32: `vfmadd231ps`; INT8: `vpmaddubsw` + `vpmaddwd` on AVX2, `vpdpbusd` on
+    /// AVX-512 VNNI). `int8 / fp32` bounds what INT8 can gain over FP32 per multiply on this
+    /// CPU, before algorithms (Winograd) and memory traffic: the ceiling an engine's INT8 / FP32
+    /// ratio is read against.
+    public struct PeakRates: Sendable {
+        public var isa: ISA
+        /// Multiply-adds per second on one core.
+        public var fp32: Double, int8: Double
+        public var int8OverFP32: Double { int8 / fp32 }
+        /// e.g. "avx2 peak per core: FP32 21.5 GMAC/s (vfmadd231ps), INT8 20.6 GMAC/s (...): INT8 / FP32 0.96x".
+        public var summary: String {
+            let int8Instr = isa == .avx512 ? "vpdpbusd" : "vpmaddubsw + vpmaddwd"
+            return String(format: "%@ peak per core: FP32 %.1f GMAC/s (vfmadd231ps), INT8 %.1f GMAC/s (%@): INT8 / FP32 at most %.2fx per multiply",
+                          isa.description, fp32 / 1e9, int8 / 1e9, int8Instr, int8OverFP32)
+        }
+    }
+
+    /// Measures `PeakRates` on the calling thread: each probe about `seconds` long, best of
+    /// `rounds` (FP32 and INT8 interleaved, so a slower moment of the machine hits both). Nil for
+    /// the scalar reference level or a level this CPU lacks. Throws if a probe's result differs
+    /// from its closed form (the instructions did not compute what they should).
+    public static func peakRates(isa: ISA = Kernels.isa, seconds: Double = 0.05, rounds: Int = 3) throws -> PeakRates? {
+        guard isa != .reference, isa.isSupported else { return nil }
+        func probe(_ kind: Int32, _ iters: Int) throws -> (macs: Double, seconds: Double) {
+            var macs = 0.0, check: UInt32 = 0
+            let start = DispatchTime.now().uptimeNanoseconds
+            let status = ql_peak_probe(isa.c, kind, iters, &macs, &check)
+            let elapsed = Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9
+            guard Int(status) == QL_OK else { throw TensorError.kernelFailed("ql_peak_probe", status) }
+            let expected = ql_peak_expected(isa.c, kind, iters)
+            guard check == expected else {
+                throw TensorError.kernelFailed("ql_peak_probe (\(isa), kind \(kind)): result \(check) where the closed form gives \(expected)", Int32(QL_EINVAL))
+            }
+            return (macs, elapsed)
+        }
+        var best = [0.0, 0.0]
+        var iters = [100_000, 100_000]
+        for _ in 0..<max(rounds, 1) {
+            for (i, kind) in [Int32(QL_PEAK_FP32), Int32(QL_PEAK_INT8)].enumerated() {
+                var r = try probe(kind, iters[i])
+                if r.seconds < seconds / 4 { // too short to time: scale to the target length
+                    iters[i] = Int(Double(iters[i]) * seconds / max(r.seconds, 1e-6))
+                    r = try probe(kind, iters[i])
+                }
+                best[i] = max(best[i], r.macs / r.seconds)
+            }
+        }
+        return PeakRates(isa: isa, fp32: best[0], int8: best[1])
     }
 
     /// One line for logs and provenance, e.g. "avx2 kernels (supported: ref, avx2), 2 threads".
