@@ -32,7 +32,8 @@ public struct EngineBenchmark {
             try p.copyValues(from: Tensor.uniform(p.shape, low: -0.3, high: 0.3, rng: &rng))
         }
         log("engine: YOLOv6-N-like RepVGG detector, 160 px, deploy form; \(Kernels.summary)")
-        if let peak = try Kernels.peakRates() { log("  " + peak.summary) } // what INT8 can gain over FP32 per multiply here
+        let peak = try Kernels.peakRates() // what INT8 can gain over FP32 per multiply here
+        if let peak { log("  " + peak.summary) }
         let peer = OnnxRuntimePeer.locate().flatMap { $0.isAvailable ? $0 : nil }
         if peer == nil { log("  onnxruntime: not available (run `make venv` from the repository root); ours only") }
         var summary: [String] = []
@@ -98,6 +99,11 @@ public struct EngineBenchmark {
                 fp32.profile = true
                 for _ in 0..<3 { _ = try fp32.run([x]) }
                 log("    FP32 graph, " + fp32.profileReport(top: 40).split(separator: "\n").map { "    " + $0 }.joined(separator: "\n").dropFirst(4))
+                if let peak {
+                    for (name, plan) in [("INT8 plan", int8), ("FP32 graph", fp32)] {
+                        if let line = plan.convRatesReport(against: peak) { log("    \(name): \(line)") }
+                    }
+                }
             }
             if CUDA.shared.isReady { // the same two plans on the GPU (issue #21)
                 let (gq, gf) = (try CUDAPlan(int8), try CUDAPlan(fp32))

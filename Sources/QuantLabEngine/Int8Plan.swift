@@ -831,11 +831,10 @@ public final class Int8Plan {
             guard case .int8Conv(let c, _, _) = steps[i], medians[i] > 0 else { return nil }
             return (c, c.lastOps / medians[i] / 1e9)
         }
-        /// A float conv's GFLOP/s: 2 x output elements x (input channels per group x kernel area).
+        /// A float conv's GFLOP/s (floatConvFLOPs over its median time).
         func floatRate(_ i: Int) -> Double? {
-            guard case .float(let n) = steps[i], case .conv = n.op, medians[i] > 0, let w = n.inputs.count > 1 ? n.inputs[1] : nil else { return nil }
-            let ws = graph.values[w].shape, outputs = graph.values[n.output].shape.reduce(1, *)
-            return 2 * Double(outputs) * Double(ws.dropFirst().reduce(1, *)) / medians[i] / 1e9
+            guard medians[i] > 0, let flops = floatConvFLOPs(steps[i]) else { return nil }
+            return flops / medians[i] / 1e9
         }
         func line(_ i: Int) -> String {
             let detail = rate(i).map { String(format: "  %@, %.0f GOPS", $0.0.routeSummary ?? "not run", $0.1) }
@@ -854,6 +853,53 @@ public final class Int8Plan {
             for (i, _) in slowestRates { lines.append(line(i)) }
         }
         return lines.joined(separator: "\n")
+    }
+
+    /// The convs' aggregate rates over the profiled runs (from each step's median time):
+    /// integer convs in operations per second (2 per multiply-add, of the work their kernels
+    /// do), float convs in FLOP/s of the direct convolution's count (2 x outputs x inputs per
+    /// output; Winograd does fewer multiplies, so its convs count above the hardware's rate).
+    /// Nil where the plan has no such conv or nothing was profiled. Read against
+    /// `Kernels.peakRates()` x threads: how close the convs run to what the CPU can issue.
+    public var convRates: (integer: Double?, float: Double?) {
+        let medians = stepMedians
+        var (iOps, iSec, fOps, fSec) = (0.0, 0.0, 0.0, 0.0)
+        for (s, median) in zip(steps, medians) where median > 0 { // no samples before `profile` is set
+            switch s {
+            case .int8Conv(let c, _, _):
+                iOps += c.lastOps
+                iSec += median
+            case .float:
+                guard let flops = floatConvFLOPs(s) else { continue }
+                fOps += flops
+                fSec += median
+            default: continue
+            }
+        }
+        return (iSec > 0 ? iOps / iSec : nil, fSec > 0 ? fOps / fSec : nil)
+    }
+
+    /// One line: `convRates` as a share of `peak` x the kernels' threads (integer convs against
+    /// the INT8 peak, float convs against the FP32 peak); nil before any profiled run.
+    public func convRatesReport(against peak: Kernels.PeakRates) -> String? {
+        let rates = convRates, cores = Double(Kernels.threads)
+        var parts: [String] = []
+        if let i = rates.integer {
+            parts.append(String(format: "integer convs %.0f GOPS, %.0f%% of the INT8 peak", i / 1e9, 100 * i / (2 * peak.int8 * cores)))
+        }
+        if let f = rates.float {
+            parts.append(String(format: "float convs %.0f GFLOP/s counted as direct convs, %.0f%% of the FP32 peak%@", f / 1e9,
+                                100 * f / (2 * peak.fp32 * cores), winogradUse.running > 0 ? " (Winograd's fewer multiplies count above it)" : ""))
+        }
+        return parts.isEmpty ? nil : "convs against this CPU's peak (\(Kernels.threads) threads x one core's \(peak.isa) peak): " + parts.joined(separator: "; ")
+    }
+
+    /// A float conv step's FLOPs as a direct convolution counts them: 2 x output elements x
+    /// (input channels per group x kernel area); nil for other steps.
+    private func floatConvFLOPs(_ s: PlanStep) -> Double? {
+        guard case .float(let n) = s, case .conv = n.op, let w = n.inputs.count > 1 ? n.inputs[1] : nil else { return nil }
+        let ws = graph.values[w].shape, outputs = graph.values[n.output].shape.reduce(1, *)
+        return 2 * Double(outputs) * Double(ws.dropFirst().reduce(1, *))
     }
 
     private func stepNode(_ i: Int) -> GraphNode? { if case .float(let n) = steps[i] { n } else { nil } }

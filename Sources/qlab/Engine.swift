@@ -160,6 +160,7 @@ struct EngineCommand: ParsableCommand {
             plan.profile = true
             for _ in 0..<runs { _ = try plan.run([x]) }
             print(plan.profileReport(top: plan.steps.count)) // every step: the slowest first
+            if let peak = try Kernels.peakRates(), let line = plan.convRatesReport(against: peak) { print(line) }
             plan.profile = false
         }
         return (x, median)

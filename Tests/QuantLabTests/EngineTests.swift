@@ -176,6 +176,46 @@ struct EngineInt8Tests {
         #expect(cosineSimilarity(try plan.run([positive])[0].values, withNoGrad { model(positive) }.values) > 0.999)
     }
 
+    @Test("profiling: every step timed on every profiled run; the report by kind; convRates = the convs' work over their median times, nil before")
+    func profiling() throws {
+        var rng = SeededGenerator(seed: 31)
+        let model = Sequential([Conv2d(3, 8, kernel: 3, rng: &rng), Lambda.relu(), Conv2d(8, 16, kernel: 3, stride: 2, rng: &rng), Lambda.relu()])
+        model.eval()
+        let x = Tensor.uniform([2, 3, 12, 12], low: 0, high: 1, rng: &rng)
+        func trace() throws -> Int8Plan { try Int8Plan(try Graph.trace(model, example: x) { [model($0)] }) }
+        func profiled(_ plan: Int8Plan) throws -> [Double] {
+            #expect(plan.convRates.integer == nil && plan.convRates.float == nil, "nothing profiled yet")
+            plan.profile = true
+            for _ in 0..<3 { _ = try plan.run([x]) }
+            #expect(plan.stepSamples.count == plan.steps.count && plan.stepSamples.allSatisfy { $0.count == 3 })
+            #expect(plan.profileReport().hasPrefix("time by kind of step"))
+            return plan.stepMedians
+        }
+        // FP32: the direct convs' count, 2 x outputs x (C x 3 x 3), over the convs' median times
+        let fp32 = try trace()
+        fp32.floatConvRoute = .conv2d
+        let fm = try profiled(fp32)
+        let convSteps = fp32.steps.indices.filter { if case .float(let n) = fp32.steps[$0], case .conv = n.op { true } else { false } }
+        #expect(convSteps.count == 2)
+        let flops: Double = 2 * 2304 * 27 + 2 * 1152 * 72 // outputs: 2 x 8 x 12 x 12 and 2 x 16 x 6 x 6
+        let convSeconds: Double = convSteps.map { fm[$0] }.reduce(0, +)
+        let wantFloat = flops / convSeconds, gotFloat = try #require(fp32.convRates.float)
+        #expect(fp32.convRates.integer == nil && abs(gotFloat - wantFloat) <= 1e-9 * wantFloat)
+        // INT8: the integer convs' operations (the second: 2 x 72 pixels x depth 72 x 16 channels)
+        let sim = try QuantizationSimulator(model)
+        defer { sim.remove() }
+        sim.calibrate(on: [x]) { _ = model($0) }
+        try sim.applyCalibration(.max)
+        let int8 = try trace()
+        let im = try profiled(int8)
+        let convs = int8.steps.indices.compactMap { i -> (Int8Conv, Double)? in if case .int8Conv(let c, _, _) = int8.steps[i] { (c, im[i]) } else { nil } }
+        let secondOps: Double = 2 * 72 * 72 * 16
+        #expect(convs.count == 2 && convs[1].0.lastOps == secondOps)
+        let ops: Double = convs.map(\.0.lastOps).reduce(0, +), seconds: Double = convs.map(\.1).reduce(0, +)
+        let wantInteger = ops / seconds, gotInteger = try #require(int8.convRates.integer)
+        #expect(int8.convRates.float == nil && abs(gotInteger - wantInteger) <= 1e-9 * wantInteger)
+    }
+
     @Test("the detector: every conv fuses; Reformat steps are counted; layer by layer within one code of the simulator; outputs close end to end")
     func detector() throws {
         var rng = SeededGenerator(seed: 24)
