@@ -103,7 +103,8 @@ final class WinogradConv {
     private func forward(_ x: Tensor, inputPadded: Bool, bias: Tensor?, activation: ConvActivation, outputPadding: (Int, Int)?) throws -> Tensor {
         let (ph, pw) = options.padding, k = weight.shape[0]
         guard x.rank == 4, x.device == .cpu else { throw EngineError("Winograd conv: input \(x.shape) must be a 4-D CPU tensor") }
-        let logical = inputPadded ? [x.shape[0], x.shape[3], x.shape[1] - 2 * ph, x.shape[2] - 2 * pw] : x.shape
+        let layouts = ConvLayouts(input: x.shape, inputPadded: inputPadded, padding: options.padding, outputPadding: outputPadding)
+        let logical = layouts.logicalInput
         guard logical[1] == weight.shape[1], bias.map({ $0.count == k }) ?? true else {
             throw EngineError("Winograd conv: input \(logical) and bias \(bias?.shape ?? []) do not fit the weight \(weight.shape)")
         }
@@ -111,11 +112,9 @@ final class WinogradConv {
                              SH: 1, SW: 1, PH: Int32(ph), PW: Int32(pw), DH: 1, DW: 1, groups: 1)
         var oh: Int32 = 0, ow: Int32 = 0
         guard ql_conv_out_size(&g, &oh, &ow) == 0 else { throw EngineError("Winograd conv: input \(logical) does not fit the conv") }
-        let (qh, qw) = outputPadding ?? (0, 0)
-        let out = Tensor(uninitialized: outputPadding == nil ? [logical[0], k, Int(oh), Int(ow)] : [logical[0], Int(oh) + 2 * qh, Int(ow) + 2 * qw, k])
-        let xl = ql_layout(nhwc: inputPadded ? 1 : 0, ph: inputPadded ? Int32(ph) : 0, pw: inputPadded ? Int32(pw) : 0)
-        let yl = ql_layout(nhwc: outputPadding == nil ? 0 : 1, ph: Int32(qh), pw: Int32(qw))
-        let status = ql_winograd_f23_fwd_layout(QL_ISA_BEST, out.data, yl, x.data, xl, try packedWeights(), bias?.data, &g, activation.rawValue)
+        let out = Tensor(uninitialized: layouts.outputShape(channels: k, height: Int(oh), width: Int(ow)))
+        let status = ql_winograd_f23_fwd_layout(QL_ISA_BEST, out.data, layouts.output, x.data, layouts.input, try packedWeights(), bias?.data,
+                                                &g, activation.rawValue)
         guard status == 0 else { throw EngineError("Winograd conv failed (status \(status)) for input \(x.shape)") }
         return out
     }

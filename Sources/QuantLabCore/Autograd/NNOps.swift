@@ -177,17 +177,11 @@ public final class PackedConv2dWeights {
             return activation.apply(conv2d(x, weight: weight, bias: bias, options: options))
         }
         require(nchw || (x.rank == 4 && x.device == .cpu), "conv2d (NHWC): input \(x.shape) must be a 4-D CPU tensor")
-        let (ph, pw) = (options.padding.0, options.padding.1)
-        let logical = inputPadded ? [x.shape[0], x.shape[3], x.shape[1] - 2 * ph, x.shape[2] - 2 * pw] : x.shape
-        var (g, oh, ow) = checkedConvGeometry(input: logical, weight, bias, options)
-        let (qh, qw) = outputPadding ?? (0, 0)
-        require(qh >= 0 && qw >= 0, "conv2d (NHWC): negative output padding \((qh, qw))")
-        let shape = outputPadding == nil ? [logical[0], weight.shape[0], Int(oh), Int(ow)]
-            : [logical[0], Int(oh) + 2 * qh, Int(ow) + 2 * qw, weight.shape[0]]
-        let out = Tensor(uninitialized: shape)
-        let xl = ql_layout(nhwc: inputPadded ? 1 : 0, ph: inputPadded ? Int32(ph) : 0, pw: inputPadded ? Int32(pw) : 0)
-        let yl = ql_layout(nhwc: outputPadding == nil ? 0 : 1, ph: Int32(qh), pw: Int32(qw))
-        check(ql_conv2d_fwd_prepacked_layout(out.data, yl, x.data, xl, weight.data, packed, level, bias?.data, &g, activation.rawValue), "conv2d")
+        let layouts = ConvLayouts(input: x.shape, inputPadded: inputPadded, padding: options.padding, outputPadding: outputPadding)
+        var (g, oh, ow) = checkedConvGeometry(input: layouts.logicalInput, weight, bias, options)
+        if let (qh, qw) = outputPadding { require(qh >= 0 && qw >= 0, "conv2d (NHWC): negative output padding \((qh, qw))") }
+        let out = Tensor(uninitialized: layouts.outputShape(channels: weight.shape[0], height: Int(oh), width: Int(ow)))
+        check(ql_conv2d_fwd_prepacked_layout(out.data, layouts.output, x.data, layouts.input, weight.data, packed, level, bias?.data, &g, activation.rawValue), "conv2d")
         if nchw && activation == .none { traceOp(.conv(options), [x, weight, bias], out) }
         return out
     }
@@ -200,6 +194,31 @@ public final class PackedConv2dWeights {
         guard input.count == 4, weight.device == .cpu else { return false }
         var g = geometry(input: input, weight: weight.shape, options)
         return ql_conv2d_fwd_direct(&g) != 0
+    }
+}
+
+/// The shapes and C layouts of a conv forward that reads NCHW, or NHWC with the conv's own
+/// padding as a zero border, and writes NCHW, or NHWC with a zero border of `outputPadding`
+/// (the layouts a chain of convs passes between its convs). Arithmetic only: the callers check
+/// what they must (the packed conv traps, the engine's Winograd conv throws).
+public struct ConvLayouts {
+    /// The input as NCHW: [N, C, H, W] without the border.
+    public let logicalInput: [Int]
+    public let input: ql_layout, output: ql_layout
+    let outputPadding: (Int, Int)?
+
+    public init(input shape: [Int], inputPadded: Bool, padding: (Int, Int), outputPadding: (Int, Int)?) {
+        let (ph, pw) = padding
+        logicalInput = inputPadded ? [shape[0], shape[3], shape[1] - 2 * ph, shape[2] - 2 * pw] : shape
+        input = ql_layout(nhwc: inputPadded ? 1 : 0, ph: inputPadded ? Int32(ph) : 0, pw: inputPadded ? Int32(pw) : 0)
+        output = ql_layout(nhwc: outputPadding == nil ? 0 : 1, ph: Int32(outputPadding?.0 ?? 0), pw: Int32(outputPadding?.1 ?? 0))
+        self.outputPadding = outputPadding
+    }
+
+    /// The output tensor's shape for `channels` output channels on a height x width map.
+    public func outputShape(channels: Int, height: Int, width: Int) -> [Int] {
+        guard let (qh, qw) = outputPadding else { return [logicalInput[0], channels, height, width] }
+        return [logicalInput[0], height + 2 * qh, width + 2 * qw, channels]
     }
 }
 
