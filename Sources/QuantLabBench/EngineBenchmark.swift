@@ -31,7 +31,7 @@ public struct EngineBenchmark {
         for (name, p) in model.namedParameters() where name.hasPrefix("detect.cls_preds") || name.hasPrefix("detect.reg_preds") {
             try p.copyValues(from: Tensor.uniform(p.shape, low: -0.3, high: 0.3, rng: &rng))
         }
-        log("engine: YOLOv6-N-like RepVGG detector, 160 px, deploy form; \(Kernels.summary)")
+        log("engine: YOLOv6-N-like RepVGG detector, 160 px, deploy form; \(Kernels.cpuName); \(Kernels.summary)")
         let peak = try Kernels.peakRates() // what INT8 can gain over FP32 per multiply here
         if let peak { log("  " + peak.summary) }
         let peer = OnnxRuntimePeer.locate().flatMap { $0.isAvailable ? $0 : nil }

@@ -190,7 +190,7 @@ public struct KernelBenchmarks {
     /// Runs everything and returns the summary lines (`name: ratio` per target).
     public func run() -> [String] {
         let threads = Int(ql_get_num_threads())
-        log("cpu: \(String(cString: ql_isa_name(QL_ISA_BEST))) kernels, \(threads) threads")
+        log("cpu: \(Kernels.cpuName); \(String(cString: ql_isa_name(QL_ISA_BEST))) kernels, \(threads) threads")
         var summary: [String] = []
         if let peak = try? Kernels.peakRates() { // the ceiling the INT8 / FP32 ratios below are read against
             log("  " + peak.summary)

@@ -139,6 +139,8 @@ public struct TrainingBenchmark {
 
     /// What one run measured.
     public struct Report: Codable, Sendable {
+        /// `Kernels.cpuName` (absent from reports written before it was recorded).
+        public var cpu: String?
         public var isa: String
         public var threads: Int
         public var block: String
@@ -301,7 +303,7 @@ public struct TrainingBenchmark {
             ProfileRow(op: $0["op"] as? String ?? "?", selfSeconds: $0["selfSeconds"] as? Double ?? 0, calls: $0["calls"] as? Int ?? 0)
         }
         let formatter = ISO8601DateFormatter()
-        return Report(isa: Kernels.isa.description, threads: Kernels.threads, block: config.block.rawValue, batch: batch, inputSize: inputSize,
+        return Report(cpu: Kernels.cpuName, isa: Kernels.isa.description, threads: Kernels.threads, block: config.block.rawValue, batch: batch, inputSize: inputSize,
                       parameters: parameters, rounds: rounds, ours: ours, torch: torch,
                       torchVersion: obj["torch"] as? String ?? "?", torchCPUCapability: obj["cpu_capability"] as? String ?? "?",
                       check: checks, worstGradient: worst, torchProfile: profile,
@@ -319,7 +321,7 @@ public struct TrainingBenchmark {
         func ips(_ s: [Double]) -> Double { Double(r.batch) / Report.median(s) }
         let oursTrain = ips(r.ours.trainSeconds), oursInfer = ips(r.ours.inferenceSeconds)
         return [
-            "\(r.isa) kernels, \(r.threads) threads; PyTorch \(r.torchVersion) (\(r.torchCPUCapability)); \(r.block) detector, \(r.parameters) parameters, batch \(r.batch), \(r.inputSize) px",
+            "\(r.cpu.map { "\($0); " } ?? "")\(r.isa) kernels, \(r.threads) threads; PyTorch \(r.torchVersion) (\(r.torchCPUCapability)); \(r.block) detector, \(r.parameters) parameters, batch \(r.batch), \(r.inputSize) px",
             String(format: "training step: ours %.1f img/s, PyTorch %.1f img/s: %.2fx PyTorch", oursTrain, ips(r.torch.trainSeconds), r.trainRatio),
             String(format: "inference (deploy form): ours %.1f img/s, PyTorch %.1f img/s: %.2fx PyTorch", oursInfer, ips(r.torch.inferenceSeconds), r.inferenceRatio),
             String(format: "loss with assigner, per batch: ours %.1f ms, PyTorch %.1f ms", 1e3 * Report.median(r.ourLossSeconds), 1e3 * Report.median(r.torchLossSeconds)),

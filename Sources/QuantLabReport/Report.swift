@@ -33,8 +33,6 @@ public struct Provenance: Codable, Sendable {
             return p.terminationStatus == 0 ? String(decoding: data, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines) : nil
         }
         func run(_ args: [String]) -> String { output(args).flatMap { $0.isEmpty ? nil : $0 } ?? "unknown" }
-        let cpuInfo = (try? String(contentsOfFile: "/proc/cpuinfo", encoding: .utf8)) ?? ""
-        let model = cpuInfo.split(separator: "\n").first { $0.hasPrefix("model name") }.map { String($0.split(separator: ":").last ?? "").trimmingCharacters(in: .whitespaces) } ?? "unknown"
         let formatter = ISO8601DateFormatter()
         // "-dirty" when tracked files other than results/ differ from the commit: the results
         // an earlier experiment of the same session just wrote do not make the code dirty.
@@ -43,7 +41,7 @@ public struct Provenance: Codable, Sendable {
         if describe != "unknown", let changedFiles, !changedFiles.isEmpty { describe += "-dirty" }
         return Provenance(gitDescribe: describe, date: formatter.string(from: Date()),
                           swiftVersion: run(["swift", "--version"]).split(separator: "\n").first.map(String.init) ?? "unknown",
-                          cpu: "\(model), \(ProcessInfo.processInfo.activeProcessorCount) cores",
+                          cpu: "\(Kernels.cpuName), \(ProcessInfo.processInfo.activeProcessorCount) cores",
                           kernels: Kernels.isa.description, threads: Kernels.threads,
                           seeds: [:], config: [:], wallSeconds: 0)
     }

@@ -21,6 +21,7 @@ struct Info: ParsableCommand {
     static let configuration = CommandConfiguration(abstract: "Show the CPU kernel level and thread count in use.")
 
     func run() {
+        print("cpu: \(Kernels.cpuName), \(ProcessInfo.processInfo.activeProcessorCount) cores")
         let levels = Kernels.ISA.allCases.map { "\($0)=\($0.isSupported ? "yes" : "no")" }
         print("kernels: \(Kernels.isa) (supported: \(levels.joined(separator: ", ")); QL_ISA to cap)")
         print("threads: \(Kernels.threads) (QL_NUM_THREADS to change)")

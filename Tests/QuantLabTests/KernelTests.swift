@@ -47,6 +47,23 @@ struct KernelTests {
         #expect(try Kernels.peakRates(isa: .reference) == nil)
     }
 
+    /// What results record as the machine: the OS's CPU name with its x86 family and model
+    /// (a VM's "AMD EPYC" is Zen 1 or Zen 3 only by those), read from the same /proc/cpuinfo.
+    @Test("the CPU's name carries the first processor's family and model")
+    func cpuName() throws {
+        guard let info = try? String(contentsOfFile: "/proc/cpuinfo", encoding: .utf8) else {
+            #expect(Kernels.cpuName == "unknown")
+            return
+        }
+        let lines = info.split(separator: "\n").map { $0.split(separator: ":", maxSplits: 1).map { $0.trimmingCharacters(in: .whitespaces) } }
+        func first(_ key: String) -> String? { lines.first { $0.count == 2 && $0[0] == key }?[1] }
+        if let name = first("model name"), let family = first("cpu family"), let model = first("model") {
+            #expect(Kernels.cpuName == "\(name) (family \(family) model \(model))")
+        } else {
+            #expect(!Kernels.cpuName.isEmpty)
+        }
+    }
+
     static let awkward = [1, 7, 17, 63, 129]
 
     @Test("SGEMM: every ISA, transpose, alpha/beta and padded leading dims", arguments: [0, 1, 2, 3])

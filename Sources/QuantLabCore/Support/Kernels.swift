@@ -1,5 +1,6 @@
 import CKernels
 import Dispatch
+import Foundation
 
 /// The C kernels' run-time settings, for code above the layers that call kernels.
 ///
@@ -85,6 +86,26 @@ public enum Kernels {
         }
         return PeakRates(isa: isa, fp32: best[0], int8: best[1])
     }
+
+    /// The CPU as the OS names it, with its x86 family and model, which tell generations apart
+    /// where the name does not (a cloud VM's "AMD EPYC" is Zen 1 at family 23 model 1, Zen 2 at
+    /// family 23 model 49, Zen 3 at family 25): e.g. "AMD EPYC (family 23 model 1)". From
+    /// /proc/cpuinfo; "unknown" where there is none. Speed figures compare only on the same one.
+    public static let cpuName: String = {
+        guard let info = try? String(contentsOfFile: "/proc/cpuinfo", encoding: .utf8) else { return "unknown" }
+        func field(_ key: String) -> String? {
+            for line in info.split(separator: "\n") { // the first processor's lines come first
+                let parts = line.split(separator: ":", maxSplits: 1)
+                if parts.count == 2, parts[0].trimmingCharacters(in: .whitespaces) == key {
+                    return parts[1].trimmingCharacters(in: .whitespaces)
+                }
+            }
+            return nil
+        }
+        let name = field("model name") ?? "unknown"
+        guard let family = field("cpu family"), let model = field("model") else { return name }
+        return "\(name) (family \(family) model \(model))"
+    }()
 
     /// One line for logs and provenance, e.g. "avx2 kernels (supported: ref, avx2), 2 threads".
     public static var summary: String {
