@@ -334,6 +334,25 @@ final class BoundedQueue<T>: @unchecked Sendable {
     }
 }
 
+/// The decode floor of a CPU pipeline on libjpeg-turbo: seconds per image (the best of
+/// `passes` passes over `files` on the calling thread) to decode at 1/8 of the size, where every
+/// block's Huffman codes are still read but each inverse DCT is one value and the image left to
+/// convert is 1/64 of the pixels. Entropy decoding is serial within a JPEG without restart
+/// markers, and no scale reads fewer codes, so no pipeline decodes these files for less per
+/// image on this core: it bounds what any fused pipeline can gain over a full decode. Files
+/// that fail to decode are skipped (nil when none decodes).
+public func jpegDecodeFloor(files: [(name: String, data: Data)], passes: Int = 2) -> Double? {
+    var best = Double.infinity
+    for _ in 0..<max(passes, 1) {
+        var decoded = 0
+        let start = DispatchTime.now().uptimeNanoseconds
+        for f in files where (try? JPEG.withDecoded(f.data, source: f.name, scaleDenominator: 8) { _, _, _ in }) != nil { decoded += 1 }
+        let seconds = Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9
+        if decoded > 0 { best = min(best, seconds / Double(decoded)) }
+    }
+    return best.isFinite ? best : nil
+}
+
 /// The JPEG files (.jpg, .jpeg) directly in `folder`, sorted by name, read into memory.
 public func readServingImages(_ folder: URL, limit: Int? = nil) throws -> [(name: String, data: Data)] {
     let names: [String]

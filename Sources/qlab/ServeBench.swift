@@ -58,12 +58,22 @@ struct ServeBench: ParsableCommand {
         let pipelines: [ServingPreprocessor.Pipeline] = pipeline == "both" ? [.baseline, .fused] : [ServingPreprocessor.Pipeline(rawValue: pipeline)!]
 
         print("\n== preprocessing alone, \(workers) worker(s)")
+        var perImage: [ServingPreprocessor.Pipeline: (decode: Double, transform: Double)] = [:]
         for p in pipelines {
             var c = ServingConfig()
             (c.workers, c.instances, c.images, c.codesIn) = (workers, 0, count, codesIn && p == .fused)
             let r = try serve(files: files, preprocessor: ServingPreprocessor(p, size: size), instances: [], config: c)
+            perImage[p] = (r.msPerImage.decode, r.msPerImage.transform)
             print(String(format: "%@%@: %.1f img/s (decode %.2f ms + transform %.2f ms per image)%@", p.rawValue, c.codesIn ? " (int8 codes)" : "",
                          r.imagesPerSecond, r.msPerImage.decode, r.msPerImage.transform, r.failed > 0 ? ", \(r.failed) failed" : ""))
+        }
+        if let floor = jpegDecodeFloor(files: Array(files.prefix(count))).map({ 1000 * $0 }) {
+            var line = String(format: "decode floor: %.2f ms per image at 1/8 scale (every Huffman code read, 1x1 inverse DCTs; one core)", floor)
+            if let b = perImage[.baseline], let f = perImage[.fused] {
+                line += String(format: ": no pipeline on libjpeg-turbo beats %.2fx the baseline's per-image time (fused now %.2fx)",
+                               (b.decode + b.transform) / (floor + f.transform), (b.decode + b.transform) / (f.decode + f.transform))
+            }
+            print(line)
         }
         if opencv {
             guard let peer = OpenCVPeer.locate(), peer.isAvailable else { throw ValidationError("--opencv: no Python with cv2 (make venv installs it)") }

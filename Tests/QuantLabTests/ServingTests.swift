@@ -148,6 +148,19 @@ struct ServingTests {
         #expect(throws: EngineError.self) { try serve(files: files, preprocessor: ServingPreprocessor(.fused, size: 96), instances: instances, config: config) }
     }
 
+    /// The floor decodes the files that decode, at 1/8, skips the corrupt ones, and has
+    /// nothing to report when none decodes (its speed is `qlab serve-bench`'s to report, not a
+    /// test's).
+    @Test("the JPEG decode floor: 1/8-scale decodes of the files that decode; nil when none decodes")
+    func decodeFloor() throws {
+        let good = try (0..<4).map { ("\($0).jpg", try servingJPEG(index: $0)) }
+        let corrupt = [("garbage.jpg", Data("not a jpeg".utf8)), ("truncated.jpg", good[0].1.prefix(good[0].1.count / 2))]
+        let floor = try #require(jpegDecodeFloor(files: good + corrupt, passes: 2))
+        #expect(floor > 0 && floor.isFinite)
+        #expect(jpegDecodeFloor(files: corrupt) == nil)
+        #expect(try JPEG.decode(good[1].1, source: "1.jpg", scaleDenominator: 8).width == 40, "320 px at 1/8")
+    }
+
     @Test("the bounded queue hands out items in order, at most n at a time, and drains after close")
     func queue() {
         let q = BoundedQueue<Int>(capacity: 3)
