@@ -46,7 +46,7 @@ public enum Kernels {
         /// Multiply-adds per second on one core.
         public var fp32: Double, int8: Double
         public var int8OverFP32: Double { int8 / fp32 }
-        /// e.g. "avx2 peak per core: FP32 21.5 GMAC/s (vfmadd231ps), INT8 20.6 GMAC/s (...): INT8 / FP32 0.96x".
+        /// e.g. "avx2 peak per core: FP32 21.5 GMAC/s (vfmadd231ps), INT8 19.9 GMAC/s (vpmaddubsw + vpmaddwd): INT8 / FP32 at most 0.93x per multiply".
         public var summary: String {
             let int8Instr = isa == .avx512 ? "vpdpbusd" : "vpmaddubsw + vpmaddwd"
             return String(format: "%@ peak per core: FP32 %.1f GMAC/s (vfmadd231ps), INT8 %.1f GMAC/s (%@): INT8 / FP32 at most %.2fx per multiply",
