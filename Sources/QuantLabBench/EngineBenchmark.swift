@@ -97,8 +97,15 @@ public struct EngineBenchmark {
                 for _ in 0..<3 { _ = try int8.run([x]) }
                 log(int8.profileReport(top: 12).split(separator: "\n").map { "    " + $0 }.joined(separator: "\n"))
                 fp32.profile = true
-                for _ in 0..<3 { _ = try fp32.run([x]) }
+                for _ in 0..<(b == 1 ? 30 : 3) { _ = try fp32.run([x]) }
                 log("    FP32 graph, " + fp32.profileReport(top: 40).split(separator: "\n").map { "    " + $0 }.joined(separator: "\n").dropFirst(4))
+                if let peer, !peerRounds.isEmpty { // where the FP32 gap to onnxruntime comes from
+                    let profiled = try peer.run(graph: fp32.graph, input: x, runs: 1, profileRuns: b == 1 ? 30 : 3)
+                    let comparison = LayerComparison(plan: fp32, peer: profiled.layerSeconds)
+                    let report = comparison.report(peerName: "onnxruntime", top: quick ? 4 : 10,
+                                                   unprofiled: (median(tf), median(peerRounds.map(\.fp32.medianSeconds))))
+                    log("    FP32 graph " + report.split(separator: "\n").map { "    " + $0 }.joined(separator: "\n").dropFirst(4))
+                }
                 if let peak {
                     for (name, plan) in [("INT8 plan", int8), ("FP32 graph", fp32)] {
                         if let line = plan.convRatesReport(against: peak) { log("    \(name): \(line)") }

@@ -11,12 +11,12 @@ public func bestSeconds(minRoundSeconds: Double = 0.15, rounds: Int = 5, _ body:
     var best = Double.infinity
     for _ in 0..<rounds {
         var reps = 0
-        let start = DispatchTime.now().uptimeNanoseconds
+        let clock = Stopwatch()
         var elapsed = 0.0
         repeat {
             body()
             reps += 1
-            elapsed = Double(DispatchTime.now().uptimeNanoseconds - start) * 1e-9
+            elapsed = clock.seconds
         } while elapsed < minRoundSeconds
         best = min(best, elapsed / Double(reps))
     }

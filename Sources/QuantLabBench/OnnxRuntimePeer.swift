@@ -14,6 +14,10 @@ public struct OnnxRuntimePeer: Sendable {
         /// Node types of onnxruntime's optimized graph and their counts (QLinearConv: Q/DQ
         /// convs it fused into integer ones).
         public var optimizedOps: [String: Int]
+        /// With `profileRuns` > 0: each layer's median seconds per run under onnxruntime's
+        /// profiler, keyed by the name of the model's node it belongs to (a conv fused with its
+        /// activation counts as the conv; scripts/ort_run.py's `layer_of`); else empty.
+        public var layerSeconds: [String: Double] = [:]
     }
 
     public var python: String
@@ -29,11 +33,11 @@ public struct OnnxRuntimePeer: Sendable {
     public var isAvailable: Bool { ProjectPython(python).canImport("onnxruntime, numpy") }
 
     /// Exports `graph` to ONNX and runs it: see `run(model:...)`.
-    public func run(graph: Graph, input: Tensor, runs: Int = 20, threads: Int = Kernels.threads, quantizeFirst: Bool = false) throws -> Result {
+    public func run(graph: Graph, input: Tensor, runs: Int = 20, threads: Int = Kernels.threads, quantizeFirst: Bool = false, profileRuns: Int = 0) throws -> Result {
         try withScratchFolder { dir in
             let model = dir.appendingPathComponent("model.onnx")
             try ONNXExport.write(graph, to: model)
-            return try run(model: model, input: input, runs: runs, threads: threads, quantizeFirst: quantizeFirst)
+            return try run(model: model, input: input, runs: runs, threads: threads, quantizeFirst: quantizeFirst, profileRuns: profileRuns)
         }
     }
 
@@ -46,16 +50,21 @@ public struct OnnxRuntimePeer: Sendable {
 
     /// Runs `model` on `input`. `quantizeFirst`: the model is FP32, and onnxruntime first
     /// quantizes it its own way (quantize_static, QDQ, u8 activations, s8 per-channel weights).
-    public func run(model: URL, input: Tensor, runs: Int = 20, threads: Int = Kernels.threads, quantizeFirst: Bool = false) throws -> Result {
-        try withScratchFolder { dir in try run(model: model, input: input, runs: runs, threads: threads, quantizeFirst: quantizeFirst, in: dir) }
+    /// `profileRuns` > 0: after the timed runs, that many more with onnxruntime's profiler on,
+    /// for `Result.layerSeconds` (the timed runs stay unprofiled).
+    public func run(model: URL, input: Tensor, runs: Int = 20, threads: Int = Kernels.threads, quantizeFirst: Bool = false, profileRuns: Int = 0) throws -> Result {
+        try withScratchFolder { dir in
+            try run(model: model, input: input, runs: runs, threads: threads, quantizeFirst: quantizeFirst, profileRuns: profileRuns, in: dir)
+        }
     }
 
-    func run(model: URL, input: Tensor, runs: Int, threads: Int, quantizeFirst: Bool, in dir: URL) throws -> Result {
+    func run(model: URL, input: Tensor, runs: Int, threads: Int, quantizeFirst: Bool, profileRuns: Int = 0, in dir: URL) throws -> Result {
         let inputURL = dir.appendingPathComponent("input.bin")
         try input.values.withUnsafeBufferPointer { try Data(buffer: $0).write(to: inputURL) }
         var arguments = [script, model.path, inputURL.path, input.shape.map(String.init).joined(separator: ",")]
         arguments += [dir.path, String(runs), String(threads)]
         if quantizeFirst { arguments.append("quantize") }
+        if profileRuns > 0 { arguments.append("profile=\(profileRuns)") }
         let run: (output: Data, errors: String, status: Int32)
         do { run = try ProjectPython(python).run(arguments) } catch {
             throw EngineError("onnxruntime: cannot run \(python) (\(error.localizedDescription)); `make venv` installs it")
@@ -74,8 +83,10 @@ public struct OnnxRuntimePeer: Sendable {
             guard values.count == shape.reduce(1, *) else { throw EngineError("onnxruntime output \(i): \(values.count) values for shape \(shape)") }
             tensors.append(try Tensor(shape: shape, values: values))
         }
+        let layers = obj["layer_seconds"] as? [String: Double] ?? [:]
+        if profileRuns > 0, layers.isEmpty { throw EngineError("onnxruntime on \(model.lastPathComponent): profiled, but no layer timings came back") }
         return Result(outputs: tensors, medianSeconds: median, version: obj["version"] as? String ?? "?",
-                      optimizedOps: obj["optimized_ops"] as? [String: Int] ?? [:])
+                      optimizedOps: obj["optimized_ops"] as? [String: Int] ?? [:], layerSeconds: layers)
     }
 }
 

@@ -94,9 +94,9 @@ public struct TrainingBenchmark {
     public static func time(warmup: Int, steps: Int, _ body: () -> Void) -> [Double] {
         for _ in 0..<warmup { body() }
         return (0..<steps).map { _ in
-            let start = DispatchTime.now().uptimeNanoseconds
+            let clock = Stopwatch()
             body()
-            return Double(DispatchTime.now().uptimeNanoseconds - start) * 1e-9
+            return clock.seconds
         }
     }
 

@@ -784,8 +784,11 @@ public final class Int8Plan {
     public var stepSeconds: [Double] { stepSamples.map { $0.reduce(0, +) } }
     /// Time each step of the following runs (a clock read per step).
     public var profile = false {
-        didSet { stepSamples = Array(repeating: [], count: steps.count) }
+        didSet { (stepSamples, outsideStepsSamples) = (Array(repeating: [], count: steps.count), []) }
     }
+    /// Every profiled run's time outside its steps: the run's wall time less its steps' times
+    /// (binding the inputs, the executor's bookkeeping between steps, collecting the outputs).
+    public private(set) var outsideStepsSamples: [Double] = []
 
     /// Each step's median time over the profiled runs (robust to a run that the OS interrupted).
     public var stepMedians: [Double] {
@@ -825,6 +828,11 @@ public final class Int8Plan {
         let reformat = zip(steps, stepSeconds).filter { kind($0.0).hasPrefix("Reformat") }
         lines.append(String(format: "Reformat steps: %d of %d (%.1f%% by count), %.1f%% of the time", reformat.count, steps.count,
                             100 * Double(reformat.count) / Double(max(steps.count, 1)), 100 * reformat.reduce(0) { $0 + $1.1 } / total))
+        if !outsideStepsSamples.isEmpty {
+            let outside = outsideStepsSamples.sorted()[outsideStepsSamples.count / 2]
+            lines.append(String(format: "outside the steps (inputs bound, bookkeeping between steps, outputs collected): %.1f us per run (median), %.1f%% of the steps' median sum",
+                                1e6 * outside, 100 * outside / max(stepMedians.reduce(0, +), 1e-12)))
+        }
         lines.append("slowest steps (share of the time, median time of a run; convs: route and rate, from the median):")
         let medians = stepMedians
         func rate(_ i: Int) -> (Int8Conv, Double)? {
@@ -904,6 +912,26 @@ public final class Int8Plan {
 
     private func stepNode(_ i: Int) -> GraphNode? { if case .float(let n) = steps[i] { n } else { nil } }
 
+    /// Step `i`'s layer: the name of the graph node it computes (a fused conv's is the conv's;
+    /// an ONNX export names its nodes the same, so another engine's per-node timings of the
+    /// exported file line up with these steps), whether it is a conv or a matrix product, and
+    /// the route its kernel took ("Winograd", "conv2d", "direct", ...; nil before a run or for
+    /// a step without a choice).
+    public func stepLayer(_ i: Int) -> (name: String, isProduct: Bool, route: String?) {
+        switch steps[i] {
+        case .float(let n):
+            switch n.op {
+            case .conv: return (n.name, true, winogradConvs[n.output]?.ranWinograd.map { $0 ? "Winograd" : "conv2d" })
+            case .convTranspose, .linear, .matmul: return (n.name, true, nil)
+            default: return (n.name, false, nil)
+            }
+        case .quantize(_, _, _, let name), .requantize(_, _, _, _, let name), .dequantize(_, _, let name): return (name, false, nil)
+        case .int8Conv(let c, _, _): return (c.name, true, c.route.map { $0.hasPrefix("direct") ? "direct" : $0 })
+        case .int8Op(let n, _, _, _): return (n.name, false, nil)
+        case .int8Gemm(let g, _, _): return (g.name, true, nil)
+        }
+    }
+
     private func name(of s: PlanStep) -> String {
         switch s {
         case .float(let n): return "\(n.name) (\(n.op.name))"
@@ -922,6 +950,8 @@ public final class Int8Plan {
         var q8: [Int: QTensor] = [:]
         var nhwc: [Int: Tensor] = [:] // float values in a conv chain's layout (nhwcOutputs)
         var first = 0
+        let runClock: Stopwatch? = profile ? Stopwatch() : nil
+        var inSteps = 0.0 // this run's step times, when profiled
         if let inputCodes {
             guard let (slot, amax) = inputQuantizer else { throw EngineError("the plan does not start by quantizing its one input: it takes floats") }
             let shape = graph.values[graph.inputs[0]].shape
@@ -944,8 +974,13 @@ public final class Int8Plan {
         }
         try withNoGrad {
             for (index, step) in steps.enumerated() where index >= first {
-                let start = profile ? DispatchTime.now().uptimeNanoseconds : 0
-                defer { if profile { stepSamples[index].append(Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9) } }
+                let stepClock: Stopwatch? = profile ? Stopwatch() : nil
+                defer {
+                    if let t = stepClock?.seconds {
+                        stepSamples[index].append(t)
+                        inSteps += t
+                    }
+                }
                 switch step {
                 case .float(let n):
                     if let packed = packedConvs[n.output], let xid = n.inputs.first ?? nil {
@@ -1006,7 +1041,9 @@ public final class Int8Plan {
                 }
             }
         }
-        return (try graph.outputs.map { try floatValue($0, for: "output") }, q8)
+        let outputs = try graph.outputs.map { try floatValue($0, for: "output") }
+        if let run = runClock?.seconds { outsideStepsSamples.append(max(0, run - inSteps)) }
+        return (outputs, q8)
     }
 }
 

@@ -23,9 +23,9 @@ public func timeInterleaved(_ plans: [Int8Plan], input: Tensor, runs: Int, warmu
     var times = [[Double]](repeating: [], count: plans.count)
     for _ in 0..<runs {
         for (i, p) in plans.enumerated() {
-            let t0 = DispatchTime.now().uptimeNanoseconds
+            let clock = Stopwatch()
             _ = try p.run([input])
-            times[i].append(Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e9)
+            times[i].append(clock.seconds)
         }
     }
     func median(_ v: ArraySlice<Double>) -> Double { let s = v.sorted(); return s[s.count / 2] }
@@ -43,9 +43,9 @@ func medianWallTime(runs: Int, _ body: () throws -> Void) rethrows -> Double {
     for _ in 0..<3 { try body() }
     var times: [Double] = []
     for _ in 0..<max(runs, 1) {
-        let t0 = DispatchTime.now().uptimeNanoseconds
+        let clock = Stopwatch()
         try body()
-        times.append(Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e9)
+        times.append(clock.seconds)
     }
     return times.sorted()[times.count / 2]
 }
@@ -80,16 +80,15 @@ struct TimedChoice {
     mutating func time(at shape: [Int], first: () throws -> Bool, second: () throws -> Void) rethrows -> Bool {
         var best = (first: Double.infinity, second: Double.infinity)
         for _ in 0..<3 {
-            let t0 = DispatchTime.now().uptimeNanoseconds
+            var clock = Stopwatch()
             guard try first() else {
                 firstKept[shape] = false
                 try second()
                 return false
             }
-            let t1 = DispatchTime.now().uptimeNanoseconds
+            let firstSeconds = clock.lap()
             try second()
-            let t2 = DispatchTime.now().uptimeNanoseconds
-            best = (min(best.first, Double(t1 - t0) / 1e9), min(best.second, Double(t2 - t1) / 1e9))
+            best = (min(best.first, firstSeconds), min(best.second, clock.lap()))
         }
         times = best
         firstKept[shape] = best.first <= best.second

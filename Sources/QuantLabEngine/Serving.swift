@@ -162,7 +162,7 @@ public func serve(files: [(name: String, data: Data)], preprocessor: ServingPrep
     let queue = BoundedQueue<Prepared>(capacity: config.queueCapacity)
     let state = ServingState()
     let progress = progressLabel.map { Progress(total: config.images, label: $0, unit: "img") }
-    let start = cpuTime(), t0 = DispatchTime.now().uptimeNanoseconds
+    let start = cpuTime(), wall = Stopwatch()
     let group = DispatchGroup()
 
     for _ in 0..<config.workers {
@@ -202,11 +202,11 @@ public func serve(files: [(name: String, data: Data)], preprocessor: ServingPrep
                     let (items, waited) = queue.pop(upTo: config.maxBatch)
                     starved += waited
                     guard let items else { break }
-                    let a = DispatchTime.now().uptimeNanoseconds
+                    let engineClock = Stopwatch()
                     do {
                         _ = try config.codesIn ? instance.run(codes: items.map(\.codes)) : instance.run(floats: items.map(\.floats))
                     } catch { state.fail("engine: \(error)") }
-                    busy += Double(DispatchTime.now().uptimeNanoseconds - a) / 1e9
+                    busy += engineClock.seconds
                     batches += 1
                     let done = state.addServed(items.count)
                     progress?.update(done)
@@ -234,7 +234,7 @@ public func serve(files: [(name: String, data: Data)], preprocessor: ServingPrep
     progress?.finish()
 
     var report = ServingReport(config: config, pipeline: preprocessor.pipeline.rawValue)
-    report.wallSeconds = Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e9
+    report.wallSeconds = wall.seconds
     report.cpuSeconds = cpuTime() - start
     state.fill(&report)
     return report
@@ -304,20 +304,20 @@ final class BoundedQueue<T>: @unchecked Sendable {
     @discardableResult
     func push(_ item: T) -> Double {
         condition.lock(); defer { condition.unlock() }
-        let t0 = DispatchTime.now().uptimeNanoseconds
+        let clock = Stopwatch()
         var waited = false
         while items.count - head >= capacity { waited = true; condition.wait() }
         items.append(item)
         condition.broadcast()
-        return waited ? Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e9 : 0
+        return waited ? clock.seconds : 0
     }
 
     /// Up to `n` items (at least one, waiting for it), or nil once closed and empty.
     func pop(upTo n: Int) -> ([T]?, Double) {
         condition.lock(); defer { condition.unlock() }
-        let t0 = DispatchTime.now().uptimeNanoseconds
+        let clock = Stopwatch()
         while items.count == head && !closed { condition.wait() }
-        let waited = Double(DispatchTime.now().uptimeNanoseconds - t0) / 1e9
+        let waited = clock.seconds
         if items.count == head { return (nil, waited) }
         let k = min(n, items.count - head)
         let out = Array(items[head..<(head + k)])
@@ -345,9 +345,9 @@ public func jpegDecodeFloor(files: [(name: String, data: Data)], passes: Int = 2
     var best = Double.infinity
     for _ in 0..<max(passes, 1) {
         var decoded = 0
-        let start = DispatchTime.now().uptimeNanoseconds
+        let clock = Stopwatch()
         for f in files where (try? JPEG.withDecoded(f.data, source: f.name, scaleDenominator: 8) { _, _, _ in }) != nil { decoded += 1 }
-        let seconds = Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9
+        let seconds = clock.seconds
         if decoded > 0 { best = min(best, seconds / Double(decoded)) }
     }
     return best.isFinite ? best : nil

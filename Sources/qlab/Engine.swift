@@ -28,7 +28,7 @@ struct EngineCommand: ParsableCommand {
     @Option(help: "Timed runs.") var runs = 20
     @Flag(help: "Print the traced graph and the plan.") var explain = false
     @Flag(help: "Evaluate on the validation split of --data.") var eval = false
-    @Flag(help: "Time every step of the timed runs: where the time goes, Reformat steps' share, every step's median time (slowest first).") var profile = false
+    @Flag(help: "Time every step of the timed runs: where the time goes, Reformat steps' share, every step's median time (slowest first); with --onnxruntime, also onnxruntime's profiled time of each conv beside ours.") var profile = false
     @Option(help: "Write the traced graph as ONNX here (with --int8: the Q/DQ graph, QuantizeLinear/DequantizeLinear pairs; with --unify-scales: after unification; with --onnx: the file's graph as the engine reads it).") var exportOnnx: String?
     @Flag(help: "Also run the same graph, exported to ONNX, with onnxruntime (CPU, same threads, same input): outputs compared, latency ratio.") var onnxruntime = false
     @Option(help: "Where the plan runs: cpu, or cuda (the GPU: integer convs, Reformat steps and the float ops the device has kernels for; the rest on the CPU, named; needs make cuda and a GPU).") var device = "cpu"
@@ -161,7 +161,7 @@ struct EngineCommand: ParsableCommand {
             for _ in 0..<runs { _ = try plan.run([x]) }
             print(plan.profileReport(top: plan.steps.count)) // every step: the slowest first
             if let peak = try Kernels.peakRates(), let line = plan.convRatesReport(against: peak) { print(line) }
-            plan.profile = false
+            // left on: with --onnxruntime, the per-step medians are compared with onnxruntime's per layer
         }
         return (x, median)
     }
@@ -176,12 +176,15 @@ struct EngineCommand: ParsableCommand {
     /// onnxruntime on the same graph (exported) and input: outputs compared, latency ratio.
     func compareWithOnnxRuntime(graph: Graph, plan: Int8Plan, input x: Tensor, median: Double) throws {
         let ours = try plan.run([x])
-        let ort = try onnxRuntimePeer().run(graph: graph, input: x, runs: runs)
+        let ort = try onnxRuntimePeer().run(graph: graph, input: x, runs: runs, profileRuns: profile ? runs : 0)
         let agreement = zip(ours, ort.outputs).map { String(format: "%.2e", relativeMaxDifference($0, $1)) }.joined(separator: ", ")
         let kind = graph.opCounts["QDQ"] == nil ? "FP32" : "Q/DQ"
         print(String(format: "onnxruntime %@ on the same %@ graph: latency %.2f ms, %.1f img/s (%d QLinearConv); ours / onnxruntime speed %.2fx; outputs differ by %@ (max |diff| / max |output|)",
                      ort.version, kind, 1000 * ort.medianSeconds, Double(batch) / ort.medianSeconds, ort.optimizedOps["QLinearConv"] ?? 0,
                      ort.medianSeconds / median, agreement))
+        if profile { // --profile: the same comparison layer by layer
+            print(LayerComparison(plan: plan, peer: ort.layerSeconds).report(peerName: "onnxruntime", top: 12, unprofiled: (median, ort.medianSeconds)))
+        }
     }
 
     /// --onnx: an ONNX file through the engine as it is (its Q/DQ, if any, compiled by Int8Plan).

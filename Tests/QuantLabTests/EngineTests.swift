@@ -188,7 +188,8 @@ struct EngineInt8Tests {
             plan.profile = true
             for _ in 0..<3 { _ = try plan.run([x]) }
             #expect(plan.stepSamples.count == plan.steps.count && plan.stepSamples.allSatisfy { $0.count == 3 })
-            #expect(plan.profileReport().hasPrefix("time by kind of step"))
+            #expect(plan.outsideStepsSamples.count == 3 && plan.outsideStepsSamples.allSatisfy { $0 >= 0 })
+            #expect(plan.profileReport().hasPrefix("time by kind of step") && plan.profileReport().contains("outside the steps"))
             return plan.stepMedians
         }
         // FP32: the direct convs' count, 2 x outputs x (C x 3 x 3), over the convs' median times

@@ -49,6 +49,20 @@ struct KernelTests {
 
     /// What results record as the machine: the OS's CPU name with its x86 family and model
     /// (a VM's "AMD EPYC" is Zen 1 or Zen 3 only by those), read from the same /proc/cpuinfo.
+    @Test("Stopwatch: seconds, and laps that are consecutive pieces of what an outer stopwatch sees")
+    func stopwatch() {
+        let outer = Stopwatch()
+        var inner = Stopwatch()
+        var laps: [Double] = []
+        for _ in 0..<3 {
+            usleep(2000)
+            laps.append(inner.lap())
+        }
+        let total = outer.seconds
+        #expect(laps.allSatisfy { $0 >= 0.002 && $0 < 1 }, "each lap spans a 2 ms sleep, in seconds: \(laps)")
+        #expect(laps.reduce(0, +) <= total, "the laps lie within the outer stopwatch's \(total) s")
+    }
+
     @Test("the CPU's name carries the first processor's family and model")
     func cpuName() throws {
         guard let info = try? String(contentsOfFile: "/proc/cpuinfo", encoding: .utf8) else {

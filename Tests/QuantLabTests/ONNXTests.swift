@@ -100,6 +100,68 @@ struct ONNXExportTests {
     }
 }
 
+@Suite("Layer by layer against a peer")
+struct LayerComparisonTests {
+    func profiledPlan(_ graph: Graph, _ x: Tensor) throws -> Int8Plan {
+        let plan = try Int8Plan(graph)
+        plan.profile = true
+        for _ in 0..<3 { _ = try plan.run([x]) }
+        return plan
+    }
+
+    @Test("products are matched by name, losses and wins signed and sorted, the rest summed per side")
+    func matching() throws {
+        var rng = SeededGenerator(seed: 41)
+        let model = Sequential([Conv2d(3, 8, kernel: 3, rng: &rng), Lambda.relu(), Lambda.maxPool(2), Conv2d(8, 16, kernel: 3, rng: &rng), Lambda.relu()])
+        model.eval()
+        let x = Tensor.uniform([1, 3, 12, 12], low: 0, high: 1, rng: &rng)
+        let plan = try profiledPlan(try Graph.trace(model, example: x) { [model($0)] }, x)
+        let medians = plan.stepMedians
+        let products = plan.steps.indices.filter { plan.stepLayer($0).isProduct }
+        #expect(products.count == 2)
+        let (a, b) = (plan.stepLayer(products[0]).name, plan.stepLayer(products[1]).name)
+        // the peer: twice our time on the first conv, half on the second, plus two nodes of its own
+        let peer = [a: 2 * medians[products[0]], b: medians[products[1]] / 2, LayerComparison.peerReorderKey: 1e-5, "Transpose_token_0": 2e-5]
+        let c = LayerComparison(plan: plan, peer: peer)
+        #expect(c.rows.map(\.name) == [a, b] && c.oursOnly.isEmpty)
+        #expect(c.rows[0].loss < 0 && c.rows[1].loss > 0)
+        #expect(abs(c.peerOther - 3e-5) < 1e-12 && c.peerReorders == 1e-5)
+        let rest = plan.steps.indices.filter { !plan.stepLayer($0).isProduct }
+        #expect(c.oursOtherCount == rest.count && abs(c.oursOther - rest.map { medians[$0] }.reduce(0, +)) < 1e-12)
+        let report = c.report(peerName: "peer")
+        #expect(report.contains("where ours loses (1 layers") && report.contains("where ours wins (1 layers") && report.contains(b))
+        // a product the peer has no timing for is listed, not matched
+        let missing = LayerComparison(plan: plan, peer: [a: 1e-4])
+        #expect(missing.rows.map(\.name) == [a] && missing.oursOnly == [b] && missing.report(peerName: "peer").contains("not found in peer's timings: 1"))
+    }
+
+    @Test("onnxruntime's profiled nodes of the exported detector come back under our steps' names: every conv and ConvTranspose, FP32 and Q/DQ",
+          .enabled(if: onnxRuntime != nil, "no Python with onnxruntime here (make venv)"))
+    func onnxruntimeLayers() throws {
+        let peer = try #require(onnxRuntime)
+        let (model, sim) = try ONNXExportTests().quantizedTinyDetector()
+        let qdq = try Graph.trace(model, batch: 1)
+        sim.remove()
+        var rng = SeededGenerator(seed: 42)
+        let x = Tensor.uniform([1, 3, 64, 64], low: 0, high: 1, rng: &rng)
+        for graph in [qdq.withoutQuantizers(), qdq] {
+            let plan = try profiledPlan(graph, x)
+            let ort = try peer.run(graph: graph, input: x, runs: 1, profileRuns: 3)
+            let c = LayerComparison(plan: plan, peer: ort.layerSeconds)
+            // ReLU convs (fused by onnxruntime, named after the Relu), SiLU convs (x * sigmoid(x)
+            // fused into QuickGelu, named after the Mul), the ConvTranspose upsamplers; the Q/DQ
+            // graph's DequantizeLinear / QuantizeLinear count with the conv they feed from
+            #expect(c.oursOnly.isEmpty, "not matched: \(c.oursOnly)")
+            #expect(c.rows.count == plan.steps.indices.filter { plan.stepLayer($0).isProduct }.count && c.rows.allSatisfy { $0.peer > 0 })
+            // and nothing of onnxruntime's is left under a name no step of ours has (an activation
+            // fused into our conv, say), but the layout changes it inserts itself
+            let ourNames = Set(plan.steps.indices.map { plan.stepLayer($0).name })
+            let stray = ort.layerSeconds.keys.filter { !ourNames.contains($0) && $0 != LayerComparison.peerReorderKey && !$0.contains("_token_") }
+            #expect(stray.isEmpty, "onnxruntime nodes under no step's name: \(stray.sorted())")
+        }
+    }
+}
+
 @Suite("ONNX import")
 struct ONNXImportTests {
     @Test("export then import gives the same graph: FP32 bit for bit, the Q/DQ graph's quantizers with their names and amax")

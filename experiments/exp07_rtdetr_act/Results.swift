@@ -64,6 +64,10 @@ struct Exp07Results: Codable {
     /// larger of the two plans' timing drifts (PlanSpeed.drift); nil in files from before.
     var kernelISA: String?
     var latencyDrift: Double?
+    /// One core's measured multiply-add peak (GMAC/s) with the kernels' instructions, FP32 and
+    /// INT8 (Kernels.peakRates, as `qlab info` prints it); nil in files from before.
+    var peakFP32GMACs: Double?
+    var peakINT8GMACs: Double?
     var engineINT8mAP: Double = .nan
     var int8ConvSteps = 0
     var int8GemmSteps = 0
@@ -92,7 +96,7 @@ struct Exp07Results: Codable {
         case rtdetr, yolov6, analysis, arms, verdicts, claims, provenance
         case actLoss = "act_loss", actIterations = "act_iterations", actLearningRate = "act_learning_rate", actSeconds = "act_seconds",
              fp32Bytes = "fp32_bytes", int8Bytes = "int8_bytes", latencyFP32Ms = "latency_fp32_ms", latencyINT8Ms = "latency_int8_ms",
-             kernelISA = "kernel_isa", latencyDrift = "latency_drift",
+             kernelISA = "kernel_isa", latencyDrift = "latency_drift", peakFP32GMACs = "peak_fp32_gmacs", peakINT8GMACs = "peak_int8_gmacs",
              engineINT8mAP = "engine_int8_map", int8ConvSteps = "int8_conv_steps", int8GemmSteps = "int8_gemm_steps", reformatSteps = "reformat_steps", profileFP32 = "profile_fp32", profileINT8 = "profile_int8", convMsFP32 = "conv_ms_fp32", convMsINT8 = "conv_ms_int8", productsMsFP32 = "products_ms_fp32", productsMsINT8 = "products_ms_int8", reformatMs = "reformat_ms"
     }
 
@@ -216,8 +220,11 @@ private func latencyExplanation(_ r: Exp07Results) -> String {
     if r.convMsINT8 >= r.convMsFP32 {
         text += " At these widths (16-128 channels) and batch 1 the integer convs are no faster than the FP32 ones on this ISA (issue #12)."
     }
-    if r.kernelISA == "avx2" {
-        text += " Without VNNI (this run's kernels: avx2) 32 u8 x s8 products take two multiplies (vpmaddubsw, then vpmaddwd to widen the pair sums) where 32 FP32 products take four FMAs: at most 2x, the ceiling `make bench` measures for the INT8 GEMM against our SGEMM, and less at these small shapes, where packing, quantizing the inputs and the float epilogue weigh more; not the several-fold of INT8 tensor cores."
+    if let fp32 = r.peakFP32GMACs, let int8 = r.peakINT8GMACs, let isa = r.kernelISA {
+        let instructions = isa == "avx512" ? "VNNI's vpdpbusd: 64 u8 x s8 products per instruction against 16 FP32 FMAs"
+            : "without VNNI, 32 u8 x s8 products take two instructions (vpmaddubsw, then vpmaddwd to widen the pair sums) against four FP32 FMAs"
+        text += String(format: " This CPU's measured peak per core (%@ kernels; %@): FP32 %.1f, INT8 %.1f GMAC/s, so no INT8 kernel can multiply more than %.2fx as fast as FP32 here, before packing, quantizing the inputs and the float epilogue, which weigh more at these small shapes; not the several-fold of INT8 tensor cores.",
+                       isa, instructions, fp32, int8, int8 / fp32)
     }
     return text
 }

@@ -155,6 +155,7 @@ struct Exp07: ParsableCommand {
         let speeds = try timeInterleaved([fp32Plan, int8Plan], input: x, runs: runs)
         (r.latencyFP32Ms, r.latencyINT8Ms) = (1000 * speeds[0].medianSeconds, 1000 * speeds[1].medianSeconds)
         (r.kernelISA, r.latencyDrift) = (Kernels.isa.description, speeds.map(\.drift).max())
+        if let peak = try Kernels.peakRates() { (r.peakFP32GMACs, r.peakINT8GMACs) = (peak.fp32 / 1e9, peak.int8 / 1e9) }
         // where the time goes: per-step timers over 50 runs; ms per run by kind from the step medians
         func isConv(_ s: PlanStep) -> Bool {
             switch s { case .int8Conv: return true; case .float(let n): if case .conv = n.op { return true } else { return false }; default: return false }

@@ -62,9 +62,9 @@ public enum Kernels {
         guard isa != .reference, isa.isSupported else { return nil }
         func probe(_ kind: Int32, _ iters: Int) throws -> (macs: Double, seconds: Double) {
             var macs = 0.0, check: UInt32 = 0
-            let start = DispatchTime.now().uptimeNanoseconds
+            let clock = Stopwatch()
             let status = ql_peak_probe(isa.c, kind, iters, &macs, &check)
-            let elapsed = Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9
+            let elapsed = clock.seconds
             guard Int(status) == QL_OK else { throw TensorError.kernelFailed("ql_peak_probe", status) }
             let expected = ql_peak_expected(isa.c, kind, iters)
             guard check == expected else {

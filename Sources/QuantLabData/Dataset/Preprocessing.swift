@@ -60,14 +60,14 @@ public struct ServingPreprocessor: Sendable {
     public func prepare(_ data: Data, source: String, into out: UnsafeMutablePointer<Float>, timing: inout Timing) throws -> InputGeometry {
         switch pipeline {
         case .baseline:
-            let t0 = now()
+            var clock = Stopwatch()
             let image = try JPEG.decode(data, source: source)
-            let t1 = now()
+            let decode = clock.lap()
             var rng = SeededGenerator(seed: 0) // unused: no augmentation
             let (tensor, _, geometry) = transform.apply(image, labels: [], rng: &rng)
             out.update(from: tensor.data, count: tensor.count)
-            timing.decode += t1 - t0
-            timing.transform += now() - t1
+            timing.decode += decode
+            timing.transform += clock.lap()
             return geometry
         case .fused:
             return try fused(data, source: source, timing: &timing) { image, p in
@@ -101,19 +101,17 @@ public struct ServingPreprocessor: Sendable {
 
     private func fused(_ data: Data, source: String, timing: inout Timing,
                        write: (Decoded, DetectionTransform.Placement) -> Int32) throws -> InputGeometry {
-        let t0 = now()
+        var clock = Stopwatch()
         let (w, h) = try JPEG.size(of: data, source: source)
         let p = transform.placement(width: w, height: h)
-        var t1 = 0.0
+        var decode = 0.0
         let status = try JPEG.withDecoded(data, source: source, scaleDenominator: scaleDenominator(width: w, height: h)) { pixels, dw, dh in
-            t1 = now()
+            decode = clock.lap()
             return write(Decoded(pixels: pixels, width: Int32(dw), height: Int32(dh)), p)
         }
         guard status == 0 else { throw ImageError("\(source): letterbox geometry \(p) does not fit \(size) x \(size)") }
-        timing.decode += t1 - t0
-        timing.transform += now() - t1
+        timing.decode += decode
+        timing.transform += clock.lap()
         return p.geometry(originalWidth: w, originalHeight: h)
     }
-
-    private func now() -> Double { Double(DispatchTime.now().uptimeNanoseconds) / 1e9 }
 }
