@@ -161,7 +161,7 @@ struct EngineCommand: ParsableCommand {
             for _ in 0..<runs { _ = try plan.run([x]) }
             print(plan.profileReport(top: plan.steps.count)) // every step: the slowest first
             if let peak = try Kernels.peakRates(), let line = plan.convRatesReport(against: peak) { print(line) }
-            // left on: with --onnxruntime, the per-step medians are compared with onnxruntime's per layer
+            if !onnxruntime { plan.profile = false } // else compareWithOnnxRuntime reads the samples, then turns it off
         }
         return (x, median)
     }
@@ -184,6 +184,7 @@ struct EngineCommand: ParsableCommand {
                      ort.medianSeconds / median, agreement))
         if profile { // --profile: the same comparison layer by layer
             print(LayerComparison(plan: plan, peer: ort.layerSeconds).report(peerName: "onnxruntime", top: 12, unprofiled: (median, ort.medianSeconds)))
+            plan.profile = false
         }
     }
 
