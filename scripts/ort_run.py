@@ -42,13 +42,15 @@ def layer_of(graph):
     """A function from the name of a node onnxruntime ran to the name of the model's node it
     belongs to, so that one layer's time is one number however onnxruntime split or fused it:
     - an activation (onnxruntime names a conv fused with its activation after the activation,
-      "<name>_nchwc" in its NCHWc layout; x * sigmoid(x) fused into QuickGelu after the Mul)
-      walks up its first input to the conv or matrix product that produced it;
+      "<name>_nchwc" in its NCHWc layout; x * sigmoid(x) fused into QuickGelu after the Mul;
+      in a quantized model, QLinearSigmoid and QLinearMul) walks up its first input, through
+      any Q/DQ, to the conv or matrix product that produced it;
     - a QuantizeLinear / DequantizeLinear walks down to the product it feeds (a weight's
       dequantize, an input's quantize-dequantize pair);
     - a node of onnxruntime's own named after one of the model's products ("<name>_bias_dq")
-      belongs to that product; the layout reorders it inserts are grouped as
-      "(onnxruntime layout reorders)"; anything else keeps its own name."""
+      belongs to that product; the layout changes it inserts (NCHWc reorders, the transposes
+      around its NHWC integer kernels) are grouped as "(onnxruntime layout changes)"; anything
+      else keeps its own name."""
     nodes = {n.name: n for n in graph.node}
     producer = {o: n for n in graph.node for o in n.output}
     consumers = {}
@@ -57,9 +59,9 @@ def layer_of(graph):
             consumers.setdefault(i, []).append(n)
     products = sorted((n.name for n in graph.node if n.op_type in PRODUCTS), key=len, reverse=True)
 
-    def up(node):
+    def up(node):  # through activations, and the Q/DQ between an activation and its conv
         for _ in range(8):
-            if node.op_type not in ACTIVATIONS or not node.input or node.input[0] not in producer:
+            if node.op_type not in ACTIVATIONS | QDQ or not node.input or node.input[0] not in producer:
                 break
             node = producer[node.input[0]]
         return node
@@ -79,10 +81,12 @@ def layer_of(graph):
             name = name.split("/", 1)[0]
         node = nodes.get(name)
         if node is None:
-            if name.startswith(("ReorderInput", "ReorderOutput")):
-                return "(onnxruntime layout reorders)"
+            if name.startswith(("ReorderInput", "ReorderOutput", "Transpose_token_")):
+                return "(onnxruntime layout changes)"
             return next((p for p in products if name.startswith(p) and name[len(p)] in "._/"), name)
         found = down(node) if node.op_type in QDQ else up(node)
+        if found.op_type not in PRODUCTS and node.op_type in QDQ:
+            found = up(node)  # a Q/DQ feeding no product (several consumers, or an output)
         return found.name if found.op_type in PRODUCTS else name
 
     return layer

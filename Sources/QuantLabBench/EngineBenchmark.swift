@@ -94,8 +94,14 @@ public struct EngineBenchmark {
             }
             do { // where the time goes (cheap: three runs each), also with --quick
                 int8.profile = true
-                for _ in 0..<3 { _ = try int8.run([x]) }
+                for _ in 0..<(b == 1 ? 30 : 3) { _ = try int8.run([x]) }
                 log(int8.profileReport(top: 12).split(separator: "\n").map { "    " + $0 }.joined(separator: "\n"))
+                if let peer, !peerRounds.isEmpty { // and against onnxruntime's own INT8, conv by conv
+                    let profiled = try peer.run(graph: fp32.graph, input: x, runs: 1, quantizeFirst: true, profileRuns: b == 1 ? 30 : 3)
+                    let report = LayerComparison(plan: int8, peer: profiled.layerSeconds)
+                        .report(peerName: "onnxruntime INT8", top: quick ? 4 : 10, unprofiled: (median(tq), median(peerRounds.map(\.own.medianSeconds))))
+                    log("    INT8 plan " + report.split(separator: "\n").map { "    " + $0 }.joined(separator: "\n").dropFirst(4))
+                }
                 fp32.profile = true
                 for _ in 0..<(b == 1 ? 30 : 3) { _ = try fp32.run([x]) }
                 log("    FP32 graph, " + fp32.profileReport(top: 40).split(separator: "\n").map { "    " + $0 }.joined(separator: "\n").dropFirst(4))

@@ -26,15 +26,16 @@ public struct LayerComparison {
     /// Convs and matrix products in both, in the plan's order.
     public var rows: [Row]
     /// Our other steps' medians summed, and how many; the peer's other nodes summed, and of
-    /// that its own layout reorders (NCHWc), which have no counterpart in our plan.
+    /// that its own layout changes, which have no counterpart in our plan.
     public var oursOther: Double, oursOtherCount: Int
     public var peerOther: Double, peerReorders: Double
     /// Our products without a timing on the peer's side (by name); the peer's unmatched
     /// nodes cannot be told apart from its other nodes by name, so they count in `peerOther`.
     public var oursOnly: [String]
 
-    /// The key scripts/ort_run.py gives onnxruntime's inserted layout reorders.
-    public static let peerReorderKey = "(onnxruntime layout reorders)"
+    /// The key scripts/ort_run.py files onnxruntime's own layout changes under (NCHWc reorders,
+    /// the transposes around its NHWC integer kernels).
+    public static let peerReorderKey = "(onnxruntime layout changes)"
 
     /// `plan` must have profiled runs (`profile` on, then run); `peer` is
     /// `OnnxRuntimePeer.Result.layerSeconds` of the same graph exported.
@@ -74,7 +75,7 @@ public struct LayerComparison {
         lines.append("  convs and matrix products in both: \(rows.count); ours \(ms(oursProducts)) ms, \(peerName) \(ms(peerProducts)) ms: \(speed(oursProducts, peerProducts))"
             + (oursOnly.isEmpty ? "" : "; not found in \(peerName)'s timings: \(oursOnly.count) (\(oursOnly.prefix(3).joined(separator: ", "))\(oursOnly.count > 3 ? ", ..." : ""))"))
         lines.append("  the rest: ours \(ms(oursOther)) ms (\(oursOtherCount) steps), \(peerName) \(ms(peerOther)) ms"
-            + (peerReorders > 0 ? " (of which its NCHWc layout reorders \(ms(peerReorders)) ms)" : ""))
+            + (peerReorders > 0 ? " (of which its own layout changes \(ms(peerReorders)) ms)" : ""))
         var totals = "  profiled sums: ours \(ms(oursProducts + oursOther)) ms, \(peerName) \(ms(peerProducts + peerOther)) ms"
         if let u = unprofiled { totals += "; unprofiled latencies: ours \(ms(u.ours)) ms, \(peerName) \(ms(u.peer)) ms (the difference is each profiler's own cost and the runs' spread)" }
         lines.append(totals)

@@ -135,7 +135,7 @@ struct LayerComparisonTests {
         #expect(missing.rows.map(\.name) == [a] && missing.oursOnly == [b] && missing.report(peerName: "peer").contains("not found in peer's timings: 1"))
     }
 
-    @Test("onnxruntime's profiled nodes of the exported detector come back under our steps' names: every conv and ConvTranspose, FP32 and Q/DQ",
+    @Test("onnxruntime's profiled nodes of the exported detector come back under our steps' names: every conv and ConvTranspose, FP32, Q/DQ and onnxruntime's own INT8",
           .enabled(if: onnxRuntime != nil, "no Python with onnxruntime here (make venv)"))
     func onnxruntimeLayers() throws {
         let peer = try #require(onnxRuntime)
@@ -159,6 +159,13 @@ struct LayerComparisonTests {
             let stray = ort.layerSeconds.keys.filter { !ourNames.contains($0) && $0 != LayerComparison.peerReorderKey && !$0.contains("_token_") }
             #expect(stray.isEmpty, "onnxruntime nodes under no step's name: \(stray.sorted())")
         }
+        // onnxruntime's own INT8 (its quantizer on the FP32 export: QLinearConv, NHWC, its
+        // sigmoid and mul of SiLU quantized on their own) against our INT8 plan: the same convs
+        let int8 = try profiledPlan(qdq, x)
+        let own = try peer.run(graph: qdq.withoutQuantizers(), input: x, runs: 1, quantizeFirst: true, profileRuns: 3)
+        let c = LayerComparison(plan: int8, peer: own.layerSeconds)
+        #expect(c.oursOnly.isEmpty && !c.rows.isEmpty, "not matched: \(c.oursOnly)")
+        #expect(!own.layerSeconds.keys.contains { $0.hasPrefix("SiLU") }, "SiLU's quantized sigmoid and mul count with their conv")
     }
 }
 
