@@ -98,11 +98,8 @@ def profile_layers(model, opts_for, name, x, runs):
     opts.enable_profiling = True
     opts.profile_file_prefix = os.path.join(tempfile.mkdtemp(), "ort-profile")
     sess = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
-    for _ in range(3):
-        sess.run(None, {name: x})
-    path = sess.end_profiling()  # drops the warm-up runs' events
-    sess = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
-    for _ in range(runs):
+    warmup = 3
+    for _ in range(warmup + runs):
         sess.run(None, {name: x})
     path = sess.end_profiling()
     with open(path) as f:
@@ -114,9 +111,9 @@ def profile_layers(model, opts_for, name, x, runs):
         if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
             per_node.setdefault(e["name"][: -len("_kernel_time")], []).append(e["dur"] * 1e-6)
     layers = {}
-    for node, times in per_node.items():
+    for node, times in per_node.items():  # in run order: the warm-up runs' events first
         key = layer(node)
-        layers[key] = layers.get(key, 0.0) + float(np.median(times))
+        layers[key] = layers.get(key, 0.0) + float(np.median(times[warmup:] or times))
     return layers
 
 
